@@ -1,0 +1,1 @@
+"""diffusers model families (one file each); added by the diffusion work."""

@@ -1,0 +1,1 @@
+"""transformers model families (one file each); added by the vision and connector work."""

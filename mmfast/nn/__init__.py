@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on mmfast.ops."""
+
+from mmfast.nn.norm import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

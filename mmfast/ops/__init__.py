@@ -1,0 +1,7 @@
+"""Ops: one file per op family, each a PyTorch reference, torch.library custom ops,
+an autograd.Function and a public function that validates its arguments and dispatches
+to a backend (see mmfast.dispatch)."""
+
+from mmfast.ops.norm import layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm"]

@@ -1,0 +1,230 @@
+"""RMSNorm and LayerNorm over the last dimension, with an optional residual added first.
+
+For x, residual: [..., N] and weight, bias: [N]:
+
+    h = x + residual                       (or h = x)
+    rms_norm:   y = h / sqrt(mean(h^2) + eps) * weight
+    layer_norm: y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
+
+With ``residual`` given, both functions return ``(y, h)``: ``h`` is the updated residual
+stream of a pre-norm transformer block, which saves the separate add kernel and one
+read of it. Statistics accumulate in float32 (float64 for float64 inputs); outputs have
+the dtype of ``x``, weight and bias gradients the dtype of the parameter.
+
+Backends: ``triton`` (fp16, bf16, fp32; N <= 65536; CUDA, or CPU under
+TRITON_INTERPRET=1), ``torch`` (the reference below; any device and floating dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mmfast.dispatch import Backend, Call, op_family
+
+# ---- reference -------------------------------------------------------------------
+
+
+def norm_reference(x, weight, bias, residual, eps: float, is_rms: bool) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch: returns (y, h) with h = x + residual (or x). Differentiable."""
+    h = x if residual is None else x + residual
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    centred = h.to(compute)
+    if not is_rms:
+        centred = centred - centred.mean(-1, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(compute)
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype), h
+
+
+# ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
+
+
+@torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
+def _norm_fwd_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+    eps: float, is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mmfast.kernels.norm import norm_fwd
+
+    return norm_fwd(x, weight, bias, residual, eps, is_rms)
+
+
+@_norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps, is_rms):
+    rows = math.prod(x.shape[:-1])
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(x.shape if residual is not None else (0,)),
+        x.new_empty((rows,) if not is_rms else (0,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
+def _norm_bwd_op(
+    dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    dres_out: Optional[Tensor], is_rms: bool, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.kernels.norm import norm_bwd
+
+    return norm_bwd(dy, h, weight, has_bias, mean, rstd, dres_out, is_rms)
+
+
+@_norm_bwd_op.register_fake
+def _(dy, h, weight, mean, rstd, dres_out, is_rms, has_bias):
+    n = h.shape[-1]
+    return (
+        h.new_empty(h.shape),
+        h.new_empty((n,) if weight is not None else (0,), dtype=torch.float32),
+        h.new_empty((n,) if has_bias else (0,), dtype=torch.float32),
+    )
+
+
+# ---- autograd --------------------------------------------------------------------
+
+
+class NormFunction(torch.autograd.Function):
+    """Triton forward and backward. Outputs (y, h); h is empty without a residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, is_rms):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        if residual is not None and residual.stride(-1) != 1:
+            residual = residual.contiguous()
+        y, res_out, mean, rstd = torch.ops.mmfast.norm_fwd(x, weight, bias, residual, eps, is_rms)
+        ctx.save_for_backward(res_out if residual is not None else x, weight, mean, rstd)
+        ctx.is_rms = is_rms
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.set_materialize_grads(False)
+        return y, res_out
+
+    @staticmethod
+    def backward(ctx, dy, dres_out):
+        h, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual stream was used downstream
+            dy = torch.zeros_like(h)
+        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+        if not ctx.has_residual or dres_out is None:
+            dres_out = None
+        elif dres_out.stride(-1) != 1:
+            dres_out = dres_out.contiguous()
+        dx, dw, db = torch.ops.mmfast.norm_bwd(
+            dy, h, weight, mean, rstd, dres_out, ctx.is_rms, ctx.bias_dtype is not None
+        )
+        dweight = dw.to(weight.dtype) if weight is not None else None
+        dbias = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        dresidual = dx if ctx.has_residual else None
+        return dx, dweight, dbias, dresidual, None, None
+
+
+# ---- backends --------------------------------------------------------------------
+
+
+def _run_triton(x, weight, bias, residual, eps, is_rms):
+    y, h = NormFunction.apply(x, weight, bias, residual, eps, is_rms)
+    return y, (h if residual is not None else None)
+
+
+def _triton_limits(call: Call):
+    from mmfast.kernels.norm import MAX_N
+
+    if call.facts["hidden"] > MAX_N:
+        yield f"hidden size {call.facts['hidden']} > {MAX_N} (whole rows are kept in registers)"
+
+
+def _run_torch(x, weight, bias, residual, eps, is_rms):
+    y, h = norm_reference(x, weight, bias, residual, eps, is_rms)
+    return y, (h if residual is not None else None)
+
+
+NORM = op_family("norm")
+NORM.register(
+    Backend(
+        "triton",
+        _run_triton,
+        triton=True,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        check=_triton_limits,
+    )
+)
+NORM.register(Backend("torch", _run_torch))
+
+
+# ---- public functions ------------------------------------------------------------
+
+
+def _check_param(name: str, p, x: Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name}: expected a Tensor or None, got {type(p).__name__}")
+    if p.shape != x.shape[-1:]:
+        raise ValueError(f"{name}: expected shape ({x.shape[-1]},) to match the last dim of x, got {tuple(p.shape)}")
+    if not p.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating dtype, got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (that of x), got {p.device}")
+
+
+def _check_args(x, weight, bias, residual, eps) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("x: expected at least one dimension, got a 0-d tensor")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+    _check_param("weight", weight, x)
+    _check_param("bias", bias, x)
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"residual: expected a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual: expected shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device} "
+                f"(those of x), got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+            )
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not (0 <= eps < math.inf):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+
+
+def _norm(x, weight, bias, residual, eps, is_rms, backend):
+    _check_args(x, weight, bias, residual, eps)
+    call = Call(device=x.device, dtype=x.dtype, facts={"hidden": x.shape[-1]})
+    y, h = NORM.select(call, backend).run(x, weight, bias, residual, float(eps), is_rms)
+    return y if residual is None else (y, h)
+
+
+def rms_norm(x, weight=None, eps=1e-6, *, residual=None, backend=None):
+    """RMSNorm over the last dim of ``x``; with ``residual``, returns ``(y, x + residual)``.
+
+    Example::
+
+        >>> x = torch.randn(2, 5, 64)
+        >>> w = torch.ones(64)
+        >>> mmfast.ops.rms_norm(x, w).shape
+        torch.Size([2, 5, 64])
+        >>> y, h = mmfast.ops.rms_norm(x, w, residual=torch.randn(2, 5, 64))
+    """
+    return _norm(x, weight, None, residual, eps, True, backend)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, residual=None, backend=None):
+    """LayerNorm over the last dim of ``x``; with ``residual``, returns ``(y, x + residual)``.
+
+    Example::
+
+        >>> x = torch.randn(2, 5, 64)
+        >>> w, b = torch.ones(64), torch.zeros(64)
+        >>> mmfast.ops.layer_norm(x, w, b).shape
+        torch.Size([2, 5, 64])
+    """
+    return _norm(x, weight, bias, residual, eps, False, backend)
