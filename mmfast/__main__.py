@@ -1,0 +1,7 @@
+"""``python -m mmfast ...`` runs the ``mmfast`` command."""
+
+import sys
+
+from mmfast.cli import main
+
+sys.exit(main())

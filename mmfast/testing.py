@@ -1,0 +1,103 @@
+"""Test helpers shared by mmfast's test suite (and usable by anyone testing a backend).
+
+The accuracy rule is flash-attention's: compute a float64 reference, run PyTorch eager in
+the tested dtype, and require the op's error against float64 to be at most ``factor``
+(2) times eager's error, plus twice the error of rounding the exact answer once into
+the output dtype (so that outputs eager happens to get exactly right still leave room
+for one rounding). The rule applies to every output and every input gradient.
+
+The Triton interpreter converts float32 to bfloat16 by truncation, where GPUs round to
+nearest even, so an interpreted bf16 result may be off by one more unit in the last
+place than the same kernel on a GPU; under TRITON_INTERPRET=1 that unit is allowed per
+element, for bf16 only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from mmfast.dispatch import triton_interpreted
+
+
+def random_tensor(shape, dtype, device, *, scale: float = 1.0, offset: float = 0.0,
+                  requires_grad: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """Normal(offset, scale) values: random, never all zeros, rounded to ``dtype``."""
+    t = torch.randn(shape, dtype=torch.float64, generator=generator) * scale + offset
+    return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _run(fn, inputs: Mapping[str, Any], grad_names, grads_out: tuple | None, dtype):
+    """Copy tensor inputs into ``dtype`` (None: keep), run ``fn``, backprop ``grads_out``."""
+    leaves = {}
+    for name, value in inputs.items():
+        if isinstance(value, Tensor):
+            value = value.detach().to(dtype or value.dtype).requires_grad_(name in grad_names)
+        leaves[name] = value
+    outs = _as_tuple(fn(**leaves))
+    if grads_out is None:  # first run: draw the upstream gradients once, for all runs
+        gen = torch.Generator().manual_seed(1234)
+        grads_out = tuple(random_tensor(o.shape, o.dtype, o.device, generator=gen) for o in outs)
+    if grad_names:
+        pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grads_out) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    grads = tuple(leaves[name].grad for name in grad_names)
+    return tuple(o.detach() for o in outs), grads, grads_out
+
+
+def _max_err(a: Tensor, exact: Tensor, allowance: Tensor | float = 0.0) -> float:
+    if not exact.numel():
+        return 0.0
+    return ((a.double() - exact).abs() - allowance).clamp(min=0).max().item()
+
+
+def _truncation_allowance(exact: Tensor, dtype: torch.dtype) -> Tensor | float:
+    """One bf16 unit in the last place of each element, when the interpreter truncates."""
+    if dtype != torch.bfloat16 or not triton_interpreted():
+        return 0.0
+    _, exponent = torch.frexp(exact.float())  # |x| in [2^(e-1), 2^e): ulp = 2^(e-1-7)
+    return torch.ldexp(torch.ones_like(exact), exponent.double() - 8)
+
+
+def assert_matches_reference(
+    op: Callable,
+    reference: Callable,
+    inputs: Mapping[str, Any],
+    *,
+    grad_inputs: tuple[str, ...] = (),
+    factor: float = 2.0,
+) -> None:
+    """Check ``op(**inputs)`` and its gradients with the flash-attention rule.
+
+    ``reference`` is plain PyTorch with the same signature and outputs; it runs once in
+    float64 (the exact answer) and once in the inputs' own dtypes (eager). Gradients are
+    taken for the inputs named in ``grad_inputs`` against random upstream gradients.
+    """
+    grad_inputs = tuple(grad_inputs)
+    out_op, grad_op, grads_out = _run(op, inputs, grad_inputs, None, None)
+    out_eager, grad_eager, _ = _run(reference, inputs, grad_inputs, grads_out, None)
+    out_ref, grad_ref, _ = _run(reference, inputs, grad_inputs, grads_out, torch.float64)
+
+    checks = [(f"output {i}", *t) for i, t in enumerate(zip(out_op, out_eager, out_ref))]
+    checks += [(f"grad of {n}", *t) for n, t in zip(grad_inputs, zip(grad_op, grad_eager, grad_ref))]
+    for what, got, eager, exact in checks:
+        if got is None or exact is None:
+            assert got is None and exact is None, f"{what}: op gave {got is not None}, reference {exact is not None}"
+            continue
+        assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
+        assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype}, expected {eager.dtype}"
+        assert not got.isnan().any() or exact.isnan().any(), f"{what}: NaN (unwritten or overflowed elements)"
+        rounding = _max_err(exact.to(got.dtype), exact)
+        err = _max_err(got, exact, _truncation_allowance(exact, got.dtype))
+        err_eager = _max_err(eager, exact)
+        bound = factor * err_eager + 2 * rounding
+        assert err <= bound, (
+            f"{what}: max error {err:.3e} vs float64 exceeds {factor} x eager's {err_eager:.3e} "
+            f"+ 2 x rounding {rounding:.3e} (dtype {got.dtype}, shape {tuple(got.shape)})"
+        )
