@@ -151,3 +151,43 @@ def test_triton_refuses_rows_too_wide():
     x = torch.ones(1, 65537)
     with pytest.raises(mmfast.NoBackendError, match="hidden size 65537 > 65536"):
         mmfast.ops.rms_norm(x, backend="triton")
+
+
+# ---- GPU-only: real sizes, CUDA graphs ---------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,hidden", [(4096, 1280), (2048, 4096), (1024, 8192), (16, 65536)])
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+def test_real_sizes_bf16(is_rms, rows, hidden):
+    inputs = _inputs((rows, hidden), torch.bfloat16, torch.device("cuda"), is_rms=is_rms, residual=True)
+    _check(inputs, is_rms, "triton")
+
+
+@pytest.mark.gpu
+def test_captured_in_cuda_graph():
+    # No host synchronisation inside the op: capture forward and backward, replay, compare.
+    inputs = _inputs((256, 1024), torch.bfloat16, torch.device("cuda"), is_rms=False, residual=True)
+    x = inputs["x"].requires_grad_()
+    run = _op(False, "triton")
+
+    def step():
+        y, h = run(x, inputs["weight"], inputs["bias"], inputs["residual"], 1e-5)
+        (y.float().square().sum() + h.float().sum()).backward()
+        return y
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # warm up (compiles the kernels) outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = step()
+    graph.replay()
+    expected_grad = x.grad.clone()
+    x.grad = None
+    y_eager = step()
+    torch.testing.assert_close(y_graph, y_eager, rtol=0, atol=0)
+    torch.testing.assert_close(expected_grad, x.grad, rtol=0, atol=0)
