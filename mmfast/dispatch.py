@@ -158,6 +158,8 @@ class OpFamily:
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
         """The backend that runs ``call``: an override if any, else the first that fits."""
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
         name, source = backend, "backend="
         if name is None:
             name, source = _override_for(self)

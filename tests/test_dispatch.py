@@ -96,6 +96,8 @@ def test_unknown_backend_name_raises(toy):
         toy.select(_call(), backend="nope")
     with pytest.raises(ValueError, match="name: op family 'toy' has no backend 'nope'"):
         mmfast.set_backend("nope", op="toy")
+    with pytest.raises(TypeError, match="backend: expected a backend name"):
+        toy.select(_call(), backend=3)
     with pytest.raises(ValueError, match="op: unknown op family 'nope'"):
         mmfast.set_backend("torch", op="nope")
 
