@@ -1,0 +1,128 @@
+"""Packaging: kernels/ and bench/ ship only as mmfast.kernels and mmfast.bench (Hugging
+Face's `kernels` package owns the top-level name), and `import mmfast` stays light.
+
+Imports are checked in fresh subprocesses started outside the repository: pytest puts the
+repository root on sys.path, where `import kernels` would find kernels/ and prove nothing.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path, **env) -> dict:
+    """Run ``code`` in a fresh interpreter outside the repository; it prints one JSON object."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    environ.update(env)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=environ, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _is_under(path: str, root: Path) -> bool:
+    return Path(path).resolve().is_relative_to(root.resolve())
+
+
+# ---- the editable install -----------------------------------------------------------
+
+_WHERE = """
+import importlib.util, json
+import mmfast, mmfast.kernels
+top = {name: getattr(importlib.util.find_spec(name), "origin", None) for name in ("kernels", "bench")}
+print(json.dumps({"mmfast": mmfast.__file__, "kernels": mmfast.kernels.__file__, "top": top}))
+"""
+
+
+def test_editable_install_maps_kernels_into_mmfast(tmp_path):
+    where = _python(_WHERE, cwd=tmp_path)
+    if not _is_under(where["mmfast"], REPO):
+        pytest.skip(f"mmfast is imported from {where['mmfast']}, not an editable install of {REPO}")
+    assert Path(where["kernels"]) == REPO / "kernels" / "__init__.py"
+    # A top-level `kernels` (or `bench`) may exist, e.g. Hugging Face's, but never ours.
+    for name, origin in where["top"].items():
+        assert origin is None or not _is_under(origin, REPO), f"`import {name}` finds {origin}"
+
+
+# ---- the wheel ----------------------------------------------------------------------
+
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"
+)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the sources that holds a saved benchmark result."""
+    source = tmp_path_factory.mktemp("source") / "mmfast"
+    shutil.copytree(REPO, source, ignore=_NOT_SOURCES)
+    results = source / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "norm.csv").write_text("suite,case,provider,ms\n")
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+         "--quiet", "--disable-pip-version-check", "-w", str(out)],
+        check=True, timeout=300,
+    )
+    (built,) = out.glob("mmfast-*.whl")
+    return built
+
+
+def test_wheel_holds_only_the_mmfast_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    expected = ["mmfast/__init__.py", "mmfast/cli.py", "mmfast/kernels/__init__.py", "mmfast/kernels/norm.py"]
+    if (REPO / "bench" / "__init__.py").exists():
+        expected.append("mmfast/bench/__init__.py")
+    assert not [name for name in expected if name not in names]
+    top_level = {name.split("/")[0] for name in names}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {"mmfast"}
+    assert not [name for name in names if "/results/" in name]
+
+
+def test_wheel_declares_the_console_script(wheel):
+    archive = zipfile.ZipFile(wheel)
+    (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    assert "mmfast = mmfast.cli:main" in archive.read(entry_points).decode()
+
+
+def test_installed_wheel_imports_its_own_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", str(wheel), "--no-deps", "--quiet",
+         "--disable-pip-version-check", "--target", str(target)],
+        check=True, timeout=300,
+    )
+    where = _python(_WHERE, cwd=tmp_path, PYTHONPATH=str(target))
+    assert _is_under(where["mmfast"], target)
+    assert _is_under(where["kernels"], target)
+
+
+# ---- import cost --------------------------------------------------------------------
+
+_IMPORT_COST = """
+import json, sys
+import torch
+before = set(sys.modules)
+import mmfast
+added = set(sys.modules) - before
+print(json.dumps({
+    "triton": sorted(m for m in added if m == "triton" or m.startswith("triton.")),
+    "kernels": sorted(m for m in sys.modules if m.startswith("mmfast.kernels")),
+    "cuda_initialized": torch.cuda.is_initialized(),
+}))
+"""
+
+
+def test_import_mmfast_imports_no_kernel_and_initialises_no_cuda(tmp_path):
+    cost = _python(_IMPORT_COST, cwd=tmp_path)
+    assert cost == {"triton": [], "kernels": [], "cuda_initialized": False}
