@@ -110,6 +110,11 @@ def test_bench_passes_its_arguments_verbatim(monkeypatch):
     assert received == [argv]
 
 
+def test_bench_help_reaches_the_suites_parser():
+    out = _run([sys.executable, "-m", "mmfast", "bench", "--help"]).stdout
+    assert out.startswith("usage: mmfast bench")
+
+
 def test_bench_without_the_suites_says_so(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mmfast.bench", None)  # makes the import fail
     assert main(["bench", "norm"]) == 2
