@@ -1,0 +1,93 @@
+"""The plug-in types of the benchmark harness: a Suite is a list of Cases and Providers.
+
+A new suite is one file under bench/suites/ that builds a ``Suite`` and one line in the
+registry (bench/suites/__init__.py). The harness does the rest: input rotation, timing,
+peaks, rows, tables, plots, comparison and the pytest-benchmark parametrisation.
+
+    SUITE = Suite(
+        name="gelu", bound="memory",
+        cases=lambda quick, device: [Case("4096x8192", {"rows": 4096, "hidden": 8192},
+                                          make_inputs=..., bytes=...)],
+        providers=(Provider("torch-eager", build=lambda case: lambda inp: F.gelu(inp)),),
+        plot_x="hidden",
+    )
+
+``make_inputs(device)`` returns one fresh set of inputs (any nesting of dicts, lists,
+tuples and dataclasses holding tensors); ``build(case)`` returns the callable that is
+timed, taking one such set. Building happens outside the timed region, and the first
+call (compilation, autotuning) is a warm-up that is never timed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: a shape, a dtype, a pass. ``name`` is the key runs are compared by,
+    so keep it stable across versions; ``params`` are saved with every row and used by
+    plots. Give ``bytes`` (that must move per call) for memory-bound suites and ``flops``
+    (useful, per call) for compute-bound ones; either gives a throughput column."""
+
+    name: str
+    params: dict[str, Any]
+    make_inputs: Callable[[torch.device], Any]
+    bytes: int | None = None
+    flops: int | None = None
+
+
+def _always(case: Case, device: torch.device) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation under test (ours or a baseline).
+
+    ``skip(case, device)`` returns why the provider cannot run that case here (library
+    missing, no GPU, shape unsupported), or None; the reason is printed, never hidden.
+    """
+
+    name: str
+    build: Callable[[Case], Callable[[Any], Any]]
+    skip: Callable[[Case, torch.device], str | None] = _always
+
+
+@dataclass(frozen=True)
+class Target:
+    """A performance goal checked on GPU runs: ``provider`` rows must reach ``min_frac``
+    of the measured device peak (copy bandwidth or matmul throughput, per the suite's
+    bound). ``text`` says where the goal comes from."""
+
+    provider: str
+    min_frac: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Cases x providers, run side by side in one process.
+
+    ``bound`` picks the peak the fraction is taken of: "memory" (measured copy GB/s) or
+    "compute" (measured bf16 matmul TFLOP/s). ``plot_x`` is the case parameter on the x
+    axis of the plots; ``plot_panels`` the parameters that split them into panels.
+    """
+
+    name: str
+    description: str
+    bound: Literal["memory", "compute"]
+    cases: Callable[[bool, torch.device], list[Case]]
+    providers: tuple[Provider, ...]
+    plot_x: str
+    plot_panels: tuple[str, ...] = ()
+    targets: tuple[Target, ...] = field(default_factory=tuple)
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(f"suite '{self.name}' has no provider '{name}'")

@@ -1,0 +1,24 @@
+"""The benchmark suites, by name. A suite module defines ``SUITE`` (a
+``mmfast.bench.suite.Suite``); adding one is a file here and a line below.
+Modules are imported on demand, so one suite's missing dependency never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from mmfast.bench.suite import Suite
+
+_MODULES = {
+    "norm": "mmfast.bench.suites.norm",
+}
+
+
+def names() -> list[str]:
+    return list(_MODULES)
+
+
+def get(name: str) -> Suite:
+    if name not in _MODULES:
+        raise KeyError(f"unknown suite '{name}' (known: {', '.join(_MODULES)})")
+    return importlib.import_module(_MODULES[name]).SUITE
