@@ -32,7 +32,8 @@ if ! "$python" -c "import torch" 2>/dev/null; then
     "${pip[@]}" install "${torch_spec[@]}"
 fi
 
-# Reinstall mmfast only when its packaging changed since the last setup.
+# Reinstall mmfast only when its packaging changed since the last setup
+# (delete .venv/.mmfast-installed to force it).
 stamp="$venv/.mmfast-installed"
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
