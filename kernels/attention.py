@@ -1,0 +1,435 @@
+"""Triton kernels for scaled dot-product attention, flash-attention style, in one set of
+kernels for both layouts:
+
+- packed (varlen): Q [Tq, Hq, D], K/V [Tk, Hk, D]; segment b holds tokens
+  cu_seqlens[b] .. cu_seqlens[b+1] (int32, length B+1), read on the device;
+- padded: Q [B, Tq, Hq, D], K/V [B, Tk, Hk, D]; every batch entry is one segment,
+  reached through the batch stride.
+
+Query i of a segment with lq queries and lk keys sits at key position i + lk - lq
+(bottom-right alignment, as flash-attn >= 2.1) and sees key j when
+    j - (i + lk - lq) in [-window_left, window_right]     (-1: unbounded side)
+Causal attention is window_right = 0 (the op layer converts it).
+
+Forward (one program per BLOCK_M queries of one head of one segment), online softmax in
+float32 with exp2, scores in log2 units (s2 = q.k * scale * log2(e)):
+    m = running max of s2, l = running sum of 2^(s2 - m), acc = running sum of 2^(s2 - m) v
+    out = acc / l,  lse = (m + log2 l) * ln 2      (natural log of sum exp(scale q.k))
+A query that sees no key (empty key segment, or a window that excludes every key)
+gets out = 0 and lse = -inf.
+
+Backward, deterministic (no atomics), with delta = rowsum(dO * O) - dLSE:
+    p = exp(scale q.k - lse),  dv = sum_q p dO,  dp = dO.v,  ds = p (dp - delta)
+    dk = scale sum_q ds q  (one program per BLOCK_N keys of one K/V head, looping over
+                            the query heads of its group and the query blocks that see it)
+    dq = scale sum_k ds k  (one program per BLOCK_M queries, looping over key blocks)
+Subtracting dLSE from delta makes lse differentiable: d lse / d s = p.
+
+Head dims that are not powers of two are padded to BLOCK_D = next_pow2(D) with masked
+loads. float32 inputs use IEEE dots (no TF32), so they are as exact as the reference.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import empty
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _segment(CU, b, padded_len, VARLEN: tl.constexpr):
+    """(first token, length) of segment b: from cu_seqlens, or the padded length."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        length = b * 0 + padded_len
+    return start, length
+
+
+@triton.jit
+def _visible(offs_m, offs_n, len_q, len_k, window_left, window_right,
+             HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[M, N] mask: query offs_m sees key offs_n (bottom-right aligned window)."""
+    diag = offs_m[:, None] + (len_k - len_q)
+    ok = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    if HAS_LEFT:
+        ok &= offs_n[None, :] >= diag - window_left
+    if HAS_RIGHT:
+        ok &= offs_n[None, :] <= diag + window_right
+    return ok
+
+
+@triton.jit
+def _key_range(m_first, m_end, len_q, len_k, window_left, window_right,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) that queries [m_first, m_end) may see; lo a multiple of BLOCK_N."""
+    lo = len_k * 0
+    hi = len_k
+    shift = len_k - len_q
+    if HAS_LEFT:
+        lo = tl.maximum(lo, m_first + shift - window_left)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, tl.minimum(m_end, len_q) - 1 + shift + window_right + 1)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    m_first = pid_m * BLOCK_M
+    if m_first >= len_q:  # the grid is sized for the longest segment
+        return
+    hk = h // group
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    b64 = b.to(tl.int64)
+
+    rows_q = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    K_head = K + b64 * stride_kb + hk * stride_kh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
+                        HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        rows_k = (k_start + cols).to(tl.int64)[:, None]
+        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+        k = tl.load(K_head + rows_k * stride_kt, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; subtract 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    rows_o = (q_start + offs_m).to(tl.int64)
+    tl.store(O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, CU_Q,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    seqlen_q, head_dim,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
+    b64 = b.to(tl.int64)
+    rows = (q_start + offs_m).to(tl.int64)[:, None]
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_at = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_at, mask=m_ok, other=0.0)
+    tl.store(DELTA + lse_at, delta, mask=m_ok)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    n_first = pid_n * BLOCK_N
+    if n_first >= len_k:
+        return
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
+    b64 = b.to(tl.int64)
+    rows_k = (k_start + offs_n).to(tl.int64)[:, None]
+    k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    scale_log2 = scale * 1.4426950408889634
+
+    # Queries [lo, hi) that may see keys [n_first, n_first + BLOCK_N): invert the window.
+    shift = len_k - len_q
+    lo = len_q * 0
+    hi = len_q
+    if HAS_RIGHT:
+        lo = tl.maximum(lo, n_first - shift - window_right)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, tl.minimum(n_first + BLOCK_N, len_k) - 1 - shift + window_left + 1)
+    lo = (lo // BLOCK_M) * BLOCK_M
+
+    # The query heads of this K/V head's group, in order: the sum is deterministic.
+    for g in range(0, group):
+        h = hk * group + g
+        Q_head = Q + b64 * stride_qb + h * stride_qh + offs_d[None, :]
+        DO_head = DO + b64 * stride_dob + h * stride_doh + offs_d[None, :]
+        L_head = b64 * stride_lb + h * stride_lh + q_start
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            m_ok = rows < len_q
+            rows_q = (q_start + rows).to(tl.int64)[:, None]
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q_head + rows_q * stride_qt, mask=q_mask, other=0.0)
+            do = tl.load(DO_head + rows_q * stride_dot, mask=q_mask, other=0.0)
+            lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
+            # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    m_first = pid_m * BLOCK_M
+    if m_first >= len_q:
+        return
+    hk = h // group
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    b64 = b.to(tl.int64)
+    rows_q = (q_start + offs_m).to(tl.int64)[:, None]
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    L_at = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    lse = tl.load(LSE + L_at, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + L_at, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    scale_log2 = scale * 1.4426950408889634
+    K_head = K + b64 * stride_kb + hk * stride_kh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
+                        HAS_LEFT, HAS_RIGHT, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        rows_k = (k_start + cols).to(tl.int64)[:, None]
+        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
+        k = tl.load(K_head + rows_k * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---- launchers -------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; a packed tensor has one implicit batch of stride 0."""
+    return (0, *t.stride()[:2]) if varlen else t.stride()[:3]
+
+
+def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
+    """lse is [H, T] packed (segments found through cu_seqlens) or [B, H, T] padded."""
+    return (0, lse.stride(0)) if varlen else lse.stride()[:2]
+
+
+def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(varlen, batch, padded lengths, grid lengths) for the kernels."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        return varlen, cu_seqlens_q.numel() - 1, 0, 0, max_seqlen_q, max_seqlen_k
+    return varlen, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+
+
+def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned on GPUs: sensible starting
+    points, to be measured. The interpreter gets small tiles (it runs them in numpy)."""
+    if device.type != "cuda":
+        return 16, 16, 1, 1
+    if backward:
+        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # IEEE float32 dots for float32 inputs: TF32 would be less accurate than the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                  window_left: int, window_right: int, scale: float):
+    """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
+    [Hq, Tq] packed or [B, Hq, Tq] padded. The last dim of q, k, v must be contiguous.
+
+    Packed: cu_seqlens_* are int32 [B+1] and max_seqlen_* bound every segment's length
+    (they size the grid; nothing is read back to the host). Padded: cu_seqlens_* are None.
+    """
+    varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    out = empty(q.shape, dtype=q.dtype, device=q.device)
+    tokens = q.shape[-3]
+    lse_shape = (heads, tokens) if varlen else (batch, heads, tokens)
+    lse = empty(lse_shape, dtype=torch.float32, device=q.device)
+    if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
+        return out, lse
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=False)
+    grid = (triton.cdiv(grid_q, BLOCK_M), batch, heads)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k,
+        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+        *_lse_strides(lse, varlen),
+        seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
+        VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        PRECISION=_precision(q.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                  max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
+                  scale: float):
+    """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
+
+    ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
+    then dK/dV (over query blocks) and dQ (over key blocks); no atomics.
+    """
+    varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
+        # Nothing attends: every gradient is zero (and must be written).
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = empty(lse.shape, dtype=torch.float32, device=q.device)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=True)
+    BLOCK_D = triton.next_power_of_2(head_dim)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    lse_strides = _lse_strides(lse, varlen)
+    common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                  PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                  num_warps=num_warps, num_stages=num_stages)
+    sizes = (seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, window_left, window_right)
+    if grid_q > 0:
+        _attention_bwd_preprocess_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
+            out, do, dlse if dlse is not None else lse, delta, cu_q,
+            *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
+            seqlen_q, head_dim,
+            VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+        )
+    if grid_k > 0:
+        _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
+            *sizes, **common,
+        )
+    if grid_q > 0:
+        _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
+            *_strides(dq, varlen), *lse_strides,
+            *sizes, **common,
+        )
+    return dq, dk, dv

@@ -1,0 +1,409 @@
+"""Scaled dot-product attention over packed variable-length segments or a padded batch,
+with grouped K/V heads (GQA/MQA), causal masking and sliding windows.
+
+Layouts (Hq query heads, Hk K/V heads, Hk divides Hq; query head h reads K/V head
+h // (Hq / Hk)):
+
+    packed: q [Tq, Hq, D], k, v [Tk, Hk, D], cu_seqlens_q/k int32 [B+1]: segment b is
+            tokens cu_seqlens[b] .. cu_seqlens[b+1]; lse [Hq, Tq]
+    padded: q [B, Tq, Hq, D], k, v [B, Tk, Hk, D]; lse [B, Hq, Tq]
+
+    out_i = sum_j softmax_j(scale * q_i . k_j) v_j   over the keys j query i sees,
+    lse_i = log sum_j exp(scale * q_i . k_j)         (float32; differentiable)
+
+Within a segment of lq queries and lk keys, query i sits at key position i + lk - lq
+(bottom-right alignment, as flash-attn >= 2.1) and sees key j when
+``i + lk - lq - left <= j <= i + lk - lq + right`` for ``window=(left, right)``, -1 meaning
+unbounded on that side; ``causal=True`` sets right = 0 (as flash-attn does). A query
+that sees no key (its key segment is empty, or its window holds no key) gets out = 0,
+lse = -inf and contributes no gradient; the reference does the same.
+
+Device syncs: with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing
+back to the host (CUDA-graph capturable): the Triton grid is sized from them and every
+check is on shapes, dtypes and devices. Without them, they are computed from cu_seqlens
+(one sync), and since that syncs anyway the values of cu_seqlens are checked too (start
+at 0, non-decreasing, last entry = token count). ``MMFAST_DEBUG_CHECKS=1`` runs those
+value checks, and checks that the given max_seqlen bound the segments, on every call.
+A max_seqlen smaller than the longest segment leaves queries unwritten: it is the
+caller's promise, as in flash-attn.
+
+Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 32..256; CUDA, or
+CPU under TRITON_INTERPRET=1), ``sdpa`` (torch.nn.functional.scaled_dot_product_attention;
+no lse; packed layout through a block-diagonal boolean [Tq, Tk] mask built on the device,
+so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference below, any
+floating dtype; memory B * Hq * Tq * Tk floats).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from numbers import Real
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmfast.dispatch import Backend, Call, op_family
+
+MAX_HEAD_DIM = 256
+
+# ---- reference -------------------------------------------------------------------
+
+
+def _positions(cu_seqlens: Tensor | None, tokens: int, device) -> tuple[Tensor, Tensor]:
+    """(segment index, position in the segment) of every token; one segment if padded."""
+    index = torch.arange(tokens, device=device)
+    if cu_seqlens is None:
+        return torch.zeros_like(index), index
+    # Segment b holds cu[b] <= t < cu[b+1]: the count of ends cu[1:] that are <= t.
+    segment = torch.searchsorted(cu_seqlens[1:], index.to(cu_seqlens.dtype), right=True)
+    return segment, index - cu_seqlens[segment]
+
+
+def attention_mask(cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, tokens_q: int,
+                   tokens_k: int, window_left: int, window_right: int, device) -> Tensor:
+    """Boolean [Tq, Tk]: query token i sees key token j. Loop-free, on ``device``, no sync.
+
+    Packed: block-diagonal over the segments; padded (cu_seqlens None): one segment.
+    """
+    seg_q, pos_q = _positions(cu_seqlens_q, tokens_q, device)
+    seg_k, pos_k = _positions(cu_seqlens_k, tokens_k, device)
+    if cu_seqlens_q is None:
+        shift = torch.full_like(pos_q, tokens_k - tokens_q)
+    else:
+        len_q = cu_seqlens_q[seg_q + 1] - cu_seqlens_q[seg_q]
+        len_k = cu_seqlens_k[seg_q + 1] - cu_seqlens_k[seg_q]
+        shift = len_k - len_q
+    diag = (pos_q + shift)[:, None]  # the key position each query is aligned with
+    mask = seg_q[:, None] == seg_k[None, :]
+    if window_left >= 0:
+        mask &= pos_k[None, :] >= diag - window_left
+    if window_right >= 0:
+        mask &= pos_k[None, :] <= diag + window_right
+    return mask
+
+
+def _heads_first(t: Tensor) -> Tensor:
+    """[T, H, D] -> [H, T, D]; [B, T, H, D] -> [B, H, T, D]."""
+    return t.transpose(-3, -2)
+
+
+def attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None,
+                        window_left: int = -1, window_right: int = -1, scale: float | None = None,
+                        upcast: bool = True):
+    """Plain PyTorch, loop-free, in float32 (float64 for float64 inputs). Returns (out, lse).
+
+    Builds the full [.., Hq, Tq, Tk] score matrix with an explicit mask. Differentiable,
+    lse included; queries that see no key get out = 0, lse = -inf and no gradient.
+    ``upcast=False`` does the matmuls in the input dtype (softmax still in float32), as
+    PyTorch eager attention in fp16/bf16 would: the tests' "eager" baseline, like
+    flash-attn's own tests.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.dtype == torch.float64:
+        compute = torch.float64
+    else:
+        compute = torch.float32 if upcast else q.dtype
+    softmax_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    group = q.shape[-2] // k.shape[-2]
+    qc = _heads_first(q).to(compute)
+    kc = _heads_first(k).to(compute).repeat_interleave(group, dim=-3)
+    vc = _heads_first(v).to(compute).repeat_interleave(group, dim=-3)
+    mask = attention_mask(cu_seqlens_q, cu_seqlens_k, q.shape[-3], k.shape[-3],
+                          window_left, window_right, q.device)
+    sees_any = mask.any(-1, keepdim=True)
+    scores = ((qc @ kc.transpose(-1, -2)) * scale).to(softmax_dtype)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # Rows that see nothing get constant scores, so no gradient flows from them.
+    scores = torch.where(sees_any, scores, torch.zeros((), dtype=softmax_dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1) * sees_any
+    out = _heads_first(probs.to(compute) @ vc).to(q.dtype)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_any[..., 0], float("-inf"))
+    return out, lse
+
+
+# ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
+
+
+def _lse_shape(q: Tensor, packed: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("mmfast::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    from mmfast.kernels.attention import attention_fwd
+
+    return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         window_left, window_right, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+    max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.kernels.attention import attention_bwd
+
+    return attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      window_left, window_right, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+# ---- autograd --------------------------------------------------------------------
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Triton forward and backward. Outputs (out, lse); both are differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+        out, lse = torch.ops.mmfast.attention_fwd(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = args[2:]
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
+        dlse = None if dlse is None else dlse.contiguous()
+        dq, dk, dv = torch.ops.mmfast.attention_bwd(
+            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ---- backends --------------------------------------------------------------------
+
+
+def _distinct(t: Tensor, *others: Tensor | None) -> Tensor:
+    # Dynamo cannot trace an autograd.Function given one tensor twice (self-attention
+    # with k is v, or one cu_seqlens for both sides); a view is a distinct tensor.
+    return t.view_as(t) if t is not None and any(t is o for o in others) else t
+
+
+def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, scale):
+    k = _distinct(k, q)
+    v = _distinct(v, q, k)
+    cu_seqlens_k = _distinct(cu_seqlens_k, cu_seqlens_q)
+    return AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   window_left, window_right, scale)
+
+
+def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+              window_left, window_right, scale):
+    packed = cu_seqlens_q is not None
+    group = q.shape[-2] // k.shape[-2]
+    qh = q.transpose(-3, -2)
+    kh = k.transpose(-3, -2).repeat_interleave(group, dim=-3)
+    vh = v.transpose(-3, -2).repeat_interleave(group, dim=-3)
+    if k.shape[-3] == 0:  # no keys at all: every query sees nothing
+        return torch.zeros_like(q) + 0 * q, None
+    mask = None
+    if packed or window_left >= 0 or window_right >= 0:
+        mask = attention_mask(cu_seqlens_q, cu_seqlens_k, q.shape[-3], k.shape[-3],
+                              window_left, window_right, q.device)
+        sees_any = mask.any(-1, keepdim=True)
+        # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
+        mask = mask | ~sees_any
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    if mask is not None:
+        out = out * sees_any
+    return out.transpose(-3, -2), None
+
+
+def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+               window_left, window_right, scale):
+    return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left, window_right, scale)
+
+
+def _sdpa_limits(call: Call):
+    if call.facts["return_lse"]:
+        yield "return_lse=True not supported (SDPA does not return the log-sum-exp)"
+
+
+ATTENTION = op_family("attention")
+ATTENTION.register(
+    Backend(
+        "triton",
+        _run_triton,
+        triton=True,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        head_dims=lambda d: 32 <= d <= 256,
+    )
+)
+ATTENTION.register(
+    Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32), check=_sdpa_limits)
+)
+ATTENTION.register(Backend("torch", _run_torch))
+
+
+# ---- public function -------------------------------------------------------------
+
+
+def _debug_checks() -> bool:
+    return os.environ.get("MMFAST_DEBUG_CHECKS", "0") not in ("", "0")
+
+
+def _check_tensor(name: str, t, q: Tensor | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
+    if q is None:
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name}: expected [T, H, D] (packed) or [B, T, H, D] (padded), got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        return
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
+    if t.dim() != q.dim():
+        raise ValueError(f"{name}: expected {q.dim()} dims like q, got shape {tuple(t.shape)}")
+
+
+def _check_cu_seqlens(name: str, cu, q: Tensor) -> None:
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype int32, got {cu.dtype}")
+    if cu.device != q.device:
+        raise ValueError(f"{name}: expected device {q.device} (that of q), got {cu.device}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-d tensor of B+1 >= 1 entries, got shape {tuple(cu.shape)}")
+
+
+def _check_cu_values(name: str, cu: Tensor, tokens: int, max_seqlen: int | None) -> int:
+    """Value checks (one device sync); returns the longest segment."""
+    lengths = cu.diff()
+    first, last = cu[0].item(), cu[-1].item()
+    if first != 0:
+        raise ValueError(f"{name}: expected the first entry to be 0, got {first}")
+    if lengths.numel() and (lengths < 0).any().item():
+        raise ValueError(f"{name}: expected non-decreasing entries, got {cu.tolist()}")
+    if last != tokens:
+        raise ValueError(f"{name}: expected the last entry to equal the token count {tokens}, got {last}")
+    longest = int(lengths.max().item()) if lengths.numel() else 0
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"max_seqlen for {name}: {max_seqlen} is less than the longest segment {longest}")
+    return longest
+
+
+def _check_max_seqlen(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
+
+
+def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
+    """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
+    _check_tensor("q", q)
+    _check_tensor("k", k, q)
+    _check_tensor("v", v, q)
+    packed = q.dim() == 3
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
+        raise ValueError(
+            "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
+            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
+        )
+    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window: expected (left, right), ints >= -1 (-1: unbounded), got {window!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if packed:
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+            raise ValueError(
+                f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
+                f"got {cu_seqlens_k.numel()}"
+            )
+        # Value checks need the values on the host: only when syncing anyway, or debugging.
+        if max_seqlen_q is None or _debug_checks():
+            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if max_seqlen_k is None or _debug_checks():
+            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    else:
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    return max_seqlen_q, max_seqlen_k
+
+
+def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+              causal=False, window=(-1, -1), scale=None, return_lse=False, backend=None):
+    """Softmax attention of ``q`` over ``k``, ``v``; returns ``out`` (like q), or
+    ``(out, lse)`` with ``return_lse=True``. See the module docstring for the layouts,
+    the window and causal rules, and which checks cost a device sync.
+
+    Give ``max_seqlen_q``/``max_seqlen_k`` (Python ints) with packed inputs to avoid a
+    device->host sync (needed for CUDA graphs and for torch.compile without graph breaks).
+
+    Example::
+
+        >>> q = torch.randn(10, 4, 64)                  # 10 tokens, 4 heads
+        >>> kv = torch.randn(10, 2, 64)                 # 2 K/V heads (GQA)
+        >>> cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+        >>> out = mmfast.ops.attention(q, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu,
+        ...                            max_seqlen_q=7, max_seqlen_k=7, causal=True)
+        >>> out.shape
+        torch.Size([10, 4, 64])
+        >>> out, lse = mmfast.ops.attention(torch.randn(2, 5, 4, 64), torch.randn(2, 9, 4, 64),
+        ...                                 torch.randn(2, 9, 4, 64), window=(3, 0), return_lse=True)
+        >>> lse.shape
+        torch.Size([2, 4, 5])
+    """
+    max_seqlen_q, max_seqlen_k = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, window, scale)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    window_left, window_right = window
+    if causal:
+        window_right = 0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    layout = "packed" if q.dim() == 3 else "padded"
+    call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
+                facts={"return_lse": bool(return_lse)})
+    out, lse = ATTENTION.select(call, backend).run(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale
+    )
+    return (out, lse) if return_lse else out

@@ -1,0 +1,320 @@
+"""Attention: every backend against the float64 reference, outputs, lse and dq/dk/dv,
+with the flash-attention rule; packed segments (empty, length 1, primes), padded
+batches, GQA/MQA, causal with lq != lk, windows, awkward head dims; argument errors;
+torch.compile. Shapes stay tiny: on CPU the Triton kernels run under the interpreter."""
+
+import contextlib
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mmfast
+from mmfast.ops.attention import attention_mask, attention_reference
+from mmfast.testing import assert_matches_reference, random_tensor
+
+BACKENDS = ["triton", "sdpa", "torch"]
+HEAD_DIMS = [32, 64, 72, 80, 96, 128]
+# Empty and length-1 segments, primes, a segment longer than one 16-row CPU tile.
+LENGTHS_Q = [0, 1, 7, 13, 2, 0, 23]
+LENGTHS_K = [3, 0, 7, 11, 1, 0, 29]
+
+
+def _cu(lengths, device) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def _skip_interpreted_bf16(dtype, backend, device):
+    if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
+        pytest.skip("the Triton interpreter does not support bfloat16 tl.dot; checked on CUDA")
+
+
+def _sdpa_math_on_cpu_fp32(backend, dtype, device):
+    # PyTorch's CPU flash SDPA kernel computes float32 gradients less accurately than
+    # 2x an fp32 eager reference (dq 2.8e-6 vs 6.5e-7 on the padded case below); its
+    # math kernel meets the rule. This pins down what our wrapper does, not SDPA's kernel.
+    if backend == "sdpa" and dtype == torch.float32 and device.type == "cpu":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+def _finite_lse(lse):
+    # -inf (a query that sees no key) is checked exactly elsewhere; the accuracy rule
+    # compares finite numbers, so both sides get the same stand-in.
+    return lse.masked_fill(lse.isinf(), 0.0)
+
+
+def _case(backend, *, cu_q=None, cu_k=None, causal=False, window=(-1, -1), scale=None, return_lse=True):
+    """(op, reference) taking q, k, v; cu_seqlens are closed over (they must stay int32)."""
+    packed = cu_q is not None
+    max_q = int(cu_q.diff().max()) if packed and cu_q.numel() > 1 else (0 if packed else None)
+    max_k = int(cu_k.diff().max()) if packed and cu_k.numel() > 1 else (0 if packed else None)
+    left, right = window[0], 0 if causal else window[1]
+
+    def op(q, k, v):
+        result = mmfast.ops.attention(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+            causal=causal, window=window, scale=scale, return_lse=return_lse, backend=backend,
+        )
+        return (result[0], _finite_lse(result[1])) if return_lse else result
+
+    def reference(q, k, v):
+        # Eager in the tested dtype does its matmuls in that dtype (flash-attn's baseline);
+        # in float64 it is the exact answer.
+        out, lse = attention_reference(q, k, v, cu_q, cu_k, left, right, scale, upcast=False)
+        return (out, _finite_lse(lse)) if return_lse else out
+
+    return op, reference
+
+
+def _inputs(tokens_q, tokens_k, heads, kv_heads, head_dim, dtype, device, batch=None):
+    lead_q = (tokens_q,) if batch is None else (batch, tokens_q)
+    lead_k = (tokens_k,) if batch is None else (batch, tokens_k)
+    return {
+        "q": random_tensor((*lead_q, heads, head_dim), dtype, device),
+        "k": random_tensor((*lead_k, kv_heads, head_dim), dtype, device),
+        "v": random_tensor((*lead_k, kv_heads, head_dim), dtype, device),
+    }
+
+
+def _check_packed(lengths_q, lengths_k, heads, kv_heads, head_dim, dtype, device, backend="triton", **kw):
+    cu_q, cu_k = _cu(lengths_q, device), _cu(lengths_k, device)
+    inputs = _inputs(sum(lengths_q), sum(lengths_k), heads, kv_heads, head_dim, dtype, device)
+    op, reference = _case(backend, cu_q=cu_q, cu_k=cu_k, **kw)
+    with _sdpa_math_on_cpu_fp32(backend, dtype, device):
+        assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
+
+
+def _check_padded(batch, tokens_q, tokens_k, heads, kv_heads, head_dim, dtype, device, backend="triton", **kw):
+    inputs = _inputs(tokens_q, tokens_k, heads, kv_heads, head_dim, dtype, device, batch=batch)
+    op, reference = _case(backend, **kw)
+    with _sdpa_math_on_cpu_fp32(backend, dtype, device):
+        assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
+
+
+# ---- accuracy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=str)
+def test_packed_matches_reference(dtype, backend, device):
+    _skip_interpreted_bf16(dtype, backend, device)
+    _check_packed(LENGTHS_Q, LENGTHS_K, 4, 2, 72, dtype, device, backend,
+                  causal=True, return_lse=backend != "sdpa")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=str)
+def test_padded_matches_reference(dtype, backend, device):
+    _skip_interpreted_bf16(dtype, backend, device)
+    _check_padded(2, 19, 29, 4, 1, 80, dtype, device, backend, window=(6, 2), return_lse=backend != "sdpa")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1), (6, 1)], ids=["mha", "gqa2", "gqa4", "mqa6"])
+def test_grouped_heads(heads, kv_heads, device):
+    _check_packed([5, 0, 18], [9, 2, 17], heads, kv_heads, 32, torch.float16, device)
+
+
+@pytest.mark.parametrize("lengths_q,lengths_k", [
+    ([3, 20, 1], [17, 31, 0]), ([20, 5], [6, 0]), ([20, 33], [21, 50]),
+], ids=["fewer-queries", "more-queries", "diagonal-crosses-tiles"])
+def test_causal_bottom_right(lengths_q, lengths_k, device):
+    # With more queries than keys, the first queries of a segment see no key at all.
+    # Key offsets of 1 and 17 put the diagonal one row past a 16-row tile boundary, where
+    # an off-by-one in a loop bound would skip a whole tile.
+    _check_packed(lengths_q, lengths_k, 2, 1, 64, torch.float32, device, causal=True)
+
+
+@pytest.mark.parametrize("window,causal", [
+    ((4, -1), False), ((-1, 3), False), ((2, 0), False), ((0, 0), False), ((3, 5), False),
+    ((5, 7), True), ((-1, -1), True), ((2, -1), False),
+], ids=str)
+def test_windows(window, causal, device):
+    # The last segment's key offset 17 with left = 2 starts a window one key past a
+    # 16-key tile boundary (see test_causal_bottom_right).
+    _check_packed([1, 21, 6, 20], [4, 18, 6, 37], 2, 1, 32, torch.float16, device, window=window, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_head_dims(head_dim, device):
+    _check_packed([9, 17], [12, 5], 2, 1, head_dim, torch.float16, device, causal=head_dim % 64 == 0)
+
+
+def test_head_dim_256(device):
+    _check_packed([5, 11], [7, 3], 1, 1, 256, torch.float16, device, window=(3, 1))
+
+
+def test_scale_and_output_only(device):
+    _check_padded(1, 7, 5, 2, 2, 96, torch.float16, device, scale=0.3, return_lse=False)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24)), min_size=1, max_size=6),
+    kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from(HEAD_DIMS), causal=st.booleans(),
+    left=st.sampled_from([-1, 0, 3]), right=st.sampled_from([-1, 0, 5]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_random_segments(lengths, kv_heads, group, head_dim, causal, left, right, dtype, device):
+    lengths_q, lengths_k = zip(*lengths)
+    _check_packed(list(lengths_q), list(lengths_k), kv_heads * group, kv_heads, head_dim, dtype, device,
+                  causal=causal, window=(left, right))
+
+
+# ---- semantics ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_queries_that_see_nothing(backend, device):
+    # Segment 1 has queries but no keys; causal over 6 queries and 2 keys, segment 0's
+    # query i sits at key i - 4, so only queries 4 and 5 see a key.
+    cu_q, cu_k = _cu([6, 3], device), _cu([2, 0], device)
+    q, k, v = (t.requires_grad_() for t in _inputs(9, 2, 2, 2, 32, torch.float32, device).values())
+    out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6,
+                               max_seqlen_k=2, causal=True, backend=backend)
+    blind = torch.tensor([1, 1, 1, 1, 0, 0, 1, 1, 1], dtype=torch.bool, device=device)
+    assert (out[blind] == 0).all()
+    out.sum().backward()
+    assert (q.grad[blind] == 0).all()
+    if backend != "sdpa":
+        _, lse = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True,
+                                      return_lse=True, backend=backend)
+        assert lse.shape == (2, 9)
+        assert torch.equal(lse.isinf(), blind.expand(2, 9))
+        assert (lse[lse.isinf()] < 0).all()
+
+
+def test_mask_matches_flash_attn_alignment(device):
+    # Two queries over five keys, causal: bottom-right aligned, query 0 sees keys 0..3.
+    mask = attention_mask(None, None, 2, 5, -1, 0, device)
+    expected = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
+    assert torch.equal(mask, expected)
+
+
+def test_backward_is_deterministic(device):
+    cu = _cu([13, 20], device)
+    inputs = _inputs(33, 33, 4, 1, 64, torch.float16, device)
+    grads = []
+    for _ in range(2):
+        q, k, v = (t.clone().requires_grad_() for t in inputs.values())
+        out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=20,
+                                   max_seqlen_k=20, backend="triton")
+        out.backward(torch.ones_like(out))
+        grads.append((q.grad, k.grad, v.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_float64_goes_to_the_reference(device):
+    inputs = _inputs(5, 7, 2, 1, 16, torch.float64, device, batch=2)
+    out = mmfast.ops.attention(**inputs, causal=True)
+    expected, _ = attention_reference(*inputs.values(), None, None, -1, 0, None)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_sdpa_refuses_lse(device):
+    inputs = _inputs(5, 7, 2, 1, 32, torch.float32, device, batch=1)
+    with pytest.raises(mmfast.NoBackendError, match="return_lse=True not supported"):
+        mmfast.ops.attention(**inputs, return_lse=True, backend="sdpa")
+
+
+def test_compile_fullgraph(device):
+    cu = _cu([5, 0, 12], device)
+
+    def block(q, kv):
+        # One cu_seqlens for both sides and one tensor as k and v: self-attention's usual call.
+        out, lse = mmfast.ops.attention(q, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12,
+                                        max_seqlen_k=12, causal=True, return_lse=True, backend="triton")
+        return torch.tanh(out).sum() + _finite_lse(lse).sum()
+
+    q, kv, _ = _inputs(17, 17, 2, 1, 32, torch.float32, device).values()
+    compiled = torch.compile(block, fullgraph=True)
+    results = []
+    for fn in (block, compiled):
+        leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_()]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
+
+
+@pytest.mark.gpu
+def test_no_device_sync_with_max_seqlen(device):
+    if device.type != "cuda":
+        pytest.skip("device syncs are observable on CUDA only")
+    cu = _cu([5, 0, 12], device)
+    q, k, v = (t.requires_grad_() for t in _inputs(17, 17, 4, 2, 64, torch.bfloat16, device).values())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12,
+                                   max_seqlen_k=12, causal=True, backend="triton")
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- argument errors -----------------------------------------------------------------
+
+
+def _packed_args(**overrides):
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    args = {"q": torch.ones(8, 4, 32), "k": torch.ones(8, 2, 32), "v": torch.ones(8, 2, 32),
+            "cu_seqlens_q": cu, "cu_seqlens_k": cu, "max_seqlen_q": 5, "max_seqlen_k": 5}
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    ({"q": torch.ones(8, 4, 32, dtype=torch.int32)}, TypeError, "q: expected a floating dtype"),
+    ({"q": torch.ones(8, 32)}, ValueError, r"q: expected \[T, H, D\]"),
+    ({"k": torch.ones(8, 2, 32, dtype=torch.float16)}, TypeError, "k: expected dtype torch.float32"),
+    ({"v": torch.ones(8, 2, 32, device="meta")}, ValueError, "v: expected device cpu"),
+    ({"v": torch.ones(8, 2, 16)}, ValueError, "v: expected shape"),
+    ({"k": torch.ones(8, 3, 32), "v": torch.ones(8, 3, 32)}, ValueError, "k: expected a head count that divides"),
+    ({"k": torch.ones(8, 2, 16), "v": torch.ones(8, 2, 16)}, ValueError, "k: expected head dim 32"),
+    ({"q": torch.ones(8, 4, 300), "k": torch.ones(8, 2, 300), "v": torch.ones(8, 2, 300)},
+     ValueError, "q: head dim 300 not supported"),
+    ({"cu_seqlens_q": torch.tensor([0, 3, 8])}, TypeError, "cu_seqlens_q: expected dtype int32"),
+    ({"cu_seqlens_k": [0, 3, 8]}, TypeError, "cu_seqlens_k: expected an int32 Tensor"),
+    ({"cu_seqlens_k": torch.tensor([0, 8], dtype=torch.int32)}, ValueError, "cu_seqlens_k: expected 3 entries"),
+    ({"cu_seqlens_q": torch.tensor([[0, 8]], dtype=torch.int32)}, ValueError, "cu_seqlens_q: expected a 1-d"),
+    ({"cu_seqlens_q": None}, ValueError, "cu_seqlens_q, cu_seqlens_k: expected both"),
+    ({"cu_seqlens_q": torch.tensor([0, 5, 3, 8], dtype=torch.int32),
+      "cu_seqlens_k": torch.tensor([0, 3, 5, 8], dtype=torch.int32), "max_seqlen_q": None},
+     ValueError, "cu_seqlens_q: expected non-decreasing"),
+    ({"cu_seqlens_k": torch.tensor([0, 3, 7], dtype=torch.int32), "max_seqlen_k": None},
+     ValueError, "cu_seqlens_k: expected the last entry to equal the token count 8"),
+    ({"cu_seqlens_q": torch.tensor([1, 3, 8], dtype=torch.int32), "max_seqlen_q": None},
+     ValueError, "cu_seqlens_q: expected the first entry to be 0"),
+    ({"max_seqlen_q": -1}, ValueError, "max_seqlen_q: expected None or an int"),
+    ({"max_seqlen_k": 2.5}, ValueError, "max_seqlen_k: expected None or an int"),
+    ({"window": (2,)}, ValueError, r"window: expected \(left, right\)"),
+    ({"window": (-2, 0)}, ValueError, r"window: expected \(left, right\)"),
+    ({"scale": float("inf")}, ValueError, "scale: expected None or a finite number"),
+    ({"causal": 1}, TypeError, "causal: expected a bool"),
+])
+def test_bad_arguments_name_the_argument(overrides, error, match):
+    with pytest.raises(error, match=match):
+        mmfast.ops.attention(**_packed_args(**overrides))
+
+
+def test_padded_rejects_max_seqlen():
+    with pytest.raises(ValueError, match="max_seqlen_q, max_seqlen_k: only for the packed layout"):
+        mmfast.ops.attention(torch.ones(1, 4, 2, 32), torch.ones(1, 4, 2, 32), torch.ones(1, 4, 2, 32),
+                             max_seqlen_q=4)
+
+
+def test_debug_checks_catch_short_max_seqlen(monkeypatch):
+    monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_q: 4 is less than the longest segment 5"):
+        mmfast.ops.attention(**_packed_args(max_seqlen_q=4), backend="torch")
+
+
+def test_triton_refuses_small_head_dim():
+    args = _packed_args(q=torch.ones(8, 4, 16), k=torch.ones(8, 2, 16), v=torch.ones(8, 2, 16))
+    with pytest.raises(mmfast.NoBackendError, match="head dim 16 not supported"):
+        mmfast.ops.attention(**args, backend="triton")
