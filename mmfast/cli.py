@@ -116,27 +116,20 @@ def _triton_mode(has_cuda: bool) -> dict:
 def _backend_status(backend, call) -> dict:
     """Whether ``backend`` can take a representative call here, and why not.
 
-    The probe call carries no op-specific facts (hidden size, segment lengths, ...):
-    a ``check`` that needs one raises KeyError, which means the backend is usable here
-    and its remaining limits depend on each call.
+    The probe call carries no head dim and no op-specific facts (hidden size, segment
+    lengths, ...): a ``check`` that needs a fact raises KeyError, which means the backend
+    is usable here and its remaining limits depend on each call.
     """
+    per_call = ["head dim"] if backend.head_dims is not None else []
     try:
         reasons = backend.reasons(call)
     except KeyError as missing:
-        return {
-            "name": backend.name,
-            "usable": True,
-            "reasons": [],
-            "note": f"further limits depend on each call (its {missing.args[0]!r})",
-        }
+        reasons = []
+        per_call.append(repr(missing.args[0]))
     except Exception as error:  # a failing probe is a fact worth reporting, not a crash
-        return {
-            "name": backend.name,
-            "usable": False,
-            "reasons": [f"probe failed: {type(error).__name__}: {error}"],
-            "note": None,
-        }
-    return {"name": backend.name, "usable": not reasons, "reasons": reasons, "note": None}
+        reasons = [f"probe failed: {type(error).__name__}: {error}"]
+    note = f"further limits depend on each call ({', '.join(per_call)})" if per_call and not reasons else None
+    return {"name": backend.name, "usable": not reasons, "reasons": reasons, "note": note}
 
 
 def _op_families(torch, has_cuda: bool) -> dict:

@@ -82,7 +82,7 @@ def test_info_under_interpreter_reports_triton_usable():
     triton = _backends(info, "norm")["triton"]
     assert triton["usable"] and triton["reasons"] == []
     # The norm backend's hidden-size limit can only be judged per call.
-    assert "depend on each call" in triton["note"]
+    assert triton["note"] == "further limits depend on each call ('hidden')"
 
 
 def test_info_shows_a_backend_override():
