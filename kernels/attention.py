@@ -36,7 +36,8 @@ import triton.language as tl
 from ._launch import empty
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -142,8 +143,8 @@ def _attention_fwd_kernel(
     rows_o = (q_start + offs_m).to(tl.int64)
     tl.store(O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -170,7 +171,7 @@ def _attention_bwd_preprocess_kernel(
     o = tl.load(O + b64 * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse_at = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    lse_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     if HAS_DLSE:
         delta -= tl.load(DLSE + lse_at, mask=m_ok, other=0.0)
     tl.store(DELTA + lse_at, delta, mask=m_ok)
@@ -210,7 +211,7 @@ def _attention_bwd_dkdv_kernel(
     v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    scale_log2 = scale * 1.4426950408889634
+    scale_log2 = scale * _LOG2E
 
     # Queries [lo, hi) that may see keys [n_first, n_first + BLOCK_N): invert the window.
     shift = len_k - len_q
@@ -227,7 +228,7 @@ def _attention_bwd_dkdv_kernel(
         h = hk * group + g
         Q_head = Q + b64 * stride_qb + h * stride_qh + offs_d[None, :]
         DO_head = DO + b64 * stride_dob + h * stride_doh + offs_d[None, :]
-        L_head = b64 * stride_lb + h * stride_lh + q_start
+        L_head = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             m_ok = rows < len_q
@@ -238,7 +239,7 @@ def _attention_bwd_dkdv_kernel(
             lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
             # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
@@ -286,11 +287,11 @@ def _attention_bwd_dq_kernel(
     rows_q = (q_start + offs_m).to(tl.int64)[:, None]
     q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-    L_at = b64 * stride_lb + h * stride_lh + q_start + offs_m
+    L_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse = tl.load(LSE + L_at, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + L_at, mask=m_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    scale_log2 = scale * 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    scale_log2 = scale * _LOG2E
     K_head = K + b64 * stride_kb + hk * stride_kh + offs_d[None, :]
     V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
 

@@ -299,16 +299,17 @@ def _check_cu_seqlens(name: str, cu, q: Tensor) -> None:
 
 
 def _check_cu_values(name: str, cu: Tensor, tokens: int, max_seqlen: int | None) -> int:
-    """Value checks (one device sync); returns the longest segment."""
+    """Value checks, in one device sync; returns the longest segment."""
     lengths = cu.diff()
-    first, last = cu[0].item(), cu[-1].item()
+    if not lengths.numel():  # no segments
+        lengths = cu.new_zeros(1)
+    first, last, shortest, longest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
     if first != 0:
         raise ValueError(f"{name}: expected the first entry to be 0, got {first}")
-    if lengths.numel() and (lengths < 0).any().item():
+    if shortest < 0:
         raise ValueError(f"{name}: expected non-decreasing entries, got {cu.tolist()}")
     if last != tokens:
         raise ValueError(f"{name}: expected the last entry to equal the token count {tokens}, got {last}")
-    longest = int(lengths.max().item()) if lengths.numel() else 0
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen for {name}: {max_seqlen} is less than the longest segment {longest}")
     return longest

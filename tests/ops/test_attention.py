@@ -150,7 +150,7 @@ def test_scale_and_output_only(device):
     _check_padded(1, 7, 5, 2, 2, 96, torch.float16, device, scale=0.3, return_lse=False)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     lengths=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24)), min_size=1, max_size=6),
     kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]),
@@ -165,6 +165,33 @@ def test_random_segments(lengths, kv_heads, group, head_dim, causal, left, right
 
 
 # ---- semantics ---------------------------------------------------------------------
+
+
+def test_strided_inputs(device):
+    # q, k, v sliced out of one fused qkv projection: tokens are 3 * H * D apart.
+    qkv = random_tensor((19, 3, 2, 64), torch.float16, device)
+    q, k, v = qkv.unbind(1)
+    cu = _cu([7, 12], device)
+    op, reference = _case("triton", cu_q=cu, cu_k=cu, causal=True)
+    assert_matches_reference(op, reference, {"q": q, "k": k, "v": v}, grad_inputs=("q", "k", "v"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["no-tokens", "no-keys", "no-segments"])
+def test_empty(layout, backend, device):
+    if layout == "no-tokens":  # padded, no queries and no keys
+        inputs, kwargs = _inputs(0, 0, 2, 1, 32, torch.float32, device, batch=2), {}
+    elif layout == "no-keys":  # padded, queries over an empty key sequence
+        inputs, kwargs = _inputs(5, 0, 2, 1, 32, torch.float32, device, batch=2), {}
+    else:  # packed with B = 0
+        cu = torch.zeros(1, dtype=torch.int32, device=device)
+        inputs, kwargs = _inputs(0, 0, 2, 1, 32, torch.float32, device), {"cu_seqlens_q": cu, "cu_seqlens_k": cu}
+    q, k, v = (t.requires_grad_() for t in inputs.values())
+    out = mmfast.ops.attention(q, k, v, backend=backend, **kwargs)
+    assert out.shape == q.shape and (out == 0).all()
+    out.sum().backward()
+    assert q.grad is None or (q.grad == 0).all()
+    assert k.grad is None or k.grad.shape == k.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
