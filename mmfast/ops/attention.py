@@ -29,8 +29,8 @@ caller's promise, as in flash-attn.
 
 Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 32..256; CUDA, or
 CPU under TRITON_INTERPRET=1), ``sdpa`` (torch.nn.functional.scaled_dot_product_attention;
-no lse; packed layout through a block-diagonal boolean [Tq, Tk] mask built on the device,
-so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference below, any
+no lse; K/V heads are repeated for GQA; packed layout through a block-diagonal boolean
+[Tq, Tk] mask built on the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference below, any
 floating dtype; memory B * Hq * Tq * Tk floats).
 """
 
@@ -222,8 +222,8 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     qh = q.transpose(-3, -2)
     kh = k.transpose(-3, -2).repeat_interleave(group, dim=-3)
     vh = v.transpose(-3, -2).repeat_interleave(group, dim=-3)
-    if k.shape[-3] == 0:  # no keys at all: every query sees nothing
-        return torch.zeros_like(q) + 0 * q, None
+    if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph: zero grads)
+        return q * 0, None
     mask = None
     if packed or window_left >= 0 or window_right >= 0:
         mask = attention_mask(cu_seqlens_q, cu_seqlens_k, q.shape[-3], k.shape[-3],
