@@ -100,7 +100,9 @@ def test_only_residual_stream_used(is_rms, device):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomised: the same examples on every machine, so CI cannot flake.
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(0, 70), hidden=st.integers(1, 300), is_rms=st.booleans(),
        residual=st.booleans(), dtype=st.sampled_from(DTYPES))
 def test_random_shapes(rows, hidden, is_rms, residual, dtype, device):
