@@ -27,7 +27,7 @@ import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable
 
 import torch
 
@@ -282,9 +282,3 @@ def _log_choice(op: str, backend: str, call: Call) -> None:
         _logged.add(key)
         logger.debug("%s: backend %s for %s %s", op, backend, call.device.type, _dtype_name(call.dtype))
 
-
-def iter_report(call: Call) -> Iterator[tuple[str, str, list[str]]]:
-    """(family, backend, reasons) for every registered backend, for ``mmfast info``."""
-    for family in _families.values():
-        for backend in family.backends.values():
-            yield family.name, backend.name, backend.reasons(call)
