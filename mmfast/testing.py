@@ -59,22 +59,27 @@ def _max_err(a: Tensor, exact: Tensor, allowance: Tensor | float = 0.0) -> float
     return ((a.double() - exact).abs() - allowance).clamp(min=0).max().item()
 
 
+def _spacing(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Elementwise spacing of ``dtype`` numbers at |values|: |x| in [2^(e-1), 2^e) has
+    spacing eps * 2^(e-1)."""
+    _, exponent = torch.frexp(values.double())
+    return torch.finfo(dtype).eps * torch.ldexp(torch.ones_like(values, dtype=torch.float64), exponent - 1)
+
+
 def _unit_in_last_place(exact: Tensor, dtype: torch.dtype) -> float:
     """The spacing of ``dtype`` numbers at the largest finite magnitude in ``exact``."""
     finite = exact[exact.isfinite()]
-    largest = finite.abs().max().item() if finite.numel() else 0.0
-    if largest == 0.0:
+    largest = finite.abs().max() if finite.numel() else None
+    if largest is None or largest == 0:
         return 0.0
-    _, exponent = torch.frexp(torch.tensor(largest, dtype=torch.float64))
-    return torch.finfo(dtype).eps * 2.0 ** (exponent.item() - 1)
+    return _spacing(largest, dtype).item()
 
 
 def _truncation_allowance(exact: Tensor, dtype: torch.dtype) -> Tensor | float:
     """One bf16 unit in the last place of each element, when the interpreter truncates."""
     if dtype != torch.bfloat16 or not triton_interpreted():
         return 0.0
-    _, exponent = torch.frexp(exact.float())  # |x| in [2^(e-1), 2^e): ulp = 2^(e-1-7)
-    return torch.ldexp(torch.ones_like(exact), exponent.double() - 8)
+    return _spacing(exact, dtype)
 
 
 def assert_matches_reference(
