@@ -6,6 +6,7 @@
 
 from mmfast import nn, ops
 from mmfast.dispatch import NoBackendError, set_backend
+from mmfast.integrations import patch
 
 __version__ = "0.1.0"
-__all__ = ["NoBackendError", "nn", "ops", "set_backend", "__version__"]
+__all__ = ["NoBackendError", "nn", "ops", "patch", "set_backend", "__version__"]

@@ -1,2 +1,60 @@
 """Per-instance, reversible replacement of hot modules in Hugging Face transformers and
-diffusers models: one small file per model family with a table of replacements."""
+diffusers models: one small file per model family with a table of replacements.
+
+    handle = mmfast.patch(model)   # the instance now runs mmfast kernels
+    handle.undo()                  # and now it runs exactly as before
+
+Adding a family: a file under ``transformers/`` or ``diffusers/`` that defines ``FAMILY``
+(a :class:`mmfast.integrations.patching.Family`), and a line in ``FAMILY_MODULES`` below.
+Family modules are imported on demand, so neither transformers nor diffusers is imported
+by ``import mmfast``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mmfast.integrations.patching import Family, PatchHandle, Replacement
+
+# family name -> module defining FAMILY; the order is the order families are tried in.
+FAMILY_MODULES: dict[str, str] = {}
+
+
+def families() -> list[Family]:
+    return [importlib.import_module(path).FAMILY for path in FAMILY_MODULES.values()]
+
+
+def find_family(target: Any) -> Family:
+    for family in families():
+        if family.recognises(target):
+            return family
+    supported = "; ".join(f"{f.name}: {', '.join(f.model_classes)}" for f in families())
+    raise TypeError(
+        f"mmfast.patch: no family recognises model of type {type(target).__name__}. "
+        f"Supported: {supported or 'none registered'}"
+    )
+
+
+def patch(target: Any) -> PatchHandle:
+    """Replace the hot modules of ``target`` (a model or pipeline instance) with mmfast's,
+    in place; returns a :class:`PatchHandle` whose ``undo()`` restores it exactly.
+    Other instances of the same classes are untouched."""
+    existing = getattr(target, "_mmfast_patch_handle", None)
+    if existing is not None and existing.active:
+        raise ValueError(
+            f"mmfast.patch: this {type(target).__name__} is already patched; "
+            "call handle.undo() before patching it again"
+        )
+    family = find_family(target)
+    handle = PatchHandle(target, family.name)
+    try:
+        family.apply(target, handle)
+    except BaseException:
+        handle.undo()
+        raise
+    handle.set_attr(target, "_mmfast_patch_handle", handle)
+    return handle
+
+
+__all__ = ["FAMILY_MODULES", "Family", "PatchHandle", "Replacement", "families", "find_family", "patch"]

@@ -1,0 +1,122 @@
+"""The machinery behind ``mmfast.patch``: per-instance, reversible replacement.
+
+A model family (one small file under ``integrations/transformers`` or
+``integrations/diffusers``) declares a :class:`Family`: the model classes it recognises
+and a table of :class:`Replacement` rows, each naming module classes (by name, so that
+transformers and diffusers need not be imported to match) and a function that patches one
+such module through the :class:`PatchHandle`. Every change goes through the handle, which
+records how to reverse it, so ``handle.undo()`` restores the instance exactly: the
+parameters are never copied or re-registered and the state_dict is unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+_MISSING = object()
+
+
+class PatchHandle:
+    """What ``mmfast.patch`` did to one object, and how to undo it.
+
+    ``replaced`` lists ``(qualified module name, what replaced it)``. Also a context
+    manager: ``with mmfast.patch(model): ...`` undoes on exit.
+    """
+
+    def __init__(self, target: Any, family: str):
+        self.target = target
+        self.family = family
+        self.replaced: list[tuple[str, str]] = []
+        self._undo: list[Callable[[], None]] = []
+        self.active = True
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` on this instance, remembering what was there."""
+        previous = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else _MISSING
+        if isinstance(obj, nn.Module) and isinstance(value, nn.Module):
+            previous = obj._modules.get(name, _MISSING)
+        setattr(obj, name, value)
+
+        def restore():
+            if previous is _MISSING:
+                if isinstance(obj, nn.Module) and name in obj._modules:
+                    del obj._modules[name]
+                else:
+                    obj.__dict__.pop(name, None)
+            else:
+                setattr(obj, name, previous)
+
+        self._undo.append(restore)
+
+    def set_forward(self, module: nn.Module, forward: Callable[..., Any], what: str,
+                    qualified_name: str = "") -> None:
+        """Give this instance its own ``forward(self, ...)``; its class is untouched."""
+        self.set_attr(module, "forward", types.MethodType(forward, module))
+        self.replaced.append((qualified_name or type(module).__name__, what))
+
+    def add_undo(self, restore: Callable[[], None], qualified_name: str, what: str) -> None:
+        """Record a change made some other way (e.g. diffusers' ``set_attn_processor``)."""
+        self._undo.append(restore)
+        self.replaced.append((qualified_name, what))
+
+    def undo(self) -> None:
+        """Reverse every change, newest first. Calling it twice does nothing."""
+        while self._undo:
+            self._undo.pop()()
+        self.replaced.clear()
+        self.active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"PatchHandle(family={self.family!r}, {len(self.replaced)} replacements, {state})"
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One row of a family's table: modules whose class is named in ``module_classes``
+    get ``apply(module, handle, qualified_name)``."""
+
+    module_classes: tuple[str, ...]
+    apply: Callable[[nn.Module, PatchHandle, str], None]
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: the classes of the objects it patches, and its table.
+
+    ``prepare(target, handle)``, when given, runs first, for changes that are not
+    per-module (a pipeline's scheduler, say); it returns the module tree to walk (default:
+    the target itself).
+    """
+
+    name: str
+    model_classes: tuple[str, ...]
+    replacements: tuple[Replacement, ...] = ()
+    prepare: Callable[[Any, PatchHandle], Any] | None = None
+    notes: str = field(default="", compare=False)
+
+    def recognises(self, target: Any) -> bool:
+        return any(cls.__name__ in self.model_classes for cls in type(target).__mro__)
+
+    def apply(self, target: Any, handle: PatchHandle) -> None:
+        root = self.prepare(target, handle) if self.prepare is not None else target
+        if root is None:
+            return
+        roots = root if isinstance(root, (list, tuple)) else [root]
+        by_class = {name: row for row in self.replacements for name in row.module_classes}
+        for tree in roots:
+            for qualified_name, module in list(tree.named_modules()):
+                row = by_class.get(type(module).__name__)
+                if row is not None:
+                    row.apply(module, handle, qualified_name)
