@@ -5,6 +5,9 @@ to a backend (see mmfast.dispatch)."""
 from mmfast.ops.activation import geglu, gelu, quick_gelu, swiglu
 from mmfast.ops.attention import attention
 from mmfast.ops.norm import layer_norm, rms_norm
+from mmfast.ops.rotary import apply_rotary
+from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 
 __all__ = ["attention", "layer_norm", "rms_norm"]
 __all__ += ["geglu", "gelu", "quick_gelu", "swiglu"]
+__all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
