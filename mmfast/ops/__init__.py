@@ -3,6 +3,7 @@ an autograd.Function and a public function that validates its arguments and disp
 to a backend (see mmfast.dispatch)."""
 
 from mmfast.ops.attention import attention
+from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.norm import layer_norm, rms_norm
 
-__all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ = ["attention", "cross_attention", "layer_norm", "rms_norm"]
