@@ -1,5 +1,8 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
+from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.nn.perceiver import PerceiverResampler
+from mmfast.nn.projector import MLPProjector
 
-__all__ = ["LayerNorm", "RMSNorm"]
+__all__ = ["GatedCrossAttentionBlock", "LayerNorm", "MLPProjector", "PerceiverResampler", "RMSNorm"]

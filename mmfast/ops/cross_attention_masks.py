@@ -20,6 +20,9 @@ the sample in both layouts (packed: from cu_seqlens[b]). A text token at positio
 - :class:`KeyPaddingMask`: every query of sample b sees its first ``key_lengths[b]`` keys.
 
 A query that sees no key gets a zero attention output (see mmfast.ops.cross_attention).
+With ``empty_rows_see_all_keys=True`` an image mask lets a text token that follows no
+image see every key of its sample instead, padding included: what Hugging Face's Mllama
+does (its additive mask zeroes fully masked rows), for drop-in use.
 Every mask has ``materialize(q, k, cu_seqlens_q=None, cu_seqlens_k=None)``: the dense
 boolean mask ([Tq, Tk] packed, block-diagonal; [B, Tq, Tk] padded), computed directly from
 the definition above, for tests and for backends that need a dense mask.
@@ -36,6 +39,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+_EVERY_GROUP = 2**30
 
 
 class LoweredMask(NamedTuple):
@@ -99,36 +105,61 @@ class CrossAttentionMask:
 
 
 class KeyPaddingMask(CrossAttentionMask):
-    """Sample b's queries see its keys 0 .. key_lengths[b] - 1 (int tensor [B])."""
+    """Sample b's queries see its keys 0 .. key_lengths[b] - 1 (int tensor [B]); or, with
+    ``key_valid`` (bool [B, Tk], padded layout), exactly the keys marked True (padding
+    anywhere, as in a 2-D patch grid)."""
 
-    def __init__(self, key_lengths: Tensor):
+    def __init__(self, key_lengths: Tensor | None = None, *, key_valid: Tensor | None = None):
+        if (key_lengths is None) == (key_valid is None):
+            raise ValueError("mask: give exactly one of key_lengths and key_valid")
         self.key_lengths = key_lengths
+        self.key_valid = key_valid
 
     def check(self, q, k, cu_seqlens_q):
+        if self.key_valid is not None:
+            valid = self.key_valid
+            if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+                raise TypeError("mask: key_valid must be a bool Tensor")
+            if cu_seqlens_q is not None or valid.shape != k.shape[:2]:
+                raise ValueError(f"mask: key_valid must be [B, Tk] = {tuple(k.shape[:2])} (padded layout), "
+                                 f"got {tuple(valid.shape)}")
+            if valid.device != q.device:
+                raise ValueError(f"mask: key_valid is on {valid.device}, q on {q.device}")
+            return
         _check_int("key_lengths", self.key_lengths, 1, q.device)
         if self.key_lengths.shape[0] != _batch(q, cu_seqlens_q):
             raise ValueError(f"mask: key_lengths has {self.key_lengths.shape[0]} entries, "
                              f"expected the batch size {_batch(q, cu_seqlens_q)}")
 
-    def lower(self, q, k, cu_seqlens_q, cu_seqlens_k):
-        lengths = self.key_lengths.to(torch.int32)
+    def _valid_rows(self, k, cu_seqlens_k) -> Tensor:
+        if self.key_valid is not None:
+            return self.key_valid.reshape(-1)
         sample_k, pos_k = _rows(cu_seqlens_k, k)
+        return pos_k < self.key_lengths[sample_k]
+
+    def lower(self, q, k, cu_seqlens_q, cu_seqlens_k):
         sample_q, _ = _rows(cu_seqlens_q, q)
-        key_group = torch.where(pos_k < lengths[sample_k], 0, -1).to(torch.int32)
+        key_group = torch.where(self._valid_rows(k, cu_seqlens_k), 0, -1).to(torch.int32)
         ones = torch.ones_like(sample_q, dtype=torch.int32)
-        return LoweredMask(key_group, ones * 0, ones, ones * 0, lengths[sample_q].clamp(min=0).to(torch.int32))
+        if self.key_valid is not None:
+            hi = ones * k.shape[1]
+        else:
+            hi = self.key_lengths[sample_q].clamp(min=0).to(torch.int32)
+        return LoweredMask(key_group, ones * 0, ones, ones * 0, hi)
 
     def materialize(self, q, k, cu_seqlens_q=None, cu_seqlens_k=None):
         sample_q, _ = _rows(cu_seqlens_q, q)
-        sample_k, pos_k = _rows(cu_seqlens_k, k)
-        seen = (sample_q[:, None] == sample_k[None, :]) & (pos_k < self.key_lengths[sample_k])[None, :]
+        sample_k, _ = _rows(cu_seqlens_k, k)
+        seen = (sample_q[:, None] == sample_k[None, :]) & self._valid_rows(k, cu_seqlens_k)[None, :]
         return _block_diagonal(seen, q, k, cu_seqlens_q, cu_seqlens_k)
 
 
 class _ImageMask(CrossAttentionMask):
     """Images given by positions, lengths and offsets [B, N] (see the module docstring)."""
 
-    def __init__(self, image_positions: Tensor, image_lengths: Tensor, image_offsets: Tensor | None = None):
+    def __init__(self, image_positions: Tensor, image_lengths: Tensor, image_offsets: Tensor | None = None,
+                 *, empty_rows_see_all_keys: bool = False):
+        self.empty_rows_see_all_keys = empty_rows_see_all_keys
         self.image_positions = image_positions
         self.image_lengths = image_lengths
         if image_offsets is None and isinstance(image_lengths, Tensor):
@@ -164,8 +195,11 @@ class _ImageMask(CrossAttentionMask):
         sample_k, pos_k = _rows(cu_seqlens_k, k)
         as32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
         if self.image_positions.shape[1] == 0:  # no image slots: nobody sees anything
-            none_q = as32(pos_q * 0)
-            return LoweredMask(as32(pos_k * 0 - 1), none_q, none_q, none_q, none_q)
+            zeros, groups = as32(pos_q * 0), as32(pos_k * 0 - 1)
+            if self.empty_rows_see_all_keys:
+                every = zeros + _EVERY_GROUP
+                return LoweredMask(groups, zeros - 1, every, zeros, every)
+            return LoweredMask(groups, zeros, zeros, zeros, zeros)
         offsets = self.image_offsets.to(torch.int64)
         ends = offsets + self.image_lengths.to(torch.int64)
         # The key's image: the last one starting at or before it, if it reaches the key.
@@ -178,6 +212,10 @@ class _ImageMask(CrossAttentionMask):
         any_image = last > first
         lo = torch.where(any_image, offsets[sample_q, first.clamp(max=offsets.shape[1] - 1)], 0)
         hi = torch.where(any_image, ends[sample_q, (last - 1).clamp(min=0)], 0)
+        if self.empty_rows_see_all_keys:  # groups [-1, huge): every key, padding included
+            first = torch.where(any_image, first, -1)
+            last = torch.where(any_image, last, _EVERY_GROUP)
+            hi = torch.where(any_image, hi, _EVERY_GROUP)
         return LoweredMask(key_group, as32(first), as32(last), as32(lo), as32(hi))
 
     def materialize(self, q, k, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -187,6 +225,8 @@ class _ImageMask(CrossAttentionMask):
         offsets, lengths = self.image_offsets[sample_k], self.image_lengths[sample_k]
         holds = (offsets <= pos_k[:, None]) & (pos_k[:, None] < offsets + lengths)  # [rows_k, N]
         seen = (sees[:, None, :] & holds[None, :, :]).any(-1)
+        if self.empty_rows_see_all_keys:
+            seen |= ~sees.any(-1, keepdim=True)
         seen &= sample_q[:, None] == sample_k[None, :]
         return _block_diagonal(seen, q, k, cu_seqlens_q, cu_seqlens_k)
 
