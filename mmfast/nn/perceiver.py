@@ -25,18 +25,32 @@ class PerceiverAttention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden_size, bias=False)
 
     def forward(self, latents, context, mask=None, residual=None):
-        batch, n_latents, _ = latents.shape
-        both = torch.cat([context, latents], dim=1)
-        q = self.q_proj(latents).view(batch, n_latents, self.heads, self.head_dim)
-        k = self.k_proj(both).view(batch, both.shape[1], self.kv_heads, self.head_dim)
-        v = self.v_proj(both).view(batch, both.shape[1], self.kv_heads, self.head_dim)
-        attn = cross_attention(q, k, v, mask=mask).reshape(batch, n_latents, -1)
-        if residual is None:
-            return self.o_proj(attn)
-        # The residual add rides on the output GEMM (addmm's beta term).
-        flat = torch.addmm(residual.reshape(-1, residual.shape[-1]), attn.reshape(-1, attn.shape[-1]),
-                           self.o_proj.weight.t())
-        return flat.view_as(residual)
+        return perceiver_attention(self, self.heads, self.kv_heads, self.head_dim, latents, context, mask, residual)
+
+
+def perceiver_attention(proj: nn.Module, heads: int, kv_heads: int, head_dim: int, latents, context,
+                        mask=None, residual=None):
+    """The attention of a perceiver layer whose projections are ``proj.{q,k,v,o}_proj``
+    (ours, or Hugging Face's Idefics2PerceiverAttention when patched); plus ``residual``."""
+    batch, n_latents, _ = latents.shape
+    both = torch.cat([context, latents], dim=1)
+    q = proj.q_proj(latents).view(batch, n_latents, heads, head_dim)
+    k = proj.k_proj(both).view(batch, both.shape[1], kv_heads, head_dim)
+    v = proj.v_proj(both).view(batch, both.shape[1], kv_heads, head_dim)
+    attn = cross_attention(q, k, v, mask=mask).reshape(batch * n_latents, -1)
+    if residual is None:
+        return proj.o_proj(attn).view(batch, n_latents, -1)
+    # The residual add rides on the output GEMM (addmm's beta term).
+    flat = torch.addmm(residual.reshape(batch * n_latents, -1), attn, proj.o_proj.weight.t())
+    return flat.view_as(residual)
+
+
+def context_mask(attention_mask, batch: int, n_latents: int):
+    """Keys are concat(context, latents): padded context tokens unseen, latents always seen."""
+    if attention_mask is None:
+        return None
+    valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, n_latents, dtype=torch.bool)], 1)
+    return KeyPaddingMask(key_valid=valid)
 
 
 class PerceiverMLP(nn.Module):
@@ -87,10 +101,7 @@ class PerceiverResampler(nn.Module):
     def forward(self, context, attention_mask=None):
         batch = context.shape[0]
         latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
-        mask = None
-        if attention_mask is not None:
-            valid = torch.cat([attention_mask.bool(), attention_mask.new_ones(batch, latents.shape[1]).bool()], 1)
-            mask = KeyPaddingMask(key_valid=valid)
+        mask = context_mask(attention_mask, batch, latents.shape[1])
         for layer in self.layers:
             latents = layer(latents, context, mask)
         return self.norm(latents)
