@@ -4,6 +4,7 @@ to a backend (see mmfast.dispatch)."""
 
 from mmfast.ops.activation import geglu, gelu, quick_gelu, swiglu
 from mmfast.ops.attention import attention
+from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.rotary import apply_rotary
 from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
@@ -11,3 +12,4 @@ from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 __all__ = ["attention", "layer_norm", "rms_norm"]
 __all__ += ["geglu", "gelu", "quick_gelu", "swiglu"]
 __all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
+__all__ = ["attention", "cross_attention", "layer_norm", "rms_norm"]
