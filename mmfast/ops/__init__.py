@@ -13,3 +13,11 @@ __all__ = ["attention", "layer_norm", "rms_norm"]
 __all__ += ["geglu", "gelu", "quick_gelu", "swiglu"]
 __all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
 __all__ = ["attention", "cross_attention", "layer_norm", "rms_norm"]
+from mmfast.ops.adaln import adaln_modulate, gated_residual
+from mmfast.ops.attention import attention
+from mmfast.ops.group_norm import group_norm
+from mmfast.ops.norm import layer_norm, rms_norm
+from mmfast.ops.timestep import timestep_embedding
+
+__all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
