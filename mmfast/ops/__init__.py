@@ -21,3 +21,7 @@ from mmfast.ops.timestep import timestep_embedding
 
 __all__ = ["attention", "layer_norm", "rms_norm"]
 __all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
+from mmfast.ops.scheduler_step import StepCoefficients, StepTable, guided_step
+
+__all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ += ["StepCoefficients", "StepTable", "guided_step"]
