@@ -26,20 +26,22 @@ print("loaded" if build.load(device) else f"NOT BUILT: {build.unavailable_reason
 PY
 echo "cold build + load: $(( $(date +%s) - start )) s" | tee -a "$out/csrc_build.log"
 
-python3 -m pytest tests/cuda tests/ops/test_norm.py tests/test_tuning.py -q -rs --durations=15 \
+python3 -m pytest tests/cuda tests/ops/test_norm.py tests/ops/test_group_norm.py tests/test_tuning.py -q -rs --durations=15 \
     2>&1 | tee "$out/csrc_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 san_rc=0
 if [[ -x "$sanitizer" ]]; then
-    for tool in memcheck racecheck; do
-        "$sanitizer" --tool "$tool" --error-exitcode 1 python3 -m tests.cuda.test_norm_cuda \
-            > "$out/sanitizer_$tool.log" 2>&1
-        rc=$?
-        echo "compute-sanitizer $tool: exit $rc" | tee -a "$out/sanitizer_$tool.log"
-        tail -n 5 "$out/sanitizer_$tool.log"
-        san_rc=$(( san_rc || rc ))
+    for module in test_norm_cuda test_group_norm_cuda; do
+        for tool in memcheck racecheck; do
+            log="$out/sanitizer_${module}_$tool.log"
+            "$sanitizer" --tool "$tool" --error-exitcode 1 python3 -m "tests.cuda.$module" > "$log" 2>&1
+            rc=$?
+            echo "compute-sanitizer $tool on $module: exit $rc" | tee -a "$log"
+            tail -n 5 "$log"
+            san_rc=$(( san_rc || rc ))
+        done
     done
 else
     echo "compute-sanitizer not found: sanitizer checks not run" | tee "$out/sanitizer.log"

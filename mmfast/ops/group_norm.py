@@ -11,9 +11,12 @@ Statistics accumulate in float32 (float64 for float64 inputs); y has the dtype a
 memory format of x: NCHW in, NCHW out; channels_last (NHWC) in, channels_last out, with no
 copy. Other strides are made contiguous first.
 
-Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), each
-(batch, group) split over several programs along the spatial extent so that a batch of 2
-fills a GPU; ``torch`` (the reference below; any device and floating dtype).
+Backends: ``cuda`` (CUDA C++, csrc/group_norm_silu.cu: fp16, bf16, fp32 with weight and
+bias of x's dtype; channels-last groups of at most 256 channels; built on first use;
+taken by default only where mmfast.tuning measured it faster on the device), ``triton``
+(fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), each (batch, group) split over
+several programs along the spatial extent so that a batch of 2 fills a GPU; ``torch``
+(the reference below; any device and floating dtype).
 No check reads device memory: every call is CUDA-graph capturable.
 """
 
@@ -49,19 +52,27 @@ def group_norm_reference(x, num_groups: int, weight=None, bias=None, eps: float 
 # ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
 
 
+# One pair per kernel set (Triton, CUDA C++); both pairs share their fakes.
+
+
+def _group_norm_fwd_fake(x, weight, bias, num_groups, eps, silu):
+    stats = x.shape[0] * num_groups
+    return (torch.empty_like(x), x.new_empty((stats,), dtype=torch.float32),
+            x.new_empty((stats,), dtype=torch.float32))
+
+
+def _group_norm_bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    channels = x.shape[1]
+    return (torch.empty_like(x), x.new_empty((channels,), dtype=torch.float32),
+            x.new_empty((channels,), dtype=torch.float32))
+
+
 @torch.library.custom_op("mmfast::group_norm_fwd", mutates_args=())
 def _group_norm_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float,
                        silu: bool) -> tuple[Tensor, Tensor, Tensor]:
     from mmfast.kernels.group_norm import group_norm_fwd
 
     return group_norm_fwd(x, weight, bias, num_groups, eps, silu)
-
-
-@_group_norm_fwd_op.register_fake
-def _(x, weight, bias, num_groups, eps, silu):
-    stats = x.shape[0] * num_groups
-    return (torch.empty_like(x), x.new_empty((stats,), dtype=torch.float32),
-            x.new_empty((stats,), dtype=torch.float32))
 
 
 @torch.library.custom_op("mmfast::group_norm_bwd", mutates_args=())
@@ -72,11 +83,34 @@ def _group_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean
     return group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
 
 
-@_group_norm_bwd_op.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, silu):
-    channels = x.shape[1]
-    return (torch.empty_like(x), x.new_empty((channels,), dtype=torch.float32),
-            x.new_empty((channels,), dtype=torch.float32))
+# The CUDA C++ kernels build on their first call, inside the op, where torch.compile
+# never looks: tracing needs only the fakes.
+@torch.library.custom_op("mmfast::group_norm_fwd_cuda", mutates_args=())
+def _group_norm_fwd_cuda_op(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float,
+                            silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.cuda.group_norm import group_norm_fwd
+
+    return group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+
+
+@torch.library.custom_op("mmfast::group_norm_bwd_cuda", mutates_args=())
+def _group_norm_bwd_cuda_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                            rstd: Tensor, num_groups: int, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.cuda.group_norm import group_norm_bwd
+
+    return group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+
+
+for _op, _fake in ((_group_norm_fwd_op, _group_norm_fwd_fake), (_group_norm_bwd_op, _group_norm_bwd_fake),
+                   (_group_norm_fwd_cuda_op, _group_norm_fwd_fake),
+                   (_group_norm_bwd_cuda_op, _group_norm_bwd_fake)):
+    _op.register_fake(_fake)
+
+# kernels -> (forward op, backward op)
+_KERNEL_OPS = {
+    "triton": ("group_norm_fwd", "group_norm_bwd"),
+    "cuda": ("group_norm_fwd_cuda", "group_norm_bwd_cuda"),
+}
 
 
 # ---- autograd --------------------------------------------------------------------
@@ -101,12 +135,14 @@ def _dense(t: Tensor, like: Tensor) -> Tensor:
 
 
 class GroupNormFunction(torch.autograd.Function):
-    """Triton forward and backward; weight and bias are tensors here (ones/zeros if absent)."""
+    """Forward and backward with the ``kernels`` of _KERNEL_OPS ("triton" or "cuda");
+    weight and bias are tensors here (ones/zeros if absent)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, silu):
+    def forward(ctx, x, weight, bias, num_groups, eps, silu, kernels="triton"):
         x = _dense(x, x)
-        y, mean, rstd = torch.ops.mmfast.group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+        fwd_name, ctx.bwd_name = _KERNEL_OPS[kernels]
+        y, mean, rstd = getattr(torch.ops.mmfast, fwd_name)(x, weight, bias, num_groups, eps, silu)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.num_groups, ctx.silu = num_groups, silu
         return y
@@ -114,24 +150,45 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.mmfast.group_norm_bwd(
+        dx, dw, db = getattr(torch.ops.mmfast, ctx.bwd_name)(
             _dense(dy, x), x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu
         )
         dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = db.to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 # ---- backends --------------------------------------------------------------------
 
 
-def _run_triton(x, num_groups, weight, bias, eps, activation):
+def _run_kernels(x, num_groups, weight, bias, eps, activation, kernels):
     channels = x.shape[1]
     if weight is None:
         weight = torch.ones(channels, dtype=x.dtype, device=x.device)
     if bias is None:
         bias = torch.zeros(channels, dtype=x.dtype, device=x.device)
-    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation == "silu")
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation == "silu", kernels)
+
+
+def _run_triton(x, num_groups, weight, bias, eps, activation):
+    return _run_kernels(x, num_groups, weight, bias, eps, activation, "triton")
+
+
+def _run_cuda(x, num_groups, weight, bias, eps, activation):
+    return _run_kernels(x, num_groups, weight, bias, eps, activation, "cuda")
+
+
+def _cuda_limits(call: Call):
+    from mmfast.cuda import build
+    from mmfast.cuda.group_norm import MAX_NHWC_GROUP_CHANNELS
+
+    if any(d != call.dtype for d in call.facts["param_dtypes"]):
+        yield "weight and bias must have the dtype of x"
+    if call.layout == "channels_last" and call.facts["group_channels"] > MAX_NHWC_GROUP_CHANNELS:
+        yield f"channels-last groups of more than {MAX_NHWC_GROUP_CHANNELS} channels"
+    reason = build.unavailable_reason(call.device)
+    if reason is not None:
+        yield f"CUDA C++ path unavailable: {reason}"
 
 
 def _run_torch(x, num_groups, weight, bias, eps, activation):
@@ -141,6 +198,10 @@ def _run_torch(x, num_groups, weight, bias, eps, activation):
 
 
 GROUP_NORM = op_family("group_norm")
+GROUP_NORM.register(
+    Backend("cuda", _run_cuda, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            min_capability=(8, 0), check=_cuda_limits, measured=True)
+)
 GROUP_NORM.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
 )
@@ -195,5 +256,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
         (torch.Size([2, 64, 9, 7]), True)
     """
     _check_args(x, num_groups, weight, bias, eps, activation)
-    call = Call(device=x.device, dtype=x.dtype)
+    spatial = math.prod(x.shape[2:])
+    channels_last = _memory_format(x) not in (None, torch.contiguous_format) and spatial > 1
+    facts = {"channels": x.shape[1], "group_channels": x.shape[1] // num_groups, "spatial": spatial,
+             "param_dtypes": tuple(p.dtype for p in (weight, bias) if p is not None)}
+    layout = "channels_last" if channels_last else "nchw"
+    call = Call(device=x.device, dtype=x.dtype, layout=layout, facts=facts)
     return GROUP_NORM.select(call, backend).run(x, num_groups, weight, bias, float(eps), activation)

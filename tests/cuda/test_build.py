@@ -98,6 +98,24 @@ def test_find_library_matches_sources_versions_and_arch(fresh_state):
     assert build.find_library((9, 0)) is None
 
 
+def test_build_writes_a_manifest_that_find_library_reads_back(fresh_state, monkeypatch):
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = {}
+
+    def fake_load(name, sources, build_directory, extra_cuda_cflags, is_python_module, **kwargs):
+        seen.update(name=name, sources=sources, flags=extra_cuda_cflags, python_module=is_python_module)
+        (build.Path(build_directory) / f"{name}.so").write_bytes(b"compiled")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    library = build.build(["9.0a"], build.cache_root())
+    assert seen["name"] == f"mmfast_cuda_{build.build_key(['9.0a'])}" and seen["python_module"] is False
+    assert [build.Path(s).name for s in seen["sources"]] == list(build.SOURCES)
+    assert "-gencode=arch=compute_90a,code=sm_90a" in seen["flags"]
+    assert build.find_library((9, 0)) == library
+    assert build.find_library((8, 0)) is None
+
+
 def test_build_key_depends_on_archs_and_sources(monkeypatch):
     key = build.build_key(["9.0a"])
     assert key == build.build_key(["9.0a"]) and key != build.build_key(["8.0", "9.0a"])
@@ -221,3 +239,23 @@ def test_forcing_cuda_ignores_the_table(fake_hopper, monkeypatch):
 def test_on_cpu_the_cuda_backend_is_refused_with_its_reason():
     with pytest.raises(mmfast.NoBackendError, match="backend 'cuda' .* device cpu not supported"):
         mmfast.ops.rms_norm(torch.ones(2, 8), backend="cuda")
+
+
+def test_group_norm_takes_cuda_where_measured_and_where_it_fits(fake_hopper, monkeypatch):
+    table = {"device": FAKE_GPU, "wins": {"group_norm": [{"backend": "cuda", "spatial": [64, 1 << 20]}]}}
+    path = fake_hopper / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(tuning.ENV_VAR, str(path))
+    monkeypatch.setattr(build, "unavailable_reason", lambda device: None)
+    family = op_family("group_norm")
+
+    def call(spatial=4096, group_channels=10, layout="nchw", param_dtype=torch.float16):
+        facts = {"channels": 320, "group_channels": group_channels, "spatial": spatial,
+                 "param_dtypes": (param_dtype,)}
+        return Call(device=CUDA0, dtype=torch.float16, layout=layout, facts=facts)
+
+    assert family.select(call()).name == "cuda"
+    assert family.select(call(layout="channels_last")).name == "cuda"
+    assert family.select(call(spatial=16)).name == "triton"
+    assert family.select(call(layout="channels_last", group_channels=512)).name == "triton"
+    assert family.select(call(param_dtype=torch.float32)).name == "triton"
