@@ -73,9 +73,14 @@ def table_for(device_name: str) -> dict:
     return _tables[device_name]
 
 
+# Names as tables spell them; a dict lookup, which torch.compile traces (str(dtype) it may not).
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
 def _matches(entry: dict, dtype: torch.dtype, facts: dict) -> bool:
     dtypes = entry.get("dtypes")
-    if dtypes is not None and str(dtype).removeprefix("torch.") not in dtypes:
+    if dtypes is not None and _DTYPE_NAMES.get(dtype) not in dtypes:
         return False
     for name, bounds in entry.items():
         if name in ("backend", "dtypes"):
