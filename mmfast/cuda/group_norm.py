@@ -36,6 +36,7 @@ def group_norm_fwd(x, weight, bias, num_groups: int, eps: float, silu: bool):
         from mmfast.kernels.group_norm import group_norm_fwd as triton_group_norm_fwd
 
         return triton_group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+    weight, bias = weight.contiguous(), bias.contiguous()
     y = _empty_like(x)
     stats = x.shape[0] * num_groups
     mean = empty((stats,), dtype=torch.float32, device=x.device)
@@ -49,6 +50,7 @@ def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool)
         from mmfast.kernels.group_norm import group_norm_bwd as triton_group_norm_bwd
 
         return triton_group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+    weight, bias = weight.contiguous(), bias.contiguous()
     if dy.stride() != x.stride():
         dy = torch.empty_like(x).copy_(dy)  # x's layout
     dx = _empty_like(x)

@@ -31,6 +31,8 @@ def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool):
         from mmfast.kernels.norm import norm_fwd as triton_norm_fwd
 
         return triton_norm_fwd(x, weight, bias, residual, eps, is_rms)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     N = x.shape[-1]
     x2 = _rows_2d(x)
     M = x2.shape[0]
@@ -53,6 +55,7 @@ def norm_bwd(dy, h, weight, has_bias: bool, mean, rstd, dres_out, is_rms: bool):
         from mmfast.kernels.norm import norm_bwd as triton_norm_bwd
 
         return triton_norm_bwd(dy, h, weight, has_bias, mean, rstd, dres_out, is_rms)
+    weight = weight.contiguous() if weight is not None else None
     N = h.shape[-1]
     dx = empty(h.shape, dtype=h.dtype, device=h.device)
     dw = empty((N,) if weight is not None else (0,), dtype=torch.float32, device=h.device)
