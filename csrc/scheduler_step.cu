@@ -2,8 +2,6 @@
 // A grid-stride loop over 16-byte packs (VEC = 1 when a pointer or the length is not a
 // multiple of 16 bytes); at most one wave of blocks, so the grid size is known for the
 // step counter of device mode.
-#include <cmath>
-
 #include "common.cuh"
 #include "scheduler_step.h"
 
@@ -30,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) scheduler_step_kernel(const Schedule
     const float* r = a.table + row * 8;
     k = StepCoefficients{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
   }
-  const bool clip = isfinite(k.clip);
+  const bool clip = a.clip;
   const T* x = static_cast<const T*>(a.x);
   const T* u = static_cast<const T*>(a.uncond);
   const T* c = static_cast<const T*>(a.cond);

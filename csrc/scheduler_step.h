@@ -8,13 +8,15 @@
 //
 //   m    = u + s * (c - u)               guidance scale s; m = u when there is no c
 //   x0   = px * x + pm * m               predicted clean sample
-//   x0   = clamp(x0, -clip, clip)        only when clip is finite (DDIM clip_sample)
+//   x0   = clamp(x0, -clip, clip)        only with the ``clip`` flag (DDIM clip_sample)
 //   prev = cx * x + cm * m + c0 * x0 + c1 * x0_prev + cn * noise
 //
 // where u / c are the unconditional / conditional model outputs (eps, v or the flow
 // velocity, as the scheduler defines), x the current sample, x0_prev the previous step's
 // x0 (multistep solvers), noise fresh noise (stochastic samplers). An absent operand
-// counts as zero. Everything is computed in float32 and rounded once on store.
+// counts as zero. All operands share one dtype; everything is computed in float32 and
+// rounded once on store. ``x0_out`` may be ``x0_prev`` and ``prev`` may be ``x`` (each
+// element is read before it is written, by the same thread).
 // Guidance rescale (std matching per sample) needs a statistics pass first and is not
 // done here: the Triton backend keeps those calls.
 //
@@ -46,6 +48,7 @@ struct SchedulerStepArgs {
   void* x0_out;              // out (null: not stored): x0, for the next multistep update
   int64_t numel;
   float guidance_scale;
+  bool clip;                 // clamp x0 to [-coef.clip, coef.clip]
   StepCoefficients coef;     // host mode
   const float* table;        // device mode when not null: [table_rows, 8]
   int64_t table_rows;

@@ -31,7 +31,10 @@ Passes over memory: one (reads u, c, x [, x0_prev, noise]; writes prev [, x0]); 
 guidance rescale a stats pass first reads u and c once more (the per-sample std must be
 known before the first element is written). No step reads the device back to the host.
 
-Backends: ``triton`` (fp16, bf16, fp32 operands; CUDA, or CPU under TRITON_INTERPRET=1),
+Backends: ``cuda`` (CUDA C++, csrc/scheduler_step.cu: operands of one dtype, fp16, bf16 or
+fp32; no guidance rescale; built on first use; taken by default only where mmfast.tuning
+measured it faster on the device), ``triton`` (fp16, bf16, fp32 operands; CUDA, or CPU
+under TRITON_INTERPRET=1),
 ``torch`` (the reference below; any device and floating dtype). Inference only: there is
 no backward.
 """
@@ -166,6 +169,26 @@ def _(sample, uncond, cond, prev_x0, noise, out, x0_out, coefficients, table, st
     return None
 
 
+# The CUDA C++ kernel builds on its first call, inside the op, where torch.compile never
+# looks. No guidance rescale here: dispatch keeps such calls on Triton.
+@torch.library.custom_op("mmfast::guided_step_cuda", mutates_args=("out", "x0_out", "step"))
+def _guided_step_cuda_op(
+    sample: Tensor, uncond: Tensor, cond: Optional[Tensor], prev_x0: Optional[Tensor],
+    noise: Optional[Tensor], out: Tensor, x0_out: Optional[Tensor], coefficients: list[float],
+    table: Optional[Tensor], step: Optional[Tensor], guidance_scale: float, clip: bool, need_x0: bool,
+) -> None:
+    from mmfast.cuda.scheduler_step import guided_step_fwd
+
+    guided_step_fwd(sample, uncond, cond, prev_x0, noise, out, x0_out, coefficients, table, step,
+                    guidance_scale, clip, need_x0)
+
+
+@_guided_step_cuda_op.register_fake
+def _(sample, uncond, cond, prev_x0, noise, out, x0_out, coefficients, table, step,
+      guidance_scale, clip, need_x0):
+    return None
+
+
 # ---- backends --------------------------------------------------------------------
 
 
@@ -179,6 +202,29 @@ def _run_triton(args: "_Args") -> None:
         args.guidance_scale, args.guidance_rescale,
         math.isfinite(coef.clip) if host else coef.clip, coef.needs_x0,
     )
+
+
+def _run_cuda(args: "_Args") -> None:
+    coef = args.coefficients
+    host = isinstance(coef, StepCoefficients)
+    torch.ops.mmfast.guided_step_cuda(
+        args.sample, args.uncond, args.cond, args.prev_x0, args.noise, args.out, args.x0_out,
+        list(coef.row()) if host else [0.0] * 8,
+        None if host else coef.table, None if host else coef.counter, args.guidance_scale,
+        math.isfinite(coef.clip) if host else coef.clip, coef.needs_x0,
+    )
+
+
+def _cuda_limits(call: Call):
+    from mmfast.cuda import build
+
+    if not call.facts["one_dtype"]:
+        yield "operands of different dtypes"
+    if call.facts["rescale"]:
+        yield "guidance rescale (needs a statistics pass; the Triton backend has it)"
+    reason = build.unavailable_reason(call.device)
+    if reason is not None:
+        yield f"CUDA C++ path unavailable: {reason}"
 
 
 def _run_torch(args: "_Args") -> None:
@@ -208,6 +254,10 @@ def _triton_limits(call: Call):
 
 
 SCHEDULER_STEP = op_family("scheduler_step")
+SCHEDULER_STEP.register(
+    Backend("cuda", _run_cuda, devices=("cuda",), dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            min_capability=(8, 0), check=_cuda_limits, measured=True)
+)
 SCHEDULER_STEP.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             check=_triton_limits)
@@ -354,6 +404,9 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     )
     operands = (sample, uncond, prev_x0, noise, out, x0_out)
     float64 = any(t is not None and t.dtype == torch.float64 for t in operands)
-    call = Call(device=sample.device, dtype=uncond.dtype, facts={"float64": float64})
+    one_dtype = all(t is None or t.dtype == uncond.dtype for t in operands)
+    facts = {"float64": float64, "one_dtype": one_dtype, "rescale": guidance_rescale != 0.0,
+             "numel": out.numel()}
+    call = Call(device=sample.device, dtype=uncond.dtype, facts=facts)
     SCHEDULER_STEP.select(call, backend).run(args)
     return out

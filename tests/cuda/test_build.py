@@ -259,3 +259,20 @@ def test_group_norm_takes_cuda_where_measured_and_where_it_fits(fake_hopper, mon
     assert family.select(call(spatial=16)).name == "triton"
     assert family.select(call(layout="channels_last", group_channels=512)).name == "triton"
     assert family.select(call(param_dtype=torch.float32)).name == "triton"
+
+
+def test_scheduler_step_takes_cuda_only_for_what_the_kernel_does(fake_hopper, monkeypatch):
+    table = {"device": FAKE_GPU, "wins": {"scheduler_step": [{"backend": "cuda"}]}}
+    path = fake_hopper / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv(tuning.ENV_VAR, str(path))
+    monkeypatch.setattr(build, "unavailable_reason", lambda device: None)
+    family = op_family("scheduler_step")
+
+    def call(**facts):
+        facts = {"float64": False, "one_dtype": True, "rescale": False, "numel": 1 << 16, **facts}
+        return Call(device=CUDA0, dtype=torch.bfloat16, facts=facts)
+
+    assert family.select(call()).name == "cuda"
+    assert family.select(call(rescale=True)).name == "triton"
+    assert family.select(call(one_dtype=False)).name == "triton"
