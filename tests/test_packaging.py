@@ -80,7 +80,8 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_only_the_mmfast_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    expected = ["mmfast/__init__.py", "mmfast/cli.py", "mmfast/kernels/__init__.py", "mmfast/kernels/norm.py"]
+    expected = ["mmfast/__init__.py", "mmfast/cli.py", "mmfast/kernels/__init__.py", "mmfast/kernels/norm.py",
+                "mmfast/csrc/norm.cu", "mmfast/csrc/norm_ops.cpp", "mmfast/csrc/common.cuh", "mmfast/tuning/__init__.py"]
     if (REPO / "bench" / "__init__.py").exists():
         expected.append("mmfast/bench/__init__.py")
     assert not [name for name in expected if name not in names]
