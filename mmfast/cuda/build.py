@@ -23,10 +23,12 @@ Architectures: the device's own (``9.0a`` on Hopper: sm_90a, which allows wgmma 
 and runs on compute capability 9.0 only), unless ``MMFAST_CUDA_ARCHS`` lists them
 (``"8.0;9.0a;10.0+PTX"``). Ahead of time, for wheels and images::
 
-    MMFAST_CUDA_ARCHS="8.0;9.0a" python -m mmfast.cuda.build [--out DIR]
+    MMFAST_CUDA_ARCHS="8.0;9.0a" python -m mmfast.cuda.build [--out csrc/prebuilt]
 
-builds one library for every listed architecture into the cache, or into DIR. Libraries
-under ``csrc/prebuilt/`` of the installed package are found too, so a wheel can ship one.
+builds one library for every listed architecture into the cache and, with ``--out``,
+copies it there too. Libraries under ``csrc/prebuilt/`` of the installed package are
+found like cached ones (same sources, torch and CUDA, code for the device), so a wheel
+built after that command ships one.
 
 ``MMFAST_CUDA=0`` turns the CUDA path off; ``MMFAST_CUDA_VERBOSE=1`` shows compiler output.
 Nothing here runs at ``import mmfast``: the first call of a ``cuda`` backend loads (and if
@@ -335,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mmfast.cuda.build",
         description="Build the CUDA C++ ops ahead of time for the architectures in MMFAST_CUDA_ARCHS.",
     )
-    parser.add_argument("--out", type=Path, default=None, help="directory to build into (default: the cache)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also copy the library and its manifest here, e.g. csrc/prebuilt to ship it in a wheel")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's output")
     args = parser.parse_args(argv)
     try:
@@ -347,7 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         print(f"{parser.prog}: cannot build: {problem}", file=sys.stderr)
         return 2
-    print(build(archs, args.out or cache_root(), verbose=args.verbose))
+    library = build(archs, cache_root(), verbose=args.verbose)
+    if args.out is not None:  # only the library and its manifest: not the build's objects
+        target = args.out / library.parent.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(library.parent / "manifest.json", target / "manifest.json")
+        library = Path(shutil.copy2(library, target / library.name))
+    print(library)
     return 0
 
 

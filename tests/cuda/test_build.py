@@ -116,6 +116,25 @@ def test_build_writes_a_manifest_that_find_library_reads_back(fresh_state, monke
     assert build.find_library((8, 0)) is None
 
 
+def test_ahead_of_time_build_copies_only_library_and_manifest(fresh_state, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def fake_load(name, build_directory, **kwargs):
+        (build.Path(build_directory) / f"{name}.so").write_bytes(b"compiled")
+        (build.Path(build_directory) / "norm.cuda.o").write_bytes(b"object")
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(build, "toolchain_reason", lambda: None)
+    assert build.main([]) == 2
+    assert "MMFAST_CUDA_ARCHS" in capsys.readouterr().err
+    monkeypatch.setenv("MMFAST_CUDA_ARCHS", "8.0;9.0a")
+    prebuilt = fresh_state / "prebuilt"
+    assert build.main(["--out", str(prebuilt)]) == 0
+    (shipped,) = prebuilt.iterdir()
+    assert sorted(p.name for p in shipped.iterdir()) == ["manifest.json", f"mmfast_cuda_{shipped.name}.so"]
+    assert json.loads((shipped / "manifest.json").read_text())["archs"] == ["8.0", "9.0a"]
+
+
 def test_build_key_depends_on_archs_and_sources(monkeypatch):
     key = build.build_key(["9.0a"])
     assert key == build.build_key(["9.0a"]) and key != build.build_key(["8.0", "9.0a"])
