@@ -28,6 +28,10 @@ from mmfast.cuda import build
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNELS = sorted(p.name for p in CSRC.glob("*.cu"))
 BINDINGS = sorted(p.name for p in CSRC.glob("*.cpp"))
+# What torch.utils.cpp_extension passes nvcc in the real build: no implicit half/bf16
+# operators or conversions, so kernels must use the explicit intrinsics.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 UNITY = "bindings (" + " + ".join(BINDINGS) + ")"
 TIMEOUT_S = 240
 
@@ -45,6 +49,7 @@ def _commands(out: Path) -> dict[str, list[str] | str]:
     for name in KERNELS:
         commands[name] = [
             nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Xcompiler=-fPIC",
+            *TORCH_NVCC_DEFINES,
             "-Xptxas=-warn-spills,-Werror", "-I", str(CSRC), "-c", str(CSRC / name),
             "-o", str(out / f"{name}.o"),
         ] if nvcc else "nvcc not found (set CUDA_HOME)"
