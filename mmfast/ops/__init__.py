@@ -3,6 +3,8 @@ an autograd.Function and a public function that validates its arguments and disp
 to a backend (see mmfast.dispatch)."""
 
 from mmfast.ops.attention import attention
+from mmfast.ops.contrastive import clip_loss, nt_xent_loss, siglip_loss
 from mmfast.ops.norm import layer_norm, rms_norm
 
 __all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ += ["clip_loss", "nt_xent_loss", "siglip_loss"]
