@@ -261,6 +261,40 @@ def _bwd_cols_kernel(
              mask=(offs_n < N)[:, None] & do_ok[None, :])
 
 
+@triton.jit
+def _count_above_kernel(
+    X, Y, THRESHOLD, COUNT, stride_x, stride_y, M, N, D,
+    COLUMNS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per row (per column with COLUMNS) of S = X @ Y.T, how many scores exceed its
+    threshold: a retrieval rank, given the positive pair's score as the threshold."""
+    own = tl.program_id(0) * (BLOCK_N if COLUMNS else BLOCK_M)
+    if COLUMNS:
+        offs_n = own + tl.arange(0, BLOCK_N)
+        threshold = tl.load(THRESHOLD + offs_n, mask=offs_n < N, other=0.0)
+        count = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        for m in range(0, M, BLOCK_M):
+            offs_m = m + tl.arange(0, BLOCK_M)
+            s = _scores(X, Y, stride_x, stride_y, offs_m, offs_n, M, N, D,
+                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            above = (s > threshold[None, :]) & (offs_m[:, None] < M)
+            count += tl.sum(above.to(tl.int32), axis=0)
+        tl.store(COUNT + offs_n, count, mask=offs_n < N)
+    else:
+        offs_m = own + tl.arange(0, BLOCK_M)
+        threshold = tl.load(THRESHOLD + offs_m, mask=offs_m < M, other=0.0)
+        count = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        for n in range(0, N, BLOCK_N):
+            offs_n = n + tl.arange(0, BLOCK_N)
+            s = _scores(X, Y, stride_x, stride_y, offs_m, offs_n, M, N, D,
+                        BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            above = (s > threshold[:, None]) & (offs_n[None, :] < N)
+            count += tl.sum(above.to(tl.int32), axis=1)
+        tl.store(COUNT + offs_m, count, mask=offs_m < M)
+
+
 # ---- launchers -------------------------------------------------------------------
 
 
@@ -414,3 +448,18 @@ def contrastive_bwd_cols(x, y, scale, bias, stats_r, stats_c, coef, diag_offset,
         KIND=KINDS[kind], BOTH_WAYS=both_ways, BLOCK_DO=block_do, PRECISION=_precision(x.dtype), **cfg,
     )
     return dy
+
+
+def count_above(x, y, threshold, columns: bool) -> torch.Tensor:
+    """int32 [M] (or [N] with ``columns``): scores of x @ y.T above each row's (column's)
+    threshold, over the same score tiles as the loss kernels."""
+    M, D = x.shape
+    N = y.shape[0]
+    count = torch.zeros((N if columns else M,), dtype=torch.int32, device=x.device)
+    if M == 0 or N == 0:
+        return count
+    cfg = _blocks(M, N, D, x.device)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) if columns else triton.cdiv(M, cfg["BLOCK_M"]),)
+    _count_above_kernel[grid](x, y, threshold.float().contiguous(), count, x.stride(0), y.stride(0),
+                              M, N, D, COLUMNS=columns, PRECISION=_precision(x.dtype), **cfg)
+    return count

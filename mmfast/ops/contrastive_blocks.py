@@ -13,6 +13,8 @@ tensors, and logits L = s x @ y.T (+ bias):
     grad_rows(x, y, s, bias, stats_r, stats_c, coef, diag_offset, mask_offset, kind,
               both_ways, out_dtype) -> (dx [M, D], ds, dbias)
     grad_cols(... same arguments ...) -> dy [N, D]
+    count_above(x, y, threshold, columns) -> int32 [M] (or [N]): scores x_i.y_j above
+        row i's (column j's) threshold (retrieval ranks)
 
 with G' per ``kind`` ("clip", "rows", "sigmoid") and coef = [c s, c] as documented in
 mmfast.kernels.contrastive. Column i + diag_offset is row i's positive pair (with
@@ -183,6 +185,18 @@ class TorchBlocks:
             acc[cols.start:cols.stop] += g.T @ xr
         return (acc * coef[0].to(cd)).to(out_dtype)
 
+    def count_above(self, x, y, threshold, columns: bool):
+        count = torch.zeros((y.shape[0] if columns else x.shape[0],), dtype=torch.int32, device=x.device)
+        one = torch.ones((), dtype=_compute_dtype(x), device=x.device)
+        for rows, cols, _, _, scores in self._grid(x, y, one):
+            if columns:
+                above = scores > threshold[None, cols.start:cols.stop].to(scores.dtype)
+                count[cols.start:cols.stop] += above.sum(dim=0, dtype=torch.int32)
+            else:
+                above = scores > threshold[rows.start:rows.stop, None].to(scores.dtype)
+                count[rows.start:rows.stop] += above.sum(dim=1, dtype=torch.int32)
+        return count
+
 
 # ---- triton: custom ops over the kernels -------------------------------------------
 
@@ -259,6 +273,18 @@ def _(x, y, scale, bias, stats_r, stats_c, coef, diag_offset, mask_offset, kind,
     return y.new_empty(y.shape, dtype=out_dtype)
 
 
+@torch.library.custom_op("mmfast::contrastive_count_above", mutates_args=())
+def _count_above_op(x: Tensor, y: Tensor, threshold: Tensor, columns: bool) -> Tensor:
+    from mmfast.kernels.contrastive import count_above
+
+    return count_above(x, y, threshold, columns)
+
+
+@_count_above_op.register_fake
+def _(x, y, threshold, columns):
+    return x.new_empty((y.shape[0] if columns else x.shape[0],), dtype=torch.int32)
+
+
 def _rows_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -287,6 +313,10 @@ class TritonBlocks:
         return torch.ops.mmfast.contrastive_bwd_rows(
             _rows_contiguous(x), _rows_contiguous(y), scale.float(), _opt(bias), stats_r, stats_c,
             coef.float(), diag_offset, mask_offset, kind, both_ways, out_dtype)
+
+    def count_above(self, x, y, threshold, columns: bool):
+        return torch.ops.mmfast.contrastive_count_above(_rows_contiguous(x), _rows_contiguous(y),
+                                                        threshold, columns)
 
     def grad_cols(self, x, y, scale, bias, stats_r, stats_c, coef, diag_offset, mask_offset,
                   kind, both_ways, out_dtype):

@@ -12,7 +12,9 @@ Strategies (``strategy=``):
 - ``"all_gather"``: gather every rank's image and text features (2 B D elements per rank)
   and the row and column log-sum-exp vectors (O(B)). Each rank then computes its own
   rows (image -> text) and columns (text -> image) against the whole batch, forward and
-  backward, with no communication in the backward pass.
+  backward, with no communication in the backward pass. (Its row and column softmaxes
+  see the scores of one pair from differently aligned tiles, equal up to float32
+  rounding; the single-device path and the ring use one tile grid and agree exactly.)
 - ``"ring"``: text blocks travel around the ring (isend/irecv to the next rank, from the
   previous), the next block in flight while the current one is computed; a rank never
   holds more than its own shard and two travelling blocks. The column statistics (and in
