@@ -11,6 +11,7 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "contrastive": "mmfast.bench.suites.contrastive",
 }
 
 
