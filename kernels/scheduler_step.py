@@ -23,7 +23,8 @@ Passes:
     known before the first element is written: the rescale costs one extra read of u and c.
 
 Coefficients come either as scalar arguments (host mode) or from row STEP[0] of a
-float32 table [steps, 8] on the device (FROM_TABLE, for CUDA-graph capture). In table
+float32 table [rows, 8] on the device (FROM_TABLE, for CUDA-graph capture; rows past the
+last are read as the last, which StepTable fills with NaN). In table
 mode the last program to finish advances STEP[0] by one (STEP[1] counts finished
 programs and is reset to 0), so a captured step replays the next row each time.
 """
@@ -112,7 +113,7 @@ def _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, MAX_CHUNKS: tl.constexp
 def _guided_step_kernel(
     X, U, C, X0_PREV, NOISE, OUT, X0_OUT, PARTIAL, TABLE, STEP,
     px, pm, cx, cm, c0, c1, cn, clip, scale, phi,
-    N, n_chunks, chunk,
+    N, n_chunks, chunk, rows,
     GUIDED: tl.constexpr, RESCALE: tl.constexpr, NEED_X0: tl.constexpr, CLIP: tl.constexpr,
     HAS_PREV: tl.constexpr, HAS_NOISE: tl.constexpr, STORE_X0: tl.constexpr,
     FROM_TABLE: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
@@ -123,7 +124,8 @@ def _guided_step_kernel(
     idx = b * N + offs
 
     if FROM_TABLE:
-        step = tl.load(STEP)
+        # Past the last row, the table's NaN sentinel row: visible, never out of bounds.
+        step = tl.minimum(tl.load(STEP), rows - 1)
         row = TABLE + step * 8
         px = tl.load(row + 0)
         pm = tl.load(row + 1)
@@ -208,7 +210,7 @@ def guided_step_fwd(
         nz if nz is not None else dummy, o, x0o if x0o is not None else dummy, partial,
         table if from_table else partial, step if from_table else partial,
         *coef, guidance_scale, guidance_rescale,
-        n, n_chunks, chunk,
+        n, n_chunks, chunk, table.shape[0] if from_table else 1,
         GUIDED=guided, RESCALE=rescale, NEED_X0=need_x0 or x0o is not None, CLIP=clip,
         HAS_PREV=x0_prev is not None, HAS_NOISE=nz is not None, STORE_X0=x0o is not None,
         FROM_TABLE=from_table, BLOCK=BLOCK, MAX_CHUNKS=MAX_CHUNKS, num_warps=4,
