@@ -19,6 +19,7 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
 FAMILY_MODULES: dict[str, str] = {}
+FAMILY_MODULES["diffusers-scheduler"] = "mmfast.integrations.diffusers.schedulers"
 
 
 def families() -> list[Family]:

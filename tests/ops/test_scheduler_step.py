@@ -94,6 +94,23 @@ def test_table_mode_reads_the_counter_row_and_advances_it(device):
     assert table.counter.tolist() == [1, 0]
 
 
+def test_compile_fullgraph_traces_the_in_place_state_update(device):
+    # aot_eager runs the fake impl and functionalizes the mutation of the state, as
+    # inductor would, without building C++ on a CPU.
+    coef = StepCoefficients(px=1.0, pm=-0.5, cx=0.9, cm=0.1, c0=0.3, c1=0.2)
+
+    def step(x, mo, state):
+        return guided_step(x, mo, coef, guidance_scale=3.0, guidance_rescale=0.5, prev_x0=state, x0_out=state,
+                           backend="triton") * 2
+
+    x, mo = random_tensor((2, 3, 4), torch.float32, device), random_tensor((4, 3, 4), torch.float32, device)
+    state_eager = random_tensor((2, 3, 4), torch.float32, device)
+    state_traced = state_eager.clone()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, mo, state_traced), step(x, mo, state_eager))
+    torch.testing.assert_close(state_traced, state_eager)
+
+
 @pytest.mark.gpu
 def test_table_mode_replays_in_a_cuda_graph():
     rows = [StepCoefficients(cx=1.0 - 0.01 * i, cm=-0.1 * (i + 1)) for i in range(4)]

@@ -89,3 +89,38 @@ def test_bad_input_names_the_argument():
         _steppers()["flow"]().step(torch.randn(3, 4), x, guidance_scale=2.0)
     with pytest.raises(ValueError, match="start: expected 0 <= start < 5"):
         euler.reset(5)
+
+
+@pytest.mark.gpu
+def test_captured_denoising_step_replays_the_schedule():
+    """scale_model_input -> a stand-in denoiser -> step, captured once, replayed per step."""
+    host, dev = DPMSolverPP2MStepper(SIGMAS, TIMESTEPS), DPMSolverPP2MStepper(SIGMAS, TIMESTEPS)
+    dev.use_device_schedule("cuda")
+    weight = torch.randn(8, 1, 1, 1, device="cuda", dtype=torch.float16)
+
+    def denoiser(x, t):
+        return torch.cat([x] * 2) * weight + t.to(x.dtype) / 1000
+
+    x0 = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16)
+    static = x0.clone()
+
+    def one_step():
+        eps = denoiser(dev.scale_model_input(static), dev.device_timestep())
+        dev.step(eps, static, guidance_scale=7.5, guidance_rescale=0.7, out=static)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        one_step()  # warm-up: compiles the kernels, allocates the solver state
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        one_step()
+    dev.reset()
+    static.copy_(x0)
+    x = x0.clone()
+    for t in host.timesteps:
+        graph.replay()
+        eps = denoiser(host.scale_model_input(x), torch.tensor(t, device="cuda"))
+        x = host.step(eps, x, guidance_scale=7.5, guidance_rescale=0.7)
+        torch.testing.assert_close(static, x, rtol=2e-3, atol=2e-3)
