@@ -70,14 +70,19 @@ class FusedStepper:
         return self.timesteps[self.step_index]
 
     def reset(self, start: int = 0) -> None:
-        """Start the schedule again at step ``start`` (img2img starts part-way)."""
+        """Start the schedule again at step ``start`` (img2img starts part-way). In device
+        mode the table, counter and state are rewritten in place, so a captured graph
+        replays the new run."""
         if not 0 <= start < len(self):
             raise ValueError(f"start: expected 0 <= start < {len(self)}, got {start}")
         self.step_index = self._start = start
         if self._x0_state is not None:
             self._x0_state.zero_()
         if self._table is not None:
-            self._table = self._build_table(self._table.table.device)
+            # In place: a captured CUDA graph keeps pointing at these tensors.
+            fresh = self._build_table(self._table.table.device)
+            self._table.table.copy_(fresh.table)
+            self._table.counter.copy_(fresh.counter)
 
     def use_device_schedule(self, device) -> None:
         """Switch to device mode (from the current step on); see the class docstring."""
@@ -137,9 +142,9 @@ class FusedStepper:
         """Guidance (when ``guidance_scale`` is given; ``model_output`` is then [2B, ...],
         uncond first, or an (uncond, cond) pair) and the update; returns the new sample.
 
-        ``timestep``, when given, is checked against the schedule (host mode; a tensor is
-        read back, one sync). ``out`` may be ``sample`` (in place); ``x0_out`` receives the
-        predicted clean sample.
+        ``timestep``, when given, is checked against the schedule in host mode (a tensor is
+        read back: one sync); device mode does not check it (that would sync). ``out`` may
+        be ``sample`` (in place); ``x0_out`` receives the predicted clean sample.
         """
         if noise is None and self.adds_noise:
             raise ValueError(f"noise: {type(self).__name__} with this configuration adds noise each step; "

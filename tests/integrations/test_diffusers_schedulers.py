@@ -160,7 +160,7 @@ def test_patched_scheduler_loop_equals_unpatched_and_undo_restores(case):
     _, kwargs = PATCH_CASES[case]
     plain, patched = _make(case), _make(case)
     handle = PatchHandle(patched, "test")
-    patch_scheduler(patched, handle)
+    assert patch_scheduler(patched, handle) is True
     assert "step" in vars(patched) and "step" not in vars(plain)
     # Pipelines inspect the signature for eta and generator.
     assert inspect.signature(patched.step) == inspect.signature(plain.step)
@@ -230,7 +230,21 @@ def test_bad_timesteps_and_batches_raise_clear_errors():
     with pytest.raises(ValueError, match="timestep: 3.0 is not in the schedule"):
         stepper.step(torch.randn(4, 4, 8, 8), x, guidance_scale=7.5, timestep=3.0)
     with pytest.raises(TypeError, match="scheduler: PNDMScheduler has no fused step"):
-        patch_scheduler(diffusers.PNDMScheduler(), PatchHandle(None, "test"))
+        fused_stepper(_set(diffusers.PNDMScheduler(), 10))
+
+
+def test_other_schedulers_are_left_alone_and_still_guided():
+    pndm = diffusers.PNDMScheduler(**SD15, skip_prk_steps=True)
+    handle = PatchHandle(pndm, "test")
+    assert patch_scheduler(pndm, handle) is False and "step" not in vars(pndm) and not handle.replaced
+    reference = diffusers.PNDMScheduler(**SD15, skip_prk_steps=True)
+    x, mo = torch.randn(SHAPE), torch.randn(2 * SHAPE[0], *SHAPE[1:])
+    for s in (pndm, reference):
+        s.set_timesteps(5)
+    got = guided_scheduler_step(pndm, mo, pndm.timesteps[0], x, guidance_scale=5.0).prev_sample
+    uncond, cond = mo.chunk(2)
+    want = reference.step(uncond + 5.0 * (cond - uncond), reference.timesteps[0], x).prev_sample
+    torch.testing.assert_close(got, want)
 
 
 def _set(scheduler, steps):

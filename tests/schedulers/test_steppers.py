@@ -45,9 +45,12 @@ def test_device_schedule_replays_host_mode(name, device):
     assert dev.step(mo, xd, guidance_scale=4.0).isnan().all()
     with pytest.raises(IndexError, match="all 5 steps of the schedule were taken"):
         host.step(mo, xh, guidance_scale=4.0)
-    # reset() starts over, the solver state included.
+    # reset() starts over, the solver state included; in device mode in place (a captured
+    # graph keeps the table's address).
+    table = dev._table.table
     host.reset()
     dev.reset()
+    assert dev._table.table is table
     torch.testing.assert_close(dev.step(mo, x, guidance_scale=4.0), host.step(mo, x, guidance_scale=4.0))
 
 

@@ -9,17 +9,22 @@ Three ways in:
   (``step_index``, ``model_outputs``, ``lower_order_nums``), so an existing pipeline loop
   runs the fused update; ``handle.undo()`` restores the original. Configurations the
   fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
-  learned variances) fall back to the original ``step`` for that call.
+  learned variances) fall back to the original ``step`` for that call; schedulers of
+  other classes are left untouched. A stock pipeline computes guidance itself before
+  calling ``step``, so this fuses the update but not the guidance.
 * ``guided_scheduler_step(scheduler, noise_pred, t, latents, guidance_scale=...)``
-  replaces a pipeline loop's three lines (chunk, guidance (+ rescale), ``step``) with one
-  fused pass; it works on patched and unpatched schedulers and updates the same state::
+  replaces a denoising loop's three lines (chunk, guidance (+ rescale), ``step``) with one
+  fused pass; it works on patched and unpatched schedulers (any class: others get
+  guidance in PyTorch and their own step) and updates the same state::
 
       noise_pred = unet(torch.cat([latents] * 2), t, prompt_embeds).sample
       latents = guided_scheduler_step(pipe.scheduler, noise_pred, t, latents,
                                       guidance_scale=7.5, guidance_rescale=0.7)
 
 * ``fused_stepper(scheduler)`` builds the stand-alone mmfast stepper for the scheduler's
-  current schedule (after ``set_timesteps``), which has a device-side mode for CUDA graphs.
+  current schedule (after ``set_timesteps``). Its device-side mode is what a CUDA graph
+  captures: the patched diffusers ``step`` keeps its state on the host, as diffusers does,
+  and cannot be replayed from a graph.
 
 Syncs: diffusers' DDIM step reads its timestep on the host, and the other three find the
 first step's index from the timestep; a timestep on the GPU costs one device->host read
@@ -264,37 +269,51 @@ def _fused_step_method(kind: str, original: Callable, want_x0: bool) -> Callable
     return step
 
 
-def patch_scheduler(scheduler: Any, handle: PatchHandle, *, pred_original_sample: bool = True) -> None:
-    """Give this ``scheduler`` instance the fused ``step`` (reversible through ``handle``).
+def patch_scheduler(scheduler: Any, handle: PatchHandle, *, pred_original_sample: bool = True) -> bool:
+    """Give this ``scheduler`` instance the fused ``step`` (reversible through ``handle``);
+    returns whether it did. A scheduler of another class is left as it is (False), so a
+    pipeline family can call this for whatever scheduler the pipeline holds.
 
     ``pred_original_sample=False`` skips writing x0 for DDIM and Euler (one write fewer;
     their outputs then carry ``pred_original_sample=None``); pipelines use ``prev_sample``
     only.
     """
-    kind = _kind(scheduler)
+    try:
+        kind = _kind(scheduler)
+    except TypeError:
+        return False
     if "step" in vars(scheduler):
         raise ValueError("scheduler: its step is already replaced on this instance (patched twice?)")
     original = scheduler.step
     fused = _fused_step_method(kind, original, pred_original_sample)
     handle.set_attr(scheduler, "step", types.MethodType(fused, scheduler))
     handle.replaced.append((type(scheduler).__name__, "fused scheduler step"))
+    return True
 
 
 def guided_scheduler_step(scheduler: Any, model_output, timestep, sample: Tensor, *, guidance_scale: float,
                           guidance_rescale: float = 0.0, **step_kwargs):
     """Guidance and ``scheduler.step`` in one fused pass; returns what ``step`` returns
     (``return_dict=False`` in ``step_kwargs`` gives the tuple). ``model_output``: [2B, ...]
-    with the unconditional half first, or an (uncond, cond) pair."""
-    kind = _kind(scheduler)
-    want_x0 = kind in ("DDIMScheduler", "EulerDiscreteScheduler")
-    result = _FUSED[kind](scheduler, (guidance_scale, guidance_rescale), want_x0, model_output, timestep, sample,
-                          **step_kwargs)
-    if result is not None:
-        return result
-    # An option the fused step does not cover: guidance here, then the scheduler's own step.
-    uncond, cond = model_output if isinstance(model_output, (tuple, list)) else model_output.chunk(2)
+    with the unconditional half first, or an (uncond, cond) pair. Any other scheduler
+    class, or an option the fused step does not cover, gets guidance in PyTorch and the
+    scheduler's own ``step``."""
+    kind = next((c.__name__ for c in type(scheduler).__mro__ if c.__name__ in SUPPORTED), None)
+    if kind is not None:
+        want_x0 = kind in ("DDIMScheduler", "EulerDiscreteScheduler")
+        result = _FUSED[kind](scheduler, (guidance_scale, guidance_rescale), want_x0, model_output, timestep,
+                              sample, **step_kwargs)
+        if result is not None:
+            return result
+    if isinstance(model_output, (tuple, list)):
+        uncond, cond = model_output
+    else:
+        if model_output.shape[0] % 2:
+            raise ValueError(f"model_output: guidance needs an even batch (uncond then cond halves), "
+                             f"got {model_output.shape[0]}")
+        uncond, cond = model_output.chunk(2)
     guided = guided_model_output(uncond, cond, guidance_scale, guidance_rescale, torch.float32).to(uncond.dtype)
-    original = type(scheduler).step.__get__(scheduler)
+    original = type(scheduler).step.__get__(scheduler)  # the class's step, even when patched
     return original(guided, timestep, sample, **step_kwargs)
 
 
