@@ -31,6 +31,8 @@ class FusedStepper:
 
     #: whether the step carries the previous x0 (DPM-Solver multistep)
     keeps_x0 = False
+    #: what the initial noise is multiplied by (Euler overrides it)
+    init_noise_sigma = 1.0
 
     def __init__(self, timesteps: Sequence[float]):
         self.timesteps = [float(t) for t in timesteps]
