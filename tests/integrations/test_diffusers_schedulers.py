@@ -205,6 +205,18 @@ def test_mmfast_patch_recognises_a_bare_scheduler(monkeypatch):
     assert "step" not in vars(scheduler) and not hasattr(scheduler, "_mmfast_patch_handle")
 
 
+def test_pred_original_sample_can_be_skipped():
+    plain, patched = CONFIGS["ddim"](), CONFIGS["ddim"]()
+    patch_scheduler(patched, PatchHandle(patched, "test"), pred_original_sample=False)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    for s in (plain, patched):
+        s.set_timesteps(4)
+    got = patched.step(mo, patched.timesteps[1], x)
+    want = plain.step(mo, plain.timesteps[1], x)
+    assert got.pred_original_sample is None
+    torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_options_fall_back_to_diffusers():
     plain, patched = CONFIGS["euler"](), CONFIGS["euler"]()
     patch_scheduler(patched, PatchHandle(patched, "test"))
