@@ -20,7 +20,7 @@ def test_mlp_projector_matches_llava():
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=24), text_config=LlamaConfig(hidden_size=32))
-    ours, theirs = _load(MLPProjector(24, 32, act=config.projector_hidden_act), LlavaMultiModalProjector(config))
+    ours, theirs = _load(MLPProjector.from_config(config), LlavaMultiModalProjector(config))
     x = torch.randn(2, 5, 24)
     torch.testing.assert_close(ours(x), theirs(x))
 
@@ -79,3 +79,56 @@ def test_gated_block_matches_mllama(device):
         expected = theirs(x, image, additive, None, rows)
         got = ours(x, image, mask=mask, sees_any=rows[:, 0])
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def _tiny_qformer_config(text_input: bool):
+    from transformers import Blip2QFormerConfig
+
+    config = Blip2QFormerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=37, num_hidden_layers=2,
+                                cross_attention_frequency=2, encoder_hidden_size=24,
+                                use_qformer_text_input=text_input)
+    config._attn_implementation = "eager"
+    return config
+
+
+def test_qformer_matches_blip2_with_text_and_text_padding(device):
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
+
+    from mmfast.nn import QFormer
+
+    config = _tiny_qformer_config(text_input=True)
+    ours, theirs = _load(QFormer(config), Blip2QFormerModel(config))
+    ours, theirs = ours.to(device), theirs.to(device)
+    queries, text = 5, 4
+    embeds = torch.randn(2, queries + text, 32, device=device)
+    image = torch.randn(2, 13, 24, device=device)
+    attention_mask = torch.ones(2, queries + text, dtype=torch.long, device=device)
+    attention_mask[1, -2:] = 0  # text padding
+    # (transformers' own Q-Former fails with text and an encoder_attention_mask together: it
+    # sizes the image mask for all tokens, not the queries; the image mask is tested below.)
+    expected = theirs(query_embeds=embeds, query_length=queries, attention_mask=attention_mask,
+                      encoder_hidden_states=image).last_hidden_state
+    got = ours(embeds, image, query_length=queries, attention_mask=attention_mask)
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-4)
+
+
+def test_qformer_queries_image_padding_and_gradients_match(device):
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel
+
+    from mmfast.nn import QFormer
+
+    config = _tiny_qformer_config(text_input=False)
+    ours, theirs = _load(QFormer(config), Blip2QFormerModel(config))
+    ours, theirs = ours.to(device), theirs.to(device)
+    embeds = torch.randn(2, 6, 32, device=device)
+    image = torch.randn(2, 11, 24, device=device, requires_grad=True)
+    image_mask = torch.ones(2, 11, dtype=torch.long, device=device)
+    image_mask[0, 7:] = 0
+    upstream = torch.randn(2, 6, 32, device=device)
+    got = ours(embeds, image, image_mask)
+    (grad_ours,) = torch.autograd.grad(got, image, upstream)
+    expected = theirs(query_embeds=embeds, encoder_hidden_states=image,
+                      encoder_attention_mask=image_mask).last_hidden_state
+    (grad_theirs,) = torch.autograd.grad(expected, image, upstream)
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=3e-5, rtol=1e-4)
