@@ -132,3 +132,56 @@ def test_qformer_queries_image_padding_and_gradients_match(device):
     (grad_theirs,) = torch.autograd.grad(expected, image, upstream)
     torch.testing.assert_close(got, expected, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(grad_ours, grad_theirs, atol=3e-5, rtol=1e-4)
+
+
+class _QwenVLReference(torch.nn.Module):
+    """Qwen-VL's Resampler as its remote code writes it (nn.MultiheadAttention, sequence
+    first), with the MAE sin-cos table built in numpy style: the float64 oracle."""
+
+    def __init__(self, grid_size, embed_dim, num_heads, kv_dim):
+        super().__init__()
+        import numpy as np
+
+        def one_d(dim, pos):
+            omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+            out = np.einsum("m,d->md", pos.reshape(-1), omega)
+            return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+        grid = np.stack(np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64)))
+        table = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+        self.pos_embed = torch.nn.Parameter(torch.from_numpy(table).float(), requires_grad=False)
+        self.query = torch.nn.Parameter(torch.randn(grid_size**2, embed_dim) * 0.02)
+        self.kv_proj = torch.nn.Linear(kv_dim, embed_dim, bias=False)
+        self.attn = torch.nn.MultiheadAttention(embed_dim, num_heads)
+        self.ln_q = torch.nn.LayerNorm(embed_dim, eps=1e-6)
+        self.ln_kv = torch.nn.LayerNorm(embed_dim, eps=1e-6)
+
+    def forward(self, x):
+        side, src = int(x.shape[1] ** 0.5), int(self.pos_embed.shape[0] ** 0.5)
+        pos = self.pos_embed
+        if side != src:
+            pos = torch.nn.functional.interpolate(
+                pos.float().reshape(1, src, src, -1).permute(0, 3, 1, 2), size=(side, side), mode="bicubic",
+                align_corners=False).permute(0, 2, 3, 1).flatten(0, 2).to(pos.dtype)
+        x = self.ln_kv(self.kv_proj(x)).permute(1, 0, 2)
+        q = self.ln_q(self.query)
+        out = self.attn(q.unsqueeze(1).repeat(1, x.shape[1], 1) + self.pos_embed.unsqueeze(1),
+                        x + pos.unsqueeze(1), x)[0]
+        return out.permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("tokens", [16, 25], ids=["same-grid", "resized-grid"])
+def test_qwen_vl_resampler_matches_reference(tokens, device):
+    from mmfast.nn import QwenVLResampler
+
+    reference = _QwenVLReference(grid_size=4, embed_dim=64, num_heads=2, kv_dim=48).double().eval()
+    ours = QwenVLResampler(grid_size=4, embed_dim=64, num_heads=2, kv_dim=48)
+    # Our own sin-cos table is the reference's (the state_dict below would overwrite it).
+    torch.testing.assert_close(ours.pos_embed, reference.pos_embed.float())
+    ours.load_state_dict({k: v.float() for k, v in reference.state_dict().items()}, strict=True)
+    ours = ours.to(device).eval()
+    x = torch.randn(2, tokens, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = reference(x)
+        got = ours(x.float().to(device))
+    torch.testing.assert_close(got.double().cpu(), expected, atol=2e-5, rtol=1e-4)
