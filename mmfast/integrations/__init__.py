@@ -20,6 +20,7 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 # family name -> module defining FAMILY; the order is the order families are tried in.
 FAMILY_MODULES: dict[str, str] = {
     "idefics2": "mmfast.integrations.transformers.idefics2",
+    "mllama": "mmfast.integrations.transformers.mllama",
 }
 
 

@@ -17,7 +17,9 @@ the sample in both layouts (packed: from cu_seqlens[b]). A text token at positio
 - :class:`ImagesUpToPositionMask` (Llama 3.2 Vision / Mllama): token t sees every image
   it follows.
 - :class:`LatestImageMask` (Flamingo): token t sees only the last image it follows.
-- :class:`KeyPaddingMask`: every query of sample b sees its first ``key_lengths[b]`` keys.
+- :class:`KeyPaddingMask`: every query of sample b sees its first ``key_lengths[b]`` keys
+  (or the keys marked valid).
+- :class:`KeyStartMask`: the Mllama rule per key rather than per image (padded layout).
 
 A query that sees no key gets a zero attention output (see mmfast.ops.cross_attention).
 With ``empty_rows_see_all_keys=True`` an image mask lets a text token that follows no
@@ -250,3 +252,50 @@ class LatestImageMask(_ImageMask):
 
     def _image_range(self, count):
         return (count - 1).clamp(min=0), count
+
+
+class KeyStartMask(CrossAttentionMask):
+    """The key-level form of :class:`ImagesUpToPositionMask` (padded layout): the text token
+    at position t sees key j when 0 <= key_start[b, j] <= t (int [B, Tk]; negative: nobody
+    sees key j). What a dense Mllama mask converts to without knowing the image layout
+    (mmfast.integrations.transformers.mllama). ``empty_rows_see_all_keys`` as for the
+    image masks."""
+
+    def __init__(self, key_start: Tensor, *, empty_rows_see_all_keys: bool = False):
+        self.key_start = key_start
+        self.empty_rows_see_all_keys = empty_rows_see_all_keys
+
+    def check(self, q, k, cu_seqlens_q):
+        _check_int("key_start", self.key_start, 2, q.device)
+        if cu_seqlens_q is not None or self.key_start.shape != k.shape[:2]:
+            raise ValueError(f"mask: key_start must be [B, Tk] = {tuple(k.shape[:2])} (padded layout), "
+                             f"got {tuple(self.key_start.shape)}")
+
+    def lower(self, q, k, cu_seqlens_q, cu_seqlens_k):
+        batch, tq = q.shape[0], q.shape[1]
+        start = torch.where(self.key_start >= 0, self.key_start, _EVERY_GROUP).to(torch.int64)
+        t = torch.arange(tq, device=q.device).expand(batch, tq).contiguous()
+        # Keys [lo, hi) bound what row t sees: hi past the last key that starts by t (the
+        # suffix minimum of the starts rises with j), lo at the first (the prefix minimum falls).
+        suffix_min = start.flip(-1).cummin(-1).values.flip(-1).contiguous()
+        prefix_min = start.cummin(-1).values
+        hi = torch.searchsorted(suffix_min, t, right=True)
+        lo = torch.searchsorted((-prefix_min).contiguous(), -t, right=False)
+        first, last = torch.zeros_like(t), t + 1
+        if self.empty_rows_see_all_keys:
+            empty = lo >= hi
+            first = torch.where(empty, -1, first)
+            last = torch.where(empty, _EVERY_GROUP, last)
+            lo = torch.where(empty, 0, lo)
+            hi = torch.where(empty, _EVERY_GROUP, hi)
+        key_group = torch.where(self.key_start >= 0, self.key_start.clamp(max=_EVERY_GROUP - 1), -1)
+        as32 = lambda t: t.reshape(-1).to(torch.int32).contiguous()  # noqa: E731
+        return LoweredMask(as32(key_group), as32(first), as32(last), as32(lo), as32(hi))
+
+    def materialize(self, q, k, cu_seqlens_q=None, cu_seqlens_k=None):
+        t = torch.arange(q.shape[1], device=q.device)[None, :, None]
+        start = self.key_start[:, None, :]
+        seen = (start >= 0) & (start <= t)
+        if self.empty_rows_see_all_keys:
+            seen |= ~seen.any(-1, keepdim=True)
+        return seen

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import mmfast
 from mmfast.kernels.cross_attention import _blocks, num_splits
 from mmfast.ops.cross_attention import cross_attention_reference
-from mmfast.ops.cross_attention_masks import ImagesUpToPositionMask, KeyPaddingMask, LatestImageMask
+from mmfast.ops.cross_attention_masks import (ImagesUpToPositionMask, KeyPaddingMask, KeyStartMask,
+                                              LatestImageMask)
 from mmfast.testing import assert_matches_reference, random_tensor
 
 BACKENDS = ["triton", "sdpa", "torch"]
@@ -105,6 +106,18 @@ def test_image_masks_fuzzed(mask_type, layout, seed, device):
         mask = mask_type(positions, lengths, offsets)
     inputs = _inputs(q_shape, k_shape, torch.float16, device, gate_heads=4)
     _check("triton", inputs, mask=mask, **kw)
+
+
+@pytest.mark.parametrize("see_all", [False, True], ids=["empty-rows-zero", "empty-rows-see-all"])
+def test_key_start_mask(see_all, device):
+    # Starts in no order (the key bounds must still cover every visible key), keys nobody
+    # sees (-1), and rows before every start (empty).
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randint(-1, 9, (2, 37), generator=gen)
+    start[1] = torch.where(start[1] < 3, -1, start[1])
+    mask = KeyStartMask(start.to(device), empty_rows_see_all_keys=see_all)
+    inputs = _inputs((2, 9, 2, 32), (2, 37, 1, 32), torch.float16, device, gate_heads=1)
+    _check("triton", inputs, mask=mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
