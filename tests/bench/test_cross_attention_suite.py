@@ -10,7 +10,7 @@ def test_cross_attention_suite_cases_and_skips():
     suite = suites.get("cross_attention")
     device = torch.device("cpu")
     cases = suite.cases(True, device)
-    assert {c.params["part"] for c in cases} == {"raw", "mllama", "perceiver"}
+    assert {c.params["part"] for c in cases} == {"raw", "mllama", "perceiver", "qformer"}
     assert all(c.flops and c.flops > 0 for c in cases)
     for case in cases:
         takers = [p.name for p in suite.providers if p.skip(case, device) is None]
