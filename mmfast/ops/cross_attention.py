@@ -204,6 +204,12 @@ def _as_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _distinct(t: Tensor | None, *others: Tensor | None) -> Tensor | None:
+    # Dynamo cannot trace an autograd.Function given one tensor twice (k is v, residual is
+    # q, one cu_seqlens for both sides); a view is a distinct tensor.
+    return t.view_as(t) if t is not None and any(t is o for o in others) else t
+
+
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
     packed = q.dim() == 3
     lowered = mask.lower(q, k, cu_seqlens_q, cu_seqlens_k) if mask is not None else None
@@ -212,13 +218,12 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     else:
         layout = (q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1])
     alpha = torch.tanh(gate.float()).reshape(-1) if gate is not None else None
-    res = _as_rows(residual).contiguous() if residual is not None else None
-    # A view makes a tensor given twice distinct (Dynamo cannot trace it otherwise).
-    k_rows = _as_rows(k) if k is not q else _as_rows(k).view_as(_as_rows(k))
-    v_rows = _as_rows(v) if v is not k and v is not q else _as_rows(v).view_as(_as_rows(v))
-    cu_k = cu_seqlens_k.view_as(cu_seqlens_k) if cu_seqlens_k is not None and cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
-    out = CrossAttentionFunction.apply(_as_rows(q), k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k,
-                                       lowered, layout, scale)
+    q_rows = _as_rows(q)
+    k_rows = _distinct(_as_rows(k), q_rows)
+    v_rows = _distinct(_as_rows(v), q_rows, k_rows)
+    res = _distinct(_as_rows(residual).contiguous(), q_rows, k_rows, v_rows) if residual is not None else None
+    cu_k = _distinct(cu_seqlens_k, cu_seqlens_q)
+    out = CrossAttentionFunction.apply(q_rows, k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k, lowered, layout, scale)
     return out.view(q.shape)
 
 

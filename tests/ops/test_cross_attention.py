@@ -276,13 +276,17 @@ def test_compile_fullgraph(device):
     positions = torch.tensor([[0, 3], [2, -1]], device=device)
     lengths = torch.tensor([[5, 4], [6, 0]], device=device)
 
+    cu_q, cu_k = _cu([6, 6], device), _cu([9, 9], device)
+
     def block(q, kv, gate):
+        # k is v and residual is q: tensors given twice, as self-attention and gated blocks do.
         mask = ImagesUpToPositionMask(positions, lengths)
-        out = mmfast.ops.cross_attention(q, kv, kv, mask=mask, gate=gate, residual=q, backend="triton")
+        out = mmfast.ops.cross_attention(q, kv, kv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6,
+                                         max_seqlen_k=9, mask=mask, gate=gate, residual=q, backend="triton")
         return torch.tanh(out).sum()
 
-    q = random_tensor((2, 6, 2, 32), torch.float32, device)
-    kv = random_tensor((2, 9, 1, 32), torch.float32, device)
+    q = random_tensor((12, 2, 32), torch.float32, device)
+    kv = random_tensor((18, 1, 32), torch.float32, device)
     gate = torch.tensor([0.3], device=device)
     # On CPU, aot_eager traces what inductor would (dynamo without graph breaks, the fake
     # impls, AOT autograd) without building C++ for every op (over a minute here).
