@@ -6,9 +6,9 @@ Images of a sample are numbered n = 0 .. N-1 and given by three int tensors of s
     image_positions  text position of image n's placeholder token; negative: unused slot
     image_lengths    how many key tokens image n has (0 allowed)
     image_offsets    first key of image n within the sample's keys (default: the exclusive
-                     cumulative sum of image_lengths, i.e. images back to back); images
-                     must not overlap and their offsets must not decrease, so that keys
-                     between images (padding tiles, say) are seen by nobody
+                     cumulative sum of image_lengths, i.e. images back to back); each
+                     image starts at or after the end of the one before; keys between
+                     images (padding tiles, say) are seen by nobody
 
 Used slots come first, in order of position. Positions and offsets count from the start of
 the sample in both layouts (packed: from cu_seqlens[b]). A text token at position t
