@@ -24,8 +24,9 @@ Gradients: q, k, v, gate and residual.
 
 Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
 segment back to the host (one sync, which also checks the cu_seqlens values); with both
-given, nothing is read back. Mask values (sorted image positions, non-overlapping images)
-are the caller's promise.
+given, nothing is read back. Mask values (sorted image positions, images in order and
+within their sample's keys) are the caller's promise; ``MMFAST_DEBUG_CHECKS=1`` checks
+them on every call (one more sync).
 
 Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 16..256; the key axis
 split over programs when queries are few, flash-decoding style; CUDA, or CPU under
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops.attention import _check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor
+from mmfast.ops.attention import (_check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor,
+                                  _debug_checks)
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
 MAX_HEAD_DIM = 256
@@ -309,10 +311,11 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
                 f"got {cu_seqlens_k.numel()}"
             )
-        if max_seqlen_q is None:
-            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
-        if max_seqlen_k is None:
-            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None)
+        # Value checks need the values on the host: only when syncing anyway, or debugging.
+        if max_seqlen_q is None or _debug_checks():
+            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if max_seqlen_k is None or _debug_checks():
+            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if mask is not None:
         if not isinstance(mask, CrossAttentionMask):
             raise TypeError(
@@ -320,6 +323,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 f"(KeyPaddingMask, ImagesUpToPositionMask, LatestImageMask), got {type(mask).__name__}"
             )
         mask.check(q, k, cu_seqlens_q)
+        if _debug_checks():
+            mask.check_values(k, cu_seqlens_k)
     return max_seqlen_q, max_seqlen_k
 
 

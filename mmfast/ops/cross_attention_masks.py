@@ -32,7 +32,9 @@ the definition above, for tests and for backends that need a dense mask.
 What the kernels read (``lower``): per key row its image index within the sample (-1 for
 keys nobody sees), per query row the images [first, last) it sees and the key range
 [lo, hi) they cover, all int32, built on the device without a sync. Values (sorted
-positions, non-overlapping images) are the caller's promise and are not checked.
+positions, images in order and within their sample's keys) are the caller's promise;
+``check_values`` checks them (one sync), which cross_attention runs under
+MMFAST_DEBUG_CHECKS=1.
 """
 
 from __future__ import annotations
@@ -91,12 +93,33 @@ def _block_diagonal(seen: Tensor, q: Tensor, k: Tensor, cu_q: Tensor | None, cu_
     return seen.view(batch, tq, batch, tk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
+def _key_counts(k: Tensor, cu_seqlens_k: Tensor | None) -> Tensor:
+    """Keys per sample, [B]."""
+    if cu_seqlens_k is None:
+        return torch.full((k.shape[0],), k.shape[1], device=k.device, dtype=torch.int64)
+    return cu_seqlens_k.diff().to(torch.int64)
+
+
+def _raise_first(failures: list[tuple[Tensor, str]]) -> None:
+    """Reads every failure flag back in one sync; raises the first that is set."""
+    if not failures:
+        return
+    flags = torch.stack([flag.reshape(()) for flag, _ in failures]).tolist()
+    for flag, (_, message) in zip(flags, failures):
+        if flag:
+            raise ValueError(f"mask: {message}")
+
+
 class CrossAttentionMask:
     """Base class: which keys each query sees. Subclasses give ``check``, ``lower`` and
     ``materialize``; see the module docstring."""
 
     def check(self, q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None) -> None:
         raise NotImplementedError
+
+    def check_values(self, k: Tensor, cu_seqlens_k: Tensor | None) -> None:
+        """Value checks that read the mask back to the host (one sync): run by
+        cross_attention under MMFAST_DEBUG_CHECKS=1. Nothing to check by default."""
 
     def lower(self, q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None) -> LoweredMask:
         raise NotImplementedError
@@ -132,6 +155,13 @@ class KeyPaddingMask(CrossAttentionMask):
         if self.key_lengths.shape[0] != _batch(q, cu_seqlens_q):
             raise ValueError(f"mask: key_lengths has {self.key_lengths.shape[0]} entries, "
                              f"expected the batch size {_batch(q, cu_seqlens_q)}")
+
+    def check_values(self, k, cu_seqlens_k):
+        if self.key_lengths is not None:
+            lengths = self.key_lengths.to(torch.int64)
+            _raise_first([((lengths < 0).any(), "key_lengths has negative entries"),
+                          ((lengths > _key_counts(k, cu_seqlens_k)).any(),
+                           "key_lengths exceed the keys of their samples")])
 
     def _valid_rows(self, k, cu_seqlens_k) -> Tensor:
         if self.key_valid is not None:
@@ -179,6 +209,25 @@ class _ImageMask(CrossAttentionMask):
         if shape[0] != _batch(q, cu_seqlens_q):
             raise ValueError(f"mask: image_positions has {shape[0]} rows, expected the batch size "
                              f"{_batch(q, cu_seqlens_q)}")
+
+    def check_values(self, k, cu_seqlens_k):
+        positions, lengths = self.image_positions.to(torch.int64), self.image_lengths.to(torch.int64)
+        offsets = self.image_offsets.to(torch.int64)
+        ends = offsets + lengths
+        used = positions >= 0
+        failures = [((lengths < 0).any(), "image_lengths has negative entries"),
+                    ((offsets < 0).any(), "image_offsets has negative entries"),
+                    ((ends > _key_counts(k, cu_seqlens_k)[:, None]).any(),
+                     "images reach past the keys of their samples (image_offsets + image_lengths)")]
+        if positions.shape[1] > 1:
+            failures += [
+                ((~used[:, :-1] & used[:, 1:]).any(), "image_positions: unused slots (negative) must come last"),
+                ((used[:, 1:] & (positions[:, 1:] < positions[:, :-1])).any(),
+                 "image_positions must not decrease"),
+                ((offsets[:, 1:] < ends[:, :-1]).any(),
+                 "each image must start at or after the end of the one before (image_offsets)"),
+            ]
+        _raise_first(failures)
 
     def _follows(self, sample_q: Tensor, pos_q: Tensor) -> Tensor:
         """[rows_q, N]: the query follows image n."""

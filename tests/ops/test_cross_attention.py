@@ -253,6 +253,33 @@ def test_bad_input_names_the_argument():
         ca(qp, kp, kp, cu_seqlens_q=_cu([3, 3], "cpu"))
 
 
+@pytest.mark.parametrize("mask,message", [
+    (KeyPaddingMask(torch.tensor([5, 6])), "key_lengths exceed the keys of their samples"),
+    (LatestImageMask(torch.tensor([[0, 2], [1, -1]]), torch.tensor([[3, 3], [6, 0]])),
+     "images reach past the keys of their samples"),
+    (LatestImageMask(torch.tensor([[-1, 2], [1, -1]]), torch.tensor([[2, 2], [2, 0]])),
+     "image_positions: unused slots .negative. must come last"),
+    (ImagesUpToPositionMask(torch.tensor([[2, 1], [1, -1]]), torch.tensor([[2, 2], [2, 0]])),
+     "image_positions must not decrease"),
+    (ImagesUpToPositionMask(torch.tensor([[0, 1], [1, -1]]), torch.tensor([[3, 2], [2, 0]]),
+                            torch.tensor([[0, 2], [0, 3]])), "each image must start at or after the end"),
+], ids=["padding", "past-keys", "unused-first", "unsorted", "overlap"])
+def test_debug_checks_catch_masks_inconsistent_with_the_lengths(mask, message, monkeypatch):
+    q, k = torch.randn(2, 3, 2, 32), torch.randn(2, 5, 2, 32)
+    mmfast.ops.cross_attention(q, k, k, mask=mask, backend="torch")  # not checked: the caller's promise
+    monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=f"mask: {message}"):
+        mmfast.ops.cross_attention(q, k, k, mask=mask, backend="torch")
+
+
+def test_debug_checks_catch_a_short_max_seqlen(monkeypatch):
+    q, k = torch.randn(6, 2, 32), torch.randn(9, 2, 32)
+    cu_q, cu_k = _cu([2, 4], "cpu"), _cu([4, 5], "cpu")
+    monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_k: 4 is less than the longest segment 5"):
+        mmfast.ops.cross_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=4)
+
+
 # ---- GPU ---------------------------------------------------------------------------
 
 
