@@ -81,8 +81,11 @@ def test_packed_few_queries_many_keys(backend, device):
 
 
 def test_key_split_is_used(device):
-    block_m, block_n, _, _ = _blocks(device, 64, 5, backward=False)
-    assert num_splits(device, 1 * 4 * 2, 61, block_n) > 1 or device.type == "cuda"
+    # test_packed_few_queries_many_keys: 5 queries x 2 heads of one K/V head fit one row
+    # block, so 4 samples x 1 K/V head give 4 programs before splitting. On a GPU the split
+    # path runs in test_gpu_few_queries_16k_keys.
+    block_m, block_n, _, _ = _blocks(device, 64, 5 * 2, backward=False)
+    assert num_splits(device, 1 * 4 * 1, 61, block_n) > 1 or device.type == "cuda"
 
 
 @pytest.mark.parametrize("mask_type", [ImagesUpToPositionMask, LatestImageMask], ids=["mllama", "flamingo"])
@@ -147,8 +150,9 @@ def test_head_dims(head_dim, device):
 
 
 def test_attention_only(device):
-    # No gate and no residual: out is the attention itself (no epilogue pass).
-    inputs = _inputs((2, 4, 2, 64), (2, 45, 1, 64), torch.float16, device, residual=False)
+    # No gate and no residual: out is the attention itself (no epilogue pass). MQA with 4
+    # query heads: 5 queries x 4 heads = 20 rows of one K/V head, across two row blocks.
+    inputs = _inputs((2, 5, 4, 64), (2, 45, 1, 64), torch.float16, device, residual=False)
     _check("triton", inputs)
 
 
