@@ -27,8 +27,9 @@ Backward (deterministic, no atomics), with dA = alpha dOut the gradient of o:
     r = rowsum(dOut * o)   (the gate's gradient is sum r over the gate's heads)
     delta = alpha r,  p = exp(scale q.k - lse),  dp = alpha (dOut . v),  ds = p (dp - delta)
     dv = alpha sum_q p dOut,  dk = scale sum_q ds q   (programs over key blocks)
-    dq = scale sum_k ds k    (programs over query blocks and key splits: float32 partials
-                              summed by the launcher when S > 1)
+    dq = scale sum_k ds k    (programs over (query, head) row blocks of a GQA group, as in
+                              the forward, and key splits: float32 partials summed by the
+                              launcher when S > 1)
 """
 
 import torch
@@ -300,27 +301,29 @@ def _cross_attention_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2) // num_splits
+    hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
     k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
     m_first = pid_m * BLOCK_M
-    if m_first >= len_q:
+    if m_first >= len_q * group:
         return
-    hk = h // group
+    # (query, head) rows of K/V head hk's group, query-major, as in the forward.
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    m_ok = offs_m < len_q
+    m_ok = offs_m < len_q * group
     q_mask = m_ok[:, None] & d_ok[None, :]
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DOUT + (rows[:, None] * heads + h) * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    rows = (q_start + offs_m // group).to(tl.int64)
+    h = hk * group + offs_m % group
+    at = (rows[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :]
+    q = tl.load(Q + h[:, None] * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOUT + at, mask=q_mask, other=0.0)
     lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    a = 1.0
+    a = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     if HAS_ALPHA:
         a = tl.load(ALPHA + h * alpha_stride)
     scale_log2 = scale * _LOG2E
@@ -341,17 +344,16 @@ def _cross_attention_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = a[:, None] * tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     dq = dq * scale
     if SPLIT:
         part = split.to(tl.int64) * rows_q + rows
-        tl.store(DQ_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], dq, mask=q_mask)
+        tl.store(DQ_PART + (part[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :], dq, mask=q_mask)
     else:
-        tl.store(DQ + (rows[:, None] * heads + h) * head_dim + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---- launchers -------------------------------------------------------------------
@@ -495,13 +497,14 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
             **common,
         )
     if max_seqlen_q > 0:
-        m_blocks = triton.cdiv(max_seqlen_q, BLOCK_M)
-        splits = num_splits(q.device, m_blocks * batch * heads, max_seqlen_k, BLOCK_N)
+        group = heads // kv_heads
+        m_blocks = triton.cdiv(max_seqlen_q * group, BLOCK_M)
+        splits = num_splits(q.device, m_blocks * batch * kv_heads, max_seqlen_k, BLOCK_N)
         split_size = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), BLOCK_N) * BLOCK_N
         dq_part = delta
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
-        _cross_attention_bwd_dq_kernel[(m_blocks, batch, heads * splits)](
+        _cross_attention_bwd_dq_kernel[(m_blocks, batch, kv_heads * splits)](
             q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
             alpha_stride, SPLIT=splits > 1, **common,
