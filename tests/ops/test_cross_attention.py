@@ -105,7 +105,7 @@ def test_image_masks_fuzzed(mask_type, layout, seed, device):
         # Padded: every image gets a slot of 16 keys; the slot's tail (padding) is unseen.
         slot = 16
         offsets = torch.arange(3, device=device)[None, :].expand(batch, 3) * slot
-        q_shape, k_shape = (batch, 13, 4, 32), (batch, 3 * slot, 2, 32)
+        q_shape, k_shape = (batch, 9, 4, 32), (batch, 3 * slot, 2, 32)
         mask = mask_type(positions, lengths, offsets)
     inputs = _inputs(q_shape, k_shape, torch.float16, device, gate_heads=4)
     _check("triton", inputs, mask=mask, **kw)
