@@ -21,6 +21,9 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 FAMILY_MODULES: dict[str, str] = {
     "idefics2": "mmfast.integrations.transformers.idefics2",
     "diffusers-scheduler": "mmfast.integrations.diffusers.schedulers",
+    "mllama": "mmfast.integrations.transformers.mllama",
+    "blip2": "mmfast.integrations.transformers.blip2",
+    "llava": "mmfast.integrations.transformers.llava",
 }
 
 
