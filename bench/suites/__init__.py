@@ -11,6 +11,8 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "cross_attention": "mmfast.bench.suites.cross_attention",
+    "scheduler_step": "mmfast.bench.suites.scheduler_step",
     "contrastive": "mmfast.bench.suites.contrastive",
 }
 

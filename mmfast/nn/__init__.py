@@ -1,7 +1,16 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
+from mmfast.nn.attention import Attention, VarlenAttention
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.nn.perceiver import PerceiverResampler
+from mmfast.nn.projector import MLPProjector
+from mmfast.nn.qformer import QFormer
+from mmfast.nn.qwen_vl_resampler import QwenVLResampler
+from mmfast.nn.qwen_vision import Qwen2VisionTransformer, Qwen25VisionTransformer
 
 __all__ = ["LayerNorm", "RMSNorm"]
+__all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
+__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
 __all__ += ["ClipLoss", "SigLipLoss"]
