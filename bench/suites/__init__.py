@@ -11,6 +11,8 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "group_norm": "mmfast.bench.suites.group_norm",
+    "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
 }
 
 

@@ -84,3 +84,20 @@ def test_unsupported_processors_are_left_alone():
     assert type(model.transformer_blocks[1].attn1.processor).__name__ == "AttnProcessor"  # mmfast's
     assert model.transformer_blocks[1].attn1.processor.__module__.startswith("mmfast")
     handle.undo()
+
+
+@pytest.mark.gpu
+def test_patched_unet_step_captures_in_a_cuda_graph(device):
+    # The patched denoiser step syncs nowhere without a mask: one CUDA graph per resolution.
+    model = tiny_unet().to(device=device, dtype=torch.float16).to(memory_format=torch.channels_last)
+    inputs = {k: (v.to(device, torch.float16) if v.is_floating_point() else v.to(device))
+              for k, v in unet_inputs(batch=2).items()}
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        mmfast.patch(model)
+        model(**inputs)  # warm-up: compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(**inputs).sample
+        graph.replay()
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
