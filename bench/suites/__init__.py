@@ -11,6 +11,7 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "cross_attention": "mmfast.bench.suites.cross_attention",
     "group_norm": "mmfast.bench.suites.group_norm",
     "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
 }
