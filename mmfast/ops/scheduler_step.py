@@ -76,8 +76,10 @@ class StepCoefficients:
 class StepTable:
     """Per-step coefficients on the device, indexed by a device step counter.
 
-    ``table``: float32 [steps, 8]; ``counter``: int32 [2] (the row of the next step, and a
-    scratch count the kernel resets). ``clip``, ``needs_x0`` hold for every row.
+    ``table``: float32 [steps + 1, 8], the last row NaN: a step past the end of the
+    schedule (which cannot be checked without a device->host sync) writes NaN instead of
+    reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
+    count the kernel resets). ``clip`` and ``needs_x0`` hold for every row.
     """
 
     table: Tensor
@@ -92,7 +94,8 @@ class StepTable:
         clips = {math.isfinite(r.clip) for r in rows}
         if len(clips) > 1:
             raise ValueError("rows: clipping must be on for every step or for none")
-        table = torch.tensor([r.row() for r in rows], dtype=torch.float32, device=device)
+        sentinel = (math.nan,) * 8
+        table = torch.tensor([r.row() for r in rows] + [sentinel], dtype=torch.float32, device=device)
         counter = torch.zeros(2, dtype=torch.int32, device=device)
         return cls(table, counter, clips.pop(), any(r.needs_x0 for r in rows))
 
@@ -102,7 +105,7 @@ class StepTable:
 
     @property
     def steps(self) -> int:
-        return self.table.shape[0]
+        return self.table.shape[0] - 1
 
 
 # ---- reference -------------------------------------------------------------------
@@ -188,7 +191,8 @@ def _run_torch(args: "_Args") -> None:
         row, clip = coef.row(), math.isfinite(coef.clip)
     else:
         # index_select keeps the row on the device: no host sync, capturable.
-        row = coef.table.index_select(0, coef.counter[:1].long())[0].to(compute).unbind()
+        index = coef.counter[:1].long().clamp(max=coef.steps)
+        row = coef.table.index_select(0, index)[0].to(compute).unbind()
         clip = coef.clip
     prev, x0 = guided_step_reference(
         args.sample, args.uncond, args.cond, args.prev_x0, args.noise, row,
