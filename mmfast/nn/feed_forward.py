@@ -1,14 +1,27 @@
 """The feed-forward of diffusion transformer blocks, with diffusers ``FeedForward``'s
 parameter names (``net.0.proj``, ``net.2``): GEGLU (SD1.5 UNets) or GELU (DiT, SD3).
 
-GEGLU here is plain PyTorch (projection, chunk, ``h * gelu(gate)``); a fused GEGLU op
-belongs to ``mmfast.ops.activation`` and can replace it there.
+The activations run on ``mmfast.ops.activation``: GEGLU as one pass over the projection's
+[..., 2N] output (diffusers' order: value half first, gate half second), no chunk copies.
+``geglu_forward`` / ``gelu_forward`` also run, through ``mmfast.patch``, on diffusers'
+``GEGLU`` / ``GELU`` modules (same attribute names).
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import nn
+
+from mmfast.ops.activation import geglu, gelu
+
+
+def geglu_forward(self, hidden_states, *args, **kwargs):
+    """diffusers GEGLU.forward: ``h * gelu(gate)`` for ``h, gate = proj(x).chunk(2, -1)``."""
+    return geglu(self.proj(hidden_states), gate_first=False)
+
+
+def gelu_forward(self, hidden_states):
+    """diffusers GELU.forward: ``gelu(proj(x))``, exact or tanh-approximate."""
+    return gelu(self.proj(hidden_states), approximate=self.approximate)
 
 
 class GEGLU(nn.Module):
@@ -16,9 +29,7 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
 
-    def forward(self, x):
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+    forward = geglu_forward
 
 
 class GELU(nn.Module):
@@ -27,8 +38,7 @@ class GELU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out, bias=bias)
         self.approximate = approximate
 
-    def forward(self, x):
-        return F.gelu(self.proj(x), approximate=self.approximate)
+    forward = gelu_forward
 
 
 ACTIVATIONS = {

@@ -54,7 +54,7 @@ def test_dit_transformer(device):
     _check_patch_and_undo(model, {k: v.to(device) for k, v in dit_inputs().items()}, "diffusers-dit-transformer")
 
 
-def test_pipeline_patches_its_denoiser_and_undoes():
+def test_pipeline_patches_its_denoiser_and_scheduler_and_undoes():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
@@ -67,11 +67,12 @@ def test_pipeline_patches_its_denoiser_and_undoes():
     assert "transformer_blocks.0.attn1" in names
     assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor"}
     assert _processors(pipe.vae) == vae_processors  # only denoisers are patched
+    assert "step" in vars(pipe.scheduler) and pipe.scheduler.step != step  # the fused step
     with pytest.raises(ValueError, match="already patched"):
         mmfast.patch(pipe)
     handle.undo()
     assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor2_0"}
-    assert pipe.scheduler.step == step
+    assert "step" not in vars(pipe.scheduler) and pipe.scheduler.step == step
 
 
 def test_unsupported_processors_are_left_alone():

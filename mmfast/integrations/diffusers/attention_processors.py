@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from mmfast.nn.diffusion_attention import attention_forward, joint_attention_forward, key_padding
 
+
 class AttnProcessor:
     """diffusers ``AttnProcessor2_0`` semantics on mmfast attention (see module doc)."""
 

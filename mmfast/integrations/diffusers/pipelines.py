@@ -1,7 +1,7 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
 SD3Transformer2DModel or DiTTransformer2DModel) is patched by its own family, and the
-scheduler by ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` when that module
-is present (fused guidance + scheduler step); without it the scheduler is left as it is.
+scheduler by ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused
+scheduler update, for the scheduler classes it covers; others are left as they are).
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ def _patch_scheduler(pipe, handle: PatchHandle) -> None:
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         return
-    try:
-        schedulers = importlib.import_module("mmfast.integrations.diffusers.schedulers")
-    except ModuleNotFoundError:
-        return
-    schedulers.patch_scheduler(scheduler, handle)
+    from mmfast.integrations.diffusers.schedulers import patch_scheduler
+
+    patch_scheduler(scheduler, handle)
 
 
 def _prepare(pipe, handle: PatchHandle):

@@ -5,7 +5,7 @@ patches it through the handle (reversibly) or leaves it as it is."""
 from __future__ import annotations
 
 from mmfast.integrations.diffusers.attention_processors import patch_attention
-from mmfast.nn import adaptive_norm, dit, resnet, transformer_2d
+from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, transformer_2d
 
 
 def patch_resnet(module, handle, name: str) -> None:
@@ -37,5 +37,15 @@ def patch_ada_layer_norm_continuous(module, handle, name: str) -> None:
         handle.set_forward(module, adaptive_norm.ada_layer_norm_continuous_forward, "adaln_modulate", name)
 
 
+def patch_geglu(module, handle, name: str) -> None:
+    if type(module.proj).__name__ == "Linear":
+        handle.set_forward(module, feed_forward.geglu_forward, "GEGLU in one pass", name)
+
+
+def patch_gelu(module, handle, name: str) -> None:
+    if type(module.proj).__name__ == "Linear" and module.approximate in ("none", "tanh"):
+        handle.set_forward(module, feed_forward.gelu_forward, "GELU in one pass", name)
+
+
 __all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
-           "patch_basic_transformer_block", "patch_joint_block", "patch_resnet"]
+           "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_joint_block", "patch_resnet"]
