@@ -71,10 +71,16 @@ def test_dit_block():
                                    attention_bias=True, norm_type="ada_norm_zero",
                                    norm_elementwise_affine=False).eval()
     ours = _loaded(DiTBlock(64, HEADS, HEAD_DIM, num_embeds_ada_norm=10), theirs)
-    x, t, labels = torch.randn(2, 9, 64), torch.tensor([5, 900]), torch.tensor([3, 10])  # 10: "no class"
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, timestep=t, class_labels=labels),
-                                   theirs(x, timestep=t, class_labels=labels), **TOL)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    t, labels = torch.tensor([5, 900]), torch.tensor([3, 10])  # 10: the "no class" row
+    got, expected = ours(x, timestep=t, class_labels=labels), theirs(x, timestep=t, class_labels=labels)
+    torch.testing.assert_close(got, expected, **TOL)
+    # Training: gradients through adaLN, the gated residuals and attention.
+    dy = torch.randn_like(got)
+    grads = [torch.autograd.grad(out, [x, m.norm1.linear.weight, m.attn1.to_q.weight], dy)
+             for out, m in ((got, ours), (expected, theirs))]
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("context_pre_only", [False, True])
