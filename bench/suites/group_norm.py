@@ -12,7 +12,7 @@ latents), down path and the wider concatenations of the up path.
 Byte model (memory-bound; N = B C H W elements of s bytes; parameters negligible):
 
     forward   read x, write y                         2 N s
-    backward  read x (recomputing the statistics' use) and dy, write dx   3 N s
+    backward  read x and dy, write dx                 3 N s
     fwd+bwd   5 N s
 
 Target (issue 7): mmfast-triton >= 80% of the measured copy bandwidth at these shapes.

@@ -8,8 +8,9 @@ The forward functions take any object with diffusers' attribute names (``to_q``,
 own [B, T, H, D] layout, which is mmfast's padded layout: no transpose before the kernel.
 
 Key padding. ``keep`` [B, Tk] (True = attend) packs the kept keys of each sample and
-runs the variable-length kernel; building it from a mask costs one device->host sync
-(the kept-key count), so pass no mask when capturing a CUDA graph.
+runs the variable-length kernel. Checking a mask and gathering the kept keys read the
+device twice (the mask's kind, the kept-key count): pass no mask when capturing a CUDA
+graph.
 """
 
 from __future__ import annotations

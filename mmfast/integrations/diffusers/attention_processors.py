@@ -8,7 +8,7 @@ cross-attention of an ``Attention`` module) and ``JointAttnProcessor`` what
 Masks. An ``attention_mask`` of the key-padding kind, [B, Tk] or [B, 1, Tk], boolean
 (True = attend) or additive (0 = attend, <= -10000 = masked, as UNet2DConditionModel
 makes from ``encoder_attention_mask``), runs the variable-length kernel over the kept
-keys: one device->host sync per call, so pass no mask when capturing a CUDA graph. Any
+keys: two device->host syncs per call, so pass no mask when capturing a CUDA graph. Any
 other mask (per query, soft biases, or a sample with no key kept, which SDPA averages
 uniformly over all keys) goes to diffusers' own ``AttnProcessor2_0``, exactly as before.
 """
