@@ -6,6 +6,17 @@ from __future__ import annotations
 
 from mmfast.integrations.diffusers.attention_processors import patch_attention
 from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, transformer_2d
+from mmfast.ops.group_norm import group_norm
+
+
+def _group_norm_forward(self, x):
+    return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def patch_group_norm(module, handle, name: str) -> None:
+    """A free-standing GroupNorm (Transformer2DModel's input norm, conv_norm_out): one
+    pass in either memory format. Those inside patched ResNet blocks are bypassed anyway."""
+    handle.set_forward(module, _group_norm_forward, "GroupNorm", name)
 
 
 def patch_resnet(module, handle, name: str) -> None:
@@ -48,4 +59,5 @@ def patch_gelu(module, handle, name: str) -> None:
 
 
 __all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
-           "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_joint_block", "patch_resnet"]
+           "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_group_norm",
+           "patch_joint_block", "patch_resnet"]
