@@ -45,13 +45,13 @@ def sd3_inputs(batch=2, text_tokens=7):
             "timestep": torch.tensor([3.0, 700.0][:batch])}
 
 
-def tiny_dit():
+def tiny_dit(num_classes=10):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     return DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=HEAD_DIM, in_channels=4, out_channels=8,
-        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes,
     ).eval()
 
 
