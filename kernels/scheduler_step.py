@@ -23,10 +23,10 @@ Passes:
     known before the first element is written: the rescale costs one extra read of u and c.
 
 Coefficients come either as scalar arguments (host mode) or from row STEP[0] of a
-float32 table [rows, 8] on the device (FROM_TABLE, for CUDA-graph capture; rows past the
-last are read as the last, which StepTable fills with NaN). In table
-mode the last program to finish advances STEP[0] by one (STEP[1] counts finished
-programs and is reset to 0), so a captured step replays the next row each time.
+float32 table [rows, 8] on the device (FROM_TABLE, for CUDA-graph capture; a row index
+past the end reads the last row, which StepTable fills with NaN). In table mode the last
+program to finish advances STEP[0] by one (STEP[1] counts finished programs and is reset
+to 0), so a captured step replays the next row each time.
 """
 
 import torch
@@ -201,8 +201,10 @@ def guided_step_fwd(
     [steps, 8] float32 and ``step`` int32 [2] (row index, finished-program counter).
     """
     batch = out.shape[0]
-    n = out[0].numel()
+    n = out[0].numel() if batch else 0
     if batch == 0 or n == 0:
+        if table is not None:
+            step[0] += 1  # an empty step is still a step of the schedule
         return
     flat = [t.reshape(-1) if t is not None else None for t in
             (sample, uncond, cond, prev_x0, noise, out, x0_out)]

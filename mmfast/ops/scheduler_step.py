@@ -253,7 +253,8 @@ def _check_tensor(name: str, t, sample: Tensor, *, leading: int | None = None) -
 def _split_model_output(model_output, sample: Tensor, guided: bool) -> tuple[Tensor, Tensor | None]:
     if isinstance(model_output, (tuple, list)):
         if len(model_output) != 2:
-            raise ValueError(f"model_output: expected a Tensor or an (uncond, cond) pair, got {len(model_output)} items")
+            raise ValueError("model_output: expected a Tensor or an (uncond, cond) pair, "
+                             f"got {len(model_output)} items")
         if not guided:
             raise ValueError("guidance_scale: required when model_output is an (uncond, cond) pair")
         uncond, cond = model_output
@@ -319,12 +320,14 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     if not isinstance(sample, Tensor):
         raise TypeError(f"sample: expected a Tensor, got {type(sample).__name__}")
     if sample.dim() == 0 or not sample.dtype.is_floating_point:
-        raise ValueError(f"sample: expected a floating tensor [B, ...], got {sample.dtype} of shape {tuple(sample.shape)}")
+        raise ValueError(f"sample: expected a floating tensor [B, ...], got {sample.dtype} "
+                         f"of shape {tuple(sample.shape)}")
     guided = guidance_scale is not None
     if guided and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real)
                    or not math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale: expected a finite number or None, got {guidance_scale!r}")
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, Real) or not math.isfinite(guidance_rescale):
+    if (isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, Real)
+            or not math.isfinite(guidance_rescale)):
         raise ValueError(f"guidance_rescale: expected a finite number, got {guidance_rescale!r}")
     if guidance_rescale != 0.0 and not guided:
         raise ValueError("guidance_rescale: needs guidance (a guidance_scale and both model output halves)")

@@ -4,10 +4,14 @@ schedule's numbers and matches the diffusers scheduler of the same name step by 
 (``mmfast.integrations.diffusers.schedulers.fused_stepper`` builds one from a diffusers
 scheduler).
 
-    stepper = fused_stepper(pipe.scheduler)        # after set_timesteps
+    from mmfast.integrations.diffusers.schedulers import fused_stepper
+
+    pipe.scheduler.set_timesteps(30)
+    stepper = fused_stepper(pipe.scheduler)
+    x = torch.randn(latent_shape) * stepper.init_noise_sigma
     for t in stepper.timesteps:
-        eps = unet(torch.cat([x] * 2), t, text).sample
-        x = stepper.step(eps, x, guidance_scale=7.5)
+        eps = unet(torch.cat([stepper.scale_model_input(x)] * 2), t, text).sample
+        x = stepper.step(eps, x, guidance_scale=7.5, guidance_rescale=0.7)
 """
 
 from mmfast.schedulers.base import FusedStepper

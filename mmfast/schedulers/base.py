@@ -31,6 +31,8 @@ class FusedStepper:
 
     #: whether the step carries the previous x0 (DPM-Solver multistep)
     keeps_x0 = False
+    #: what the initial noise is multiplied by (Euler overrides it)
+    init_noise_sigma = 1.0
 
     def __init__(self, timesteps: Sequence[float]):
         self.timesteps = [float(t) for t in timesteps]
@@ -89,8 +91,9 @@ class FusedStepper:
         device = torch.device(device)
         self._table = self._build_table(device)
         self._device_timesteps = torch.tensor(self.timesteps + [math.nan], dtype=torch.float32, device=device)
-        divisors = [self.input_divisor(i) for i in range(len(self))] + [math.nan]
-        self._device_input_divisors = torch.tensor(divisors, dtype=torch.float32, device=device)
+        divisors = [self.input_divisor(i) for i in range(len(self))]
+        self._device_input_divisors = (None if all(d == 1.0 for d in divisors) else
+                                       torch.tensor(divisors + [math.nan], dtype=torch.float32, device=device))
 
     def _build_table(self, device) -> StepTable:
         table = StepTable.build([self.coefficients(i) for i in range(len(self))], device)
@@ -109,6 +112,8 @@ class FusedStepper:
     def scale_model_input(self, sample: Tensor) -> Tensor:
         """The denoiser's input for the next step (diffusers' ``scale_model_input``)."""
         if self._table is not None:
+            if self._device_input_divisors is None:  # every divisor is 1
+                return sample
             divisor = self._device_input_divisors.index_select(0, self._device_index())
             # A 0-d float32 divisor: the result keeps sample's dtype, computed as diffusers does.
             return sample / divisor[0]

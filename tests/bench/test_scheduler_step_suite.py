@@ -14,13 +14,13 @@ def test_registered_with_its_providers_and_target():
     assert [(t.provider, t.min_frac) for t in suite.targets] == [("mmfast-triton", 0.85)]
 
 
-def test_gpu_cases_are_the_sd15_and_sd3_shapes():
+def test_gpu_cases_are_the_sd15_sd3_and_a_bandwidth_sized_shape():
     gpu = scheduler_step.cases(quick=False, device=torch.device("cuda"))  # allocates nothing
     shapes = {(c.params["model"], c.params["batch"], c.params["channels"], c.params["size"]) for c in gpu}
-    assert shapes == {("sd15", 4, 4, 64), ("sd3", 1, 16, 128)}
+    assert shapes == {("sd15", 4, 4, 64), ("sd3", 1, 16, 128), ("large", 8, 16, 256)}
     assert {c.params["scheduler"] for c in gpu} == {"ddim", "euler", "dpm++2m", "flow"}
     assert {c.params["rescale"] for c in gpu} == {0.0, scheduler_step.RESCALE}
-    assert len({c.name for c in gpu}) == len(gpu) == 8
+    assert len({c.name for c in gpu}) == len(gpu) == 12
 
 
 def test_byte_model():

@@ -34,6 +34,9 @@ CONFIGS = {
     "dpm++2m": lambda: diffusers.DPMSolverMultistepScheduler(**SD15),
     "dpm++2m-heun-karras": lambda: diffusers.DPMSolverMultistepScheduler(**SD15, solver_type="heun",
                                                                          use_karras_sigmas=True),
+    # A non-zero final sigma: the last step is second order from 15 steps on, first below.
+    "dpm++2m-v-sigma-min": lambda: diffusers.DPMSolverMultistepScheduler(**SD15, prediction_type="v_prediction",
+                                                                         final_sigmas_type="sigma_min"),
     "flow-sd3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
 }
 ETA = {"ddim": 0.3}  # DDIM eta > 0, with the same noise given to both
@@ -142,7 +145,7 @@ def _loop(scheduler, steps, x, seed, guided=False, **step_kwargs):
 PATCH_CASES = {
     "ddim-eta": ("ddim", {"eta": 0.5}),   # noise drawn from the generator, as diffusers draws it
     "euler": ("euler", {}),
-    "dpm++2m": ("dpm++2m", {}),
+    "dpm++2m": ("dpm++2m-v-sigma-min", {}),  # 6 steps: lower_order_final makes the last first order
     "sde-dpm++2m": (None, {}),
     "flow-sd3": ("flow-sd3", {}),
 }
@@ -200,6 +203,18 @@ def test_mmfast_patch_recognises_a_bare_scheduler(monkeypatch):
         assert handle.replaced == [("EulerDiscreteScheduler", "fused scheduler step")]
         assert "step" in vars(scheduler)
     assert "step" not in vars(scheduler) and not hasattr(scheduler, "_mmfast_patch_handle")
+
+
+def test_pred_original_sample_can_be_skipped():
+    plain, patched = CONFIGS["ddim"](), CONFIGS["ddim"]()
+    patch_scheduler(patched, PatchHandle(patched, "test"), pred_original_sample=False)
+    x, mo = torch.randn(SHAPE), torch.randn(SHAPE)
+    for s in (plain, patched):
+        s.set_timesteps(4)
+    got = patched.step(mo, patched.timesteps[1], x)
+    want = plain.step(mo, plain.timesteps[1], x)
+    assert got.pred_original_sample is None
+    torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_options_fall_back_to_diffusers():

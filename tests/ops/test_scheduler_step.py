@@ -77,6 +77,14 @@ def test_pair_channels_last_and_in_place(device):
     assert not torch.equal(x, before)
 
 
+def test_coefficient_order_is_the_kernel_table_order():
+    from dataclasses import fields
+
+    from mmfast.kernels.scheduler_step import COEFFICIENT_FIELDS
+
+    assert tuple(f.name for f in fields(StepCoefficients)) == COEFFICIENT_FIELDS
+
+
 def test_table_mode_reads_the_counter_row_and_advances_it(device):
     rows = [StepCoefficients(cx=1.0, cm=-0.1 * (i + 1)) for i in range(3)]
     table = StepTable.build(rows, device)
