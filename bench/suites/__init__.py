@@ -12,6 +12,8 @@ from mmfast.bench.suite import Suite
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "cross_attention": "mmfast.bench.suites.cross_attention",
+    "group_norm": "mmfast.bench.suites.group_norm",
+    "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
     "scheduler_step": "mmfast.bench.suites.scheduler_step",
     "contrastive": "mmfast.bench.suites.contrastive",
 }
