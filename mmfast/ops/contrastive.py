@@ -11,8 +11,9 @@ bias b (0-d tensors that may require grad), logits L_ij = s x_i.y_j (+ b):
                  with cosine similarities c_ij and s = 1 / temperature,
                  (1/2N) sum_i [ log sum_{j != i} exp(s c_ij) - s c_i,p(i) ]   (SimCLR)
 
-The forward keeps only the row and column log-sum-exp vectors (softmax) or per-row sums
-(sigmoid), O(B); the backward recomputes score tiles. Scores accumulate in float32
+The forward keeps only the row and column log-sum-exp statistics (softmax; each as a max
+and a log-sum, so that huge logits lose no precision) or per-row sums (sigmoid), O(B);
+the backward recomputes score tiles on the same tile grid. Scores accumulate in float32
 (float64 for float64 features). Gradients flow to both feature tensors, the scale and
 the bias. The loss has the features' dtype (as open_clip's), gradients their inputs'.
 
@@ -247,8 +248,8 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
 
         >>> x = F.normalize(torch.randn(8, 64), dim=-1)
         >>> y = F.normalize(torch.randn(8, 64), dim=-1)
-        >>> mmfast.ops.siglip_loss(x, y, torch.tensor(10.0), torch.tensor(-10.0))
-        tensor(...)
+        >>> mmfast.ops.siglip_loss(x, y, torch.tensor(10.0), torch.tensor(-10.0)).shape
+        torch.Size([])
     """
     def checked():
         check_features("image_features", image_features)

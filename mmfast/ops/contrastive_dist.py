@@ -5,7 +5,9 @@ in rank order within ``group``) and gets the loss of the global batch, the same 
 every rank. Gradient convention: each rank receives exactly its slice of d loss / d
 features, and its share of d loss / d scale (and bias), the terms of the rows it owns, so
 that the shares sum over ranks to the full gradient. DDP sums (then averages) parameter
-gradients over ranks, so feature and scale gradients stay consistent with each other.
+gradients over ranks, so feature and scale gradients stay consistent with each other;
+mmfast.nn.ClipLoss / SigLipLoss scale their gradients by the world size, so that DDP's
+average is the global loss's gradient, as with open_clip.
 
 Strategies (``strategy=``):
 

