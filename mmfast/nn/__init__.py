@@ -1,5 +1,12 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.nn.activation import GELU, QuickGELU
+from mmfast.nn.mlp import MLP, SwiGLUMLP
+from mmfast.nn.patch_embed import PatchEmbed, PatchEmbed3d
+from mmfast.nn.merger import PatchMerger
+from mmfast.nn.vision import VisionAttention, VisionBlock, VisionTransformer
 
 __all__ = ["LayerNorm", "RMSNorm"]
+__all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
+__all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]

@@ -1,0 +1,162 @@
+"""CLIP / SigLIP-style vision transformers on mmfast ops, with the module names of Hugging
+Face's CLIPVisionModel and SiglipVisionModel, so that ``tower.load_state_dict(hf.state_dict())``
+loads their weights as they are (``hf.vision_model`` of a CLIPModel / SiglipModel).
+
+    embeddings      PatchEmbed: patch GEMM + bias + position embedding (+ class token), fused
+    pre_layrnorm    LayerNorm (CLIP only; the spelling is Hugging Face's)
+    encoder.layers  VisionBlock x depth: pre-LN attention and MLP blocks
+    post_layernorm  CLIP: on the class token -> pooler_output; SigLIP: on every token
+    head            SigLIP's attention-pooling head (``vision_use_head``) -> pooler_output
+
+Attention runs mmfast.ops.attention on the padded layout [B, T, H, D] (no mask: every
+image has the same token count); LayerNorms are mmfast's, the second one of each block
+fused with the residual add; the MLP activation is one fused pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mmfast.nn.mlp import MLP
+from mmfast.nn.norm import LayerNorm
+from mmfast.nn.patch_embed import PatchEmbed
+from mmfast.ops.attention import attention
+
+
+class VisionOutput(NamedTuple):
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head self-attention over [B, T, E] with Hugging Face's
+    ``q_proj``/``k_proj``/``v_proj``/``out_proj``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **factory)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, **factory)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
+
+    def forward(self, x):
+        heads = (*x.shape[:-1], self.num_heads, self.head_dim)
+        q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.reshape(x.shape[:-1] + (-1,)))
+
+
+class VisionBlock(nn.Module):
+    """Pre-LN transformer block: ``h += attn(ln1(h)); h += mlp(ln2(h))``, the first
+    residual add fused into ``layer_norm2``. Hugging Face CLIPEncoderLayer names."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str = "gelu",
+                 eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = VisionAttention(hidden_size, num_heads, **factory)
+        self.layer_norm1 = LayerNorm(hidden_size, eps=eps, **factory)
+        self.mlp = MLP(hidden_size, intermediate_size, hidden_act, **factory)
+        self.layer_norm2 = LayerNorm(hidden_size, eps=eps, **factory)
+
+    def forward(self, hidden_states):
+        attn = self.self_attn(self.layer_norm1(hidden_states))
+        normed, hidden_states = self.layer_norm2(attn, residual=hidden_states)
+        return hidden_states + self.mlp(normed)
+
+
+class Encoder(nn.Module):
+    def __init__(self, layers: list[VisionBlock]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multi-head attention pooling: a learned probe attends over the tokens,
+    then ``x + mlp(layernorm(x))``. Hugging Face's names (``probe``, ``attention`` a
+    torch MultiheadAttention, ``layernorm``, ``mlp``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str,
+                 eps: float, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.probe = nn.Parameter(torch.randn(1, 1, hidden_size, **factory))
+        # One query per image: torch's own MultiheadAttention keeps the parameter layout.
+        self.attention = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True, **factory)
+        self.layernorm = LayerNorm(hidden_size, eps=eps, **factory)
+        self.mlp = MLP(hidden_size, intermediate_size, hidden_act, **factory)
+
+    def forward(self, hidden_states):
+        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]
+        return (pooled + self.mlp(self.layernorm(pooled)))[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """A CLIP (``style="clip"``: class token, no patch bias, ``pre_layrnorm``, pooled class
+    token) or SigLIP (``style="siglip"``: no class token, patch bias, ``post_layernorm`` on
+    all tokens, optional attention-pooling head) vision tower.
+
+    ``forward(pixel_values, interpolate_pos_encoding=False)`` returns
+    ``VisionOutput(last_hidden_state, pooler_output)`` as the Hugging Face model does.
+    :meth:`from_config` builds one from a CLIPVisionConfig / SiglipVisionConfig.
+    """
+
+    def __init__(self, *, style: str, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                 image_size: int, patch_size: int, num_channels: int = 3, hidden_act: str = "gelu",
+                 layer_norm_eps: float = 1e-5, use_head: bool = True, device=None, dtype=None):
+        super().__init__()
+        if style not in ("clip", "siglip"):
+            raise ValueError(f"style: expected 'clip' or 'siglip', got {style!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.style = style
+        clip = style == "clip"
+        self.embeddings = PatchEmbed(hidden_size, image_size, patch_size, num_channels,
+                                     class_token=clip, bias=not clip, **factory)
+        if clip:
+            self.pre_layrnorm = LayerNorm(hidden_size, eps=layer_norm_eps, **factory)
+        self.encoder = Encoder([
+            VisionBlock(hidden_size, num_heads, intermediate_size, hidden_act, layer_norm_eps, **factory)
+            for _ in range(num_layers)
+        ])
+        self.post_layernorm = LayerNorm(hidden_size, eps=layer_norm_eps, **factory)
+        self.use_head = not clip and use_head
+        if self.use_head:
+            self.head = AttentionPoolingHead(hidden_size, num_heads, intermediate_size, hidden_act,
+                                             layer_norm_eps, **factory)
+
+    @classmethod
+    def from_config(cls, config, device=None, dtype=None) -> "VisionTransformer":
+        """From a Hugging Face CLIPVisionConfig or SiglipVisionConfig."""
+        styles = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+        model_type = getattr(config, "model_type", None)
+        if model_type not in styles:
+            raise ValueError(f"config: expected a CLIP or SigLIP vision config "
+                             f"(model_type {', '.join(styles)}), got {model_type!r}")
+        return cls(style=styles[model_type], hidden_size=config.hidden_size,
+                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                   intermediate_size=config.intermediate_size, image_size=config.image_size,
+                   patch_size=config.patch_size, num_channels=config.num_channels, hidden_act=config.hidden_act,
+                   layer_norm_eps=config.layer_norm_eps, use_head=getattr(config, "vision_use_head", True),
+                   device=device, dtype=dtype)
+
+    def forward(self, pixel_values, interpolate_pos_encoding: bool = False) -> VisionOutput:
+        hidden = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.style == "clip":
+            hidden = self.encoder(self.pre_layrnorm(hidden))
+            return VisionOutput(hidden, self.post_layernorm(hidden[:, 0]))
+        hidden = self.post_layernorm(self.encoder(hidden))
+        return VisionOutput(hidden, self.head(hidden) if self.use_head else None)
