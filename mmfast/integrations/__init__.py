@@ -19,6 +19,8 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
 FAMILY_MODULES: dict[str, str] = {}
+FAMILY_MODULES["clip"] = "mmfast.integrations.transformers.clip"
+FAMILY_MODULES["siglip"] = "mmfast.integrations.transformers.siglip"
 
 
 def families() -> list[Family]:
