@@ -23,6 +23,8 @@ Bias, position and class gradients are sums of dout over the batch, done by the 
 Accumulation is float32; float32 inputs multiply in IEEE float32 (no TF32).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,12 +32,14 @@ import triton.language as tl
 from ._launch import empty, multiprocessor_count
 from ._tuning import autotune
 
-_CONFIGS = [
+_ALL_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
 ]
+# The interpreter has no device to time configs on: it runs the first one.
+_CONFIGS = _ALL_CONFIGS[:1] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else _ALL_CONFIGS
 
 
 @triton.jit

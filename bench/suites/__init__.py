@@ -11,6 +11,8 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "activation": "mmfast.bench.suites.activation",
+    "patch_embed": "mmfast.bench.suites.patch_embed",
 }
 
 
