@@ -13,6 +13,7 @@ _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "activation": "mmfast.bench.suites.activation",
     "patch_embed": "mmfast.bench.suites.patch_embed",
+    "vision_tower": "mmfast.bench.suites.vision_tower",
 }
 
 

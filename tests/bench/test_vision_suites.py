@@ -8,11 +8,13 @@ import torch
 
 from mmfast.bench import harness, suites
 from mmfast.bench.env import detect_env
-from mmfast.bench.suites import activation, patch_embed
+from mmfast.bench.suites import activation, patch_embed, vision_tower
 
 
 def test_registered_with_their_providers():
-    assert {"activation", "patch_embed"} <= set(suites.names())
+    assert {"activation", "patch_embed", "vision_tower"} <= set(suites.names())
+    assert [p.name for p in suites.get("vision_tower").providers] == [
+        "mmfast-patched", "mmfast-tower", "hf-sdpa", "hf-sdpa-compile"]
     assert [p.name for p in suites.get("activation").providers] == ["mmfast-triton", "torch-eager", "torch-compile"]
     assert [p.name for p in suites.get("patch_embed").providers] == [
         "mmfast-triton", "hf-conv", "torch-linear", "torch-compile"]
@@ -28,6 +30,8 @@ def test_gpu_cases_are_the_real_models():
     # CLIP ViT-L/14 @ 336: 576 patches of K = 588 into E = 1024 per image.
     assert embed["clip-fwd-8img-E1024-bf16"].flops == 2 * 8 * 576 * 588 * 1024
     assert embed["conv3d-fwd+bwd-4096rows-E1280-bf16"].flops == 3 * 2 * 4096 * 1176 * 1280
+    towers = {c.name for c in vision_tower.cases(quick=False, device=cuda)}
+    assert {"clip-L14-336-fwd-b32", "siglip-so400m-384-fwd+bwd-b8"} <= towers
 
 
 def test_activation_byte_model():
