@@ -27,7 +27,8 @@ value per patch) done as the GEMM it is. :func:`grid_cu_seqlens` gives the per-f
 Gradients: pixels or x, weight, bias, pos_embed, class_embed. Accumulation is float32
 (float64 for float64 inputs); float32 multiplies without TF32.
 
-Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), ``torch``
+Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1 without
+bf16, whose tl.dot the interpreter gets wrong), ``torch``
 (the reference below: ``conv2d`` / ``linear`` in float32; any floating dtype).
 """
 
@@ -191,9 +192,15 @@ def _run_torch(x, weight, bias, pos, cls, patch):
     return patch_embed_reference(x, weight, bias, pos, cls)
 
 
+def _triton_limits(call: Call):
+    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
+        yield "bfloat16 tl.dot is wrong under the Triton interpreter (it multiplies raw bits)"
+
+
 PATCH_EMBED = op_family("patch_embed")
 PATCH_EMBED.register(
-    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            check=_triton_limits)
 )
 PATCH_EMBED.register(Backend("torch", _run_torch))
 

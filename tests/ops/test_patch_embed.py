@@ -62,6 +62,13 @@ def test_image_strided_pixels(device):
     _check_image(inputs)
 
 
+def test_interpreter_refuses_bf16():
+    inputs = _image_inputs(1, 3, 8, 8, 16, 4, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(mmfast.NoBackendError, match="bfloat16 tl.dot is wrong under the Triton interpreter"):
+        _image_op("triton")(**inputs)
+    torch.testing.assert_close(_image_op(None)(**inputs), patch_embed_reference(**inputs), rtol=0, atol=0)
+
+
 def test_image_torch_backend(device):
     inputs = _image_inputs(1, 3, 14, 14, 16, 7, torch.float16, device)
     out = _image_op("torch")(**inputs)
