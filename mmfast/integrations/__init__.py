@@ -18,9 +18,11 @@ from typing import Any
 from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
-FAMILY_MODULES: dict[str, str] = {}
-FAMILY_MODULES["clip"] = "mmfast.integrations.transformers.clip"
-FAMILY_MODULES["siglip"] = "mmfast.integrations.transformers.siglip"
+FAMILY_MODULES: dict[str, str] = {
+    "idefics2": "mmfast.integrations.transformers.idefics2",
+    "clip": "mmfast.integrations.transformers.clip",
+    "siglip": "mmfast.integrations.transformers.siglip",
+}
 
 
 def families() -> list[Family]:

@@ -1,6 +1,11 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
+from mmfast.nn.attention import Attention, VarlenAttention
+from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.nn.perceiver import PerceiverResampler
+from mmfast.nn.projector import MLPProjector
+from mmfast.nn.qwen_vision import Qwen2VisionTransformer, Qwen25VisionTransformer
 from mmfast.nn.activation import GELU, QuickGELU
 from mmfast.nn.mlp import MLP, SwiGLUMLP
 from mmfast.nn.patch_embed import PatchEmbed, PatchEmbed3d
@@ -8,5 +13,7 @@ from mmfast.nn.merger import PatchMerger
 from mmfast.nn.vision import VisionAttention, VisionBlock, VisionTransformer
 
 __all__ = ["LayerNorm", "RMSNorm"]
+__all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
+__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
 __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
