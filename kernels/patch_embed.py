@@ -16,7 +16,7 @@ Two ways to read the A operand (``IMAGE``, a compile-time constant):
 Backward:
     dA[row, k] = sum_n dout[row, n] * W[n, k]    scattered back to the pixels (each pixel
                                                  belongs to exactly one patch: no atomics)
-    dW[n, k]   = sum_row dout[row, n] * A[row, k]  (split over rows in SPLIT partial
+    dW[n, k]   = sum_row dout[row, n] * A[row, k]  (split over rows into a few partial
                                                  sums, added by the launcher: deterministic)
 Bias, position and class gradients are sums of dout over the batch, done by the op.
 
@@ -152,13 +152,13 @@ def _patch_embed_bwd_input_kernel(
              mask=patch_ok[:, None] & k_ok[None, :])
 
 
-@autotune(_CONFIGS, key=["N", "K", "IMAGE", "SPLIT"])
+@autotune(_CONFIGS, key=["N", "K", "IMAGE"])
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
     DOUT, X, DW_PARTIAL,
     M, N, K, L, GRID_W, P,
     stride_xb, stride_xc, stride_xh, stride_xw, rows_per_split, stride_dout,
-    IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+    IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,6 +168,7 @@ def _patch_embed_bwd_weight_kernel(
     k_ok = ks < K
     start = split.to(tl.int64) * rows_per_split
     end = tl.minimum(start + rows_per_split, M)
+    k_off = _k_offsets(ks, P, stride_xc, stride_xh, stride_xw, IMAGE)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(start, end, BLOCK_M):
@@ -175,7 +176,6 @@ def _patch_embed_bwd_weight_kernel(
         patch_ok = patches < end
         out_rows = _out_rows(patches, L, HAS_CLS, IMAGE)
         row_off, _ = _row_offsets(out_rows, L, GRID_W, P, stride_xb, stride_xh, stride_xw, HAS_CLS, IMAGE)
-        k_off = _k_offsets(ks, P, stride_xc, stride_xh, stride_xw, IMAGE)
         a = tl.load(X + row_off[:, None] + k_off[None, :], mask=patch_ok[:, None] & k_ok[None, :], other=0.0)
         dout = tl.load(DOUT + out_rows[:, None] * stride_dout + ns[None, :],
                        mask=patch_ok[:, None] & n_ok[None, :], other=0.0)
@@ -242,18 +242,18 @@ def patch_embed_bwd(dout, x, weight2, patch: int, has_cls: bool, need_input: boo
     dx = dw = None
     if need_input:
         dx = empty(x.shape, dtype=x.dtype, device=x.device)
-        dx_geo = Geometry(dx, patch, has_cls)
-        if geo.patches and K:
+        dx_geo = Geometry(dx, patch, has_cls)  # dx is contiguous, whatever the strides of x
+        if E == 0:
+            dx.zero_()
+        elif geo.patches and K:
             grid = lambda meta: (triton.cdiv(geo.patches, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
-            if E == 0:
-                dx.zero_()
-            else:
-                _patch_embed_bwd_input_kernel[grid](
-                    dout, weight2, dx, geo.patches, E, K, *dx_geo.common(), weight2.stride(0), E,
-                    IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
-                )
+            _patch_embed_bwd_input_kernel[grid](
+                dout, weight2, dx, geo.patches, E, K, *dx_geo.common(), weight2.stride(0), E,
+                IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
+            )
     if need_weight:
-        # Enough row splits to fill the device about twice over with the largest tiles.
+        # Enough row splits to fill the device about twice over with the largest tiles
+        # (which also bounds the float32 partials at ~2 SMs x 128 x 128 x 4 bytes).
         tiles = triton.cdiv(E, 128) * triton.cdiv(K, 128)
         split = max(1, min(64, (2 * multiprocessor_count(x.device)) // max(1, tiles), triton.cdiv(geo.patches, 256)))
         rows_per_split = triton.cdiv(geo.patches, split) if geo.patches else 0
@@ -262,7 +262,7 @@ def patch_embed_bwd(dout, x, weight2, patch: int, has_cls: bool, need_input: boo
             grid = lambda meta: (triton.cdiv(E, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), split)
             _patch_embed_bwd_weight_kernel[grid](
                 dout, x, partial, geo.patches, E, K, *geo.common(), rows_per_split, E,
-                IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32, SPLIT=split,
+                IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
             )
         dw = partial.sum(0)
     return dx, dw

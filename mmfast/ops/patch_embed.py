@@ -153,13 +153,13 @@ class PatchEmbedFunction(torch.autograd.Function):
             pos = pos.contiguous()
         ctx.save_for_backward(x, weight2)
         ctx.patch, ctx.weight_shape = patch, weight.shape
-        ctx.has = (bias is not None, pos is not None, cls is not None)
+        ctx.has_cls = cls is not None
         return torch.ops.mmfast.patch_embed_fwd(x, weight2, bias, pos, cls, patch)
 
     @staticmethod
     def backward(ctx, dout):
         x, weight2 = ctx.saved_tensors
-        has_bias, has_pos, has_cls = ctx.has
+        has_cls = ctx.has_cls
         need_x, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad[:5]
         dout = dout.contiguous()
         dx = dw = dbias = dpos = dcls = None
@@ -167,15 +167,14 @@ class PatchEmbedFunction(torch.autograd.Function):
             dx, dw = torch.ops.mmfast.patch_embed_bwd(dout, x, weight2, ctx.patch, has_cls, need_x, need_w)
             dx = dx if need_x else None
             dw = dw.to(weight2.dtype).reshape(ctx.weight_shape) if need_w else None
-        if need_b or need_pos or need_cls:
+        if x.dim() == 2 and need_b:
+            dbias = dout.sum(0, dtype=torch.float32).to(dout.dtype)
+        elif need_b or need_pos or need_cls:
             # Sums over the batch (float32), then over the patch positions for the bias.
-            per_row = dout.sum(0, dtype=torch.float32) if x.dim() == 4 else dout.float()
-            if need_pos:
-                dpos = per_row.to(dout.dtype)
-            if need_cls:
-                dcls = per_row[0].to(dout.dtype)
-            if need_b:
-                dbias = per_row[int(has_cls):].sum(0).to(dout.dtype)
+            per_row = dout.sum(0, dtype=torch.float32)
+            dpos = per_row.to(dout.dtype) if need_pos else None
+            dcls = per_row[0].to(dout.dtype) if need_cls else None
+            dbias = per_row[int(has_cls):].sum(0).to(dout.dtype) if need_b else None
         return dx, dw, dbias, dpos, dcls, None
 
 
