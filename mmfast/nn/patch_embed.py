@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmfast.ops.patch_embed import interpolate_pos_embed, patch_embed, patch_embed_patchified
+from mmfast.ops.patch_embed import interpolate_pos_embed, patch_embed, patch_embed_packed, patch_embed_patchified
 
 
 class PositionTableCache:
@@ -82,6 +82,19 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixel_values, interpolate_pos_encoding: bool = False):
         return embed_pixels(self, pixel_values, interpolate_pos_encoding, self._pos_cache)
+
+    def forward_packed(self, images):
+        """Images [C, H_i, W_i] of different sizes -> ``(tokens [sum_i L_i (+1), E],
+        cu_seqlens)``, each with the position table interpolated to its grid (cached)."""
+        weight, P = self.patch_embedding.weight, self.patch_size
+        class_embed = getattr(self, "class_embedding", None)
+        table, tables = self.position_embedding.weight, []
+        for image in images:
+            H, W = image.shape[-2:]
+            fits = H % P == 0 and W % P == 0  # else the op names the bad image size
+            tables.append(self._pos_cache.get(table, (H // P, W // P), class_embed is not None) if fits else table)
+        return patch_embed_packed([image.to(weight.dtype) for image in images], weight, self.patch_embedding.bias,
+                                  tables, class_embed)
 
 
 class PatchEmbed3d(nn.Module):

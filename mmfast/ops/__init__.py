@@ -8,7 +8,7 @@ from mmfast.ops.attention import attention
 from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.group_norm import group_norm
 from mmfast.ops.norm import layer_norm, rms_norm
-from mmfast.ops.patch_embed import patch_embed, patch_embed_patchified
+from mmfast.ops.patch_embed import patch_embed, patch_embed_packed, patch_embed_patchified
 from mmfast.ops.rotary import apply_rotary
 from mmfast.ops.scheduler_step import StepCoefficients, StepTable, guided_step
 from mmfast.ops.timestep import timestep_embedding
@@ -20,4 +20,4 @@ __all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
 __all__ += ["cross_attention"]
 __all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
 __all__ += ["StepCoefficients", "StepTable", "guided_step"]
-__all__ += ["patch_embed", "patch_embed_patchified"]
+__all__ += ["patch_embed", "patch_embed_packed", "patch_embed_patchified"]

@@ -24,6 +24,9 @@ This is Hugging Face's ``Conv3d`` on ``x.view(-1, C, T, P, P)`` (whose output is
 value per patch) done as the GEMM it is. :func:`grid_cu_seqlens` gives the per-frame
 ``cu_seqlens`` of such a stream.
 
+Dynamic resolution in Conv2d style: :func:`patch_embed_packed` embeds a list of images of
+different sizes into one token stream and returns its ``cu_seqlens``.
+
 Gradients: pixels or x, weight, bias, pos_embed, class_embed. Accumulation is float32
 (float64 for float64 inputs); float32 multiplies without TF32.
 
@@ -276,6 +279,43 @@ def patch_embed(pixels, weight, bias=None, pos_embed=None, class_embed=None, *, 
     _check_like("pos_embed", pos_embed, (rows, E), weight, "weight")
     call = Call(device=pixels.device, dtype=pixels.dtype)
     return PATCH_EMBED.select(call, backend).run(pixels, weight, bias, pos_embed, class_embed, P)
+
+
+def patch_embed_packed(images, weight, bias=None, pos_embeds=None, class_embed=None, *, backend=None):
+    """Images of different sizes embedded into one packed token stream (dynamic
+    resolution, as NaViT-style towers and varlen attention want it).
+
+    ``images``: a sequence of [C, H_i, W_i] tensors; ``pos_embeds``: None or one table
+    per image, [L_i (+1), E] (see :func:`interpolate_pos_embed`). Returns
+    ``(tokens [sum_i L_i (+1), E], cu_seqlens int32 [n + 1])``, image i owning tokens
+    cu_seqlens[i] .. cu_seqlens[i + 1]; cu_seqlens comes from the shapes (no sync).
+
+    Each image is one fused launch; the packing is then one copy of the tokens (a single
+    launch over all images, with a tile-to-image table, is left for later).
+
+    Example::
+
+        >>> images = [torch.randn(3, 28, 42), torch.randn(3, 14, 14)]
+        >>> tokens, cu = mmfast.ops.patch_embed_packed(images, torch.randn(64, 3, 14, 14))
+        >>> tokens.shape, cu.tolist()
+        (torch.Size([7, 64]), [0, 6, 7])
+    """
+    if isinstance(images, Tensor) or not isinstance(images, (list, tuple)) or not images:
+        raise TypeError(f"images: expected a non-empty list or tuple of [C, H, W] tensors, "
+                        f"got {type(images).__name__}")
+    if pos_embeds is not None and (not isinstance(pos_embeds, (list, tuple)) or len(pos_embeds) != len(images)):
+        raise ValueError(f"pos_embeds: expected None or one table per image ({len(images)}), "
+                         f"got {type(pos_embeds).__name__}")
+    pieces = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3:
+            got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"images[{i}]: expected a [C, H, W] tensor, got {got}")
+        pos = pos_embeds[i] if pos_embeds is not None else None
+        pieces.append(patch_embed(image[None], weight, bias, pos, class_embed, backend=backend)[0])
+    lengths = torch.tensor([0] + [p.shape[0] for p in pieces], dtype=torch.int32)
+    cu_seqlens = lengths.cumsum(0, dtype=torch.int32).to(weight.device)
+    return torch.cat(pieces, dim=0), cu_seqlens
 
 
 def patch_embed_patchified(x, weight, bias=None, *, grid_thw=None, backend=None):

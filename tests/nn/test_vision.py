@@ -73,6 +73,16 @@ def test_position_cache_reuses_and_refreshes():
     assert first.shape == (1, 10, 16)
 
 
+def test_packed_embedding_equals_per_image():
+    embed = mmfast.nn.PatchEmbed(32, image_size=16, patch_size=8, class_token=True)
+    images = [torch.randn(3, 16, 24), torch.randn(3, 8, 8)]
+    with torch.no_grad():
+        tokens, cu = embed.forward_packed(images)
+        each = [embed(image[None], interpolate_pos_encoding=True)[0] for image in images]
+    _assert_close(tokens, torch.cat(each))
+    assert cu.tolist() == [0, 7, 9]
+
+
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_patch_merger_matches_hugging_face(norm):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLPatchMerger

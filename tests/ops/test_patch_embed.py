@@ -99,6 +99,35 @@ def test_patchified_is_the_conv3d_of_hugging_face(device):
     torch.testing.assert_close(grid_cu_seqlens(grid), torch.tensor([0, 6, 10, 14], dtype=torch.int32))
 
 
+def test_packed_images_of_different_sizes(device):
+    # Two images, two grids, each with its own position table and the class token; the
+    # packed stream equals the per-image embeddings laid end to end, gradients included.
+    E, P = 24, 4
+    images = [random_tensor((3, 8, 12), torch.float32, device), random_tensor((3, 4, 4), torch.float32, device)]
+    weight = random_tensor((E, 3, P, P), torch.float32, device, scale=0.1)
+    cls = random_tensor((E,), torch.float32, device)
+    tables = [random_tensor((1 + 6, E), torch.float32, device), random_tensor((1 + 1, E), torch.float32, device)]
+
+    def packed(image0, image1, weight, class_embed, pos0, pos1):
+        return mmfast.ops.patch_embed_packed([image0, image1], weight, None, [pos0, pos1], class_embed,
+                                             backend="triton")[0]
+
+    def reference(image0, image1, weight, class_embed, pos0, pos1):
+        return torch.cat([patch_embed_reference(image[None], weight, None, pos, class_embed)[0]
+                          for image, pos in ((image0, pos0), (image1, pos1))])
+
+    inputs = {"image0": images[0], "image1": images[1], "weight": weight, "class_embed": cls,
+              "pos0": tables[0], "pos1": tables[1]}
+    assert_matches_reference(packed, reference, inputs, grad_inputs=tuple(inputs),
+                             summed_over={"grad of weight": 9, "grad of class_embed": 2})
+    _, cu = mmfast.ops.patch_embed_packed(images, weight, None, tables, cls)
+    assert cu.tolist() == [0, 7, 9] and cu.dtype == torch.int32
+    with pytest.raises(ValueError, match=r"images\[1\]: expected a \[C, H, W\] tensor"):
+        mmfast.ops.patch_embed_packed([images[0], images[1][None]], weight)
+    with pytest.raises(ValueError, match="pos_embeds: expected None or one table per image"):
+        mmfast.ops.patch_embed_packed(images, weight, None, tables[:1], cls)
+
+
 @pytest.mark.parametrize("grid_hw,cls", [((3, 5), True), ((6, 6), False), ((4, 4), True)])
 def test_interpolation_matches_hugging_face(grid_hw, cls):
     # Hugging Face CLIP/SigLIP interpolate_pos_encoding, written out: 4x4 table.
@@ -134,7 +163,8 @@ def _image_args(**kw):
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"pixels": torch.ones(1, 3, 30, 28)}, ValueError, "pixels: image size 30x28 is not a multiple of the patch size 14"),
+    ({"pixels": torch.ones(1, 3, 30, 28)}, ValueError,
+     "pixels: image size 30x28 is not a multiple of the patch size 14"),
     ({"pixels": torch.ones(1, 4, 28, 28)}, ValueError, "pixels: expected 3 channels"),
     ({"pixels": torch.ones(3, 28, 28)}, ValueError, "pixels: expected a 4-d tensor"),
     ({"pixels": torch.ones(1, 3, 28, 28, dtype=torch.float16)}, TypeError, "pixels: expected dtype torch.float32"),
