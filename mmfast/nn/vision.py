@@ -9,8 +9,8 @@ loads their weights as they are (``hf.vision_model`` of a CLIPModel / SiglipMode
     head            SigLIP's attention-pooling head (``vision_use_head``) -> pooler_output
 
 Attention runs mmfast.ops.attention on the padded layout [B, T, H, D] (no mask: every
-image has the same token count); LayerNorms are mmfast's, the second one of each block
-fused with the residual add; the MLP activation is one fused pass.
+image has the same token count); LayerNorms are mmfast's, each fused with the residual
+add before it; the MLP activation is one fused pass.
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block: ``h += attn(ln1(h)); h += mlp(ln2(h))``, the first
-    residual add fused into ``layer_norm2``. Hugging Face CLIPEncoderLayer names."""
+    """Pre-LN transformer block: ``h += attn(ln1(h)); h += mlp(ln2(h))``. Hugging Face
+    CLIPEncoderLayer names. Residual adds are fused into the norms: the first into
+    ``layer_norm2``; the second, through :meth:`forward_residual`, into the next block's
+    ``layer_norm1``."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str = "gelu",
                  eps: float = 1e-5, device=None, dtype=None):
@@ -68,9 +70,18 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = LayerNorm(hidden_size, eps=eps, **factory)
 
     def forward(self, hidden_states):
-        attn = self.self_attn(self.layer_norm1(hidden_states))
-        normed, hidden_states = self.layer_norm2(attn, residual=hidden_states)
-        return hidden_states + self.mlp(normed)
+        residual, delta = self.forward_residual(hidden_states, None)
+        return residual + delta
+
+    def forward_residual(self, residual, delta):
+        """The block on ``residual + delta`` (``delta`` None: on ``residual``), returned
+        unsummed as ``(residual, delta)`` so the next block adds them in its first norm."""
+        if delta is None:
+            normed = self.layer_norm1(residual)
+        else:
+            normed, residual = self.layer_norm1(delta, residual=residual)
+        normed, residual = self.layer_norm2(self.self_attn(normed), residual=residual)
+        return residual, self.mlp(normed)
 
 
 class Encoder(nn.Module):
@@ -79,9 +90,10 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, hidden_states):
+        delta = None
         for layer in self.layers:
-            hidden_states = layer(hidden_states)
-        return hidden_states
+            hidden_states, delta = layer.forward_residual(hidden_states, delta)
+        return hidden_states if delta is None else hidden_states + delta
 
 
 class AttentionPoolingHead(nn.Module):

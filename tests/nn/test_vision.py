@@ -52,6 +52,17 @@ def test_tower_loads_hf_weights_and_matches(make, tmp_path):
         _assert_close(got.last_hidden_state, want.last_hidden_state)
 
 
+def test_block_forward_is_the_chained_residual_form(device):
+    block = mmfast.nn.VisionBlock(64, 2, 96, "gelu").to(device)
+    x = random_tensor((2, 5, 64), torch.float32, device)
+    with torch.no_grad():
+        h = x + block.self_attn(block.layer_norm1(x))
+        want = h + block.mlp(block.layer_norm2(h))
+        _assert_close(block(x), want)
+        residual, delta = block.forward_residual(x - 1.0, torch.ones_like(x))
+        _assert_close(residual + delta, want)
+
+
 def test_tower_trains(device):
     # Gradients reach every parameter (position table through the interpolation too).
     tower = mmfast.nn.VisionTransformer(style="clip", hidden_size=64, num_layers=1, num_heads=2,

@@ -9,6 +9,10 @@ parameters; the module's own class is untouched and ``handle.undo()`` restores i
     *EncoderLayer      the first residual add fused into layer_norm2
     *MLP               the activation as one fused pass
     LayerNorm          mmfast's LayerNorm
+
+One behaviour differs on purpose: an image whose size is not a multiple of the patch
+size raises a ValueError naming it, where the Conv2d of Hugging Face silently drops the
+remainder rows and columns.
 """
 
 from __future__ import annotations
