@@ -23,11 +23,13 @@ class PositionTableCache:
 
     A cached table is reused while the position weights are unchanged (same storage and
     version counter) and no gradient has to flow into them; when training, the table is
-    interpolated each call so the gradient reaches the weights.
+    interpolated each call so the gradient reaches the weights. At most ``max_tables``
+    grids are kept (the oldest goes first), so many image sizes cannot grow it unbounded.
     """
 
-    def __init__(self):
+    def __init__(self, max_tables: int = 64):
         self._tables: dict[tuple, torch.Tensor] = {}
+        self.max_tables = max_tables
 
     def get(self, weight: torch.Tensor, grid_hw: tuple[int, int], class_token: bool) -> torch.Tensor:
         if torch.is_grad_enabled() and weight.requires_grad:
@@ -39,6 +41,8 @@ class PositionTableCache:
             self._tables = {k: v for k, v in self._tables.items() if k[2:] == key[2:]}
             with torch.no_grad():
                 table = interpolate_pos_embed(weight, grid_hw, class_token)
+            if len(self._tables) >= self.max_tables:
+                del self._tables[next(iter(self._tables))]
             self._tables[key] = table
         return table
 
