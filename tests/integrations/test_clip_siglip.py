@@ -100,3 +100,29 @@ def test_patched_tower_trains():
 def test_unknown_model_lists_supported_families():
     with pytest.raises(TypeError, match=r"no family recognises model of type Linear.*clip: CLIPVisionModel"):
         mmfast.patch(torch.nn.Linear(2, 2))
+
+
+# ---- GPU-only: a ViT-B-sized tower in bf16 -----------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_patched_bf16_tower_is_as_accurate_as_hugging_face(name):
+    # Against the float32 model with the same weights, the patched bf16 tower may err at
+    # most twice as much as Hugging Face's own bf16 forward (the flash-attention rule).
+    torch.manual_seed(0)
+    size = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12,
+                image_size=224, patch_size=16)
+    exact = _vision_model(name, **size).cuda().eval()
+    model = _vision_model(name, **size).cuda().eval()
+    model.load_state_dict(exact.state_dict())
+    model.to(torch.bfloat16)
+    pixels = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        want = _outputs(exact, pixels)
+        hf = _outputs(model, pixels.bfloat16())
+        with mmfast.patch(model):
+            ours = _outputs(model, pixels.bfloat16())
+    for got, eager, ref in zip(ours, hf, want):
+        err, err_eager = (got.float() - ref).abs().max().item(), (eager.float() - ref).abs().max().item()
+        assert err <= 2 * err_eager + 1e-3, (err, err_eager)
