@@ -43,7 +43,7 @@ _CONFIGS = _ALL_CONFIGS[:1] if os.environ.get("TRITON_INTERPRET", "0") not in ("
 
 
 @triton.jit
-def _row_offsets(rows, L, GRID_W, P, stride_xb, stride_xh, stride_xw,
+def _row_offsets(rows, L, GRID_W, P: tl.constexpr, stride_xb, stride_xh, stride_xw,
                  HAS_CLS: tl.constexpr, IMAGE: tl.constexpr):
     """Where each output row's A row starts (int64), and whether it is a patch row."""
     if IMAGE:
@@ -59,7 +59,7 @@ def _row_offsets(rows, L, GRID_W, P, stride_xb, stride_xh, stride_xw,
 
 
 @triton.jit
-def _k_offsets(ks, P, stride_xc, stride_xh, stride_xw, IMAGE: tl.constexpr):
+def _k_offsets(ks, P: tl.constexpr, stride_xc, stride_xh, stride_xw, IMAGE: tl.constexpr):
     """Offset of element k of an A row from the row's start: (c, i, j) of a patch."""
     if IMAGE:
         ij = ks % (P * P)
@@ -81,10 +81,10 @@ def _out_rows(patches, L, HAS_CLS: tl.constexpr, IMAGE: tl.constexpr):
 @triton.jit
 def _patch_embed_fwd_kernel(
     X, W, BIAS, POS, CLS, OUT,
-    M, N, K, L, GRID_W, P,
+    M, N, K, L, GRID_W,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, stride_pos, stride_out,
-    IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    P: tl.constexpr, IMAGE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_CLS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,9 +123,9 @@ def _patch_embed_fwd_kernel(
 @triton.jit
 def _patch_embed_bwd_input_kernel(
     DOUT, W, DX,
-    M, N, K, L, GRID_W, P,
+    M, N, K, L, GRID_W,
     stride_xb, stride_xc, stride_xh, stride_xw, stride_wn, stride_dout,
-    IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    P: tl.constexpr, IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Programs walk the M = B * L patch rows only; class-token rows have no pixels.
@@ -156,9 +156,9 @@ def _patch_embed_bwd_input_kernel(
 @triton.jit
 def _patch_embed_bwd_weight_kernel(
     DOUT, X, DW_PARTIAL,
-    M, N, K, L, GRID_W, P,
+    M, N, K, L, GRID_W,
     stride_xb, stride_xc, stride_xh, stride_xw, rows_per_split, stride_dout,
-    IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    P: tl.constexpr, IMAGE: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -209,7 +209,9 @@ class Geometry:
         self.patch = patch
 
     def common(self):
-        return (self.L, self.grid_w, self.patch, *self.strides)
+        """The runtime geometry arguments of the kernels (the patch size is a constexpr:
+        divisions by it compile to multiplications)."""
+        return (self.L, self.grid_w, *self.strides)
 
 
 def patch_embed_fwd(x, weight2, bias, pos, cls, patch: int):
@@ -228,8 +230,8 @@ def patch_embed_fwd(x, weight2, bias, pos, cls, patch: int):
         cls if cls is not None else weight2, out,
         geo.rows, E, geo.K, *geo.common(), weight2.stride(0),
         pos.stride(0) if pos is not None else 0, E,
-        IMAGE=geo.image, HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_CLS=geo.has_cls,
-        IEEE=x.dtype == torch.float32,
+        P=geo.patch, IMAGE=geo.image, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+        HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
     )
     return out
 
@@ -249,7 +251,7 @@ def patch_embed_bwd(dout, x, weight2, patch: int, has_cls: bool, need_input: boo
             grid = lambda meta: (triton.cdiv(geo.patches, meta["BLOCK_M"]), triton.cdiv(K, meta["BLOCK_K"]))
             _patch_embed_bwd_input_kernel[grid](
                 dout, weight2, dx, geo.patches, E, K, *dx_geo.common(), weight2.stride(0), E,
-                IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
+                P=geo.patch, IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
             )
     if need_weight:
         # Enough row splits to fill the device about twice over with the largest tiles
@@ -262,7 +264,7 @@ def patch_embed_bwd(dout, x, weight2, patch: int, has_cls: bool, need_input: boo
             grid = lambda meta: (triton.cdiv(E, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]), split)
             _patch_embed_bwd_weight_kernel[grid](
                 dout, x, partial, geo.patches, E, K, *geo.common(), rows_per_split, E,
-                IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
+                P=geo.patch, IMAGE=geo.image, HAS_CLS=geo.has_cls, IEEE=x.dtype == torch.float32,
             )
         dw = partial.sum(0)
     return dx, dw
