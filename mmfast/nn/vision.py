@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmfast.nn.mlp import MLP
@@ -29,6 +30,23 @@ from mmfast.ops.attention import attention
 class VisionOutput(NamedTuple):
     last_hidden_state: torch.Tensor
     pooler_output: torch.Tensor | None
+
+
+class PackedVisionOutput(NamedTuple):
+    """Images of different sizes as one stream: image i owns tokens
+    ``cu_seqlens[i] .. cu_seqlens[i + 1]`` of ``last_hidden_state`` [T, E]."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None  # [images, E]
+    cu_seqlens: torch.Tensor
+
+
+class Packing(NamedTuple):
+    """Segment boundaries of a packed stream: int32 ``cu_seqlens`` on the device and the
+    longest segment as a Python int (known from the image shapes: no sync)."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
 
 class VisionAttention(nn.Module):
@@ -47,10 +65,15 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, **factory)
 
-    def forward(self, x):
+    def forward(self, x, packed: Packing | None = None):
+        """``x`` [B, T, E]; or, with ``packed``, one stream [T, E] of several images."""
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = attention(q, k, v, scale=self.scale)
+        if packed is None:
+            out = attention(q, k, v, scale=self.scale)
+        else:
+            out = attention(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
+                            max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen, scale=self.scale)
         return self.out_proj(out.reshape(x.shape[:-1] + (-1,)))
 
 
@@ -69,18 +92,18 @@ class VisionBlock(nn.Module):
         self.mlp = MLP(hidden_size, intermediate_size, hidden_act, **factory)
         self.layer_norm2 = LayerNorm(hidden_size, eps=eps, **factory)
 
-    def forward(self, hidden_states):
-        residual, delta = self.forward_residual(hidden_states, None)
+    def forward(self, hidden_states, packed: Packing | None = None):
+        residual, delta = self.forward_residual(hidden_states, None, packed)
         return residual + delta
 
-    def forward_residual(self, residual, delta):
+    def forward_residual(self, residual, delta, packed: Packing | None = None):
         """The block on ``residual + delta`` (``delta`` None: on ``residual``), returned
         unsummed as ``(residual, delta)`` so the next block adds them in its first norm."""
         if delta is None:
             normed = self.layer_norm1(residual)
         else:
             normed, residual = self.layer_norm1(delta, residual=residual)
-        normed, residual = self.layer_norm2(self.self_attn(normed), residual=residual)
+        normed, residual = self.layer_norm2(self.self_attn(normed, packed), residual=residual)
         return residual, self.mlp(normed)
 
 
@@ -89,10 +112,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, hidden_states):
+    def forward(self, hidden_states, packed: Packing | None = None):
         delta = None
         for layer in self.layers:
-            hidden_states, delta = layer.forward_residual(hidden_states, delta)
+            hidden_states, delta = layer.forward_residual(hidden_states, delta, packed)
         return hidden_states if delta is None else hidden_states + delta
 
 
@@ -111,10 +134,28 @@ class AttentionPoolingHead(nn.Module):
         self.layernorm = LayerNorm(hidden_size, eps=eps, **factory)
         self.mlp = MLP(hidden_size, intermediate_size, hidden_act, **factory)
 
-    def forward(self, hidden_states):
-        probe = self.probe.expand(hidden_states.shape[0], -1, -1)
-        pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0]
-        return (pooled + self.mlp(self.layernorm(pooled)))[:, 0]
+    def forward(self, hidden_states, packed: Packing | None = None):
+        if packed is None:
+            probe = self.probe.expand(hidden_states.shape[0], -1, -1)
+            pooled = self.attention(probe, hidden_states, hidden_states, need_weights=False)[0][:, 0]
+        else:
+            pooled = self._pool_packed(hidden_states, packed)
+        return pooled + self.mlp(self.layernorm(pooled))
+
+    def _pool_packed(self, tokens, packed: Packing):
+        # The same MultiheadAttention weights, one probe query per image over its tokens.
+        mha = self.attention
+        E, H = tokens.shape[-1], mha.num_heads
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+        images = packed.cu_seqlens.shape[0] - 1
+        q = F.linear(self.probe.reshape(1, E), w_q, b_q).expand(images, E).reshape(images, H, E // H)
+        k = F.linear(tokens, w_k, b_k).view(-1, H, E // H)
+        v = F.linear(tokens, w_v, b_v).view(-1, H, E // H)
+        one = torch.arange(images + 1, dtype=torch.int32, device=tokens.device)
+        out = attention(q, k, v, cu_seqlens_q=one, cu_seqlens_k=packed.cu_seqlens,
+                        max_seqlen_q=1, max_seqlen_k=packed.max_seqlen)
+        return mha.out_proj(out.reshape(images, E))
 
 
 class VisionTransformer(nn.Module):
@@ -123,7 +164,8 @@ class VisionTransformer(nn.Module):
     all tokens, optional attention-pooling head) vision tower.
 
     ``forward(pixel_values, interpolate_pos_encoding=False)`` returns
-    ``VisionOutput(last_hidden_state, pooler_output)`` as the Hugging Face model does.
+    ``VisionOutput(last_hidden_state, pooler_output)`` as the Hugging Face model does;
+    :meth:`forward_packed` takes images of different sizes as one packed stream.
     :meth:`from_config` builds one from a CLIPVisionConfig / SiglipVisionConfig.
     """
 
@@ -164,6 +206,22 @@ class VisionTransformer(nn.Module):
                    patch_size=config.patch_size, num_channels=config.num_channels, hidden_act=config.hidden_act,
                    layer_norm_eps=config.layer_norm_eps, use_head=getattr(config, "vision_use_head", True),
                    device=device, dtype=dtype)
+
+    def forward_packed(self, images) -> PackedVisionOutput:
+        """Images [C, H_i, W_i] of different sizes (multiples of the patch size) as one
+        packed token stream, each attending only to itself (varlen attention), with the
+        position table interpolated per grid: the result equals running each image alone
+        with ``interpolate_pos_encoding=True``, without padding any of them."""
+        tokens, cu_seqlens = self.embeddings.forward_packed(images)
+        P, cls = self.embeddings.patch_size, int(self.style == "clip")
+        longest = max((im.shape[-2] // P) * (im.shape[-1] // P) + cls for im in images)
+        packed = Packing(cu_seqlens, longest)
+        if self.style == "clip":
+            hidden = self.encoder(self.pre_layrnorm(tokens), packed)
+            return PackedVisionOutput(hidden, self.post_layernorm(hidden[cu_seqlens[:-1].long()]), cu_seqlens)
+        hidden = self.post_layernorm(self.encoder(tokens, packed))
+        pooled = self.head(hidden, packed) if self.use_head else None
+        return PackedVisionOutput(hidden, pooled, cu_seqlens)
 
     def forward(self, pixel_values, interpolate_pos_encoding: bool = False) -> VisionOutput:
         hidden = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)

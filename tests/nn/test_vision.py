@@ -52,6 +52,21 @@ def test_tower_loads_hf_weights_and_matches(make, tmp_path):
         _assert_close(got.last_hidden_state, want.last_hidden_state)
 
 
+@pytest.mark.parametrize("style", ["clip", "siglip"])
+def test_packed_tower_equals_each_image_alone(style, device):
+    # Two image sizes in one stream: varlen attention keeps them apart, no padding.
+    tower = mmfast.nn.VisionTransformer(style=style, hidden_size=64, num_layers=1, num_heads=2,
+                                        intermediate_size=48, image_size=16, patch_size=8,
+                                        hidden_act="gelu_pytorch_tanh").to(device).eval()
+    images = [random_tensor((3, 16, 24), torch.float32, device), random_tensor((3, 8, 16), torch.float32, device)]
+    with torch.no_grad():
+        packed = tower.forward_packed(images)
+        alone = [tower(image[None], interpolate_pos_encoding=True) for image in images]
+    _assert_close(packed.last_hidden_state, torch.cat([out.last_hidden_state[0] for out in alone]))
+    _assert_close(packed.pooler_output, torch.cat([out.pooler_output for out in alone]))
+    assert packed.cu_seqlens.tolist() == ([0, 7, 10] if style == "clip" else [0, 6, 8])
+
+
 def test_block_forward_is_the_chained_residual_form(device):
     block = mmfast.nn.VisionBlock(64, 2, 96, "gelu").to(device)
     x = random_tensor((2, 5, 64), torch.float32, device)
