@@ -15,6 +15,7 @@ _MODULES = {
     "activation": "mmfast.bench.suites.activation",
     "patch_embed": "mmfast.bench.suites.patch_embed",
     "vision_tower": "mmfast.bench.suites.vision_tower",
+    "scheduler_step": "mmfast.bench.suites.scheduler_step",
 }
 
 

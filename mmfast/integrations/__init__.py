@@ -20,6 +20,10 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 # family name -> module defining FAMILY; the order is the order families are tried in.
 FAMILY_MODULES: dict[str, str] = {
     "idefics2": "mmfast.integrations.transformers.idefics2",
+    "diffusers-scheduler": "mmfast.integrations.diffusers.schedulers",
+    "mllama": "mmfast.integrations.transformers.mllama",
+    "blip2": "mmfast.integrations.transformers.blip2",
+    "llava": "mmfast.integrations.transformers.llava",
     "clip": "mmfast.integrations.transformers.clip",
     "siglip": "mmfast.integrations.transformers.siglip",
 }

@@ -5,6 +5,8 @@ from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
 from mmfast.nn.perceiver import PerceiverResampler
 from mmfast.nn.projector import MLPProjector
+from mmfast.nn.qformer import QFormer
+from mmfast.nn.qwen_vl_resampler import QwenVLResampler
 from mmfast.nn.qwen_vision import Qwen2VisionTransformer, Qwen25VisionTransformer
 from mmfast.nn.activation import GELU, QuickGELU
 from mmfast.nn.mlp import MLP, SwiGLUMLP
@@ -17,3 +19,4 @@ __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25Vis
 __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
 __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
+__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
