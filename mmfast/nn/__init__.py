@@ -16,5 +16,4 @@ from mmfast.nn.unet import unet2d_condition_model
 __all__ = ["LayerNorm", "RMSNorm"]
 __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
 __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
-__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]
