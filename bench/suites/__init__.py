@@ -15,6 +15,8 @@ _MODULES = {
     "activation": "mmfast.bench.suites.activation",
     "patch_embed": "mmfast.bench.suites.patch_embed",
     "vision_tower": "mmfast.bench.suites.vision_tower",
+    "group_norm": "mmfast.bench.suites.group_norm",
+    "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
     "scheduler_step": "mmfast.bench.suites.scheduler_step",
 }
 

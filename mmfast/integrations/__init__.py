@@ -27,6 +27,10 @@ FAMILY_MODULES: dict[str, str] = {
     "clip": "mmfast.integrations.transformers.clip",
     "siglip": "mmfast.integrations.transformers.siglip",
 }
+FAMILY_MODULES["diffusers-unet2d-condition"] = "mmfast.integrations.diffusers.unet2d_condition"
+FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3_transformer"
+FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
+FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 
 
 def families() -> list[Family]:

@@ -1,6 +1,7 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
 from mmfast.nn.attention import Attention, VarlenAttention
+from mmfast.nn.dit import DiTBlock, MMDiTBlock
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
 from mmfast.nn.perceiver import PerceiverResampler
@@ -13,6 +14,9 @@ from mmfast.nn.mlp import MLP, SwiGLUMLP
 from mmfast.nn.patch_embed import PatchEmbed, PatchEmbed3d
 from mmfast.nn.merger import PatchMerger
 from mmfast.nn.vision import VisionAttention, VisionBlock, VisionTransformer
+from mmfast.nn.resnet import ResnetBlock2D
+from mmfast.nn.transformer_2d import Transformer2DBlock
+from mmfast.nn.unet import unet2d_condition_model
 
 __all__ = ["LayerNorm", "RMSNorm"]
 __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
@@ -20,3 +24,4 @@ __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
 __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
 __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
+__all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]
