@@ -23,5 +23,5 @@ __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25Vis
 __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
 __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
-__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
+__all__ += ["QFormer", "QwenVLResampler"]
 __all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]
