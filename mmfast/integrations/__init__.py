@@ -19,6 +19,8 @@ from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
 FAMILY_MODULES: dict[str, str] = {}
+FAMILY_MODULES["qwen2_vl"] = "mmfast.integrations.transformers.qwen2_vl"
+FAMILY_MODULES["qwen2_5_vl"] = "mmfast.integrations.transformers.qwen2_5_vl"
 
 
 def families() -> list[Family]:
