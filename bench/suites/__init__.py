@@ -11,6 +11,7 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "cross_attention": "mmfast.bench.suites.cross_attention",
 }
 
 

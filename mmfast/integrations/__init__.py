@@ -18,9 +18,11 @@ from typing import Any
 from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
-FAMILY_MODULES: dict[str, str] = {}
-FAMILY_MODULES["qwen2_vl"] = "mmfast.integrations.transformers.qwen2_vl"
-FAMILY_MODULES["qwen2_5_vl"] = "mmfast.integrations.transformers.qwen2_5_vl"
+FAMILY_MODULES: dict[str, str] = {
+    "idefics2": "mmfast.integrations.transformers.idefics2",
+    "qwen2_vl": "mmfast.integrations.transformers.qwen2_vl",
+    "qwen2_5_vl": "mmfast.integrations.transformers.qwen2_5_vl",
+}
 
 
 def families() -> list[Family]:
