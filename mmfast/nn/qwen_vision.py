@@ -18,21 +18,21 @@ works; :meth:`from_config` takes their vision configs. Index plumbing comes from
 :func:`mmfast.ops.vision_windows.qwen_vision_indices` (one host read of ``grid_thw``
 per call, cached per grid). Pre-norm residual adds are fused into the norms.
 
-Not yet fused here (plain PyTorch, pending the patch-embedding and activation ops):
-the patch embedding (a GEMM on the flattened Conv3d weight, as vLLM does), the MLP
-activations and the merger.
+Activations are mmfast's fused elementwise ops (SwiGLU, QuickGELU, GELU). Still plain
+PyTorch here: the patch embedding (a GEMM on the flattened Conv3d weight, as vLLM does)
+and the merger's 2x2 concatenation.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfast.nn.attention import VarlenAttention
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.ops.activation import gelu, quick_gelu, swiglu
 from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 
 
@@ -63,7 +63,7 @@ class QwenSwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class QwenQuickGeluMlp(nn.Module):
@@ -75,8 +75,14 @@ class QwenQuickGeluMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class _Gelu(nn.Module):
+    """Erf GELU, in the merger's ``mlp.1`` slot (no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
 
 
 class QwenPatchMerger(nn.Module):
@@ -86,7 +92,7 @@ class QwenPatchMerger(nn.Module):
         super().__init__()
         self.hidden_size = dim * merge * merge
         self.ln_q = norm
-        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), _Gelu(),
                                  nn.Linear(self.hidden_size, out_dim))
 
     def forward(self, x: Tensor) -> Tensor:

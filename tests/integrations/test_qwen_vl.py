@@ -40,8 +40,10 @@ def _own_forwards(model):
 
 
 @pytest.mark.parametrize("build,replaced", [
-    (_qwen25, {"Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm", "Qwen2_5_VisionTransformerPretrainedModel"}),
-    (_qwen2, {"VisionAttention", "LayerNorm", "Qwen2VLRMSNorm", "Qwen2VisionTransformerPretrainedModel"}),
+    (_qwen25, {"Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm", "Qwen2_5_VisionTransformerPretrainedModel",
+               "Qwen2_5_VLMLP", "Qwen2MLP"}),
+    (_qwen2, {"VisionAttention", "LayerNorm", "Qwen2VLRMSNorm", "Qwen2VisionTransformerPretrainedModel",
+              "VisionMlp", "Qwen2MLP"}),
 ])
 def test_patch_matches_and_undo_restores(build, replaced):
     torch.manual_seed(0)
@@ -80,7 +82,7 @@ def test_patch_the_vision_tower_alone_in_bf16(device):
         tower.to(torch.bfloat16)
         before = tower(pixels, grid_thw=GRID).pooler_output
         with mmfast.patch(tower) as handle:
-            assert len(handle.replaced) == 1 + 2 + 2 * 2 + 1  # tower, attentions, norms, merger norm
+            assert len(handle.replaced) == 1 + 2 + 2 * 2 + 1 + 2  # tower, attentions, norms, merger norm, MLPs
             got = tower(pixels, grid_thw=GRID).pooler_output
         after = tower(pixels, grid_thw=GRID).pooler_output
     assert torch.equal(after, before)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmfast.integrations.patching import PatchHandle
+from mmfast.ops.activation import quick_gelu, swiglu
 from mmfast.ops.attention import attention
 from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.rotary import apply_rotary
@@ -47,6 +48,26 @@ def _layer_norm_forward(self, x):
 def patch_layer_norm(module: nn.Module, handle: PatchHandle, name: str) -> None:
     if len(module.normalized_shape) == 1:  # mmfast normalises over the last dim only
         handle.set_forward(module, _layer_norm_forward, "layer_norm", name)
+
+
+def _swiglu_mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def patch_swiglu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    """down(act(gate(x)) * up(x)) MLPs (vision and language model) whose act is SiLU."""
+    if type(module.act_fn).__name__ in ("SiLUActivation", "SiLU"):
+        handle.set_forward(module, _swiglu_mlp_forward, "swiglu", name)
+
+
+def _quick_gelu_mlp_forward(self, x):
+    return self.fc2(quick_gelu(self.fc1(x)))
+
+
+def patch_quick_gelu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    """Qwen2-VL's vision MLP, fc2(act(fc1(x))), when its act is QuickGELU."""
+    if type(module.act).__name__ == "QuickGELUActivation":
+        handle.set_forward(module, _quick_gelu_mlp_forward, "quick_gelu", name)
 
 
 def patch_vision_tower(module: nn.Module, handle: PatchHandle, name: str) -> None:

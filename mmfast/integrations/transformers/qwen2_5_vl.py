@@ -1,10 +1,11 @@
 """Qwen2.5-VL (Hugging Face transformers): the vision tower's window/full attention
 becomes packed varlen attention with fused rotary, fed by cached window plumbing; every
-RMSNorm (vision and language model) becomes mmfast's fused one."""
+RMSNorm and SiLU-gated MLP (vision and language model) becomes mmfast's fused one."""
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers._qwen_vision import (
     patch_rms_norm,
+    patch_swiglu_mlp,
     patch_vision_attention,
     patch_vision_tower,
 )
@@ -17,6 +18,7 @@ FAMILY = Family(
         Replacement(("Qwen2_5_VisionTransformerPretrainedModel",), patch_vision_tower, "cached vision indices"),
         Replacement(("Qwen2_5_VLVisionAttention",), patch_vision_attention, "varlen attention + fused rotary"),
         Replacement(("Qwen2_5_VLRMSNorm",), patch_rms_norm, "rms_norm"),
+        Replacement(("Qwen2_5_VLMLP", "Qwen2MLP"), patch_swiglu_mlp, "swiglu"),
     ),
-    notes="vision MLP (SwiGLU), patch embedding and the language model's attention are not replaced yet",
+    notes="patch embedding and the language model's attention are not replaced yet",
 )

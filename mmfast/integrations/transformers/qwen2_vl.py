@@ -1,11 +1,14 @@
 """Qwen2-VL (Hugging Face transformers): the vision tower's per-frame attention becomes
 packed varlen attention with fused rotary, fed by cached index plumbing; its LayerNorms
-and the language model's RMSNorms become mmfast's fused ones."""
+and QuickGELU MLPs, and the language model's RMSNorms and SiLU-gated MLPs, become
+mmfast's fused ones."""
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers._qwen_vision import (
     patch_layer_norm,
+    patch_quick_gelu_mlp,
     patch_rms_norm,
+    patch_swiglu_mlp,
     patch_vision_attention,
     patch_vision_tower,
 )
@@ -18,6 +21,8 @@ FAMILY = Family(
         Replacement(("VisionAttention",), patch_vision_attention, "varlen attention + fused rotary"),
         Replacement(("LayerNorm",), patch_layer_norm, "layer_norm"),
         Replacement(("Qwen2VLRMSNorm",), patch_rms_norm, "rms_norm"),
+        Replacement(("VisionMlp",), patch_quick_gelu_mlp, "quick_gelu"),
+        Replacement(("Qwen2MLP",), patch_swiglu_mlp, "swiglu"),
     ),
-    notes="vision MLP (QuickGELU), patch embedding and the language model's attention are not replaced yet",
+    notes="patch embedding and the language model's attention are not replaced yet",
 )
