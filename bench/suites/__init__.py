@@ -12,6 +12,7 @@ from mmfast.bench.suite import Suite
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "cross_attention": "mmfast.bench.suites.cross_attention",
+    "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
 }
 
 
