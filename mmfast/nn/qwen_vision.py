@@ -140,10 +140,11 @@ class _QwenVisionTower(nn.Module):
         ``return_hidden_states``, also the last block's output [N, dim] in stream order."""
         ix = qwen_vision_indices(grid_thw, spatial_merge_size=self.spatial_merge_size,
                                  window_size=self.window_size, patch_size=self.patch_size)
+        patches = pixel_values.numel() // self.patch_embed.patch_dim
+        if patches != ix.position_ids.shape[0]:
+            raise ValueError(f"grid_thw: describes {ix.position_ids.shape[0]} patches, pixel_values holds {patches}")
         x = self.patch_embed(pixel_values)
         unit = self.spatial_merge_size ** 2
-        if x.shape[0] != ix.position_ids.shape[0]:
-            raise ValueError(f"grid_thw: describes {ix.position_ids.shape[0]} patches, pixel_values holds {x.shape[0]}")
         windowed = self.window_size is not None
         positions = ix.position_ids
         if windowed:  # window order, whole merge blocks at a time

@@ -70,21 +70,38 @@ def test_patch_matches_and_undo_restores(build, replaced):
         assert torch.equal(value, state[key])
 
 
-def test_patch_the_vision_tower_alone_in_bf16(device):
+# Qwen2.5-VL-7B's vision width (hidden 1280, 16 heads of 80, SwiGLU 3420) at depth 4.
+WIDE = {"depth": 4, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "out_hidden_size": 3584,
+        "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [3]}
+
+
+@pytest.mark.parametrize("wide", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_patch_the_vision_tower_alone_in_bf16(wide, device):
     torch.manual_seed(0)
-    tower = _qwen25().model.visual.to(device).eval()
-    pixels = torch.randn(int(GRID.prod(-1).sum()), 3 * 2 * 4 * 4, device=device)
+    if wide:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        config = transformers.Qwen2_5_VLConfig(vision_config=WIDE).vision_config
+        tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config)
+        grid = torch.tensor([[1, 32, 32], [1, 16, 46], [4, 16, 16]])  # 448 px, 224x644 px, 8-frame video
+        replaced = 1 + 4 + 2 * 4 + 1 + 4
+    else:
+        tower, grid = _qwen25().model.visual, GRID
+        replaced = 1 + 2 + 2 * 2 + 1 + 2  # tower, attentions, norms, merger norm, MLPs
+    tower, grid = tower.to(device).eval(), grid.to(device)
+    config = tower.config
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * config.patch_size ** 2, device=device)
     # The Triton interpreter cannot run bf16 tl.dot: on a CPU the attention goes to SDPA
     # (rotary and norms stay on Triton); on a GPU everything runs Triton.
     attention_backend = "sdpa" if device.type == "cpu" else None
     with torch.no_grad(), mmfast.set_backend(attention_backend, op="attention"):
-        exact = tower.float()(pixels, grid_thw=GRID).pooler_output
+        exact = tower.float()(pixels, grid_thw=grid).pooler_output
         tower.to(torch.bfloat16)
-        before = tower(pixels, grid_thw=GRID).pooler_output
+        before = tower(pixels, grid_thw=grid).pooler_output
         with mmfast.patch(tower) as handle:
-            assert len(handle.replaced) == 1 + 2 + 2 * 2 + 1 + 2  # tower, attentions, norms, merger norm, MLPs
-            got = tower(pixels, grid_thw=GRID).pooler_output
-        after = tower(pixels, grid_thw=GRID).pooler_output
+            assert len(handle.replaced) == replaced
+            got = tower(pixels, grid_thw=grid).pooler_output
+        after = tower(pixels, grid_thw=grid).pooler_output
     assert torch.equal(after, before)
     # Within bf16 tolerance: no worse than twice HF's own bf16 error, plus a bf16 unit.
     err, err_hf = (got.float() - exact).abs().max(), (before.float() - exact).abs().max()
