@@ -95,8 +95,13 @@ class QwenPatchMerger(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), _Gelu(),
                                  nn.Linear(self.hidden_size, out_dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """Merged tokens; with ``residual``, the norm reads ``x + residual`` in its fused
+        pass and ``(merged, x + residual)`` is returned."""
+        if residual is None:
+            return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
+        normed, stream = self.ln_q(x, residual=residual)
+        return self.mlp(normed.view(-1, self.hidden_size)), stream
 
 
 class QwenVisionBlock(nn.Module):
@@ -158,9 +163,10 @@ class _QwenVisionTower(nn.Module):
                 x, residual = block(x, residual, ix.cu_seqlens, rotary, ix.max_seqlen)
             else:
                 x, residual = block(x, residual, ix.cu_window_seqlens, rotary, ix.max_window_seqlen)
-        if residual is not None:
-            x = x + residual
-        merged = self.merger(x)
+        if residual is None:  # depth 0
+            merged = self.merger(x)
+        else:  # the last residual add happens in the merger's norm
+            merged, x = self.merger(x, residual)
         if windowed:
             merged = merged[ix.reverse_window_index]
         if not return_hidden_states:
