@@ -18,9 +18,9 @@ works; :meth:`from_config` takes their vision configs. Index plumbing comes from
 :func:`mmfast.ops.vision_windows.qwen_vision_indices` (one host read of ``grid_thw``
 per call, cached per grid). Pre-norm residual adds are fused into the norms.
 
-Activations are mmfast's fused elementwise ops (SwiGLU, QuickGELU, GELU). Still plain
-PyTorch here: the patch embedding (a GEMM on the flattened Conv3d weight, as vLLM does)
-and the merger's 2x2 concatenation.
+Activations are mmfast's fused elementwise ops (SwiGLU, QuickGELU, GELU). The GEMMs are
+plain nn.Linear, the patch embedding included (the Conv3d as one GEMM on its flattened
+weight, as vLLM does).
 """
 
 from __future__ import annotations
