@@ -18,6 +18,7 @@ _MODULES = {
     "group_norm": "mmfast.bench.suites.group_norm",
     "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
     "scheduler_step": "mmfast.bench.suites.scheduler_step",
+    "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
 }
 
 
