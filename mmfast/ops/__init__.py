@@ -10,6 +10,7 @@ from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.group_norm import group_norm
 from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.retrieval import retrieval_metrics, zero_shot_topk
+from mmfast.ops.patch_embed import patch_embed, patch_embed_packed, patch_embed_patchified
 from mmfast.ops.rotary import apply_rotary
 from mmfast.ops.scheduler_step import StepCoefficients, StepTable, guided_step
 from mmfast.ops.timestep import timestep_embedding
@@ -22,3 +23,4 @@ __all__ += ["cross_attention"]
 __all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
 __all__ += ["StepCoefficients", "StepTable", "guided_step"]
 __all__ += ["clip_loss", "nt_xent_loss", "siglip_loss", "retrieval_metrics", "zero_shot_topk"]
+__all__ += ["patch_embed", "patch_embed_packed", "patch_embed_patchified"]
