@@ -21,7 +21,6 @@ from mmfast.nn.unet import unet2d_condition_model
 
 __all__ = ["LayerNorm", "RMSNorm"]
 __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
-__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
 __all__ += ["ClipLoss", "SigLipLoss"]
 __all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
 __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
