@@ -11,8 +11,9 @@ Mask (optional), flattened over rows, int32 (see mmfast.ops.cross_attention_mask
     query_key_lo/hi[i]    the keys [lo, hi) of the segment that hold those groups: bounds
                           that let a block skip keys none of its queries can see
 
-Forward, flash-decoding style: program (m, b, h * S + s) runs the online softmax (float32,
-exp2, scores in log2 units) of BLOCK_M queries over split s of the segment's keys,
+Forward, flash-decoding style: program (m, b, hk * S + s) runs the online softmax (float32,
+exp2, scores in log2 units) of BLOCK_M (query, head) rows of K/V head hk's group of query
+heads (GQA: each K/V tile is read once per group) over split s of the segment's keys,
     keys [s * split_size, (s + 1) * split_size) intersected with the block's mask bounds.
 With S = 1 it writes the result; with S > 1 it writes a float32 partial (o_s, lse_s) and
 one combine kernel merges the splits:
@@ -26,8 +27,9 @@ Backward (deterministic, no atomics), with dA = alpha dOut the gradient of o:
     r = rowsum(dOut * o)   (the gate's gradient is sum r over the gate's heads)
     delta = alpha r,  p = exp(scale q.k - lse),  dp = alpha (dOut . v),  ds = p (dp - delta)
     dv = alpha sum_q p dOut,  dk = scale sum_q ds q   (programs over key blocks)
-    dq = scale sum_k ds k    (programs over query blocks and key splits: float32 partials
-                              summed by the launcher when S > 1)
+    dq = scale sum_k ds k    (programs over (query, head) row blocks of a GQA group, as in
+                              the forward, and key splits: float32 partials summed by the
+                              launcher when S > 1)
 """
 
 import torch
@@ -84,12 +86,12 @@ def _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK: tl.constexpr):
 def _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride,
                   HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """o -> O at offsets ``at`` (contiguous [rows, H, D]); with an epilogue also
-    out = residual + alpha[h] * o -> OUT (same offsets)."""
+    out = residual + alpha[h] * o -> OUT (same offsets). ``h``: each row's head."""
     tl.store(O + at, o.to(O.dtype.element_ty), mask=mask)
     if HAS_ALPHA or HAS_RESIDUAL:
         out = o
         if HAS_ALPHA:
-            out = out * tl.load(ALPHA + h * alpha_stride)
+            out = out * tl.load(ALPHA + h * alpha_stride)[:, None]
         if HAS_RESIDUAL:
             out += tl.load(RESIDUAL + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=mask)
@@ -108,21 +110,24 @@ def _cross_attention_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2) // num_splits
+    hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
     k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    # The block's rows are (query, head) pairs of K/V head hk's group, query-major: row r is
+    # query r // group of head hk * group + r % group. Each K/V tile is loaded once for the
+    # whole group, and a block spans few queries, which keeps the mask bounds tight.
     m_first = pid_m * BLOCK_M
-    if m_first >= len_q:  # the grid is sized for the longest segment
+    if m_first >= len_q * group:  # the grid is sized for the longest segment
         return
-    hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    m_ok = offs_m < len_q
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    m_ok = offs_m < len_q * group
+    rows = (q_start + offs_m // group).to(tl.int64)
+    h = hk * group + offs_m % group
+    q = tl.load(Q + rows[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
@@ -158,10 +163,10 @@ def _cross_attention_fwd_kernel(
     mask = m_ok[:, None] & d_ok[None, :]
     if SPLIT:
         part = split.to(tl.int64) * rows_q + rows
-        tl.store(O_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], o, mask=mask)
+        tl.store(O_PART + (part[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :], o, mask=mask)
         tl.store(LSE_PART + part * heads + h, lse, mask=m_ok)
     else:
-        at = (rows[:, None] * heads + h) * head_dim + offs_d[None, :]
+        at = (rows[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :]
         _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
         tl.store(LSE + rows * heads + h, lse, mask=m_ok)
 
@@ -193,7 +198,7 @@ def _cross_attention_combine_kernel(
     seen = total > 0.0
     o = acc / tl.where(seen, total, 1.0)[:, None]
     at = (rows[:, None] * heads + h) * head_dim + offs_d[None, :]
-    _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
+    _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h + rows * 0, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
     lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
     tl.store(LSE + rows * heads + h, lse, mask=m_ok)
 
@@ -296,27 +301,29 @@ def _cross_attention_bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2) // num_splits
+    hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
     k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
     m_first = pid_m * BLOCK_M
-    if m_first >= len_q:
+    if m_first >= len_q * group:
         return
-    hk = h // group
+    # (query, head) rows of K/V head hk's group, query-major, as in the forward.
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < head_dim
-    m_ok = offs_m < len_q
+    m_ok = offs_m < len_q * group
     q_mask = m_ok[:, None] & d_ok[None, :]
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DOUT + (rows[:, None] * heads + h) * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    rows = (q_start + offs_m // group).to(tl.int64)
+    h = hk * group + offs_m % group
+    at = (rows[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :]
+    q = tl.load(Q + h[:, None] * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOUT + at, mask=q_mask, other=0.0)
     lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    a = 1.0
+    a = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     if HAS_ALPHA:
         a = tl.load(ALPHA + h * alpha_stride)
     scale_log2 = scale * _LOG2E
@@ -337,17 +344,16 @@ def _cross_attention_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = a[:, None] * tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     dq = dq * scale
     if SPLIT:
         part = split.to(tl.int64) * rows_q + rows
-        tl.store(DQ_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], dq, mask=q_mask)
+        tl.store(DQ_PART + (part[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :], dq, mask=q_mask)
     else:
-        tl.store(DQ + (rows[:, None] * heads + h) * head_dim + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ---- launchers -------------------------------------------------------------------
@@ -357,16 +363,17 @@ _MIN_SPLIT_KEYS_GPU = 256
 _INTERPRETER_SMS = 32
 
 
-def _blocks(device: torch.device, head_dim: int, max_seqlen_q: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned on GPUs: starting points, to be
-    measured. Few queries get a query tile no larger than they need. The interpreter gets
-    small tiles (it runs them in numpy)."""
+def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for blocks of ``max_rows`` query rows at
+    most (queries x query heads per K/V head in the forward). Untuned on GPUs: starting
+    points, to be measured. Few rows get a tile no larger than they need. The interpreter
+    gets small tiles (it runs them in numpy)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
     if backward:
         return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
     block_m = 128 if head_dim <= 128 else 64
-    block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q)))
+    block_m = min(block_m, max(16, triton.next_power_of_2(max_rows)))
     if head_dim <= 64:
         return block_m, 64, 4, 3
     return (block_m, 64 if block_m <= 64 else 32, 4 if block_m <= 64 else 8, 2)
@@ -414,9 +421,11 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     lse = empty((rows_q, heads), dtype=torch.float32, device=q.device)
     if batch == 0 or max_seqlen_q == 0 or rows_q == 0 or heads == 0:
         return out, o, lse
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, max_seqlen_q, backward=False)
-    m_blocks = triton.cdiv(max_seqlen_q, BLOCK_M)
-    splits = num_splits(q.device, m_blocks * batch * heads, max_seqlen_k, BLOCK_N)
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, max_seqlen_q * group, backward=False)
+    m_blocks = triton.cdiv(max_seqlen_q * group, BLOCK_M)
+    splits = num_splits(q.device, m_blocks * batch * kv_heads, max_seqlen_k, BLOCK_N)
     split_size = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), BLOCK_N) * BLOCK_N
     o_part = lse_part = lse
     if splits > 1:
@@ -428,10 +437,10 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     alpha_t = alpha if alpha is not None else lse
     alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
     BLOCK_D = triton.next_power_of_2(head_dim)
-    _cross_attention_fwd_kernel[(m_blocks, batch, heads * splits)](
+    _cross_attention_fwd_kernel[(m_blocks, batch, kv_heads * splits)](
         q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, *_mask_args(mask, cu_q),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // k.shape[1], scale * LOG2E,
+        rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
         split_size, splits, alpha_stride,
         VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
         HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None,
@@ -488,13 +497,14 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
             **common,
         )
     if max_seqlen_q > 0:
-        m_blocks = triton.cdiv(max_seqlen_q, BLOCK_M)
-        splits = num_splits(q.device, m_blocks * batch * heads, max_seqlen_k, BLOCK_N)
+        group = heads // kv_heads
+        m_blocks = triton.cdiv(max_seqlen_q * group, BLOCK_M)
+        splits = num_splits(q.device, m_blocks * batch * kv_heads, max_seqlen_k, BLOCK_N)
         split_size = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), BLOCK_N) * BLOCK_N
         dq_part = delta
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
-        _cross_attention_bwd_dq_kernel[(m_blocks, batch, heads * splits)](
+        _cross_attention_bwd_dq_kernel[(m_blocks, batch, kv_heads * splits)](
             q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
             alpha_stride, SPLIT=splits > 1, **common,

@@ -23,9 +23,10 @@ Passes:
     known before the first element is written: the rescale costs one extra read of u and c.
 
 Coefficients come either as scalar arguments (host mode) or from row STEP[0] of a
-float32 table [steps, 8] on the device (FROM_TABLE, for CUDA-graph capture). In table
-mode the last program to finish advances STEP[0] by one (STEP[1] counts finished
-programs and is reset to 0), so a captured step replays the next row each time.
+float32 table [rows, 8] on the device (FROM_TABLE, for CUDA-graph capture; a row index
+past the end reads the last row, which StepTable fills with NaN). In table mode the last
+program to finish advances STEP[0] by one (STEP[1] counts finished programs and is reset
+to 0), so a captured step replays the next row each time.
 """
 
 import torch
@@ -36,8 +37,9 @@ from ._launch import multiprocessor_count
 
 # Columns of a coefficient row, in table order.
 COEFFICIENT_FIELDS = ("px", "pm", "cx", "cm", "c0", "c1", "cn", "clip")
-BLOCK = 1024
-# The stats pass writes at most this many chunk partials per sample (a power of two).
+# Elements per tile of the stats pass; the step pass picks its own (see _step_block).
+STATS_BLOCK = 1024
+# The stats pass writes at most this many chunk partials per sample.
 MAX_CHUNKS = 256
 
 
@@ -87,9 +89,9 @@ def _cfg_stats_kernel(
 
 
 @triton.jit
-def _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, MAX_CHUNKS: tl.constexpr):
+def _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, CHUNKS_POW2: tl.constexpr):
     """phi * std(c) / std(m) + 1 - phi for sample b, from its chunk partials."""
-    ids = tl.arange(0, MAX_CHUNKS)
+    ids = tl.arange(0, CHUNKS_POW2)
     ok = ids < n_chunks
     rows = PARTIAL + (b * n_chunks + ids) * 4
     counts = tl.where(ok, tl.minimum(chunk, N - ids * chunk), 0).to(tl.float32)
@@ -112,10 +114,10 @@ def _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, MAX_CHUNKS: tl.constexp
 def _guided_step_kernel(
     X, U, C, X0_PREV, NOISE, OUT, X0_OUT, PARTIAL, TABLE, STEP,
     px, pm, cx, cm, c0, c1, cn, clip, scale, phi,
-    N, n_chunks, chunk,
+    N, n_chunks, chunk, rows,
     GUIDED: tl.constexpr, RESCALE: tl.constexpr, NEED_X0: tl.constexpr, CLIP: tl.constexpr,
     HAS_PREV: tl.constexpr, HAS_NOISE: tl.constexpr, STORE_X0: tl.constexpr,
-    FROM_TABLE: tl.constexpr, BLOCK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+    FROM_TABLE: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -123,7 +125,8 @@ def _guided_step_kernel(
     idx = b * N + offs
 
     if FROM_TABLE:
-        step = tl.load(STEP)
+        # Past the last row, the table's NaN sentinel row: visible, never out of bounds.
+        step = tl.minimum(tl.load(STEP), rows - 1)
         row = TABLE + step * 8
         px = tl.load(row + 0)
         pm = tl.load(row + 1)
@@ -140,7 +143,7 @@ def _guided_step_kernel(
         c = tl.load(C + idx, mask=mask, other=0.0).to(tl.float32)
         m = u + scale * (c - u)
         if RESCALE:
-            m = m * _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, MAX_CHUNKS)
+            m = m * _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, CHUNKS_POW2)
     else:
         m = tl.load(U + idx, mask=mask, other=0.0).to(tl.float32)
 
@@ -168,12 +171,22 @@ def _guided_step_kernel(
 
 
 def _stats_layout(batch: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(chunk, n_chunks): chunks of whole blocks, about four programs per SM in all."""
-    want = max(1, 4 * multiprocessor_count(device) // max(batch, 1))
-    blocks = triton.cdiv(n, BLOCK)
-    per_chunk = max(triton.cdiv(blocks, min(want, MAX_CHUNKS)), triton.cdiv(blocks, MAX_CHUNKS))
-    chunk = per_chunk * BLOCK
+    """(chunk, n_chunks): chunks of whole tiles, about four programs per SM in all."""
+    want = min(MAX_CHUNKS, max(1, 4 * multiprocessor_count(device) // max(batch, 1)))
+    chunk = triton.cdiv(triton.cdiv(n, STATS_BLOCK), want) * STATS_BLOCK
     return chunk, triton.cdiv(n, chunk)
+
+
+def _step_block(total: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the step pass: eight elements a thread (16-byte fp16 loads),
+    and blocks small enough that even SD1.5-sized latents give every SM a program or two.
+    A heuristic, not autotuned: autotuning reruns the launch, which would advance the
+    device step counter and reapply in-place updates. The interpreter gets large blocks
+    (fewer programs to simulate)."""
+    if device.type != "cuda":
+        return 1024, 4
+    block = min(2048, max(512, triton.next_power_of_2(triton.cdiv(total, 2 * multiprocessor_count(device)))))
+    return block, block // 256
 
 
 def guided_step_fwd(
@@ -188,8 +201,10 @@ def guided_step_fwd(
     [steps, 8] float32 and ``step`` int32 [2] (row index, finished-program counter).
     """
     batch = out.shape[0]
-    n = out[0].numel()
+    n = out[0].numel() if batch else 0
     if batch == 0 or n == 0:
+        if table is not None:
+            step[0] += 1  # an empty step is still a step of the schedule
         return
     flat = [t.reshape(-1) if t is not None else None for t in
             (sample, uncond, cond, prev_x0, noise, out, x0_out)]
@@ -199,17 +214,20 @@ def guided_step_fwd(
     chunk, n_chunks = _stats_layout(batch, n, out.device)
     partial = torch.empty((batch * n_chunks * 4,) if rescale else (1,), dtype=torch.float32, device=out.device)
     if rescale:
-        _cfg_stats_kernel[(n_chunks, batch)](u, c, partial, n, chunk, guidance_scale, BLOCK=BLOCK, num_warps=4)
+        _cfg_stats_kernel[(n_chunks, batch)](u, c, partial, n, chunk, guidance_scale, BLOCK=STATS_BLOCK,
+                                             num_warps=4)
     from_table = table is not None
     coef = coefficients if not from_table else (0.0,) * 8
     dummy = o
-    _guided_step_kernel[(triton.cdiv(n, BLOCK), batch)](
+    block, num_warps = _step_block(batch * n, out.device)
+    _guided_step_kernel[(triton.cdiv(n, block), batch)](
         x, u, c if guided else dummy, x0_prev if x0_prev is not None else dummy,
         nz if nz is not None else dummy, o, x0o if x0o is not None else dummy, partial,
         table if from_table else partial, step if from_table else partial,
         *coef, guidance_scale, guidance_rescale,
-        n, n_chunks, chunk,
+        n, n_chunks, chunk, table.shape[0] if from_table else 1,
         GUIDED=guided, RESCALE=rescale, NEED_X0=need_x0 or x0o is not None, CLIP=clip,
         HAS_PREV=x0_prev is not None, HAS_NOISE=nz is not None, STORE_X0=x0o is not None,
-        FROM_TABLE=from_table, BLOCK=BLOCK, MAX_CHUNKS=MAX_CHUNKS, num_warps=4,
+        FROM_TABLE=from_table, BLOCK=block, CHUNKS_POW2=triton.next_power_of_2(n_chunks),
+        num_warps=num_warps,
     )

@@ -24,7 +24,9 @@ class CrossAttention(nn.Module):
 
     def __init__(self, hidden_size: int, heads: int, kv_heads: int, eps: float):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden_size // heads
+        self.num_heads, self.num_key_value_heads = heads, kv_heads
+        self.head_dim = hidden_size // heads
+        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(hidden_size, heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, kv_heads * self.head_dim, bias=False)
@@ -32,18 +34,27 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
 
-    def project_kv(self, image_states):
-        batch, tokens, _ = image_states.shape
-        k = self.k_norm(self.k_proj(image_states).view(batch, tokens, self.kv_heads, self.head_dim))
-        v = self.v_proj(image_states).view(batch, tokens, self.kv_heads, self.head_dim)
-        return k, v
 
-    def forward(self, x, k, v, mask, gate, residual):
-        batch, tokens, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(batch, tokens, self.heads, self.head_dim))
-        attn = cross_attention(q, k, v, mask=mask, gate=gate).reshape(batch * tokens, -1)
-        out = torch.addmm(residual.reshape(batch * tokens, -1), attn, self.o_proj.weight.t())
-        return out.view_as(residual)
+def project_image(attn: nn.Module, image_states):
+    """(k, v) [B, Ti, Hk, D] of ``attn`` (ours, or Hugging Face's MllamaTextCrossAttention)."""
+    batch, tokens, _ = image_states.shape
+    shape = (batch, tokens, attn.num_key_value_heads, attn.head_dim)
+    return attn.k_norm(attn.k_proj(image_states).view(shape)), attn.v_proj(image_states).view(shape)
+
+
+def gated_cross_attention_forward(layer: nn.Module, x, k, v, mask=None, sees_any=None):
+    """The block's math on ``layer`` (ours, or Hugging Face's MllamaCrossAttentionDecoderLayer,
+    whose submodule names are the same)."""
+    attn = layer.cross_attn
+    batch, tokens, _ = x.shape
+    q = attn.q_proj(layer.input_layernorm(x)).view(batch, tokens, attn.num_heads, attn.head_dim)
+    a = cross_attention(attn.q_norm(q), k, v, mask=mask, gate=layer.cross_attn_attn_gate, scale=attn.scaling)
+    h = torch.addmm(x.reshape(batch * tokens, -1), a.reshape(batch * tokens, -1), attn.o_proj.weight.t())
+    h = h.view_as(x)
+    mlp = layer.mlp(layer.post_attention_layernorm(h))
+    if sees_any is not None:
+        mlp = sees_any * mlp
+    return h + layer.cross_attn_mlp_gate.tanh() * mlp
 
 
 class GatedMLP(nn.Module):
@@ -82,9 +93,5 @@ class GatedCrossAttentionBlock(nn.Module):
                    config.intermediate_size, config.rms_norm_eps)
 
     def forward(self, x, image_states=None, mask=None, sees_any=None, kv=None):
-        k, v = kv if kv is not None else self.cross_attn.project_kv(image_states)
-        h = self.cross_attn(self.input_layernorm(x), k, v, mask, self.cross_attn_attn_gate, residual=x)
-        mlp = self.mlp(self.post_attention_layernorm(h))
-        if sees_any is not None:
-            mlp = sees_any * mlp
-        return h + self.cross_attn_mlp_gate.tanh() * mlp
+        k, v = kv if kv is not None else project_image(self.cross_attn, image_states)
+        return gated_cross_attention_forward(self, x, k, v, mask, sees_any)

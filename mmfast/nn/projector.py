@@ -4,32 +4,47 @@ Hugging Face's LlavaMultiModalProjector (``linear_1``, ``linear_2``)."""
 import torch.nn.functional as F
 from torch import nn
 
-# Hugging Face activation names -> the function (``gelu`` is the exact erf form).
-_ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * (1.702 * x).sigmoid(),
+from mmfast.ops.activation import gelu, quick_gelu
+
+# Hugging Face activation names -> the function (``gelu`` is the exact erf form). The GELUs
+# are mmfast's one-pass kernels (forward and backward).
+ACTIVATIONS = {
+    "gelu": gelu,
+    "gelu_pytorch_tanh": lambda x: gelu(x, approximate="tanh"),
+    "quick_gelu": quick_gelu,
     "silu": F.silu,
     "relu": F.relu,
 }
 
 
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"act: expected one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return ACTIVATIONS[name]
+
+
 class MLPProjector(nn.Module):
-    """``linear_2(act(linear_1(x)))``: two cuBLAS GEMMs with bias epilogues and the
-    activation between them (no fused Triton kernel yet)."""
+    """``linear_2(act(linear_1(x)))``: two GEMMs with their bias epilogues, and the
+    activation in one elementwise pass between them (not yet fused into the GEMM)."""
 
     def __init__(self, in_features: int, out_features: int, act: str = "gelu", bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
-        if act not in _ACTIVATIONS:
-            raise ValueError(f"act: expected one of {', '.join(_ACTIVATIONS)}, got {act!r}")
+        self.act_fn = activation(act)
         factory = {"device": device, "dtype": dtype}
         self.linear_1 = nn.Linear(in_features, out_features, bias=bias, **factory)
         self.linear_2 = nn.Linear(out_features, out_features, bias=bias, **factory)
         self.act = act
 
+    @classmethod
+    def from_config(cls, config) -> "MLPProjector":
+        """From a Hugging Face LlavaConfig."""
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        return cls(config.vision_config.hidden_size * layers, config.text_config.hidden_size,
+                   config.projector_hidden_act, config.multimodal_projector_bias)
+
     def forward(self, x):
-        return self.linear_2(_ACTIVATIONS[self.act](self.linear_1(x)))
+        return self.linear_2(self.act_fn(self.linear_1(x)))
 
     def extra_repr(self) -> str:
         return f"act={self.act}"

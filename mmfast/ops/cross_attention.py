@@ -24,8 +24,9 @@ Gradients: q, k, v, gate and residual.
 
 Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
 segment back to the host (one sync, which also checks the cu_seqlens values); with both
-given, nothing is read back. Mask values (sorted image positions, non-overlapping images)
-are the caller's promise.
+given, nothing is read back. Mask values (sorted image positions, images in order and
+within their sample's keys) are the caller's promise; ``MMFAST_DEBUG_CHECKS=1`` checks
+them on every call (one more sync).
 
 Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 16..256; the key axis
 split over programs when queries are few, flash-decoding style; CUDA, or CPU under
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops.attention import _check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor
+from mmfast.ops.attention import (_check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor,
+                                  _debug_checks)
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
 MAX_HEAD_DIM = 256
@@ -204,6 +206,12 @@ def _as_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _distinct(t: Tensor | None, *others: Tensor | None) -> Tensor | None:
+    # Dynamo cannot trace an autograd.Function given one tensor twice (k is v, residual is
+    # q, one cu_seqlens for both sides); a view is a distinct tensor.
+    return t.view_as(t) if t is not None and any(t is o for o in others) else t
+
+
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
     packed = q.dim() == 3
     lowered = mask.lower(q, k, cu_seqlens_q, cu_seqlens_k) if mask is not None else None
@@ -212,13 +220,12 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     else:
         layout = (q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1])
     alpha = torch.tanh(gate.float()).reshape(-1) if gate is not None else None
-    res = _as_rows(residual).contiguous() if residual is not None else None
-    # A view makes a tensor given twice distinct (Dynamo cannot trace it otherwise).
-    k_rows = _as_rows(k) if k is not q else _as_rows(k).view_as(_as_rows(k))
-    v_rows = _as_rows(v) if v is not k and v is not q else _as_rows(v).view_as(_as_rows(v))
-    cu_k = cu_seqlens_k.view_as(cu_seqlens_k) if cu_seqlens_k is not None and cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
-    out = CrossAttentionFunction.apply(_as_rows(q), k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k,
-                                       lowered, layout, scale)
+    q_rows = _as_rows(q)
+    k_rows = _distinct(_as_rows(k), q_rows)
+    v_rows = _distinct(_as_rows(v), q_rows, k_rows)
+    res = _distinct(_as_rows(residual).contiguous(), q_rows, k_rows, v_rows) if residual is not None else None
+    cu_k = _distinct(cu_seqlens_k, cu_seqlens_q)
+    out = CrossAttentionFunction.apply(q_rows, k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k, lowered, layout, scale)
     return out.view(q.shape)
 
 
@@ -304,10 +311,11 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
                 f"got {cu_seqlens_k.numel()}"
             )
-        if max_seqlen_q is None:
-            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
-        if max_seqlen_k is None:
-            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None)
+        # Value checks need the values on the host: only when syncing anyway, or debugging.
+        if max_seqlen_q is None or _debug_checks():
+            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if max_seqlen_k is None or _debug_checks():
+            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if mask is not None:
         if not isinstance(mask, CrossAttentionMask):
             raise TypeError(
@@ -315,6 +323,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 f"(KeyPaddingMask, ImagesUpToPositionMask, LatestImageMask), got {type(mask).__name__}"
             )
         mask.check(q, k, cu_seqlens_q)
+        if _debug_checks():
+            mask.check_values(k, cu_seqlens_k)
     return max_seqlen_q, max_seqlen_k
 
 

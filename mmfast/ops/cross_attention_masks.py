@@ -6,9 +6,9 @@ Images of a sample are numbered n = 0 .. N-1 and given by three int tensors of s
     image_positions  text position of image n's placeholder token; negative: unused slot
     image_lengths    how many key tokens image n has (0 allowed)
     image_offsets    first key of image n within the sample's keys (default: the exclusive
-                     cumulative sum of image_lengths, i.e. images back to back); images
-                     must not overlap and their offsets must not decrease, so that keys
-                     between images (padding tiles, say) are seen by nobody
+                     cumulative sum of image_lengths, i.e. images back to back); each
+                     image starts at or after the end of the one before; keys between
+                     images (padding tiles, say) are seen by nobody
 
 Used slots come first, in order of position. Positions and offsets count from the start of
 the sample in both layouts (packed: from cu_seqlens[b]). A text token at position t
@@ -17,7 +17,9 @@ the sample in both layouts (packed: from cu_seqlens[b]). A text token at positio
 - :class:`ImagesUpToPositionMask` (Llama 3.2 Vision / Mllama): token t sees every image
   it follows.
 - :class:`LatestImageMask` (Flamingo): token t sees only the last image it follows.
-- :class:`KeyPaddingMask`: every query of sample b sees its first ``key_lengths[b]`` keys.
+- :class:`KeyPaddingMask`: every query of sample b sees its first ``key_lengths[b]`` keys
+  (or the keys marked valid).
+- :class:`KeyStartMask`: the Mllama rule per key rather than per image (padded layout).
 
 A query that sees no key gets a zero attention output (see mmfast.ops.cross_attention).
 With ``empty_rows_see_all_keys=True`` an image mask lets a text token that follows no
@@ -30,7 +32,9 @@ the definition above, for tests and for backends that need a dense mask.
 What the kernels read (``lower``): per key row its image index within the sample (-1 for
 keys nobody sees), per query row the images [first, last) it sees and the key range
 [lo, hi) they cover, all int32, built on the device without a sync. Values (sorted
-positions, non-overlapping images) are the caller's promise and are not checked.
+positions, images in order and within their sample's keys) are the caller's promise;
+``check_values`` checks them (one sync), which cross_attention runs under
+MMFAST_DEBUG_CHECKS=1.
 """
 
 from __future__ import annotations
@@ -89,12 +93,33 @@ def _block_diagonal(seen: Tensor, q: Tensor, k: Tensor, cu_q: Tensor | None, cu_
     return seen.view(batch, tq, batch, tk).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
+def _key_counts(k: Tensor, cu_seqlens_k: Tensor | None) -> Tensor:
+    """Keys per sample, [B]."""
+    if cu_seqlens_k is None:
+        return torch.full((k.shape[0],), k.shape[1], device=k.device, dtype=torch.int64)
+    return cu_seqlens_k.diff().to(torch.int64)
+
+
+def _raise_first(failures: list[tuple[Tensor, str]]) -> None:
+    """Reads every failure flag back in one sync; raises the first that is set."""
+    if not failures:
+        return
+    flags = torch.stack([flag.reshape(()) for flag, _ in failures]).tolist()
+    for flag, (_, message) in zip(flags, failures):
+        if flag:
+            raise ValueError(f"mask: {message}")
+
+
 class CrossAttentionMask:
     """Base class: which keys each query sees. Subclasses give ``check``, ``lower`` and
     ``materialize``; see the module docstring."""
 
     def check(self, q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None) -> None:
         raise NotImplementedError
+
+    def check_values(self, k: Tensor, cu_seqlens_k: Tensor | None) -> None:
+        """Value checks that read the mask back to the host (one sync): run by
+        cross_attention under MMFAST_DEBUG_CHECKS=1. Nothing to check by default."""
 
     def lower(self, q: Tensor, k: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None) -> LoweredMask:
         raise NotImplementedError
@@ -130,6 +155,13 @@ class KeyPaddingMask(CrossAttentionMask):
         if self.key_lengths.shape[0] != _batch(q, cu_seqlens_q):
             raise ValueError(f"mask: key_lengths has {self.key_lengths.shape[0]} entries, "
                              f"expected the batch size {_batch(q, cu_seqlens_q)}")
+
+    def check_values(self, k, cu_seqlens_k):
+        if self.key_lengths is not None:
+            lengths = self.key_lengths.to(torch.int64)
+            _raise_first([((lengths < 0).any(), "key_lengths has negative entries"),
+                          ((lengths > _key_counts(k, cu_seqlens_k)).any(),
+                           "key_lengths exceed the keys of their samples")])
 
     def _valid_rows(self, k, cu_seqlens_k) -> Tensor:
         if self.key_valid is not None:
@@ -177,6 +209,25 @@ class _ImageMask(CrossAttentionMask):
         if shape[0] != _batch(q, cu_seqlens_q):
             raise ValueError(f"mask: image_positions has {shape[0]} rows, expected the batch size "
                              f"{_batch(q, cu_seqlens_q)}")
+
+    def check_values(self, k, cu_seqlens_k):
+        positions, lengths = self.image_positions.to(torch.int64), self.image_lengths.to(torch.int64)
+        offsets = self.image_offsets.to(torch.int64)
+        ends = offsets + lengths
+        used = positions >= 0
+        failures = [((lengths < 0).any(), "image_lengths has negative entries"),
+                    ((offsets < 0).any(), "image_offsets has negative entries"),
+                    ((ends > _key_counts(k, cu_seqlens_k)[:, None]).any(),
+                     "images reach past the keys of their samples (image_offsets + image_lengths)")]
+        if positions.shape[1] > 1:
+            failures += [
+                ((~used[:, :-1] & used[:, 1:]).any(), "image_positions: unused slots (negative) must come last"),
+                ((used[:, 1:] & (positions[:, 1:] < positions[:, :-1])).any(),
+                 "image_positions must not decrease"),
+                ((offsets[:, 1:] < ends[:, :-1]).any(),
+                 "each image must start at or after the end of the one before (image_offsets)"),
+            ]
+        _raise_first(failures)
 
     def _follows(self, sample_q: Tensor, pos_q: Tensor) -> Tensor:
         """[rows_q, N]: the query follows image n."""
@@ -250,3 +301,50 @@ class LatestImageMask(_ImageMask):
 
     def _image_range(self, count):
         return (count - 1).clamp(min=0), count
+
+
+class KeyStartMask(CrossAttentionMask):
+    """The key-level form of :class:`ImagesUpToPositionMask` (padded layout): the text token
+    at position t sees key j when 0 <= key_start[b, j] <= t (int [B, Tk]; negative: nobody
+    sees key j). What a dense Mllama mask converts to without knowing the image layout
+    (mmfast.integrations.transformers.mllama). ``empty_rows_see_all_keys`` as for the
+    image masks."""
+
+    def __init__(self, key_start: Tensor, *, empty_rows_see_all_keys: bool = False):
+        self.key_start = key_start
+        self.empty_rows_see_all_keys = empty_rows_see_all_keys
+
+    def check(self, q, k, cu_seqlens_q):
+        _check_int("key_start", self.key_start, 2, q.device)
+        if cu_seqlens_q is not None or self.key_start.shape != k.shape[:2]:
+            raise ValueError(f"mask: key_start must be [B, Tk] = {tuple(k.shape[:2])} (padded layout), "
+                             f"got {tuple(self.key_start.shape)}")
+
+    def lower(self, q, k, cu_seqlens_q, cu_seqlens_k):
+        batch, tq = q.shape[0], q.shape[1]
+        start = torch.where(self.key_start >= 0, self.key_start, _EVERY_GROUP).to(torch.int64)
+        t = torch.arange(tq, device=q.device).expand(batch, tq).contiguous()
+        # Keys [lo, hi) bound what row t sees: hi past the last key that starts by t (the
+        # suffix minimum of the starts rises with j), lo at the first (the prefix minimum falls).
+        suffix_min = start.flip(-1).cummin(-1).values.flip(-1).contiguous()
+        prefix_min = start.cummin(-1).values
+        hi = torch.searchsorted(suffix_min, t, right=True)
+        lo = torch.searchsorted((-prefix_min).contiguous(), -t, right=False)
+        first, last = torch.zeros_like(t), t + 1
+        if self.empty_rows_see_all_keys:
+            empty = lo >= hi
+            first = torch.where(empty, -1, first)
+            last = torch.where(empty, _EVERY_GROUP, last)
+            lo = torch.where(empty, 0, lo)
+            hi = torch.where(empty, _EVERY_GROUP, hi)
+        key_group = torch.where(self.key_start >= 0, self.key_start.clamp(max=_EVERY_GROUP - 1), -1)
+        as32 = lambda t: t.reshape(-1).to(torch.int32).contiguous()  # noqa: E731
+        return LoweredMask(as32(key_group), as32(first), as32(last), as32(lo), as32(hi))
+
+    def materialize(self, q, k, cu_seqlens_q=None, cu_seqlens_k=None):
+        t = torch.arange(q.shape[1], device=q.device)[None, :, None]
+        start = self.key_start[:, None, :]
+        seen = (start >= 0) & (start <= t)
+        if self.empty_rows_see_all_keys:
+            seen |= ~seen.any(-1, keepdim=True)
+        return seen

@@ -79,8 +79,10 @@ class StepCoefficients:
 class StepTable:
     """Per-step coefficients on the device, indexed by a device step counter.
 
-    ``table``: float32 [steps, 8]; ``counter``: int32 [2] (the row of the next step, and a
-    scratch count the kernel resets). ``clip``, ``needs_x0`` hold for every row.
+    ``table``: float32 [steps + 1, 8], the last row NaN: a step past the end of the
+    schedule (which cannot be checked without a device->host sync) writes NaN instead of
+    reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
+    count the kernel resets). ``clip`` and ``needs_x0`` hold for every row.
     """
 
     table: Tensor
@@ -95,7 +97,8 @@ class StepTable:
         clips = {math.isfinite(r.clip) for r in rows}
         if len(clips) > 1:
             raise ValueError("rows: clipping must be on for every step or for none")
-        table = torch.tensor([r.row() for r in rows], dtype=torch.float32, device=device)
+        sentinel = (math.nan,) * 8
+        table = torch.tensor([r.row() for r in rows] + [sentinel], dtype=torch.float32, device=device)
         counter = torch.zeros(2, dtype=torch.int32, device=device)
         return cls(table, counter, clips.pop(), any(r.needs_x0 for r in rows))
 
@@ -105,7 +108,7 @@ class StepTable:
 
     @property
     def steps(self) -> int:
-        return self.table.shape[0]
+        return self.table.shape[0] - 1
 
 
 # ---- reference -------------------------------------------------------------------
@@ -234,7 +237,8 @@ def _run_torch(args: "_Args") -> None:
         row, clip = coef.row(), math.isfinite(coef.clip)
     else:
         # index_select keeps the row on the device: no host sync, capturable.
-        row = coef.table.index_select(0, coef.counter[:1].long())[0].to(compute).unbind()
+        index = coef.counter[:1].long().clamp(max=coef.steps)
+        row = coef.table.index_select(0, index)[0].to(compute).unbind()
         clip = coef.clip
     prev, x0 = guided_step_reference(
         args.sample, args.uncond, args.cond, args.prev_x0, args.noise, row,
@@ -299,7 +303,8 @@ def _check_tensor(name: str, t, sample: Tensor, *, leading: int | None = None) -
 def _split_model_output(model_output, sample: Tensor, guided: bool) -> tuple[Tensor, Tensor | None]:
     if isinstance(model_output, (tuple, list)):
         if len(model_output) != 2:
-            raise ValueError(f"model_output: expected a Tensor or an (uncond, cond) pair, got {len(model_output)} items")
+            raise ValueError("model_output: expected a Tensor or an (uncond, cond) pair, "
+                             f"got {len(model_output)} items")
         if not guided:
             raise ValueError("guidance_scale: required when model_output is an (uncond, cond) pair")
         uncond, cond = model_output
@@ -365,12 +370,14 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     if not isinstance(sample, Tensor):
         raise TypeError(f"sample: expected a Tensor, got {type(sample).__name__}")
     if sample.dim() == 0 or not sample.dtype.is_floating_point:
-        raise ValueError(f"sample: expected a floating tensor [B, ...], got {sample.dtype} of shape {tuple(sample.shape)}")
+        raise ValueError(f"sample: expected a floating tensor [B, ...], got {sample.dtype} "
+                         f"of shape {tuple(sample.shape)}")
     guided = guidance_scale is not None
     if guided and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real)
                    or not math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale: expected a finite number or None, got {guidance_scale!r}")
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, Real) or not math.isfinite(guidance_rescale):
+    if (isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, Real)
+            or not math.isfinite(guidance_rescale)):
         raise ValueError(f"guidance_rescale: expected a finite number, got {guidance_rescale!r}")
     if guidance_rescale != 0.0 and not guided:
         raise ValueError("guidance_rescale: needs guidance (a guidance_scale and both model output halves)")

@@ -13,7 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import mmfast
 from mmfast.kernels.cross_attention import _blocks, num_splits
 from mmfast.ops.cross_attention import cross_attention_reference
-from mmfast.ops.cross_attention_masks import ImagesUpToPositionMask, KeyPaddingMask, LatestImageMask
+from mmfast.ops.cross_attention_masks import (ImagesUpToPositionMask, KeyPaddingMask, KeyStartMask,
+                                              LatestImageMask)
 from mmfast.testing import assert_matches_reference, random_tensor
 
 BACKENDS = ["triton", "sdpa", "torch"]
@@ -80,8 +81,11 @@ def test_packed_few_queries_many_keys(backend, device):
 
 
 def test_key_split_is_used(device):
-    block_m, block_n, _, _ = _blocks(device, 64, 5, backward=False)
-    assert num_splits(device, 1 * 4 * 2, 61, block_n) > 1 or device.type == "cuda"
+    # test_packed_few_queries_many_keys: 5 queries x 2 heads of one K/V head fit one row
+    # block, so 4 samples x 1 K/V head give 4 programs before splitting. On a GPU the split
+    # path runs in test_gpu_few_queries_16k_keys.
+    block_m, block_n, _, _ = _blocks(device, 64, 5 * 2, backward=False)
+    assert num_splits(device, 1 * 4 * 1, 61, block_n) > 1 or device.type == "cuda"
 
 
 @pytest.mark.parametrize("mask_type", [ImagesUpToPositionMask, LatestImageMask], ids=["mllama", "flamingo"])
@@ -101,10 +105,22 @@ def test_image_masks_fuzzed(mask_type, layout, seed, device):
         # Padded: every image gets a slot of 16 keys; the slot's tail (padding) is unseen.
         slot = 16
         offsets = torch.arange(3, device=device)[None, :].expand(batch, 3) * slot
-        q_shape, k_shape = (batch, 13, 4, 32), (batch, 3 * slot, 2, 32)
+        q_shape, k_shape = (batch, 9, 4, 32), (batch, 3 * slot, 2, 32)
         mask = mask_type(positions, lengths, offsets)
     inputs = _inputs(q_shape, k_shape, torch.float16, device, gate_heads=4)
     _check("triton", inputs, mask=mask, **kw)
+
+
+@pytest.mark.parametrize("see_all", [False, True], ids=["empty-rows-zero", "empty-rows-see-all"])
+def test_key_start_mask(see_all, device):
+    # Starts in no order (the key bounds must still cover every visible key), keys nobody
+    # sees (-1), and rows before every start (empty).
+    gen = torch.Generator().manual_seed(5)
+    start = torch.randint(-1, 9, (2, 37), generator=gen)
+    start[1] = torch.where(start[1] < 3, -1, start[1])
+    mask = KeyStartMask(start.to(device), empty_rows_see_all_keys=see_all)
+    inputs = _inputs((2, 9, 2, 32), (2, 37, 1, 32), torch.float16, device, gate_heads=1)
+    _check("triton", inputs, mask=mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,8 +150,9 @@ def test_head_dims(head_dim, device):
 
 
 def test_attention_only(device):
-    # No gate and no residual: out is the attention itself (no epilogue pass).
-    inputs = _inputs((2, 4, 2, 64), (2, 45, 1, 64), torch.float16, device, residual=False)
+    # No gate and no residual: out is the attention itself (no epilogue pass). MQA with 4
+    # query heads: 5 queries x 4 heads = 20 rows of one K/V head, across two row blocks.
+    inputs = _inputs((2, 5, 4, 64), (2, 45, 1, 64), torch.float16, device, residual=False)
     _check("triton", inputs)
 
 
@@ -240,6 +257,33 @@ def test_bad_input_names_the_argument():
         ca(qp, kp, kp, cu_seqlens_q=_cu([3, 3], "cpu"))
 
 
+@pytest.mark.parametrize("mask,message", [
+    (KeyPaddingMask(torch.tensor([5, 6])), "key_lengths exceed the keys of their samples"),
+    (LatestImageMask(torch.tensor([[0, 2], [1, -1]]), torch.tensor([[3, 3], [6, 0]])),
+     "images reach past the keys of their samples"),
+    (LatestImageMask(torch.tensor([[-1, 2], [1, -1]]), torch.tensor([[2, 2], [2, 0]])),
+     "image_positions: unused slots .negative. must come last"),
+    (ImagesUpToPositionMask(torch.tensor([[2, 1], [1, -1]]), torch.tensor([[2, 2], [2, 0]])),
+     "image_positions must not decrease"),
+    (ImagesUpToPositionMask(torch.tensor([[0, 1], [1, -1]]), torch.tensor([[3, 2], [2, 0]]),
+                            torch.tensor([[0, 2], [0, 3]])), "each image must start at or after the end"),
+], ids=["padding", "past-keys", "unused-first", "unsorted", "overlap"])
+def test_debug_checks_catch_masks_inconsistent_with_the_lengths(mask, message, monkeypatch):
+    q, k = torch.randn(2, 3, 2, 32), torch.randn(2, 5, 2, 32)
+    mmfast.ops.cross_attention(q, k, k, mask=mask, backend="torch")  # not checked: the caller's promise
+    monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=f"mask: {message}"):
+        mmfast.ops.cross_attention(q, k, k, mask=mask, backend="torch")
+
+
+def test_debug_checks_catch_a_short_max_seqlen(monkeypatch):
+    q, k = torch.randn(6, 2, 32), torch.randn(9, 2, 32)
+    cu_q, cu_k = _cu([2, 4], "cpu"), _cu([4, 5], "cpu")
+    monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_k: 4 is less than the longest segment 5"):
+        mmfast.ops.cross_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=4)
+
+
 # ---- GPU ---------------------------------------------------------------------------
 
 
@@ -257,3 +301,32 @@ def test_gpu_mllama_mask_bf16(device):
     lengths = torch.full((2, 4), 1601, device=device)
     inputs = _inputs((2, 2048, 8, 128), (2, 4 * 1601, 8, 128), torch.bfloat16, device, gate_heads=1)
     _check("triton", inputs, mask=ImagesUpToPositionMask(positions, lengths))
+
+
+def test_compile_fullgraph(device):
+    positions = torch.tensor([[0, 3], [2, -1]], device=device)
+    lengths = torch.tensor([[5, 4], [6, 0]], device=device)
+
+    cu_q, cu_k = _cu([6, 6], device), _cu([9, 9], device)
+
+    def block(q, kv, gate):
+        # k is v and residual is q: tensors given twice, as self-attention and gated blocks do.
+        mask = ImagesUpToPositionMask(positions, lengths)
+        out = mmfast.ops.cross_attention(q, kv, kv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=6,
+                                         max_seqlen_k=9, mask=mask, gate=gate, residual=q, backend="triton")
+        return torch.tanh(out).sum()
+
+    q = random_tensor((12, 2, 32), torch.float32, device)
+    kv = random_tensor((18, 1, 32), torch.float32, device)
+    gate = torch.tensor([0.3], device=device)
+    # On CPU, aot_eager traces what inductor would (dynamo without graph breaks, the fake
+    # impls, AOT autograd) without building C++ for every op (over a minute here).
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device.type == "cpu" else "inductor")
+    results = []
+    for fn in (block, compiled):
+        leaves = [q.clone().requires_grad_(), kv.clone().requires_grad_(), gate.clone().requires_grad_()]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss] + [t.grad for t in leaves])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager)
