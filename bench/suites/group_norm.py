@@ -2,6 +2,8 @@
 forward (inference) and forward+backward.
 
 Providers: ``mmfast-triton`` (mmfast.ops.group_norm(..., activation="silu")),
+``mmfast-cuda`` (the same with backend="cuda": csrc/group_norm_silu.cu, built before timing;
+skipped with the reason when the CUDA path is unavailable),
 ``torch-eager`` (F.group_norm then F.silu, as diffusers' ResnetBlock2D runs them),
 ``torch-compile`` (the eager function under torch.compile, compiled afresh per case).
 
@@ -87,18 +89,32 @@ def _timed(case: Case, forward):
     return run
 
 
-def _build_mmfast(case: Case):
+def _build_mmfast(case: Case, backend: str = "triton"):
     from mmfast.ops import group_norm
 
-    return _timed(case, lambda x, w, b: group_norm(x, GROUPS, w, b, EPS, "silu", backend="triton"))
+    return _timed(case, lambda x, w, b: group_norm(x, GROUPS, w, b, EPS, "silu", backend=backend))
 
 
-def _skip_mmfast(case: Case, device: torch.device) -> str | None:
+def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
     import mmfast.ops.group_norm  # noqa: F401  (registers the "group_norm" backends)
     from mmfast.dispatch import Call, op_family
 
-    call = Call(device=device, dtype=torch.float16)
-    return "; ".join(op_family("group_norm").backends["triton"].reasons(call)) or None
+    p = case.params
+    facts = {"channels": p["channels"], "group_channels": p["channels"] // GROUPS, "spatial": p["side"] ** 2,
+             "param_dtypes": (torch.float16,)}
+    call = Call(device=device, dtype=torch.float16, layout="channels_last" if p["layout"] == "nhwc" else "nchw",
+                facts=facts)
+    return "; ".join(op_family("group_norm").backends[backend].reasons(call)) or None
+
+
+def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:
+    reason = _skip_mmfast(case, device, "cuda")
+    if reason is None:
+        from mmfast.cuda import build
+
+        if not build.load(device):  # build here, so that no case times a compile
+            reason = f"CUDA C++ path unavailable: {build.unavailable_reason(device)}"
+    return reason
 
 
 def _build_compile(case: Case):
@@ -120,6 +136,7 @@ SUITE = Suite(
     cases=cases,
     providers=(
         Provider("mmfast-triton", _build_mmfast, _skip_mmfast),
+        Provider("mmfast-cuda", partial(_build_mmfast, backend="cuda"), _skip_mmfast_cuda),
         Provider("torch-eager", lambda case: _timed(case, eager_group_norm_silu)),
         Provider("torch-compile", _build_compile, _skip_compile),
     ),

@@ -4,7 +4,9 @@ output [8, 4, 64, 64], latents [4, 4, 64, 64]) and SD3 latents (batch 1 with gui
 model output [2, 16, 128, 128], latents [1, 16, 128, 128]).
 
 Providers: ``mmfast-triton`` (mmfast.ops.guided_step: one kernel, plus the stats pass
-with guidance rescale), ``diffusers`` (``noise_pred.chunk(2)``, the guidance expression
+with guidance rescale), ``mmfast-cuda`` (the same with backend="cuda": csrc/scheduler_step.cu,
+built before timing; skipped with the reason when the CUDA path is unavailable, and for
+guidance rescale, which it does not do), ``diffusers`` (``noise_pred.chunk(2)``, the guidance expression
 and ``rescale_noise_cfg`` as the SD pipelines write them, then the diffusers scheduler's
 own ``step``, pinned at a mid-schedule step), ``torch-compile`` (the same guidance and
 update math, written in plain torch with the step's coefficients as constants, under
@@ -115,7 +117,7 @@ def _coefficients(scheduler_name: str):
     return stepper.coefficients(STEP)
 
 
-def _build_mmfast(case: Case):
+def _build_mmfast(case: Case, backend: str = "triton"):
     from mmfast.ops import guided_step
 
     coef = _coefficients(case.params["scheduler"])
@@ -124,18 +126,29 @@ def _build_mmfast(case: Case):
     def run(i: StepInputs):
         # DPM-Solver: the state is read and rewritten in place, as the stepper does.
         return guided_step(i.latents, i.model_output, coef, guidance_scale=GUIDANCE, guidance_rescale=rescale,
-                           prev_x0=i.prev_x0, x0_out=i.prev_x0, backend="triton")
+                           prev_x0=i.prev_x0, x0_out=i.prev_x0, backend=backend)
     return run
 
 
-def _skip_mmfast(case: Case, device: torch.device) -> str | None:
+def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
     from mmfast.dispatch import Call, module_available, op_family
     import mmfast.ops.scheduler_step  # noqa: F401  (registers the backends)
 
     if not module_available("diffusers"):
         return "diffusers is not installed (the schedule comes from its scheduler)"
-    call = Call(device=device, dtype=torch.float16, facts={})
-    return "; ".join(op_family("scheduler_step").backends["triton"].reasons(call)) or None
+    facts = {"float64": False, "one_dtype": True, "rescale": case.params["rescale"] != 0.0}
+    call = Call(device=device, dtype=torch.float16, facts=facts)
+    return "; ".join(op_family("scheduler_step").backends[backend].reasons(call)) or None
+
+
+def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:
+    reason = _skip_mmfast(case, device, "cuda")
+    if reason is None:
+        from mmfast.cuda import build
+
+        if not build.load(device):  # build here, so that no case times a compile
+            reason = f"CUDA C++ path unavailable: {build.unavailable_reason(device)}"
+    return reason
 
 
 def _rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
@@ -208,6 +221,7 @@ SUITE = Suite(
     cases=cases,
     providers=(
         Provider("mmfast-triton", _build_mmfast, _skip_mmfast),
+        Provider("mmfast-cuda", partial(_build_mmfast, backend="cuda"), _skip_mmfast_cuda),
         Provider("diffusers", _build_diffusers, _skip_diffusers),
         Provider("torch-compile", _build_compile, _skip_compile),
     ),

@@ -11,7 +11,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 def test_registered_with_their_providers():
     assert {"group_norm", "diffusion_unet"} <= set(suites.names())
-    assert [p.name for p in suites.get("group_norm").providers] == ["mmfast-triton", "torch-eager", "torch-compile"]
+    assert [p.name for p in suites.get("group_norm").providers] == ["mmfast-triton", "mmfast-cuda", "torch-eager", "torch-compile"]
     assert "diffusers-cl-compile" in [p.name for p in suites.get("diffusion_unet").providers]
 
 

@@ -10,7 +10,7 @@ from mmfast.bench.suites import scheduler_step
 def test_registered_with_its_providers_and_target():
     suite = suites.get("scheduler_step")
     assert suite.bound == "memory"
-    assert [p.name for p in suite.providers] == ["mmfast-triton", "diffusers", "torch-compile"]
+    assert [p.name for p in suite.providers] == ["mmfast-triton", "mmfast-cuda", "diffusers", "torch-compile"]
     assert [(t.provider, t.min_frac) for t in suite.targets] == [("mmfast-triton", 0.85)]
 
 
