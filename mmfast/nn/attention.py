@@ -26,7 +26,10 @@ from mmfast.ops.rotary import apply_rotary
 class Attention(nn.Module):
     """Self-attention over ``x`` [B, T, dim] (padded) or [T, dim] (packed, with
     ``cu_seqlens``). ``num_kv_heads`` < ``num_heads`` gives GQA; ``causal`` and ``window``
-    are passed to :func:`mmfast.ops.attention`."""
+    are passed to :func:`mmfast.ops.attention`. CLIP/SigLIP towers keep their own
+    :class:`mmfast.nn.vision.VisionAttention` because Hugging Face names their output
+    projection ``out_proj`` where this (Qwen) layout has ``proj``, and a per-instance
+    choice of that name would turn this module's plain attributes into name lookups."""
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None,
                  head_dim: int | None = None, qkv_bias: bool = True, proj_bias: bool = True,

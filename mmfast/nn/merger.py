@@ -6,14 +6,20 @@ concatenated into one token, then an MLP with GELU.
     PatchMerger(norm="layer")  Qwen2-VL PatchMerger (LayerNorm, eps 1e-6)
 
 State dict as Hugging Face's: ``ln_q``, ``mlp.0`` (Linear), ``mlp.2`` (Linear). The merge
-is a free view; the norm is one fused pass and the GELU one elementwise pass (forward and
-backward); the two GEMMs are torch's.
+is a free view; the norm is one fused pass (taking in the tower's last residual add when
+given ``residual``) and the GELU one elementwise pass (forward and backward); the two GEMMs
+are torch's.
 """
 
-from torch import nn
+from __future__ import annotations
+
+from torch import Tensor, nn
 
 from mmfast.nn.activation import GELU
 from mmfast.nn.norm import LayerNorm, RMSNorm
+
+# ``norm`` names -> mmfast's fused norms (the Qwen towers' blocks use the same names).
+NORMS = {"rms": RMSNorm, "layer": LayerNorm}
 
 
 class PatchMerger(nn.Module):
@@ -23,18 +29,23 @@ class PatchMerger(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if norm not in ("rms", "layer"):
+        if norm not in NORMS:
             raise ValueError(f"norm: expected 'rms' (Qwen2.5-VL) or 'layer' (Qwen2-VL), got {norm!r}")
         self.hidden_size = context_dim * spatial_merge_size ** 2
-        self.ln_q = (RMSNorm if norm == "rms" else LayerNorm)(context_dim, eps=1e-6, **factory)
+        self.ln_q = NORMS[norm](context_dim, eps=1e-6, **factory)
         self.mlp = nn.Sequential(
             nn.Linear(self.hidden_size, self.hidden_size, **factory),
             GELU(),
             nn.Linear(self.hidden_size, dim, **factory),
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """Merged tokens; with ``residual``, the norm reads ``x + residual`` in its fused
+        pass and ``(merged, x + residual)`` is returned."""
         if x.shape[-1] * x.shape[:-1].numel() % self.hidden_size:
             raise ValueError(f"x: {x.shape[:-1].numel()} tokens of {x.shape[-1]} do not group into merged "
                              f"tokens of {self.hidden_size} values")
-        return self.mlp(self.ln_q(x).reshape(-1, self.hidden_size))
+        if residual is None:
+            return self.mlp(self.ln_q(x).reshape(-1, self.hidden_size))
+        normed, stream = self.ln_q(x, residual=residual)
+        return self.mlp(normed.reshape(-1, self.hidden_size)), stream

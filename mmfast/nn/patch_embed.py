@@ -110,11 +110,15 @@ class PatchEmbed3d(nn.Module):
         super().__init__()
         self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
         self.in_channels, self.embed_dim = in_channels, embed_dim
+        self.patch_dim = in_channels * temporal_patch_size * patch_size * patch_size
         kernel = (temporal_patch_size, patch_size, patch_size)
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel, stride=kernel, bias=False, device=device, dtype=dtype)
 
     def forward(self, hidden_states, grid_thw=None):
         """``grid_thw``, when given, is checked against the row count (one device sync)."""
+        if hidden_states.numel() % self.patch_dim:
+            raise ValueError(f"hidden_states: expected [N, {self.patch_dim}] patches, "
+                             f"got {tuple(hidden_states.shape)}")
         weight = self.proj.weight
-        x = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        x = hidden_states.reshape(-1, self.patch_dim).to(weight.dtype)
         return patch_embed_patchified(x, weight, self.proj.bias, grid_thw=grid_thw)

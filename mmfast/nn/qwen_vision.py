@@ -18,90 +18,23 @@ works; :meth:`from_config` takes their vision configs. Index plumbing comes from
 :func:`mmfast.ops.vision_windows.qwen_vision_indices` (one host read of ``grid_thw``
 per call, cached per grid). Pre-norm residual adds are fused into the norms.
 
-Activations are mmfast's fused elementwise ops (SwiGLU, QuickGELU, GELU). The GEMMs are
-plain nn.Linear, the patch embedding included (the Conv3d as one GEMM on its flattened
-weight, as vLLM does).
+Built from the shared vision modules: :class:`~mmfast.nn.patch_embed.PatchEmbed3d` (the
+Conv3d as mmfast's patch-embedding GEMM, as vLLM does), :class:`~mmfast.nn.mlp.SwiGLUMLP` /
+:class:`~mmfast.nn.mlp.MLP` (activations as fused elementwise ops) and
+:class:`~mmfast.nn.merger.PatchMerger`; the other GEMMs are plain nn.Linear.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfast.nn.attention import VarlenAttention
-from mmfast.nn.norm import LayerNorm, RMSNorm
-from mmfast.ops.activation import gelu, quick_gelu, swiglu
+from mmfast.nn.merger import NORMS, PatchMerger
+from mmfast.nn.mlp import MLP, SwiGLUMLP
+from mmfast.nn.patch_embed import PatchEmbed3d
 from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
-
-
-class QwenPatchEmbed(nn.Module):
-    """Conv3d with kernel = stride over pre-patchified input, as one GEMM. Holds the
-    Conv3d (``proj.weight`` [E, C, Tp, P, P], no bias) so the state_dict matches."""
-
-    def __init__(self, patch_size: int, temporal_patch_size: int, in_channels: int, embed_dim: int):
-        super().__init__()
-        kernel = (temporal_patch_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=kernel, stride=kernel, bias=False)
-        self.patch_dim = in_channels * temporal_patch_size * patch_size * patch_size
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        if pixels.numel() % self.patch_dim:
-            raise ValueError(f"pixel_values: expected [N, {self.patch_dim}] patches, got {tuple(pixels.shape)}")
-        weight = self.proj.weight
-        return F.linear(pixels.reshape(-1, self.patch_dim).to(weight.dtype), weight.reshape(weight.shape[0], -1))
-
-
-class QwenSwiGLU(nn.Module):
-    """Qwen2.5-VL vision MLP: down(silu(gate(x)) * up(x)), with biases."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden)
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-class QwenQuickGeluMlp(nn.Module):
-    """Qwen2-VL vision MLP: fc2(quick_gelu(fc1(x))), quick_gelu(x) = x * sigmoid(1.702 x)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))
-
-
-class _Gelu(nn.Module):
-    """Erf GELU, in the merger's ``mlp.1`` slot (no parameters)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return gelu(x)
-
-
-class QwenPatchMerger(nn.Module):
-    """Norm each patch, concatenate each merge block's patches, then Linear-GELU-Linear."""
-
-    def __init__(self, dim: int, out_dim: int, merge: int, norm: nn.Module):
-        super().__init__()
-        self.hidden_size = dim * merge * merge
-        self.ln_q = norm
-        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), _Gelu(),
-                                 nn.Linear(self.hidden_size, out_dim))
-
-    def forward(self, x: Tensor, residual: Tensor | None = None):
-        """Merged tokens; with ``residual``, the norm reads ``x + residual`` in its fused
-        pass and ``(merged, x + residual)`` is returned."""
-        if residual is None:
-            return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
-        normed, stream = self.ln_q(x, residual=residual)
-        return self.mlp(normed.view(-1, self.hidden_size)), stream
 
 
 class QwenVisionBlock(nn.Module):
@@ -109,10 +42,10 @@ class QwenVisionBlock(nn.Module):
     ``x + residual`` (``residual`` None: ``x``) and returns ``(mlp_out, stream)``, the new
     stream being their sum: the adds happen inside the fused norms."""
 
-    def __init__(self, dim: int, heads: int, norm: type, mlp: nn.Module):
+    def __init__(self, dim: int, heads: int, norm: str, mlp: nn.Module):
         super().__init__()
-        self.norm1 = norm(dim, eps=1e-6)
-        self.norm2 = norm(dim, eps=1e-6)
+        self.norm1 = NORMS[norm](dim, eps=1e-6)
+        self.norm2 = NORMS[norm](dim, eps=1e-6)
         self.attn = VarlenAttention(dim, heads, qkv_bias=True)
         self.mlp = mlp
 
@@ -129,16 +62,16 @@ class QwenVisionBlock(nn.Module):
 class _QwenVisionTower(nn.Module):
     def __init__(self, *, depth: int, dim: int, heads: int, out_dim: int, patch_size: int,
                  temporal_patch_size: int, in_channels: int, spatial_merge_size: int, rope_theta: float,
-                 norm: type, make_mlp, window_size: int | None, fullatt_block_indexes: Sequence[int]):
+                 norm: str, make_mlp, window_size: int | None, fullatt_block_indexes: Sequence[int]):
         super().__init__()
         if dim % heads or (dim // heads) % 4:
             raise ValueError(f"dim: {dim} / heads {heads} must give a head dim that is a multiple of 4")
         self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
         self.window_size, self.fullatt_block_indexes = window_size, tuple(fullatt_block_indexes)
         self.head_dim, self.rope_theta = dim // heads, rope_theta
-        self.patch_embed = QwenPatchEmbed(patch_size, temporal_patch_size, in_channels, dim)
+        self.patch_embed = PatchEmbed3d(patch_size, temporal_patch_size, in_channels, dim)
         self.blocks = nn.ModuleList([QwenVisionBlock(dim, heads, norm, make_mlp()) for _ in range(depth)])
-        self.merger = QwenPatchMerger(dim, out_dim, spatial_merge_size, norm(dim, eps=1e-6))
+        self.merger = PatchMerger(dim=out_dim, context_dim=dim, spatial_merge_size=spatial_merge_size, norm=norm)
 
     def forward(self, pixel_values: Tensor, grid_thw: Tensor, return_hidden_states: bool = False):
         """Merged tokens [N / merge^2, out_dim] in stream order; with
@@ -192,7 +125,7 @@ class Qwen25VisionTransformer(_QwenVisionTower):
         super().__init__(depth=depth, dim=hidden_size, heads=num_heads, out_dim=out_hidden_size,
                          patch_size=patch_size, temporal_patch_size=temporal_patch_size,
                          in_channels=in_channels, spatial_merge_size=spatial_merge_size, rope_theta=rope_theta,
-                         norm=RMSNorm, make_mlp=lambda: QwenSwiGLU(hidden_size, intermediate_size),
+                         norm="rms", make_mlp=lambda: SwiGLUMLP(hidden_size, intermediate_size),
                          window_size=window_size, fullatt_block_indexes=fullatt_block_indexes)
 
     @classmethod
@@ -218,7 +151,7 @@ class Qwen2VisionTransformer(_QwenVisionTower):
         super().__init__(depth=depth, dim=embed_dim, heads=num_heads, out_dim=hidden_size,
                          patch_size=patch_size, temporal_patch_size=temporal_patch_size,
                          in_channels=in_channels, spatial_merge_size=spatial_merge_size, rope_theta=rope_theta,
-                         norm=LayerNorm, make_mlp=lambda: QwenQuickGeluMlp(embed_dim, mlp_hidden),
+                         norm="layer", make_mlp=lambda: MLP(embed_dim, mlp_hidden, "quick_gelu"),
                          window_size=None, fullatt_block_indexes=())
 
     @classmethod

@@ -51,7 +51,9 @@ class Packing(NamedTuple):
 
 class VisionAttention(nn.Module):
     """Bidirectional multi-head self-attention over [B, T, E] with Hugging Face's
-    ``q_proj``/``k_proj``/``v_proj``/``out_proj``."""
+    ``q_proj``/``k_proj``/``v_proj``/``out_proj``. It is not
+    :class:`mmfast.nn.attention.Attention` because that one names its output projection
+    ``proj`` (Qwen's layout) and has no ``out_proj`` spelling for CLIP/SigLIP weights."""
 
     def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None):
         super().__init__()

@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch import nn
 
 from mmfast.integrations.patching import PatchHandle
-from mmfast.ops.activation import quick_gelu, swiglu
+from mmfast.integrations.transformers._fused_layers import patch_activation_mlp
+from mmfast.ops.activation import swiglu
 from mmfast.ops.attention import attention
-from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.rotary import apply_rotary
 from mmfast.ops.vision_windows import qwen_vision_indices
 
@@ -33,23 +33,6 @@ def patch_vision_attention(module: nn.Module, handle: PatchHandle, name: str) ->
     handle.set_forward(module, _vision_attention_forward, "varlen attention + fused rotary", name)
 
 
-def _rms_norm_forward(self, hidden_states):
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def patch_rms_norm(module: nn.Module, handle: PatchHandle, name: str) -> None:
-    handle.set_forward(module, _rms_norm_forward, "rms_norm", name)
-
-
-def _layer_norm_forward(self, x):
-    return layer_norm(x, self.weight, self.bias, self.eps)
-
-
-def patch_layer_norm(module: nn.Module, handle: PatchHandle, name: str) -> None:
-    if len(module.normalized_shape) == 1:  # mmfast normalises over the last dim only
-        handle.set_forward(module, _layer_norm_forward, "layer_norm", name)
-
-
 def _swiglu_mlp_forward(self, x):
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
@@ -60,14 +43,10 @@ def patch_swiglu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
         handle.set_forward(module, _swiglu_mlp_forward, "swiglu", name)
 
 
-def _quick_gelu_mlp_forward(self, x):
-    return self.fc2(quick_gelu(self.fc1(x)))
-
-
 def patch_quick_gelu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
     """Qwen2-VL's vision MLP, fc2(act(fc1(x))), when its act is QuickGELU."""
     if type(module.act).__name__ == "QuickGELUActivation":
-        handle.set_forward(module, _quick_gelu_mlp_forward, "quick_gelu", name)
+        patch_activation_mlp(module, handle, name, "quick_gelu")
 
 
 def patch_vision_tower(module: nn.Module, handle: PatchHandle, name: str) -> None:

@@ -7,8 +7,8 @@ parameters; the module's own class is untouched and ``handle.undo()`` restores i
                        forward for what it does not do (a mask, returned attention
                        weights, attention dropout while training)
     *EncoderLayer      the first residual add fused into layer_norm2
-    *MLP               the activation as one fused pass
-    LayerNorm          mmfast's LayerNorm
+    *MLP               the activation as one fused pass (:mod:`._fused_layers`, which
+                       also holds the LayerNorm replacement)
 
 One behaviour differs on purpose: an image whose size is not a multiple of the patch
 size raises a ValueError naming it, where the Conv2d of Hugging Face silently drops the
@@ -17,7 +17,7 @@ remainder rows and columns.
 
 from __future__ import annotations
 
-from mmfast.nn.activation import activation_module
+from mmfast.integrations.transformers._fused_layers import patch_activation_mlp
 from mmfast.nn.patch_embed import PositionTableCache, embed_pixels
 from mmfast.ops.attention import attention
 from mmfast.ops.norm import layer_norm
@@ -59,21 +59,7 @@ def patch_encoder_layer(module, handle, name):
 
 
 def patch_mlp(module, handle, name):
-    act = activation_module(module.config.hidden_act)
-
-    def forward(self, hidden_states):
-        return self.fc2(act(self.fc1(hidden_states)))
-
-    handle.set_forward(module, forward, f"fused {module.config.hidden_act}", name)
-
-
-def _layer_norm_forward(self, x):
-    return layer_norm(x, self.weight, self.bias, self.eps)
-
-
-def patch_layer_norm(module, handle, name):
-    if len(module.normalized_shape) == 1:  # mmfast normalises the last dim only
-        handle.set_forward(module, _layer_norm_forward, "mmfast layer_norm", name)
+    patch_activation_mlp(module, handle, name, module.config.hidden_act)
 
 
 def vision_root(target):

@@ -4,6 +4,7 @@ CLIPModel (causal, padded) is left as it is."""
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers import _vit
+from mmfast.integrations.transformers._fused_layers import patch_layer_norm
 
 FAMILY = Family(
     "clip",
@@ -13,7 +14,7 @@ FAMILY = Family(
         Replacement(("CLIPAttention",), _vit.patch_attention, "mmfast attention"),
         Replacement(("CLIPEncoderLayer",), _vit.patch_encoder_layer, "norm fused with residual add"),
         Replacement(("CLIPMLP",), _vit.patch_mlp, "fused activation"),
-        Replacement(("LayerNorm",), _vit.patch_layer_norm, "mmfast layer_norm"),
+        Replacement(("LayerNorm",), patch_layer_norm, "mmfast layer_norm"),
     ),
     prepare=lambda target, handle: _vit.vision_root(target),
     notes="vision tower only",

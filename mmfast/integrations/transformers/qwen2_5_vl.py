@@ -3,8 +3,8 @@ becomes packed varlen attention with fused rotary, fed by cached window plumbing
 RMSNorm and SiLU-gated MLP (vision and language model) becomes mmfast's fused one."""
 
 from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.transformers._fused_layers import patch_rms_norm
 from mmfast.integrations.transformers._qwen_vision import (
-    patch_rms_norm,
     patch_swiglu_mlp,
     patch_vision_attention,
     patch_vision_tower,

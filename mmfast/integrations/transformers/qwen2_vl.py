@@ -4,10 +4,9 @@ and QuickGELU MLPs, and the language model's RMSNorms and SiLU-gated MLPs, becom
 mmfast's fused ones."""
 
 from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.transformers._fused_layers import patch_layer_norm, patch_rms_norm
 from mmfast.integrations.transformers._qwen_vision import (
-    patch_layer_norm,
     patch_quick_gelu_mlp,
-    patch_rms_norm,
     patch_swiglu_mlp,
     patch_vision_attention,
     patch_vision_tower,
