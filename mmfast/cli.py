@@ -110,6 +110,13 @@ def _triton_mode(has_cuda: bool) -> dict:
     }
 
 
+def _cuda_path() -> dict:
+    """Whether the CUDA C++ kernels (csrc/) can run here; reads the cache, compiles nothing."""
+    from mmfast.cuda import build
+
+    return build.status()
+
+
 # ---- which backends can run here ---------------------------------------------------
 
 
@@ -129,6 +136,9 @@ def _backend_status(backend, call) -> dict:
     except Exception as error:  # a failing probe is a fact worth reporting, not a crash
         reasons = [f"probe failed: {type(error).__name__}: {error}"]
     note = f"further limits depend on each call ({', '.join(per_call)})" if per_call and not reasons else None
+    if backend.measured and not reasons:
+        measured = "taken by default only where mmfast.tuning measured it faster on this device"
+        note = f"{note}; {measured}" if note else measured
     return {"name": backend.name, "usable": not reasons, "reasons": reasons, "note": note}
 
 
@@ -159,6 +169,7 @@ def collect_info() -> dict:
         "versions": _versions(torch),
         "devices": devices,
         "triton_runs": _triton_mode(has_cuda),
+        "cuda_path": _cuda_path(),
         "ops": _op_families(torch, has_cuda),
     }
 
@@ -195,6 +206,8 @@ def format_info(info: dict) -> str:
     t = info["triton_runs"]
     runs = f"yes, {t['mode']}" if t["runs"] else "no"
     lines.append(f"Triton runs here: {runs}: {t['why']}")
+    c = info["cuda_path"]
+    lines.append(f"CUDA C++ path (csrc): {'available' if c['available'] else 'unavailable'}: {c['why']}")
 
     ops = info["ops"]
     probe = ops["probe"]

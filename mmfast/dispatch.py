@@ -4,7 +4,9 @@ Each op family (``norm``, ``attention``, ...) owns an ordered list of backends. 
 backend declares what it supports (devices, dtypes, head dims, layouts, minimum
 compute capability, importable modules) and, for anything more specific, a
 ``check`` that returns human-readable reasons it cannot take a call. Dispatch takes
-the first backend, in priority order, with no reasons.
+the first backend, in priority order, with no reasons. A backend marked ``measured``
+(the CUDA C++ ones) is skipped by that default choice unless the device's tuning table
+(mmfast.tuning) says it measured faster for such a call; an override still takes it.
 
 Overrides, strongest first:
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterable
 
 import torch
+
+from mmfast import tuning
 
 logger = logging.getLogger("mmfast.dispatch")
 
@@ -100,6 +104,8 @@ class Backend:
     requires: tuple[str, ...] = ()
     triton: bool = False
     check: Callable[[Call], Iterable[str]] | None = None
+    # Taken by default only where mmfast.tuning says it measured faster on the device.
+    measured: bool = False
 
     def unavailable_reasons(self) -> list[str]:
         """Reasons that hold for every call on this machine (missing modules)."""
@@ -178,6 +184,12 @@ class OpFamily:
             return chosen
         report = []
         for candidate in self.backends.values():
+            if candidate.measured:
+                # Asked first: a backend the table does not pick is not probed at all.
+                skip = tuning.not_measured_reason(self.name, candidate.name, call.device, call.dtype, call.facts)
+                if skip is not None:
+                    report.append(f"  {candidate.name}: {skip}")
+                    continue
             reasons = candidate.reasons(call)
             if not reasons:
                 _log_choice(self.name, candidate.name, call)

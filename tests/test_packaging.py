@@ -126,3 +126,20 @@ print(json.dumps({
 def test_import_mmfast_imports_no_kernel_and_initialises_no_cuda(tmp_path):
     cost = _python(_IMPORT_COST, cwd=tmp_path)
     assert cost == {"triton": [], "kernels": [], "cuda_initialized": False}
+
+
+def test_every_package_directory_is_listed_in_pyproject():
+    """The packages list is explicit: a new subpackage left out of it would be missing
+    from the wheel while the editable install still finds it."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {name: REPO / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            relative = init.parent.relative_to(root).parts
+            found.add(".".join((name, *relative)))
+    nested_roots = {name for name in roots if any(name.startswith(r + ".") for r in roots)}
+    missing = sorted(found - set(config["packages"]) - nested_roots)
+    assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {missing}"

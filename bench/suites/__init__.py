@@ -13,6 +13,8 @@ _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "attention": "mmfast.bench.suites.attention",
     "qwen_window_attention": "mmfast.bench.suites.qwen_window_attention",
+    "cross_attention": "mmfast.bench.suites.cross_attention",
+    "scheduler_step": "mmfast.bench.suites.scheduler_step",
 }
 
 

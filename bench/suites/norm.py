@@ -1,7 +1,9 @@
 """RMSNorm and LayerNorm over the hidden dim, with and without a residual added first,
 forward and forward+backward; bf16 on a GPU.
 
-Providers: ``mmfast-triton`` (mmfast.ops with backend="triton"), ``torch-eager``
+Providers: ``mmfast-triton`` (mmfast.ops with backend="triton"), ``mmfast-cuda`` (the
+same with backend="cuda": the CUDA C++ kernels of csrc/, built before timing; skipped with
+the reason when the CUDA path is unavailable or the case is outside its limits), ``torch-eager``
 (``x + residual`` then F.rms_norm / F.layer_norm), ``torch-compile`` (the eager function
 under torch.compile, compiled afresh per case), ``liger`` (liger-kernel's functional
 norms after the same plain add, when installed).
@@ -154,25 +156,36 @@ def _timed(case: Case, forward):
     return run
 
 
-def _build_mmfast(case: Case):
+def _build_mmfast(case: Case, backend: str = "triton"):
     from mmfast.ops import layer_norm, rms_norm
 
     def rms(x, weight, eps, residual):
-        return rms_norm(x, weight, eps, residual=residual, backend="triton")
+        return rms_norm(x, weight, eps, residual=residual, backend=backend)
 
     def layer(x, weight, bias, eps, residual):
-        return layer_norm(x, weight, bias, eps, residual=residual, backend="triton")
+        return layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
 
     return _timed(case, _call(rms, layer, case))
 
 
-def _skip_mmfast(case: Case, device: torch.device) -> str | None:
+def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
     import mmfast.ops.norm  # noqa: F401  (registers the "norm" backends)
     from mmfast.dispatch import Call, op_family
 
-    call = Call(device=device, dtype=getattr(torch, case.params["dtype"]),
-                facts={"hidden": case.params["hidden"]})
-    return "; ".join(op_family("norm").backends["triton"].reasons(call)) or None
+    dtype = getattr(torch, case.params["dtype"])
+    call = Call(device=device, dtype=dtype, facts={"hidden": case.params["hidden"], "param_dtypes": (dtype,)})
+    return "; ".join(op_family("norm").backends[backend].reasons(call)) or None
+
+
+def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:
+    reason = _skip_mmfast(case, device, "cuda")
+    if reason is None:
+        from mmfast.cuda import build
+
+        # Build (or load) the library here, so that no case times a compile.
+        if not build.load(device):
+            reason = f"CUDA C++ path unavailable: {build.unavailable_reason(device)}"
+    return reason
 
 
 def _build_eager(case: Case):
@@ -230,6 +243,7 @@ SUITE = Suite(
     cases=cases,
     providers=(
         Provider("mmfast-triton", _build_mmfast, _skip_mmfast),
+        Provider("mmfast-cuda", partial(_build_mmfast, backend="cuda"), _skip_mmfast_cuda),
         Provider("torch-eager", _build_eager),
         Provider("torch-compile", _build_compile, _skip_compile),
         Provider("liger", _build_liger, _skip_liger),
@@ -237,5 +251,7 @@ SUITE = Suite(
     plot_x="hidden",
     plot_panels=("op", "residual", "pass", "tokens"),
     targets=(Target("mmfast-triton", 0.80,
-                    "issue: mmfast-triton >= 80% of measured copy bandwidth, hidden 1280..8192"),),
+                    "issue: mmfast-triton >= 80% of measured copy bandwidth, hidden 1280..8192"),
+             Target("mmfast-cuda", 0.90,
+                    "issue 9: CUDA C++ norms >= 90% of measured copy bandwidth at large sizes")),
 )

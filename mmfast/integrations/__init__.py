@@ -18,7 +18,10 @@ from typing import Any
 from mmfast.integrations.patching import Family, PatchHandle, Replacement
 
 # family name -> module defining FAMILY; the order is the order families are tried in.
-FAMILY_MODULES: dict[str, str] = {}
+FAMILY_MODULES: dict[str, str] = {
+    "idefics2": "mmfast.integrations.transformers.idefics2",
+    "diffusers-scheduler": "mmfast.integrations.diffusers.schedulers",
+}
 
 
 def families() -> list[Family]:

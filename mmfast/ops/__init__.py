@@ -2,7 +2,20 @@
 an autograd.Function and a public function that validates its arguments and dispatches
 to a backend (see mmfast.dispatch)."""
 
+from mmfast.ops.activation import geglu, gelu, quick_gelu, swiglu
+from mmfast.ops.adaln import adaln_modulate, gated_residual
 from mmfast.ops.attention import attention
+from mmfast.ops.cross_attention import cross_attention
+from mmfast.ops.group_norm import group_norm
 from mmfast.ops.norm import layer_norm, rms_norm
+from mmfast.ops.rotary import apply_rotary
+from mmfast.ops.scheduler_step import StepCoefficients, StepTable, guided_step
+from mmfast.ops.timestep import timestep_embedding
+from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 
 __all__ = ["attention", "layer_norm", "rms_norm"]
+__all__ += ["geglu", "gelu", "quick_gelu", "swiglu"]
+__all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
+__all__ += ["cross_attention"]
+__all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
+__all__ += ["StepCoefficients", "StepTable", "guided_step"]

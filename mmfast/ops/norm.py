@@ -11,8 +11,11 @@ stream of a pre-norm transformer block, which saves the separate add kernel and 
 read of it. Statistics accumulate in float32 (float64 for float64 inputs); outputs have
 the dtype of ``x``, weight and bias gradients the dtype of the parameter.
 
-Backends: ``triton`` (fp16, bf16, fp32; N <= 65536; CUDA, or CPU under
-TRITON_INTERPRET=1), ``torch`` (the reference below; any device and floating dtype).
+Backends: ``cuda`` (CUDA C++, csrc/norm.cu: fp16, bf16, fp32 with weight and bias of
+x's dtype; N <= 8192; compute capability >= 8.0; built on first use; taken by default only
+where mmfast.tuning measured it faster on the device), ``triton`` (fp16, bf16, fp32;
+N <= 65536; CUDA, or CPU under TRITON_INTERPRET=1), ``torch`` (the reference below; any
+device and floating dtype).
 """
 
 from __future__ import annotations
@@ -47,6 +50,28 @@ def norm_reference(x, weight, bias, residual, eps: float, is_rms: bool) -> tuple
 # ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
 
 
+# One pair per backend kernel set (Triton, CUDA C++); both pairs share their fakes.
+
+
+def _norm_fwd_fake(x, weight, bias, residual, eps, is_rms):
+    rows = math.prod(x.shape[:-1])
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(x.shape if residual is not None else (0,)),
+        x.new_empty((rows,) if not is_rms else (0,), dtype=torch.float32),
+        x.new_empty((rows,), dtype=torch.float32),
+    )
+
+
+def _norm_bwd_fake(dy, h, weight, mean, rstd, dres_out, is_rms, has_bias):
+    n = h.shape[-1]
+    return (
+        h.new_empty(h.shape),
+        h.new_empty((n,) if weight is not None else (0,), dtype=torch.float32),
+        h.new_empty((n,) if has_bias else (0,), dtype=torch.float32),
+    )
+
+
 @torch.library.custom_op("mmfast::norm_fwd", mutates_args=())
 def _norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
@@ -55,17 +80,6 @@ def _norm_fwd_op(
     from mmfast.kernels.norm import norm_fwd
 
     return norm_fwd(x, weight, bias, residual, eps, is_rms)
-
-
-@_norm_fwd_op.register_fake
-def _(x, weight, bias, residual, eps, is_rms):
-    rows = math.prod(x.shape[:-1])
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(x.shape if residual is not None else (0,)),
-        x.new_empty((rows,) if not is_rms else (0,), dtype=torch.float32),
-        x.new_empty((rows,), dtype=torch.float32),
-    )
 
 
 @torch.library.custom_op("mmfast::norm_bwd", mutates_args=())
@@ -78,28 +92,53 @@ def _norm_bwd_op(
     return norm_bwd(dy, h, weight, has_bias, mean, rstd, dres_out, is_rms)
 
 
-@_norm_bwd_op.register_fake
-def _(dy, h, weight, mean, rstd, dres_out, is_rms, has_bias):
-    n = h.shape[-1]
-    return (
-        h.new_empty(h.shape),
-        h.new_empty((n,) if weight is not None else (0,), dtype=torch.float32),
-        h.new_empty((n,) if has_bias else (0,), dtype=torch.float32),
-    )
+# The CUDA C++ kernels build on their first call, inside the op, where torch.compile
+# never looks: tracing needs only the fakes.
+@torch.library.custom_op("mmfast::norm_fwd_cuda", mutates_args=())
+def _norm_fwd_cuda_op(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+    eps: float, is_rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mmfast.cuda.norm import norm_fwd
+
+    return norm_fwd(x, weight, bias, residual, eps, is_rms)
+
+
+@torch.library.custom_op("mmfast::norm_bwd_cuda", mutates_args=())
+def _norm_bwd_cuda_op(
+    dy: Tensor, h: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    dres_out: Optional[Tensor], is_rms: bool, has_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.cuda.norm import norm_bwd
+
+    return norm_bwd(dy, h, weight, has_bias, mean, rstd, dres_out, is_rms)
+
+
+for _op, _fake in ((_norm_fwd_op, _norm_fwd_fake), (_norm_bwd_op, _norm_bwd_fake),
+                   (_norm_fwd_cuda_op, _norm_fwd_fake), (_norm_bwd_cuda_op, _norm_bwd_fake)):
+    _op.register_fake(_fake)
+
+# kernels -> (forward op, backward op)
+_KERNEL_OPS = {
+    "triton": ("norm_fwd", "norm_bwd"),
+    "cuda": ("norm_fwd_cuda", "norm_bwd_cuda"),
+}
 
 
 # ---- autograd --------------------------------------------------------------------
 
 
 class NormFunction(torch.autograd.Function):
-    """Triton forward and backward. Outputs (y, h); h is empty without a residual."""
+    """Forward and backward with the ``kernels`` of _KERNEL_OPS ("triton" or "cuda").
+    Outputs (y, h); h is empty without a residual."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, is_rms):
+    def forward(ctx, x, weight, bias, residual, eps, is_rms, kernels="triton"):
         x = x if x.stride(-1) == 1 else x.contiguous()
         if residual is not None and residual.stride(-1) != 1:
             residual = residual.contiguous()
-        y, res_out, mean, rstd = torch.ops.mmfast.norm_fwd(x, weight, bias, residual, eps, is_rms)
+        fwd_name, ctx.bwd_name = _KERNEL_OPS[kernels]
+        y, res_out, mean, rstd = getattr(torch.ops.mmfast, fwd_name)(x, weight, bias, residual, eps, is_rms)
         ctx.save_for_backward(res_out if residual is not None else x, weight, mean, rstd)
         ctx.is_rms = is_rms
         ctx.has_residual = residual is not None
@@ -117,13 +156,13 @@ class NormFunction(torch.autograd.Function):
             dres_out = None
         elif dres_out.stride(-1) != 1:
             dres_out = dres_out.contiguous()
-        dx, dw, db = torch.ops.mmfast.norm_bwd(
+        dx, dw, db = getattr(torch.ops.mmfast, ctx.bwd_name)(
             dy, h, weight, mean, rstd, dres_out, ctx.is_rms, ctx.bias_dtype is not None
         )
         dweight = dw.to(weight.dtype) if weight is not None else None
         dbias = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         dresidual = dx if ctx.has_residual else None
-        return dx, dweight, dbias, dresidual, None, None
+        return dx, dweight, dbias, dresidual, None, None, None
 
 
 # ---- backends --------------------------------------------------------------------
@@ -141,12 +180,41 @@ def _triton_limits(call: Call):
         yield f"hidden size {call.facts['hidden']} > {MAX_N} (whole rows are kept in registers)"
 
 
+def _run_cuda(x, weight, bias, residual, eps, is_rms):
+    y, h = NormFunction.apply(x, weight, bias, residual, eps, is_rms, "cuda")
+    return y, (h if residual is not None else None)
+
+
+def _cuda_limits(call: Call):
+    from mmfast.cuda import build
+    from mmfast.cuda.norm import MAX_HIDDEN
+
+    if call.facts["hidden"] > MAX_HIDDEN:
+        yield f"hidden size {call.facts['hidden']} > {MAX_HIDDEN} (whole rows are kept in registers)"
+    if any(d != call.dtype for d in call.facts["param_dtypes"]):
+        yield "weight and bias must have the dtype of x"
+    reason = build.unavailable_reason(call.device)
+    if reason is not None:
+        yield f"CUDA C++ path unavailable: {reason}"
+
+
 def _run_torch(x, weight, bias, residual, eps, is_rms):
     y, h = norm_reference(x, weight, bias, residual, eps, is_rms)
     return y, (h if residual is not None else None)
 
 
 NORM = op_family("norm")
+NORM.register(
+    Backend(
+        "cuda",
+        _run_cuda,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        min_capability=(8, 0),
+        check=_cuda_limits,
+        measured=True,
+    )
+)
 NORM.register(
     Backend(
         "triton",
@@ -198,7 +266,8 @@ def _check_args(x, weight, bias, residual, eps) -> None:
 
 def _norm(x, weight, bias, residual, eps, is_rms, backend):
     _check_args(x, weight, bias, residual, eps)
-    call = Call(device=x.device, dtype=x.dtype, facts={"hidden": x.shape[-1]})
+    param_dtypes = tuple(p.dtype for p in (weight, bias) if p is not None)
+    call = Call(device=x.device, dtype=x.dtype, facts={"hidden": x.shape[-1], "param_dtypes": param_dtypes})
     y, h = NORM.select(call, backend).run(x, weight, bias, residual, float(eps), is_rms)
     return y if residual is None else (y, h)
 

@@ -35,7 +35,7 @@ def test_registry_lists_norm_with_its_providers():
     assert "norm" in suites.names()
     suite = suites.get("norm")
     assert suite.name == "norm" and suite.bound == "memory"
-    assert [p.name for p in suite.providers] == ["mmfast-triton", "torch-eager", "torch-compile", "liger"]
+    assert [p.name for p in suite.providers] == ["mmfast-triton", "mmfast-cuda", "torch-eager", "torch-compile", "liger"]
     with pytest.raises(KeyError, match="unknown suite 'nope'"):
         suites.get("nope")
 

@@ -1,0 +1,504 @@
+"""Triton kernels for cross-attention: queries over keys of another modality, with a
+structured mask, the key axis split across programs, and a fused gate/residual epilogue.
+
+Every tensor is seen as rows: Q/O/residual [rows_q, Hq, D], K/V [rows_k, Hk, D]. Segment
+b holds rows cu_seqlens[b] .. cu_seqlens[b+1] (packed) or b * T .. (b + 1) * T (padded,
+reshaped to rows by the op layer).
+
+Mask (optional), flattened over rows, int32 (see mmfast.ops.cross_attention_masks):
+    key_group[j]          the group (image) of key j within its sample; -1: nobody sees it
+    query_first/last[i]   query i sees keys whose group is in [first, last)
+    query_key_lo/hi[i]    the keys [lo, hi) of the segment that hold those groups: bounds
+                          that let a block skip keys none of its queries can see
+
+Forward, flash-decoding style: program (m, b, h * S + s) runs the online softmax (float32,
+exp2, scores in log2 units) of BLOCK_M queries over split s of the segment's keys,
+    keys [s * split_size, (s + 1) * split_size) intersected with the block's mask bounds.
+With S = 1 it writes the result; with S > 1 it writes a float32 partial (o_s, lse_s) and
+one combine kernel merges the splits:
+    lse = log sum_s exp(lse_s),  o = sum_s exp(lse_s - lse) o_s
+So 32 queries over 16k keys still give enough programs to fill the GPU. A query that sees
+no key gets o = 0 and lse = -inf. The epilogue (whichever kernel writes o) also writes
+    out = residual + alpha[h] * o      (alpha = tanh(gate), computed by the op layer)
+when a residual or alpha is given; otherwise out is o itself.
+
+Backward (deterministic, no atomics), with dA = alpha dOut the gradient of o:
+    r = rowsum(dOut * o)   (the gate's gradient is sum r over the gate's heads)
+    delta = alpha r,  p = exp(scale q.k - lse),  dp = alpha (dOut . v),  ds = p (dp - delta)
+    dv = alpha sum_q p dOut,  dk = scale sum_q ds q   (programs over key blocks)
+    dq = scale sum_k ds k    (programs over query blocks and key splits: float32 partials
+                              summed by the launcher when S > 1)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import empty, multiprocessor_count
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_FAR = tl.constexpr(2**30)  # a key index past every segment
+
+
+@triton.jit
+def _segment_rows(CU, b, padded_len, VARLEN: tl.constexpr):
+    """(first row, length) of segment b."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * padded_len
+        length = b * 0 + padded_len
+    return start, length
+
+
+@triton.jit
+def _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK: tl.constexpr):
+    """Per-query (first, last) group and the block's key bounds [lo, hi)."""
+    if HAS_MASK:
+        first = tl.load(Q_FIRST + rows, mask=m_ok, other=0)
+        last = tl.load(Q_LAST + rows, mask=m_ok, other=0)
+        lo = tl.min(tl.load(Q_KEY_LO + rows, mask=m_ok, other=_FAR), 0)
+        hi = tl.max(tl.load(Q_KEY_HI + rows, mask=m_ok, other=0), 0)
+    else:
+        first = rows * 0
+        last = rows * 0
+        lo = 0
+        hi = _FAR
+    return first, last, lo, hi
+
+
+@triton.jit
+def _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK: tl.constexpr):
+    """[M, N]: query sees key (within the segment's bounds, and by group)."""
+    ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_MASK:
+        group = tl.load(KEY_GROUP + rows_k, mask=n_ok, other=-1)
+        ok &= (group[None, :] >= first[:, None]) & (group[None, :] < last[:, None])
+    return ok
+
+
+@triton.jit
+def _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride,
+                  HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """o -> O at offsets ``at`` (contiguous [rows, H, D]); with an epilogue also
+    out = residual + alpha[h] * o -> OUT (same offsets)."""
+    tl.store(O + at, o.to(O.dtype.element_ty), mask=mask)
+    if HAS_ALPHA or HAS_RESIDUAL:
+        out = o
+        if HAS_ALPHA:
+            out = out * tl.load(ALPHA + h * alpha_stride)
+        if HAS_RESIDUAL:
+            out += tl.load(RESIDUAL + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + at, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_attention_fwd_kernel(
+    Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
+    alpha_stride,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    m_first = pid_m * BLOCK_M
+    if m_first >= len_q:  # the grid is sized for the longest segment
+        return
+    hk = h // group
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
+    lo = tl.maximum(lo, split * split_size)
+    hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    K_head = K + hk * stride_kh + offs_d[None, :]
+    V_head = V + hk * stride_vh + offs_d[None, :]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < hi
+        rows_k = (k_start + cols).to(tl.int64)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_head + rows_k[:, None] * stride_kt, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = tl.where(_sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no key yet keep m = -inf; subtract 0 there to avoid inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V_head + rows_k[:, None] * stride_vt, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
+    mask = m_ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        part = split.to(tl.int64) * rows_q + rows
+        tl.store(O_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], o, mask=mask)
+        tl.store(LSE_PART + part * heads + h, lse, mask=m_ok)
+    else:
+        at = (rows[:, None] * heads + h) * head_dim + offs_d[None, :]
+        _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
+        tl.store(LSE + rows * heads + h, lse, mask=m_ok)
+
+
+@triton.jit
+def _cross_attention_combine_kernel(
+    O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA,
+    rows_q, heads, head_dim, num_splits, alpha_stride,
+    HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = rows < rows_q
+    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + (s * rows_q + rows) * heads + h, mask=m_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for s in range(0, num_splits):
+        part = s * rows_q + rows
+        w = tl.exp(tl.load(LSE_PART + part * heads + h, mask=m_ok, other=float("-inf")) - m_safe)
+        o_s = tl.load(O_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], mask=mask, other=0.0)
+        total += w
+        acc += w[:, None] * o_s
+    seen = total > 0.0
+    o = acc / tl.where(seen, total, 1.0)[:, None]
+    at = (rows[:, None] * heads + h) * head_dim + offs_d[None, :]
+    _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
+    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(LSE + rows * heads + h, lse, mask=m_ok)
+
+
+@triton.jit
+def _cross_attention_bwd_preprocess_kernel(
+    O, DOUT, ALPHA, DELTA, R,
+    rows_q, heads, head_dim, alpha_stride,
+    HAS_ALPHA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = rows < rows_q
+    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
+    at = (rows[:, None] * heads + h) * head_dim + offs_d[None, :]
+    o = tl.load(O + at, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + at, mask=mask, other=0.0).to(tl.float32)
+    r = tl.sum(o * do, 1)
+    delta = r
+    if HAS_ALPHA:
+        tl.store(R + rows * heads + h, r, mask=m_ok)
+        delta = r * tl.load(ALPHA + h * alpha_stride)
+    tl.store(DELTA + rows * heads + h, delta, mask=m_ok)
+
+
+@triton.jit
+def _cross_attention_bwd_dkdv_kernel(
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    hk = tl.program_id(2)
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    n_first = pid_n * BLOCK_N
+    if n_first >= len_k:
+        return
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    n_ok = offs_n < len_k
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    rows_k = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + hk * stride_kh + rows_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + hk * stride_vh + rows_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    scale_log2 = scale * _LOG2E
+    n_end = tl.minimum(n_first + BLOCK_N, len_k)
+
+    # The query heads of this K/V head's group, in order: the sum is deterministic.
+    for g in range(0, group):
+        h = hk * group + g
+        a = 1.0
+        if HAS_ALPHA:
+            a = tl.load(ALPHA + h * alpha_stride)
+        for start_m in range(0, len_q, BLOCK_M):
+            m_ok = start_m + offs_m < len_q
+            rows = (q_start + start_m + offs_m).to(tl.int64)
+            first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
+            if (lo < n_end) & (hi > n_first):  # some query of the block may see these keys
+                q_mask = m_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(DOUT + (rows[:, None] * heads + h) * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
+                delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
+                # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+                ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
+                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+                dv += a * tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+                dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    at = (rows_k[:, None] * kv_heads + hk) * head_dim + offs_d[None, :]
+    tl.store(DK + at, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + at, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _cross_attention_bwd_dq_kernel(
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
+    alpha_stride,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    m_first = pid_m * BLOCK_M
+    if m_first >= len_q:
+        return
+    hk = h // group
+    offs_m = m_first + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    m_ok = offs_m < len_q
+    q_mask = m_ok[:, None] & d_ok[None, :]
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DOUT + (rows[:, None] * heads + h) * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    a = 1.0
+    if HAS_ALPHA:
+        a = tl.load(ALPHA + h * alpha_stride)
+    scale_log2 = scale * _LOG2E
+    first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
+    lo = tl.maximum(lo, split * split_size)
+    hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    K_head = K + hk * stride_kh + offs_d[None, :]
+    V_head = V + hk * stride_vh + offs_d[None, :]
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < hi
+        rows_k = (k_start + cols).to(tl.int64)
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K_head + rows_k[:, None] * stride_kt, mask=kv_mask, other=0.0)
+        v = tl.load(V_head + rows_k[:, None] * stride_vt, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
+        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq = dq * scale
+    if SPLIT:
+        part = split.to(tl.int64) * rows_q + rows
+        tl.store(DQ_PART + (part[:, None] * heads + h) * head_dim + offs_d[None, :], dq, mask=q_mask)
+    else:
+        tl.store(DQ + (rows[:, None] * heads + h) * head_dim + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---- launchers -------------------------------------------------------------------
+
+# Keys one split should hold at least: fewer and the combine costs more than it saves.
+_MIN_SPLIT_KEYS_GPU = 256
+_INTERPRETER_SMS = 32
+
+
+def _blocks(device: torch.device, head_dim: int, max_seqlen_q: int, backward: bool):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned on GPUs: starting points, to be
+    measured. Few queries get a query tile no larger than they need. The interpreter gets
+    small tiles (it runs them in numpy)."""
+    if device.type != "cuda":
+        return 16, 16, 1, 1
+    if backward:
+        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
+    block_m = 128 if head_dim <= 128 else 64
+    block_m = min(block_m, max(16, triton.next_power_of_2(max_seqlen_q)))
+    if head_dim <= 64:
+        return block_m, 64, 4, 3
+    return (block_m, 64 if block_m <= 64 else 32, 4 if block_m <= 64 else 8, 2)
+
+
+def num_splits(device: torch.device, programs: int, max_seqlen_k: int, block_n: int) -> int:
+    """Key splits per (query block, head, segment): enough programs for about two waves,
+    with at least a few key tiles per split."""
+    # The interpreter pretends to a mid-sized GPU, so that small test shapes split too.
+    sms = multiprocessor_count(device) if device.type == "cuda" else _INTERPRETER_SMS
+    if programs >= sms:
+        return 1
+    min_keys = _MIN_SPLIT_KEYS_GPU if device.type == "cuda" else block_n
+    by_keys = max(1, max_seqlen_k // min_keys)
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), by_keys, 128))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # IEEE float32 dots for float32 inputs: TF32 would be less accurate than the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _mask_args(mask, like: torch.Tensor):
+    """The five mask arrays, or stand-ins (never read) when there is no mask."""
+    return tuple(mask) if mask is not None else (like,) * 5
+
+
+def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_q: int, seqlen_k: int,
+                        max_seqlen_q: int, max_seqlen_k: int, mask, alpha, residual, scale: float):
+    """Launch the forward (and, with key splits, the combine). Returns (out, o, lse).
+
+    q [rows_q, Hq, D], k, v [rows_k, Hk, D] (last dim contiguous). Packed: cu_seqlens_*
+    int32 [B+1], max_seqlen_* bound the segments (they size the grid; nothing is read back).
+    Padded: cu_seqlens_* None, segment b is rows b * seqlen .. (b + 1) * seqlen.
+    ``mask``: None or the five int32 arrays (key_group, query_first, query_last,
+    query_key_lo, query_key_hi). ``alpha``: None or float32 [1] or [Hq]; ``residual``: None
+    or contiguous like q. out = residual + alpha * o (out is o without either); o
+    contiguous like q; lse float32 [rows_q, Hq].
+    """
+    varlen = cu_seqlens_q is not None
+    rows_q, heads, head_dim = q.shape
+    o = empty(q.shape, dtype=q.dtype, device=q.device)
+    epilogue = alpha is not None or residual is not None
+    out = empty(q.shape, dtype=q.dtype, device=q.device) if epilogue else o
+    lse = empty((rows_q, heads), dtype=torch.float32, device=q.device)
+    if batch == 0 or max_seqlen_q == 0 or rows_q == 0 or heads == 0:
+        return out, o, lse
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, max_seqlen_q, backward=False)
+    m_blocks = triton.cdiv(max_seqlen_q, BLOCK_M)
+    splits = num_splits(q.device, m_blocks * batch * heads, max_seqlen_k, BLOCK_N)
+    split_size = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), BLOCK_N) * BLOCK_N
+    o_part = lse_part = lse
+    if splits > 1:
+        o_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, rows_q, heads), dtype=torch.float32, device=q.device)
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    res = residual if residual is not None else q
+    alpha_t = alpha if alpha is not None else lse
+    alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
+    BLOCK_D = triton.next_power_of_2(head_dim)
+    _cross_attention_fwd_kernel[(m_blocks, batch, heads * splits)](
+        q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, *_mask_args(mask, cu_q),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // k.shape[1], scale * LOG2E,
+        split_size, splits, alpha_stride,
+        VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
+        HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None,
+        PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        COMBINE_M = 16
+        _cross_attention_combine_kernel[(triton.cdiv(rows_q, COMBINE_M), heads)](
+            o, out, lse, o_part, lse_part, res, alpha_t,
+            rows_q, heads, head_dim, splits, alpha_stride,
+            HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None,
+            BLOCK_M=COMBINE_M, BLOCK_D=BLOCK_D,
+        )
+    return out, o, lse
+
+
+def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch: int,
+                        seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int,
+                        mask, alpha, scale: float):
+    """Launch the backward. Returns (dq, dk, dv, r): dq like q, dk/dv like k/v (contiguous
+    [rows, H, D]); r = rowsum(dout * o) float32 [rows_q, Hq] when ``alpha`` is given (the
+    gate's gradient is its sum over the gate's heads), else None. ``dout`` is contiguous."""
+    varlen = cu_seqlens_q is not None
+    rows_q, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    r = torch.zeros((rows_q, heads), dtype=torch.float32, device=q.device) if alpha is not None else None
+    if batch == 0 or heads == 0 or rows_q == 0 or k.shape[0] == 0:
+        # Nothing attends: every gradient is zero (and must be written).
+        return dq.zero_(), dk.zero_(), dv.zero_(), r
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, max_seqlen_q, backward=True)
+    BLOCK_D = triton.next_power_of_2(head_dim)
+    delta = torch.empty((rows_q, heads), dtype=torch.float32, device=q.device)
+    alpha_t = alpha if alpha is not None else delta
+    alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
+    _cross_attention_bwd_preprocess_kernel[(triton.cdiv(rows_q, BLOCK_M), heads)](
+        o, dout, alpha_t, delta, r if r is not None else delta,
+        rows_q, heads, head_dim, alpha_stride,
+        HAS_ALPHA=alpha is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+    )
+    cu_q = cu_seqlens_q if varlen else q
+    cu_k = cu_seqlens_k if varlen else q
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    common = dict(VARLEN=varlen, HAS_MASK=mask is not None, HAS_ALPHA=alpha is not None,
+                  PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                  num_warps=num_warps, num_stages=num_stages)
+    if max_seqlen_k > 0:
+        _cross_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, BLOCK_N), batch, kv_heads)](
+            q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
+            heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
+            **common,
+        )
+    if max_seqlen_q > 0:
+        m_blocks = triton.cdiv(max_seqlen_q, BLOCK_M)
+        splits = num_splits(q.device, m_blocks * batch * heads, max_seqlen_k, BLOCK_N)
+        split_size = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), BLOCK_N) * BLOCK_N
+        dq_part = delta
+        if splits > 1:
+            dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        _cross_attention_bwd_dq_kernel[(m_blocks, batch, heads * splits)](
+            q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
+            rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
+            alpha_stride, SPLIT=splits > 1, **common,
+        )
+        if splits > 1:
+            torch.sum(dq_part, dim=0, out=dq) if dq.dtype == torch.float32 else dq.copy_(dq_part.sum(0))
+    return dq, dk, dv, r

@@ -1,0 +1,332 @@
+"""diffusers schedulers with the fused step: DDIMScheduler, EulerDiscreteScheduler,
+DPMSolverMultistepScheduler (orders 1-2, dpmsolver++ / sde-dpmsolver++) and
+FlowMatchEulerDiscreteScheduler.
+
+Three ways in:
+
+* ``patch_scheduler(scheduler, handle)`` (or ``mmfast.patch(scheduler)``) gives this
+  instance a fused ``step`` with diffusers' signature, return type and state updates
+  (``step_index``, ``model_outputs``, ``lower_order_nums``), so an existing pipeline loop
+  runs the fused update; ``handle.undo()`` restores the original. Configurations the
+  fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
+  learned variances) fall back to the original ``step`` for that call; schedulers of
+  other classes are left untouched. A stock pipeline computes guidance itself before
+  calling ``step``, so this fuses the update but not the guidance.
+* ``guided_scheduler_step(scheduler, noise_pred, t, latents, guidance_scale=...)``
+  replaces a denoising loop's three lines (chunk, guidance (+ rescale), ``step``) with one
+  fused pass; it works on patched and unpatched schedulers (any class: others get
+  guidance in PyTorch and their own step) and updates the same state::
+
+      noise_pred = unet(torch.cat([latents] * 2), t, prompt_embeds).sample
+      latents = guided_scheduler_step(pipe.scheduler, noise_pred, t, latents,
+                                      guidance_scale=7.5, guidance_rescale=0.7)
+
+* ``fused_stepper(scheduler)`` builds the stand-alone mmfast stepper for the scheduler's
+  current schedule (after ``set_timesteps``). Its device-side mode is what a CUDA graph
+  captures: the patched diffusers ``step`` keeps its state on the host, as diffusers does,
+  and cannot be replayed from a graph.
+
+Syncs: diffusers' DDIM step reads its timestep on the host, and the other three find the
+first step's index from the timestep; a timestep on the GPU costs one device->host read
+there, as in diffusers. Timesteps that are not in the schedule raise ValueError (diffusers'
+DPM-Solver silently takes the last step instead).
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from mmfast.integrations.patching import Family, PatchHandle
+from mmfast.ops.scheduler_step import guided_model_output, guided_step
+from mmfast.schedulers import (DDIMStepper, DPMSolverPP2MStepper, EulerDiscreteStepper, FlowMatchEulerStepper,
+                               FusedStepper, ddim_coefficients, dpm_solver_coefficients, euler_coefficients,
+                               flow_match_coefficients)
+from mmfast.schedulers.dpm_solver import ALGORITHMS
+
+SUPPORTED = ("DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+             "FlowMatchEulerDiscreteScheduler")
+
+
+def _kind(scheduler: Any) -> str:
+    for cls in type(scheduler).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return cls.__name__
+    raise TypeError(f"scheduler: {type(scheduler).__name__} has no fused step (supported: {', '.join(SUPPORTED)})")
+
+
+def _floats(t) -> list[float]:
+    return [float(v) for v in torch.as_tensor(t).double().cpu().tolist()]
+
+
+def _randn(shape, generator, device, dtype) -> Tensor:
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+# ---- the stand-alone stepper -----------------------------------------------------------
+
+
+def fused_stepper(scheduler: Any, *, eta: float = 0.0) -> FusedStepper:
+    """The mmfast stepper for ``scheduler``'s current schedule (``eta``: DDIM only)."""
+    kind = _kind(scheduler)
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("scheduler: call scheduler.set_timesteps(...) before building its fused stepper")
+    config = scheduler.config
+    timesteps = _floats(scheduler.timesteps)
+    if kind == "DDIMScheduler":
+        stepper = DDIMStepper(_floats(scheduler.alphas_cumprod), [int(t) for t in timesteps],
+                              final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+                              prediction_type=config.prediction_type, eta=eta, clip_sample=config.clip_sample,
+                              clip_sample_range=config.clip_sample_range, thresholding=config.thresholding)
+    elif kind == "EulerDiscreteScheduler":
+        stepper = EulerDiscreteStepper(_floats(scheduler.sigmas), timesteps, prediction_type=config.prediction_type,
+                                       init_noise_sigma=float(scheduler.init_noise_sigma))
+    elif kind == "DPMSolverMultistepScheduler":
+        stepper = DPMSolverPP2MStepper(
+            _floats(scheduler.sigmas), timesteps, prediction_type=config.prediction_type,
+            algorithm_type=config.algorithm_type, solver_type=config.solver_type, solver_order=config.solver_order,
+            lower_order_final=config.lower_order_final, euler_at_final=config.euler_at_final,
+            use_flow_sigmas=config.use_flow_sigmas, thresholding=config.thresholding,
+            variance_type=config.variance_type)
+    else:
+        stepper = FlowMatchEulerStepper(_floats(scheduler.sigmas), timesteps,
+                                        stochastic_sampling=config.stochastic_sampling)
+    if getattr(scheduler, "begin_index", None):
+        stepper.reset(scheduler.begin_index)
+    return stepper
+
+
+# ---- fused steps with diffusers' semantics ------------------------------------------------
+# Each takes (scheduler, original step, guidance, want_x0) and then diffusers' arguments;
+# it returns diffusers' output, or None to have the caller fall back to the original step.
+
+
+def _schedule_index(scheduler, timestep) -> None:
+    """diffusers' _init_step_index, with a clear error for a timestep not in the schedule."""
+    if scheduler.step_index is not None:
+        return
+    if scheduler.begin_index is None:
+        value = timestep.to(scheduler.timesteps.device) if isinstance(timestep, Tensor) else timestep
+        if not bool((scheduler.timesteps == value).any()):
+            raise ValueError(f"timestep: {float(value)} is not in the scheduler's timesteps "
+                             f"{scheduler.timesteps.tolist()}")
+    scheduler._init_step_index(timestep)
+
+
+def _check_index(scheduler) -> int:
+    index = scheduler.step_index
+    if index + 1 >= len(scheduler.sigmas):
+        raise IndexError(f"step: all {len(scheduler.timesteps)} steps of the schedule were taken "
+                         "(call set_timesteps again)")
+    return index
+
+
+def _guided(guidance) -> dict:
+    """guided_step's keyword arguments for ``guidance``: None or (scale, rescale)."""
+    return {} if guidance is None else {"guidance_scale": guidance[0], "guidance_rescale": guidance[1]}
+
+
+def _ddim(scheduler, guidance, want_x0, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
+          generator=None, variance_noise=None, return_dict=True):
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    config = scheduler.config
+    if scheduler.num_inference_steps is None:
+        raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                         "the scheduler")
+    if config.thresholding or config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        return None
+    t = timestep.item() if isinstance(timestep, Tensor) else timestep
+    if t != int(t) or not 0 <= t < len(scheduler.alphas_cumprod):
+        raise ValueError(f"timestep: expected an integer in [0, {len(scheduler.alphas_cumprod)}), got {t}")
+    t = int(t)
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+    alpha = float(scheduler.alphas_cumprod[t])
+    alpha_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else float(scheduler.final_alpha_cumprod)
+    coef = ddim_coefficients(alpha, alpha_prev, prediction_type=config.prediction_type, eta=eta,
+                             clip_sample_range=config.clip_sample_range if config.clip_sample else None,
+                             use_clipped_model_output=use_clipped_model_output)
+    dtype = torch.promote_types(sample.dtype, model_output.dtype)
+    noise = None
+    if eta > 0:
+        if variance_noise is not None and generator is not None:
+            raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                             "`generator` or `variance_noise` stays `None`.")
+        noise = variance_noise if variance_noise is not None else _randn(
+            sample.shape, generator, model_output.device, model_output.dtype)
+    x0 = torch.empty_like(sample, dtype=dtype) if want_x0 else None
+    prev = guided_step(sample, model_output, coef, noise=noise, x0_out=x0, out_dtype=dtype,
+                       **_guided(guidance))
+    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _euler(scheduler, guidance, want_x0, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0,
+           s_tmax=float("inf"), s_noise=1.0, generator=None, return_dict=True):
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError("timestep: pass one of `scheduler.timesteps`, not an integer index (e.g. from enumerate)")
+    _schedule_index(scheduler, timestep)
+    index = _check_index(scheduler)
+    sigma = float(scheduler.sigmas[index])
+    if s_churn > 0 and s_tmin <= sigma <= s_tmax:
+        return None
+    prediction = scheduler.config.prediction_type
+    coef = euler_coefficients(sigma, float(scheduler.sigmas[index + 1]), prediction)
+    dtype = model_output.dtype
+    x0_dtype = dtype if prediction in ("sample", "original_sample") else torch.promote_types(torch.float32, dtype)
+    x0 = torch.empty_like(sample, dtype=x0_dtype) if want_x0 else None
+    prev = guided_step(sample, model_output, coef, x0_out=x0, out_dtype=dtype, **_guided(guidance))
+    scheduler._step_index += 1
+    return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _dpm_solver(scheduler, guidance, want_x0, model_output, timestep, sample, generator=None, variance_noise=None,
+                return_dict=True):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = scheduler.config
+    if scheduler.num_inference_steps is None:
+        raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                         "the scheduler")
+    if (config.solver_order > 2 or config.algorithm_type not in ALGORITHMS or config.thresholding
+            or config.variance_type is not None or config.solver_type not in ("midpoint", "heun")):
+        return None
+    _schedule_index(scheduler, timestep)
+    index = _check_index(scheduler)
+    n = len(scheduler.timesteps)
+    lower_order_final = index == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
+                                            or config.final_sigmas_type == "zero")
+    first_order = config.solver_order == 1 or scheduler.lower_order_nums < 1 or lower_order_final
+    sigmas = scheduler.sigmas
+    coef = dpm_solver_coefficients(
+        None if first_order else float(sigmas[index - 1]), float(sigmas[index]), float(sigmas[index + 1]),
+        prediction_type=config.prediction_type, algorithm_type=config.algorithm_type,
+        solver_type=config.solver_type, flow_sigmas=config.use_flow_sigmas)
+    noise = None
+    if config.algorithm_type == "sde-dpmsolver++":
+        noise = (variance_noise.to(device=sample.device, dtype=torch.float32) if variance_noise is not None
+                 else _randn(sample.shape, generator, sample.device, torch.float32))
+    dtype = model_output.dtype
+    x0 = torch.empty_like(sample, dtype=dtype)
+    prev = guided_step(sample, model_output, coef, prev_x0=None if first_order else scheduler.model_outputs[-1],
+                       noise=noise, x0_out=x0, out_dtype=dtype, **_guided(guidance))
+    for i in range(config.solver_order - 1):
+        scheduler.model_outputs[i] = scheduler.model_outputs[i + 1]
+    scheduler.model_outputs[-1] = x0
+    if scheduler.lower_order_nums < config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index += 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _flow_match(scheduler, guidance, want_x0, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0,
+                s_tmax=float("inf"), s_noise=1.0, generator=None, per_token_timesteps=None, return_dict=True):
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise ValueError("timestep: pass one of `scheduler.timesteps`, not an integer index (e.g. from enumerate)")
+    if per_token_timesteps is not None:
+        return None
+    _schedule_index(scheduler, timestep)
+    index = _check_index(scheduler)
+    stochastic = scheduler.config.stochastic_sampling
+    coef = flow_match_coefficients(float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1]), stochastic)
+    noise = _randn(sample.shape, generator, sample.device, torch.float32) if stochastic else None
+    prev = guided_step(sample, model_output, coef, noise=noise, out_dtype=model_output.dtype,
+                       **_guided(guidance))
+    scheduler._step_index += 1
+    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+_FUSED: dict[str, Callable] = {
+    "DDIMScheduler": _ddim,
+    "EulerDiscreteScheduler": _euler,
+    "DPMSolverMultistepScheduler": _dpm_solver,
+    "FlowMatchEulerDiscreteScheduler": _flow_match,
+}
+
+
+# ---- patching --------------------------------------------------------------------------
+
+
+def _fused_step_method(kind: str, original: Callable, want_x0: bool) -> Callable:
+    """A ``step`` with the original's signature (pipelines inspect it for eta / generator)."""
+    fused = _FUSED[kind]
+
+    def step(self, *args, **kwargs):
+        result = fused(self, None, want_x0, *args, **kwargs)
+        return original(*args, **kwargs) if result is None else result
+
+    step.__signature__ = inspect.signature(original.__func__)  # with self: bound below
+    step.__doc__ = f"mmfast fused step (falls back to diffusers' for unsupported options).\n\n{original.__doc__ or ''}"
+    return step
+
+
+def patch_scheduler(scheduler: Any, handle: PatchHandle, *, pred_original_sample: bool = True) -> bool:
+    """Give this ``scheduler`` instance the fused ``step`` (reversible through ``handle``);
+    returns whether it did. A scheduler of another class is left as it is (False), so a
+    pipeline family can call this for whatever scheduler the pipeline holds.
+
+    ``pred_original_sample=False`` skips writing x0 for DDIM and Euler (one write fewer;
+    their outputs then carry ``pred_original_sample=None``); pipelines use ``prev_sample``
+    only.
+    """
+    try:
+        kind = _kind(scheduler)
+    except TypeError:
+        return False
+    if "step" in vars(scheduler):
+        raise ValueError("scheduler: its step is already replaced on this instance (patched twice?)")
+    original = scheduler.step
+    fused = _fused_step_method(kind, original, pred_original_sample)
+    handle.set_attr(scheduler, "step", types.MethodType(fused, scheduler))
+    handle.replaced.append((type(scheduler).__name__, "fused scheduler step"))
+    return True
+
+
+def guided_scheduler_step(scheduler: Any, model_output, timestep, sample: Tensor, *, guidance_scale: float,
+                          guidance_rescale: float = 0.0, **step_kwargs):
+    """Guidance and ``scheduler.step`` in one fused pass; returns what ``step`` returns
+    (``return_dict=False`` in ``step_kwargs`` gives the tuple). ``model_output``: [2B, ...]
+    with the unconditional half first, or an (uncond, cond) pair. Any other scheduler
+    class, or an option the fused step does not cover, gets guidance in PyTorch and the
+    scheduler's own ``step``."""
+    kind = next((c.__name__ for c in type(scheduler).__mro__ if c.__name__ in SUPPORTED), None)
+    if kind is not None:
+        want_x0 = kind in ("DDIMScheduler", "EulerDiscreteScheduler")
+        result = _FUSED[kind](scheduler, (guidance_scale, guidance_rescale), want_x0, model_output, timestep,
+                              sample, **step_kwargs)
+        if result is not None:
+            return result
+    if isinstance(model_output, (tuple, list)):
+        uncond, cond = model_output
+    else:
+        if model_output.shape[0] % 2:
+            raise ValueError(f"model_output: guidance needs an even batch (uncond then cond halves), "
+                             f"got {model_output.shape[0]}")
+        uncond, cond = model_output.chunk(2)
+    guided = guided_model_output(uncond, cond, guidance_scale, guidance_rescale, torch.float32).to(uncond.dtype)
+    original = type(scheduler).step.__get__(scheduler)  # the class's step, even when patched
+    return original(guided, timestep, sample, **step_kwargs)
+
+
+def _prepare(scheduler: Any, handle: PatchHandle):
+    patch_scheduler(scheduler, handle)
+    return None  # no module tree to walk
+
+
+FAMILY = Family(
+    "diffusers-scheduler",
+    model_classes=SUPPORTED,
+    prepare=_prepare,
+    notes="the scheduler's step, fused (mmfast.ops.guided_step)",
+)
+
+__all__ = ["FAMILY", "SUPPORTED", "fused_stepper", "guided_scheduler_step", "patch_scheduler"]

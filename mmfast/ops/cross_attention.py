@@ -1,0 +1,346 @@
+"""Cross-attention: queries (learned latents, or text tokens) over keys of another modality
+(image tokens), with a structured mask and an optional fused tanh gate and residual.
+
+Layouts (Hq query heads, Hk K/V heads dividing Hq; query head h reads K/V head h // (Hq/Hk)):
+
+    packed: q [Tq, Hq, D], k, v [Tk, Hk, D], cu_seqlens_q/k int32 [B+1]: sample b's queries
+            are rows cu_seqlens_q[b] .. cu_seqlens_q[b+1], its keys likewise (every sample
+            its own number of image tokens, possibly 0)
+    padded: q [B, Tq, Hq, D], k, v [B, Tk, Hk, D]
+
+    attn_i = sum_j softmax_j(scale * q_i . k_j) v_j   over the keys j of its sample that
+                                                      query i sees (``mask``; all without)
+    out    = residual + tanh(gate) * attn              (each term only when given)
+
+``gate`` is a tensor of 1 element or of Hq elements (one per query head), in any floating
+dtype; tanh is applied here, as Flamingo and Llama 3.2 Vision (Mllama) do with their
+``attn_gate``. ``residual`` has q's shape and dtype. A query that sees no key (a sample
+without image, a text token before its first image) gets attn = 0, so out = residual:
+never NaN, and no gradient flows through its attention. Masks are the types of
+mmfast.ops.cross_attention_masks (KeyPaddingMask, ImagesUpToPositionMask, LatestImageMask),
+never dense tensors.
+
+Gradients: q, k, v, gate and residual.
+
+Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
+segment back to the host (one sync, which also checks the cu_seqlens values); with both
+given, nothing is read back. Mask values (sorted image positions, non-overlapping images)
+are the caller's promise.
+
+Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 16..256; the key axis
+split over programs when queries are few, flash-decoding style; CUDA, or CPU under
+TRITON_INTERPRET=1), ``sdpa`` (torch's scaled_dot_product_attention with the mask
+materialised densely, as Hugging Face models do), ``torch`` (the reference below).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmfast.dispatch import Backend, Call, op_family
+from mmfast.ops.attention import _check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor
+from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
+
+MAX_HEAD_DIM = 256
+
+# ---- reference -------------------------------------------------------------------
+
+
+def visibility(q: Tensor, k: Tensor, cu_seqlens_q=None, cu_seqlens_k=None, mask=None) -> Tensor:
+    """Dense boolean mask: [Tq, Tk] packed (block-diagonal over samples), [B, Tq, Tk] padded."""
+    if mask is not None:
+        return mask.materialize(q, k, cu_seqlens_q, cu_seqlens_k)
+    if cu_seqlens_q is None:
+        return torch.ones(q.shape[0], q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
+    sample_q, _ = _rows(cu_seqlens_q, q)
+    sample_k, _ = _rows(cu_seqlens_k, k)
+    return sample_q[:, None] == sample_k[None, :]
+
+
+def _gate_factor(gate: Tensor, like: Tensor) -> Tensor:
+    """tanh(gate) shaped to broadcast over [..., Hq, D]."""
+    t = torch.tanh(gate.to(like.dtype))
+    return t.reshape(()) if gate.numel() == 1 else t.reshape(-1, 1)
+
+
+def cross_attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, mask=None, scale=None,
+                              gate=None, residual=None, upcast: bool = True):
+    """Plain PyTorch, loop-free, with the dense mask; float32 (float64 for float64 inputs).
+
+    ``upcast=False`` does the matmuls and the epilogue in the input dtype (softmax still in
+    float32), as PyTorch eager would: the tests' "eager" baseline."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
+    softmax_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    group = q.shape[-2] // k.shape[-2]
+    qc = q.transpose(-3, -2).to(compute)
+    kc = k.transpose(-3, -2).to(compute).repeat_interleave(group, dim=-3)
+    vc = v.transpose(-3, -2).to(compute).repeat_interleave(group, dim=-3)
+    seen = visibility(q, k, cu_seqlens_q, cu_seqlens_k, mask)
+    if q.dim() == 4:
+        seen = seen[:, None]  # [B, 1, Tq, Tk] over the heads
+    sees_any = seen.any(-1, keepdim=True)
+    scores = ((qc @ kc.transpose(-1, -2)) * scale).to(softmax_dtype).masked_fill(~seen, float("-inf"))
+    # Rows that see nothing get constant scores, so no gradient flows from them.
+    scores = torch.where(sees_any, scores, torch.zeros((), dtype=softmax_dtype, device=q.device))
+    probs = torch.softmax(scores, dim=-1) * sees_any
+    attn = (probs.to(compute) @ vc).transpose(-3, -2)
+    return _epilogue(attn, gate, residual, compute).to(q.dtype)
+
+
+def _epilogue(attn: Tensor, gate, residual, dtype) -> Tensor:
+    if gate is not None:
+        attn = _gate_factor(gate, attn) * attn
+    if residual is not None:
+        attn = residual.to(dtype) + attn
+    return attn
+
+
+# ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
+
+
+@torch.library.custom_op("mmfast::cross_attention_fwd", mutates_args=())
+def _cross_attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    batch: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int,
+    key_group: Optional[Tensor], query_first: Optional[Tensor], query_last: Optional[Tensor],
+    query_key_lo: Optional[Tensor], query_key_hi: Optional[Tensor],
+    alpha: Optional[Tensor], residual: Optional[Tensor], scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, o, lse); o is empty when there is no epilogue (out is then o)."""
+    from mmfast.kernels.cross_attention import cross_attention_fwd
+
+    mask = None if key_group is None else (key_group, query_first, query_last, query_key_lo, query_key_hi)
+    out, o, lse = cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
+                                      max_seqlen_q, max_seqlen_k, mask, alpha, residual, scale)
+    if o is out:
+        o = q.new_empty(0)
+    return out, o, lse
+
+
+@_cross_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k,
+      key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, residual, scale):
+    epilogue = alpha is not None or residual is not None
+    o = q.new_empty(q.shape) if epilogue else q.new_empty(0)
+    return q.new_empty(q.shape), o, q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::cross_attention_bwd", mutates_args=())
+def _cross_attention_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+    batch: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int,
+    key_group: Optional[Tensor], query_first: Optional[Tensor], query_last: Optional[Tensor],
+    query_key_lo: Optional[Tensor], query_key_hi: Optional[Tensor],
+    alpha: Optional[Tensor], scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, r); r = rowsum(dout * o) [rows_q, Hq] with alpha, else empty."""
+    from mmfast.kernels.cross_attention import cross_attention_bwd
+
+    mask = None if key_group is None else (key_group, query_first, query_last, query_key_lo, query_key_hi)
+    dq, dk, dv, r = cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch,
+                                        seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, mask, alpha, scale)
+    return dq, dk, dv, (r if r is not None else lse.new_empty(0))
+
+
+@_cross_attention_bwd_op.register_fake
+def _(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, max_seqlen_q,
+      max_seqlen_k, key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, scale):
+    r = lse.new_empty(lse.shape) if alpha is not None else lse.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), r
+
+
+# ---- autograd --------------------------------------------------------------------
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward on row tensors q [rows_q, Hq, D], k, v [rows_k, Hk, D]
+    (last dim contiguous). ``alpha`` (= tanh(gate), float32 [1] or [Hq]) and ``residual``
+    (contiguous like q) are optional. Returns out, contiguous like q."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, residual, cu_seqlens_q, cu_seqlens_k, mask, layout, scale):
+        mask = tuple(mask) if mask is not None else (None,) * 5
+        out, o, lse = torch.ops.mmfast.cross_attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, *layout, *mask, alpha, residual, scale)
+        o = out if o.numel() == 0 and out.numel() != 0 else o
+        ctx.save_for_backward(q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, *mask)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.has_residual = residual is not None
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, *mask = ctx.saved_tensors
+        if dout is None:
+            return (None,) * 10
+        dout = dout.contiguous()
+        if o.numel() == 0:  # empty query rows: o was never distinct from out
+            o = torch.zeros_like(q)
+        dq, dk, dv, r = torch.ops.mmfast.cross_attention_bwd(
+            dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.layout, *mask, alpha, ctx.scale)
+        dalpha = None
+        if alpha is not None:
+            dalpha = r.sum().reshape(alpha.shape) if alpha.numel() == 1 else r.sum(0)
+        dresidual = dout if ctx.has_residual else None
+        return dq, dk, dv, dalpha, dresidual, None, None, None, None, None
+
+
+# ---- backends --------------------------------------------------------------------
+
+
+def _as_rows(t: Tensor) -> Tensor:
+    """[B, T, H, D] -> [B*T, H, D] (a view when possible); last dim contiguous."""
+    if t.dim() == 4:
+        t = t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+    packed = q.dim() == 3
+    lowered = mask.lower(q, k, cu_seqlens_q, cu_seqlens_k) if mask is not None else None
+    if packed:
+        layout = (cu_seqlens_q.numel() - 1, 0, 0, max_seqlen_q, max_seqlen_k)
+    else:
+        layout = (q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1])
+    alpha = torch.tanh(gate.float()).reshape(-1) if gate is not None else None
+    res = _as_rows(residual).contiguous() if residual is not None else None
+    # A view makes a tensor given twice distinct (Dynamo cannot trace it otherwise).
+    k_rows = _as_rows(k) if k is not q else _as_rows(k).view_as(_as_rows(k))
+    v_rows = _as_rows(v) if v is not k and v is not q else _as_rows(v).view_as(_as_rows(v))
+    cu_k = cu_seqlens_k.view_as(cu_seqlens_k) if cu_seqlens_k is not None and cu_seqlens_k is cu_seqlens_q else cu_seqlens_k
+    out = CrossAttentionFunction.apply(_as_rows(q), k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k,
+                                       lowered, layout, scale)
+    return out.view(q.shape)
+
+
+def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+    group = q.shape[-2] // k.shape[-2]
+    qh = q.transpose(-3, -2)
+    kh = k.transpose(-3, -2).repeat_interleave(group, dim=-3)
+    vh = v.transpose(-3, -2).repeat_interleave(group, dim=-3)
+    seen = visibility(q, k, cu_seqlens_q, cu_seqlens_k, mask)
+    if q.dim() == 4:
+        seen = seen[:, None]
+    sees_any = seen.any(-1, keepdim=True)
+    if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph)
+        attn = q * 0
+    else:
+        # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
+        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen | ~sees_any, scale=scale)
+        attn = (attn * sees_any).transpose(-3, -2)
+    return _epilogue(attn, gate, residual, q.dtype)
+
+
+def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+    return cross_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, mask, scale, gate, residual)
+
+
+CROSS_ATTENTION = op_family("cross_attention")
+CROSS_ATTENTION.register(
+    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            head_dims=lambda d: 16 <= d <= 256)
+)
+CROSS_ATTENTION.register(Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+CROSS_ATTENTION.register(Backend("torch", _run_torch))
+
+
+# ---- public function -------------------------------------------------------------
+
+
+def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+    """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
+    _check_tensor("q", q)
+    _check_tensor("k", k, q)
+    _check_tensor("v", v, q)
+    packed = q.dim() == 3
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
+        raise ValueError(
+            "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
+            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
+        )
+    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+    if gate is not None:
+        if not isinstance(gate, Tensor) or not gate.dtype.is_floating_point:
+            raise TypeError(f"gate: expected a floating-point Tensor, got {getattr(gate, 'dtype', type(gate).__name__)}")
+        if gate.device != q.device:
+            raise ValueError(f"gate: expected device {q.device} (that of q), got {gate.device}")
+        if gate.numel() not in (1, heads):
+            raise ValueError(f"gate: expected 1 or {heads} (query heads) elements, got shape {tuple(gate.shape)}")
+    if residual is not None:
+        _check_tensor("residual", residual, q)
+        if residual.shape != q.shape:
+            raise ValueError(f"residual: expected shape {tuple(q.shape)} (that of q), got {tuple(residual.shape)}")
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if packed:
+        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+            raise ValueError(
+                f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
+                f"got {cu_seqlens_k.numel()}"
+            )
+        if max_seqlen_q is None:
+            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
+        if max_seqlen_k is None:
+            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None)
+    if mask is not None:
+        if not isinstance(mask, CrossAttentionMask):
+            raise TypeError(
+                "mask: expected None or a mask type of mmfast.ops.cross_attention_masks "
+                f"(KeyPaddingMask, ImagesUpToPositionMask, LatestImageMask), got {type(mask).__name__}"
+            )
+        mask.check(q, k, cu_seqlens_q)
+    return max_seqlen_q, max_seqlen_k
+
+
+def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                    mask=None, scale=None, gate=None, residual=None, backend=None):
+    """``residual + tanh(gate) * attention(q, k, v)`` under a structured ``mask``; returns a
+    tensor like q. See the module docstring for the layouts, the masks, the rows that see
+    no key (attention 0: out = residual) and which checks cost a device sync.
+
+    Example::
+
+        >>> from mmfast.ops.cross_attention_masks import ImagesUpToPositionMask
+        >>> text = torch.randn(2, 12, 4, 64)                     # B=2, 12 text tokens, 4 heads
+        >>> image = torch.randn(2, 20, 4, 64)                    # up to 20 image tokens
+        >>> mask = ImagesUpToPositionMask(
+        ...     image_positions=torch.tensor([[0, 6], [3, -1]]),  # sample 1 has one image
+        ...     image_lengths=torch.tensor([[10, 10], [7, 0]]))
+        >>> gate = torch.zeros(1, requires_grad=True)            # Mllama initialises it to 0
+        >>> out = mmfast.ops.cross_attention(text, image, image, mask=mask, gate=gate, residual=text)
+        >>> out.shape
+        torch.Size([2, 12, 4, 64])
+    """
+    max_seqlen_q, max_seqlen_k = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             mask, scale, gate, residual)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout="packed" if q.dim() == 3 else "padded")
+    return CROSS_ATTENTION.select(call, backend).run(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual
+    )

@@ -1,0 +1,199 @@
+"""GroupNorm, optionally fused with the SiLU that follows it in diffusion ResNet blocks.
+
+For x: [B, C, *spatial] (any number of spatial dims, none included), G groups of
+Cg = C / G consecutive channels, weight, bias: [C]:
+
+    xhat = (x - mean_g) / sqrt(var_g + eps)    mean/var over the Cg channels x all positions
+    z = xhat * weight[c] + bias[c]
+    y = z  (activation=None)   or   y = z * sigmoid(z)  (activation="silu")
+
+Statistics accumulate in float32 (float64 for float64 inputs); y has the dtype and the
+memory format of x: NCHW in, NCHW out; channels_last (NHWC) in, channels_last out, with no
+copy. Other strides are made contiguous first.
+
+Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), each
+(batch, group) split over several programs along the spatial extent so that a batch of 2
+fills a GPU; ``torch`` (the reference below; any device and floating dtype).
+No check reads device memory: every call is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmfast.dispatch import Backend, Call, op_family
+
+ACTIVATIONS = (None, "silu")
+
+# ---- reference -------------------------------------------------------------------
+
+
+def group_norm_reference(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
+                         activation: str | None = None) -> Tensor:
+    """Plain PyTorch in float32 (float64 for float64 inputs). Differentiable."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.group_norm(x.to(compute), num_groups,
+                     None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
+    if activation == "silu":
+        y = F.silu(y)
+    return y.to(x.dtype)
+
+
+# ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------
+
+
+@torch.library.custom_op("mmfast::group_norm_fwd", mutates_args=())
+def _group_norm_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: float,
+                       silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.kernels.group_norm import group_norm_fwd
+
+    return group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+
+
+@_group_norm_fwd_op.register_fake
+def _(x, weight, bias, num_groups, eps, silu):
+    stats = x.shape[0] * num_groups
+    return (torch.empty_like(x), x.new_empty((stats,), dtype=torch.float32),
+            x.new_empty((stats,), dtype=torch.float32))
+
+
+@torch.library.custom_op("mmfast::group_norm_bwd", mutates_args=())
+def _group_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                       rstd: Tensor, num_groups: int, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.kernels.group_norm import group_norm_bwd
+
+    return group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups, silu)
+
+
+@_group_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, num_groups, silu):
+    channels = x.shape[1]
+    return (torch.empty_like(x), x.new_empty((channels,), dtype=torch.float32),
+            x.new_empty((channels,), dtype=torch.float32))
+
+
+# ---- autograd --------------------------------------------------------------------
+
+
+def _memory_format(x: Tensor) -> torch.memory_format | None:
+    """The dense layout the kernels take x in: NCHW-contiguous or channels-last."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
+def _dense(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` if the kernels can take it as it is, else a copy in ``like``'s layout."""
+    if _memory_format(t) is not None:
+        return t
+    return t.contiguous(memory_format=_memory_format(like) or torch.contiguous_format)
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """Triton forward and backward; weight and bias are tensors here (ones/zeros if absent)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, silu):
+        x = _dense(x, x)
+        y, mean, rstd = torch.ops.mmfast.group_norm_fwd(x, weight, bias, num_groups, eps, silu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.silu = num_groups, silu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.mmfast.group_norm_bwd(
+            _dense(dy, x), x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu
+        )
+        dweight = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = db.to(bias.dtype) if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None, None, None
+
+
+# ---- backends --------------------------------------------------------------------
+
+
+def _run_triton(x, num_groups, weight, bias, eps, activation):
+    channels = x.shape[1]
+    if weight is None:
+        weight = torch.ones(channels, dtype=x.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(channels, dtype=x.dtype, device=x.device)
+    return GroupNormFunction.apply(x, weight, bias, num_groups, eps, activation == "silu")
+
+
+def _run_torch(x, num_groups, weight, bias, eps, activation):
+    y = group_norm_reference(x, num_groups, weight, bias, eps, activation)
+    fmt = _memory_format(x)
+    return y if fmt in (None, torch.contiguous_format) else y.contiguous(memory_format=fmt)
+
+
+GROUP_NORM = op_family("group_norm")
+GROUP_NORM.register(
+    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+)
+GROUP_NORM.register(Backend("torch", _run_torch))
+
+
+# ---- public function -------------------------------------------------------------
+
+
+def _check_param(name: str, p, x: Tensor) -> None:
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{name}: expected a Tensor or None, got {type(p).__name__}")
+    if p.shape != (x.shape[1],):
+        raise ValueError(f"{name}: expected shape ({x.shape[1]},) (the channels of x), got {tuple(p.shape)}")
+    if not p.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating dtype, got {p.dtype}")
+    if p.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (that of x), got {p.device}")
+
+
+def _check_args(x, num_groups, weight, bias, eps, activation) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x: expected [B, C, *spatial], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups: expected an int >= 1, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"num_groups: {num_groups} does not divide the {x.shape[1]} channels of x")
+    _check_param("weight", weight, x)
+    _check_param("bias", bias, x)
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not (0 <= eps < math.inf):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, *, backend=None):
+    """GroupNorm of ``x`` [B, C, *spatial] over ``num_groups`` groups of channels, then
+    ``activation`` (None or "silu"). The output keeps x's memory format.
+
+    Example::
+
+        >>> x = torch.randn(2, 64, 9, 7).to(memory_format=torch.channels_last)
+        >>> w, b = torch.ones(64), torch.zeros(64)
+        >>> y = mmfast.ops.group_norm(x, 32, w, b, eps=1e-6, activation="silu")
+        >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
+        (torch.Size([2, 64, 9, 7]), True)
+    """
+    _check_args(x, num_groups, weight, bias, eps, activation)
+    call = Call(device=x.device, dtype=x.dtype)
+    return GROUP_NORM.select(call, backend).run(x, num_groups, weight, bias, float(eps), activation)

@@ -1,0 +1,26 @@
+"""Fused sampler steps: guidance and the scheduler update in one pass per step, built on
+``mmfast.ops.guided_step``. One file per scheduler family; each stepper is built from a
+schedule's numbers and matches the diffusers scheduler of the same name step by step
+(``mmfast.integrations.diffusers.schedulers.fused_stepper`` builds one from a diffusers
+scheduler).
+
+    from mmfast.integrations.diffusers.schedulers import fused_stepper
+
+    pipe.scheduler.set_timesteps(30)
+    stepper = fused_stepper(pipe.scheduler)
+    x = torch.randn(latent_shape) * stepper.init_noise_sigma
+    for t in stepper.timesteps:
+        eps = unet(torch.cat([stepper.scale_model_input(x)] * 2), t, text).sample
+        x = stepper.step(eps, x, guidance_scale=7.5, guidance_rescale=0.7)
+"""
+
+from mmfast.schedulers.base import FusedStepper
+from mmfast.schedulers.ddim import DDIMStepper, ddim_coefficients
+from mmfast.schedulers.dpm_solver import DPMSolverPP2MStepper, dpm_solver_coefficients
+from mmfast.schedulers.euler import (EulerDiscreteStepper, FlowMatchEulerStepper, euler_coefficients,
+                                     flow_match_coefficients)
+
+__all__ = [
+    "DDIMStepper", "DPMSolverPP2MStepper", "EulerDiscreteStepper", "FlowMatchEulerStepper", "FusedStepper",
+    "ddim_coefficients", "dpm_solver_coefficients", "euler_coefficients", "flow_match_coefficients",
+]
