@@ -360,7 +360,8 @@ def test_compile_fullgraph(backend, device):
 
 
 @pytest.mark.gpu
-def test_no_device_sync_with_max_seqlen(device):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_no_device_sync_with_max_seqlen(backend, device):
     if device.type != "cuda":
         pytest.skip("device syncs are observable on CUDA only")
     cu = _cu([5, 0, 12], device)
@@ -368,7 +369,7 @@ def test_no_device_sync_with_max_seqlen(device):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12,
-                                   max_seqlen_k=12, causal=True, backend="triton")
+                                   max_seqlen_k=12, causal=True, backend=backend)
         out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
