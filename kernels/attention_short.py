@@ -26,8 +26,9 @@ pass (deterministic). It holds dk and dv for the tile's keys in registers while 
 over the query heads of the GQA group and the SPLIT query chunks. Every key of a row is
 in the tile, so the softmax is recomputed exactly as eager attention does (no lse, whose
 rounding would leave p unnormalised), and delta (rowsum(dO * O) in flash-attention) is
-summed from p and dp, without O's rounding and the cancellation between two dot products:
-    p = softmax(scale q.k),  dp = dO.v,  delta = rowsum(p dp) - dLSE,  ds = p (dp - delta)
+summed from p and dp, without O's rounding and the cancellation between two dot products;
+dLSE is added after centring (folded into delta it would lose bits against a large dp):
+    p = softmax(scale q.k),  dp = dO.v,  ds = p ((dp - rowsum(p dp)) + dLSE)
     dv += p^T dO,  dk += scale ds^T q,  dq = scale ds k   (dq written once, per chunk)
 """
 
@@ -182,10 +183,13 @@ def _attention_short_bwd_kernel(
             p = _softmax(tl.where(visible, s, float("-inf")))
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            delta = tl.sum(p * dp, 1)
+            dp_centred = dp - tl.sum(p * dp, 1)[:, None]
             if HAS_DLSE:
-                delta -= tl.load(DLSE + h.to(tl.int64) * stride_lh + q_start + pos_r, mask=row_ok, other=0.0)
-            ds = p * (dp - delta[:, None])
+                # Added after centring, not folded into delta: a row with one key then
+                # gets exactly dLSE, as eager attention does.
+                dlse = tl.load(DLSE + h.to(tl.int64) * stride_lh + q_start + pos_r, mask=row_ok, other=0.0)
+                dp_centred += dlse[:, None]
+            ds = p * dp_centred
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
             tl.store(DQ + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -199,6 +199,12 @@ def test_short_random_segments(lengths, kv_heads, group, head_dim, causal, left,
                   "triton_short", causal=causal, window=(left, right), scale=0.2)
 
 
+def test_short_rows_with_one_key_float32(device):
+    # Window (0, 0): every query sees one key, so eager's gradients are nearly exact; the
+    # kernel must not lose dLSE against dO.v (fp32, where the allowance is tightest).
+    _check_packed([1, 8], [11, 6], 6, 2, 32, torch.float32, device, "triton_short", causal=True, window=(0, 2))
+
+
 def test_short_longest_segments(device):
     # Segments at the path's limit, 128 tokens (on CPU: 8 query chunks per slot).
     from mmfast.ops.attention import SHORT_MAX_SEQLEN
