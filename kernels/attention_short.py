@@ -1,5 +1,5 @@
-"""Triton attention for many short packed segments (each at most a few hundred tokens, such
-as the 64-token windows of the Qwen2.5-VL vision encoder).
+"""Triton attention for many short packed segments (each of at most MAX_SEQLEN = 128
+tokens, such as the 64-token windows of the Qwen2.5-VL vision encoder).
 
 The general kernel (attention.py) gives every segment its own query tiles and streams
 its keys through an online softmax. A segment shorter than a tile leaves most of the
@@ -207,8 +207,8 @@ def _attention_short_bwd_kernel(
 def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: bool):
     """(SEGS, ROWS, SPLIT, SLOT_K, num_warps): how segments map onto tiles.
 
-    A tile aims at TILE rows and TILE key columns: segments shorter than that share one
-    (SEGS of them); a query slot longer than MAX_ROWS is split over SPLIT chunks. Every
+    A tile aims at ``tile`` rows and key columns: segments shorter than that share one
+    (SEGS of them); a query slot longer than ``max_rows`` is split over SPLIT chunks. Every
     tile side is a power of two and at least 16 (tl.dot's minimum). Untuned on GPUs:
     starting points to be measured. The interpreter gets small tiles, so that CPU tests
     with a few dozen tokens still put several segments in one tile.
