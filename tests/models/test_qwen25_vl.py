@@ -1,0 +1,119 @@
+"""mmfast's Qwen2.5-VL loads a tiny random Hugging Face checkpoint and matches it: logits
+for a padded batch of text + images of two sizes, and greedy generation."""
+
+import pytest
+import torch
+
+import mmfast
+from mmfast.models.qwen25_vl import Qwen25VLForConditionalGeneration
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, VIDEO, START, END, PAD = 120, 121, 122, 123, 0
+PATCH_DIM = 3 * 2 * 4 * 4  # channels * temporal patch * patch^2
+# Two images: 4x4 patches (4 tokens after the 2x2 merge) and 4x8 patches (8 tokens); the
+# second spans two 16-pixel windows, so the tower's window attention is exercised.
+GRIDS = torch.tensor([[1, 4, 4], [1, 4, 8]])
+
+
+def _config():
+    return transformers.Qwen2_5_VLConfig(
+        text_config={"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": PAD},
+        vision_config={"depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": 64,
+                       "patch_size": 4, "window_size": 16, "fullatt_block_indexes": [1]},
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+
+
+@pytest.fixture
+def reference_kernels():
+    # Generation runs the model once per token: under the Triton interpreter that would
+    # take most of this file's time budget. The kernels are tested on their own, and in
+    # the model by test_logits_match_hugging_face.
+    with mmfast.set_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    config = _config()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    directory = tmp_path_factory.mktemp("qwen25_vl")
+    hf.save_pretrained(directory)
+    return hf, directory
+
+
+def _prompts():
+    """Left-padded batch: [text, image 0, text] and [text, image 1, text, more text]."""
+    g = torch.Generator().manual_seed(1)
+    text = lambda n: torch.randint(3, 100, (n,), generator=g)  # noqa: E731
+    first = torch.cat([text(3), torch.tensor([START] + [IMAGE] * 4 + [END]), text(4)])
+    second = torch.cat([text(2), torch.tensor([START] + [IMAGE] * 8 + [END]), text(7)])
+    length = max(len(first), len(second))
+    ids = torch.full((2, length), PAD)
+    mask = torch.zeros(2, length, dtype=torch.long)
+    for row, seq in enumerate((first, second)):
+        ids[row, length - len(seq):] = seq
+        mask[row, length - len(seq):] = 1
+    pixels = torch.randn(int(GRIDS.prod(-1).sum()), PATCH_DIM, generator=g)
+    return ids, mask, pixels
+
+
+def _hf_inputs(ids, mask, pixels, grids=GRIDS):
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grids,
+            "mm_token_type_ids": (ids == IMAGE).int()}
+
+
+def test_logits_match_hugging_face(checkpoint):
+    hf, directory = checkpoint
+    ours = mmfast.models.from_pretrained(directory)
+    assert isinstance(ours, Qwen25VLForConditionalGeneration)
+    ids, mask, pixels = _prompts()
+    with torch.no_grad():
+        want = hf(**_hf_inputs(ids, mask, pixels)).logits
+        got = ours(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(got[~valid]) == 0
+
+
+def test_greedy_generation_matches_hugging_face(checkpoint, reference_kernels):
+    hf, directory = checkpoint
+    ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
+    ids, mask, pixels = _prompts()
+    with torch.no_grad():
+        want = hf.generate(**_hf_inputs(ids, mask, pixels), do_sample=False, max_new_tokens=6)
+    got = ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS, max_new_tokens=6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # One unpadded prompt (the cache's padded path) continues the same way.
+    n = int(mask[1].sum())
+    single = ours.generate(ids[1:, -n:], pixel_values=pixels[16:], image_grid_thw=GRIDS[1:], max_new_tokens=6)
+    torch.testing.assert_close(single[0, -6:], got[1, -6:], rtol=0, atol=0)
+
+
+def test_sampling_is_reproducible_with_a_generator(checkpoint, reference_kernels):
+    _, directory = checkpoint
+    ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
+    ids, mask, pixels = _prompts()
+    runs = [ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS, max_new_tokens=4, do_sample=True,
+                          top_k=20, top_p=0.9, temperature=0.8, eos_token_id=[],
+                          generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (2, ids.shape[1] + 4)
+
+
+def test_image_count_and_size_mismatch_errors(checkpoint):
+    _, directory = checkpoint
+    ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
+    ids, mask, pixels = _prompts()
+    with pytest.raises(ValueError, match="image_grid_thw: describes 3 images, but input_ids hold 2"):
+        ours(ids, mask, pixel_values=torch.cat([pixels, pixels[:16]]), image_grid_thw=torch.cat([GRIDS, GRIDS[:1]]))
+    with pytest.raises(ValueError, match="more images"):
+        ours(ids, mask, pixel_values=pixels[:16], image_grid_thw=GRIDS[:1])
+    with pytest.raises(ValueError, match="has 4 placeholder tokens, its grid"):
+        ours(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS.flip(0))
+    with pytest.raises(ValueError, match="than the 0 that image_grid_thw describes"):
+        ours(ids, mask)
