@@ -91,6 +91,28 @@ class Qwen25VLConfig:
                    vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)), raw=dict(config))
 
 
+    def to_dict(self) -> dict:
+        """A transformers-5 style config.json dict (over the one it was read from, if any)."""
+        text = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id, "model_type": "qwen2_5_vl_text",
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                    "mrope_section": list(self.mrope_section)}}
+        vision = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vision.items() if k != "rope_theta"}
+        vision.update(out_hidden_size=self.vision.get("out_hidden_size", self.hidden_size), hidden_act="silu",
+                      tokens_per_second=self.tokens_per_second, model_type="qwen2_5_vl_vision")
+        if "rope_theta" in self.vision:
+            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision["rope_theta"]}
+        raw = {k: v for k, v in self.raw.items() if k not in text and k not in ("preset", "dtype", "torch_dtype")}
+        return {**raw, "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                "text_config": {**(raw.get("text_config") or {}), **text},
+                "vision_config": {**(raw.get("vision_config") or {}), **vision},
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id, "tie_word_embeddings": self.tie_word_embeddings}
+
+
 class _Backbone(nn.Module):
     """Holds the towers under transformers 5's names: ``model.visual``, ``model.language_model``."""
 
@@ -143,9 +165,18 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         load_checkpoint(model, directory, rules=CHECKPOINT_RULES)
         return model.eval()
 
+    @classmethod
+    def from_preset(cls, name: str) -> "Qwen25VLForConditionalGeneration":
+        """A randomly initialised model of a named size ('tiny', '3b', '7b'; see
+        :mod:`mmfast.models.presets`). Build large ones under ``torch.device(...)`` and
+        cast after, or under ``torch.device("meta")`` to inspect shapes only."""
+        from mmfast.models.presets import qwen25_vl_preset
+
+        return cls(qwen25_vl_preset(name))
+
     def save_pretrained(self, directory: Union[str, os.PathLike], **kwargs):
         """Write config.json and safetensors that transformers and :meth:`from_pretrained` load."""
-        config = dict(self.config.raw) or {"architectures": ["Qwen2_5_VLForConditionalGeneration"]}
+        config = {**self.config.to_dict(), "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         return save_pretrained(self, directory, config, **kwargs)
 
     # ---- inputs -> packed stream ---------------------------------------------------

@@ -37,7 +37,8 @@ def mrope_cos_sin(position_ids: Tensor, inv_freq: Tensor, mrope_section: Sequenc
     if sum(mrope_section) != inv_freq.numel():
         raise ValueError(f"mrope_section: {list(mrope_section)} must sum to head_dim / 2 = {inv_freq.numel()}")
     stream = torch.repeat_interleave(torch.arange(len(mrope_section), device=inv_freq.device),
-                                     torch.tensor(list(mrope_section), device=inv_freq.device))
+                                     torch.tensor(list(mrope_section), device=inv_freq.device),
+                                     output_size=inv_freq.numel())  # known size: no device sync
     positions = position_ids.float().index_select(0, stream).T  # [T, D/2]: each pair's position
     angles = positions * inv_freq.float()
     return angles.cos(), angles.sin()

@@ -29,9 +29,10 @@ def _config():
 
 @pytest.fixture
 def reference_kernels():
-    # Generation runs the model once per token: under the Triton interpreter that would
-    # take most of this file's time budget. The kernels are tested on their own, and in
-    # the model by test_logits_match_hugging_face.
+    # Generation runs the model once per token, and backward doubles a forward: under the
+    # Triton interpreter either would take most of this file's time budget. The kernels
+    # (forward and backward) are tested on their own, and inside the model by
+    # test_logits_match_hugging_face.
     with mmfast.set_backend("torch"):
         yield
 
@@ -117,3 +118,79 @@ def test_image_count_and_size_mismatch_errors(checkpoint):
         ours(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS.flip(0))
     with pytest.raises(ValueError, match="than the 0 that image_grid_thw describes"):
         ours(ids, mask)
+
+
+def test_rope_index_matches_hugging_face_with_video_and_padding(checkpoint):
+    from mmfast.models.mrope_index import mrope_position_ids
+
+    hf, _ = checkpoint
+    # Sequence 0: image (4x4 patches), text, video (3 frames of 4x4); sequence 1: text, video (1 frame of 8x4).
+    video_grids, images = torch.tensor([[3, 4, 4], [1, 8, 4]]), GRIDS[:1]
+    first = [5, START, *[IMAGE] * 4, END, 6, 7, START, *[VIDEO] * 12, END, 8]
+    second = [9, 10, START, *[VIDEO] * 8, END, 11, 12]
+    ids = torch.full((2, len(first)), PAD)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = torch.tensor(first), 1
+    ids[1, -len(second):], mask[1, -len(second):] = torch.tensor(second), 1
+    seconds = torch.tensor([1.5, 0.5])
+    types = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+    want, want_delta = hf.model.get_rope_index(ids, types, image_grid_thw=images, video_grid_thw=video_grids,
+                                               second_per_grid_ts=seconds, attention_mask=mask)
+    got, delta = mrope_position_ids(ids, image_token_id=IMAGE, video_token_id=VIDEO, spatial_merge_size=2,
+                                    tokens_per_second=hf.config.vision_config.tokens_per_second,
+                                    image_grid_thw=images, video_grid_thw=video_grids, second_per_grid_ts=seconds,
+                                    attention_mask=mask)
+    assert int(got[0, 0].max()) > 12  # the video's time ids are spread out (tokens_per_second * seconds)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(delta, want_delta.view(2, 1), rtol=0, atol=0)
+
+
+def test_training_step_backward(checkpoint, reference_kernels):
+    _, directory = checkpoint
+    model = Qwen25VLForConditionalGeneration.from_pretrained(directory).train()
+    ids, mask, pixels = _prompts()
+    logits = model(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS)
+    valid = mask.bool()[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid])
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_save_pretrained_round_trip_and_presets(tmp_path):
+    from mmfast.models.presets import qwen25_vl_preset
+
+    torch.manual_seed(0)
+    tiny = Qwen25VLForConditionalGeneration.from_preset("tiny")
+    tiny.save_pretrained(tmp_path, max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = mmfast.models.from_pretrained(tmp_path)
+    assert loaded.config.to_dict() == tiny.config.to_dict()
+    for (name, a), b in zip(tiny.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Released sizes: parameter counts of the published checkpoints (built on the meta device).
+    for name, billions, tied in (("3b", 3.75, True), ("7b", 8.29, False)):
+        with torch.device("meta"):
+            model = Qwen25VLForConditionalGeneration.from_preset(name)
+        assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == billions, name
+        assert (model.lm_head.weight is model.model.language_model.embed_tokens.weight) == tied
+    with pytest.raises(ValueError, match="unknown Qwen2.5-VL preset"):
+        qwen25_vl_preset("70b")
+
+
+def test_legacy_config_layout():
+    from mmfast.models.qwen25_vl import CHECKPOINT_RULES, Qwen25VLConfig
+    from mmfast.models.checkpoint import map_name
+
+    legacy = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 64, "vocab_size": 99,
+              "rope_theta": 5000.0, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+              "vision_config": {"depth": 1, "out_hidden_size": 64, "tokens_per_second": 2}}
+    config = Qwen25VLConfig.from_dict(legacy)
+    assert (config.hidden_size, config.vocab_size, config.rope_theta, config.mrope_section) == (64, 99, 5000.0,
+                                                                                                (2, 3, 3))
+    assert map_name("model.layers.0.mlp.up_proj.weight", CHECKPOINT_RULES) == \
+        "model.language_model.layers.0.mlp.up_proj.weight"
+    assert map_name("visual.blocks.0.norm1.weight", CHECKPOINT_RULES) == "model.visual.blocks.0.norm1.weight"
+    assert map_name("model.language_model.norm.weight", CHECKPOINT_RULES) == "model.language_model.norm.weight"
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        Qwen25VLConfig.from_dict({"rope_scaling": {"rope_type": "yarn"}})
