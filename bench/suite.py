@@ -69,6 +69,23 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Speedup:
+    """A goal relative to baselines measured in the same run: in every case whose params
+    hold all of ``where`` (every case when empty), ``provider`` must be at least
+    ``min_ratio`` times faster than the fastest of ``baselines`` that ran there. Checked
+    on GPU runs only; ``text`` says where the goal comes from."""
+
+    provider: str
+    baselines: tuple[str, ...]
+    min_ratio: float
+    text: str
+    where: dict[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, params: dict[str, Any]) -> bool:
+        return all(params.get(key) == value for key, value in self.where.items())
+
+
+@dataclass(frozen=True)
 class Suite:
     """Cases x providers, run side by side in one process.
 
@@ -85,6 +102,7 @@ class Suite:
     plot_x: str
     plot_panels: tuple[str, ...] = ()
     targets: tuple[Target, ...] = field(default_factory=tuple)
+    speedups: tuple[Speedup, ...] = field(default_factory=tuple)
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

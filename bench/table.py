@@ -89,3 +89,30 @@ def target_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
                      f"{t.min_frac:.0%} of the measured peak")
         lines += [f"  below: {r['case']} at {pct(r['frac_of_peak'])}" for r in low]
     return lines
+
+
+def speedup_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
+    """One line per speedup goal: in how many of its cases the provider reaches the ratio
+    over the fastest baseline measured beside it, and the ratios where it does not."""
+    by_case: dict[str, dict[str, float]] = {}
+    params = {}
+    for r in rows:
+        by_case.setdefault(r["case"], {})[r["provider"]] = r["ms"]
+        params[r["case"]] = r["params"]
+    lines = []
+    for goal in suite.speedups:
+        ratios = {}
+        for case, times in by_case.items():
+            base = [times[b] for b in goal.baselines if b in times]
+            if goal.applies_to(params[case]) and goal.provider in times and base:
+                ratios[case] = min(base) / times[goal.provider]
+        if not ratios:
+            continue
+        if not is_gpu:
+            lines.append(f"speedup goal ({goal.text}): not checked, this is not a GPU run")
+            continue
+        low = {c: x for c, x in ratios.items() if x < goal.min_ratio}
+        lines.append(f"speedup goal ({goal.text}): {len(ratios) - len(low)}/{len(ratios)} cases reach "
+                     f"{goal.min_ratio:g}x the fastest of {', '.join(goal.baselines)}")
+        lines += [f"  below: {c} at {x:.2f}x" for c, x in sorted(low.items())]
+    return lines

@@ -15,6 +15,8 @@ Forward
              into mean, rstd, then writes over its run
                  z = (x - mean) * rstd * w + b,   y = z  or  z * sigmoid(z)  (SiLU)
              and the split-0 program stores MEAN, RSTD [B * G] for the backward.
+  x is read twice; at the UNet's sizes (a few MB a tensor at batch 2) the second read
+  comes mostly from L2 (50 MB on an H100). Unmeasured so far.
 
 Backward (z recomputed from x; with SiLU, dz = dy * s * (1 + z * (1 - s)), s = sigmoid(z))
   1. reduce: per program, the group sums  A = sum(dz * w),  Bx = sum(dz * w * xhat)

@@ -12,7 +12,14 @@ from mmfast.bench.suite import Suite
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "cross_attention": "mmfast.bench.suites.cross_attention",
+    "activation": "mmfast.bench.suites.activation",
+    "patch_embed": "mmfast.bench.suites.patch_embed",
+    "vision_tower": "mmfast.bench.suites.vision_tower",
+    "group_norm": "mmfast.bench.suites.group_norm",
+    "diffusion_unet": "mmfast.bench.suites.diffusion_unet",
     "scheduler_step": "mmfast.bench.suites.scheduler_step",
+    "contrastive": "mmfast.bench.suites.contrastive",
+    "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
 }
 
 

@@ -24,7 +24,15 @@ FAMILY_MODULES: dict[str, str] = {
     "mllama": "mmfast.integrations.transformers.mllama",
     "blip2": "mmfast.integrations.transformers.blip2",
     "llava": "mmfast.integrations.transformers.llava",
+    "clip": "mmfast.integrations.transformers.clip",
+    "siglip": "mmfast.integrations.transformers.siglip",
+    "qwen2_vl": "mmfast.integrations.transformers.qwen2_vl",
+    "qwen2_5_vl": "mmfast.integrations.transformers.qwen2_5_vl",
 }
+FAMILY_MODULES["diffusers-unet2d-condition"] = "mmfast.integrations.diffusers.unet2d_condition"
+FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3_transformer"
+FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
+FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 
 
 def families() -> list[Family]:

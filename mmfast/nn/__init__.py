@@ -1,6 +1,8 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
 from mmfast.nn.attention import Attention, VarlenAttention
+from mmfast.nn.contrastive import ClipLoss, SigLipLoss
+from mmfast.nn.dit import DiTBlock, MMDiTBlock
 from mmfast.nn.gated_cross_attention import GatedCrossAttentionBlock
 from mmfast.nn.norm import LayerNorm, RMSNorm
 from mmfast.nn.perceiver import PerceiverResampler
@@ -8,7 +10,20 @@ from mmfast.nn.projector import MLPProjector
 from mmfast.nn.qformer import QFormer
 from mmfast.nn.qwen_vl_resampler import QwenVLResampler
 from mmfast.nn.qwen_vision import Qwen2VisionTransformer, Qwen25VisionTransformer
+from mmfast.nn.activation import GELU, QuickGELU
+from mmfast.nn.mlp import MLP, SwiGLUMLP
+from mmfast.nn.patch_embed import PatchEmbed, PatchEmbed3d
+from mmfast.nn.merger import PatchMerger
+from mmfast.nn.vision import VisionAttention, VisionBlock, VisionTransformer
+from mmfast.nn.resnet import ResnetBlock2D
+from mmfast.nn.transformer_2d import Transformer2DBlock
+from mmfast.nn.unet import unet2d_condition_model
 
 __all__ = ["LayerNorm", "RMSNorm"]
 __all__ += ["Attention", "VarlenAttention", "Qwen2VisionTransformer", "Qwen25VisionTransformer"]
-__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler", "QFormer", "QwenVLResampler"]
+__all__ += ["ClipLoss", "SigLipLoss"]
+__all__ += ["GatedCrossAttentionBlock", "MLPProjector", "PerceiverResampler"]
+__all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d", "PatchMerger"]
+__all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
+__all__ += ["QFormer", "QwenVLResampler"]
+__all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]

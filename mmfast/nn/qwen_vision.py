@@ -18,21 +18,21 @@ works; :meth:`from_config` takes their vision configs. Index plumbing comes from
 :func:`mmfast.ops.vision_windows.qwen_vision_indices` (one host read of ``grid_thw``
 per call, cached per grid). Pre-norm residual adds are fused into the norms.
 
-Not yet fused here (plain PyTorch, pending the patch-embedding and activation ops):
-the patch embedding (a GEMM on the flattened Conv3d weight, as vLLM does), the MLP
-activations and the merger.
+Activations are mmfast's fused elementwise ops (SwiGLU, QuickGELU, GELU). The GEMMs are
+plain nn.Linear, the patch embedding included (the Conv3d as one GEMM on its flattened
+weight, as vLLM does).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfast.nn.attention import VarlenAttention
 from mmfast.nn.norm import LayerNorm, RMSNorm
+from mmfast.ops.activation import gelu, quick_gelu, swiglu
 from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 
 
@@ -63,7 +63,7 @@ class QwenSwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class QwenQuickGeluMlp(nn.Module):
@@ -75,8 +75,14 @@ class QwenQuickGeluMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        return self.fc2(h * torch.sigmoid(1.702 * h))
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class _Gelu(nn.Module):
+    """Erf GELU, in the merger's ``mlp.1`` slot (no parameters)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu(x)
 
 
 class QwenPatchMerger(nn.Module):
@@ -86,11 +92,16 @@ class QwenPatchMerger(nn.Module):
         super().__init__()
         self.hidden_size = dim * merge * merge
         self.ln_q = norm
-        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(self.hidden_size, self.hidden_size), _Gelu(),
                                  nn.Linear(self.hidden_size, out_dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        """Merged tokens; with ``residual``, the norm reads ``x + residual`` in its fused
+        pass and ``(merged, x + residual)`` is returned."""
+        if residual is None:
+            return self.mlp(self.ln_q(x).view(-1, self.hidden_size))
+        normed, stream = self.ln_q(x, residual=residual)
+        return self.mlp(normed.view(-1, self.hidden_size)), stream
 
 
 class QwenVisionBlock(nn.Module):
@@ -134,10 +145,11 @@ class _QwenVisionTower(nn.Module):
         ``return_hidden_states``, also the last block's output [N, dim] in stream order."""
         ix = qwen_vision_indices(grid_thw, spatial_merge_size=self.spatial_merge_size,
                                  window_size=self.window_size, patch_size=self.patch_size)
+        patches = pixel_values.numel() // self.patch_embed.patch_dim
+        if patches != ix.position_ids.shape[0]:
+            raise ValueError(f"grid_thw: describes {ix.position_ids.shape[0]} patches, pixel_values holds {patches}")
         x = self.patch_embed(pixel_values)
         unit = self.spatial_merge_size ** 2
-        if x.shape[0] != ix.position_ids.shape[0]:
-            raise ValueError(f"grid_thw: describes {ix.position_ids.shape[0]} patches, pixel_values holds {x.shape[0]}")
         windowed = self.window_size is not None
         positions = ix.position_ids
         if windowed:  # window order, whole merge blocks at a time
@@ -151,9 +163,10 @@ class _QwenVisionTower(nn.Module):
                 x, residual = block(x, residual, ix.cu_seqlens, rotary, ix.max_seqlen)
             else:
                 x, residual = block(x, residual, ix.cu_window_seqlens, rotary, ix.max_window_seqlen)
-        if residual is not None:
-            x = x + residual
-        merged = self.merger(x)
+        if residual is None:  # depth 0
+            merged = self.merger(x)
+        else:  # the last residual add happens in the merger's norm
+            merged, x = self.merger(x, residual)
         if windowed:
             merged = merged[ix.reverse_window_index]
         if not return_hidden_states:

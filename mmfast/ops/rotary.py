@@ -96,8 +96,11 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, dout_q, dout_k):
         cos, sin = ctx.saved_tensors
         dout_k = dout_k if ctx.has_k else None
-        rotate_back = lambda a, b: torch.ops.mmfast.rotary(  # noqa: E731
-            _last_dim_contiguous(a), _last_dim_contiguous(b), cos, sin, ctx.interleaved, True)
+
+        def rotate_back(a, b):
+            return torch.ops.mmfast.rotary(_last_dim_contiguous(a), _last_dim_contiguous(b), cos, sin,
+                                           ctx.interleaved, True)
+
         if dout_q is not None and dout_k is not None:
             dq, dk = rotate_back(dout_q, dout_k)  # one launch for both
         elif dout_q is not None:

@@ -60,7 +60,7 @@ def _per_unit(counts: Tensor, values: Tensor, total: int) -> Tensor:
 
 def _local_index(counts: Tensor, total: int) -> Tensor:
     """For a stream of runs of ``counts`` elements: each element's index inside its run."""
-    starts = F.pad(counts.cumsum(0)[:-1], (1, 0))
+    starts = counts.cumsum(0) - counts
     return torch.arange(total, device=counts.device) - _per_unit(counts, starts, total)
 
 
@@ -91,7 +91,7 @@ def _windows(grid: Tensor, merge: int, side: int, units: int, windows: int) -> t
     row, col = rest // width, rest % width
     # Global window number: ordered by image, frame, window row, window column.
     windows_per_image = t * wins_h * wins_w
-    first_window = F.pad(windows_per_image.cumsum(0)[:-1], (1, 0))
+    first_window = windows_per_image.cumsum(0) - windows_per_image
     window = (first_window[image] + (frame * wins_h[image] + row // side) * wins_w[image]
               + col // side)
     # Inside a window, stream order is already raster order: a stable sort keeps it.

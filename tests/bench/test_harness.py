@@ -215,3 +215,24 @@ def test_targets_are_marked_and_summarised_on_gpu_runs_only():
     assert summary[1:] == ["  below: b at 50.0%"]
     assert "not checked" in table.target_summary(suite, rows, is_gpu=False)[0]
     assert " ok" not in table.format_table(suite, rows, is_gpu=False)
+
+
+def test_speedup_goals_compare_with_the_fastest_baseline_of_matching_cases():
+    from mmfast.bench.suite import Speedup
+
+    goal = Speedup("ours", ("a", "b"), 2.0, "2x", where={"pass": "fwd"})
+    suite = dataclasses.replace(suites.get("norm"), speedups=(goal,))
+    rows = [
+        {"case": "x", "provider": "ours", "ms": 1.0, "params": {"pass": "fwd"}},
+        {"case": "x", "provider": "a", "ms": 3.0, "params": {"pass": "fwd"}},
+        {"case": "x", "provider": "b", "ms": 2.5, "params": {"pass": "fwd"}},  # fastest: 2.5x
+        {"case": "y", "provider": "ours", "ms": 1.0, "params": {"pass": "fwd"}},
+        {"case": "y", "provider": "b", "ms": 1.5, "params": {"pass": "fwd"}},  # 1.5x: below
+        {"case": "z", "provider": "ours", "ms": 1.0, "params": {"pass": "bwd"}},  # not this goal's
+        {"case": "z", "provider": "a", "ms": 0.1, "params": {"pass": "bwd"}},
+    ]
+    lines = table.speedup_summary(suite, rows, is_gpu=True)
+    assert lines[0] == "speedup goal (2x): 1/2 cases reach 2x the fastest of a, b"
+    assert lines[1:] == ["  below: y at 1.50x"]
+    assert table.speedup_summary(suite, rows, is_gpu=False) == [
+        "speedup goal (2x): not checked, this is not a GPU run"]

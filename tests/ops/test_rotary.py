@@ -93,3 +93,32 @@ def test_bad_input():
         apply_rotary(q, None, cos, torch.randn(6, 4))
     with pytest.raises(TypeError, match="interleaved"):
         apply_rotary(q, None, cos, sin, interleaved=1)
+
+
+def test_compiles_without_graph_breaks():
+    # aot_eager traces through the custom op's fake impl and the autograd.Function
+    # without generating C++ (quick on a CPU).
+    q = torch.randn(7, 2, 16, requires_grad=True)
+    k = torch.randn(7, 1, 16)
+    cos, sin = _tables((7, 8), q.device)
+
+    def fn(q, k):
+        out_q, out_k = apply_rotary(q, k, cos, sin)
+        return out_q.sum() + out_k.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k), fn(q, k))
+    (grad,) = torch.autograd.grad(compiled(q, k), q)
+    torch.testing.assert_close(grad, rotary_reference(torch.ones_like(q), cos, -sin))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_real_sizes_bf16(interleaved, device):
+    # Qwen2.5-VL-7B vision: 16k patches, 16 heads of 80; and a padded LLM batch with GQA.
+    for q_shape, k_heads in (((16384, 16, 80), 16), ((2, 4096, 28, 128), 4)):
+        q = random_tensor(q_shape, torch.bfloat16, device)
+        k = random_tensor(q_shape[:-2] + (k_heads, q_shape[-1]), torch.bfloat16, device)
+        cos, sin = _tables((q_shape[-3], q_shape[-1] // 2), device)
+        assert_matches_reference(_op(interleaved), _reference(interleaved),
+                                 {"q": q, "k": k, "cos": cos, "sin": sin}, grad_inputs=("q", "k"))

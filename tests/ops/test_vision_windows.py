@@ -14,6 +14,7 @@ def _random_grids(rng: random.Random, count: int) -> list[torch.Tensor]:
     grids = [
         torch.tensor([[1, 8, 8]]),                  # exactly one 4x4-unit window: HF pads a whole extra one
         torch.tensor([[1, 2, 2], [3, 16, 6]]),      # tiny image, video whose frames divide the window evenly
+        torch.tensor([[1, 0, 4], [0, 4, 4], [2, 4, 6]]),  # empty entries among real ones
     ]
     for _ in range(count):
         n = rng.randint(1, 4)
@@ -46,6 +47,8 @@ def test_without_windows_the_frames_are_the_segments():
     assert torch.equal(ix.window_index, torch.arange(13))
     assert torch.equal(ix.cu_window_seqlens, ix.cu_seqlens)
     assert ix.cu_seqlens.tolist() == [0, 24, 48, 52] and ix.max_seqlen == 24
+    empty = qwen_vision_indices(torch.zeros(0, 3, dtype=torch.int64), window_size=112)
+    assert empty.cu_window_seqlens.tolist() == [0] and empty.window_index.numel() == 0
 
 
 def test_cached_per_grid_values():

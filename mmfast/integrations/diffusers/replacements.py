@@ -1,0 +1,63 @@
+"""The per-module replacements the diffusers families share. Each takes (module, handle,
+qualified name), checks that the instance is of a configuration mmfast covers, and
+patches it through the handle (reversibly) or leaves it as it is."""
+
+from __future__ import annotations
+
+from mmfast.integrations.diffusers.attention_processors import patch_attention
+from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, transformer_2d
+from mmfast.ops.group_norm import group_norm
+
+
+def _group_norm_forward(self, x):
+    return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def patch_group_norm(module, handle, name: str) -> None:
+    """A free-standing GroupNorm (Transformer2DModel's input norm, conv_norm_out): one
+    pass in either memory format. Those inside patched ResNet blocks are bypassed anyway."""
+    handle.set_forward(module, _group_norm_forward, "GroupNorm", name)
+
+
+def patch_resnet(module, handle, name: str) -> None:
+    if resnet.fusable(module):
+        handle.set_forward(module, resnet.resnet_block_forward, "GroupNorm+SiLU fused", name)
+
+
+def patch_basic_transformer_block(module, handle, name: str) -> None:
+    if transformer_2d.fusable(module):
+        handle.set_forward(module, transformer_2d.transformer_2d_block_forward,
+                           "residual adds fused into LayerNorms", name)
+    elif dit.dit_fusable(module):
+        handle.set_forward(module, dit.dit_block_forward, "adaLN-Zero block (fused modulation, gated residuals)",
+                           name)
+
+
+def patch_joint_block(module, handle, name: str) -> None:
+    if dit.mmdit_fusable(module):
+        handle.set_forward(module, dit.mmdit_block_forward, "MM-DiT block (fused modulation, gated residuals)", name)
+
+
+def patch_ada_layer_norm_zero(module, handle, name: str) -> None:
+    if adaptive_norm.modulation_fusable(module):
+        handle.set_forward(module, adaptive_norm.ada_layer_norm_zero_forward, "adaln_modulate", name)
+
+
+def patch_ada_layer_norm_continuous(module, handle, name: str) -> None:
+    if adaptive_norm.modulation_fusable(module):
+        handle.set_forward(module, adaptive_norm.ada_layer_norm_continuous_forward, "adaln_modulate", name)
+
+
+def patch_geglu(module, handle, name: str) -> None:
+    if type(module.proj).__name__ == "Linear":
+        handle.set_forward(module, feed_forward.geglu_forward, "GEGLU in one pass", name)
+
+
+def patch_gelu(module, handle, name: str) -> None:
+    if type(module.proj).__name__ == "Linear" and module.approximate in ("none", "tanh"):
+        handle.set_forward(module, feed_forward.gelu_forward, "GELU in one pass", name)
+
+
+__all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
+           "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_group_norm",
+           "patch_joint_block", "patch_resnet"]

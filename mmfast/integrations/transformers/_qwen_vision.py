@@ -1,0 +1,91 @@
+"""Replacements shared by the Qwen2-VL and Qwen2.5-VL families, whose vision towers
+share their attention, rotary and index conventions (Hugging Face transformers 5.x)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmfast.integrations.patching import PatchHandle
+from mmfast.ops.activation import quick_gelu, swiglu
+from mmfast.ops.attention import attention
+from mmfast.ops.norm import layer_norm, rms_norm
+from mmfast.ops.rotary import apply_rotary
+from mmfast.ops.vision_windows import qwen_vision_indices
+
+
+def _vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                              **kwargs):
+    """Packed varlen attention over every segment at once (HF's sdpa path loops over
+    them in Python), rotary fused over q and k."""
+    tokens = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).view(tokens, 3, self.num_heads, -1).unbind(1)
+    if position_embeddings is not None:
+        # HF's vision tables are the per-pair angles twice over: keep the first half.
+        cos, sin = position_embeddings
+        half = cos.shape[-1] // 2
+        q, k = apply_rotary(q, k, cos[..., :half], sin[..., :half])
+    out = attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                    max_seqlen_k=max_seqlen, scale=self.scaling)
+    return self.proj(out.reshape(tokens, -1))
+
+
+def patch_vision_attention(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    handle.set_forward(module, _vision_attention_forward, "varlen attention + fused rotary", name)
+
+
+def _rms_norm_forward(self, hidden_states):
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def patch_rms_norm(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    handle.set_forward(module, _rms_norm_forward, "rms_norm", name)
+
+
+def _layer_norm_forward(self, x):
+    return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def patch_layer_norm(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    if len(module.normalized_shape) == 1:  # mmfast normalises over the last dim only
+        handle.set_forward(module, _layer_norm_forward, "layer_norm", name)
+
+
+def _swiglu_mlp_forward(self, x):
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def patch_swiglu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    """down(act(gate(x)) * up(x)) MLPs (vision and language model) whose act is SiLU."""
+    if type(module.act_fn).__name__ in ("SiLUActivation", "SiLU"):
+        handle.set_forward(module, _swiglu_mlp_forward, "swiglu", name)
+
+
+def _quick_gelu_mlp_forward(self, x):
+    return self.fc2(quick_gelu(self.fc1(x)))
+
+
+def patch_quick_gelu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    """Qwen2-VL's vision MLP, fc2(act(fc1(x))), when its act is QuickGELU."""
+    if type(module.act).__name__ == "QuickGELUActivation":
+        handle.set_forward(module, _quick_gelu_mlp_forward, "quick_gelu", name)
+
+
+def patch_vision_tower(module: nn.Module, handle: PatchHandle, name: str) -> None:
+    """Hand the tower precomputed, cached index plumbing (position ids, cu_seqlens,
+    windows, max lengths) through the kwargs its Hugging Face forward accepts for them."""
+    original = module.forward
+    config = module.config
+    window_size = getattr(config, "window_size", None) if hasattr(config, "fullatt_block_indexes") else None
+
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        ix = qwen_vision_indices(grid_thw, spatial_merge_size=config.spatial_merge_size,
+                                 window_size=window_size, patch_size=config.patch_size)
+        given = {"position_ids": ix.position_ids, "cu_seqlens": ix.cu_seqlens, "max_seqlen": ix.max_seqlen}
+        if window_size is not None:
+            given.update(window_index=ix.window_index, cu_window_seqlens=ix.cu_window_seqlens,
+                         max_window_seqlen=ix.max_window_seqlen)
+        for key, value in given.items():
+            kwargs.setdefault(key, value)
+        return original(hidden_states, grid_thw, **kwargs)
+
+    handle.set_forward(module, forward, "cached vision indices", name)

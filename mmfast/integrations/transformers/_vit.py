@@ -1,0 +1,81 @@
+"""Replacements shared by the ViT-style vision towers of transformers (CLIP, SigLIP):
+each function patches one module instance through the PatchHandle, keeping its
+parameters; the module's own class is untouched and ``handle.undo()`` restores it.
+
+    *VisionEmbeddings  one fused kernel: patch GEMM + bias + position (+ class token)
+    *Attention         mmfast.ops.attention on [B, T, H, D]; falls back to the original
+                       forward for what it does not do (a mask, returned attention
+                       weights, attention dropout while training)
+    *EncoderLayer      the first residual add fused into layer_norm2
+    *MLP               the activation as one fused pass
+    LayerNorm          mmfast's LayerNorm
+
+One behaviour differs on purpose: an image whose size is not a multiple of the patch
+size raises a ValueError naming it, where the Conv2d of Hugging Face silently drops the
+remainder rows and columns.
+"""
+
+from __future__ import annotations
+
+from mmfast.nn.activation import activation_module
+from mmfast.nn.patch_embed import PositionTableCache, embed_pixels
+from mmfast.ops.attention import attention
+from mmfast.ops.norm import layer_norm
+
+
+def patch_embeddings(module, handle, name):
+    cache = PositionTableCache()
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        return embed_pixels(self, pixel_values, interpolate_pos_encoding, cache)
+
+    handle.set_forward(module, forward, "fused patch+position embedding", name)
+
+
+def _attention_forward(self, hidden_states, attention_mask=None, **kwargs):
+    wants_weights = kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
+    if attention_mask is not None or wants_weights or (self.training and self.dropout > 0):
+        return type(self).forward(self, hidden_states, attention_mask, **kwargs)
+    heads = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q, k, v = (proj(hidden_states).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    out = attention(q, k, v, scale=self.scale)
+    return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
+
+
+def patch_attention(module, handle, name):
+    handle.set_forward(module, _attention_forward, "mmfast attention", name)
+
+
+def _encoder_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    norm1, norm2 = self.layer_norm1, self.layer_norm2
+    attn, _ = self.self_attn(hidden_states=layer_norm(hidden_states, norm1.weight, norm1.bias, norm1.eps),
+                             attention_mask=attention_mask, **kwargs)
+    normed, hidden_states = layer_norm(attn, norm2.weight, norm2.bias, norm2.eps, residual=hidden_states)
+    return hidden_states + self.mlp(normed)
+
+
+def patch_encoder_layer(module, handle, name):
+    handle.set_forward(module, _encoder_layer_forward, "layer norm fused with the residual add", name)
+
+
+def patch_mlp(module, handle, name):
+    act = activation_module(module.config.hidden_act)
+
+    def forward(self, hidden_states):
+        return self.fc2(act(self.fc1(hidden_states)))
+
+    handle.set_forward(module, forward, f"fused {module.config.hidden_act}", name)
+
+
+def _layer_norm_forward(self, x):
+    return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def patch_layer_norm(module, handle, name):
+    if len(module.normalized_shape) == 1:  # mmfast normalises the last dim only
+        handle.set_forward(module, _layer_norm_forward, "mmfast layer_norm", name)
+
+
+def vision_root(target):
+    """The vision tower of a dual-encoder model, or the vision model itself."""
+    return getattr(target, "vision_model", target)

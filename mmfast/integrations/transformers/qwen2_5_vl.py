@@ -1,0 +1,24 @@
+"""Qwen2.5-VL (Hugging Face transformers): the vision tower's window/full attention
+becomes packed varlen attention with fused rotary, fed by cached window plumbing; every
+RMSNorm and SiLU-gated MLP (vision and language model) becomes mmfast's fused one."""
+
+from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.transformers._qwen_vision import (
+    patch_rms_norm,
+    patch_swiglu_mlp,
+    patch_vision_attention,
+    patch_vision_tower,
+)
+
+FAMILY = Family(
+    "qwen2_5_vl",
+    model_classes=("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+                   "Qwen2_5_VisionTransformerPretrainedModel"),
+    replacements=(
+        Replacement(("Qwen2_5_VisionTransformerPretrainedModel",), patch_vision_tower, "cached vision indices"),
+        Replacement(("Qwen2_5_VLVisionAttention",), patch_vision_attention, "varlen attention + fused rotary"),
+        Replacement(("Qwen2_5_VLRMSNorm",), patch_rms_norm, "rms_norm"),
+        Replacement(("Qwen2_5_VLMLP", "Qwen2MLP"), patch_swiglu_mlp, "swiglu"),
+    ),
+    notes="patch embedding and the language model's attention are not replaced yet",
+)

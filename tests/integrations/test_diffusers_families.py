@@ -1,0 +1,125 @@
+"""mmfast.patch on tiny random diffusers models: UNet2DConditionModel, SD3 and DiT
+transformers, and a pipeline. Patched outputs match unpatched ones; undo restores exactly."""
+
+import pytest
+import torch
+
+import mmfast
+from tests.integrations.diffusers_models import (
+    dit_inputs, sd3_inputs, tiny_dit, tiny_sd3, tiny_unet, unet_inputs)
+
+pytest.importorskip("diffusers")
+
+
+def _processors(model):
+    return {name: m.processor for name, m in model.named_modules() if type(m).__name__ == "Attention"}
+
+
+def _check_patch_and_undo(model, inputs, expected_family):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    processors = _processors(model)
+    with torch.no_grad():
+        before = model(**inputs).sample
+        handle = mmfast.patch(model)
+        assert handle.family == expected_family
+        assert {type(p).__name__ for p in _processors(model).values()} <= {"AttnProcessor", "JointAttnProcessor"}
+        patched = model(**inputs).sample
+        handle.undo()
+        after = model(**inputs).sample
+    # fp32 everywhere: differences are summation order only.
+    torch.testing.assert_close(patched, before, rtol=1e-4, atol=1e-5)
+    assert torch.equal(after, before)
+    assert all(_processors(model)[n] is p for n, p in processors.items())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    return handle
+
+
+def test_unet2d_condition(device):
+    model = tiny_unet().to(device)
+    inputs = {k: v.to(device) for k, v in unet_inputs().items()}
+    # Text padding: the last three text tokens masked, as with a padded prompt (the mask
+    # reaches the processors as an additive bias: the variable-length path).
+    inputs["encoder_attention_mask"] = torch.tensor([[1, 1, 1, 1, 0, 0, 0]], device=device)
+    _check_patch_and_undo(model, inputs, "diffusers-unet2d-condition")
+
+
+def test_sd3_transformer(device):
+    model = tiny_sd3().to(device)
+    _check_patch_and_undo(model, {k: v.to(device) for k, v in sd3_inputs().items()}, "diffusers-sd3-transformer")
+
+
+def test_dit_transformer(device):
+    model = tiny_dit().to(device)
+    _check_patch_and_undo(model, {k: v.to(device) for k, v in dit_inputs().items()}, "diffusers-dit-transformer")
+
+
+def test_pipeline_patches_its_denoiser_and_scheduler_and_undoes():
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=DDIMScheduler())
+    step = pipe.scheduler.step
+    vae_processors = _processors(pipe.vae)
+    handle = mmfast.patch(pipe)
+    assert handle.family == "diffusers-pipeline"
+    names = [name for name, _ in handle.replaced]
+    assert "transformer_blocks.0.attn1" in names
+    assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor"}
+    assert _processors(pipe.vae) == vae_processors  # only denoisers are patched
+    assert "step" in vars(pipe.scheduler) and pipe.scheduler.step != step  # the fused step
+    with pytest.raises(ValueError, match="already patched"):
+        mmfast.patch(pipe)
+    handle.undo()
+    assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor2_0"}
+    assert "step" not in vars(pipe.scheduler) and pipe.scheduler.step == step
+
+
+def test_unsupported_processors_are_left_alone():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = tiny_dit()
+    model.transformer_blocks[0].attn1.set_processor(AttnProcessor())
+    handle = mmfast.patch(model)
+    assert type(model.transformer_blocks[0].attn1.processor) is AttnProcessor
+    assert type(model.transformer_blocks[1].attn1.processor).__name__ == "AttnProcessor"  # mmfast's
+    assert model.transformer_blocks[1].attn1.processor.__module__.startswith("mmfast")
+    handle.undo()
+
+
+@pytest.mark.gpu
+def test_patched_unet_step_captures_in_a_cuda_graph(device):
+    # The patched denoiser step syncs nowhere without a mask: one CUDA graph per resolution.
+    model = tiny_unet().to(device=device, dtype=torch.float16).to(memory_format=torch.channels_last)
+    inputs = {k: (v.to(device, torch.float16) if v.is_floating_point() else v.to(device))
+              for k, v in unet_inputs(batch=2).items()}
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        mmfast.patch(model)
+        model(**inputs)  # warm-up: compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(**inputs).sample
+        graph.replay()
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_patched_pipeline_generates_the_same_image():
+    # Two DDIM steps with guidance through DiTPipeline: patched denoiser and fused
+    # scheduler step against the stock pipeline, same seed.
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).eval()
+    # DiTPipeline's "no class" label is ImageNet's 1000.
+    pipe = DiTPipeline(transformer=tiny_dit(num_classes=1000), vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe(class_labels=[3], num_inference_steps=2, guidance_scale=4.0, output_type="np",
+                    generator=torch.Generator().manual_seed(5)).images
+
+    expected = generate()
+    with mmfast.patch(pipe):
+        got = generate()
+    assert abs(got - expected).max() < 1e-4
