@@ -147,8 +147,7 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         self.config = config if isinstance(config, Qwen25VLConfig) else Qwen25VLConfig.from_dict(config)
         self.model = _Backbone(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+        self.tie_weights()
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -161,9 +160,17 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         if dtype is None:
             name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
             dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
-        model = cls(raw).to(dtype=dtype, device=device)
-        load_checkpoint(model, directory, rules=CHECKPOINT_RULES)
+        with torch.device("meta"):  # no random init, no float32 copy of a 7B model in host memory
+            model = cls(raw)
+        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor
+        load_checkpoint(model, directory, rules=CHECKPOINT_RULES)  # strict: every tensor is written
         return model.eval()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with lm_head when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
     @classmethod
     def from_preset(cls, name: str) -> "Qwen25VLForConditionalGeneration":

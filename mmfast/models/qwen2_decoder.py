@@ -36,17 +36,20 @@ def mrope_cos_sin(position_ids: Tensor, inv_freq: Tensor, mrope_section: Sequenc
     is position_ids[s(j)] * inv_freq[j], s(j) the stream whose section holds j."""
     if sum(mrope_section) != inv_freq.numel():
         raise ValueError(f"mrope_section: {list(mrope_section)} must sum to head_dim / 2 = {inv_freq.numel()}")
-    stream = torch.repeat_interleave(torch.arange(len(mrope_section), device=inv_freq.device),
-                                     torch.tensor(list(mrope_section), device=inv_freq.device),
-                                     output_size=inv_freq.numel())  # known size: no device sync
+    # Built with fills on the device: no host-to-device copy, no sync.
+    stream = torch.cat([torch.full((size,), s, dtype=torch.long, device=inv_freq.device)
+                        for s, size in enumerate(mrope_section)])
     positions = position_ids.float().index_select(0, stream).T  # [T, D/2]: each pair's position
     angles = positions * inv_freq.float()
     return angles.cos(), angles.sin()
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
-    """1 / theta^(2i / D), computed as Hugging Face does (float32 from int64 exponents)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
+    """1 / theta^(2i / D) in float32, computed as Hugging Face does. Built on ``device`` at
+    every forward rather than kept as a buffer: a buffer would follow ``model.to(bfloat16)``
+    and lose the precision the angles need, and device-side creation keeps the forward
+    free of host-to-device copies (CUDA-graph capturable)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
 class Qwen2Attention(nn.Module):
@@ -138,8 +141,9 @@ class Qwen2Decoder(nn.Module):
             Qwen2DecoderLayer(hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, rms_norm_eps)
             for _ in range(num_hidden_layers)])
         self.norm = RMSNorm(hidden_size, eps=rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(self.head_dim, rope_theta), persistent=False)
-        mrope_cos_sin(torch.zeros(3, 0), self.inv_freq, self.mrope_section)  # checks the section sizes
+        self.rope_theta = float(rope_theta)
+        if sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section: {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}")
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.embed_tokens.weight
@@ -160,7 +164,8 @@ class Qwen2Decoder(nn.Module):
         if cache is not None and new_lengths is None:
             raise ValueError("new_lengths: required with a cache (the new tokens of each sequence)")
         step = cache.plan(new_lengths) if cache is not None else None
-        cos, sin = mrope_cos_sin(position_ids, self.inv_freq, self.mrope_section)
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, inputs_embeds.device)
+        cos, sin = mrope_cos_sin(position_ids, inv_freq, self.mrope_section)
         x, residual = inputs_embeds, None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, (cos, sin), cu_seqlens, max_seqlen, cache, step, i)

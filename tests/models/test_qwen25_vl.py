@@ -160,14 +160,19 @@ def test_training_step_backward(checkpoint, reference_kernels):
 def test_save_pretrained_round_trip_and_presets(tmp_path):
     from mmfast.models.presets import qwen25_vl_preset
 
+    import dataclasses
+
     torch.manual_seed(0)
-    tiny = Qwen25VLForConditionalGeneration.from_preset("tiny")
+    tiny = Qwen25VLForConditionalGeneration(dataclasses.replace(qwen25_vl_preset("tiny"), tie_word_embeddings=True))
     tiny.save_pretrained(tmp_path, max_shard_size="200KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     loaded = mmfast.models.from_pretrained(tmp_path)
     assert loaded.config.to_dict() == tiny.config.to_dict()
+    assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
     for (name, a), b in zip(tiny.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    half = Qwen25VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     # Released sizes: parameter counts of the published checkpoints (built on the meta device).
     for name, billions, tied in (("3b", 3.75, True), ("7b", 8.29, False)):
         with torch.device("meta"):
