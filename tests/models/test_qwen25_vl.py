@@ -82,6 +82,22 @@ def test_logits_match_hugging_face(checkpoint):
     assert torch.count_nonzero(got[~valid]) == 0
 
 
+def test_video_and_image_logits_match_hugging_face(checkpoint):
+    hf, directory = checkpoint
+    ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
+    g = torch.Generator().manual_seed(2)
+    video_grid, seconds = torch.tensor([[2, 4, 4]]), torch.tensor([1.5])  # 2 temporal patches of 4x4
+    ids = torch.tensor([[5, START, *[IMAGE] * 4, END, 6, START, *[VIDEO] * 8, END, 7, 8]])
+    pixels, video = torch.randn(16, PATCH_DIM, generator=g), torch.randn(32, PATCH_DIM, generator=g)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pixels, image_grid_thw=GRIDS[:1], pixel_values_videos=video,
+                  video_grid_thw=video_grid, second_per_grid_ts=seconds,
+                  mm_token_type_ids=(ids == IMAGE).int() + 2 * (ids == VIDEO).int()).logits
+        got = ours(ids, pixel_values=pixels, image_grid_thw=GRIDS[:1], pixel_values_videos=video,
+                   video_grid_thw=video_grid, second_per_grid_ts=seconds)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_generation_matches_hugging_face(checkpoint, reference_kernels):
     hf, directory = checkpoint
     ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
