@@ -129,11 +129,9 @@ def map_name(name: str, rules: NameRules) -> Optional[str]:
 
 def _aliases(module: nn.Module) -> dict[str, list[str]]:
     """state_dict name -> every state_dict name sharing its tensor (itself included)."""
-    groups: dict[tuple, list[str]] = {}
+    groups: dict[int, list[str]] = {}
     for name, t in module.state_dict(keep_vars=True).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.device.type != "meta" \
-            else (id(t),)
-        groups.setdefault(key, []).append(name)
+        groups.setdefault(id(t), []).append(name)  # tying assigns one Parameter to two modules
     return {name: group for group in groups.values() for name in group}
 
 
@@ -160,19 +158,24 @@ def load_checkpoint(module: nn.Module, directory: Union[str, os.PathLike], rules
 
     from safetensors import safe_open
 
-    mismatched = []
+    by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, ckpt_name in source_of.items():
-        with safe_open(str(files[ckpt_name]), framework="pt") as f:
-            shape = f.get_slice(ckpt_name).get_shape()
-        if tuple(shape) != tuple(targets[name].shape):
-            mismatched.append((name, shape, targets[name].shape))
+        by_file.setdefault(files[ckpt_name], []).append((name, ckpt_name))
+    mismatched = []
+    for path, pairs in by_file.items():  # headers only: nothing is read yet
+        with safe_open(str(path), framework="pt") as f:
+            for name, ckpt_name in pairs:
+                shape = f.get_slice(ckpt_name).get_shape()
+                if tuple(shape) != tuple(targets[name].shape):
+                    mismatched.append((name, shape, targets[name].shape))
     if mismatched or (strict and (missing or unexpected)):
         raise CheckpointError(directory, missing, unexpected, mismatched)
 
-    tensors = read_tensors(directory, source_of.values())
-    with torch.no_grad():
-        for name, ckpt_name in source_of.items():
-            targets[name].copy_(tensors[ckpt_name])
+    with torch.no_grad():  # one tensor at a time: host memory holds one tensor beyond the module
+        for path, pairs in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name, ckpt_name in pairs:
+                    targets[name].copy_(f.get_tensor(ckpt_name))
     return module
 
 

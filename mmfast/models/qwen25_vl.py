@@ -90,7 +90,6 @@ class Qwen25VLConfig:
         return cls(**kwargs, rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", cls.mrope_section)),
                    vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)), raw=dict(config))
 
-
     def to_dict(self) -> dict:
         """A transformers-5 style config.json dict (over the one it was read from, if any)."""
         text = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -242,6 +241,8 @@ class Qwen25VLForConditionalGeneration(nn.Module):
                               video_grid_thw, second_per_grid_ts)
         hidden = self.model.language_model(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths))
         logits = self.lm_head(hidden)
+        if min(prompt.lengths) == input_ids.shape[1]:  # no padding: the packed stream is the batch
+            return logits.view(*input_ids.shape, -1)
         out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
         out[prompt.mask] = logits
         return out
