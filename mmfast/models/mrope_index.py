@@ -96,7 +96,8 @@ def mrope_position_ids(input_ids: Tensor, *, image_token_id: int, video_token_id
             h, w = h // spatial_merge_size, w // spatial_merge_size
             if end - start != t * h * w:
                 raise ValueError(f"input_ids: {name} {index} (sequence {b}) has {end - start} placeholder tokens, "
-                                 f"its grid {grids[kind][index]} needs {t * h * w} (t * h * w / {spatial_merge_size}^2)")
+                                 f"its grid {grids[kind][index]} needs {t * h * w} "
+                                 f"(t * h * w / {spatial_merge_size}^2)")
             step = tokens_per_second * (seconds[index] if seconds is not None else 1.0) if kind == VIDEO else 1.0
             pieces.append(_grid_positions(t, h, w, step) + position)
             position += max(h, w)

@@ -88,7 +88,8 @@ class Qwen25VLConfig:
             "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "image_token_id", "video_token_id",
             "vision_start_token_id", "eos_token_id", "pad_token_id") if name in merged}
         return cls(**kwargs, rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", cls.mrope_section)),
-                   vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)), raw=dict(config))
+                   vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)),
+                   raw=dict(config))
 
     def to_dict(self) -> dict:
         """A transformers-5 style config.json dict (over the one it was read from, if any)."""

@@ -143,7 +143,8 @@ class Qwen2Decoder(nn.Module):
         self.norm = RMSNorm(hidden_size, eps=rms_norm_eps)
         self.rope_theta = float(rope_theta)
         if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section: {list(self.mrope_section)} must sum to head_dim / 2 = {self.head_dim // 2}")
+            raise ValueError(f"mrope_section: {list(self.mrope_section)} must sum to "
+                             f"head_dim / 2 = {self.head_dim // 2}")
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         weight = self.embed_tokens.weight
@@ -157,7 +158,8 @@ class Qwen2Decoder(nn.Module):
         new tokens of each sequence b (host ints, the lengths ``cu_seqlens`` describes),
         which are appended to the cache and attend to everything cached before them."""
         if inputs_embeds.dim() != 2 or inputs_embeds.shape[-1] != self.hidden_size:
-            raise ValueError(f"inputs_embeds: expected packed [T, {self.hidden_size}], got {tuple(inputs_embeds.shape)}")
+            raise ValueError(f"inputs_embeds: expected packed [T, {self.hidden_size}], "
+                             f"got {tuple(inputs_embeds.shape)}")
         if position_ids.shape != (3, inputs_embeds.shape[0]):
             raise ValueError(f"position_ids: expected [3, {inputs_embeds.shape[0]}] (t, h, w streams), "
                              f"got {tuple(position_ids.shape)}")

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from mmfast.models.checkpoint import (CheckpointError, architecture_of, from_pretrained, load_checkpoint,
-                                      read_config, register_architecture, save_pretrained, weight_files)
+                                      read_config, read_tensors, register_architecture, save_pretrained,
+                                      weight_files)
 
 
 class Tiny(nn.Module):
@@ -57,6 +58,7 @@ def test_round_trip_sharded_diffusers_naming(tmp_path):
     assert len(shards) >= 3 and all(s.startswith("diffusion_pytorch_model-") for s in shards)
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in src.state_dict().values())
     _assert_same(src, load_checkpoint(Tiny(hidden=16, tie=False), tmp_path))
+    assert torch.equal(read_tensors(tmp_path, ["head.weight"])["head.weight"], src.head.weight)
 
 
 def test_name_rules_rename_and_drop(tmp_path):
