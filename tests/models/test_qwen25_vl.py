@@ -110,6 +110,13 @@ def test_greedy_generation_matches_hugging_face(checkpoint, reference_kernels):
     n = int(mask[1].sum())
     single = ours.generate(ids[1:, -n:], pixel_values=pixels[16:], image_grid_thw=GRIDS[1:], max_new_tokens=6)
     torch.testing.assert_close(single[0, -6:], got[1, -6:], rtol=0, atol=0)
+    # A sequence that ends continues with padding; the others go on unchanged.
+    length, eos = ids.shape[1], int(got[0, ids.shape[1]])
+    ended = ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=GRIDS, max_new_tokens=6, eos_token_id=eos,
+                          pad_token_id=PAD)
+    assert ended[0, length] == eos and (ended[0, length + 1:] == PAD).all()
+    if not (got[1, length:] == eos).any():
+        torch.testing.assert_close(ended[1], got[1], rtol=0, atol=0)
 
 
 def test_sampling_is_reproducible_with_a_generator(checkpoint, reference_kernels):
@@ -250,3 +257,14 @@ def test_cuda_bf16_kernels_within_twice_eager_error():
     err, eager_err = (got - want)[valid].abs().max(), (eager - want)[valid].abs().max()
     floor = torch.finfo(torch.bfloat16).eps * want[valid].abs().max()
     assert err <= 2 * eager_err + floor, (float(err), float(eager_err))
+
+
+def test_kv_cache_bad_input():
+    from mmfast.models.kv_cache import KVCache
+
+    cache = KVCache(1, 2, 4, 1, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="new_lengths: expected 2 entries"):
+        cache.plan([1])
+    cache.advance(cache.plan([3, 1]))
+    with pytest.raises(ValueError, match="exceed the capacity 4"):
+        cache.plan([2, 0])
