@@ -107,6 +107,10 @@ class Ring:
         self.world = dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+        # Shifts in flight at the same time (texts and column statistics) get their own
+        # tags, so no message can be matched to another's receive buffer. Every rank runs
+        # the same sequence of shifts, so the counters agree.
+        self._tag = 0
 
     def owner(self, step: int) -> int:
         """Whose block this rank holds at ``step`` (its own at step 0)."""
@@ -117,7 +121,8 @@ class Ring:
         (with ``incoming_rows`` rows); returns the receive buffers and a wait function."""
         received = [t.new_empty((incoming_rows,) + tuple(t.shape[1:])) for t in tensors]
         ops = []
-        for tag, (out, into) in enumerate(zip(tensors, received)):
+        for out, into in zip(tensors, received):
+            tag, self._tag = self._tag, self._tag + 1
             ops.append(dist.P2POp(dist.isend, out.contiguous(), self.next, self.group, tag))
             ops.append(dist.P2POp(dist.irecv, into, self.prev, self.group, tag))
         works = dist.batch_isend_irecv(ops)
