@@ -162,6 +162,9 @@ class LatentDiffusionModel(nn.Module):
         """Scaled latents of ``image`` [B, 3, H, W] with values in [0, 1] (one draw from
         the VAE's posterior, as diffusers' img2img does)."""
         self._check_image(image)
+        return self._encode(image, generator)
+
+    def _encode(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
         pixels = image.to(device=self.device, dtype=self.vae.dtype) * 2 - 1
         latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
         config = self.vae.config
@@ -207,6 +210,8 @@ class LatentDiffusionModel(nn.Module):
             raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
         if image is None and strength is not None:
             raise ValueError("strength: only used for image-to-image (pass image=...)")
+        if image is not None:
+            self._check_image(image)
 
         cond = self._prompt_embeds(prompt_embeds, input_ids, prompt, "")
         batch = cond.shape[0]
@@ -280,7 +285,8 @@ class LatentDiffusionModel(nn.Module):
             start = steps - min(int(steps * strength), steps)
             if start >= steps:
                 raise ValueError(f"strength: {strength} with {steps} steps leaves no step to take")
-            scheduler.set_begin_index(start * scheduler.order)
+            if hasattr(scheduler, "set_begin_index"):  # DDIM has no index state
+                scheduler.set_begin_index(start * scheduler.order)
         stepper = fused_stepper(scheduler)
         stepper.reset(start)
         return scheduler, stepper, start
@@ -311,7 +317,7 @@ class LatentDiffusionModel(nn.Module):
     def _noised_image(self, image: Tensor, batch: int, generator, scheduler, first_timestep: Tensor) -> Tensor:
         if image.shape[0] not in (1, batch):
             raise ValueError(f"image: batch {image.shape[0]} does not match the prompt batch {batch} (or 1)")
-        latents = self.encode_image(image, generator).to(self.dtype)
+        latents = self._encode(image, generator).to(self.dtype)
         if latents.shape[0] != batch:
             latents = latents.expand(batch, *latents.shape[1:])
         noise = _randn(latents.shape, generator, self.device, self.dtype)
