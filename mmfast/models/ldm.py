@@ -72,6 +72,8 @@ class LatentDiffusionModel(nn.Module):
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._graph_cache: tuple | None = None  # (key, graph, body, stepper, static tensors)
+        self._capture_graphs = True  # False: cuda_graph runs the graph's body eagerly (CPU tests)
 
     # -- loading ------------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class LatentDiffusionModel(nn.Module):
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  generator: torch.Generator | None = None, height: int | None = None, width: int | None = None,
                  image: Tensor | None = None, strength: float | None = None, output_type: str = "latent",
-                 progress: bool = True) -> Tensor:
+                 progress: bool = True, cuda_graph: bool = False) -> Tensor:
         """Text-to-image, or image-to-image when ``image`` is given; returns the final
         latents (``output_type="latent"``, scaled as the UNet sees them) or images in [0, 1]
         (``"pt"``, [B, 3, H, W]).
@@ -201,6 +203,11 @@ class LatentDiffusionModel(nn.Module):
         unconditional side is ``negative_prompt_embeds``, ``negative_input_ids``, or the
         empty prompt (needs the tokenizer). ``image``: [B or 1, 3, H, W] in [0, 1], noised to
         ``strength`` (default 0.8) of the schedule. ``progress``: show a tqdm bar.
+
+        ``cuda_graph=True`` (CUDA only) captures one denoising step (UNet, guidance and the
+        fused update, the timestep and coefficients read on the device) in a CUDA graph and
+        replays it for every step; the graph is reused by later calls at the same
+        resolution, batch, step count and guidance, and re-captured when those change.
         """
         from tqdm.auto import tqdm
 
@@ -210,6 +217,8 @@ class LatentDiffusionModel(nn.Module):
             raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
         if image is None and strength is not None:
             raise ValueError("strength: only used for image-to-image (pass image=...)")
+        if cuda_graph and self._capture_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs the model on a CUDA device, it is on {self.device}")
         if image is not None:
             self._check_image(image)
 
@@ -236,14 +245,55 @@ class LatentDiffusionModel(nn.Module):
                 raise ValueError("height/width: image-to-image takes the size of image; leave them out")
             latents = self._noised_image(image, batch, generator, scheduler, timesteps[:1])
 
-        for t in tqdm(timesteps, disable=not progress, desc="denoising"):
-            model_input = stepper.scale_model_input(latents)
-            if guided:
-                model_input = torch.cat([model_input] * 2)
-            noise_pred = self.unet(model_input, t, encoder_hidden_states=text, return_dict=False)[0]
-            latents = stepper.step(noise_pred, latents, guidance_scale=guidance_scale if guided else None,
-                                   guidance_rescale=guidance_rescale if guided else 0.0)
+        guidance = (guidance_scale, guidance_rescale) if guided else None
+        if cuda_graph:
+            latents = self._graphed_loop(latents, text, stepper, start, guidance, progress, self._capture_graphs)
+        else:
+            for t in tqdm(timesteps, disable=not progress, desc="denoising"):
+                latents = self._denoise_step(latents, text, stepper, t, guidance)
         return latents if output_type == "latent" else self.decode_latents(latents)
+
+    def _denoise_step(self, latents: Tensor, text: Tensor, stepper, timestep, guidance,
+                      out: Tensor | None = None) -> Tensor:
+        """One step: scale, UNet on [uncond; cond], guidance and the update fused. With
+        ``timestep=None`` the stepper must be in device mode (the graph's body)."""
+        model_input = stepper.scale_model_input(latents)
+        if guidance is not None:
+            model_input = torch.cat([model_input] * 2)
+        if timestep is None:
+            timestep = stepper.device_timestep()
+        noise_pred = self.unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        scale, rescale = guidance if guidance is not None else (None, 0.0)
+        return stepper.step(noise_pred, latents, guidance_scale=scale, guidance_rescale=rescale, out=out)
+
+    def _graphed_loop(self, latents: Tensor, text: Tensor, stepper, start: int, guidance, progress: bool,
+                      capture: bool = True) -> Tensor:
+        """The denoising loop as one captured step replayed per step: the stepper reads its
+        coefficients and timestep from a device table, so nothing changes between replays.
+        The graph is kept for the next call with the same schedule, shapes and guidance
+        (re-captured otherwise). ``capture=False`` runs the same body eagerly (for CPU tests)."""
+        from tqdm.auto import tqdm
+
+        key = (tuple(stepper.timesteps), start, tuple(latents.shape), tuple(text.shape), latents.dtype,
+               guidance, type(self.scheduler).__name__, capture)
+        cached = self._graph_cache
+        if cached is None or cached[0] != key:
+            self._graph_cache = None  # free the old graph's memory before capturing another
+            stepper.use_device_schedule(self.device)
+            static_latents, static_text = latents.clone(), text.clone()
+
+            def body():
+                self._denoise_step(static_latents, static_text, stepper, None, guidance, out=static_latents)
+
+            graph = _capture(body) if capture else None
+            cached = self._graph_cache = (key, graph, body, stepper, static_latents, static_text)
+        _, graph, body, stepper, static_latents, static_text = cached
+        stepper.reset(start)  # in place: the captured table and counter start over
+        static_latents.copy_(latents)
+        static_text.copy_(text)
+        for _ in tqdm(range(len(stepper) - start), disable=not progress, desc="denoising (CUDA graph)"):
+            graph.replay() if graph is not None else body()
+        return static_latents.clone()
 
     def _prompt_embeds(self, embeds, input_ids, prompt, prefix: str) -> Tensor:
         given = [n for n, v in ((f"{prefix}prompt_embeds", embeds), (f"{prefix}input_ids", input_ids),
@@ -322,6 +372,20 @@ class LatentDiffusionModel(nn.Module):
             latents = latents.expand(batch, *latents.shape[1:])
         noise = _randn(latents.shape, generator, self.device, self.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(batch))
+
+
+def _capture(body) -> "torch.cuda.CUDAGraph":
+    """Warm ``body`` up on a side stream (kernels compile, buffers are allocated), then
+    capture it; the warm-up's effect on the static tensors is undone by the caller."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
 
 
 def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:

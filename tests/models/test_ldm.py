@@ -198,3 +198,38 @@ def test_unknown_architecture(saved, tmp_path):
     (path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="unet: unsupported architecture 'UNet2DModel'"):
         LatentDiffusionModel.from_pretrained(path)
+
+
+# ---- the denoising loop for CUDA graphs ----------------------------------------------------------
+
+
+def _graph_vs_host(model, device, steps=3, **kwargs):
+    cond, uncond = (e.to(device) for e in _embeds(batch=1))
+    common = dict(negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=4.0, progress=False,
+                  **kwargs)
+    for seed in (7, 8):  # the second call reuses the graph: table, counter and inputs start over
+        expected = model.generate(cond, generator=torch.Generator().manual_seed(seed), **common)
+        actual = model.generate(cond, generator=torch.Generator().manual_seed(seed), cuda_graph=True, **common)
+        _close(actual, expected)
+
+
+def test_device_schedule_loop_matches_host_loop(saved, model, torch_blocks, monkeypatch):
+    """The CUDA graph's body (timestep and coefficients from the device table, in-place
+    update of static tensors), run eagerly on the CPU, against the host loop."""
+    monkeypatch.setattr(model, "_capture_graphs", False)
+    _graph_vs_host(model, "cpu")
+    _graph_vs_host(model, "cpu", image=torch.rand(1, 3, 16, 16), strength=0.7)  # starts part-way: new key
+
+
+def test_cuda_graph_needs_cuda(model):
+    if model.device.type == "cuda":
+        pytest.skip("the model is on CUDA")
+    with pytest.raises(ValueError, match="cuda_graph: needs the model on a CUDA device"):
+        model.generate(*_embeds(batch=1)[:1], guidance_scale=1.0, cuda_graph=True, progress=False)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_matches_host_loop(saved):
+    model = LatentDiffusionModel.from_pretrained(saved[1], device="cuda")
+    _graph_vs_host(model, "cuda", steps=4)
+    assert model._graph_cache is not None and model._graph_cache[1] is not None
