@@ -71,7 +71,8 @@ class Target:
 @dataclass(frozen=True)
 class Speedup:
     """A goal relative to baselines measured in the same run: in every case whose params
-    hold all of ``where`` (every case when empty), ``provider`` must be at least
+    hold all of ``where`` (every case when empty; a tuple value means any of its items),
+    ``provider`` must be at least
     ``min_ratio`` times faster than the fastest of ``baselines`` that ran there. Checked
     on GPU runs only; ``text`` says where the goal comes from."""
 
@@ -82,7 +83,8 @@ class Speedup:
     where: dict[str, Any] = field(default_factory=dict)
 
     def applies_to(self, params: dict[str, Any]) -> bool:
-        return all(params.get(key) == value for key, value in self.where.items())
+        return all(params.get(key) in value if isinstance(value, tuple) else params.get(key) == value
+                   for key, value in self.where.items())
 
 
 @dataclass(frozen=True)

@@ -216,6 +216,7 @@ def format_info(info: dict) -> str:
     )
     if ops["override"]:
         lines.append(f"  MMFAST_BACKEND={ops['override']} overrides the order")
+    width = 2 + max((len(b["name"]) for bs in ops["families"].values() for b in bs), default=8)
     for family, backends in ops["families"].items():
         lines.append(f"  {family}")
         for b in backends:
@@ -223,7 +224,7 @@ def format_info(info: dict) -> str:
                 state = "usable" + (f"; {b['note']}" if b["note"] else "")
             else:
                 state = "not usable: " + "; ".join(b["reasons"])
-            lines.append(f"    {b['name']:<10}{state}")
+            lines.append(f"    {b['name']:<{width}}{state}")
     return "\n".join(lines)
 
 

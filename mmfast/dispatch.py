@@ -91,7 +91,9 @@ class Backend:
 
     ``run`` is the implementation; its signature is the op family's own. ``triton=True``
     marks a Triton backend: it needs the ``triton`` module, and on a CPU device it runs
-    only under the Triton interpreter.
+    only under the Triton interpreter. ``dot=True`` marks kernels built on ``tl.dot``:
+    the interpreter multiplies bfloat16 operands as raw bits, so such a backend refuses
+    bfloat16 there rather than return a wrong answer.
     """
 
     name: str
@@ -103,6 +105,7 @@ class Backend:
     min_capability: tuple[int, int] | None = None
     requires: tuple[str, ...] = ()
     triton: bool = False
+    dot: bool = False
     check: Callable[[Call], Iterable[str]] | None = None
     # Taken by default only where mmfast.tuning says it measured faster on the device.
     measured: bool = False
@@ -119,6 +122,8 @@ class Backend:
         if self.triton and device == "cpu":
             if not triton_interpreted():
                 reasons.append("device cpu runs Triton only under TRITON_INTERPRET=1")
+            elif self.dot and call.dtype == torch.bfloat16:
+                reasons.append("the Triton interpreter computes bfloat16 tl.dot wrongly")
         elif device not in self.devices:
             reasons.append(f"device {device} not supported (supports {', '.join(self.devices)})")
         if self.dtypes is not None and call.dtype not in self.dtypes:

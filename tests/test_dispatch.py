@@ -70,6 +70,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     assert backend.reasons(_call()) == ["device cpu runs Triton only under TRITON_INTERPRET=1"]
 
 
+def test_dot_backend_refuses_bfloat16_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dot = Backend("triton", run=None, triton=True, dot=True)
+    assert dot.reasons(_call(torch.bfloat16)) == ["the Triton interpreter computes bfloat16 tl.dot wrongly"]
+    assert dot.reasons(_call(torch.float16)) == []
+    assert Backend("triton", run=None, triton=True).reasons(_call(torch.bfloat16)) == []
+
+
 def test_no_backend_error_lists_every_backend():
     family = _family(
         Backend("a", run=None, dtypes=(torch.float16,)),

@@ -39,7 +39,11 @@ def test_autotune_collapses_to_first_config(monkeypatch, device):
     assert torch.equal(x.cpu(), 2 * torch.arange(40, dtype=torch.float32))
 
     monkeypatch.setenv("MMFAST_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert len(_tuning.autotune(configs, key=["n"])(triton.jit(_double)).configs) == 2
+    # The interpreter has no device to time configs on: one config, whatever the switch.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert len(_tuning.autotune(configs, key=["n"])(triton.jit(_double)).configs) == 1
     with pytest.raises(ValueError, match="configs: at least one"):
         _tuning.autotune([], key=["n"])
 

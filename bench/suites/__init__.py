@@ -11,6 +11,8 @@ from mmfast.bench.suite import Suite
 
 _MODULES = {
     "norm": "mmfast.bench.suites.norm",
+    "attention": "mmfast.bench.suites.attention",
+    "qwen_window_attention": "mmfast.bench.suites.qwen_window_attention",
     "cross_attention": "mmfast.bench.suites.cross_attention",
     "activation": "mmfast.bench.suites.activation",
     "patch_embed": "mmfast.bench.suites.patch_embed",

@@ -1,3 +1,14 @@
-"""Complete models (VLM, LDM) assembled from mmfast.nn, with checkpoint loading.
-Filled by the models work; empty until then."""
-from mmfast.models.ldm import LatentDiffusionModel  # noqa: E402,F401
+"""Complete models assembled from mmfast.nn, loading Hugging Face checkpoint directories.
+
+    >>> model = mmfast.models.from_pretrained("path/to/Qwen2.5-VL-7B-Instruct")   # local dir, safetensors
+    >>> out = model.generate(input_ids, attention_mask, pixel_values=pixels, image_grid_thw=grid)
+"""
+
+from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
+from mmfast.models.kv_cache import KVCache
+from mmfast.models.ldm import LatentDiffusionModel  # noqa: F401
+from mmfast.models.qwen2_decoder import Qwen2Decoder
+from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
+
+__all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretrained"]
+__all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]

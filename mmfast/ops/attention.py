@@ -18,26 +18,43 @@ unbounded on that side; ``causal=True`` sets right = 0 (as flash-attn does). A q
 that sees no key (its key segment is empty, or its window holds no key) gets out = 0,
 lse = -inf and contributes no gradient; the reference does the same.
 
-Device syncs: with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing
-back to the host (CUDA-graph capturable): the Triton grid is sized from them and every
-check is on shapes, dtypes and devices. Without them, they are computed from cu_seqlens
-(one sync), and since that syncs anyway the values of cu_seqlens are checked too (start
-at 0, non-decreasing, last entry = token count). ``MMFAST_DEBUG_CHECKS=1`` runs those
-value checks, and checks that the given max_seqlen bound the segments, on every call.
-A max_seqlen smaller than the longest segment leaves queries unwritten: it is the
-caller's promise, as in flash-attn.
+Device syncs (which checks read device values back to the host):
+- with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing back (CUDA-graph
+  capturable) on the triton, triton_short, flash_attn, flash_attn_cute, sdpa and torch
+  backends: their grids and masks are sized from those ints, and every check is on
+  shapes, dtypes, devices and Python values;
+- without them, they are computed from cu_seqlens (one sync), and since that syncs anyway
+  the values of cu_seqlens are checked too (start at 0, non-decreasing, last entry = token
+  count). ``MMFAST_DEBUG_CHECKS=1`` runs those value checks, and checks that the given
+  max_seqlen bound the segments, on every call (one sync). A max_seqlen smaller than the
+  longest segment leaves queries unwritten: it is the caller's promise, as in flash-attn;
+- the xformers backend syncs once per packed call: its BlockDiagonalMask is built from
+  Python lists of segment lengths.
+Dispatch itself reads no device value: it decides on dtype, device, head dim, layout and
+the max_seqlen ints.
 
-Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 32..256; CUDA, or
-CPU under TRITON_INTERPRET=1), ``sdpa`` (torch.nn.functional.scaled_dot_product_attention;
-no lse; K/V heads are repeated for GQA; packed layout through a block-diagonal boolean
-[Tq, Tk] mask built on the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference below, any
-floating dtype; memory B * Hq * Tq * Tk floats).
+Backends, in priority order (the first that can take a call runs it):
+``triton_short`` (kernels/attention_short.py: whole short segments per program, for
+segments of at most 128 tokens, head dim 32..128; picked by max_seqlen_q/k, so the
+64-token windows of Qwen2.5-VL land here), ``triton`` (kernels/attention.py, flash-style;
+fp16, bf16, fp32; head dim 32..256; CUDA, or CPU under TRITON_INTERPRET=1 for both Triton
+backends), then the optional libraries (mmfast/ops/attention_external.py, CUDA, fp16/bf16,
+no lse): ``flash_attn_cute`` (flash-attn 4, sm90+, head dims 64/96/128), ``flash_attn``
+(flash-attn 2, sm80+, head dims multiple of 8 up to 256), ``xformers``
+(memory_efficient_attention with a BlockDiagonalMask; no causal or windows), then
+``sdpa`` (torch.nn.functional.scaled_dot_product_attention; no lse; K/V heads are
+repeated for GQA; packed layout through a block-diagonal boolean [Tq, Tk] mask built on
+the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference
+below, any floating dtype; memory B * Hq * Tq * Tk floats). The optional libraries rank
+below triton until measured otherwise; a missing one is skipped with its reason, and
+forcing it (``backend="xformers"``) raises NoBackendError with that reason.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from numbers import Real
 from typing import Optional
 
@@ -46,8 +63,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
+from mmfast.ops import attention_external as external
 
 MAX_HEAD_DIM = 256
+# The short-segment Triton path (kernels/attention_short.py): its limits, mirrored here so
+# that dispatch can decide without importing Triton.
+SHORT_MAX_SEQLEN = 128
+SHORT_MAX_HEAD_DIM = 128
 
 # ---- reference -------------------------------------------------------------------
 
@@ -165,6 +187,40 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+@torch.library.custom_op("mmfast::attention_short_fwd", mutates_args=())
+def _attention_short_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    from mmfast.kernels.attention_short import attention_short_fwd
+
+    return attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               window_left, window_right, scale)
+
+
+@_attention_short_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmfast::attention_short_bwd", mutates_args=())
+def _attention_short_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    from mmfast.kernels.attention_short import attention_short_bwd
+
+    return attention_short_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                               max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+
+
+@_attention_short_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      window_left, window_right, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 # ---- autograd --------------------------------------------------------------------
 
 
@@ -172,29 +228,51 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             window_left, window_right, scale):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+    out, lse = fwd_op(q, k, v, *args)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = args[2:]
+    ctx.set_materialize_grads(False)
+    return out, lse
+
+
+def _backward(ctx, bwd_op, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
+    dlse = None if dlse is None else dlse.contiguous()
+    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
 class AttentionFunction(torch.autograd.Function):
-    """Triton forward and backward. Outputs (out, lse); both are differentiable."""
+    """Triton forward and backward, general kernels. Outputs (out, lse); both are differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 window_left, window_right, scale):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
-        out, lse = torch.ops.mmfast.attention_fwd(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = args[2:]
-        ctx.set_materialize_grads(False)
-        return out, lse
+        return _forward(ctx, torch.ops.mmfast.attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
-        dlse = None if dlse is None else dlse.contiguous()
-        dq, dk, dv = torch.ops.mmfast.attention_bwd(
-            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return _backward(ctx, torch.ops.mmfast.attention_bwd, dout, dlse)
+
+
+class ShortAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward for short packed segments (kernels/attention_short.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, scale):
+        return _forward(ctx, torch.ops.mmfast.attention_short_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, torch.ops.mmfast.attention_short_bwd, dout, dlse)
 
 
 # ---- backends --------------------------------------------------------------------
@@ -206,13 +284,35 @@ def _distinct(t: Tensor, *others: Tensor | None) -> Tensor:
     return t.view_as(t) if t is not None and any(t is o for o in others) else t
 
 
-def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale):
+def _run_triton_function(function, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         window_left, window_right, scale):
     k = _distinct(k, q)
     v = _distinct(v, q, k)
     cu_seqlens_k = _distinct(cu_seqlens_k, cu_seqlens_q)
-    return AttentionFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   window_left, window_right, scale)
+    return function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          window_left, window_right, scale)
+
+
+def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                window_left, window_right, scale):
+    return _run_triton_function(AttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+
+
+def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      window_left, window_right, scale):
+    if cu_seqlens_q is not None:
+        return _run_triton_function(ShortAttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+    # Padded: each batch entry is one segment of the packed layout (a view when the batch
+    # and token dims merge); the reshapes stay differentiable, lse included.
+    batch, tokens_q, tokens_k = q.shape[0], q.shape[1], k.shape[1]
+    steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    out, lse = _run_triton_function(
+        ShortAttentionFunction, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+        steps * tokens_q, steps * tokens_k, tokens_q, tokens_k, window_left, window_right, scale,
+    )
+    return out.unflatten(0, (batch, tokens_q)), lse.unflatten(1, (batch, tokens_q)).transpose(0, 1)
 
 
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -247,7 +347,39 @@ def _sdpa_limits(call: Call):
         yield "return_lse=True not supported (SDPA does not return the log-sum-exp)"
 
 
+def _short_segments(call: Call):
+    longest = max(call.facts["max_seqlen_q"], call.facts["max_seqlen_k"])
+    if longest > SHORT_MAX_SEQLEN:
+        yield (f"segments of up to {SHORT_MAX_SEQLEN} tokens only (max_seqlen_q/k: "
+               f"{call.facts['max_seqlen_q']}/{call.facts['max_seqlen_k']})")
+
+
+def _external_limits(module: str, library: str, call: Call):
+    if not external.submodule_available(module):
+        yield f"{library} is not installed (no module '{module}')"
+    if call.facts["return_lse"]:
+        yield f"return_lse=True not supported ({library} does not differentiate its lse)"
+
+
+def _xformers_limits(call: Call):
+    if call.facts["return_lse"]:
+        yield "return_lse=True not supported"
+    if call.facts["window"] != (-1, -1):
+        # Its bottom-right causal masks require every query to see a key; not wrapped.
+        yield "causal and windowed attention not supported (this wrapper passes block-diagonal masks only)"
+
+
 ATTENTION = op_family("attention")
+ATTENTION.register(
+    Backend(
+        "triton_short",
+        _run_triton_short,
+        triton=True,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        head_dims=lambda d: 32 <= d <= SHORT_MAX_HEAD_DIM,
+        check=_short_segments,
+    )
+)
 ATTENTION.register(
     Backend(
         "triton",
@@ -255,6 +387,41 @@ ATTENTION.register(
         triton=True,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         head_dims=lambda d: 32 <= d <= 256,
+    )
+)
+ATTENTION.register(
+    Backend(
+        "flash_attn_cute",
+        external.run_flash_attn_cute,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        head_dims=(64, 96, 128),  # what flash_attn/cute/interface.py lists as supported
+        min_capability=(9, 0),
+        requires=("flash_attn",),
+        check=partial(_external_limits, "flash_attn.cute", "flash-attn 4"),
+    )
+)
+ATTENTION.register(
+    Backend(
+        "flash_attn",
+        external.run_flash_attn,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        head_dims=lambda d: d % 8 == 0 and d <= 256,
+        min_capability=(8, 0),
+        requires=("flash_attn",),
+        check=partial(_external_limits, "flash_attn.flash_attn_interface", "flash-attn 2"),
+    )
+)
+ATTENTION.register(
+    Backend(
+        "xformers",
+        external.run_xformers,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        head_dims=lambda d: d % 8 == 0 and d <= 256,
+        requires=("xformers",),
+        check=_xformers_limits,
     )
 )
 ATTENTION.register(
@@ -376,8 +543,14 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     ``(out, lse)`` with ``return_lse=True``. See the module docstring for the layouts,
     the window and causal rules, and which checks cost a device sync.
 
-    Give ``max_seqlen_q``/``max_seqlen_k`` (Python ints) with packed inputs to avoid a
-    device->host sync (needed for CUDA graphs and for torch.compile without graph breaks).
+    Device syncs: with packed inputs and ``max_seqlen_q``/``max_seqlen_k`` given (Python
+    ints), nothing is read back to the host (needed for CUDA graphs and for torch.compile
+    without graph breaks), except on the xformers backend (one sync, for its mask). Left
+    out, they are computed from cu_seqlens in one sync, which also checks cu_seqlens'
+    values (start at 0, non-decreasing, last entry = token count); MMFAST_DEBUG_CHECKS=1
+    makes every call pay that sync. All other checks (dtypes, devices, shapes, head
+    counts, window, scale) read only shapes and Python values. Segment sizes choose the
+    backend: segments of at most 128 tokens go to ``triton_short``.
 
     Example::
 
@@ -403,7 +576,8 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     layout = "packed" if q.dim() == 3 else "padded"
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
-                facts={"return_lse": bool(return_lse)})
+                facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
+                       "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k})
     out, lse = ATTENTION.select(call, backend).run(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale
     )

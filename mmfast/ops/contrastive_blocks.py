@@ -339,6 +339,6 @@ def torch_blocks(device: torch.device) -> TorchBlocks:
 
 
 CONTRASTIVE = op_family("contrastive")
-CONTRASTIVE.register(Backend("triton", lambda device: _TRITON, triton=True,
+CONTRASTIVE.register(Backend("triton", lambda device: _TRITON, triton=True, dot=True,
                              dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 CONTRASTIVE.register(Backend("torch", torch_blocks))

@@ -253,7 +253,7 @@ def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 
 CROSS_ATTENTION = op_family("cross_attention")
 CROSS_ATTENTION.register(
-    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    Backend("triton", _run_triton, triton=True, dot=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             head_dims=lambda d: 16 <= d <= 256)
 )
 CROSS_ATTENTION.register(Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32)))

@@ -194,15 +194,9 @@ def _run_torch(x, weight, bias, pos, cls, patch):
     return patch_embed_reference(x, weight, bias, pos, cls)
 
 
-def _triton_limits(call: Call):
-    if call.dtype == torch.bfloat16 and call.device.type == "cpu":
-        yield "bfloat16 tl.dot is wrong under the Triton interpreter (it multiplies raw bits)"
-
-
 PATCH_EMBED = op_family("patch_embed")
 PATCH_EMBED.register(
-    Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
-            check=_triton_limits)
+    Backend("triton", _run_triton, triton=True, dot=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
 )
 PATCH_EMBED.register(Backend("torch", _run_torch))
 

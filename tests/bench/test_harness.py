@@ -236,3 +236,13 @@ def test_speedup_goals_compare_with_the_fastest_baseline_of_matching_cases():
     assert lines[1:] == ["  below: y at 1.50x"]
     assert table.speedup_summary(suite, rows, is_gpu=False) == [
         "speedup goal (2x): not checked, this is not a GPU run"]
+
+
+@pytest.mark.parametrize("name", suites.names())
+def test_every_goal_names_providers_of_its_suite(name):
+    suite = suites.get(name)
+    providers = {p.name for p in suite.providers}
+    for goal in suite.speedups:
+        assert {goal.provider, *goal.baselines} <= providers, goal.text
+    for target in suite.targets:
+        assert target.provider in providers, target.text

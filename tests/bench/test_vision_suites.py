@@ -14,7 +14,7 @@ from mmfast.bench.suites import activation, patch_embed, vision_tower
 def test_registered_with_their_providers():
     assert {"activation", "patch_embed", "vision_tower"} <= set(suites.names())
     assert [p.name for p in suites.get("vision_tower").providers] == [
-        "mmfast-patched", "mmfast-tower", "hf-sdpa", "hf-sdpa-compile"]
+        "mmfast-patched", "mmfast-tower", "hf-sdpa", "hf-sdpa-compile", "timm"]
     assert [p.name for p in suites.get("activation").providers] == ["mmfast-triton", "torch-eager", "torch-compile"]
     assert [p.name for p in suites.get("patch_embed").providers] == [
         "mmfast-triton", "hf-conv", "torch-linear", "torch-compile"]
@@ -60,3 +60,26 @@ def test_mmfast_provider_computes_what_the_baseline_does(suite, case_name, basel
     for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
         torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
     assert harness.tensor_bytes(inputs) > 0
+
+
+def test_vision_tower_goals_are_against_hf_and_timm():
+    goals = suites.get("vision_tower").speedups
+    assert {g.provider for g in goals} == {"mmfast-patched", "mmfast-tower"}
+    assert all(g.baselines == ("hf-sdpa", "timm") and g.where == {"pass": "fwd"} for g in goals)
+
+
+def test_timm_baseline_matches_the_hf_model_shapes_or_says_why_not():
+    env = detect_env()
+    if env.device.type == "cuda":
+        pytest.skip("the CPU cases are checked here; GPU runs are the benchmark itself")
+    suite = suites.get("vision_tower")
+    timm, hf = suite.provider("timm"), suite.provider("hf-sdpa")
+    case = next(c for c in suite.cases(True, env.device) if c.name == "siglip-tiny-fwd-b2")
+    reason = timm.skip(case, env.device)
+    if reason is not None:  # timm is optional: the reason must say so
+        assert "timm" in reason
+        pytest.skip(reason)
+    inputs = case.make_inputs(env.device)
+    got, want = timm.build(case)(inputs), hf.build(case)(inputs)
+    assert [g.shape for g in got] == [w.shape for w in want]
+

@@ -4,6 +4,8 @@ batches, GQA/MQA, causal with lq != lk, windows, awkward head dims; argument err
 torch.compile. Shapes stay tiny: on CPU the Triton kernels run under the interpreter."""
 
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ import mmfast
 from mmfast.ops.attention import attention_mask, attention_reference
 from mmfast.testing import assert_matches_reference, random_tensor
 
-BACKENDS = ["triton", "sdpa", "torch"]
+BACKENDS = ["triton_short", "triton", "sdpa", "torch"]
+EXTERNAL_BACKENDS = ["flash_attn", "flash_attn_cute", "xformers"]
+TRITON_BACKENDS = ("triton", "triton_short")
 HEAD_DIMS = [32, 64, 72, 80, 96, 128]
 # Empty and length-1 segments, primes, a segment longer than one 16-row CPU tile.
 LENGTHS_Q = [0, 1, 7, 13, 2, 0, 23]
@@ -27,7 +31,7 @@ def _cu(lengths, device) -> torch.Tensor:
 
 
 def _skip_interpreted_bf16(dtype, backend, device):
-    if dtype == torch.bfloat16 and backend == "triton" and device.type == "cpu":
+    if dtype == torch.bfloat16 and backend in TRITON_BACKENDS and device.type == "cpu":
         pytest.skip("the Triton interpreter does not support bfloat16 tl.dot; checked on CUDA")
 
 
@@ -164,15 +168,105 @@ def test_random_segments(lengths, kv_heads, group, head_dim, causal, left, right
                   causal=causal, window=(left, right))
 
 
+# ---- the short-segment path (triton_short) --------------------------------------------
+# On CPU the interpreter's tiles are 16 x 16 (kernels/attention_short.py, _plan): segments
+# of up to 8 tokens share a tile (several per program, with a tail group when B is not a
+# multiple), and slots of 32 split over two query chunks.
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(72, torch.float16), (80, torch.float32)], ids=str)
+def test_short_many_tiny_segments(head_dim, dtype, device):
+    # 21 segments of 0..8 tokens: two per CPU tile and a tail group, lq != lk, GQA,
+    # causal, lse.
+    gen = torch.Generator().manual_seed(7)
+    lengths_q = torch.randint(0, 9, (21,), generator=gen).tolist()
+    lengths_k = torch.randint(0, 9, (21,), generator=gen).tolist()
+    lengths_q[:3], lengths_k[:3] = [0, 1, 1], [1, 0, 1]
+    _check_packed(lengths_q, lengths_k, 4, 2, head_dim, dtype, device, "triton_short", causal=True)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=5),
+    kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]),
+    head_dim=st.sampled_from([32, 72, 80, 128]), causal=st.booleans(),
+    left=st.sampled_from([-1, 0, 4]), right=st.sampled_from([-1, 2]),
+    dtype=st.sampled_from([torch.float16, torch.float32]),
+)
+def test_short_random_segments(lengths, kv_heads, group, head_dim, causal, left, right, dtype, device):
+    lengths_q, lengths_k = zip(*lengths)
+    _check_packed(list(lengths_q), list(lengths_k), kv_heads * group, kv_heads, head_dim, dtype, device,
+                  "triton_short", causal=causal, window=(left, right), scale=0.2)
+
+
+def test_short_rows_with_one_key_float32(device):
+    # Window (0, 0): every query sees one key, so eager's gradients are nearly exact; the
+    # kernel must not lose dLSE against dO.v (fp32, where the allowance is tightest).
+    _check_packed([1, 8], [11, 6], 6, 2, 32, torch.float32, device, "triton_short", causal=True, window=(0, 2))
+
+
+def test_short_longest_segments(device):
+    # Segments at the path's limit, 128 tokens (on CPU: 8 query chunks per slot).
+    from mmfast.ops.attention import SHORT_MAX_SEQLEN
+
+    _check_packed([SHORT_MAX_SEQLEN, 5], [SHORT_MAX_SEQLEN - 1, SHORT_MAX_SEQLEN], 2, 1, 32,
+                  torch.float32, device, "triton_short", window=(20, 3))
+
+
+def test_short_limits_match_the_kernel():
+    pytest.importorskip("triton")
+    from mmfast.kernels import attention_short
+    from mmfast.ops.attention import SHORT_MAX_HEAD_DIM, SHORT_MAX_SEQLEN
+
+    assert (SHORT_MAX_SEQLEN, SHORT_MAX_HEAD_DIM) == (attention_short.MAX_SEQLEN, attention_short.MAX_HEAD_DIM)
+
+
+def _attention_call(device, max_q, max_k, head_dim=80, **facts):
+    from mmfast.dispatch import Call
+
+    facts = {"return_lse": False, "causal": False, "window": (-1, -1),
+             "max_seqlen_q": max_q, "max_seqlen_k": max_k, **facts}
+    return Call(device=device, dtype=torch.float16, head_dim=head_dim, layout="packed", facts=facts)
+
+
+def test_dispatch_picks_the_short_path_by_segment_size(device):
+    from mmfast.ops.attention import ATTENTION
+
+    assert ATTENTION.select(_attention_call(device, 64, 64)).name == "triton_short"
+    assert ATTENTION.select(_attention_call(device, 128, 1)).name == "triton_short"
+    assert ATTENTION.select(_attention_call(device, 129, 64)).name == "triton"
+    assert ATTENTION.select(_attention_call(device, 64, 64, head_dim=256)).name == "triton"
+    with pytest.raises(mmfast.NoBackendError, match="segments of up to 128 tokens only"):
+        ATTENTION.select(_attention_call(device, 64, 200), "triton_short")
+
+
+def test_short_path_runs_for_qwen_windows(monkeypatch, device):
+    # The public op with no backend named: 64-token windows (and a short edge window) go
+    # through the short kernel, once forward and once backward.
+    from mmfast.kernels import attention_short
+
+    launched = []
+    for name in ("attention_short_fwd", "attention_short_bwd"):
+        original = getattr(attention_short, name)
+        monkeypatch.setattr(attention_short, name,
+                            lambda *a, _f=original, _n=name: launched.append(_n) or _f(*a))
+    cu = _cu([64, 64, 32], device)
+    q, k, v = (t.requires_grad_() for t in _inputs(160, 160, 2, 2, 80, torch.float16, device).values())
+    out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64)
+    out.sum().backward()
+    assert launched == ["attention_short_fwd", "attention_short_bwd"]
+
+
 # ---- semantics ---------------------------------------------------------------------
 
 
-def test_strided_inputs(device):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_strided_inputs(backend, device):
     # q, k, v sliced out of one fused qkv projection: tokens are 3 * H * D apart.
     qkv = random_tensor((19, 3, 2, 64), torch.float16, device)
     q, k, v = qkv.unbind(1)
     cu = _cu([7, 12], device)
-    op, reference = _case("triton", cu_q=cu, cu_k=cu, causal=True)
+    op, reference = _case(backend, cu_q=cu, cu_k=cu, causal=True)
     assert_matches_reference(op, reference, {"q": q, "k": k, "v": v}, grad_inputs=("q", "k", "v"))
 
 
@@ -221,14 +315,15 @@ def test_mask_matches_flash_attn_alignment(device):
     assert torch.equal(mask, expected)
 
 
-def test_backward_is_deterministic(device):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_backward_is_deterministic(backend, device):
     cu = _cu([13, 20], device)
     inputs = _inputs(33, 33, 4, 1, 64, torch.float16, device)
     grads = []
     for _ in range(2):
         q, k, v = (t.clone().requires_grad_() for t in inputs.values())
         out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=20,
-                                   max_seqlen_k=20, backend="triton")
+                                   max_seqlen_k=20, backend=backend)
         out.backward(torch.ones_like(out))
         grads.append((q.grad, k.grad, v.grad))
     for a, b in zip(*grads):
@@ -248,13 +343,14 @@ def test_sdpa_refuses_lse(device):
         mmfast.ops.attention(**inputs, return_lse=True, backend="sdpa")
 
 
-def test_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_compile_fullgraph(backend, device):
     cu = _cu([5, 0, 12], device)
 
     def block(q, kv):
         # One cu_seqlens for both sides and one tensor as k and v: self-attention's usual call.
         out, lse = mmfast.ops.attention(q, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12,
-                                        max_seqlen_k=12, causal=True, return_lse=True, backend="triton")
+                                        max_seqlen_k=12, causal=True, return_lse=True, backend=backend)
         return torch.tanh(out).sum() + _finite_lse(lse).sum()
 
     q, kv, _ = _inputs(17, 17, 2, 1, 32, torch.float32, device).values()
@@ -270,7 +366,8 @@ def test_compile_fullgraph(device):
 
 
 @pytest.mark.gpu
-def test_no_device_sync_with_max_seqlen(device):
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_no_device_sync_with_max_seqlen(backend, device):
     if device.type != "cuda":
         pytest.skip("device syncs are observable on CUDA only")
     cu = _cu([5, 0, 12], device)
@@ -278,10 +375,79 @@ def test_no_device_sync_with_max_seqlen(device):
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12,
-                                   max_seqlen_k=12, causal=True, backend="triton")
+                                   max_seqlen_k=12, causal=True, backend=backend)
         out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- optional third-party backends ---------------------------------------------------
+
+
+def test_optional_libraries_are_not_imported():
+    # Neither importing mmfast nor asking every backend whether it takes a call (as
+    # dispatch and `mmfast info` do) imports flash-attn or xformers.
+    code = ("import sys, torch, mmfast; from mmfast.dispatch import Call; "
+            "from mmfast.ops.attention import ATTENTION; "
+            "facts = dict(return_lse=False, causal=False, window=(-1, -1), max_seqlen_q=5, max_seqlen_k=5); "
+            "call = Call(torch.device('cpu'), torch.float16, 64, 'packed', facts); "
+            "[b.reasons(call) for b in ATTENTION.backends.values()]; "
+            "q = torch.randn(1, 5, 2, 32); mmfast.ops.attention(q, q, q, backend='torch'); "
+            "loaded = [m for m in ('flash_attn', 'xformers') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("backend", EXTERNAL_BACKENDS)
+def test_missing_library_is_a_clear_reason(backend, monkeypatch):
+    from mmfast import dispatch
+    from mmfast.ops import attention_external
+
+    # Pretend the library is missing, whatever this machine has.
+    for module in ("flash_attn", "xformers"):
+        monkeypatch.setitem(dispatch._module_found, module, False)
+    for module in ("flash_attn.cute", "flash_attn.flash_attn_interface"):
+        monkeypatch.setitem(attention_external._found, module, False)
+    inputs = _inputs(5, 7, 2, 1, 64, torch.float16, torch.device("cpu"), batch=1)
+    library = "xformers" if backend == "xformers" else "flash_attn"
+    with pytest.raises(mmfast.NoBackendError, match=f"backend '{backend}'.*module '{library}' is not installed"):
+        mmfast.ops.attention(**inputs, backend=backend)
+    out = mmfast.ops.attention(**inputs)  # dispatch passes over them
+    assert out.shape == inputs["q"].shape
+
+
+def test_external_backends_declare_their_limits(device):
+    from mmfast.ops.attention import ATTENTION
+
+    cpu = _attention_call(torch.device("cpu"), 64, 64)
+    for name in EXTERNAL_BACKENDS:
+        assert "device cpu not supported (supports cuda)" in ATTENTION.backends[name].reasons(cpu)
+    xformers_check = ATTENTION.backends["xformers"].check
+    assert list(xformers_check(_attention_call(device, 9, 9))) == []
+    assert "causal and windowed attention not supported" in " ".join(
+        xformers_check(_attention_call(device, 9, 9, causal=True, window=(-1, 0))))
+    assert "return_lse=True not supported" in " ".join(
+        xformers_check(_attention_call(device, 9, 9, return_lse=True)))
+    assert not ATTENTION.backends["flash_attn"].head_dims(72 + 4)  # multiples of 8 only
+
+
+def _require_backend(backend, device):
+    from mmfast.ops.attention import ATTENTION
+
+    reasons = ATTENTION.backends[backend].reasons(_attention_call(device, 64, 64, head_dim=64))
+    if reasons:
+        pytest.skip(f"{backend}: " + "; ".join(reasons))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", EXTERNAL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_external_backend_matches_reference(backend, dtype, device):
+    _require_backend(backend, device)
+    causal = backend != "xformers"
+    _check_packed([0, 1, 61, 64, 130], [0, 1, 64, 64, 130], 4, 2, 64, dtype, device, backend,
+                  causal=causal, return_lse=False)
+    _check_padded(2, 77, 77, 4, 4, 64, dtype, device, backend, causal=causal, return_lse=False)
 
 
 # ---- argument errors -----------------------------------------------------------------

@@ -1,0 +1,296 @@
+"""Triton attention for many short packed segments (each of at most MAX_SEQLEN = 128
+tokens, such as the 64-token windows of the Qwen2.5-VL vision encoder).
+
+The general kernel (attention.py) gives every segment its own query tiles and streams
+its keys through an online softmax. A segment shorter than a tile leaves most of the
+tile idle, and the online-softmax bookkeeping buys nothing when every key fits at once.
+Here a program takes whole segments: segment b is given a slot of SLOT_Q query rows and
+SLOT_K key columns (powers of two >= the longest segment), and SEGS consecutive slots
+share one tile, so tiny segments still fill a tile big enough for the tensor cores:
+
+    tile rows    = SEGS x ROWS    (ROWS = SLOT_Q / SPLIT: a long slot spans SPLIT programs)
+    tile columns = SEGS x SLOT_K  (all the keys of the tile's segments, in one block)
+
+The score tile is block-diagonal: row r (segment r // ROWS) sees column c (segment
+c // SLOT_K) only within its own segment and window. Rows and columns are gathered
+through cu_seqlens, so segments need not be padded in memory and lq may differ from lk.
+With every key of a row in one block the softmax is exact in one pass (no running max).
+
+Semantics are those of attention.py: packed layout Q [Tq, Hq, D], K/V [Tk, Hk, D],
+cu_seqlens int32 [B+1]; bottom-right aligned windows (causal is window_right = 0); a
+query that sees no key gets out = 0 and lse = -inf; lse [Hq, Tq] in float32.
+
+Backward: one program per (group of SEGS segments, K/V head) owns every query and key of
+its segments, so it computes dq, dk and dv completely, with no atomics and no second
+pass (deterministic). It holds dk and dv for the tile's keys in registers while looping
+over the query heads of the GQA group and the SPLIT query chunks. Every key of a row is
+in the tile, so the softmax is recomputed exactly as eager attention does (no lse, whose
+rounding would leave p unnormalised), and delta (rowsum(dO * O) in flash-attention) is
+summed from p and dp, without O's rounding and the cancellation between two dot products;
+dLSE is added after centring (folded into delta it would lose bits against a large dp):
+    p = softmax(scale q.k),  dp = dO.v,  ds = p ((dp - rowsum(p dp)) + dLSE)
+    dv += p^T dO,  dk += scale ds^T q,  dq = scale ds k   (dq written once, per chunk)
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import empty
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# The longest segment this path takes. The backward keeps dK and dV of a whole slot of
+# keys in registers: at 128 keys and head dim 128 that is 128 KiB of float32 per program,
+# as much as the general kernel's backward tile; past it the general kernel's tiles are
+# full anyway.
+MAX_SEQLEN = 128
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _rows(CU_Q, CU_K, first_seg, chunk, batch, ROWS: tl.constexpr, SEGS: tl.constexpr):
+    """Per tile row: segment, position in it, first query token, query and key lengths."""
+    r = tl.arange(0, SEGS * ROWS)
+    seg = first_seg + r // ROWS
+    pos = chunk * ROWS + r % ROWS
+    exists = seg < batch
+    start = tl.load(CU_Q + seg, mask=exists, other=0)
+    len_q = tl.load(CU_Q + seg + 1, mask=exists, other=0) - start
+    k_start = tl.load(CU_K + seg, mask=exists, other=0)
+    len_k = tl.load(CU_K + seg + 1, mask=exists, other=0) - k_start
+    return seg, pos, start, len_q, len_k
+
+
+@triton.jit
+def _columns(CU_K, first_seg, batch, SLOT_K: tl.constexpr, SEGS: tl.constexpr):
+    """Per tile column: segment, key position in it, first key token, key length."""
+    c = tl.arange(0, SEGS * SLOT_K)
+    seg = first_seg + c // SLOT_K
+    pos = c % SLOT_K
+    exists = seg < batch
+    start = tl.load(CU_K + seg, mask=exists, other=0)
+    length = tl.load(CU_K + seg + 1, mask=exists, other=0) - start
+    return seg, pos, start, length
+
+
+@triton.jit
+def _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c, window_left, window_right,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[M, N] mask: row r sees column c (same segment, both real, inside the window)."""
+    ok = (seg_r[:, None] == seg_c[None, :]) & (pos_r < len_q)[:, None] & (pos_c < len_k_c)[None, :]
+    diag = (pos_r + len_k_r - len_q)[:, None]  # the key position each query is aligned with
+    if HAS_LEFT:
+        ok &= pos_c[None, :] >= diag - window_left
+    if HAS_RIGHT:
+        ok &= pos_c[None, :] <= diag + window_right
+    return ok
+
+
+@triton.jit
+def _softmax(s):
+    """Row softmax of log2-unit scores, -inf where masked; rows with no key give 0."""
+    m = tl.max(s, 1)
+    p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    l = tl.sum(p, 1)
+    return p / tl.where(l > 0.0, l, 1.0)[:, None]
+
+
+@triton.jit
+def _attention_short_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    batch, head_dim, group, scale_log2, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // group
+    first_seg = (pid // SPLIT) * SEGS
+    seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, pid % SPLIT, batch, ROWS, SEGS)
+    row_ok = pos_r < len_q
+    if tl.max(row_ok.to(tl.int32), 0) == 0:  # a chunk past every segment of the group
+        return
+    seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < head_dim)[None, :]
+    col_ok = (pos_c < len_k_c)[:, None] & d_ok
+
+    rows_q = (q_start + pos_r).to(tl.int64)[:, None]
+    rows_k = (k_start + pos_c).to(tl.int64)[:, None]
+    q = tl.load(Q + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+    k = tl.load(K + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
+                              window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    s = tl.where(visible, s, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows that see nothing: avoid inf - inf
+    p = tl.exp2(s - m_safe[:, None])
+    l = tl.sum(p, 1)
+    v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+    seen = l > 0.0
+    l_safe = tl.where(seen, l, 1.0)
+    tl.store(O + h * stride_oh + rows_q * stride_ot + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    lse = tl.where(seen, (m_safe + tl.log2(l_safe)) * _LN2, float("-inf"))
+    tl.store(LSE + h.to(tl.int64) * stride_lh + q_start + pos_r, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_short_bwd_kernel(
+    Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    batch, head_dim, group, scale, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, PRECISION: tl.constexpr,
+    SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    first_seg = pid * SEGS
+    seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < head_dim)[None, :]
+    col_ok = (pos_c < len_k_c)[:, None] & d_ok
+    rows_k = (k_start + pos_c).to(tl.int64)[:, None]
+    k = tl.load(K + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+    dk = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
+    scale_log2 = scale * _LOG2E
+
+    # Query heads of the group, then query chunks, in a fixed order: deterministic sums.
+    for g in range(0, group):
+        h = hk * group + g
+        for chunk in range(0, SPLIT):
+            seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, chunk, batch, ROWS, SEGS)
+            row_ok = pos_r < len_q
+            q_mask = row_ok[:, None] & d_ok
+            rows_q = (q_start + pos_r).to(tl.int64)[:, None]
+            q = tl.load(Q + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(DO + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
+                                      window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = _softmax(tl.where(visible, s, float("-inf")))
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            dp_centred = dp - tl.sum(p * dp, 1)[:, None]
+            if HAS_DLSE:
+                # Added after centring, not folded into delta: a row with one key then
+                # gets exactly dLSE, as eager attention does.
+                dlse = tl.load(DLSE + h.to(tl.int64) * stride_lh + q_start + pos_r, mask=row_ok, other=0.0)
+                dp_centred += dlse[:, None]
+            ds = p * dp_centred
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            tl.store(DQ + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=q_mask)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    tl.store(DK + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(DV + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+# ---- launchers -------------------------------------------------------------------
+
+
+def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: bool):
+    """(SEGS, ROWS, SPLIT, SLOT_K, num_warps): how segments map onto tiles.
+
+    A tile aims at ``tile`` rows and key columns: segments shorter than that share one
+    (SEGS of them); a query slot longer than ``max_rows`` is split over SPLIT chunks. Every
+    tile side is a power of two and at least 16 (tl.dot's minimum). Untuned on GPUs:
+    starting points to be measured. The interpreter gets small tiles, so that CPU tests
+    with a few dozen tokens still put several segments in one tile.
+    """
+    gpu = device.type == "cuda"
+    tile = 64 if gpu else 16
+    max_rows = (64 if backward else 128) if gpu else 16
+    slot_q = triton.next_power_of_2(max(max_seqlen_q, 1))
+    slot_k = triton.next_power_of_2(max(max_seqlen_k, 1))
+    segs = max(1, min(tile // slot_q, tile // slot_k))
+    rows = min(slot_q, max_rows)
+    split = slot_q // rows
+    rows = max(rows, 16 // segs)  # pad tiny slots up to tl.dot's 16 (extra rows are masked)
+    slot_k = max(slot_k, 16 // segs)
+    num_warps = (8 if segs * slot_k >= 128 else 4) if gpu else 1
+    return segs, rows, split, slot_k, num_warps
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # IEEE float32 dots for float32 inputs: TF32 would be less accurate than the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_sizes(max_seqlen_q: int, max_seqlen_k: int, head_dim: int) -> None:
+    if max(max_seqlen_q, max_seqlen_k) > MAX_SEQLEN or head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"short-segment attention takes segments of at most {MAX_SEQLEN} tokens and head dims "
+            f"of at most {MAX_HEAD_DIM}, got max_seqlen_q={max_seqlen_q}, "
+            f"max_seqlen_k={max_seqlen_k}, head dim {head_dim}"
+        )
+
+
+def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                        window_left: int, window_right: int, scale: float):
+    """Forward over packed segments of at most MAX_SEQLEN tokens. Returns (out, lse): out
+    like q (contiguous), lse float32 [Hq, Tq]. The last dim of q, k, v must be contiguous;
+    max_seqlen_* must bound every segment (they size the slots; nothing is read back)."""
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
+    batch = cu_seqlens_q.numel() - 1
+    out = empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
+    if batch == 0 or max_seqlen_q == 0 or heads == 0 or q.numel() == 0:
+        return out, lse
+    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=False)
+    grid = (triton.cdiv(batch, SEGS) * SPLIT, heads)
+    _attention_short_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
+        batch, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, PRECISION=_precision(q.dtype),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps, num_stages=1,
+    )
+    return out, lse
+
+
+def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
+                        scale: float):
+    """Backward of :func:`attention_short_fwd` in one launch. Returns (dq, dk, dv) in the
+    dtypes and shapes of q, k, v. ``dlse`` is the gradient of lse, or None. ``out`` and
+    ``lse`` are unused (the signature is the general kernel's): the tile recomputes the
+    softmax and delta itself."""
+    heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
+    batch = cu_seqlens_q.numel() - 1
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
+        # Nothing attends: every gradient is zero (and must be written).
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True)
+    _attention_short_bwd_kernel[(triton.cdiv(batch, SEGS), kv_heads)](
+        q, k, v, do, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2],
+        *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], lse.stride(0),
+        batch, head_dim, heads // kv_heads, scale, window_left, window_right,
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
+        PRECISION=_precision(q.dtype),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=num_warps, num_stages=1,
+    )
+    return dq, dk, dv

@@ -1,0 +1,318 @@
+"""Qwen2.5-VL: the mmfast vision tower + the mmfast Qwen2 decoder, Hugging Face's weights.
+
+``Qwen25VLForConditionalGeneration`` takes what Hugging Face's processor emits
+(``input_ids`` [B, T] with image / video placeholder tokens, ``attention_mask`` for
+padding on either side, ``pixel_values`` [N, C * Tp * P * P] and ``image_grid_thw``
+[images, 3], ``pixel_values_videos`` / ``video_grid_thw`` likewise): the vision
+features replace the placeholder embeddings, M-RoPE position ids come from the grids
+(:mod:`mmfast.models.mrope_index`), and the decoder runs over the unpadded tokens packed
+into one stream, so a batch of prompts of different lengths wastes no compute on padding.
+
+Checkpoints: ``from_pretrained(dir)`` reads a transformers directory with either layout
+of names (``model.visual.*`` / ``model.language_model.*`` as transformers 5 names them, or
+the original ``visual.*`` / ``model.layers.*`` of the released checkpoints).
+
+Host syncs: one per ``forward`` / ``generate`` call to read the prompt lengths, the
+placeholder layout and the grids, and one per generated token to test for the end of
+every sequence (as any generate loop does).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from mmfast.models.checkpoint import (load_checkpoint, read_config, register_architecture, save_pretrained)
+from mmfast.models.mrope_index import mrope_position_ids
+from mmfast.models.qwen2_decoder import Qwen2Decoder
+from mmfast.nn.qwen_vision import Qwen25VisionTransformer
+
+# Original checkpoint names -> transformers 5 / mmfast names.
+CHECKPOINT_RULES = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
+)
+
+
+@dataclass
+class Qwen25VLConfig:
+    """The fields of a Hugging Face ``Qwen2_5_VLConfig`` the model uses (text fields at the
+    top level or under ``text_config``; vision fields under ``vision_config``)."""
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: tuple = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    eos_token_id: Optional[Union[int, list]] = 151645
+    pad_token_id: Optional[int] = None
+    vision: dict = field(default_factory=dict)  # keyword arguments of Qwen25VisionTransformer
+    tokens_per_second: float = 2.0
+    raw: dict = field(default_factory=dict)     # the config.json it came from
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "Qwen25VLConfig":
+        text = dict(config.get("text_config") or {})
+        merged = {**text, **{k: v for k, v in config.items() if k not in ("text_config", "vision_config")}}
+        # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta + rope_scaling
+        rope = dict(text.get("rope_parameters") or config.get("rope_parameters") or {})
+        rope.update({k: v for k, v in (merged.get("rope_scaling") or {}).items() if k not in rope})
+        theta = rope.get("rope_theta", merged.get("rope_theta", cls.rope_theta))
+        if rope.get("rope_type", "default") not in ("default", "mrope"):
+            raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (default M-RoPE only)")
+        if merged.get("use_sliding_window"):
+            raise ValueError("config.json: use_sliding_window is not supported by mmfast's Qwen2.5-VL")
+        if merged.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {merged['hidden_act']!r} (only 'silu' is supported)")
+        vision_config = dict(config.get("vision_config") or {})
+        vision_keys = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size",
+                       "temporal_patch_size", "in_channels", "spatial_merge_size", "window_size",
+                       "fullatt_block_indexes")
+        vision = {k: vision_config[k] for k in vision_keys if k in vision_config}
+        vision_rope = vision_config.get("rope_parameters") or {}
+        if "rope_theta" in vision_rope:
+            vision["rope_theta"] = float(vision_rope["rope_theta"])
+        kwargs = {name: merged[name] for name in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "image_token_id", "video_token_id",
+            "vision_start_token_id", "eos_token_id", "pad_token_id") if name in merged}
+        return cls(**kwargs, rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", cls.mrope_section)),
+                   vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)),
+                   raw=dict(config))
+
+    def to_dict(self) -> dict:
+        """A transformers-5 style config.json dict (over the one it was read from, if any)."""
+        text = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id, "model_type": "qwen2_5_vl_text",
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
+                                    "mrope_section": list(self.mrope_section)}}
+        vision = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vision.items() if k != "rope_theta"}
+        vision.update(out_hidden_size=self.vision.get("out_hidden_size", self.hidden_size), hidden_act="silu",
+                      tokens_per_second=self.tokens_per_second, model_type="qwen2_5_vl_vision")
+        if "rope_theta" in self.vision:
+            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision["rope_theta"]}
+        raw = {k: v for k, v in self.raw.items() if k not in text and k not in ("preset", "dtype", "torch_dtype")}
+        return {**raw, "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                "text_config": {**(raw.get("text_config") or {}), **text},
+                "vision_config": {**(raw.get("vision_config") or {}), **vision},
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id, "tie_word_embeddings": self.tie_word_embeddings}
+
+
+class _Backbone(nn.Module):
+    """Holds the towers under transformers 5's names: ``model.visual``, ``model.language_model``."""
+
+    def __init__(self, config: Qwen25VLConfig):
+        super().__init__()
+        self.visual = Qwen25VisionTransformer(**{"out_hidden_size": config.hidden_size, **config.vision})
+        self.language_model = Qwen2Decoder(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
+            rope_theta=config.rope_theta, mrope_section=config.mrope_section)
+
+
+@dataclass
+class _Prompt:
+    """A batch of prompts packed into one token stream."""
+    embeds: Tensor         # [T, C]
+    positions: Tensor      # [3, T]
+    cu_seqlens: Tensor     # int32 [B+1]
+    lengths: list          # host ints
+    mask: Tensor           # bool [B, Tpad]: which padded positions hold tokens
+    next_position: Tensor  # [B]: M-RoPE position of each sequence's next token
+
+
+@register_architecture("Qwen2_5_VLForConditionalGeneration")
+class Qwen25VLForConditionalGeneration(nn.Module):
+    """Qwen2.5-VL on mmfast kernels; state dict names equal transformers 5's
+    ``Qwen2_5_VLForConditionalGeneration`` (see the module docstring)."""
+
+    def __init__(self, config: Union[Qwen25VLConfig, dict]):
+        super().__init__()
+        self.config = config if isinstance(config, Qwen25VLConfig) else Qwen25VLConfig.from_dict(config)
+        self.model = _Backbone(self.config)
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        self.tie_weights()
+
+    # ---- checkpoints ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None) -> "Qwen25VLForConditionalGeneration":
+        """Load a transformers-format directory (config.json + safetensors). ``dtype``:
+        the parameters' dtype (default: the config's ``dtype``/``torch_dtype``, else float32)."""
+        raw = read_config(directory)
+        if dtype is None:
+            name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+        with torch.device("meta"):  # no random init, no float32 copy of a 7B model in host memory
+            model = cls(raw)
+        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor
+        load_checkpoint(model, directory, rules=CHECKPOINT_RULES)  # strict: every tensor is written
+        return model.eval()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with lm_head when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @classmethod
+    def from_preset(cls, name: str) -> "Qwen25VLForConditionalGeneration":
+        """A randomly initialised model of a named size ('tiny', '3b', '7b'; see
+        :mod:`mmfast.models.presets`). Build large ones under ``torch.device(...)`` and
+        cast after, or under ``torch.device("meta")`` to inspect shapes only."""
+        from mmfast.models.presets import qwen25_vl_preset
+
+        return cls(qwen25_vl_preset(name))
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], **kwargs):
+        """Write config.json and safetensors that transformers and :meth:`from_pretrained` load."""
+        config = {**self.config.to_dict(), "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        return save_pretrained(self, directory, config, **kwargs)
+
+    # ---- inputs -> packed stream ---------------------------------------------------
+
+    def _vision_features(self, pixels: Optional[Tensor], grid: Optional[Tensor], kind: str) -> Optional[Tensor]:
+        if pixels is None and grid is None:
+            return None
+        if pixels is None or grid is None:
+            raise ValueError(f"{'pixel_values' if kind == 'image' else 'pixel_values_videos'} and {kind}_grid_thw: "
+                             "give both or neither")
+        return self.model.visual(pixels, grid)  # the patch embedding casts to the weights' dtype
+
+    def _prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw, second_per_grid_ts) -> _Prompt:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        config = self.config
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+        position_ids, deltas = mrope_position_ids(
+            input_ids, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+            spatial_merge_size=self.model.visual.spatial_merge_size, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
+            tokens_per_second=config.tokens_per_second, attention_mask=mask)
+        lengths = mask.sum(1).tolist()
+        if min(lengths) == 0:
+            raise ValueError("attention_mask: every sequence needs at least one token")
+        ids = input_ids[mask]
+        decoder = self.model.language_model
+        embeds = decoder.embed_tokens(ids)
+        for kind, pixels, grid in (("image", pixel_values, image_grid_thw),
+                                   ("video", pixel_values_videos, video_grid_thw)):
+            features = self._vision_features(pixels, grid, kind)
+            slots = ids == (config.image_token_id if kind == "image" else config.video_token_id)
+            count = int(slots.sum())
+            if features is None:
+                if count:
+                    raise ValueError(f"input_ids: {count} {kind} placeholder tokens but no {kind} inputs were given")
+                continue
+            if count != features.shape[0]:
+                raise ValueError(f"input_ids: {count} {kind} placeholder tokens, but {kind}_grid_thw gives "
+                                 f"{features.shape[0]} {kind} features (t * h * w / merge^2 per {kind})")
+            embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(ids.device)
+        next_position = deltas.view(-1) + torch.tensor(lengths, device=deltas.device)
+        return _Prompt(embeds, position_ids[:, mask], cu, lengths, mask, next_position)
+
+    # ---- forward -------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
+                image_grid_thw: Optional[Tensor] = None, pixel_values_videos: Optional[Tensor] = None,
+                video_grid_thw: Optional[Tensor] = None, second_per_grid_ts: Optional[Tensor] = None) -> Tensor:
+        """Logits [B, T, vocab] (padded positions hold 0)."""
+        prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, second_per_grid_ts)
+        hidden = self.model.language_model(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths))
+        logits = self.lm_head(hidden)
+        if min(prompt.lengths) == input_ids.shape[1]:  # no padding: the packed stream is the batch
+            return logits.view(*input_ids.shape, -1)
+        out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+        out[prompt.mask] = logits
+        return out
+
+    # ---- generation ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 eos_token_id: Optional[Union[int, list]] = None, pad_token_id: Optional[int] = None,
+                 pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
+                 pixel_values_videos: Optional[Tensor] = None, video_grid_thw: Optional[Tensor] = None,
+                 second_per_grid_ts: Optional[Tensor] = None) -> Tensor:
+        """Greedy (or, with ``do_sample``, sampled: ``temperature``, ``top_k``, ``top_p``,
+        ``generator``) continuation of a batch of prompts with a KV cache. Returns
+        ``[B, T + n]``: the prompts followed by the new tokens, as transformers does;
+        a sequence that has produced ``eos_token_id`` continues with ``pad_token_id``, and
+        generation stops early when every sequence has ended."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        pad = int(eos[0]) if pad is None and eos.numel() else (0 if pad is None else pad)
+
+        prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                              video_grid_thw, second_per_grid_ts)
+        decoder = self.model.language_model
+        batch = input_ids.shape[0]
+        cache = decoder.new_cache(batch, max(prompt.lengths) + max_new_tokens)
+        hidden = decoder(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths),
+                         cache=cache, new_lengths=prompt.lengths)
+        last = hidden[prompt.cu_seqlens[1:].long() - 1]
+        one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
+        position = prompt.next_position
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            logits = self.lm_head(last).float()
+            token = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            positions = position.view(1, batch).expand(3, batch)
+            last = decoder(decoder.embed_tokens(token), positions, one_each, 1, cache=cache, new_lengths=[1] * batch)
+            position = position + 1
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+            generator: Optional[torch.Generator]) -> Tensor:
+    """One token per row from softmax(logits / temperature), restricted to the ``top_k``
+    most likely and to the smallest set whose probability reaches ``top_p``."""
+    logits = logits / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k: expected >= 1, got {top_k}")
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).view(-1)
