@@ -200,8 +200,8 @@ class LatentDiffusionModel(nn.Module):
 
         The prompt comes as ``prompt_embeds`` [B, tokens, dim], ``input_ids`` [B, tokens] or
         ``prompt`` text (needs the tokenizer). Guidance runs when ``guidance_scale > 1``; the
-        unconditional side is ``negative_prompt_embeds``, ``negative_input_ids``, or the
-        empty prompt (needs the tokenizer). ``image``: [B or 1, 3, H, W] in [0, 1], noised to
+        unconditional side is ``negative_prompt_embeds``, ``negative_input_ids`` (batch B or
+        1), or the empty prompt (needs the tokenizer). ``image``: [B or 1, 3, H, W] in [0, 1], noised to
         ``strength`` (default 0.8) of the schedule. ``progress``: show a tqdm bar.
 
         ``cuda_graph=True`` (CUDA only) captures one denoising step (UNet, guidance and the
@@ -228,6 +228,8 @@ class LatentDiffusionModel(nn.Module):
         text = cond
         if guided:
             uncond = self._prompt_embeds(negative_prompt_embeds, negative_input_ids, None, "negative_")
+            if uncond.shape[0] == 1 and batch > 1:  # one negative prompt for the whole batch
+                uncond = uncond.expand(batch, -1, -1)
             if uncond.shape != cond.shape:
                 raise ValueError(f"negative_prompt_embeds: shape {tuple(uncond.shape)} differs from the "
                                  f"prompt's {tuple(cond.shape)}")
@@ -274,8 +276,8 @@ class LatentDiffusionModel(nn.Module):
         (re-captured otherwise). ``capture=False`` runs the same body eagerly (for CPU tests)."""
         from tqdm.auto import tqdm
 
-        key = (tuple(stepper.timesteps), start, tuple(latents.shape), tuple(text.shape), latents.dtype,
-               guidance, type(self.scheduler).__name__, capture)
+        key = (id(self.scheduler), tuple(stepper.timesteps), start, tuple(latents.shape), tuple(text.shape),
+               latents.dtype, self.device, guidance, capture)
         cached = self._graph_cache
         if cached is None or cached[0] != key:
             self._graph_cache = None  # free the old graph's memory before capturing another
