@@ -14,6 +14,9 @@
 draw for draw (same generator use, same order), so with the same seed the final latents
 match the pipeline's.
 
+``generate(..., cuda_graph=True)`` captures one denoising step in a CUDA graph (the fused
+stepper's device-side schedule gives the timestep and coefficients) and replays it.
+
 Syncs: none per step; image-to-image reads the input image's range once.
 """
 

@@ -233,3 +233,38 @@ def test_cuda_graph_matches_host_loop(saved):
     model = LatentDiffusionModel.from_pretrained(saved[1], device="cuda")
     _graph_vs_host(model, "cuda", steps=4)
     assert model._graph_cache is not None and model._graph_cache[1] is not None
+
+
+def _tiny_tokenizer(folder):
+    """A character-level CLIP tokenizer: no merges, ids inside the tiny text encoder's vocab."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!",
+                         model_max_length=TOKENS)
+
+
+def test_text_prompt_through_the_tokenizer(saved, tmp_path, torch_blocks):
+    """tokenizer/ loads from the pipeline directory; the default negative is the empty prompt."""
+    from diffusers import StableDiffusionPipeline
+
+    if "DDIM" not in saved[1].name:
+        pytest.skip("the tokenizer does not depend on the scheduler")
+    tokenizer = _tiny_tokenizer(tmp_path / "vocab")
+    path = _broken_copy(saved, tmp_path)
+    tokenizer.save_pretrained(path / "tokenizer")
+    pipe = StableDiffusionPipeline(**{**saved[0].components, "tokenizer": tokenizer})
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=16, width=16)
+    expected = pipe(prompt=["a cat", "dog"], output_type="latent", generator=torch.Generator().manual_seed(4),
+                    **kwargs).images
+    model = LatentDiffusionModel.from_pretrained(path)
+    actual = model.generate(prompt=["a cat", "dog"], generator=torch.Generator().manual_seed(4), progress=False,
+                            **kwargs)
+    _close(actual, expected)
