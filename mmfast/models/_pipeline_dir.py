@@ -40,12 +40,15 @@ def component_dir(root: Path, name: str, *, required: bool = True) -> Path | Non
 
 def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     """The safetensors files of one component (the shards, in index order, when sharded)."""
+    # The variant goes before the last suffix, as save_pretrained names them:
+    # model.fp16.safetensors, model.safetensors.index.fp16.json.
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    index_suffix = f".safetensors.index.{variant}.json" if variant else ".safetensors.index.json"
     for stem in WEIGHT_STEMS:
         single = folder / f"{stem}{suffix}"
         if single.is_file():
             return [single]
-        index = folder / f"{stem}{suffix}.index.json"
+        index = folder / f"{stem}{index_suffix}"
         if index.is_file():
             weight_map = read_json(index, folder.name).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
@@ -59,7 +62,7 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     hint = (f"; found only pickle files {pickles}, which mmfast does not load: re-save with "
             "save_pretrained(..., safe_serialization=True)") if pickles else ""
     raise FileNotFoundError(f"{folder.name}: no safetensors weights in {folder} (looked for "
-                            f"{' / '.join(s + suffix for s in WEIGHT_STEMS)} and their .index.json){hint}")
+                            f"{' / '.join(s + suffix for s in WEIGHT_STEMS)} and their {index_suffix}){hint}")
 
 
 def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:

@@ -268,3 +268,19 @@ def test_text_prompt_through_the_tokenizer(saved, tmp_path, torch_blocks):
     actual = model.generate(prompt=["a cat", "dog"], generator=torch.Generator().manual_seed(4), progress=False,
                             **kwargs)
     _close(actual, expected)
+
+
+def test_sharded_weights_load(saved, tmp_path):
+    if "DDIM" not in saved[1].name:
+        pytest.skip("sharding does not depend on the scheduler")
+    pipe, _ = saved
+    path = _broken_copy(saved, tmp_path)
+    shutil.rmtree(path / "unet")
+    pipe.unet.save_pretrained(path / "unet", safe_serialization=True, max_shard_size="100KB")
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    model = LatentDiffusionModel.from_pretrained(path)
+    expected = pipe.unet.state_dict()
+    loaded = model.unet.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
