@@ -6,6 +6,7 @@
 
 from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
 from mmfast.models.kv_cache import KVCache
+from mmfast.models.ldm import LatentDiffusionModel  # noqa: F401
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
 

@@ -1,0 +1,94 @@
+"""Reading a diffusers pipeline directory without diffusers' loader: model_index.json, one
+folder per component with its config and safetensors weights (single file or sharded
+with an ``*.safetensors.index.json``). Never unpickles, never touches the network.
+
+Every failure is a ValueError / FileNotFoundError that names the component and the file,
+key or shape at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# A transformers component saves model.safetensors, a diffusers one diffusion_pytorch_model.safetensors.
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what}: {path} is not valid JSON ({error})") from None
+
+
+def component_dir(root: Path, name: str, *, required: bool = True) -> Path | None:
+    """The folder of component ``name``; a missing required one is an error naming it."""
+    folder = root / name
+    if folder.is_dir():
+        return folder
+    if required:
+        raise FileNotFoundError(f"{name}: the pipeline directory {root} has no {name}/ folder "
+                                f"(a diffusers StableDiffusionPipeline saved with save_pretrained has one)")
+    return None
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors files of one component (the shards, in index order, when sharded)."""
+    # The variant goes before the last suffix, as save_pretrained names them:
+    # model.fp16.safetensors, model.safetensors.index.fp16.json.
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    index_suffix = f".safetensors.index.{variant}.json" if variant else ".safetensors.index.json"
+    for stem in WEIGHT_STEMS:
+        single = folder / f"{stem}{suffix}"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}{index_suffix}"
+        if index.is_file():
+            weight_map = read_json(index, folder.name).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{folder.name}: {index} has no weight_map")
+            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(s) for s in shards if not s.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{folder.name}: shards listed in {index.name} are missing: {missing}")
+            return shards
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.ckpt"))
+    hint = (f"; found only pickle files {pickles}, which mmfast does not load: re-save with "
+            "save_pretrained(..., safe_serialization=True)") if pickles else ""
+    raise FileNotFoundError(f"{folder.name}: no safetensors weights in {folder} (looked for "
+                            f"{' / '.join(s + suffix for s in WEIGHT_STEMS)} and their {index_suffix}){hint}")
+
+
+def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder, variant):
+        state.update(load_file(str(path)))
+    return state
+
+
+def load_weights(module: nn.Module, folder: Path, variant: str | None = None) -> None:
+    """Load the component's safetensors into ``module`` exactly: missing keys, unexpected
+    keys and shape mismatches are errors that list them (a few of each)."""
+    state = read_state_dict(folder, variant)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{folder.name}: the weights in {folder} do not fit its config; " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
