@@ -25,6 +25,16 @@ Backward, deterministic (no atomics), with delta = rowsum(dO * O) - dLSE:
     dq = scale sum_k ds k  (one program per BLOCK_M queries, looping over key blocks)
 Subtracting dLSE from delta makes lse differentiable: d lse / d s = p.
 
+Rotary (ROTARY=True): q and k tiles are rotated as they are loaded, rotate-half over their
+first R = 2 * half columns, by per-token angles from half-width tables COS, SIN ([T, R/2],
+or [B, T, R/2] padded; row t is token t, for q and k alike):
+    x_rot[j] = x[j] cos_j - x[j + half] sin_j,  x_rot[j + half] = x[j + half] cos_j + x[j] sin_j
+The partner columns come from a second load of the same tile with permuted column
+offsets (a cache hit), and the result is rounded to the input dtype, as a separate
+rotary pass would store it. The backward pass recomputes the rotated tiles, and turns dq
+and dk (gradients wrt the rotated q, k) back with the transpose (sin negated) before the
+store; there the partner columns come from a register gather of the accumulator.
+
 Head dims that are not powers of two are padded to BLOCK_D = next_pow2(D) with masked
 loads. float32 inputs use IEEE dots (no TF32), so they are as exact as the reference.
 """
@@ -80,15 +90,56 @@ def _key_range(m_first, m_end, len_q, len_k, window_left, window_right,
 
 
 @triton.jit
+def _rotary_columns(offs_d, half):
+    """Per column: inside the rotated part, in its first half, angle index, partner column."""
+    in_rot = offs_d < 2 * half
+    first = offs_d < half
+    pair = tl.where(first, offs_d, offs_d - half)
+    partner = tl.where(first, offs_d + half, offs_d - half)
+    return in_rot, first, pair, tl.where(in_rot, partner, offs_d)
+
+
+@triton.jit
+def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
+    by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
+    back to the input dtype."""
+    x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    if ROTARY:
+        in_rot, first, pair, partner = _rotary_columns(offs_d, half)
+        rot_mask = row_ok[:, None] & in_rot[None, :]
+        x_partner = tl.load(rows_ptr + partner[None, :], mask=rot_mask, other=0.0)
+        at = table_rows + pair[None, :]
+        cos = tl.load(COS + at, mask=rot_mask, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + at, mask=rot_mask, other=0.0).to(tl.float32)
+        sin = tl.where(first[None, :], -sin, sin)
+        x = (x.to(tl.float32) * cos + x_partner.to(tl.float32) * sin).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _rotate_back(acc, row_ok, table_rows, COS, SIN, offs_d, half):
+    """The transpose of the rotation, on a float32 [rows, BLOCK_D] gradient accumulator."""
+    in_rot, first, pair, partner = _rotary_columns(offs_d, half)
+    rot_mask = row_ok[:, None] & in_rot[None, :]
+    acc_partner = tl.gather(acc, tl.broadcast_to(partner[None, :], acc.shape), axis=1)
+    at = table_rows + pair[None, :]
+    cos = tl.load(COS + at, mask=rot_mask, other=1.0).to(tl.float32)
+    sin = tl.load(SIN + at, mask=rot_mask, other=0.0).to(tl.float32)
+    sin = tl.where(first[None, :], sin, -sin)
+    return acc * cos + acc_partner * sin
+
+
+@triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right,
-    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -109,9 +160,9 @@ def _attention_fwd_kernel(
     b64 = b.to(tl.int64)
 
     rows_q = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    K_head = K + b64 * stride_kb + hk * stride_kh + offs_d[None, :]
+    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt, m_ok,
+                      b64 * stride_cb + rows_q[:, None] * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY)
+    K_head = K + b64 * stride_kb + hk * stride_kh
     V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -123,7 +174,8 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         rows_k = (k_start + cols).to(tl.int64)[:, None]
         kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = tl.load(K_head + rows_k * stride_kt, mask=kv_mask, other=0.0)
+        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
+                          COS, SIN, offs_d, head_dim, half, ROTARY)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
@@ -179,16 +231,16 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right,
-    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -207,7 +259,10 @@ def _attention_bwd_dkdv_kernel(
     kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
     rows_k = (k_start + offs_n).to(tl.int64)[:, None]
-    k = tl.load(K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+    n_ok = offs_n < len_k
+    k_table = b64 * stride_cb + rows_k * stride_ct
+    k = _load_rotated(K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt, n_ok, k_table,
+                      COS, SIN, offs_d, head_dim, half, ROTARY)
     v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -226,7 +281,7 @@ def _attention_bwd_dkdv_kernel(
     # The query heads of this K/V head's group, in order: the sum is deterministic.
     for g in range(0, group):
         h = hk * group + g
-        Q_head = Q + b64 * stride_qb + h * stride_qh + offs_d[None, :]
+        Q_head = Q + b64 * stride_qb + h * stride_qh
         DO_head = DO + b64 * stride_dob + h * stride_doh + offs_d[None, :]
         L_head = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         for start_m in range(lo, hi, BLOCK_M):
@@ -234,7 +289,8 @@ def _attention_bwd_dkdv_kernel(
             m_ok = rows < len_q
             rows_q = (q_start + rows).to(tl.int64)[:, None]
             q_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q_head + rows_q * stride_qt, mask=q_mask, other=0.0)
+            q = _load_rotated(Q_head + rows_q * stride_qt, m_ok, b64 * stride_cb + rows_q * stride_ct,
+                              COS, SIN, offs_d, head_dim, half, ROTARY)
             do = tl.load(DO_head + rows_q * stride_dot, mask=q_mask, other=0.0)
             lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
@@ -248,6 +304,8 @@ def _attention_bwd_dkdv_kernel(
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
+    if ROTARY:  # dk is wrt the rotated k: back to k's frame
+        dk = _rotate_back(dk, n_ok, k_table, COS, SIN, offs_d, half)
     tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
@@ -256,15 +314,15 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right,
-    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -285,14 +343,16 @@ def _attention_bwd_dq_kernel(
     q_mask = m_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
     rows_q = (q_start + offs_m).to(tl.int64)[:, None]
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+    q_table = b64 * stride_cb + rows_q * stride_ct
+    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt, m_ok, q_table,
+                      COS, SIN, offs_d, head_dim, half, ROTARY)
     do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
     L_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse = tl.load(LSE + L_at, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + L_at, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     scale_log2 = scale * _LOG2E
-    K_head = K + b64 * stride_kb + hk * stride_kh + offs_d[None, :]
+    K_head = K + b64 * stride_kb + hk * stride_kh
     V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -302,7 +362,8 @@ def _attention_bwd_dq_kernel(
         cols = start_n + offs_n
         rows_k = (k_start + cols).to(tl.int64)[:, None]
         kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = tl.load(K_head + rows_k * stride_kt, mask=kv_mask, other=0.0)
+        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
+                          COS, SIN, offs_d, head_dim, half, ROTARY)
         v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -311,6 +372,8 @@ def _attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
+    if ROTARY:  # dq is wrt the rotated q: back to q's frame
+        dq = _rotate_back(dq, m_ok, q_table, COS, SIN, offs_d, half)
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -348,18 +411,30 @@ def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, i
     return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
 
 
+def _rotary_args(q, cos, sin) -> tuple:
+    """(COS, SIN, table batch stride, table token stride, half) for the kernels; the
+    tables are [T, R/2] (shared by a padded batch: batch stride 0) or [B, T, R/2], their
+    last dim contiguous, sin with the strides of cos. Without rotary: placeholders."""
+    if cos is None:
+        return q, q, 0, 0, 0
+    batch_stride = 0 if cos.dim() == 2 else cos.stride(0)
+    return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
+
+
 def _precision(dtype: torch.dtype) -> str:
     # IEEE float32 dots for float32 inputs: TF32 would be less accurate than the reference.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                  window_left: int, window_right: int, scale: float):
+                  window_left: int, window_right: int, scale: float, cos=None, sin=None):
     """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
     [Hq, Tq] packed or [B, Hq, Tq] padded. The last dim of q, k, v must be contiguous.
 
     Packed: cu_seqlens_* are int32 [B+1] and max_seqlen_* bound every segment's length
     (they size the grid; nothing is read back to the host). Padded: cu_seqlens_* are None.
+    ``cos``, ``sin`` (or None): rotary tables, applied to q and k as they are loaded; q and
+    k then have the same tokens, and table row t rotates token t of both.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -373,12 +448,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     grid = (triton.cdiv(grid_q, BLOCK_M), batch, heads)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
+    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k,
+        q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        *_lse_strides(lse, varlen),
-        seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
-        VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+        *_lse_strides(lse, varlen), stride_cb, stride_ct,
+        seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
+        VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
         PRECISION=_precision(q.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=num_stages,
@@ -388,11 +464,12 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
 
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                   max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
-                  scale: float):
+                  scale: float, cos=None, sin=None):
     """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
-    then dK/dV (over query blocks) and dQ (over key blocks); no atomics.
+    then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
+    (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -408,10 +485,13 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
+    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
     common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                  ROTARY=cos is not None, PRECISION=_precision(q.dtype),
+                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                   num_warps=num_warps, num_stages=num_stages)
-    sizes = (seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, window_left, window_right)
+    sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
+             window_left, window_right, half)
     if grid_q > 0:
         _attention_bwd_preprocess_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
             out, do, dlse if dlse is not None else lse, delta, cu_q,
@@ -421,14 +501,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         )
     if grid_k > 0:
         _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
             *sizes, **common,
         )
     if grid_q > 0:
         _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides,
             *sizes, **common,

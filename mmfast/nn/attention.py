@@ -12,7 +12,8 @@ whose weights therefore load as they are; with ``fused_qkv=False``, ``q_proj``,
 ``k_proj``, ``v_proj`` and ``proj``.
 
 ``rotary`` is ``(cos, sin)``, per-token half-width tables as :func:`mmfast.ops.apply_rotary`
-takes them ([T, R/2], or [B, T, R/2] for a padded batch).
+takes them ([T, R/2], or [B, T, R/2] for a padded batch); it goes to the attention op,
+whose general Triton kernel rotates q and k as it loads them (other backends rotate first).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mmfast.ops.attention import attention
-from mmfast.ops.rotary import apply_rotary
 
 
 class Attention(nn.Module):
@@ -78,10 +78,9 @@ class Attention(nn.Module):
         if (x.dim() == 2) != (cu_seqlens is not None):
             raise ValueError("cu_seqlens: expected for packed [T, dim] input and only for it")
         q, k, v = self.project_qkv(x)
-        if rotary is not None:
-            q, k = apply_rotary(q, k, *rotary)
         out = attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                        max_seqlen_k=max_seqlen, causal=self.causal, window=self.window, scale=self.scale)
+                        max_seqlen_k=max_seqlen, causal=self.causal, window=self.window, scale=self.scale,
+                        rotary=rotary)
         return self.proj(out.flatten(-2))
 
     def extra_repr(self) -> str:

@@ -18,6 +18,13 @@ unbounded on that side; ``causal=True`` sets right = 0 (as flash-attn does). A q
 that sees no key (its key segment is empty, or its window holds no key) gets out = 0,
 lse = -inf and contributes no gradient; the reference does the same.
 
+Rotary: ``rotary=(cos, sin)`` gives the result (and q/k/v gradients) of
+``attention(*apply_rotary(q, k, cos, sin), v)`` (rotate-half; tables [T, R/2], or
+[B, T, R/2] padded, R <= D; row t for token t of q and of k, so q and k have the same
+tokens). Only the ``triton`` backend fuses it (tiles rotated on load; dq, dk rotated back
+in the backward kernels); the op layer composes apply_rotary and attention for every
+other backend, and for tables that require grad.
+
 Device syncs (which checks read device values back to the host):
 - with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing back (CUDA-graph
   capturable) on the triton, triton_short, flash_attn, flash_attn_cute, sdpa and torch
@@ -64,6 +71,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops import attention_external as external
+from mmfast.ops.rotary import apply_rotary
 
 MAX_HEAD_DIM = 256
 # The short-segment Triton path (kernels/attention_short.py): its limits, mirrored here so
@@ -157,15 +165,17 @@ def _lse_shape(q: Tensor, packed: bool) -> tuple[int, ...]:
 def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+    cos: Optional[Tensor], sin: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     from mmfast.kernels.attention import attention_fwd
 
     return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         window_left, window_right, scale)
+                         window_left, window_right, scale, cos, sin)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
+      cos, sin):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -174,16 +184,17 @@ def _attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+    cos: Optional[Tensor], sin: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     from mmfast.kernels.attention import attention_bwd
 
     return attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      window_left, window_right, scale):
+      window_left, window_right, scale, cos, sin):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -229,32 +240,37 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             window_left, window_right, scale):
+             window_left, window_right, scale, *tables):
+    """``tables``: () for ops without rotary, else (cos, sin), either both None or both
+    tensors (their last dim contiguous, sin with the strides of cos)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
-    out, lse = fwd_op(q, k, v, *args)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    out, lse = fwd_op(q, k, v, *args, *tables)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *tables)
     ctx.args = args[2:]
     ctx.set_materialize_grads(False)
     return out, lse
 
 
 def _backward(ctx, bwd_op, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *tables = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args, *tables)
+    # No gradient for cu_seqlens, the ints, scale, nor the rotary tables.
+    return (dq, dk, dv) + (None,) * (7 + len(tables))
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Triton forward and backward, general kernels. Outputs (out, lse); both are differentiable."""
+    """Triton forward and backward, general kernels. Outputs (out, lse); both are
+    differentiable. ``cos``, ``sin``: rotary tables applied to q and k inside the kernels
+    (no gradient for them), or None."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale):
+                window_left, window_right, scale, cos, sin):
         return _forward(ctx, torch.ops.mmfast.attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -285,18 +301,21 @@ def _distinct(t: Tensor, *others: Tensor | None) -> Tensor:
 
 
 def _run_triton_function(function, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         window_left, window_right, scale):
+                         window_left, window_right, scale, *tables):
     k = _distinct(k, q)
     v = _distinct(v, q, k)
     cu_seqlens_k = _distinct(cu_seqlens_k, cu_seqlens_q)
     return function.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          window_left, window_right, scale)
+                          window_left, window_right, scale, *tables)
 
 
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale):
+                window_left, window_right, scale, rotary=None):
+    # The kernels read both tables with the strides of cos: make them alike (tables are small).
+    cos, sin = (None, None) if rotary is None else (t.contiguous() for t in rotary)
     return _run_triton_function(AttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                                max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
+                                cos, _distinct(sin, cos))
 
 
 def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -368,6 +387,10 @@ def _xformers_limits(call: Call):
         # Its bottom-right causal masks require every query to see a key; not wrapped.
         yield "causal and windowed attention not supported (this wrapper passes block-diagonal masks only)"
 
+
+# Backends that rotate q and k inside their kernels (``rotary=``); every other backend
+# gets them rotated by apply_rotary first (its torch reference for the torch backend).
+FUSES_ROTARY = ("triton",)
 
 ATTENTION = op_family("attention")
 ATTENTION.register(
@@ -487,6 +510,40 @@ def _check_max_seqlen(name: str, value) -> None:
         raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
 
 
+def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
+    """Tables as :func:`mmfast.ops.apply_rotary` takes them, for q's tokens and k's alike.
+    Every problem is a ValueError naming ``rotary``."""
+    if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2):
+        raise ValueError(f"rotary: expected None or a pair (cos, sin), got {type(rotary).__name__}")
+    cos, sin = rotary
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"rotary: {name}: expected a Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"rotary: {name}: expected a floating dtype, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"rotary: {name}: expected device {q.device} (that of q), got {t.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"rotary: sin: expected shape {tuple(cos.shape)} (that of cos), got {tuple(sin.shape)}")
+    if k.shape[:-2] != q.shape[:-2]:
+        raise ValueError(
+            f"rotary: needs q and k over the same tokens (one table row per token, for both), got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}; rotate them apart with mmfast.ops.apply_rotary"
+        )
+    tokens = q.shape[-3]
+    allowed = [(tokens,)] + ([(q.shape[0], tokens)] if q.dim() == 4 else [])
+    if cos.dim() < 2 or tuple(cos.shape[:-1]) not in allowed:
+        layouts = "[T, R/2]" + (" or [B, T, R/2]" if q.dim() == 4 else "")
+        raise ValueError(
+            f"rotary: cos: expected {layouts} for q of shape {tuple(q.shape)}, got {tuple(cos.shape)}"
+        )
+    if not 1 <= 2 * cos.shape[-1] <= q.shape[-1]:
+        raise ValueError(
+            f"rotary: cos: last dim R/2 = {cos.shape[-1]} gives rotary dim {2 * cos.shape[-1]}, expected "
+            f"2..{q.shape[-1]} (the head dim); tables are half-width (from full-width ones: cos[..., :R // 2])"
+        )
+
+
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
     _check_tensor("q", q)
@@ -538,7 +595,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              causal=False, window=(-1, -1), scale=None, return_lse=False, backend=None):
+              causal=False, window=(-1, -1), scale=None, rotary=None, return_lse=False, backend=None):
     """Softmax attention of ``q`` over ``k``, ``v``; returns ``out`` (like q), or
     ``(out, lse)`` with ``return_lse=True``. See the module docstring for the layouts,
     the window and causal rules, and which checks cost a device sync.
@@ -551,6 +608,16 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     makes every call pay that sync. All other checks (dtypes, devices, shapes, head
     counts, window, scale) read only shapes and Python values. Segment sizes choose the
     backend: segments of at most 128 tokens go to ``triton_short``.
+
+    ``rotary=(cos, sin)`` rotates q and k first (rotate-half), with the tables
+    :func:`mmfast.ops.apply_rotary` takes ([T, R/2], or [B, T, R/2] padded; R <= D): the
+    result and the q/k/v gradients are those of ``attention(*apply_rotary(q, k, cos,
+    sin), v, ...)``. Row t of the tables rotates token t of q and of k, so q and k must
+    have the same tokens (self-attention; cu_seqlens_q and cu_seqlens_k may still
+    differ). The ``triton`` backend rotates tiles as its kernels load them, and in the
+    backward pass rotates dq and dk back in the kernels; the other backends compose
+    apply_rotary and attention. Tables that require grad get their gradient through the
+    composition (the fused kernels give none).
 
     Example::
 
@@ -570,6 +637,8 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
                                              max_seqlen_q, max_seqlen_k, window, scale)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if rotary is not None:
+        _check_rotary(rotary, q, k)
     window_left, window_right = window
     if causal:
         window_right = 0
@@ -578,7 +647,15 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k})
-    out, lse = ATTENTION.select(call, backend).run(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale
-    )
+    chosen = ATTENTION.select(call, backend)
+    run = chosen.run
+    if rotary is not None:
+        cos, sin = rotary
+        table_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+        if chosen.name in FUSES_ROTARY and not table_grad:
+            run = partial(run, rotary=(cos, sin))
+        else:
+            q, k = apply_rotary(q, k, cos, sin, backend="torch" if chosen.name == "torch" else None)
+    out, lse = run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   window_left, window_right, scale)
     return (out, lse) if return_lse else out
