@@ -6,9 +6,10 @@
 
 from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
 from mmfast.models.kv_cache import KVCache
-from mmfast.models.ldm import LatentDiffusionModel  # noqa: F401
+from mmfast.models.ldm import LatentDiffusionModel
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
 
 __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretrained"]
 __all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]
+__all__ += ["LatentDiffusionModel"]
