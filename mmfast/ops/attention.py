@@ -398,6 +398,7 @@ ATTENTION.register(
         "triton_short",
         _run_triton_short,
         triton=True,
+        dot=True,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         head_dims=lambda d: 32 <= d <= SHORT_MAX_HEAD_DIM,
         check=_short_segments,
@@ -408,6 +409,7 @@ ATTENTION.register(
         "triton",
         _run_triton,
         triton=True,
+        dot=True,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         head_dims=lambda d: 32 <= d <= 256,
     )
