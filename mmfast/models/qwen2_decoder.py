@@ -55,17 +55,18 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
 class Qwen2Attention(nn.Module):
     """GQA self-attention with M-RoPE over a packed stream, causal, optionally cached."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, qkv_bias: bool = True,
+                 o_bias: bool = False):
         super().__init__()
         if hidden_size % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"num_heads: {num_heads} must divide hidden_size {hidden_size}, "
                              f"and num_key_value_heads {num_kv_heads} must divide it")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=o_bias)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], cu_seqlens: Tensor, max_seqlen: int,
                 cache: Optional[KVCache] = None, step: Optional[CacheStep] = None, layer: int = 0) -> Tensor:
@@ -107,9 +108,9 @@ class Qwen2DecoderLayer(nn.Module):
     happen inside the fused norms."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int,
-                 eps: float):
+                 eps: float, qkv_bias: bool = True, o_bias: bool = False):
         super().__init__()
-        self.self_attn = Qwen2Attention(hidden_size, num_heads, num_kv_heads)
+        self.self_attn = Qwen2Attention(hidden_size, num_heads, num_kv_heads, qkv_bias, o_bias)
         self.mlp = Qwen2MLP(hidden_size, intermediate_size)
         self.input_layernorm = RMSNorm(hidden_size, eps=eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=eps)
@@ -126,19 +127,23 @@ class Qwen2DecoderLayer(nn.Module):
 
 class Qwen2Decoder(nn.Module):
     """Embedding + decoder layers + final norm (no lm_head: the caller applies it to the
-    positions it needs). Defaults: Qwen2.5-VL-7B's language model."""
+    positions it needs). Defaults: Qwen2.5-VL-7B's language model.
+
+    Also a Llama decoder (as LLaVA uses): ``qkv_bias=False`` (Llama's ``attention_bias``
+    sets both biases), and 1D RoPE by giving the three position streams equal ids."""
 
     def __init__(self, *, vocab_size: int = 152064, hidden_size: int = 3584, intermediate_size: int = 18944,
                  num_hidden_layers: int = 28, num_attention_heads: int = 28, num_key_value_heads: int = 4,
                  rms_norm_eps: float = 1e-6, rope_theta: float = 1000000.0,
-                 mrope_section: Sequence[int] = (16, 24, 24)):
+                 mrope_section: Sequence[int] = (16, 24, 24), qkv_bias: bool = True, o_bias: bool = False):
         super().__init__()
         self.hidden_size, self.num_kv_heads = hidden_size, num_key_value_heads
         self.head_dim = hidden_size // num_attention_heads
         self.mrope_section = tuple(int(s) for s in mrope_section)
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList([
-            Qwen2DecoderLayer(hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, rms_norm_eps)
+            Qwen2DecoderLayer(hidden_size, num_attention_heads, num_key_value_heads, intermediate_size, rms_norm_eps,
+                              qkv_bias, o_bias)
             for _ in range(num_hidden_layers)])
         self.norm = RMSNorm(hidden_size, eps=rms_norm_eps)
         self.rope_theta = float(rope_theta)

@@ -1,0 +1,296 @@
+"""LLaVA: a CLIP / SigLIP vision tower, an MLP projector and a Llama (or Qwen2) decoder,
+all on mmfast modules, loading Hugging Face's ``LlavaForConditionalGeneration`` weights.
+
+The tower's hidden states after layer ``vision_feature_layer`` (an index into Hugging
+Face's ``hidden_states``: 0 is the embedding output, -1 the last layer, before the final
+norm; a list concatenates several), with the CLS token dropped under the "default"
+``vision_feature_select_strategy`` ("full" keeps it), go through the projector and
+replace the ``image_token_index`` placeholder embeddings, image after image in reading
+order. The tower stops at the deepest layer it needs (LLaVA-1.5 skips the last one).
+
+The decoder is :class:`~mmfast.models.qwen2_decoder.Qwen2Decoder`: Llama is the same
+block without the q/k/v biases, and plain 1D RoPE is M-RoPE with one position stream.
+Prompts run unpadded, packed into one token stream, each with positions 0 .. n - 1 (what
+transformers' ``generate`` uses for left-padded batches; its ``forward`` without
+``position_ids`` numbers padding too, so padded logits agree only given those ids).
+
+Module names equal transformers 5's in memory (``model.vision_tower.*``,
+``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head``); checkpoints
+are read in the layout its ``save_pretrained`` writes and the released llava-hf models
+use (``vision_tower.[vision_model.]*``, ``multi_modal_projector.*``,
+``language_model.model.*``, ``language_model.lm_head``) or under the in-memory names.
+
+Host syncs: one per ``forward`` / ``generate`` call (prompt lengths, placeholder count),
+one per generated token (the end-of-sequence test).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture
+from mmfast.models.qwen2_decoder import Qwen2Decoder
+from mmfast.nn.projector import MLPProjector
+from mmfast.nn.vision import VisionTransformer
+
+# What save_pretrained writes (transformers 5) or the released llava-hf checkpoints hold
+# -> the module's names (transformers 5's in memory).
+CHECKPOINT_RULES = (
+    (r"^(model\.)?vision_tower\.(vision_model\.)?", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^language_model\.(model\.)?", "model.language_model."),
+)
+
+# Hugging Face's defaults for fields a config.json may leave out.
+_VISION_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6, vision_use_head=True),
+}
+_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6),
+}
+
+
+def _vision_kwargs(config: dict) -> dict:
+    """VisionTransformer keyword arguments from a CLIP / SigLIP vision config dict."""
+    model_type = config.get("model_type", "clip_vision_model")
+    if model_type not in _VISION_DEFAULTS:
+        raise ValueError(f"config.json: vision_config model_type {model_type!r} is not supported "
+                         f"(expected one of {', '.join(_VISION_DEFAULTS)})")
+    c = {**_VISION_DEFAULTS[model_type], **config}
+    return dict(style="clip" if model_type == "clip_vision_model" else "siglip", hidden_size=c["hidden_size"],
+                num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+                intermediate_size=c["intermediate_size"], image_size=c["image_size"], patch_size=c["patch_size"],
+                num_channels=c["num_channels"], hidden_act=c["hidden_act"], layer_norm_eps=c["layer_norm_eps"],
+                use_head=c.get("vision_use_head", True))
+
+
+def _text_kwargs(config: dict) -> dict:
+    """Qwen2Decoder keyword arguments from a Llama / Qwen2 text config dict."""
+    model_type = config.get("model_type", "llama")
+    if model_type not in _TEXT_DEFAULTS:
+        raise ValueError(f"config.json: text_config model_type {model_type!r} is not supported "
+                         f"(expected one of {', '.join(_TEXT_DEFAULTS)})")
+    c = {**_TEXT_DEFAULTS[model_type], **config}
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json: text rope type {rope.get('rope_type', rope.get('type'))!r} is not "
+                         "supported (default RoPE only)")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: text hidden_act {c['hidden_act']!r} (only 'silu' is supported)")
+    if c.get("mlp_bias") or c.get("use_sliding_window"):
+        raise ValueError("config.json: text mlp_bias / use_sliding_window are not supported")
+    heads = c["num_attention_heads"]
+    head_dim = c["hidden_size"] // heads
+    if c.get("head_dim") not in (None, head_dim):
+        raise ValueError(f"config.json: text head_dim {c['head_dim']} != hidden_size / num_attention_heads "
+                         f"= {head_dim} is not supported")
+    llama_bias = bool(c.get("attention_bias", False))  # Llama: on q, k, v and o; Qwen2: on q, k, v
+    return dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+                num_hidden_layers=c["num_hidden_layers"], num_attention_heads=heads,
+                num_key_value_heads=c.get("num_key_value_heads") or heads, rms_norm_eps=c["rms_norm_eps"],
+                rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+                mrope_section=(head_dim // 2, 0, 0),  # one position stream: plain 1D RoPE
+                qkv_bias=model_type == "qwen2" or llama_bias, o_bias=model_type == "llama" and llama_bias)
+
+
+@dataclass
+class LlavaConfig:
+    """What the model reads from a Hugging Face ``LlavaConfig`` (config.json dict)."""
+    vision: dict                          # VisionTransformer keyword arguments
+    text: dict                            # Qwen2Decoder keyword arguments
+    image_token_index: int = 32000
+    vision_feature_layer: Union[int, list] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+    eos_token_id: Optional[Union[int, list]] = None
+    pad_token_id: Optional[int] = None
+    raw: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "LlavaConfig":
+        text = dict(config.get("text_config") or {})
+        strategy = config.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"config.json: vision_feature_select_strategy {strategy!r} "
+                             "(expected 'default' or 'full')")
+        return cls(vision=_vision_kwargs(dict(config.get("vision_config") or {})), text=_text_kwargs(text),
+                   image_token_index=config.get("image_token_index", config.get("image_token_id", 32000)),
+                   vision_feature_layer=config.get("vision_feature_layer", -2),
+                   vision_feature_select_strategy=strategy,
+                   projector_hidden_act=config.get("projector_hidden_act", "gelu"),
+                   multimodal_projector_bias=config.get("multimodal_projector_bias", True),
+                   tie_word_embeddings=bool(config.get("tie_word_embeddings") or text.get("tie_word_embeddings")),
+                   eos_token_id=text.get("eos_token_id", config.get("eos_token_id")),
+                   pad_token_id=text.get("pad_token_id", config.get("pad_token_id")), raw=dict(config))
+
+
+class _Backbone(nn.Module):
+    """transformers 5's ``LlavaModel`` names: vision_tower, multi_modal_projector, language_model."""
+
+    def __init__(self, config: LlavaConfig):
+        super().__init__()
+        layers = config.vision_feature_layer
+        width = config.vision["hidden_size"] * (1 if isinstance(layers, int) else len(layers))
+        self.vision_tower = VisionTransformer(**config.vision)
+        self.multi_modal_projector = MLPProjector(width, config.text["hidden_size"], config.projector_hidden_act,
+                                                  config.multimodal_projector_bias)
+        self.language_model = Qwen2Decoder(**config.text)
+
+
+def vision_hidden_states(tower: VisionTransformer, pixel_values: Tensor, layers: list[int]) -> list[Tensor]:
+    """Hugging Face's ``hidden_states[i]`` of the tower for each ``i`` in ``layers``
+    (0: the embeddings, after CLIP's pre-norm; i: after i blocks; negative from the end),
+    running only the blocks the deepest one needs."""
+    depth = len(tower.encoder.layers)
+    index = [i + depth + 1 if i < 0 else i for i in layers]
+    if not all(0 <= i <= depth for i in index):
+        raise ValueError(f"vision_feature_layer: {layers} out of range for a tower of {depth} layers")
+    hidden = tower.embeddings(pixel_values)
+    if tower.style == "clip":
+        hidden = tower.pre_layrnorm(hidden)
+    states, delta = {0: hidden}, None
+    for i, block in enumerate(tower.encoder.layers[:max(index)], 1):
+        hidden, delta = block.forward_residual(hidden, delta)
+        if i in index:
+            states[i] = hidden + delta
+    return [states[i] for i in index]
+
+
+@register_architecture("LlavaForConditionalGeneration")
+class LlavaForConditionalGeneration(nn.Module):
+    """LLaVA on mmfast kernels; state dict names equal transformers 5's
+    ``LlavaForConditionalGeneration`` (see the module docstring)."""
+
+    def __init__(self, config: Union[LlavaConfig, dict]):
+        super().__init__()
+        self.config = config if isinstance(config, LlavaConfig) else LlavaConfig.from_dict(config)
+        self.model = _Backbone(self.config)
+        self.lm_head = nn.Linear(self.config.text["hidden_size"], self.config.text["vocab_size"], bias=False)
+        self.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
+                        device: Union[str, torch.device, None] = None) -> "LlavaForConditionalGeneration":
+        """Load a transformers-format directory (config.json + safetensors). ``dtype``:
+        the parameters' dtype (default: the config's ``dtype``/``torch_dtype``, else float32)."""
+        raw = read_config(directory)
+        if dtype is None:
+            name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
+            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+        with torch.device("meta"):  # no random init of weights about to be overwritten
+            model = cls(raw)
+        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        model.tie_weights()  # to_empty gives each module its own tensor
+        load_checkpoint(model, directory, rules=CHECKPOINT_RULES)
+        return model.eval()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    # ---- inputs -> packed stream ---------------------------------------------------
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Projected features [images, tokens per image, text hidden] of ``pixel_values``
+        [images, C, H, W]."""
+        tower = self.model.vision_tower
+        layers = self.config.vision_feature_layer
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values: expected [images, C, H, W], got {tuple(pixel_values.shape)}")
+        # The patch embedding casts the pixels to the weights' dtype.
+        states = vision_hidden_states(tower, pixel_values, [layers] if isinstance(layers, int) else list(layers))
+        if self.config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        return self.model.multi_modal_projector(torch.cat(states, dim=-1))
+
+    def _prompt(self, input_ids: Tensor, attention_mask: Optional[Tensor], pixel_values: Optional[Tensor]):
+        """The unpadded prompts as one stream: (embeds [T, C], positions [T], cu_seqlens,
+        lengths, mask [B, Tpad])."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+        lengths = mask.sum(1).tolist()
+        if min(lengths) == 0:
+            raise ValueError("attention_mask: every sequence needs at least one token")
+        ids = input_ids[mask]
+        embeds = self.model.language_model.embed_tokens(ids)
+        slots = ids == self.config.image_token_index
+        count = int(slots.sum())
+        if pixel_values is None:
+            if count:
+                raise ValueError(f"input_ids: {count} image tokens (id {self.config.image_token_index}) "
+                                 "but no pixel_values were given")
+        else:
+            features = self.image_features(pixel_values)
+            if count != features.shape[0] * features.shape[1]:
+                raise ValueError(f"input_ids: {count} image tokens (id {self.config.image_token_index}), but "
+                                 f"pixel_values gives {features.shape[0]} images x {features.shape[1]} features")
+            embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
+        positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(ids.device)
+        return embeds, positions, cu, lengths, mask
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                pixel_values: Optional[Tensor] = None) -> Tensor:
+        """Logits [B, T, vocab] (padded positions hold 0)."""
+        embeds, positions, cu, lengths, mask = self._prompt(input_ids, attention_mask, pixel_values)
+        hidden = self.model.language_model(embeds, positions.expand(3, -1), cu, max(lengths))
+        logits = self.lm_head(hidden)
+        if min(lengths) == input_ids.shape[1]:
+            return logits.view(*input_ids.shape, -1)
+        out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+        out[mask] = logits
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                 pixel_values: Optional[Tensor] = None, max_new_tokens: int = 32,
+                 eos_token_id: Optional[Union[int, list]] = None, pad_token_id: Optional[int] = None) -> Tensor:
+        """Greedy continuation with a KV cache. Returns ``[B, T + n]``: the prompts, then
+        the new tokens; a finished sequence (it produced ``eos_token_id``) continues with
+        ``pad_token_id``, and the loop stops when all have finished."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        pad = int(eos[0]) if pad is None and eos.numel() else (0 if pad is None else pad)
+
+        embeds, positions, cu, lengths, _ = self._prompt(input_ids, attention_mask, pixel_values)
+        decoder, batch = self.model.language_model, input_ids.shape[0]
+        cache = decoder.new_cache(batch, max(lengths) + max_new_tokens)
+        hidden = decoder(embeds, positions.expand(3, -1), cu, max(lengths), cache=cache, new_lengths=lengths)
+        last = hidden[cu[1:].long() - 1]
+        position = torch.tensor(lengths, device=input_ids.device)
+        one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            token = self.lm_head(last).argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            finished |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or bool(finished.all()):
+                break
+            last = decoder(decoder.embed_tokens(token), position.expand(3, -1), one_each, 1, cache=cache,
+                           new_lengths=[1] * batch)
+            position = position + 1
+        return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
