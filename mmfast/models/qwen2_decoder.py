@@ -129,8 +129,8 @@ class Qwen2Decoder(nn.Module):
     """Embedding + decoder layers + final norm (no lm_head: the caller applies it to the
     positions it needs). Defaults: Qwen2.5-VL-7B's language model.
 
-    Also a Llama decoder (as LLaVA uses): ``qkv_bias=False`` (Llama's ``attention_bias``
-    sets both biases), and 1D RoPE by giving the three position streams equal ids."""
+    Also a Llama decoder (as LLaVA uses): ``qkv_bias=False`` (Llama with ``attention_bias``:
+    both flags True), and 1D RoPE by giving the three position streams equal ids."""
 
     def __init__(self, *, vocab_size: int = 152064, hidden_size: int = 3584, intermediate_size: int = 18944,
                  num_hidden_layers: int = 28, num_attention_heads: int = 28, num_key_value_heads: int = 4,

@@ -15,14 +15,14 @@ IMAGE_TOKENS = 4  # (8 / 4)^2 patches; the CLS token is dropped ("default" strat
 
 
 def _config(**overrides):
-    return transformers.LlavaConfig(
+    towers = dict(
         vision_config=transformers.CLIPVisionConfig(
             hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, image_size=8,
             patch_size=4, hidden_act="quick_gelu"),
         text_config=transformers.LlamaConfig(
             vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=PAD),
-        image_token_index=IMAGE, **overrides)
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=PAD))
+    return transformers.LlavaConfig(**{**towers, **overrides}, image_token_index=IMAGE)
 
 
 def _checkpoint(tmp_path_factory, name, **overrides):
@@ -61,27 +61,36 @@ def test_logits_match_hugging_face(checkpoint):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_full_strategy_and_layer_list(tmp_path_factory):
-    # Keeps CLS (5 tokens per image) and concatenates the embeddings with the last layer.
-    hf, directory = _checkpoint(tmp_path_factory, "llava_full", vision_feature_select_strategy="full",
-                                vision_feature_layer=[0, -1])
+def test_siglip_qwen2_full_strategy_and_layer_list(tmp_path_factory):
+    # The other tower and decoder: SigLIP (no CLS token: "full" keeps all 4 patches) and
+    # Qwen2 (q/k/v biases); the features concatenate the embeddings and the last layer.
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=8, patch_size=4)
+    text = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    hf, directory = _checkpoint(tmp_path_factory, "llava_siglip", vision_config=vision, text_config=text,
+                                vision_feature_select_strategy="full", vision_feature_layer=[0, -1])
     ours = LlavaForConditionalGeneration.from_pretrained(directory)
-    ids = torch.cat([torch.tensor([[5, 6]]), torch.full((1, IMAGE_TOKENS + 1), IMAGE), torch.tensor([[7]])], dim=1)
+    assert ours.model.language_model.layers[0].self_attn.q_proj.bias is not None
+    ids = torch.cat([torch.tensor([[5, 6]]), torch.full((1, IMAGE_TOKENS), IMAGE), torch.tensor([[7]])], dim=1)
     pixels = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    with mmfast.set_backend("torch"), torch.no_grad():
+    with torch.no_grad():
         torch.testing.assert_close(ours(ids, pixel_values=pixels), hf(input_ids=ids, pixel_values=pixels).logits,
                                    rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_generation_matches_hugging_face(checkpoint):
-    # One model run per token: the reference kernels keep this fast under the Triton
-    # interpreter; the kernels inside the model are covered by the logits test.
+    # Left padding: the second prompt loses its first two tokens, so the cache holds
+    # sequences of different lengths (its packed path); positions count from each
+    # prompt's first real token, as transformers' generate does.
     hf, directory = checkpoint
     ours = LlavaForConditionalGeneration.from_pretrained(directory)
     ids, pixels = _prompt()
-    with mmfast.set_backend("torch"):
-        got = ours.generate(ids, pixel_values=pixels, max_new_tokens=5, eos_token_id=[])
-    want = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = PAD, 0
+    got = ours.generate(ids, mask, pixel_values=pixels, max_new_tokens=5, eos_token_id=[])
+    want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5,
+                       do_sample=False)
     assert torch.equal(got, want)
 
 
@@ -93,3 +102,21 @@ def test_image_token_count_mismatch_raises(checkpoint):
         ours(ids[:1], pixel_values=pixels[:3])
     with pytest.raises(ValueError, match="no pixel_values"):
         ours(ids)
+
+
+def test_backward_matches_hugging_face(checkpoint):
+    # Gradients reach the decoder, the projector and the tower layers the features use.
+    hf, directory = checkpoint
+    ours = LlavaForConditionalGeneration.from_pretrained(directory)
+    ids, pixels = _prompt()
+    weight = torch.randn(*ids.shape, 128, generator=torch.Generator().manual_seed(3))
+    (ours(ids, pixel_values=pixels) * weight).sum().backward()
+    (hf(input_ids=ids, pixel_values=pixels).logits * weight).sum().backward()
+    hf_params = dict(hf.named_parameters())
+    for name in ("model.language_model.layers.0.self_attn.q_proj.weight",
+                 "model.multi_modal_projector.linear_1.weight",
+                 "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+                 "model.vision_tower.embeddings.patch_embedding.weight"):
+        got = dict(ours.named_parameters())[name].grad
+        torch.testing.assert_close(got, hf_params[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    hf.zero_grad()
