@@ -14,3 +14,4 @@ from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGenera
 __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretrained"]
 __all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]
 __all__ += ["LatentDiffusionModel"]
+__all__ += ["LlavaConfig", "LlavaForConditionalGeneration"]
