@@ -7,7 +7,7 @@
 from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
 from mmfast.models.kv_cache import KVCache
 from mmfast.models.ldm import LatentDiffusionModel
-from mmfast.models.llava import LlavaForConditionalGeneration
+from mmfast.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
 
