@@ -60,7 +60,6 @@ forcing it (``backend="xformers"``) raises NoBackendError with that reason.
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 from numbers import Real
 from typing import Optional
@@ -70,6 +69,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
+from mmfast.ops._attention_checks import (check_cu_seqlens, check_cu_values, check_max_seqlen, check_tensor,
+                                         debug_checks)
 from mmfast.ops import attention_external as external
 from mmfast.ops.rotary import apply_rotary
 
@@ -458,60 +459,6 @@ ATTENTION.register(Backend("torch", _run_torch))
 # ---- public function -------------------------------------------------------------
 
 
-def _debug_checks() -> bool:
-    return os.environ.get("MMFAST_DEBUG_CHECKS", "0") not in ("", "0")
-
-
-def _check_tensor(name: str, t, q: Tensor | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-    if q is None:
-        if t.dim() not in (3, 4):
-            raise ValueError(f"{name}: expected [T, H, D] (packed) or [B, T, H, D] (padded), got shape {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-        return
-    if t.dtype != q.dtype:
-        raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
-    if t.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (that of q), got {t.device}")
-    if t.dim() != q.dim():
-        raise ValueError(f"{name}: expected {q.dim()} dims like q, got shape {tuple(t.shape)}")
-
-
-def _check_cu_seqlens(name: str, cu, q: Tensor) -> None:
-    if not isinstance(cu, Tensor):
-        raise TypeError(f"{name}: expected an int32 Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name}: expected dtype int32, got {cu.dtype}")
-    if cu.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (that of q), got {cu.device}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name}: expected a 1-d tensor of B+1 >= 1 entries, got shape {tuple(cu.shape)}")
-
-
-def _check_cu_values(name: str, cu: Tensor, tokens: int, max_seqlen: int | None) -> int:
-    """Value checks, in one device sync; returns the longest segment."""
-    lengths = cu.diff()
-    if not lengths.numel():  # no segments
-        lengths = cu.new_zeros(1)
-    first, last, shortest, longest = torch.stack([cu[0], cu[-1], lengths.min(), lengths.max()]).tolist()
-    if first != 0:
-        raise ValueError(f"{name}: expected the first entry to be 0, got {first}")
-    if shortest < 0:
-        raise ValueError(f"{name}: expected non-decreasing entries, got {cu.tolist()}")
-    if last != tokens:
-        raise ValueError(f"{name}: expected the last entry to equal the token count {tokens}, got {last}")
-    if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen for {name}: {max_seqlen} is less than the longest segment {longest}")
-    return longest
-
-
-def _check_max_seqlen(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
-
-
 def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
     """Tables as :func:`mmfast.ops.apply_rotary` takes them, for q's tokens and k's alike.
     Every problem is a ValueError naming ``rotary``."""
@@ -548,9 +495,9 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
 
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
-    _check_tensor("q", q)
-    _check_tensor("k", k, q)
-    _check_tensor("v", v, q)
+    check_tensor("q", q)
+    check_tensor("k", k, q)
+    check_tensor("v", v, q)
     packed = q.dim() == 3
     if k.shape != v.shape:
         raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
@@ -576,21 +523,21 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         raise ValueError(f"window: expected (left, right), ints >= -1 (-1: unbounded), got {window!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
         raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if packed:
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(
                 f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
                 f"got {cu_seqlens_k.numel()}"
             )
         # Value checks need the values on the host: only when syncing anyway, or debugging.
-        if max_seqlen_q is None or _debug_checks():
-            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        if max_seqlen_k is None or _debug_checks():
-            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+        if max_seqlen_q is None or debug_checks():
+            max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if max_seqlen_k is None or debug_checks():
+            max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     else:
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
     return max_seqlen_q, max_seqlen_k

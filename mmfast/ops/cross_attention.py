@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops.attention import (_check_cu_seqlens, _check_cu_values, _check_max_seqlen, _check_tensor,
-                                  _debug_checks)
+from mmfast.ops._attention_checks import (check_cu_seqlens, check_cu_values, check_max_seqlen, check_tensor,
+                                         debug_checks)
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
 MAX_HEAD_DIM = 256
@@ -265,9 +265,9 @@ CROSS_ATTENTION.register(Backend("torch", _run_torch))
 
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
-    _check_tensor("q", q)
-    _check_tensor("k", k, q)
-    _check_tensor("v", v, q)
+    check_tensor("q", q)
+    check_tensor("k", k, q)
+    check_tensor("v", v, q)
     packed = q.dim() == 3
     if k.shape != v.shape:
         raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
@@ -298,24 +298,24 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         if gate.numel() not in (1, heads):
             raise ValueError(f"gate: expected 1 or {heads} (query heads) elements, got shape {tuple(gate.shape)}")
     if residual is not None:
-        _check_tensor("residual", residual, q)
+        check_tensor("residual", residual, q)
         if residual.shape != q.shape:
             raise ValueError(f"residual: expected shape {tuple(q.shape)} (that of q), got {tuple(residual.shape)}")
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if packed:
-        _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
             raise ValueError(
                 f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
                 f"got {cu_seqlens_k.numel()}"
             )
         # Value checks need the values on the host: only when syncing anyway, or debugging.
-        if max_seqlen_q is None or _debug_checks():
-            max_seqlen_q = _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        if max_seqlen_k is None or _debug_checks():
-            max_seqlen_k = _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+        if max_seqlen_q is None or debug_checks():
+            max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+        if max_seqlen_k is None or debug_checks():
+            max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if mask is not None:
         if not isinstance(mask, CrossAttentionMask):
             raise TypeError(
@@ -323,7 +323,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 f"(KeyPaddingMask, ImagesUpToPositionMask, LatestImageMask), got {type(mask).__name__}"
             )
         mask.check(q, k, cu_seqlens_q)
-        if _debug_checks():
+        if debug_checks():
             mask.check_values(k, cu_seqlens_k)
     return max_seqlen_q, max_seqlen_k
 
