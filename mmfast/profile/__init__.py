@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
             p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+            p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each step as a CUDA graph")
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
         p.add_argument("--repeats", type=_positive, help="timed runs per measurement (median; default 5 GPU, 2 CPU)")
         p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
@@ -74,7 +75,9 @@ def _fill_defaults(args, on_gpu: bool) -> None:
         args.preset = None
 
 
-def _validate(args) -> None:
+def _validate(args, on_gpu: bool) -> None:
+    if getattr(args, "cuda_graph", False) and not on_gpu:
+        raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
     if args.checkpoint is not None:
         if not os.path.isdir(args.checkpoint):
             raise ValueError(f"--checkpoint: {args.checkpoint} is not a directory")
@@ -127,7 +130,7 @@ def run(args, log=print) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     _fill_defaults(args, on_gpu)
-    _validate(args)
+    _validate(args, on_gpu)
     dtype = DTYPES[args.dtype]
     device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
@@ -146,7 +149,7 @@ def run(args, log=print) -> dict:
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
         args.resolution = args.resolution or ldm.default_resolution(ours)
-        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance)
+        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph)
         short, long = "latent", "pt"
         weights = (_weights_bytes(ours),
                    _weights_bytes(*(getattr(reference, n) for n in ("text_encoder", "unet", "vae"))))
@@ -195,7 +198,7 @@ def run(args, log=print) -> dict:
         "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
         "batch": args.batch, "resolution": args.resolution, "repeats": args.repeats,
         **({"new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens} if args.kind == "vlm"
-           else {"steps": args.steps, "guidance": args.guidance}),
+           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
         "speedups": speedups, "notes": notes,

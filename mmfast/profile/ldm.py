@@ -68,8 +68,10 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
 
     if checkpoint is not None:
         ours = LatentDiffusionModel.from_pretrained(checkpoint, torch_dtype=dtype, device=device)
-        pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=True)
+        # Components the benchmark does not use are passed as None, so directories without them load.
+        pipe = StableDiffusionPipeline.from_pretrained(
+            checkpoint, torch_dtype=dtype, tokenizer=ours.tokenizer, safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False, local_files_only=True)
         description = f"checkpoint {checkpoint}"
     else:
         torch.manual_seed(0)
@@ -88,7 +90,8 @@ def default_resolution(ours) -> int:
     return ours.unet.config.sample_size * ours.vae_scale_factor
 
 
-def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float) -> list[Side]:
+def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
+          cuda_graph: bool = False) -> list[Side]:
     text = ours.text_encoder.config
     g = torch.Generator().manual_seed(0)
     shape = (batch, text.max_position_embeddings, text.hidden_size)
@@ -97,6 +100,7 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float) 
 
     def run_ours(output_type):
         return ours.generate(cond, negative_prompt_embeds=uncond, output_type=output_type, progress=False,
+                             cuda_graph=cuda_graph,
                              generator=torch.Generator(ours.device).manual_seed(1), **common)
 
     @torch.no_grad()

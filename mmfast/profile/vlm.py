@@ -39,22 +39,29 @@ def _hf_config(config):
 
 
 def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype):
-    """(mmfast model, transformers model, description) with equal weights."""
+    """(mmfast model, transformers model, description) with equal weights. The transformers
+    model is built from mmfast's config and takes mmfast's state dict (the names are equal),
+    so a checkpoint is read once."""
     import transformers
 
     from mmfast.models import Qwen25VLForConditionalGeneration
 
-    if checkpoint is not None:
-        ours = Qwen25VLForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, device=device)
-        reference = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            checkpoint, dtype=dtype, attn_implementation="sdpa").to(device)
-        return ours.eval(), reference.eval(), f"checkpoint {checkpoint}"
     torch.manual_seed(0)
-    with torch.device(device):
-        ours = Qwen25VLForConditionalGeneration.from_preset(preset).to(dtype)
-        reference = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(ours.config)).to(dtype)
+    # Built in the target dtype on the target device: a float32 7B pair would not fit beside each other.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if checkpoint is not None:
+                ours = Qwen25VLForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, device=device)
+            else:
+                ours = Qwen25VLForConditionalGeneration.from_preset(preset).to(dtype)
+            reference = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(ours.config)).to(dtype)
+    finally:
+        torch.set_default_dtype(previous)
     reference.load_state_dict(ours.state_dict())
-    return ours.eval(), reference.eval(), f"preset {preset} (random weights)"
+    description = f"checkpoint {checkpoint}" if checkpoint is not None else f"preset {preset} (random weights)"
+    return ours.eval(), reference.eval(), description
 
 
 def inputs(model, batch: int, resolution: int, device: torch.device, dtype: torch.dtype) -> dict:
