@@ -75,6 +75,7 @@ def test_ldm_tiny_end_to_end(tmp_path, capsys):
     (["vlm", "--checkpoint", "/no/such/dir"], "--checkpoint: /no/such/dir is not a directory"),
     (["ldm", "--batch", "0"], "expected a positive integer"),
     (["vlm", "--backend", "warp"], "--backend: no op family has a backend 'warp'"),
+    (["vlm", "--preset", "tiny", "--checkpoint", "."], "--preset/--checkpoint: give one or the other"),
     (["ldm", "--cuda-graph"], "--cuda-graph: needs a CUDA device"),
 ])
 def test_bad_arguments(argv, message, capsys):
@@ -87,3 +88,16 @@ def test_checkpoint_without_config_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["profile", "ldm", "--checkpoint", str(tmp_path)])
     assert "not a diffusers pipeline directory (no model_index.json" in capsys.readouterr().err
+
+
+def test_vlm_from_checkpoint(tmp_path):
+    import torch
+
+    from mmfast.models import Qwen25VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    Qwen25VLForConditionalGeneration.from_preset("tiny").save_pretrained(tmp_path / "model")
+    assert main(["profile", "vlm", "--checkpoint", str(tmp_path / "model"), "--new-tokens", "2",
+                 "--out", str(tmp_path), *COMMON]) == 0
+    data = _results(tmp_path, "vlm")
+    assert data["preset"] is None and data["model"] == f"checkpoint {tmp_path / 'model'}"

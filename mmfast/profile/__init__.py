@@ -69,10 +69,8 @@ def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
     for group in (DEFAULTS[args.kind], DEFAULTS["any"]):
         for name, values in group.items():
-            if getattr(args, name, None) is None:
+            if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
                 setattr(args, name, values[pick])
-    if args.checkpoint is not None:
-        args.preset = None
 
 
 def _validate(args, on_gpu: bool) -> None:
@@ -129,6 +127,8 @@ def run(args, log=print) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
+    if args.preset is not None and args.checkpoint is not None:
+        raise ValueError("--preset/--checkpoint: give one or the other (a checkpoint brings its own config)")
     _fill_defaults(args, on_gpu)
     _validate(args, on_gpu)
     dtype = DTYPES[args.dtype]
