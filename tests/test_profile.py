@@ -14,6 +14,7 @@ pytest.importorskip("diffusers")
 
 from mmfast.cli import main  # noqa: E402
 
+
 @pytest.fixture(autouse=True)
 def one_thread():
     # These models are far too small for intra-op threads; on a busy shared CPU two threads
