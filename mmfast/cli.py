@@ -1,8 +1,8 @@
-"""The ``mmfast`` command: ``mmfast info`` and ``mmfast bench``.
+"""The ``mmfast`` command: ``mmfast info``, ``mmfast bench`` and ``mmfast profile``.
 
 ``info`` reports what this machine has (versions, device, whether Triton runs) and which
 backend of each op family can run here and, if not, why. ``bench`` hands its arguments
-to the benchmark suites (``mmfast.bench.main``).
+to the benchmark suites (``mmfast.bench.main``), ``profile`` to ``mmfast.profile.main``.
 
 Heavy modules (torch, mmfast's ops) are imported inside the commands, so that
 ``mmfast --help`` stays quick; optional libraries are only looked up, never imported.
@@ -271,6 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", add_help=False, help="run benchmark suites (`mmfast bench --help` for their options)"
     )
+    commands.add_parser("profile", add_help=False, help="a whole model, mmfast vs transformers/diffusers "
+                        "(`mmfast profile --help`)")
     return parser
 
 
@@ -280,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     # verbatim. The only top-level options (--help, --version) exit before any command.
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "profile":
+        return importlib.import_module("mmfast.profile").main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _info(args)

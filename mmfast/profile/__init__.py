@@ -1,0 +1,244 @@
+"""``mmfast profile vlm|ldm``: a complete model on mmfast kernels against what users would
+otherwise run (transformers / diffusers), side by side on this machine.
+
+For each side: warm-up, timed runs (median), peak memory, and a torch.profiler breakdown
+of one run (top ops by self time). Prints a table and writes JSON (and a PNG chart when
+matplotlib is importable) under ``--out``; ``--trace`` also writes Chrome traces.
+
+Without a GPU it runs the tiny presets and says loudly that the numbers are not GPU
+numbers; without ``TRITON_INTERPRET`` the mmfast side then runs the PyTorch backends of its
+ops (dispatch picks them), and the output lists the backends that actually ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sys
+
+import torch
+
+from mmfast.profile import ldm, measure, report, vlm
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# (GPU default, CPU default)
+DEFAULTS = {
+    "vlm": {"preset": ("7b", "tiny"), "resolution": (448, 56), "new_tokens": (64, 4)},
+    "ldm": {"preset": ("sd15", "tiny"), "steps": (30, 2)},
+    "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2)},
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
+    kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
+    for kind, presets, what in (("vlm", vlm.PRESETS, "Qwen2.5-VL vs transformers"),
+                                ("ldm", ldm.PRESETS, "Stable Diffusion vs diffusers")):
+        p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
+        p.add_argument("--preset", choices=presets, help=f"model size, random weights (default: "
+                       f"{DEFAULTS[kind]['preset'][0]} on a GPU, tiny on a CPU)")
+        p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local directory instead of a preset")
+        p.add_argument("--batch", type=_positive, default=1, help="prompts per run (default 1)")
+        p.add_argument("--resolution", type=_positive, metavar="PX", help="image side in pixels")
+        if kind == "vlm":
+            p.add_argument("--new-tokens", type=_positive, help="tokens generated per prompt (default 64 GPU, 4 CPU)")
+        else:
+            p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
+            p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+            p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each step as a CUDA graph")
+        p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
+        p.add_argument("--repeats", type=_positive, help="timed runs per measurement (median; default 5 GPU, 2 CPU)")
+        p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
+        p.add_argument("--top", type=_positive, default=12, help="ops per side in the breakdown (default 12)")
+        p.add_argument("--trace", metavar="OUT.json", help="write the mmfast run's Chrome trace here "
+                       "(the reference's next to it, as OUT.reference.json)")
+        p.add_argument("--out", metavar="DIR", default="mmfast-profile", help="where the JSON and PNG go")
+    return top
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fill_defaults(args, on_gpu: bool) -> None:
+    pick = 0 if on_gpu else 1
+    for group in (DEFAULTS[args.kind], DEFAULTS["any"]):
+        for name, values in group.items():
+            if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
+                setattr(args, name, values[pick])
+
+
+def _validate(args, on_gpu: bool) -> None:
+    if getattr(args, "cuda_graph", False) and not on_gpu:
+        raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
+    if args.checkpoint is not None:
+        if not os.path.isdir(args.checkpoint):
+            raise ValueError(f"--checkpoint: {args.checkpoint} is not a directory")
+        (vlm if args.kind == "vlm" else ldm).check_checkpoint(args.checkpoint)
+    if args.backend is not None:
+        import mmfast  # noqa: F401  (registers the op families)
+        from mmfast.dispatch import op_families
+
+        known = sorted({name for family in op_families().values() for name in family.backends})
+        if args.backend not in known:
+            raise ValueError(f"--backend: no op family has a backend {args.backend!r} (known: {', '.join(known)})")
+
+
+def _trace_paths(trace: str | None):
+    if trace is None:
+        return None, None
+    stem, ext = os.path.splitext(trace)
+    return trace, f"{stem}.reference{ext or '.json'}"
+
+
+def _weights_bytes(*modules) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return total
+
+
+def _backend_note(device: torch.device, ran: set) -> str:
+    from mmfast.dispatch import triton_interpreted
+
+    listing = ", ".join(f"{op}={backend}" for op, backend in sorted(ran)) or "none recorded"
+    if device.type == "cuda":
+        why = ""
+    elif triton_interpreted():
+        why = " (TRITON_INTERPRET=1: Triton kernels run under the interpreter, so their times are meaningless)"
+    else:
+        why = " (no GPU and no TRITON_INTERPRET: dispatch ran the PyTorch backends of mmfast's ops)"
+    return f"mmfast backends that ran: {listing}{why}"
+
+
+def run(args, log=print) -> dict:
+    """Build both sides, time and profile them; returns the results (what the JSON holds)."""
+    from tqdm.auto import tqdm
+
+    import mmfast
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    if args.preset is not None and args.checkpoint is not None:
+        raise ValueError("--preset/--checkpoint: give one or the other (a checkpoint brings its own config)")
+    _fill_defaults(args, on_gpu)
+    _validate(args, on_gpu)
+    dtype = DTYPES[args.dtype]
+    device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
+    if not on_gpu:
+        log("=" * 78 + "\n  NO GPU: these are CPU numbers of a small model, NOT GPU numbers.\n"
+            "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
+
+    workload = vlm if args.kind == "vlm" else ldm
+    log(f"building {args.kind} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
+    ours, reference, description = workload.build(args.preset, args.checkpoint, device, dtype)
+    if args.kind == "vlm":
+        batch_inputs = vlm.inputs(ours, args.batch, args.resolution, device, dtype)
+        args.resolution = batch_inputs["pixels"]
+        prompt_tokens = batch_inputs["input_ids"].shape[1]
+        sides = vlm.sides(ours, reference, batch_inputs)
+        short, long = 1, args.new_tokens
+        weights = (_weights_bytes(ours), _weights_bytes(reference))
+    else:
+        args.resolution = args.resolution or ldm.default_resolution(ours)
+        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph)
+        short, long = "latent", "pt"
+        weights = (_weights_bytes(ours),
+                   _weights_bytes(*(getattr(reference, n) for n in ("text_encoder", "unet", "vae"))))
+
+    traces = _trace_paths(args.trace)
+    ran: set = set()
+    results_sides = []
+    bar = tqdm(total=len(sides) * (3 + 2 * args.repeats), desc=f"profile {args.kind}", unit="run", leave=False)
+    for index, side in enumerate(sides):
+        bar.set_postfix_str(side.name)
+        mmfast_side = index == 0
+        with contextlib.ExitStack() as stack:
+            if mmfast_side:
+                stack.enter_context(measure.record_backends(ran))
+                if args.backend is not None:
+                    stack.enter_context(mmfast.set_backend(args.backend))
+            side.generate(short), side.generate(long)  # warm-up: compilation, autotuning, caches
+            bar.update(2)
+            memory: dict = {}
+            with measure.peak_memory(device, memory, weights[index]):
+                first = measure.time_runs(lambda: side.generate(short), device, args.repeats, bar)
+                full = measure.time_runs(lambda: side.generate(long), device, args.repeats, bar)
+            ops = measure.op_breakdown(lambda: side.generate(long), device, args.top, traces[index])
+            bar.update(1)
+        if args.kind == "vlm":
+            metrics = vlm.metrics(args.batch, prompt_tokens, args.new_tokens, first, full)
+        else:
+            metrics = ldm.metrics(args.batch, args.steps, first, full)
+        metrics.update(memory)
+        results_sides.append({"name": side.name, "metrics": metrics, "ops": ops})
+    bar.close()
+
+    basis = "generate_s" if args.kind == "vlm" else "end_to_end_s"
+    speedups = {key: results_sides[1]["metrics"][key] / results_sides[0]["metrics"][key]
+                for key in ("generate_s", "time_to_first_token_s", "end_to_end_s", "denoise_s")
+                if key in results_sides[0]["metrics"]}
+    notes = [_backend_note(device, ran)]
+    if args.kind == "ldm":
+        notes.append("reference: diffusers StableDiffusionPipeline over the same components and weights; "
+                     "both sides take the same prompt embeddings (text encoding not timed)")
+    else:
+        notes.append("reference: transformers Qwen2_5_VLForConditionalGeneration (attn_implementation='sdpa'), "
+                     "same config and weights")
+    return {
+        "kind": args.kind, "model": description, "preset": args.preset, "checkpoint": args.checkpoint,
+        "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
+        "batch": args.batch, "resolution": args.resolution, "repeats": args.repeats,
+        **({"new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens} if args.kind == "vlm"
+           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
+        "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
+        "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
+        "speedups": speedups, "notes": notes,
+        "versions": {"torch": torch.__version__, "mmfast": mmfast.__version__, **_library_versions()},
+    }
+
+
+def _library_versions() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for name in ("transformers", "diffusers", "triton"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        results = run(args)
+    except (ValueError, FileNotFoundError) as error:
+        if str(error).startswith("--"):  # a bad argument: report it as argparse does
+            p.error(str(error))
+        raise
+    print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
+          f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
+    print(report.table(results))
+    print(f"speedup: {results['speedup_basis']}")
+    for note in results["notes"]:
+        print(note)
+    print()
+    print(report.breakdown(results, args.top))
+    for path in report.write(results, args.out) + [t for t in _trace_paths(args.trace) if t]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``mmfast profile`` runs end to end on a CPU (tiny presets, a couple of tokens/steps) and
+writes the JSON it promises; bad arguments are refused with messages naming them.
+
+The mmfast side runs its ops' PyTorch backends (``--backend torch``): the test suite sets
+TRITON_INTERPRET on CPU machines, under which a single tiny UNet evaluation takes seconds.
+"""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("diffusers")
+
+from mmfast.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are far too small for intra-op threads; on a busy shared CPU two threads
+    # spin against other processes and the runs take several times longer.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+COMMON = ["--repeats", "1", "--backend", "torch", "--dtype", "float32", "--top", "5"]
+
+
+def _results(out, kind):
+    data = json.loads((out / f"profile_{kind}.json").read_text())
+    assert data["kind"] == kind and data["gpu_numbers"] is False and data["device"] == "cpu"
+    assert [side["name"].split()[0] for side in data["sides"]] == ["mmfast", kind == "vlm" and "transformers"
+                                                                   or "diffusers"]
+    for side in data["sides"]:
+        assert side["metrics"]["peak_memory_gib"] is None  # no allocator statistics on a CPU
+        assert 0 < len(side["ops"]) <= 5 and all(op["self_ms"] > 0 and op["calls"] > 0 for op in side["ops"])
+    assert data["speedup"] > 0 and data["backend_override"] == "torch"
+    assert data["backends_ran"] and all(entry.endswith("=torch") for entry in data["backends_ran"])
+    return data
+
+
+def test_vlm_tiny_end_to_end(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "vlm", "--preset", "tiny", "--new-tokens", "3", "--batch", "2", "--out", str(tmp_path),
+                 "--trace", str(trace), *COMMON]) == 0
+    data = _results(tmp_path, "vlm")
+    assert (data["batch"], data["new_tokens"], data["resolution"]) == (2, 3, 56)
+    for side in data["sides"]:
+        m = side["metrics"]
+        assert m["images_per_s"] > 0 and m["prefill_tokens_per_s"] > m["images_per_s"]
+        assert 0 < m["time_to_first_token_s"] < m["generate_s"] and m["decode_tokens_per_s"] > 0
+    assert any(entry.startswith("attention=") for entry in data["backends_ran"])
+    assert json.loads(trace.read_text())["traceEvents"] and (tmp_path / "trace.reference.json").is_file()
+    printed = capsys.readouterr().out
+    assert "NOT GPU NUMBERS" in printed and "decode tok/s" in printed and "mmfast backends that ran" in printed
+
+
+def test_ldm_tiny_end_to_end(tmp_path, capsys):
+    assert main(["profile", "ldm", "--preset", "tiny", "--steps", "1", "--batch", "1", "--out", str(tmp_path), *COMMON]) == 0
+    data = _results(tmp_path, "ldm")
+    assert (data["steps"], data["resolution"]) == (1, 16)
+    for side in data["sides"]:
+        m = side["metrics"]
+        assert m["it_per_s"] > 0 and m["s_per_image"] > 0 and m["end_to_end_s"] >= m["denoise_s"] * 0.5
+    assert "StableDiffusionPipeline" in " ".join(data["notes"])
+    assert "it/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["vlm", "--preset", "70b"], "invalid choice: '70b'"),
+    (["ldm", "--preset", "7b"], "invalid choice: '7b'"),
+    (["vlm", "--checkpoint", "/no/such/dir"], "--checkpoint: /no/such/dir is not a directory"),
+    (["ldm", "--batch", "0"], "expected a positive integer"),
+    (["vlm", "--backend", "warp"], "--backend: no op family has a backend 'warp'"),
+    (["vlm", "--preset", "tiny", "--checkpoint", "."], "--preset/--checkpoint: give one or the other"),
+    (["ldm", "--cuda-graph"], "--cuda-graph: needs a CUDA device"),
+])
+def test_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_checkpoint_without_config_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["profile", "ldm", "--checkpoint", str(tmp_path)])
+    assert "not a diffusers pipeline directory (no model_index.json" in capsys.readouterr().err
+
+
+def test_vlm_from_checkpoint(tmp_path):
+    import torch
+
+    from mmfast.models import Qwen25VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    Qwen25VLForConditionalGeneration.from_preset("tiny").save_pretrained(tmp_path / "model")
+    assert main(["profile", "vlm", "--checkpoint", str(tmp_path / "model"), "--new-tokens", "2",
+                 "--out", str(tmp_path), *COMMON]) == 0
+    data = _results(tmp_path, "vlm")
+    assert data["preset"] is None and data["model"] == f"checkpoint {tmp_path / 'model'}"
