@@ -38,6 +38,11 @@ CHECKPOINT_RULES = (
 )
 
 
+def _int_if_whole(x: float) -> float | int:
+    """transformers' strict config types tokens_per_second as an int (2 in every release)."""
+    return int(x) if float(x).is_integer() else x
+
+
 @dataclass
 class Qwen25VLConfig:
     """The fields of a Hugging Face ``Qwen2_5_VLConfig`` the model uses (text fields at the
@@ -102,7 +107,7 @@ class Qwen25VLConfig:
                                     "mrope_section": list(self.mrope_section)}}
         vision = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vision.items() if k != "rope_theta"}
         vision.update(out_hidden_size=self.vision.get("out_hidden_size", self.hidden_size), hidden_act="silu",
-                      tokens_per_second=self.tokens_per_second, model_type="qwen2_5_vl_vision")
+                      tokens_per_second=_int_if_whole(self.tokens_per_second), model_type="qwen2_5_vl_vision")
         if "rope_theta" in self.vision:
             vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision["rope_theta"]}
         raw = {k: v for k, v in self.raw.items() if k not in text and k not in ("preset", "dtype", "torch_dtype")}

@@ -28,12 +28,7 @@ class Side:
 def _hf_config(config):
     import transformers
 
-    fields = config.to_dict()
-    # to_dict writes tokens_per_second as a float; transformers' strict config wants an int.
-    vision = fields["vision_config"]
-    if float(vision.get("tokens_per_second", 0)).is_integer():
-        vision["tokens_per_second"] = int(vision["tokens_per_second"])
-    hf = transformers.Qwen2_5_VLConfig(**fields)
+    hf = transformers.Qwen2_5_VLConfig(**config.to_dict())
     hf._attn_implementation = "sdpa"
     return hf
 

@@ -194,6 +194,9 @@ def test_save_pretrained_round_trip_and_presets(tmp_path):
     assert loaded.lm_head.weight is loaded.model.language_model.embed_tokens.weight
     for (name, a), b in zip(tiny.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    # The directory is a transformers checkpoint too: its strict config accepts it.
+    transformers = pytest.importorskip("transformers")
+    assert transformers.AutoConfig.from_pretrained(tmp_path).model_type == "qwen2_5_vl"
     half = Qwen25VLForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     # Released sizes: parameter counts of the published checkpoints (built on the meta device).
