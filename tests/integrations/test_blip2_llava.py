@@ -42,7 +42,7 @@ def test_blip2_qformer_patched_matches_and_undo_restores():
     assert torch.equal(after, before) and "forward" not in model.qformer.__dict__
 
 
-def test_llava_projector_patched_matches_and_undo_restores():
+def test_llava_tower_and_projector_patched_match_and_undo_restores():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
@@ -54,12 +54,20 @@ def test_llava_projector_patched_matches_and_undo_restores():
     model = LlavaForConditionalGeneration(config).eval()
     projector = model.model.multi_modal_projector
     x = torch.randn(2, 5, 24)
+    pixels = torch.randn(2, 3, 28, 28)
+
+    def run():
+        tower = model.model.vision_tower(pixels).last_hidden_state
+        return projector(x), tower
+
     with torch.no_grad():
-        before = projector(x)
+        before = run()
         handle = mmfast.patch(model)
-        assert [what for _, what in handle.replaced] == ["projector gelu"]
-        patched = projector(x)
+        replaced = dict(handle.replaced)
+        assert replaced["multi_modal_projector"] == "projector gelu"
+        assert replaced["vision_tower.encoder.layers.0.self_attn"] == "mmfast attention"
+        patched = run()
         handle.undo()
-        after = projector(x)
-    torch.testing.assert_close(patched, before)
-    assert torch.equal(after, before) and "forward" not in projector.__dict__
+        after = run()
+    torch.testing.assert_close(patched, before, atol=3e-5, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(after, before)) and "forward" not in projector.__dict__

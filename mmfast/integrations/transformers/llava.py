@@ -1,10 +1,14 @@
-"""LLaVA (LlavaForConditionalGeneration, LlavaModel): the multimodal projector's activation
-runs mmfast's one-pass GELU kernels (forward and backward) between its two GEMMs. A
-projector whose activation mmfast does not have is left as it is."""
+"""LLaVA (LlavaForConditionalGeneration, LlavaModel): the CLIP or SigLIP vision tower gets
+the same replacements as in the clip and siglip families, and the multimodal projector's
+activation runs mmfast's one-pass GELU kernels (forward and backward) between its two
+GEMMs. A projector whose activation mmfast does not have is left as it is; the language
+model is left as it is."""
 
 from __future__ import annotations
 
 from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.transformers.clip import FAMILY as CLIP
+from mmfast.integrations.transformers.siglip import FAMILY as SIGLIP
 from mmfast.nn.projector import ACTIVATIONS
 
 
@@ -34,5 +38,12 @@ def _activation_name(module) -> str | None:
 FAMILY = Family(
     "llava",
     model_classes=("LlavaForConditionalGeneration", "LlavaModel"),
-    replacements=(Replacement(("LlavaMultiModalProjector",), _patch_projector, "projector activation"),),
+    replacements=(
+        Replacement(("LlavaMultiModalProjector",), _patch_projector, "projector activation"),
+        # The towers' rows; their LayerNorm row also matches nothing in the language model,
+        # whose norms are RMSNorms of other class names.
+        *CLIP.replacements,
+        *(row for row in SIGLIP.replacements if row.module_classes != ("LayerNorm",)),
+    ),
+    prepare=lambda target, handle: [getattr(target, "model", target)],
 )
