@@ -30,6 +30,13 @@ summed from p and dp, without O's rounding and the cancellation between two dot 
 dLSE is added after centring (folded into delta it would lose bits against a large dp):
     p = softmax(scale q.k),  dp = dO.v,  ds = p ((dp - rowsum(p dp)) + dLSE)
     dv += p^T dO,  dk += scale ds^T q,  dq = scale ds k   (dq written once, per chunk)
+
+Rotary (ROTARY=True) as in attention.py, with its helpers: q and k tiles are rotated as
+they are loaded (a second, permuted-column load), and the backward rotates dq and dk back
+(a register gather) before the store. Token t of the packed layout (q's and k's alike)
+reads table row offset t * stride_ct + seg * stride_cs: packed tables are indexed by token
+(stride_cs = 0); a padded batch, flattened into one segment of T tokens per entry, moves
+each segment onto its own table ([B, T, R/2]) or back onto the shared one ([T, R/2]).
 """
 
 import torch
@@ -37,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._launch import empty
+from .attention import _load_rotated, _rotate_back
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -90,6 +98,12 @@ def _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c, window_
 
 
 @triton.jit
+def _table_rows(rows, seg, stride_ct, stride_cs):
+    """[rows, 1] offsets into COS, SIN of tokens ``rows`` ([rows, 1] int64) of segments ``seg``."""
+    return rows * stride_ct + seg.to(tl.int64)[:, None] * stride_cs
+
+
+@triton.jit
 def _softmax(s):
     """Row softmax of log2-unit scores, -inf where masked; rows with no key give 0."""
     m = tl.max(s, 1)
@@ -100,10 +114,11 @@ def _softmax(s):
 
 @triton.jit
 def _attention_short_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
+    stride_ct, stride_cs, half,
     batch, head_dim, group, scale_log2, window_left, window_right,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -122,8 +137,11 @@ def _attention_short_fwd_kernel(
 
     rows_q = (q_start + pos_r).to(tl.int64)[:, None]
     rows_k = (k_start + pos_c).to(tl.int64)[:, None]
-    q = tl.load(Q + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-    k = tl.load(K + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    q_table = _table_rows(rows_q, seg_r, stride_ct, stride_cs)
+    k_table = _table_rows(rows_k, seg_c, stride_ct, stride_cs)
+    q = _load_rotated(Q + h * stride_qh + rows_q * stride_qt, row_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    k = _load_rotated(K + hk * stride_kh + rows_k * stride_kt, pos_c < len_k_c, k_table,
+                      COS, SIN, offs_d, head_dim, half, ROTARY)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
     visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
                               window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -145,11 +163,13 @@ def _attention_short_fwd_kernel(
 
 @triton.jit
 def _attention_short_bwd_kernel(
-    Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K, COS, SIN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    stride_ct, stride_cs, half,
     batch, head_dim, group, scale, window_left, window_right,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, ROTARY: tl.constexpr,
+    PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -161,7 +181,9 @@ def _attention_short_bwd_kernel(
     d_ok = (offs_d < head_dim)[None, :]
     col_ok = (pos_c < len_k_c)[:, None] & d_ok
     rows_k = (k_start + pos_c).to(tl.int64)[:, None]
-    k = tl.load(K + hk * stride_kh + rows_k * stride_kt + offs_d[None, :], mask=col_ok, other=0.0)
+    k_ok = pos_c < len_k_c
+    k_table = _table_rows(rows_k, seg_c, stride_ct, stride_cs)
+    k = _load_rotated(K + hk * stride_kh + rows_k * stride_kt, k_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
     v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
     dk = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
@@ -175,7 +197,9 @@ def _attention_short_bwd_kernel(
             row_ok = pos_r < len_q
             q_mask = row_ok[:, None] & d_ok
             rows_q = (q_start + pos_r).to(tl.int64)[:, None]
-            q = tl.load(Q + h * stride_qh + rows_q * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
+            q_table = _table_rows(rows_q, seg_r, stride_ct, stride_cs)
+            q = _load_rotated(Q + h * stride_qh + rows_q * stride_qt, row_ok, q_table,
+                              COS, SIN, offs_d, head_dim, half, ROTARY)
             do = tl.load(DO + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
@@ -191,12 +215,17 @@ def _attention_short_bwd_kernel(
                 dp_centred += dlse[:, None]
             ds = p * dp_centred
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            if ROTARY:  # dq is wrt the rotated q: back to q's frame
+                dq = _rotate_back(dq, row_ok, q_table, COS, SIN, offs_d, half)
             tl.store(DQ + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=q_mask)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
+    dk *= scale
+    if ROTARY:  # dk is wrt the rotated k: back to k's frame
+        dk = _rotate_back(dk, k_ok, k_table, COS, SIN, offs_d, half)
     tl.store(DK + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=col_ok)
+             dk.to(DK.dtype.element_ty), mask=col_ok)
     tl.store(DV + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -232,6 +261,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _rotary_args(q, cos, sin, table_seg_stride: int) -> tuple:
+    """(COS, SIN, token stride, segment stride, half) for the kernels: tables [rows, R/2]
+    with their last dim contiguous, sin with the strides of cos. Without rotary: placeholders."""
+    if cos is None:
+        return q, q, 0, 0, 0
+    return cos, sin, cos.stride(0), table_seg_stride, cos.shape[-1]
+
+
 def _check_sizes(max_seqlen_q: int, max_seqlen_k: int, head_dim: int) -> None:
     if max(max_seqlen_q, max_seqlen_k) > MAX_SEQLEN or head_dim > MAX_HEAD_DIM:
         raise ValueError(
@@ -242,10 +279,15 @@ def _check_sizes(max_seqlen_q: int, max_seqlen_k: int, head_dim: int) -> None:
 
 
 def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                        window_left: int, window_right: int, scale: float):
+                        window_left: int, window_right: int, scale: float, cos=None, sin=None,
+                        table_seg_stride: int = 0):
     """Forward over packed segments of at most MAX_SEQLEN tokens. Returns (out, lse): out
     like q (contiguous), lse float32 [Hq, Tq]. The last dim of q, k, v must be contiguous;
-    max_seqlen_* must bound every segment (they size the slots; nothing is read back)."""
+    max_seqlen_* must bound every segment (they size the slots; nothing is read back).
+
+    ``cos``, ``sin`` (or None): 2-D rotary tables applied to q and k as they are loaded
+    (q and k then have the same tokens); token t of segment b reads the table row at
+    offset ``t * cos.stride(0) + b * table_seg_stride`` (0 for packed tables)."""
     heads, head_dim = q.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
     batch = cu_seqlens_q.numel() - 1
@@ -255,11 +297,14 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
         return out, lse
     SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=False)
     grid = (triton.cdiv(batch, SEGS) * SPLIT, heads)
+    table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
     _attention_short_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table_cos, table_sin,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
+        stride_ct, stride_cs, half,
         batch, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
-        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, PRECISION=_precision(q.dtype),
+        HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
+        PRECISION=_precision(q.dtype),
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )
@@ -268,11 +313,12 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
 
 def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
-                        scale: float):
+                        scale: float, cos=None, sin=None, table_seg_stride: int = 0):
     """Backward of :func:`attention_short_fwd` in one launch. Returns (dq, dk, dv) in the
     dtypes and shapes of q, k, v. ``dlse`` is the gradient of lse, or None. ``out`` and
     ``lse`` are unused (the signature is the general kernel's): the tile recomputes the
-    softmax and delta itself."""
+    softmax and delta itself. With rotary tables (as in the forward), dq and dk are the
+    gradients wrt the unrotated q and k."""
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
     batch = cu_seqlens_q.numel() - 1
@@ -283,13 +329,16 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
     SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True)
+    table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
     _attention_short_bwd_kernel[(triton.cdiv(batch, SEGS), kv_heads)](
         q, k, v, do, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        table_cos, table_sin,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2],
         *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], lse.stride(0),
+        stride_ct, stride_cs, half,
         batch, head_dim, heads // kv_heads, scale, window_left, window_right,
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
-        PRECISION=_precision(q.dtype),
+        ROTARY=cos is not None, PRECISION=_precision(q.dtype),
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )

@@ -21,9 +21,9 @@ lse = -inf and contributes no gradient; the reference does the same.
 Rotary: ``rotary=(cos, sin)`` gives the result (and q/k/v gradients) of
 ``attention(*apply_rotary(q, k, cos, sin), v)`` (rotate-half; tables [T, R/2], or
 [B, T, R/2] padded, R <= D; row t for token t of q and of k, so q and k have the same
-tokens). Only the ``triton`` backend fuses it (tiles rotated on load; dq, dk rotated back
-in the backward kernels); the op layer composes apply_rotary and attention for every
-other backend, and for tables that require grad.
+tokens). The ``triton`` and ``triton_short`` backends fuse it (tiles rotated on load; dq,
+dk rotated back in the backward kernels); the op layer composes apply_rotary and
+attention for every other backend, and for tables that require grad.
 
 Device syncs (which checks read device values back to the host):
 - with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing back (CUDA-graph
@@ -203,15 +203,17 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 def _attention_short_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+    cos: Optional[Tensor], sin: Optional[Tensor], table_seg_stride: int,
 ) -> tuple[Tensor, Tensor]:
     from mmfast.kernels.attention_short import attention_short_fwd
 
     return attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               window_left, window_right, scale)
+                               window_left, window_right, scale, cos, sin, table_seg_stride)
 
 
 @_attention_short_fwd_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
+      cos, sin, table_seg_stride):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
 
 
@@ -220,16 +222,18 @@ def _attention_short_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+    cos: Optional[Tensor], sin: Optional[Tensor], table_seg_stride: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from mmfast.kernels.attention_short import attention_short_bwd
 
     return attention_short_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                               max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                               max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
+                               cos, sin, table_seg_stride)
 
 
 @_attention_short_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      window_left, window_right, scale):
+      window_left, window_right, scale, cos, sin, table_seg_stride):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -279,17 +283,22 @@ class AttentionFunction(torch.autograd.Function):
 
 
 class ShortAttentionFunction(torch.autograd.Function):
-    """Triton forward and backward for short packed segments (kernels/attention_short.py)."""
+    """Triton forward and backward for short packed segments (kernels/attention_short.py).
+    ``cos``, ``sin``: 2-D rotary tables applied inside the kernels (no gradient for them),
+    or None; ``table_seg_stride`` rebases each segment's table rows (0 for packed tables)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale):
-        return _forward(ctx, torch.ops.mmfast.attention_short_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                window_left, window_right, scale, cos, sin, table_seg_stride):
+        ctx.table_seg_stride = table_seg_stride
+        fwd_op = partial(torch.ops.mmfast.attention_short_fwd, table_seg_stride=table_seg_stride)
+        return _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, torch.ops.mmfast.attention_short_bwd, dout, dlse)
+        bwd_op = partial(torch.ops.mmfast.attention_short_bwd, table_seg_stride=ctx.table_seg_stride)
+        return _backward(ctx, bwd_op, dout, dlse) + (None,)
 
 
 # ---- backends --------------------------------------------------------------------
@@ -320,17 +329,27 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      window_left, window_right, scale):
+                      window_left, window_right, scale, rotary=None):
+    # The kernels read both tables with the strides of cos: make them alike (tables are small).
+    cos, sin = (None, None) if rotary is None else (t.contiguous() for t in rotary)
     if cu_seqlens_q is not None:
         return _run_triton_function(ShortAttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                    max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
+                                    max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
+                                    cos, _distinct(sin, cos), 0)
     # Padded: each batch entry is one segment of the packed layout (a view when the batch
     # and token dims merge); the reshapes stay differentiable, lse included.
     batch, tokens_q, tokens_k = q.shape[0], q.shape[1], k.shape[1]
     steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    table_seg_stride = 0
+    if cos is not None:
+        # Packed token t of entry b is token t - b * T of that entry: rebase each segment
+        # onto its own table row block ([B, T, R/2]) or the shared one ([T, R/2]).
+        table_seg_stride = (cos.stride(0) if cos.dim() == 3 else 0) - tokens_q * cos.stride(-2)
+        cos, sin = cos.flatten(0, -2), sin.flatten(0, -2)
     out, lse = _run_triton_function(
         ShortAttentionFunction, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
         steps * tokens_q, steps * tokens_k, tokens_q, tokens_k, window_left, window_right, scale,
+        cos, _distinct(sin, cos), table_seg_stride,
     )
     return out.unflatten(0, (batch, tokens_q)), lse.unflatten(1, (batch, tokens_q)).transpose(0, 1)
 
@@ -391,7 +410,7 @@ def _xformers_limits(call: Call):
 
 # Backends that rotate q and k inside their kernels (``rotary=``); every other backend
 # gets them rotated by apply_rotary first (its torch reference for the torch backend).
-FUSES_ROTARY = ("triton",)
+FUSES_ROTARY = ("triton", "triton_short")
 
 ATTENTION = op_family("attention")
 ATTENTION.register(
@@ -563,8 +582,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     result and the q/k/v gradients are those of ``attention(*apply_rotary(q, k, cos,
     sin), v, ...)``. Row t of the tables rotates token t of q and of k, so q and k must
     have the same tokens (self-attention; cu_seqlens_q and cu_seqlens_k may still
-    differ). The ``triton`` backend rotates tiles as its kernels load them, and in the
-    backward pass rotates dq and dk back in the kernels; the other backends compose
+    differ). The ``triton`` and ``triton_short`` backends rotate tiles as their kernels
+    load them, and in the backward pass rotate dq and dk back in the kernels; the other
+    backends compose
     apply_rotary and attention. Tables that require grad get their gradient through the
     composition (the fused kernels give none).
 

@@ -1,8 +1,10 @@
-"""attention(..., rotary=(cos, sin)): the fused Triton kernels (q/k rotated as they are
-loaded, dq/dk rotated back in the backward kernels) against the float64 reference of the
-composition attention(*apply_rotary(q, k, cos, sin), v), outputs, lse and dq/dk/dv, by
-the flash-attention rule; every backend taking the argument; table errors. Tiny shapes:
+"""attention(..., rotary=(cos, sin)): the fused Triton kernels, general and short-segment
+(q/k rotated as they are loaded, dq/dk rotated back in the backward kernels), against
+the float64 reference of the composition attention(*apply_rotary(q, k, cos, sin), v),
+outputs, lse and dq/dk/dv, by the flash-attention rule; every backend taking the argument; table errors. Tiny shapes:
 on CPU the kernels run under the Triton interpreter."""
+
+import importlib
 
 import pytest
 import torch
@@ -67,18 +69,23 @@ def _check_packed(backend, dtype, device, *, heads=4, kv_heads=2, head_dim=80, h
 # ---- the fused kernels -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_short"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_packed_gqa_causal_partial_rotary(dtype, device):
+def test_packed_gqa_causal_partial_rotary(dtype, backend, device):
     # hd 80 (padded to a 128-wide tile), R = 48 < D: the last 32 columns pass through.
-    _check_packed("triton", dtype, device)
+    # triton_short: several segments share a CPU tile, and the 23-token one spans two
+    # query chunks, so dk is summed over chunks before it is rotated back.
+    _check_packed(backend, dtype, device)
 
 
+@pytest.mark.parametrize("backend", ["triton", "triton_short"])
 @pytest.mark.parametrize("table_batch", [False, True], ids=["shared-table", "per-batch-table"])
-def test_padded_window_full_rotary(table_batch, device):
+def test_padded_window_full_rotary(table_batch, backend, device):
     # R = D = 80: the partners of columns 40..79 are 0..39; MQA; a two-sided window.
+    # triton_short flattens the batch into segments: each must find its own table rows.
     batch, tokens = 2, 19
     cos, sin = _tables((batch, tokens) if table_batch else (tokens,), 40, device)
-    op, reference = _case("triton", cos, sin, window=(6, 2))
+    op, reference = _case(backend, cos, sin, window=(6, 2))
     inputs = _inputs((batch, tokens), 4, 1, 80, torch.float16, device)
     assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
 
@@ -105,13 +112,14 @@ def test_fused_is_the_composition(device):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_fullgraph_with_rotary(device):
+@pytest.mark.parametrize("backend", ["triton", "triton_short"])
+def test_compile_fullgraph_with_rotary(backend, device):
     cu = _cu([5, 0, 12], device)
     cos, sin = _tables((17,), 8, device)
 
     def block(q, kv):
         out = mmfast.ops.attention(q, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=12, max_seqlen_k=12,
-                                   causal=True, rotary=(cos, sin), backend="triton")
+                                   causal=True, rotary=(cos, sin), backend=backend)
         return torch.tanh(out).sum()
 
     q, kv, _ = _inputs((17,), 2, 1, 32, torch.float32, device).values()
@@ -137,23 +145,58 @@ def test_gpu_shapes(dtype, device):
         assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_short_windows(dtype, device):
+    # Qwen2.5-VL window layers: 64-token windows and a short edge one, hd 80, all columns rotated.
+    lengths = [64] * 30 + [36, 64, 16]
+    cu = _cu(lengths, device)
+    cos, sin = _tables((sum(lengths),), 40, device)
+    op, reference = _case("triton_short", cos, sin, cu=cu, max_seqlen=64)
+    inputs = _inputs((sum(lengths),), 16, 16, 80, dtype, device)
+    assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
+
+
 # ---- every backend ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["triton_short", "sdpa", "torch"])
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
 def test_every_backend_accepts_rotary(backend, device):
     # They compose apply_rotary and attention; sdpa returns no lse.
     _check_packed(backend, torch.float32, device, head_dim=64, return_lse=backend != "sdpa")
 
 
-def test_default_dispatch_with_rotary(device):
-    # Short segments go to triton_short, which composes: same answer as the fused kernel.
+def test_default_dispatch_with_rotary(monkeypatch, device):
+    # Short segments still go to triton_short, which gets the tables itself: no separate
+    # rotary pass, and the same answer as the general fused kernel.
+    from mmfast.kernels import attention_short
+
+    attention_ops = importlib.import_module("mmfast.ops.attention")  # the module, not the op
+
+    launched = []
+    for name in ("attention_short_fwd", "attention_short_bwd"):
+        original = getattr(attention_short, name)
+
+        def record(*args, _name=name, _original=original, **kwargs):
+            launched.append((_name, args[-3] is not None))  # (.., cos, sin, table_seg_stride)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(attention_short, name, record)
+
+    def no_rotary_pass(*args, **kwargs):
+        raise AssertionError("apply_rotary called: the short path should fuse rotary")
+
+    monkeypatch.setattr(attention_ops, "apply_rotary", no_rotary_pass)
     cu = _cu(LENGTHS, device)
     cos, sin = _tables((sum(LENGTHS),), 16, device)
-    q, k, v = _inputs((sum(LENGTHS),), 2, 1, 32, torch.float32, device).values()
+    q, k, v = (t.requires_grad_() for t in _inputs((sum(LENGTHS),), 2, 1, 32, torch.float32, device).values())
     kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=23, max_seqlen_k=23, rotary=(cos, sin))
-    torch.testing.assert_close(mmfast.ops.attention(q, k, v, **kw),
-                               mmfast.ops.attention(q, k, v, backend="triton", **kw), rtol=1e-5, atol=1e-6)
+    out = mmfast.ops.attention(q, k, v, **kw)
+    out.sum().backward()
+    assert launched == [("attention_short_fwd", True), ("attention_short_bwd", True)]
+    with torch.no_grad():
+        torch.testing.assert_close(out, mmfast.ops.attention(q, k, v, backend="triton", **kw),
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_tables_that_require_grad_get_the_composition(device):
