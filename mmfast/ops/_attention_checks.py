@@ -4,10 +4,14 @@ TypeError / ValueError naming the argument. Only ``check_cu_values`` reads the d
 
 from __future__ import annotations
 
+import math
 import os
+from numbers import Real
 
 import torch
 from torch import Tensor
+
+MAX_HEAD_DIM = 256
 
 
 def debug_checks() -> bool:
@@ -62,3 +66,58 @@ def check_cu_values(name: str, cu: Tensor, tokens: int, max_seqlen: int | None) 
 def check_max_seqlen(name: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{name}: expected None or an int >= 0, got {value!r}")
+
+
+def check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
+    """Tensors, layout and heads of q, k, v; returns whether the layout is packed."""
+    check_tensor("q", q)
+    check_tensor("k", k, q)
+    check_tensor("v", v, q)
+    packed = q.dim() == 3
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
+        raise ValueError(
+            "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
+            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
+        )
+    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
+    if not packed and k.shape[0] != q.shape[0]:
+        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
+    return packed
+
+
+def check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+
+
+def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    """max_seqlen and cu_seqlens; returns (max_seqlen_q, max_seqlen_k): the given ones, or
+    for packed inputs without them the longest segments (one sync), or the padded lengths."""
+    check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if q.dim() != 3:
+        return q.shape[1], k.shape[1]
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
+    if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+        raise ValueError(
+            f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
+            f"got {cu_seqlens_k.numel()}"
+        )
+    # Value checks need the values on the host: only when syncing anyway, or debugging.
+    if max_seqlen_q is None or debug_checks():
+        max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    if max_seqlen_k is None or debug_checks():
+        max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    return max_seqlen_q, max_seqlen_k

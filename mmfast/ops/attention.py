@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from numbers import Real
 from typing import Optional
 
 import torch
@@ -69,12 +68,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops._attention_checks import (check_cu_seqlens, check_cu_values, check_max_seqlen, check_tensor,
-                                         debug_checks)
+from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
 from mmfast.ops import attention_external as external
 from mmfast.ops.rotary import apply_rotary
 
-MAX_HEAD_DIM = 256
 # The short-segment Triton path (kernels/attention_short.py): its limits, mirrored here so
 # that dispatch can decide without importing Triton.
 SHORT_MAX_SEQLEN = 128
@@ -514,52 +511,12 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
 
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
-    check_tensor("q", q)
-    check_tensor("k", k, q)
-    check_tensor("v", v, q)
-    packed = q.dim() == 3
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
-    if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
-        raise ValueError(
-            "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
-            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
-        )
-    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
-        raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
-    if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
-    heads, kv_heads = q.shape[-2], k.shape[-2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
+    check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if not (isinstance(window, (tuple, list)) and len(window) == 2
             and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
         raise ValueError(f"window: expected (left, right), ints >= -1 (-1: unbounded), got {window!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
-        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
-    check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    if packed:
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-            raise ValueError(
-                f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
-                f"got {cu_seqlens_k.numel()}"
-            )
-        # Value checks need the values on the host: only when syncing anyway, or debugging.
-        if max_seqlen_q is None or debug_checks():
-            max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        if max_seqlen_k is None or debug_checks():
-            max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
-    else:
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-    return max_seqlen_q, max_seqlen_k
+    check_scale(scale)
+    return check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,

@@ -37,7 +37,6 @@ materialised densely, as Hugging Face models do), ``torch`` (the reference below
 from __future__ import annotations
 
 import math
-from numbers import Real
 from typing import Optional
 
 import torch
@@ -45,11 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops._attention_checks import (check_cu_seqlens, check_cu_values, check_max_seqlen, check_tensor,
-                                         debug_checks)
+from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
-MAX_HEAD_DIM = 256
 
 # ---- reference -------------------------------------------------------------------
 
@@ -265,31 +262,9 @@ CROSS_ATTENTION.register(Backend("torch", _run_torch))
 
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
-    check_tensor("q", q)
-    check_tensor("k", k, q)
-    check_tensor("v", v, q)
-    packed = q.dim() == 3
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
-    if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
-        raise ValueError(
-            "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
-            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
-        )
-    if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
-        raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
-    if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
-    heads, kv_heads = q.shape[-2], k.shape[-2]
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)):
-        raise ValueError(f"scale: expected None or a finite number, got {scale!r}")
+    check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_scale(scale)
+    heads = q.shape[-2]
     if gate is not None:
         if not isinstance(gate, Tensor) or not gate.dtype.is_floating_point:
             raise TypeError(f"gate: expected a floating-point Tensor, got {getattr(gate, 'dtype', type(gate).__name__)}")
@@ -301,21 +276,7 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         check_tensor("residual", residual, q)
         if residual.shape != q.shape:
             raise ValueError(f"residual: expected shape {tuple(q.shape)} (that of q), got {tuple(residual.shape)}")
-    check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    if packed:
-        check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-        check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
-        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-            raise ValueError(
-                f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
-                f"got {cu_seqlens_k.numel()}"
-            )
-        # Value checks need the values on the host: only when syncing anyway, or debugging.
-        if max_seqlen_q is None or debug_checks():
-            max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-        if max_seqlen_k is None or debug_checks():
-            max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if mask is not None:
         if not isinstance(mask, CrossAttentionMask):
             raise TypeError(

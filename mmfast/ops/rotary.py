@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
+from mmfast.ops._attention_checks import check_tensor
 
 # ---- reference -------------------------------------------------------------------
 
@@ -149,19 +150,8 @@ ROTARY.register(Backend("torch", _run_torch))
 
 
 def _check_x(name: str, x, q: Tensor | None = None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a Tensor, got {type(x).__name__}")
-    if q is None:
-        if x.dim() not in (3, 4):
-            raise ValueError(f"{name}: expected [T, H, D] (packed) or [B, T, H, D] (padded), got shape {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
-        return
-    if x.dtype != q.dtype:
-        raise TypeError(f"{name}: expected dtype {q.dtype} (that of q), got {x.dtype}")
-    if x.device != q.device:
-        raise ValueError(f"{name}: expected device {q.device} (that of q), got {x.device}")
-    if x.dim() != q.dim() or x.shape[:-2] != q.shape[:-2] or x.shape[-1] != q.shape[-1]:
+    check_tensor(name, x, q)
+    if q is not None and (x.shape[:-2] != q.shape[:-2] or x.shape[-1] != q.shape[-1]):
         raise ValueError(
             f"{name}: expected the batch, token and head-dim sizes of q {tuple(q.shape)} (any head count), "
             f"got {tuple(x.shape)}"
