@@ -20,6 +20,7 @@ call (compilation, autotuning) is a warm-up that is never timed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -38,6 +39,15 @@ class Case:
     make_inputs: Callable[[torch.device], Any]
     bytes: int | None = None
     flops: int | None = None
+
+
+def cpu_compile_skip(device: torch.device) -> str | None:
+    """Why a torch.compile provider is skipped on a CPU (it builds C++ for every case),
+    unless MMFAST_BENCH_CPU_COMPILE=1; None on a GPU."""
+    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
+        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
+                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
+    return None
 
 
 def _always(case: Case, device: torch.device) -> str | None:

@@ -19,7 +19,6 @@ round trip through memory): that is the gap being measured.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target
+from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
 
 OPS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")
@@ -131,10 +130,7 @@ def _build_compile(case: Case):
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return None
+    return cpu_compile_skip(device)
 
 
 SUITE = Suite(

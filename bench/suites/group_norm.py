@@ -22,7 +22,6 @@ Target (issue 7): mmfast-triton >= 80% of the measured copy bandwidth at these s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target
+from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
 
 GROUPS, EPS, BATCH = 32, 1e-6, 2
 # (channels, latent side): the SD1.5 UNet's GroupNorm inputs at 64 x 64 latents.
@@ -123,10 +122,7 @@ def _build_compile(case: Case):
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return None
+    return cpu_compile_skip(device)
 
 
 SUITE = Suite(

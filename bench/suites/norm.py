@@ -29,7 +29,6 @@ may recompute them rather than store them.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target
+from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
 
 RMS_EPS, LN_EPS = 1e-6, 1e-5
 
@@ -200,10 +199,7 @@ def _build_compile(case: Case):
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return None
+    return cpu_compile_skip(device)
 
 
 def _build_liger(case: Case):

@@ -24,7 +24,6 @@ separate bias/position add.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target, cpu_compile_skip
 
 # style -> (channels, temporal, patch, embed, image size, class token, bias)
 MODELS = {
@@ -169,10 +168,7 @@ def _build_compile(case: Case):
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return None
+    return cpu_compile_skip(device)
 
 
 SUITE = Suite(

@@ -39,12 +39,11 @@ of the code paths (timings there mean nothing).
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, cpu_compile_skip
 
 QWEN25_7B = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
              "out_hidden_size": 3584, "patch_size": 14, "window_size": 112,
@@ -259,9 +258,7 @@ def _skip_mmfast(case: Case, device: torch.device) -> str | None:
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return "torch.compile on CPU builds C++ per case; set MMFAST_BENCH_CPU_COMPILE=1 to include it"
-    return _skip_hf(case, device)
+    return cpu_compile_skip(device) or _skip_hf(case, device)
 
 
 def _skip_flash(case: Case, device: torch.device) -> str | None:

@@ -29,14 +29,13 @@ is not counted: it shows as a lower fraction of bandwidth for the rescale cases.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target
+from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
 
 GUIDANCE = 7.5
 RESCALE = 0.7
@@ -208,10 +207,7 @@ def _build_compile(case: Case):
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return _skip_diffusers(case, device)
+    return cpu_compile_skip(device) or _skip_diffusers(case, device)
 
 
 SUITE = Suite(

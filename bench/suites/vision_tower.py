@@ -22,14 +22,13 @@ Target (issue 4, H100 bf16): forward >= 1.3x the faster of hf-sdpa and timm.
 from __future__ import annotations
 
 import functools
-import os
 from functools import partial
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target, cpu_compile_skip
 
 MODELS = {
     "clip-L14-336": dict(family="clip", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -215,10 +214,7 @@ def _skip_mmfast(case: Case, device: torch.device) -> str | None:
 
 
 def _skip_compile(case: Case, device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("MMFAST_BENCH_CPU_COMPILE", "0") in ("", "0"):
-        return ("torch.compile on CPU builds C++ for every case (~15 s each); "
-                "set MMFAST_BENCH_CPU_COMPILE=1 to include it")
-    return _skip_no_transformers(case, device)
+    return cpu_compile_skip(device) or _skip_no_transformers(case, device)
 
 
 SUITE = Suite(
