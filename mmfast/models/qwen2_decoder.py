@@ -3,7 +3,9 @@
 Works on a packed token stream: ``inputs_embeds`` [T, C] holding B sequences one after
 another (``cu_seqlens`` int32 [B+1]), so prompts of different lengths need no padding.
 Per layer: RMSNorm (the residual add fused in) -> GQA attention (q/k/v projections with
-bias, M-RoPE through :func:`mmfast.ops.apply_rotary`, causal :func:`mmfast.ops.attention`)
+bias, M-RoPE, causal :func:`mmfast.ops.attention`; without a cache the rotation happens inside
+the attention kernels, with one it goes through :func:`mmfast.ops.apply_rotary` so the cache holds
+rotated keys)
 -> RMSNorm -> SwiGLU MLP (:func:`mmfast.ops.swiglu`). A :class:`~mmfast.models.kv_cache.KVCache`
 makes it incremental.
 
@@ -74,11 +76,11 @@ class Qwen2Attention(nn.Module):
         q = self.q_proj(x).unflatten(-1, (self.num_heads, d))
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, d))
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, d))
-        q, k = apply_rotary(q, k, *rotary)
-        if cache is None:
+        if cache is None:  # q and k over the same tokens: the Triton kernels rotate them as they load them
             out = attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                            max_seqlen_k=max_seqlen, causal=True)
-        else:
+                            max_seqlen_k=max_seqlen, causal=True, rotary=rotary)
+        else:  # the cache holds rotated keys
+            q, k = apply_rotary(q, k, *rotary)
             keys, values = cache.update(layer, step, k, v)
             if step.read_index is None:  # equal lengths: padded views of the cache
                 batch = keys.shape[0]
