@@ -50,6 +50,16 @@ def cpu_compile_skip(device: torch.device) -> str | None:
     return None
 
 
+def backend_skip(family: str, backend: str, device: torch.device, dtype: torch.dtype, **call) -> str | None:
+    """Why mmfast's ``backend`` of op ``family`` cannot take a case (its own reasons,
+    joined), or None. ``call``: the other fields of :class:`mmfast.dispatch.Call`."""
+    import mmfast.ops  # noqa: F401  (registers every op family's backends)
+    from mmfast.dispatch import Call, op_family
+
+    reasons = op_family(family).backends[backend].reasons(Call(device=device, dtype=dtype, **call))
+    return "; ".join(reasons) or None
+
+
 def _always(case: Case, device: torch.device) -> str | None:
     return None
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip
 
 OPS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu", "geglu")
 GATED = ("swiglu", "geglu")
@@ -117,11 +117,7 @@ def _timed(case: Case, fn):
 
 
 def _skip_mmfast(case: Case, device: torch.device) -> str | None:
-    import mmfast.ops.activation  # noqa: F401  (registers the "activation" backends)
-    from mmfast.dispatch import Call, op_family
-
-    call = Call(device=device, dtype=getattr(torch, case.params["dtype"]))
-    return "; ".join(op_family("activation").backends["triton"].reasons(call)) or None
+    return backend_skip("activation", "triton", device, getattr(torch, case.params["dtype"]))
 
 
 def _build_compile(case: Case):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip
 
 GPU_SEQLENS, GPU_QUICK_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384), (1024, 4096)
 GPU_HEAD_DIMS, GPU_QUICK_HEAD_DIMS = (64, 128), (128,)
@@ -161,17 +161,13 @@ def mmfast_forward(backend: str, causal: bool):
 
 
 def mmfast_skip(backend: str, case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import Call
-    from mmfast.ops.attention import ATTENTION
-
     p = case.params
     longest = p.get("max_seqlen", p.get("seqlen"))
-    call = Call(device=device, dtype=getattr(torch, p["dtype"]), head_dim=p["head_dim"],
-                layout="packed" if "max_seqlen" in p else "padded",
-                facts={"return_lse": False, "causal": p.get("causal", False),
-                       "window": (-1, 0 if p.get("causal") else -1),
-                       "max_seqlen_q": longest, "max_seqlen_k": longest})
-    return "; ".join(ATTENTION.backends[backend].reasons(call)) or None
+    return backend_skip("attention", backend, device, getattr(torch, p["dtype"]), head_dim=p["head_dim"],
+                        layout="packed" if "max_seqlen" in p else "padded",
+                        facts={"return_lse": False, "causal": p.get("causal", False),
+                               "window": (-1, 0 if p.get("causal") else -1),
+                               "max_seqlen_q": longest, "max_seqlen_k": longest})
 
 
 # ---- providers: baselines ------------------------------------------------------------

@@ -39,7 +39,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, Target, backend_skip
 
 GPU_BATCHES = (4096, 16384, 65536, 262144, 1048576)
 GPU_DIMS = (512, 768, 1024)
@@ -124,15 +124,10 @@ def _build_mmfast(backend: str):
 
 def _skip_mmfast(backend: str):
     def skip(case: Case, device: torch.device) -> str | None:
-        from mmfast.dispatch import Call, op_family
-        import mmfast.ops.contrastive  # noqa: F401  (registers the "contrastive" backends)
-
-        call = Call(device=device, dtype=getattr(torch, case.params["dtype"]))
-        reasons = op_family("contrastive").backends[backend].reasons(call)
         if backend == "torch" and case.params["batch"] > TORCH_MAX_BATCH:
-            reasons.append(f"the chunked torch backend loops over (B / 4096)^2 tiles in Python: "
-                           f"skipped above B = {TORCH_MAX_BATCH} to keep the run short")
-        return "; ".join(reasons) or None
+            return (f"the chunked torch backend loops over (B / 4096)^2 tiles in Python: "
+                    f"skipped above B = {TORCH_MAX_BATCH} to keep the run short")
+        return backend_skip("contrastive", backend, device, getattr(torch, case.params["dtype"]))
     return skip
 
 

@@ -43,7 +43,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip
 
 _SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                   "sdpa-cudnn": "CUDNN_ATTENTION"}
@@ -216,11 +216,8 @@ def _build_mmfast_attention(case: Case):
 def _skip_mmfast_triton(case: Case, device: torch.device):
     if case.params["part"] in ("perceiver", "qformer"):
         return "modules have their own providers"
-    import mmfast.ops.cross_attention  # noqa: F401  (registers the backends)
-    from mmfast.dispatch import Call, op_family
-
-    call = Call(device=device, dtype=getattr(torch, case.params["dtype"]), head_dim=case.params["head_dim"])
-    return "; ".join(op_family("cross_attention").backends["triton"].reasons(call)) or None
+    return backend_skip("cross_attention", "triton", device, getattr(torch, case.params["dtype"]),
+                        head_dim=case.params["head_dim"])
 
 
 def _sdpa(q, k, v, mask, backend_name):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip
 
 GROUPS, EPS, BATCH = 32, 1e-6, 2
 # (channels, latent side): the SD1.5 UNet's GroupNorm inputs at 64 x 64 latents.
@@ -95,15 +95,11 @@ def _build_mmfast(case: Case, backend: str = "triton"):
 
 
 def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
-    import mmfast.ops.group_norm  # noqa: F401  (registers the "group_norm" backends)
-    from mmfast.dispatch import Call, op_family
-
     p = case.params
     facts = {"channels": p["channels"], "group_channels": p["channels"] // GROUPS, "spatial": p["side"] ** 2,
              "param_dtypes": (torch.float16,)}
-    call = Call(device=device, dtype=torch.float16, layout="channels_last" if p["layout"] == "nhwc" else "nchw",
-                facts=facts)
-    return "; ".join(op_family("group_norm").backends[backend].reasons(call)) or None
+    return backend_skip("group_norm", backend, device, torch.float16,
+                        layout="channels_last" if p["layout"] == "nhwc" else "nchw", facts=facts)
 
 
 def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip
 
 RMS_EPS, LN_EPS = 1e-6, 1e-5
 
@@ -168,12 +168,8 @@ def _build_mmfast(case: Case, backend: str = "triton"):
 
 
 def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
-    import mmfast.ops.norm  # noqa: F401  (registers the "norm" backends)
-    from mmfast.dispatch import Call, op_family
-
     dtype = getattr(torch, case.params["dtype"])
-    call = Call(device=device, dtype=dtype, facts={"hidden": case.params["hidden"], "param_dtypes": (dtype,)})
-    return "; ".join(op_family("norm").backends[backend].reasons(call)) or None
+    return backend_skip("norm", backend, device, dtype, facts={"hidden": case.params["hidden"], "param_dtypes": (dtype,)})
 
 
 def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:
