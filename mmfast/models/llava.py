@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture
+from mmfast.models.generation import Decoding, decode
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.projector import MLPProjector
 from mmfast.nn.vision import VisionTransformer
@@ -262,35 +263,31 @@ class LlavaForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
-                 pixel_values: Optional[Tensor] = None, max_new_tokens: int = 32,
-                 eos_token_id: Optional[Union[int, list]] = None, pad_token_id: Optional[int] = None) -> Tensor:
-        """Greedy continuation with a KV cache. Returns ``[B, T + n]``: the prompts, then
-        the new tokens; a finished sequence (it produced ``eos_token_id``) continues with
-        ``pad_token_id``, and the loop stops when all have finished."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        pad = int(eos[0]) if pad is None and eos.numel() else (0 if pad is None else pad)
-
+                 pixel_values: Optional[Tensor] = None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, eos_token_id: Optional[Union[int, list]] = None,
+                 pad_token_id: Optional[int] = None) -> Tensor:
+        """Greedy (or, with ``do_sample``, sampled: ``temperature``, ``top_k``, ``top_p``,
+        ``generator``) continuation with a KV cache. Returns ``[B, T + n]``: the prompts,
+        then the new tokens; a finished sequence (it produced ``eos_token_id``) continues
+        with ``pad_token_id``, and the loop stops when all have finished."""
+        settings = Decoding.resolve(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, eos_token_id=self.config.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=self.config.pad_token_id if pad_token_id is None else pad_token_id)
         embeds, positions, cu, lengths, _ = self._prompt(input_ids, attention_mask, pixel_values)
         decoder, batch = self.model.language_model, input_ids.shape[0]
         cache = decoder.new_cache(batch, max(lengths) + max_new_tokens)
         hidden = decoder(embeds, positions.expand(3, -1), cu, max(lengths), cache=cache, new_lengths=lengths)
-        last = hidden[cu[1:].long() - 1]
         position = torch.tensor(lengths, device=input_ids.device)
         one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            token = self.lm_head(last).argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos)
-            if step + 1 == max_new_tokens or bool(finished.all()):
-                break
-            last = decoder(decoder.embed_tokens(token), position.expand(3, -1), one_each, 1, cache=cache,
-                           new_lengths=[1] * batch)
+
+        def step(token: Tensor) -> Tensor:
+            nonlocal position
+            out = decoder(decoder.embed_tokens(token), position.expand(3, -1), one_each, 1, cache=cache,
+                          new_lengths=[1] * batch)
             position = position + 1
-        return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
+            return out
+
+        new_tokens = decode(hidden[cu[1:].long() - 1], self.lm_head, step, settings)
+        return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models.checkpoint import (load_checkpoint, read_config, register_architecture, save_pretrained)
+from mmfast.models.generation import sample_token as _sample
 from mmfast.models.mrope_index import mrope_position_ids
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.qwen_vision import Qwen25VisionTransformer
@@ -301,23 +302,3 @@ class Qwen25VLForConditionalGeneration(nn.Module):
             last = decoder(decoder.embed_tokens(token), positions, one_each, 1, cache=cache, new_lengths=[1] * batch)
             position = position + 1
         return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
-
-
-def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-            generator: Optional[torch.Generator]) -> Tensor:
-    """One token per row from softmax(logits / temperature), restricted to the ``top_k``
-    most likely and to the smallest set whose probability reaches ``top_p``."""
-    logits = logits / temperature
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k: expected >= 1, got {top_k}")
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected in (0, 1], got {top_p}")
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).view(-1)

@@ -83,13 +83,14 @@ class VisionBlock(nn.Module):
     """Pre-LN transformer block: ``h += attn(ln1(h)); h += mlp(ln2(h))``. Hugging Face
     CLIPEncoderLayer names. Residual adds are fused into the norms: the first into
     ``layer_norm2``; the second, through :meth:`forward_residual`, into the next block's
-    ``layer_norm1``."""
+    ``layer_norm1``. ``attention``: the self-attention class (BLIP's fused ``qkv`` layout
+    takes the place of CLIP's separate projections; same ``(embed_dim, num_heads)`` call)."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, hidden_act: str = "gelu",
-                 eps: float = 1e-5, device=None, dtype=None):
+                 eps: float = 1e-5, device=None, dtype=None, attention=VisionAttention):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = VisionAttention(hidden_size, num_heads, **factory)
+        self.self_attn = attention(hidden_size, num_heads, **factory)
         self.layer_norm1 = LayerNorm(hidden_size, eps=eps, **factory)
         self.mlp = MLP(hidden_size, intermediate_size, hidden_act, **factory)
         self.layer_norm2 = LayerNorm(hidden_size, eps=eps, **factory)
