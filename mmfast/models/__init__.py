@@ -4,6 +4,7 @@
     >>> out = model.generate(input_ids, attention_mask, pixel_values=pixels, image_grid_thw=grid)
 """
 
+from mmfast.models.blip2 import Blip2Config, Blip2ForConditionalGeneration
 from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
 from mmfast.models.kv_cache import KVCache
 from mmfast.models.ldm import LatentDiffusionModel
@@ -15,3 +16,4 @@ __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretra
 __all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]
 __all__ += ["LatentDiffusionModel"]
 __all__ += ["LlavaConfig", "LlavaForConditionalGeneration"]
+__all__ += ["Blip2Config", "Blip2ForConditionalGeneration"]

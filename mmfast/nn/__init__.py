@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built on mmfast.ops."""
 
+from mmfast.nn.blip_vision import BlipVisionTransformer
 from mmfast.nn.attention import Attention, VarlenAttention
 from mmfast.nn.contrastive import ClipLoss, SigLipLoss
 from mmfast.nn.dit import DiTBlock, MMDiTBlock
@@ -27,3 +28,4 @@ __all__ += ["GELU", "QuickGELU", "MLP", "SwiGLUMLP", "PatchEmbed", "PatchEmbed3d
 __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
 __all__ += ["QFormer", "QwenVLResampler"]
 __all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]
+__all__ += ["BlipVisionTransformer"]

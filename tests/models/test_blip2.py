@@ -66,6 +66,27 @@ def test_logits_match_hugging_face_on_a_padded_batch(opt):
     valid = mask.bool()
     torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
     assert not got[~valid].any()
+    larger = torch.randn(1, 3, 12, 16)  # another size: the position table is interpolated as HF does
+    with torch.no_grad():
+        torch.testing.assert_close(ours.vision_model(larger, interpolate_pos_encoding=True).last_hidden_state,
+                                   hf.vision_model(larger, interpolate_pos_encoding=True).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_keeps_the_qformer_in_float32(opt):
+    # As Hugging Face does; the error against float32 is within 2x of Hugging Face's own.
+    hf, directory, _ = opt
+    ours = Blip2ForConditionalGeneration.from_pretrained(directory, dtype=torch.float16)
+    hf16 = transformers.Blip2ForConditionalGeneration.from_pretrained(directory, dtype=torch.float16).eval()
+    assert ours.qformer.layernorm.weight.dtype == ours.query_tokens.dtype == torch.float32
+    assert ours.language_projection.weight.dtype == torch.float16
+    ids, mask, pixels = _batch()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[mask.bool()]
+        hf_error = (hf16(input_ids=ids, attention_mask=mask, pixel_values=pixels.half()).logits[mask.bool()].float()
+                    - want).abs().max()
+        our_error = (ours(ids, mask, pixel_values=pixels)[mask.bool()].float() - want).abs().max()
+    assert our_error <= 2 * hf_error, (our_error, hf_error)
 
 
 def test_greedy_generation_matches_hugging_face(opt):
