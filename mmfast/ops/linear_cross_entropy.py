@@ -58,8 +58,9 @@ from mmfast.dispatch import Backend, Call, op_family
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# Bytes of logits one chunk may hold: few chunks on a GPU (each adds a rounding to d weight
-# in half precision), a small budget on a CPU so that chunking is exercised at test sizes.
+# Bytes one chunk's logits (and the PyTorch pass's temporaries) may take: few chunks on a GPU
+# (each adds a rounding to d weight in half precision), a small budget on a CPU so that
+# chunking is exercised at test sizes.
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 20}
 # On a GPU, chunks are a multiple of this many rows (matmul tiles).
 _ROW_MULTIPLE = 128
@@ -126,10 +127,10 @@ _SOFTMAX_PASS = {"triton": _softmax_pass_triton, "torch": softmax_pass_torch}
 # ---- the chunk loop -----------------------------------------------------------------------
 
 
-def chunk_rows(n: int, v: int, element_size: int, device: torch.device) -> int:
-    """Rows per chunk: as many as CHUNK_BYTES of logits allow (at least one)."""
+def chunk_rows(n: int, v: int, bytes_per_logit: int, device: torch.device) -> int:
+    """Rows per chunk: as many as CHUNK_BYTES allow at ``bytes_per_logit`` (at least one)."""
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
-    rows = max(1, budget // max(1, v * element_size))
+    rows = max(1, budget // max(1, v * bytes_per_logit))
     if device.type == "cuda" and rows >= _ROW_MULTIPLE:
         rows -= rows % _ROW_MULTIPLE
     return min(rows, max(n, 1))
@@ -143,17 +144,26 @@ def chunked_linear_cross_entropy(hidden, weight, target, bias, row_scale, ignore
     n, v = hidden.shape[0], weight.shape[0]
     cd = _compute_dtype(hidden)
     softmax_pass = _SOFTMAX_PASS[kernel]
+    target = target.contiguous()  # the kernel reads target[i] at offset i
     write_grad = grad_hidden or grad_weight or grad_bias
     loss = torch.empty((n,), dtype=cd, device=hidden.device)
     d_hidden = torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,))
     d_weight = torch.zeros_like(weight) if grad_weight else weight.new_empty((0,))
     d_bias = torch.zeros((v,) if grad_bias else (0,), dtype=cd, device=hidden.device)
     weight_t = weight.t()
-    step = chunk_rows(n, v, hidden.element_size(), hidden.device)
+    # The Triton pass works in place; the PyTorch one holds about three temporaries per logit.
+    per_logit = hidden.element_size() + (0 if kernel == "triton" else 3 * torch.finfo(cd).bits // 8)
+    step = chunk_rows(n, v, per_logit, hidden.device)
+    # One buffer for every chunk's logits: never two chunks alive at once.
+    buffer = hidden.new_empty((min(step, n), v))
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         h = hidden[rows]
-        logits = torch.addmm(bias, h, weight_t) if bias is not None else torch.mm(h, weight_t)
+        logits = buffer[:h.shape[0]]
+        if bias is not None:
+            torch.addmm(bias, h, weight_t, out=logits)
+        else:
+            torch.mm(h, weight_t, out=logits)
         loss[rows] = softmax_pass(logits, target[rows], row_scale[rows], ignore_index, label_smoothing, z_loss,
                                   write_grad)
         # From here on ``logits`` holds d loss / d logits of the chunk.

@@ -157,6 +157,19 @@ def test_partial_gradients_and_inference(device):
         torch.testing.assert_close(mmfast.ops.linear_cross_entropy(**tensors, target=target, backend="triton"), want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend, device):
+    # hidden as a transposed view, the weight a column slice, target every other element.
+    tensors, target = _inputs(14, 16, 53, torch.float32, device)
+    hidden = tensors["hidden"].t().contiguous().t()
+    weight = torch.cat([tensors["weight"], tensors["weight"]], dim=1)[:, :16]
+    strided = torch.stack([target, torch.zeros_like(target)], dim=1).reshape(-1)[::2]
+    got = mmfast.ops.linear_cross_entropy(hidden, weight, strided, reduction="none", backend=backend)
+    want = linear_cross_entropy_reference(tensors["hidden"], tensors["weight"], target, reduction="none")
+    assert not strided.is_contiguous() and not hidden.is_contiguous()
+    torch.testing.assert_close(got, want)
+
+
 def test_empty_batch(device):
     tensors, _ = _inputs(0, 8, 53, torch.float32, device, ignored=0)
     target = torch.zeros(0, dtype=torch.long, device=device)
