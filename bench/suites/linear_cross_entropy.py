@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip, cpu_compile_skip
 
 # Qwen2.5-VL language model heads: (hidden size C, vocabulary V).
 HEADS = {"qwen2.5-vl-7b": (3584, 152064), "qwen2.5-vl-3b": (2048, 151936)}
@@ -118,11 +118,7 @@ def _build_mmfast(backend: str):
 
 def _skip_mmfast(backend: str):
     def skip(case: Case, device: torch.device) -> str | None:
-        import mmfast.ops.linear_cross_entropy  # noqa: F401  (registers the backends)
-        from mmfast.dispatch import Call, op_family
-
-        call = Call(device=device, dtype=getattr(torch, case.params["dtype"]))
-        return "; ".join(op_family("linear_cross_entropy").backends[backend].reasons(call)) or None
+        return backend_skip("linear_cross_entropy", backend, device, getattr(torch, case.params["dtype"]))
     return skip
 
 
