@@ -25,15 +25,20 @@ the upstream gradient differs per row and d weight mixes rows, so nothing can be
 precomputed: the forward computes only the losses and the backward recomputes the
 chunks with the upstream gradient as each row's scale (one more matmul of work).
 
-Precision: softmax statistics in float32 (float64 for float64 inputs); d hidden is one
-matmul per row, rounded once, as eager. d weight is accumulated in the weight's dtype
-across chunks (one rounding per chunk, where eager's single matmul rounds once); the
-budget keeps chunks large, so there are few. d bias accumulates in float32. The loss is
-float32 (float64 for float64 inputs), as F.cross_entropy on upcast logits returns it.
-Deterministic: chunks run in order, no atomics.
+Precision: softmax statistics in float32 (float64 for float64 inputs); each row of
+d hidden is one matmul, rounded once, as eager's. d weight is accumulated in the
+weight's dtype across chunks (one rounding per chunk, where eager's single matmul rounds
+once); the budget keeps chunks large, so there are few. d bias accumulates in float32.
+The upstream gradient multiplies the saved gradients with one more rounding (none when it
+is 1, as for ``loss.backward()``). The loss is float32 (float64 for float64 inputs), as
+F.cross_entropy on upcast logits returns it. Deterministic: chunks run in order, no
+atomics.
 
 Memory: one chunk's logits, plus the gradients of hidden, weight and bias, held from
 the forward to the backward for "mean" / "sum" (what any fused implementation holds).
+The backward scales them in place, so a second backward through the same graph
+(``retain_graph=True``) is refused by autograd with its "modified by an inplace
+operation" error rather than answered wrongly.
 
 Targets are not range-checked (that would need a host sync): a row whose target is
 neither ``ignore_index`` nor in [0, V) gets a NaN loss and NaN gradients, which makes

@@ -170,6 +170,16 @@ def test_strided_inputs(backend, device):
     torch.testing.assert_close(got, want)
 
 
+def test_second_backward_is_refused(device):
+    # The saved gradients are scaled in place by the first backward.
+    tensors, target = _inputs(5, 8, 53, torch.float32, device)
+    hidden = tensors["hidden"].requires_grad_()
+    loss = mmfast.ops.linear_cross_entropy(hidden, tensors["weight"], target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_empty_batch(device):
     tensors, _ = _inputs(0, 8, 53, torch.float32, device, ignored=0)
     target = torch.zeros(0, dtype=torch.long, device=device)
