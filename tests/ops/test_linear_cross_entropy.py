@@ -7,8 +7,6 @@ targets; determinism; torch.compile; argument errors. On a GPU: bf16 and the mem
 
 The chunk budget is shrunk (CHUNK_BYTES) so that test sizes run through several chunks."""
 
-from functools import partial
-
 import pytest
 import torch
 
