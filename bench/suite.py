@@ -94,13 +94,15 @@ class Speedup:
     hold all of ``where`` (every case when empty; a tuple value means any of its items),
     ``provider`` must be at least
     ``min_ratio`` times faster than the fastest of ``baselines`` that ran there. Checked
-    on GPU runs only; ``text`` says where the goal comes from."""
+    on GPU runs only; ``text`` says where the goal comes from. ``metric`` is the row
+    column compared, lower being better: "ms" (time) or "peak_mem_mb" (peak memory)."""
 
     provider: str
     baselines: tuple[str, ...]
     min_ratio: float
     text: str
     where: dict[str, Any] = field(default_factory=dict)
+    metric: str = "ms"
 
     def applies_to(self, params: dict[str, Any]) -> bool:
         return all(params.get(key) in value if isinstance(value, tuple) else params.get(key) == value

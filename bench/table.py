@@ -94,15 +94,16 @@ def target_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
 def speedup_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
     """One line per speedup goal: in how many of its cases the provider reaches the ratio
     over the fastest baseline measured beside it, and the ratios where it does not."""
-    by_case: dict[str, dict[str, float]] = {}
+    by_case: dict[str, dict[str, dict]] = {}
     params = {}
     for r in rows:
-        by_case.setdefault(r["case"], {})[r["provider"]] = r["ms"]
+        by_case.setdefault(r["case"], {})[r["provider"]] = r
         params[r["case"]] = r["params"]
     lines = []
     for goal in suite.speedups:
         ratios = {}
-        for case, times in by_case.items():
+        for case, case_rows in by_case.items():
+            times = {p: r[goal.metric] for p, r in case_rows.items() if r.get(goal.metric) is not None}
             base = [times[b] for b in goal.baselines if b in times]
             if goal.applies_to(params[case]) and goal.provider in times and base:
                 ratios[case] = min(base) / times[goal.provider]

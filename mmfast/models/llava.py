@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture
 from mmfast.models.generation import Decoding, decode
+from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.projector import MLPProjector
 from mmfast.nn.vision import VisionTransformer
@@ -250,10 +251,16 @@ class LlavaForConditionalGeneration(nn.Module):
         return embeds, positions, cu, lengths, mask
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                pixel_values: Optional[Tensor] = None) -> Tensor:
-        """Logits [B, T, vocab] (padded positions hold 0)."""
+                pixel_values: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                num_items_in_batch: Union[Tensor, int, None] = None) -> Union[Tensor, CausalLMOutput]:
+        """Logits [B, T, vocab] (padded positions hold 0); with ``labels`` [B, T], a
+        :class:`~mmfast.models.lm_loss.CausalLMOutput` whose ``loss`` is transformers'
+        causal-LM loss (shifted inside; -100 and padding ignored; see mmfast.models.lm_loss),
+        computed by the fused linear cross-entropy, and whose ``logits`` is None."""
         embeds, positions, cu, lengths, mask = self._prompt(input_ids, attention_mask, pixel_values)
         hidden = self.model.language_model(embeds, positions.expand(3, -1), cu, max(lengths))
+        if labels is not None:
+            return CausalLMOutput(causal_lm_loss(hidden, self.lm_head, labels, mask, num_items_in_batch))
         logits = self.lm_head(hidden)
         if min(lengths) == input_ids.shape[1]:
             return logits.view(*input_ids.shape, -1)

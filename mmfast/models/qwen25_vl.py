@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mmfast.models.checkpoint import (load_checkpoint, read_config, register_architecture, save_pretrained)
 from mmfast.models.generation import sample_token as _sample
+from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.mrope_index import mrope_position_ids
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.qwen_vision import Qwen25VisionTransformer
@@ -242,11 +243,18 @@ class Qwen25VLForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 image_grid_thw: Optional[Tensor] = None, pixel_values_videos: Optional[Tensor] = None,
-                video_grid_thw: Optional[Tensor] = None, second_per_grid_ts: Optional[Tensor] = None) -> Tensor:
-        """Logits [B, T, vocab] (padded positions hold 0)."""
+                video_grid_thw: Optional[Tensor] = None, second_per_grid_ts: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None,
+                num_items_in_batch: Union[Tensor, int, None] = None) -> Union[Tensor, CausalLMOutput]:
+        """Logits [B, T, vocab] (padded positions hold 0); with ``labels`` [B, T], a
+        :class:`~mmfast.models.lm_loss.CausalLMOutput` whose ``loss`` is transformers'
+        causal-LM loss (shifted inside; -100 and padding ignored; see mmfast.models.lm_loss),
+        computed by the fused linear cross-entropy, and whose ``logits`` is None."""
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, second_per_grid_ts)
         hidden = self.model.language_model(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths))
+        if labels is not None:
+            return CausalLMOutput(causal_lm_loss(hidden, self.lm_head, labels, prompt.mask, num_items_in_batch))
         logits = self.lm_head(hidden)
         if min(prompt.lengths) == input_ids.shape[1]:  # no padding: the packed stream is the batch
             return logits.view(*input_ids.shape, -1)

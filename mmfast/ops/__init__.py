@@ -8,6 +8,7 @@ from mmfast.ops.attention import attention
 from mmfast.ops.contrastive import clip_loss, nt_xent_loss, siglip_loss
 from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.group_norm import group_norm
+from mmfast.ops.linear_cross_entropy import linear_cross_entropy
 from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.retrieval import retrieval_metrics, zero_shot_topk
 from mmfast.ops.patch_embed import patch_embed, patch_embed_packed, patch_embed_patchified
@@ -24,3 +25,4 @@ __all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embeddin
 __all__ += ["StepCoefficients", "StepTable", "guided_step"]
 __all__ += ["clip_loss", "nt_xent_loss", "siglip_loss", "retrieval_metrics", "zero_shot_topk"]
 __all__ += ["patch_embed", "patch_embed_packed", "patch_embed_patchified"]
+__all__ += ["linear_cross_entropy"]
