@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture, save_pretrained
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.llava import _text_kwargs
+from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.opt_decoder import OPTDecoder
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.blip_vision import BlipVisionTransformer
@@ -317,11 +318,19 @@ class Blip2ForConditionalGeneration(nn.Module):
     # ---- forward / generate --------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                pixel_values: Optional[Tensor] = None, interpolate_pos_encoding: bool = False) -> Tensor:
-        """Logits [B, T, vocab] (padded positions hold 0)."""
+                pixel_values: Optional[Tensor] = None, interpolate_pos_encoding: bool = False,
+                labels: Optional[Tensor] = None,
+                num_items_in_batch: Union[Tensor, int, None] = None) -> Union[Tensor, CausalLMOutput]:
+        """Logits [B, T, vocab] (padded positions hold 0); with ``labels`` [B, T], a
+        :class:`~mmfast.models.lm_loss.CausalLMOutput` holding transformers' causal-LM loss
+        (shifted inside; -100 and padding ignored), computed by the fused linear
+        cross-entropy without forming the logits."""
         prompt = self._prompt(input_ids, attention_mask, pixel_values, interpolate_pos_encoding)
         self._check_length(max(prompt.lengths), "input_ids")
         hidden = self._run_decoder(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths))
+        if labels is not None:
+            return CausalLMOutput(causal_lm_loss(hidden, self.language_model.lm_head, labels, prompt.mask,
+                                                 num_items_in_batch))
         logits = self.language_model.lm_head(hidden)
         if min(prompt.lengths) == input_ids.shape[1]:  # no padding: the packed stream is the batch
             return logits.view(*input_ids.shape, -1)

@@ -178,6 +178,23 @@ def test_backward_reaches_every_parameter_and_matches_hugging_face(opt):
     hf.zero_grad()
 
 
+def test_labels_give_hugging_faces_loss_through_the_fused_path(opt):
+    hf, directory, _ = opt
+    ours = Blip2ForConditionalGeneration.from_pretrained(directory)
+    ids, mask, pixels = _batch()
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE), -100)
+    got = ours(ids, mask, pixel_values=pixels, labels=labels)
+    assert got.logits is None
+    want = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    got.loss.backward()
+    want.backward()
+    name = "language_model.model.decoder.layers.1.fc2.weight"
+    torch.testing.assert_close(dict(ours.named_parameters())[name].grad, dict(hf.named_parameters())[name].grad,
+                               rtol=1e-4, atol=1e-6)
+    hf.zero_grad()
+
+
 def test_bad_inputs_are_named(opt):
     _, _, ours = opt
     ids, mask, pixels = _batch()
