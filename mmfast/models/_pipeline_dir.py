@@ -34,7 +34,7 @@ def component_dir(root: Path, name: str, *, required: bool = True) -> Path | Non
         return folder
     if required:
         raise FileNotFoundError(f"{name}: the pipeline directory {root} has no {name}/ folder "
-                                f"(a diffusers StableDiffusionPipeline saved with save_pretrained has one)")
+                                f"(a diffusers pipeline saved with save_pretrained has one)")
     return None
 
 
@@ -76,10 +76,15 @@ def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch
 
 def load_weights(module: nn.Module, folder: Path, variant: str | None = None) -> None:
     """Load the component's safetensors into ``module`` exactly: missing keys, unexpected
-    keys and shape mismatches are errors that list them (a few of each)."""
+    keys and shape mismatches are errors that list them (a few of each). A tied parameter
+    (T5's ``shared`` / ``encoder.embed_tokens``) is saved once and counts as present under
+    any of its names."""
+    from mmfast.models.checkpoint import _aliases
+
     state = read_state_dict(folder, variant)
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
+    aliases = _aliases(module)
+    missing = [k for k in expected if not any(a in state for a in aliases[k])]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
@@ -91,4 +96,58 @@ def load_weights(module: nn.Module, folder: Path, variant: str | None = None) ->
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"{folder.name}: the weights in {folder} do not fit its config; " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=False)  # complete up to tied aliases, checked above
+
+
+# ---- which classes a directory holds ---------------------------------------------------------
+
+
+def pipeline_class(index: dict) -> str | None:
+    """The pipeline class model_index.json names (``_class_name``), if any."""
+    name = index.get("_class_name")
+    return name if isinstance(name, str) else None
+
+
+def saved_as_none(index: dict, name: str) -> bool:
+    """Whether model_index.json records component ``name`` as absent ([null, null]), as
+    save_pretrained writes a component that was None."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is None
+
+
+def declared_class(index: dict, name: str, config: dict) -> str:
+    """The class a component declares: model_index.json's entry, else its config's."""
+    entry = index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        return entry[1]
+    declared = config.get("_class_name") or (config.get("architectures") or [None])[0]
+    if declared is None:
+        raise ValueError(f"{name}: neither model_index.json nor its config says which class it is")
+    return declared
+
+
+def check_supported(name: str, declared: str, supported: tuple[str, ...], model: str) -> None:
+    if declared not in supported:
+        raise ValueError(f"{name}: unsupported architecture {declared!r} (mmfast's {model} "
+                         f"takes {', '.join(supported)})")
+
+
+def load_component(root: Path, index: dict, name: str, supported: tuple[str, ...], build, *, model: str,
+                   variant: str | None = None, required: bool = True) -> nn.Module | None:
+    """Component ``name``: its folder and config, its declared class checked against
+    ``supported``, ``build(class name, config dict)`` and the weights loaded exactly. An
+    optional component is None when model_index.json records it as absent or, with no
+    entry there, its folder is missing; a component that model_index.json lists must be
+    there."""
+    listed = isinstance(index.get(name), (list, tuple)) and not saved_as_none(index, name)
+    if not required and saved_as_none(index, name):
+        return None
+    folder = component_dir(root, name, required=required or listed)
+    if folder is None:
+        return None
+    config = read_json(folder / "config.json", name)
+    declared = declared_class(index, name, config)
+    check_supported(name, declared, supported, model)
+    module = build(declared, config)
+    load_weights(module, folder, variant)
+    return module

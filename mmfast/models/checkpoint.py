@@ -264,7 +264,7 @@ def register_architecture(name: str):
     return decorate
 
 
-def architecture_of(config: Mapping) -> str:
+def architecture_of(config: Mapping, source: str = "config.json") -> str:
     names = list(config.get("architectures") or [])
     if config.get("_class_name"):
         names.append(config["_class_name"])
@@ -273,11 +273,17 @@ def architecture_of(config: Mapping) -> str:
             return name
     known = ", ".join(sorted(_ARCHITECTURES)) or "none registered"
     found = ", ".join(names) or "no 'architectures' or '_class_name' entry"
-    raise ValueError(f"config.json: unknown architecture ({found}); mmfast.models knows: {known}")
+    raise ValueError(f"{source}: unknown architecture ({found}); mmfast.models knows: {known}")
 
 
 def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
-    """Build the mmfast model a checkpoint directory's config names, with its weights.
-    ``kwargs`` go to the class's ``from_pretrained`` (e.g. ``dtype``, ``device``)."""
-    cls = _ARCHITECTURES[architecture_of(read_config(directory))]
+    """Build the mmfast model a checkpoint directory's config names, with its weights: a
+    diffusers pipeline directory by its model_index.json's ``_class_name``, a model by its
+    config.json. ``kwargs`` go to the class's ``from_pretrained`` (e.g. ``dtype``, ``device``)."""
+    index = Path(directory) / "model_index.json"
+    if index.is_file():
+        with open(index) as f:
+            cls = _ARCHITECTURES[architecture_of(json.load(f), "model_index.json")]
+    else:
+        cls = _ARCHITECTURES[architecture_of(read_config(directory))]
     return cls.from_pretrained(directory, **kwargs)

@@ -16,6 +16,8 @@ match the pipeline's.
 
 ``generate(..., cuda_graph=True)`` captures one denoising step in a CUDA graph (the fused
 stepper's device-side schedule gives the timestep and coefficients) and replays it.
+The loop, the VAE's way in and out and the checks are shared with the SD3 model
+(:mod:`mmfast.models._latent_sampler`).
 
 Syncs: none per step; image-to-image reads the input image's range once.
 """
@@ -29,31 +31,19 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models import _pipeline_dir as layout
+from mmfast.models._latent_sampler import LatentSampler, describe, guided_batch
+from mmfast.models.checkpoint import register_architecture
 
 TEXT_ENCODERS = ("CLIPTextModel",)
 DENOISERS = ("UNet2DConditionModel",)
 VAES = ("AutoencoderKL",)
-OUTPUT_TYPES = ("latent", "pt")
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
 
 
-def _declared_class(index: dict, name: str, config: dict) -> str:
-    """The class a component declares: model_index.json's entry, else its config's."""
-    entry = index.get(name)
-    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
-        return entry[1]
-    declared = config.get("_class_name") or (config.get("architectures") or [None])[0]
-    if declared is None:
-        raise ValueError(f"{name}: neither model_index.json nor its config says which class it is")
-    return declared
-
-
-def _check_supported(name: str, declared: str, supported: tuple[str, ...]) -> None:
-    if declared not in supported:
-        raise ValueError(f"{name}: unsupported architecture {declared!r} (mmfast's LatentDiffusionModel "
-                         f"takes {', '.join(supported)})")
-
-
-class LatentDiffusionModel(nn.Module):
+@register_architecture("StableDiffusionPipeline")
+@register_architecture("StableDiffusionImg2ImgPipeline")
+class LatentDiffusionModel(LatentSampler):
     """Text encoder + UNet + VAE + fused sampler; see the module docstring.
 
     ``scheduler`` is a diffusers scheduler of a class mmfast fuses (DDIM, Euler discrete,
@@ -61,22 +51,16 @@ class LatentDiffusionModel(nn.Module):
     ``generate`` takes token ids or embeddings).
     """
 
+    model_name = "LatentDiffusionModel"
+
     def __init__(self, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module, scheduler: Any,
                  tokenizer: Any = None):
-        super().__init__()
         from mmfast.integrations.diffusers.schedulers import SUPPORTED
 
-        if not any(c.__name__ in SUPPORTED for c in type(scheduler).__mro__):
-            raise ValueError(f"scheduler: {type(scheduler).__name__} has no mmfast fused step "
-                             f"(supported: {', '.join(SUPPORTED)})")
+        super().__init__(vae, scheduler, SUPPORTED)
         self.text_encoder = text_encoder
         self.unet = unet
-        self.vae = vae
-        self.scheduler = scheduler
         self.tokenizer = tokenizer
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._graph_cache: tuple | None = None  # (key, graph, body, stepper, static tensors)
-        self._capture_graphs = True  # False: cuda_graph runs the graph's body eagerly (CPU tests)
 
     # -- loading ------------------------------------------------------------------------
 
@@ -87,7 +71,7 @@ class LatentDiffusionModel(nn.Module):
         model_index.json, text_encoder/, unet/, vae/, scheduler/ and optionally tokenizer/.
         safetensors only (no pickle), local files only (no network). Missing components or
         files, unsupported classes and weights that do not fit a config raise errors naming
-        them."""
+        them. A Stable Diffusion 3 directory loads as :class:`StableDiffusion3Model`."""
         import diffusers
         import transformers
 
@@ -98,29 +82,30 @@ class LatentDiffusionModel(nn.Module):
         if not root.is_dir():
             raise FileNotFoundError(f"local_dir: {root} is not a directory")
         index = layout.read_json(root / "model_index.json", "model_index.json")
+        pipeline = layout.pipeline_class(index)
+        if pipeline in SD3_PIPELINES:
+            from mmfast.models.sd3 import StableDiffusion3Model
 
-        text_dir = layout.component_dir(root, "text_encoder")
-        text_config = layout.read_json(text_dir / "config.json", "text_encoder")
-        _check_supported("text_encoder", _declared_class(index, "text_encoder", text_config), TEXT_ENCODERS)
-        text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(text_config))
-        layout.load_weights(text_encoder, text_dir, variant)
+            return StableDiffusion3Model.from_pretrained(root, torch_dtype=torch_dtype, device=device,
+                                                         variant=variant)
+        if pipeline is not None and pipeline not in PIPELINES:
+            raise ValueError(f"model_index.json: unsupported pipeline class {pipeline!r} (mmfast loads "
+                             f"{', '.join(PIPELINES)} as LatentDiffusionModel and {', '.join(SD3_PIPELINES)} "
+                             "as StableDiffusion3Model)")
+        load = dict(model=cls.model_name, variant=variant)
 
-        unet_dir = layout.component_dir(root, "unet")
-        unet_config = layout.read_json(unet_dir / "config.json", "unet")
-        _check_supported("unet", _declared_class(index, "unet", unet_config), DENOISERS)
-        unet = unet2d_condition_model(unet_config)
-        layout.load_weights(unet, unet_dir, variant)
-
-        vae_dir = layout.component_dir(root, "vae")
-        vae_config = layout.read_json(vae_dir / "config.json", "vae")
-        _check_supported("vae", _declared_class(index, "vae", vae_config), VAES)
-        vae = diffusers.AutoencoderKL.from_config(vae_config)
-        layout.load_weights(vae, vae_dir, variant)
+        text_encoder = layout.load_component(
+            root, index, "text_encoder", TEXT_ENCODERS,
+            lambda _, config: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config)), **load)
+        unet = layout.load_component(root, index, "unet", DENOISERS, lambda _, config: unet2d_condition_model(config),
+                                     **load)
+        vae = layout.load_component(root, index, "vae", VAES,
+                                    lambda _, config: diffusers.AutoencoderKL.from_config(config), **load)
 
         scheduler_dir = layout.component_dir(root, "scheduler")
         scheduler_config = layout.read_json(scheduler_dir / "scheduler_config.json", "scheduler")
-        scheduler_class = _declared_class(index, "scheduler", scheduler_config)
-        _check_supported("scheduler", scheduler_class, SUPPORTED)
+        scheduler_class = layout.declared_class(index, "scheduler", scheduler_config)
+        layout.check_supported("scheduler", scheduler_class, SUPPORTED, cls.model_name)
         scheduler = getattr(diffusers, scheduler_class).from_config(scheduler_config)
 
         tokenizer = None
@@ -136,12 +121,8 @@ class LatentDiffusionModel(nn.Module):
     # -- pieces ---------------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+    def denoiser(self) -> nn.Module:
+        return self.unet
 
     def tokenize(self, prompt: str | list[str]) -> Tensor:
         """Token ids [B, max_length] as diffusers pads them (needs the tokenizer)."""
@@ -158,34 +139,9 @@ class LatentDiffusionModel(nn.Module):
         mask, as Stable Diffusion was trained)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"input_ids: expected an integer tensor [batch, tokens], got "
-                             f"{_describe(input_ids)}")
+                             f"{describe(input_ids)}")
         embeds = self.text_encoder(input_ids.to(self.device))[0]
         return embeds.to(self.dtype)
-
-    @torch.no_grad()
-    def encode_image(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents of ``image`` [B, 3, H, W] with values in [0, 1] (one draw from
-        the VAE's posterior, as diffusers' img2img does)."""
-        self._check_image(image)
-        return self._encode(image, generator)
-
-    def _encode(self, image: Tensor, generator: torch.Generator | None) -> Tensor:
-        pixels = image.to(device=self.device, dtype=self.vae.dtype) * 2 - 1
-        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
-        config = self.vae.config
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents - config.shift_factor
-        return latents * config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] from scaled latents."""
-        config = self.vae.config
-        latents = latents.to(self.vae.dtype) / config.scaling_factor
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents + config.shift_factor
-        image = self.vae.decode(latents).sample
-        return (image / 2 + 0.5).clamp(0, 1)
 
     # -- sampling ---------------------------------------------------------------------------
 
@@ -212,93 +168,24 @@ class LatentDiffusionModel(nn.Module):
         replays it for every step; the graph is reused by later calls at the same
         resolution, batch, step count and guidance, and re-captured when those change.
         """
-        from tqdm.auto import tqdm
-
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps: expected a positive integer, got {num_inference_steps!r}")
-        if image is None and strength is not None:
-            raise ValueError("strength: only used for image-to-image (pass image=...)")
-        if cuda_graph and self._capture_graphs and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph: needs the model on a CUDA device, it is on {self.device}")
-        if image is not None:
-            self._check_image(image)
-
+        self._check_generate(output_type, num_inference_steps, image, strength, cuda_graph)
         cond = self._prompt_embeds(prompt_embeds, input_ids, prompt, "")
         batch = cond.shape[0]
         guided = guidance_scale > 1.0
         text = cond
         if guided:
             uncond = self._prompt_embeds(negative_prompt_embeds, negative_input_ids, None, "negative_")
-            if uncond.shape[0] == 1 and batch > 1:  # one negative prompt for the whole batch
-                uncond = uncond.expand(batch, -1, -1)
-            if uncond.shape != cond.shape:
-                raise ValueError(f"negative_prompt_embeds: shape {tuple(uncond.shape)} differs from the "
-                                 f"prompt's {tuple(cond.shape)}")
-            text = torch.cat([uncond, cond])
+            text = guided_batch(cond, uncond, "negative_prompt_embeds")
+        latent_size = self._latent_size(height, width, image)
+        return self._sample((text,), batch, (guidance_scale, guidance_rescale) if guided else None,
+                            steps=num_inference_steps, latent_size=latent_size, generator=generator, image=image,
+                            strength=strength, output_type=output_type, progress=progress, cuda_graph=cuda_graph)
 
-        scheduler, stepper, start = self._schedule(num_inference_steps, image, strength)
-        timesteps = scheduler.timesteps[start:]
-        if image is None:
-            height, width = self._resolution(height, width)
-            shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
-                     width // self.vae_scale_factor)
-            latents = _randn(shape, generator, self.device, self.dtype) * stepper.init_noise_sigma
-        else:
-            if height is not None or width is not None:
-                raise ValueError("height/width: image-to-image takes the size of image; leave them out")
-            latents = self._noised_image(image, batch, generator, scheduler, timesteps[:1])
+    def _predict(self, model_input: Tensor, timestep: Tensor, cond: tuple[Tensor, ...]) -> Tensor:
+        return self.unet(model_input, timestep, encoder_hidden_states=cond[0], return_dict=False)[0]
 
-        guidance = (guidance_scale, guidance_rescale) if guided else None
-        if cuda_graph:
-            latents = self._graphed_loop(latents, text, stepper, start, guidance, progress, self._capture_graphs)
-        else:
-            for t in tqdm(timesteps, disable=not progress, desc="denoising"):
-                latents = self._denoise_step(latents, text, stepper, t, guidance)
-        return latents if output_type == "latent" else self.decode_latents(latents)
-
-    def _denoise_step(self, latents: Tensor, text: Tensor, stepper, timestep, guidance,
-                      out: Tensor | None = None) -> Tensor:
-        """One step: scale, UNet on [uncond; cond], guidance and the update fused. With
-        ``timestep=None`` the stepper must be in device mode (the graph's body)."""
-        model_input = stepper.scale_model_input(latents)
-        if guidance is not None:
-            model_input = torch.cat([model_input] * 2)
-        if timestep is None:
-            timestep = stepper.device_timestep()
-        noise_pred = self.unet(model_input, timestep, encoder_hidden_states=text, return_dict=False)[0]
-        scale, rescale = guidance if guidance is not None else (None, 0.0)
-        return stepper.step(noise_pred, latents, guidance_scale=scale, guidance_rescale=rescale, out=out)
-
-    def _graphed_loop(self, latents: Tensor, text: Tensor, stepper, start: int, guidance, progress: bool,
-                      capture: bool = True) -> Tensor:
-        """The denoising loop as one captured step replayed per step: the stepper reads its
-        coefficients and timestep from a device table, so nothing changes between replays.
-        The graph is kept for the next call with the same schedule, shapes and guidance
-        (re-captured otherwise). ``capture=False`` runs the same body eagerly (for CPU tests)."""
-        from tqdm.auto import tqdm
-
-        key = (id(self.scheduler), tuple(stepper.timesteps), start, tuple(latents.shape), tuple(text.shape),
-               latents.dtype, self.device, guidance, capture)
-        cached = self._graph_cache
-        if cached is None or cached[0] != key:
-            self._graph_cache = None  # free the old graph's memory before capturing another
-            stepper.use_device_schedule(self.device)
-            static_latents, static_text = latents.clone(), text.clone()
-
-            def body():
-                self._denoise_step(static_latents, static_text, stepper, None, guidance, out=static_latents)
-
-            graph = _capture(body) if capture else None
-            cached = self._graph_cache = (key, graph, body, stepper, static_latents, static_text)
-        _, graph, body, stepper, static_latents, static_text = cached
-        stepper.reset(start)  # in place: the captured table and counter start over
-        static_latents.copy_(latents)
-        static_text.copy_(text)
-        for _ in tqdm(range(len(stepper) - start), disable=not progress, desc="denoising (CUDA graph)"):
-            graph.replay() if graph is not None else body()
-        return static_latents.clone()
+    def _first_step(self, steps: int, strength: float) -> int:
+        return steps - min(int(steps * strength), steps)
 
     def _prompt_embeds(self, embeds, input_ids, prompt, prefix: str) -> Tensor:
         given = [n for n, v in ((f"{prefix}prompt_embeds", embeds), (f"{prefix}input_ids", input_ids),
@@ -308,7 +195,7 @@ class LatentDiffusionModel(nn.Module):
         if embeds is not None:
             if not isinstance(embeds, Tensor) or embeds.dim() != 3:
                 raise ValueError(f"{prefix}prompt_embeds: expected a tensor [batch, tokens, dim], got "
-                                 f"{_describe(embeds)}")
+                                 f"{describe(embeds)}")
             dim = self.unet.config.cross_attention_dim
             if embeds.shape[-1] != dim:
                 raise ValueError(f"{prefix}prompt_embeds: last dimension {embeds.shape[-1]} is not the UNet's "
@@ -324,85 +211,6 @@ class LatentDiffusionModel(nn.Module):
         if prompt is not None:
             return self.encode_text(self.tokenize(prompt))
         raise ValueError("prompt_embeds: give prompt_embeds, input_ids or prompt")
-
-    def _schedule(self, steps: int, image, strength):
-        """(scheduler, fused stepper, first step): img2img starts part-way, as diffusers'
-        get_timesteps does."""
-        from mmfast.integrations.diffusers.schedulers import fused_stepper
-
-        scheduler = self.scheduler
-        scheduler.set_timesteps(steps, device=self.device)
-        start = 0
-        if image is not None:
-            strength = 0.8 if strength is None else strength
-            if not 0.0 <= strength <= 1.0:
-                raise ValueError(f"strength: expected a value in [0, 1], got {strength}")
-            start = steps - min(int(steps * strength), steps)
-            if start >= steps:
-                raise ValueError(f"strength: {strength} with {steps} steps leaves no step to take")
-            if hasattr(scheduler, "set_begin_index"):  # DDIM has no index state
-                scheduler.set_begin_index(start * scheduler.order)
-        stepper = fused_stepper(scheduler)
-        stepper.reset(start)
-        return scheduler, stepper, start
-
-    def _resolution(self, height, width) -> tuple[int, int]:
-        default = self.unet.config.sample_size * self.vae_scale_factor
-        height = default if height is None else height
-        width = default if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
-                raise ValueError(f"{name}: {value!r} is not a positive multiple of the VAE's downsampling "
-                                 f"factor {self.vae_scale_factor}")
-        return height, width
-
-    def _check_image(self, image) -> None:
-        if not isinstance(image, Tensor) or image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image: expected a tensor [batch, 3, height, width], got {_describe(image)}")
-        if not image.is_floating_point():
-            raise ValueError(f"image: expected floating point values in [0, 1], got dtype {image.dtype}")
-        for name, size in (("height", image.shape[2]), ("width", image.shape[3])):
-            if size % self.vae_scale_factor:
-                raise ValueError(f"image: {name} {size} is not a multiple of the VAE's downsampling factor "
-                                 f"{self.vae_scale_factor}")
-        low, high = image.aminmax()  # one sync
-        if low < 0 or high > 1:
-            raise ValueError(f"image: values must lie in [0, 1], got [{float(low):.3g}, {float(high):.3g}]")
-
-    def _noised_image(self, image: Tensor, batch: int, generator, scheduler, first_timestep: Tensor) -> Tensor:
-        if image.shape[0] not in (1, batch):
-            raise ValueError(f"image: batch {image.shape[0]} does not match the prompt batch {batch} (or 1)")
-        latents = self._encode(image, generator).to(self.dtype)
-        if latents.shape[0] != batch:
-            latents = latents.expand(batch, *latents.shape[1:])
-        noise = _randn(latents.shape, generator, self.device, self.dtype)
-        return scheduler.add_noise(latents, noise, first_timestep.repeat(batch))
-
-
-def _capture(body) -> "torch.cuda.CUDAGraph":
-    """Warm ``body`` up on a side stream (kernels compile, buffers are allocated), then
-    capture it; the warm-up's effect on the static tensors is undone by the caller."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph
-
-
-def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
-    """torch.randn drawn on the generator's device, then moved (diffusers' randn_tensor)."""
-    where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
-
-
-def _describe(value) -> str:
-    if isinstance(value, Tensor):
-        return f"{value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 __all__ = ["LatentDiffusionModel"]

@@ -29,3 +29,5 @@ __all__ += ["VisionAttention", "VisionBlock", "VisionTransformer"]
 __all__ += ["QFormer", "QwenVLResampler"]
 __all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "unet2d_condition_model"]
 __all__ += ["BlipVisionTransformer"]
+from mmfast.nn.sd3_transformer import sd3_transformer_model
+__all__ += ["sd3_transformer_model"]

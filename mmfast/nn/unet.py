@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmfast.nn import resnet, transformer_2d
+from mmfast.nn._swap import swap_modules
 
 
 def _resnet_from(block) -> nn.Module:
@@ -72,18 +73,7 @@ def _replacement(module: nn.Module) -> nn.Module | None:
 def use_mmfast_blocks(model: nn.Module) -> list[str]:
     """Replace, in place, the diffusers blocks of ``model`` that mmfast has modules for,
     keeping their weights and names; returns the qualified names replaced."""
-    replaced = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            new = _replacement(child)
-            if new is None:
-                continue
-            new.load_state_dict(child.state_dict())
-            new.to(device=next(child.parameters()).device, dtype=next(child.parameters()).dtype)
-            new.train(child.training)
-            setattr(parent, child_name, new)
-            replaced.append(f"{parent_name}.{child_name}" if parent_name else child_name)
-    return replaced
+    return swap_modules(model, _replacement)
 
 
 def unet2d_condition_model(config) -> nn.Module:
