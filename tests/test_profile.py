@@ -70,6 +70,29 @@ def test_ldm_tiny_end_to_end(tmp_path, capsys):
     assert "it/s" in capsys.readouterr().out
 
 
+def test_ldm_sd3_tiny_end_to_end(tmp_path):
+    assert main(["profile", "ldm", "--preset", "sd3-tiny", "--steps", "1", "--out", str(tmp_path), *COMMON]) == 0
+    data = _results(tmp_path, "ldm")
+    assert (data["preset"], data["steps"], data["resolution"]) == ("sd3-tiny", 1, 16)
+    assert data["sides"][1]["name"] == "diffusers StableDiffusion3Pipeline"
+    assert all(side["metrics"]["it_per_s"] > 0 for side in data["sides"])
+    assert any(entry.startswith("adaln=") for entry in data["backends_ran"])  # the MM-DiT blocks are mmfast's
+
+
+def test_ldm_sd3_from_checkpoint(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmfast.models.sd3_presets import sd3_components
+
+    pipe = StableDiffusion3Pipeline(**sd3_components("sd3-tiny", text_encoder_3=False), tokenizer=None,
+                                    tokenizer_2=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path / "sd3", safe_serialization=True)
+    assert main(["profile", "ldm", "--checkpoint", str(tmp_path / "sd3"), "--steps", "1", "--out", str(tmp_path),
+                 *COMMON]) == 0
+    data = _results(tmp_path, "ldm")
+    assert data["preset"] is None and data["sides"][1]["name"] == "diffusers StableDiffusion3Pipeline"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["vlm", "--preset", "70b"], "invalid choice: '70b'"),
     (["ldm", "--preset", "7b"], "invalid choice: '7b'"),

@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "Qwen2.5-VL vs transformers"),
-                                ("ldm", ldm.PRESETS, "Stable Diffusion vs diffusers")):
+                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
         p.add_argument("--preset", choices=presets, help=f"model size, random weights (default: "
                        f"{DEFAULTS[kind]['preset'][0]} on a GPU, tiny on a CPU)")
@@ -151,8 +151,7 @@ def run(args, log=print) -> dict:
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph)
         short, long = "latent", "pt"
-        weights = (_weights_bytes(ours),
-                   _weights_bytes(*(getattr(reference, n) for n in ("text_encoder", "unet", "vae"))))
+        weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
 
     traces = _trace_paths(args.trace)
     ran: set = set()
@@ -188,8 +187,7 @@ def run(args, log=print) -> dict:
                 if key in results_sides[0]["metrics"]}
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
-        notes.append("reference: diffusers StableDiffusionPipeline over the same components and weights; "
-                     "both sides take the same prompt embeddings (text encoding not timed)")
+        notes.append(ldm.reference_note(reference))
     else:
         notes.append("reference: transformers Qwen2_5_VLForConditionalGeneration (attn_implementation='sdpa'), "
                      "same config and weights")

@@ -252,7 +252,8 @@ def test_bad_generate_arguments(model, torch_blocks):
         model.generate(torch.zeros(1, 4, 7), e["pooled_prompt_embeds"], guidance_scale=1.0, **one_step)
     with pytest.raises(ValueError, match="pooled_prompt_embeds: batch 1 differs from prompt_embeds' 2"):
         model.generate(torch.zeros(2, 4, 32), e["pooled_prompt_embeds"], guidance_scale=1.0, **one_step)
-    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds: batch 3 differs from negative_prompt_embeds' 2"):
+    with pytest.raises(ValueError, match="negative_pooled_prompt_embeds: batch 3 differs from "
+                                         "negative_prompt_embeds' 2"):
         model.generate(**{**e, "negative_prompt_embeds": torch.zeros(2, 12, 32),
                           "negative_pooled_prompt_embeds": torch.zeros(3, 64)}, **one_step)
     with pytest.raises(ValueError, match=r"negative_prompt_embeds: shape \(1, 10, 32\) differs from the prompt's "
