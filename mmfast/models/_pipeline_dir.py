@@ -135,19 +135,17 @@ def check_supported(name: str, declared: str, supported: tuple[str, ...], model:
 def load_component(root: Path, index: dict, name: str, supported: tuple[str, ...], build, *, model: str,
                    variant: str | None = None, required: bool = True) -> nn.Module | None:
     """Component ``name``: its folder and config, its declared class checked against
-    ``supported``, ``build(class name, config dict)`` and the weights loaded exactly. An
-    optional component is None when model_index.json records it as absent or, with no
-    entry there, its folder is missing; a component that model_index.json lists must be
-    there."""
-    listed = isinstance(index.get(name), (list, tuple)) and not saved_as_none(index, name)
+    ``supported``, ``build(config dict)`` and the weights loaded exactly. An optional
+    component is None when model_index.json records it as absent or, with no entry there,
+    its folder is missing; a component that model_index.json lists must be there."""
     if not required and saved_as_none(index, name):
         return None
+    listed = isinstance(index.get(name), (list, tuple))
     folder = component_dir(root, name, required=required or listed)
     if folder is None:
         return None
     config = read_json(folder / "config.json", name)
-    declared = declared_class(index, name, config)
-    check_supported(name, declared, supported, model)
-    module = build(declared, config)
+    check_supported(name, declared_class(index, name, config), supported, model)
+    module = build(config)
     load_weights(module, folder, variant)
     return module

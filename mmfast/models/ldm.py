@@ -96,11 +96,9 @@ class LatentDiffusionModel(LatentSampler):
 
         text_encoder = layout.load_component(
             root, index, "text_encoder", TEXT_ENCODERS,
-            lambda _, config: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config)), **load)
-        unet = layout.load_component(root, index, "unet", DENOISERS, lambda _, config: unet2d_condition_model(config),
-                                     **load)
-        vae = layout.load_component(root, index, "vae", VAES,
-                                    lambda _, config: diffusers.AutoencoderKL.from_config(config), **load)
+            lambda config: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config)), **load)
+        unet = layout.load_component(root, index, "unet", DENOISERS, unet2d_condition_model, **load)
+        vae = layout.load_component(root, index, "vae", VAES, diffusers.AutoencoderKL.from_config, **load)
 
         scheduler_dir = layout.component_dir(root, "scheduler")
         scheduler_config = layout.read_json(scheduler_dir / "scheduler_config.json", "scheduler")

@@ -99,18 +99,16 @@ class StableDiffusion3Model(LatentSampler):
                              f"({', '.join(PIPELINES)}); mmfast.models.from_pretrained picks the model for it")
         load = dict(model=cls.model_name, variant=variant)
 
-        def clip(_, config):
+        def clip(config):
             return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(config))
 
-        transformer = layout.load_component(root, index, "transformer", DENOISERS,
-                                            lambda _, config: sd3_transformer_model(config), **load)
-        vae = layout.load_component(root, index, "vae", VAES,
-                                    lambda _, config: diffusers.AutoencoderKL.from_config(config), **load)
+        transformer = layout.load_component(root, index, "transformer", DENOISERS, sd3_transformer_model, **load)
+        vae = layout.load_component(root, index, "vae", VAES, diffusers.AutoencoderKL.from_config, **load)
         text_encoder = layout.load_component(root, index, "text_encoder", CLIP_ENCODERS, clip, **load)
         text_encoder_2 = layout.load_component(root, index, "text_encoder_2", CLIP_ENCODERS, clip, **load)
         text_encoder_3 = layout.load_component(
             root, index, "text_encoder_3", T5_ENCODERS,
-            lambda _, config: transformers.T5EncoderModel(transformers.T5Config.from_dict(config)), required=False,
+            lambda config: transformers.T5EncoderModel(transformers.T5Config.from_dict(config)), required=False,
             **load)
 
         scheduler_dir = layout.component_dir(root, "scheduler")

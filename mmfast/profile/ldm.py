@@ -136,8 +136,10 @@ def default_resolution(ours) -> int:
 
 def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
           cuda_graph: bool = False) -> list[Side]:
+    from mmfast.models import StableDiffusion3Model
+
     g = torch.Generator().manual_seed(0)
-    if hasattr(ours, "transformer"):  # SD3: CLIP-L/G tokens then T5's, with pooled embeddings
+    if isinstance(ours, StableDiffusion3Model):  # CLIP-L/G tokens then T5's, with pooled embeddings
         config = ours.transformer.config
         tokens = ours.text_encoder.config.max_position_embeddings + T5_TOKENS
         shapes = {"prompt_embeds": (batch, tokens, config.joint_attention_dim),

@@ -78,6 +78,15 @@ def model(saved):
     return StableDiffusion3Model.from_pretrained(saved[1])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Far too small for intra-op threads: on a busy shared CPU they spin against other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def torch_blocks():
     """mmfast's blocks on their PyTorch backend, the fused guided step on Triton."""
