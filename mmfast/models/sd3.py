@@ -172,7 +172,11 @@ class StableDiffusion3Model(LatentSampler):
         both CLIP encoders (one tensor) or a sequence (CLIP-L ids, CLIP-G ids or None for
         the same, T5 ids: required with ``text_encoder_3``, refused without). Without T5,
         its ``max_sequence_length`` tokens are zeros."""
-        clip_ids, clip_2_ids, t5_ids = self._id_triple(input_ids, "input_ids")
+        return self._encode_ids(self._id_triple(input_ids, "input_ids"), clip_skip, max_sequence_length)
+
+    def _encode_ids(self, ids: tuple[Tensor, Tensor, Tensor | None], clip_skip: int | None,
+                    max_sequence_length: int) -> tuple[Tensor, Tensor]:
+        clip_ids, clip_2_ids, t5_ids = ids
         embeds, pooled = zip(*(self._clip_embeds(encoder, ids, clip_skip) for encoder, ids in
                                ((self.text_encoder, clip_ids), (self.text_encoder_2, clip_2_ids))))
         clip_embeds, pooled = torch.cat(embeds, dim=-1), torch.cat(pooled, dim=-1)
@@ -302,10 +306,11 @@ class StableDiffusion3Model(LatentSampler):
                              "(from the same text encoders)")
         if embeds is not None:
             return self._check_embeds(embeds, pooled, prefix)
+        if input_ids is None and prompt is not None:
+            input_ids = self.tokenize(prompt, text["max_sequence_length"])
         if input_ids is not None:
-            return self.encode_text(input_ids, **text)
-        if prompt is not None:
-            return self.encode_text(self.tokenize(prompt, text["max_sequence_length"]), **text)
+            return self._encode_ids(self._id_triple(input_ids, f"{prefix}input_ids"), text["clip_skip"],
+                                    text["max_sequence_length"])
         raise ValueError("prompt_embeds: give prompt_embeds with pooled_prompt_embeds, input_ids or prompt")
 
     def _check_embeds(self, embeds, pooled, prefix: str) -> tuple[Tensor, Tensor]:

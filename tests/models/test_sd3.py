@@ -290,6 +290,10 @@ def test_token_ids_must_fit_the_encoders(model):
         model.encode_text((ids, ids.repeat(2, 1)))
     with pytest.raises(ValueError, match=r"input_ids\[0\]: expected an integer tensor"):
         model.encode_text(ids.float())
+    e = _embeds()
+    with pytest.raises(ValueError, match=r"negative_input_ids\[1\]: expected an integer tensor"):
+        model.generate(e["prompt_embeds"], e["pooled_prompt_embeds"], negative_input_ids=(ids, "ids"),
+                       num_inference_steps=1, progress=False)
 
 
 def _copy(saved, tmp_path):
