@@ -30,6 +30,8 @@ class LatentSampler(nn.Module):
 
     #: what the model is called in error messages
     model_name = "LatentSampler"
+    #: image-to-image's strength when none is given (diffusers' default for the pipeline)
+    default_strength = 0.8
 
     def __init__(self, vae: nn.Module, scheduler: Any, schedulers: tuple[str, ...]):
         super().__init__()
@@ -206,9 +208,6 @@ class LatentSampler(nn.Module):
         stepper = fused_stepper(scheduler)
         stepper.reset(start)
         return scheduler, stepper, start
-
-    #: image-to-image's strength when none is given (diffusers' default for the pipeline)
-    default_strength = 0.8
 
     def _noised_image(self, image: Tensor, batch: int, generator, scheduler, first_timestep: Tensor) -> Tensor:
         if image.shape[0] not in (1, batch):
