@@ -93,6 +93,27 @@ def test_ldm_sd3_from_checkpoint(tmp_path):
     assert data["preset"] is None and data["sides"][1]["name"] == "diffusers StableDiffusion3Pipeline"
 
 
+@pytest.mark.parametrize("kind, preset, extra", [("vlm", "tiny", ["--new-tokens", "2"]),
+                                                  ("ldm", "tiny", ["--steps", "1"])])
+def test_compiled_reference_side(kind, preset, extra, tmp_path, capsys, monkeypatch):
+    # aot_eager: the compile path without the minutes of C++ that inductor builds on a CPU.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr("mmfast.profile.COMPILE_BACKEND", "aot_eager")
+    counters.clear()
+    assert main(["profile", kind, "--preset", preset, "--compile-reference", "--out", str(tmp_path),
+                 *extra, *COMMON]) == 0
+    data = json.loads((tmp_path / f"profile_{kind}.json").read_text())
+    names = [side["name"] for side in data["sides"]]
+    assert len(names) == 3 and names[2] == f"{names[1]} + torch.compile" and data["compile_reference"]
+    assert counters["stats"]["unique_graphs"] > 0  # the third side really ran compiled code
+    for side in data["sides"][1:]:
+        assert all(ratio > 0 for ratio in side["mmfast_speedup"].values())
+    assert data["speedups"] == data["sides"][1]["mmfast_speedup"]
+    printed = capsys.readouterr().out
+    assert f"mmfast vs {names[2]}: " in printed and "(backend 'aot_eager')" in printed
+
+
 @pytest.mark.parametrize("argv, message", [
     (["vlm", "--preset", "70b"], "invalid choice: '70b'"),
     (["ldm", "--preset", "7b"], "invalid choice: '7b'"),

@@ -1,9 +1,11 @@
 """``mmfast profile vlm|ldm``: a complete model on mmfast kernels against what users would
 otherwise run (transformers / diffusers), side by side on this machine.
 
-For each side: warm-up, timed runs (median), peak memory, and a torch.profiler breakdown
-of one run (top ops by self time). Prints a table and writes JSON (and a PNG chart when
-matplotlib is importable) under ``--out``; ``--trace`` also writes Chrome traces.
+The sides: mmfast, the reference in eager mode, and (by default on a GPU,
+``--compile-reference``) the reference with torch.compile. For each side: warm-up, timed
+runs (median), peak memory, and a torch.profiler breakdown of one run (top ops by self
+time). Prints a table and writes JSON (and a PNG chart when matplotlib is importable)
+under ``--out``; ``--trace`` also writes Chrome traces.
 
 Without a GPU it runs the tiny presets and says loudly that the numbers are not GPU
 numbers; without ``TRITON_INTERPRET`` the mmfast side then runs the PyTorch backends of its
@@ -27,8 +29,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULTS = {
     "vlm": {"preset": ("7b", "tiny"), "resolution": (448, 56), "new_tokens": (64, 4)},
     "ldm": {"preset": ("sd15", "tiny"), "steps": (30, 2)},
-    "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2)},
+    "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2), "compile_reference": (True, False)},
 }
+COMPILE_BACKEND = "inductor"  # of the torch.compile reference side
+SPEEDUP_KEYS = {"generate_s": "generate", "time_to_first_token_s": "time to first token",
+                "end_to_end_s": "end to end", "denoise_s": "denoising"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
         p.add_argument("--repeats", type=_positive, help="timed runs per measurement (median; default 5 GPU, 2 CPU)")
         p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
+        p.add_argument("--compile-reference", action=argparse.BooleanOptionalAction,
+                       help="also run the reference with torch.compile (default: on a GPU; a CPU compile takes minutes)")
         p.add_argument("--top", type=_positive, default=12, help="ops per side in the breakdown (default 12)")
         p.add_argument("--trace", metavar="OUT.json", help="write the mmfast run's Chrome trace here "
                        "(the reference's next to it, as OUT.reference.json)")
@@ -138,18 +145,20 @@ def run(args, log=print) -> dict:
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 
     workload = vlm if args.kind == "vlm" else ldm
+    compile_backend = COMPILE_BACKEND if args.compile_reference else None
     log(f"building {args.kind} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     ours, reference, description = workload.build(args.preset, args.checkpoint, device, dtype)
     if args.kind == "vlm":
         batch_inputs = vlm.inputs(ours, args.batch, args.resolution, device, dtype)
         args.resolution = batch_inputs["pixels"]
         prompt_tokens = batch_inputs["input_ids"].shape[1]
-        sides = vlm.sides(ours, reference, batch_inputs)
+        sides = vlm.sides(ours, reference, batch_inputs, compile_backend)
         short, long = 1, args.new_tokens
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
         args.resolution = args.resolution or ldm.default_resolution(ours)
-        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph)
+        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
+                          compile_backend)
         short, long = "latent", "pt"
         weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
 
@@ -168,10 +177,11 @@ def run(args, log=print) -> dict:
             side.generate(short), side.generate(long)  # warm-up: compilation, autotuning, caches
             bar.update(2)
             memory: dict = {}
-            with measure.peak_memory(device, memory, weights[index]):
+            with measure.peak_memory(device, memory, weights[min(index, 1)]):  # a compiled side shares weights
                 first = measure.time_runs(lambda: side.generate(short), device, args.repeats, bar)
                 full = measure.time_runs(lambda: side.generate(long), device, args.repeats, bar)
-            ops = measure.op_breakdown(lambda: side.generate(long), device, args.top, traces[index])
+            trace = traces[index] if index < len(traces) else None
+            ops = measure.op_breakdown(lambda: side.generate(long), device, args.top, trace)
             bar.update(1)
         if args.kind == "vlm":
             metrics = vlm.metrics(args.batch, prompt_tokens, args.new_tokens, first, full)
@@ -182,15 +192,20 @@ def run(args, log=print) -> dict:
     bar.close()
 
     basis = "generate_s" if args.kind == "vlm" else "end_to_end_s"
-    speedups = {key: results_sides[1]["metrics"][key] / results_sides[0]["metrics"][key]
-                for key in ("generate_s", "time_to_first_token_s", "end_to_end_s", "denoise_s")
-                if key in results_sides[0]["metrics"]}
+    ours_metrics = results_sides[0]["metrics"]
+    for side in results_sides[1:]:  # how much faster mmfast is than this side, per timed quantity
+        side["mmfast_speedup"] = {key: side["metrics"][key] / ours_metrics[key]
+                                  for key in SPEEDUP_KEYS if key in ours_metrics}
+    speedups = results_sides[1]["mmfast_speedup"]  # over the eager reference
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
         notes.append(ldm.reference_note(reference))
     else:
         notes.append("reference: transformers Qwen2_5_VLForConditionalGeneration (attn_implementation='sdpa'), "
                      "same config and weights")
+    if compile_backend is not None:
+        notes.append(f"torch.compile side: the reference's {'forward' if args.kind == 'vlm' else 'denoiser'} "
+                     f"compiled (backend {compile_backend!r}); its warm-up runs hold the compile time")
     return {
         "kind": args.kind, "model": description, "preset": args.preset, "checkpoint": args.checkpoint,
         "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
@@ -199,7 +214,7 @@ def run(args, log=print) -> dict:
            else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
-        "speedups": speedups, "notes": notes,
+        "speedups": speedups, "compile_reference": compile_backend is not None, "notes": notes,
         "versions": {"torch": torch.__version__, "mmfast": mmfast.__version__, **_library_versions()},
     }
 
@@ -228,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
           f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
     print(report.table(results))
-    print(f"speedup: {results['speedup_basis']}")
+    print(f"mmfast speedup: {results['speedup_basis']}")
+    print(report.speedups(results))
     for note in results["notes"]:
         print(note)
     print()

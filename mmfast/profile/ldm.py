@@ -134,8 +134,20 @@ def default_resolution(ours) -> int:
     return ours.denoiser.config.sample_size * ours.vae_scale_factor
 
 
+def compiled(pipe, backend: str):
+    """The same pipeline with its denoiser (UNet or transformer) under torch.compile, what
+    diffusers' documentation recommends; the other components are shared."""
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    components = {**pipe.components, name: torch.compile(getattr(pipe, name), backend=backend)}
+    twin = type(pipe)(**components)
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
 def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
-          cuda_graph: bool = False) -> list[Side]:
+          cuda_graph: bool = False, compile_backend: str | None = None) -> list[Side]:
+    """mmfast and the diffusers pipeline, and with ``compile_backend`` the pipeline with its
+    denoiser under torch.compile with that backend."""
     from mmfast.models import StableDiffusion3Model
 
     g = torch.Generator().manual_seed(0)
@@ -155,11 +167,18 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
         return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
                              generator=torch.Generator(ours.device).manual_seed(1), **common)
 
-    @torch.no_grad()
-    def run_pipe(output_type):
-        return pipe(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1), **common).images
+    def runner(pipeline):
+        @torch.no_grad()
+        def run_pipe(output_type):
+            return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
+                            **common).images
+        return run_pipe
 
-    return [Side("mmfast", run_ours), Side(f"diffusers {type(pipe).__name__}", run_pipe)]
+    name = f"diffusers {type(pipe).__name__}"
+    listed = [Side("mmfast", run_ours), Side(name, runner(pipe))]
+    if compile_backend is not None:
+        listed.append(Side(f"{name} + torch.compile", runner(compiled(pipe, compile_backend))))
+    return listed
 
 
 def reference_modules(pipe) -> list:

@@ -19,16 +19,27 @@ def _cell(value, fmt: str) -> str:
 
 def table(results: dict) -> str:
     columns = VLM_COLUMNS if results["kind"] == "vlm" else LDM_COLUMNS
-    header = ["side"] + [heading for _, heading, _ in columns] + ["speedup"]
+    basis = results["speedup_basis"].split()[-1]
+    header = ["side"] + [heading for _, heading, _ in columns] + ["mmfast speedup"]
     rows = [header]
     for side in results["sides"]:
-        speedup = results["speedup"] if side["name"] == "mmfast" else 1.0
+        speedup = side.get("mmfast_speedup", {}).get(basis)
         rows.append([side["name"]] + [_cell(side["metrics"].get(key), fmt) for key, _, fmt in columns]
-                    + [f"{speedup:.2f}x"])
+                    + ["-" if speedup is None else f"{speedup:.2f}x"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def speedups(results: dict) -> str:
+    """One line per reference side: mmfast's speedup over it for each timed quantity."""
+    from mmfast.profile import SPEEDUP_KEYS
+
+    return "\n".join(
+        f"mmfast vs {side['name']}: " + ", ".join(f"{SPEEDUP_KEYS[key]} {ratio:.2f}x"
+                                                  for key, ratio in side["mmfast_speedup"].items())
+        for side in results["sides"][1:])
 
 
 def breakdown(results: dict, top: int) -> str:
@@ -65,9 +76,10 @@ def _chart(results: dict, path: str) -> str | None:
     columns = [c for c in (VLM_COLUMNS if results["kind"] == "vlm" else LDM_COLUMNS) if c[0] != "peak_memory_gib"]
     figure, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.2))
     for axis, (key, heading, _) in zip(axes, columns):
-        names = [side["name"].split(" ")[0] for side in results["sides"]]
+        names = [side["name"].split(" ")[0] + (" + compile" if "torch.compile" in side["name"] else "")
+                 for side in results["sides"]]
         values = [side["metrics"].get(key) or 0.0 for side in results["sides"]]
-        axis.bar(names, values, color=["tab:orange", "tab:gray"])
+        axis.bar(names, values, color=["tab:orange"] + ["tab:gray", "tab:blue"][:len(names) - 1])
         axis.set_title(heading)
     figure.suptitle(f"mmfast profile {results['kind']}: {results['model']} on {results['device_name']}"
                     + ("" if results["device"].startswith("cuda") else " (CPU, not GPU numbers)"), fontsize=9)

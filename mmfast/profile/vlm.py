@@ -5,10 +5,15 @@ one-image prompts.
 Time to first token is one ``generate`` call with a single new token (vision tower +
 prefill + first token); decode tokens/s comes from the extra time of a call with
 ``new_tokens`` tokens. End-of-sequence is disabled so both sides produce every token.
+
+With ``compile_reference`` a third side runs transformers' model with its ``forward``
+under ``torch.compile`` (dynamic shapes, so the growing cache does not recompile every
+step; its data-dependent rope/window index code breaks the graph where it must).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -79,7 +84,16 @@ def inputs(model, batch: int, resolution: int, device: torch.device, dtype: torc
             "pixels": side * patch}
 
 
-def sides(ours, reference, batch_inputs: dict) -> list[Side]:
+def compiled(reference, backend: str):
+    """A shallow copy of ``reference`` (same submodules and weights) whose forward is compiled."""
+    twin = copy.copy(reference)
+    twin.forward = torch.compile(reference.forward, backend=backend, dynamic=True)
+    return twin
+
+
+def sides(ours, reference, batch_inputs: dict, compile_backend: str | None = None) -> list[Side]:
+    """mmfast and transformers (sdpa), and with ``compile_backend`` transformers under
+    torch.compile with that backend."""
     ids, pixels, grid = batch_inputs["input_ids"], batch_inputs["pixel_values"], batch_inputs["image_grid_thw"]
     image_token = ours.config.image_token_id
 
@@ -87,13 +101,18 @@ def sides(ours, reference, batch_inputs: dict) -> list[Side]:
         return ours.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=new_tokens,
                              eos_token_id=[])
 
-    @torch.no_grad()
-    def run_reference(new_tokens):
-        return reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+    def runner(model):
+        @torch.no_grad()
+        def run_reference(new_tokens):
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                                   image_grid_thw=grid, mm_token_type_ids=(ids == image_token).int(),
                                   do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return run_reference
 
-    return [Side("mmfast", run_ours), Side("transformers (sdpa)", run_reference)]
+    listed = [Side("mmfast", run_ours), Side("transformers (sdpa)", runner(reference))]
+    if compile_backend is not None:
+        listed.append(Side("transformers (sdpa) + torch.compile", runner(compiled(reference, compile_backend))))
+    return listed
 
 
 def metrics(batch: int, prompt_tokens: int, new_tokens: int, first_s: float, full_s: float) -> dict:
