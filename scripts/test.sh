@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests -q "$@"
+exec .venv/bin/python -m pytest -q "$@"  # no path given: pyproject's testpaths (tests/)
