@@ -33,7 +33,7 @@ tests_rc=${PIPESTATUS[0]}
 sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 san_rc=0
 if [[ -x "$sanitizer" ]]; then
-    for module in test_norm_cuda test_group_norm_cuda test_scheduler_step_cuda; do
+    for module in test_norm_cuda test_group_norm_cuda test_scheduler_step_cuda test_attention_cuda; do
         for tool in memcheck racecheck; do
             log="$out/sanitizer_${module}_$tool.log"
             "$sanitizer" --tool "$tool" --error-exitcode 1 python3 -m "tests.cuda.$module" > "$log" 2>&1

@@ -167,7 +167,8 @@ def mmfast_skip(backend: str, case: Case, device: torch.device) -> str | None:
                         layout="packed" if "max_seqlen" in p else "padded",
                         facts={"return_lse": False, "causal": p.get("causal", False),
                                "window": (-1, 0 if p.get("causal") else -1),
-                               "max_seqlen_q": longest, "max_seqlen_k": longest})
+                               "max_seqlen_q": longest, "max_seqlen_k": longest,
+                               "head_dim": p["head_dim"], "requires_grad": p["pass"] != "fwd"})
 
 
 # ---- providers: baselines ------------------------------------------------------------

@@ -12,7 +12,10 @@ SigLIP-so400m; forward and forward+backward, bf16 on a GPU.
 
 Providers (each skipped with its reason where it cannot run):
 ``mmfast-triton-short`` (backend="triton_short": whole windows per program; segments of
-up to 128 tokens), ``mmfast-triton`` (the general flash-style kernel); PyTorch SDPA per
+up to 128 tokens), ``mmfast-cuda-short`` (backend="cuda_short": the CUDA C++ tensor-core
+kernel of csrc/attention_short.cu, forward only, built before timing; its measurement
+decides whether it becomes the default in mmfast/tuning), ``mmfast-triton`` (the general
+flash-style kernel); PyTorch SDPA per
 backend (``sdpa-flash``, ``sdpa-cudnn``, ``sdpa-efficient``, ``sdpa-math``) as a user
 would call it on packed segments: gathered into a padded [segments, longest, H, D] batch
 with a key-padding mask when lengths differ (flash takes no mask: skipped then), scattered
@@ -29,7 +32,9 @@ forward+backward.
 
 Targets from the issue (H100, bf16), as ``SPEEDUPS`` checked on GPU runs: window layers,
 forward+backward, mmfast (the short-segment path dispatch picks there) >= 1.5x the best
-of xformers, flex and flash-attn varlen, and >= 10x hf-sdpa-loop.
+of xformers, flex and flash-attn varlen, and >= 10x hf-sdpa-loop; window layers,
+forward, the CUDA C++ kernel >= 1.2x the Triton short kernel (issue 9's compute-bound
+target).
 """
 
 from __future__ import annotations
@@ -264,6 +269,17 @@ def _hf_loop(case: Case):
     return timed(case, forward)
 
 
+def _cuda_short_skip(case: Case, device: torch.device) -> str | None:
+    reason = mmfast_skip("cuda_short", case, device)
+    if reason is None:
+        from mmfast.cuda import build
+
+        # Build (or load) the library here, so that no case times a compile.
+        if not build.load(device):
+            reason = f"CUDA C++ path unavailable: {build.unavailable_reason(device)}"
+    return reason
+
+
 def _packed_only(case: Case, device: torch.device) -> str | None:
     return "models the Qwen2.5-VL packed layers only" if case.params["group"] == "siglip" else None
 
@@ -271,6 +287,7 @@ def _packed_only(case: Case, device: torch.device) -> str | None:
 def _providers() -> tuple[Provider, ...]:
     providers = [
         Provider("mmfast-triton-short", partial(_mmfast, "triton_short"), partial(mmfast_skip, "triton_short")),
+        Provider("mmfast-cuda-short", partial(_mmfast, "cuda_short"), _cuda_short_skip),
         Provider("mmfast-triton", partial(_mmfast, "triton"), partial(mmfast_skip, "triton")),
     ]
     for name in SDPA_BACKENDS:
@@ -293,6 +310,9 @@ SPEEDUPS = (
             "window layers fwd+bwd: >= 1.5x the best of xformers, flex, flash-attn varlen", _WINDOW_FWD_BWD),
     Speedup("mmfast-triton-short", ("hf-sdpa-loop",), 10.0,
             "window layers fwd+bwd: >= 10x the Hugging Face per-window SDPA loop", _WINDOW_FWD_BWD),
+    Speedup("mmfast-cuda-short", ("mmfast-triton-short",), 1.2,
+            "issue 9: window layers fwd, the CUDA C++ kernel >= 1.2x the Triton short kernel",
+            {"group": "window", "pass": "fwd"}),
 )
 
 SUITE = Suite(

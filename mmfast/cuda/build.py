@@ -57,10 +57,10 @@ LIBRARY = "mmfast_cuda"
 # The library's translation units: per op family, a kernel file and its torch binding.
 # A kernel file not listed (not bound yet) would be compiled only by the CI check.
 SOURCES = ("norm.cu", "norm_ops.cpp", "group_norm_silu.cu", "group_norm_silu_ops.cpp",
-           "scheduler_step.cu", "scheduler_step_ops.cpp")
-HEADERS = ("common.cuh", "norm.h", "group_norm_silu.h", "scheduler_step.h", "torch_utils.h")
+           "scheduler_step.cu", "scheduler_step_ops.cpp", "attention_short.cu", "attention_short_ops.cpp")
+HEADERS = ("common.cuh", "norm.h", "group_norm_silu.h", "scheduler_step.h", "attention_short.h", "torch_utils.h")
 # Launcher modules whose register_fakes() runs once the library is loaded.
-OP_MODULES = ("mmfast.cuda.norm", "mmfast.cuda.group_norm", "mmfast.cuda.scheduler_step")
+OP_MODULES = ("mmfast.cuda.norm", "mmfast.cuda.group_norm", "mmfast.cuda.scheduler_step", "mmfast.cuda.attention")
 CUDA_FLAGS = ("-O3", "-lineinfo")  # line info: compute-sanitizer and profilers name source lines
 CXX_FLAGS = ("-O3",)
 MIN_CAPABILITY = (8, 0)

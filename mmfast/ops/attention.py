@@ -41,7 +41,10 @@ Dispatch itself reads no device value: it decides on dtype, device, head dim, la
 the max_seqlen ints.
 
 Backends, in priority order (the first that can take a call runs it):
-``triton_short`` (kernels/attention_short.py: whole short segments per program, for
+``cuda_short`` (CUDA C++, csrc/attention_short.cu: the short-segment forward on tensor
+cores, fp16/bf16, head dims multiple of 8 up to 128, no lse gradient and no backward, so
+never for inputs that require grad; taken by default only where mmfast.tuning measured it
+faster on the device), ``triton_short`` (kernels/attention_short.py: whole short segments per program, for
 segments of at most 128 tokens, head dim 32..128; picked by max_seqlen_q/k, so the
 64-token windows of Qwen2.5-VL land here), ``triton`` (kernels/attention.py, flash-style;
 fp16, bf16, fp32; head dim 32..256; CUDA, or CPU under TRITON_INTERPRET=1 for both Triton
@@ -234,6 +237,24 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+# The CUDA C++ kernel builds on its first call, inside the op, where torch.compile never
+# looks: tracing needs only the fake. Forward only (see _cuda_short_limits).
+@torch.library.custom_op("mmfast::attention_short_fwd_cuda", mutates_args=())
+def _attention_short_fwd_cuda_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    from mmfast.cuda.attention import attention_short_fwd
+
+    return attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               window_left, window_right, scale)
+
+
+@_attention_short_fwd_cuda_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
+
+
 # ---- autograd --------------------------------------------------------------------
 
 
@@ -351,6 +372,21 @@ def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     return out.unflatten(0, (batch, tokens_q)), lse.unflatten(1, (batch, tokens_q)).transpose(0, 1)
 
 
+def _run_cuda_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    window_left, window_right, scale):
+    # No autograd.Function: dispatch never gives this backend inputs that require grad.
+    forward = torch.ops.mmfast.attention_short_fwd_cuda
+    if cu_seqlens_q is not None:
+        return forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       window_left, window_right, scale)
+    # Padded: each batch entry is one segment of the packed layout, as in _run_triton_short.
+    batch, tokens_q, tokens_k = q.shape[0], q.shape[1], k.shape[1]
+    steps = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    out, lse = forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), steps * tokens_q, steps * tokens_k,
+                       tokens_q, tokens_k, window_left, window_right, scale)
+    return out.unflatten(0, (batch, tokens_q)), lse.unflatten(1, (batch, tokens_q)).transpose(0, 1)
+
+
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               window_left, window_right, scale):
     packed = cu_seqlens_q is not None
@@ -390,6 +426,17 @@ def _short_segments(call: Call):
                f"{call.facts['max_seqlen_q']}/{call.facts['max_seqlen_k']})")
 
 
+def _cuda_short_limits(call: Call):
+    from mmfast.cuda import build
+
+    if call.facts["requires_grad"]:
+        yield "no backward: inputs require grad (a forward-only kernel)"
+    yield from _short_segments(call)
+    reason = build.unavailable_reason(call.device)
+    if reason is not None:
+        yield f"CUDA C++ path unavailable: {reason}"
+
+
 def _external_limits(module: str, library: str, call: Call):
     if not external.submodule_available(module):
         yield f"{library} is not installed (no module '{module}')"
@@ -410,6 +457,18 @@ def _xformers_limits(call: Call):
 FUSES_ROTARY = ("triton", "triton_short")
 
 ATTENTION = op_family("attention")
+ATTENTION.register(
+    Backend(
+        "cuda_short",
+        _run_cuda_short,
+        devices=("cuda",),
+        dtypes=(torch.float16, torch.bfloat16),
+        head_dims=lambda d: d % 8 == 0 and 8 <= d <= SHORT_MAX_HEAD_DIM,  # csrc/attention_short.h
+        min_capability=(8, 0),
+        check=_cuda_short_limits,
+        measured=True,
+    )
+)
 ATTENTION.register(
     Backend(
         "triton_short",
@@ -570,9 +629,12 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         window_right = 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     layout = "packed" if q.dim() == 3 else "padded"
+    tensors = (q, k, v) + (tuple(rotary) if rotary is not None else ())
+    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
-                       "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k})
+                       "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
+                       "head_dim": q.shape[-1], "requires_grad": requires_grad})
     chosen = ATTENTION.select(call, backend)
     run = chosen.run
     if rotary is not None:

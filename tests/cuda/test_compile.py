@@ -136,4 +136,4 @@ def test_library_links_and_its_ops_register(compiled, objects):
                             timeout=120, env=env)
     assert loaded.returncode == 0, loaded.stderr[-4000:]
     ops = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert ops == ["group_norm_bwd", "group_norm_fwd", "guided_step", "norm_bwd", "norm_fwd"]
+    assert ops == ["attention_short_fwd", "group_norm_bwd", "group_norm_fwd", "guided_step", "norm_bwd", "norm_fwd"]
