@@ -344,13 +344,14 @@ def test_chosen_where_the_table_says_it_won(fake_hopper, monkeypatch):
 
 def test_the_op_tells_dispatch_whether_inputs_require_grad(monkeypatch):
     seen = []
-    original = ATTENTION.select
+    original = type(ATTENTION).select
 
-    def spy(call, backend=None):
-        seen.append((call.facts["requires_grad"], call.facts["head_dim"]))
-        return original(call, backend)
+    def spy(self, call, backend=None):
+        if self is ATTENTION:
+            seen.append((call.facts["requires_grad"], call.facts["head_dim"]))
+        return original(self, call, backend)
 
-    monkeypatch.setattr(ATTENTION, "select", spy)
+    monkeypatch.setattr(type(ATTENTION), "select", spy)
     q = torch.randn(1, 5, 2, 16)
     leaf = q.clone().requires_grad_()
     mmfast.ops.attention(q, q, q, backend="torch")
@@ -360,6 +361,19 @@ def test_the_op_tells_dispatch_whether_inputs_require_grad(monkeypatch):
     cos = torch.ones(5, 4, requires_grad=True)  # a table that requires grad counts too
     mmfast.ops.attention(q, q, q, rotary=(cos, torch.zeros(5, 4)), backend="torch")
     assert seen == [(False, 16), (True, 16), (False, 16), (True, 16)]
+
+
+def test_fake_gives_the_output_shapes():
+    # What torch.compile traces with: out like q, lse float32 [Hq, Tq].
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(10, 4, 80, dtype=torch.bfloat16)
+        kv = torch.empty(10, 2, 80, dtype=torch.bfloat16)
+        cu = torch.empty(3, dtype=torch.int32)
+        out, lse = torch.ops.mmfast.attention_short_fwd_cuda(q, kv, kv, cu, cu, 64, 64, -1, -1, 0.1)
+    assert (out.shape, out.dtype) == (q.shape, q.dtype)
+    assert (lse.shape, lse.dtype) == ((4, 10), torch.float32)
 
 
 def test_python_limits_mirror_the_header():
