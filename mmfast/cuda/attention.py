@@ -1,5 +1,5 @@
 """Launcher of the CUDA C++ short-segment attention forward (csrc/attention_short.cu,
-attention_short_ops.cpp): whole segments of at most 128 tokens per warp group, on tensor
+attention_short_ops.cpp): whole segments of at most 128 tokens per block, on tensor
 cores, for float16 / bfloat16 and head dims that are multiples of 8 up to 128.
 
 ``attention_short_fwd`` takes the packed-layout arguments of the Triton launcher
@@ -41,6 +41,7 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
     """Forward over packed segments of at most MAX_SEQLEN tokens. Returns (out, lse): out
     like q (contiguous), lse float32 [Hq, Tq]. max_seqlen_* must bound every segment
     (they size the blocks; nothing is read back to the host)."""
+    q, k, v = _vector_rows(q), _vector_rows(k), _vector_rows(v)
     if not build.load(q.device):
         from mmfast.kernels.attention_short import attention_short_fwd as triton_attention_short_fwd
 
@@ -48,10 +49,8 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
                                           window_left, window_right, scale)
     out = empty(q.shape, dtype=q.dtype, device=q.device)
     lse = empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-    torch.ops.mmfast_cuda.attention_short_fwd(
-        _vector_rows(q), _vector_rows(k), _vector_rows(v), cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, out, lse,
-    )
+    torch.ops.mmfast_cuda.attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              window_left, window_right, scale, out, lse)
     return out, lse
 
 

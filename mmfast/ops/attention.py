@@ -42,9 +42,9 @@ the max_seqlen ints.
 
 Backends, in priority order (the first that can take a call runs it):
 ``cuda_short`` (CUDA C++, csrc/attention_short.cu: the short-segment forward on tensor
-cores, fp16/bf16, head dims multiple of 8 up to 128, no lse gradient and no backward, so
-never for inputs that require grad; taken by default only where mmfast.tuning measured it
-faster on the device), ``triton_short`` (kernels/attention_short.py: whole short segments per program, for
+cores, fp16/bf16, head dims multiple of 8 up to 128; no backward, so never for inputs
+that require grad; taken by default only where mmfast.tuning measured it faster on the
+device), ``triton_short`` (kernels/attention_short.py: whole short segments per program, for
 segments of at most 128 tokens, head dim 32..128; picked by max_seqlen_q/k, so the
 64-token windows of Qwen2.5-VL land here), ``triton`` (kernels/attention.py, flash-style;
 fp16, bf16, fp32; head dim 32..256; CUDA, or CPU under TRITON_INTERPRET=1 for both Triton
