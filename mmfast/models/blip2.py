@@ -42,6 +42,7 @@ from mmfast.models.generation import Decoding, decode
 from mmfast.models.llava import _text_kwargs
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.opt_decoder import OPTDecoder
+from mmfast.models.packing import pack_prompts
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.blip_vision import BlipVisionTransformer
 from mmfast.nn.qformer import QFormer
@@ -269,15 +270,8 @@ class Blip2ForConditionalGeneration(nn.Module):
 
     def _prompt(self, input_ids: Tensor, attention_mask: Optional[Tensor], pixel_values: Optional[Tensor],
                 interpolate_pos_encoding: bool) -> _Prompt:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
-        lengths = mask.sum(1).tolist()
-        if min(lengths) == 0:
-            raise ValueError("attention_mask: every sequence needs at least one token")
-        ids = input_ids[mask]
+        packed = pack_prompts(input_ids, attention_mask)
+        ids = packed.ids
         embeds = self.language_model.decoder.embed_tokens(ids)
         image_token = self.config.image_token_index
         count = 0 if image_token is None else int((ids == image_token).sum())
@@ -298,9 +292,7 @@ class Blip2ForConditionalGeneration(nn.Module):
                                  f"{pixel_values.shape[0]} images x {queries} query tokens")
             features = self.image_features(pixel_values, interpolate_pos_encoding)
             embeds = embeds.masked_scatter((ids == image_token)[:, None], features.to(embeds.dtype))
-        positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(ids.device)
-        return _Prompt(embeds, positions, cu, lengths, mask)
+        return _Prompt(embeds, packed.positions(), packed.cu_seqlens, packed.lengths, packed.mask)
 
     def _check_length(self, length: int, what: str) -> None:
         decoder = self.language_model.decoder

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
+from mmfast.models.packing import pack_prompts
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.projector import MLPProjector
 from mmfast.nn.vision import VisionTransformer
@@ -224,15 +225,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def _prompt(self, input_ids: Tensor, attention_mask: Optional[Tensor], pixel_values: Optional[Tensor]):
         """The unpadded prompts as one stream: (embeds [T, C], positions [T], cu_seqlens,
         lengths, mask [B, Tpad])."""
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
-        lengths = mask.sum(1).tolist()
-        if min(lengths) == 0:
-            raise ValueError("attention_mask: every sequence needs at least one token")
-        ids = input_ids[mask]
+        packed = pack_prompts(input_ids, attention_mask)
+        ids = packed.ids
         embeds = self.model.language_model.embed_tokens(ids)
         slots = ids == self.config.image_token_index
         count = int(slots.sum())
@@ -246,9 +240,7 @@ class LlavaForConditionalGeneration(nn.Module):
                 raise ValueError(f"input_ids: {count} image tokens (id {self.config.image_token_index}), but "
                                  f"pixel_values gives {features.shape[0]} images x {features.shape[1]} features")
             embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
-        positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(ids.device)
-        return embeds, positions, cu, lengths, mask
+        return embeds, packed.positions(), packed.cu_seqlens, packed.lengths, packed.mask
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 pixel_values: Optional[Tensor] = None, labels: Optional[Tensor] = None,

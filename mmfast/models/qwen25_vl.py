@@ -30,6 +30,7 @@ from mmfast.models.checkpoint import (load_checkpoint, read_config, register_arc
 from mmfast.models.generation import sample_token as _sample
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.mrope_index import mrope_position_ids
+from mmfast.models.packing import pack_prompts
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.nn.qwen_vision import Qwen25VisionTransformer
 
@@ -205,21 +206,14 @@ class Qwen25VLForConditionalGeneration(nn.Module):
 
     def _prompt(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                 video_grid_thw, second_per_grid_ts) -> _Prompt:
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected a [B, T] tensor, got {getattr(input_ids, 'shape', type(input_ids))}")
         config = self.config
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)}, got {tuple(mask.shape)}")
+        packed = pack_prompts(input_ids, attention_mask)
+        ids, mask, lengths = packed.ids, packed.mask, packed.lengths
         position_ids, deltas = mrope_position_ids(
             input_ids, image_token_id=config.image_token_id, video_token_id=config.video_token_id,
             spatial_merge_size=self.model.visual.spatial_merge_size, image_grid_thw=image_grid_thw,
             video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
             tokens_per_second=config.tokens_per_second, attention_mask=mask)
-        lengths = mask.sum(1).tolist()
-        if min(lengths) == 0:
-            raise ValueError("attention_mask: every sequence needs at least one token")
-        ids = input_ids[mask]
         decoder = self.model.language_model
         embeds = decoder.embed_tokens(ids)
         for kind, pixels, grid in (("image", pixel_values, image_grid_thw),
@@ -235,9 +229,8 @@ class Qwen25VLForConditionalGeneration(nn.Module):
                 raise ValueError(f"input_ids: {count} {kind} placeholder tokens, but {kind}_grid_thw gives "
                                  f"{features.shape[0]} {kind} features (t * h * w / merge^2 per {kind})")
             embeds = embeds.masked_scatter(slots[:, None], features.to(embeds.dtype))
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(ids.device)
         next_position = deltas.view(-1) + torch.tensor(lengths, device=deltas.device)
-        return _Prompt(embeds, position_ids[:, mask], cu, lengths, mask, next_position)
+        return _Prompt(embeds, position_ids[:, mask], packed.cu_seqlens, lengths, mask, next_position)
 
     # ---- forward -------------------------------------------------------------------
 
