@@ -60,6 +60,18 @@ def backend_skip(family: str, backend: str, device: torch.device, dtype: torch.d
     return "; ".join(reasons) or None
 
 
+def gpu_library_skip(module: str, device: torch.device, what: str) -> str | None:
+    """Why a third-party CUDA library's provider is skipped: ``module`` (a dotted path
+    may name a submodule) not importable, or no CUDA device; None when it can run."""
+    from mmfast.dispatch import module_available
+
+    if not module_available(module):
+        return f"{what} is not installed"
+    if device.type != "cuda":
+        return f"{what} runs on CUDA only"
+    return None
+
+
 def _always(case: Case, device: torch.device) -> str | None:
     return None
 

@@ -65,9 +65,17 @@ _module_found: dict[str, bool] = {}
 
 
 def module_available(name: str) -> bool:
-    """Whether ``name`` can be imported, without importing it (cached)."""
+    """Whether ``name`` (a module, or a dotted path to a submodule) can be imported; cached.
+
+    A top-level module is looked up without importing it. Finding a submodule imports its
+    parent package, which fails in its own ways when a compiled extension does not match:
+    such a library counts as missing.
+    """
     if name not in _module_found:
-        _module_found[name] = importlib.util.find_spec(name) is not None
+        try:
+            _module_found[name] = importlib.util.find_spec(name) is not None
+        except Exception:  # the parent package is missing or broken
+            _module_found[name] = False
     return _module_found[name]
 
 

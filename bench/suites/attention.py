@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip, gpu_library_skip
 
 GPU_SEQLENS, GPU_QUICK_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384), (1024, 4096)
 GPU_HEAD_DIMS, GPU_QUICK_HEAD_DIMS = (64, 128), (128,)
@@ -190,16 +190,6 @@ def sdpa_skip(name: str, device: torch.device, score_bytes: int) -> str | None:
         return f"SDPA's {name} backend runs on CUDA only"
     if name == "math" and score_bytes > MATH_MAX_SCORE_BYTES:
         return f"SDPA math materialises {score_bytes / 2**30:.0f} GiB of scores"
-    return None
-
-
-def gpu_library_skip(module: str, device: torch.device, what: str) -> str | None:
-    from mmfast.ops.attention_external import submodule_available
-
-    if not submodule_available(module):
-        return f"{what} is not installed"
-    if device.type != "cuda":
-        return f"{what} runs on CUDA only"
     return None
 
 

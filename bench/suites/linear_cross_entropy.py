@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, backend_skip, cpu_compile_skip, gpu_library_skip
 
 # Qwen2.5-VL language model heads: (hidden size C, vocabulary V).
 HEADS = {"qwen2.5-vl-7b": (3584, 152064), "qwen2.5-vl-3b": (2048, 151936)}
@@ -155,13 +155,7 @@ def _build_liger(case: Case):
 
 
 def _skip_liger(case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import module_available
-
-    if not module_available("liger_kernel"):
-        return "liger-kernel is not installed"
-    if device.type != "cuda":
-        return "liger-kernel runs on CUDA only"
-    return None
+    return gpu_library_skip("liger_kernel", device, "liger-kernel")
 
 
 SUITE = Suite(

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip, gpu_library_skip
 
 RMS_EPS, LN_EPS = 1e-6, 1e-5
 
@@ -219,13 +219,7 @@ def _build_liger(case: Case):
 
 
 def _skip_liger(case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import module_available
-
-    if not module_available("liger_kernel"):
-        return "liger-kernel is not installed"
-    if device.type != "cuda":
-        return "liger-kernel runs on CUDA only"
-    return None
+    return gpu_library_skip("liger_kernel", device, "liger-kernel")
 
 
 SUITE = Suite(

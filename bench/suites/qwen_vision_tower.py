@@ -43,7 +43,7 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, cpu_compile_skip, gpu_library_skip
 
 QWEN25_7B = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
              "out_hidden_size": 3584, "patch_size": 14, "window_size": 112,
@@ -262,23 +262,11 @@ def _skip_compile(case: Case, device: torch.device) -> str | None:
 
 
 def _skip_flash(case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import module_available
-
-    if not module_available("flash_attn"):
-        return "flash-attn is not installed"
-    if device.type != "cuda":
-        return "flash-attn runs on CUDA only"
-    return _skip_hf(case, device)
+    return gpu_library_skip("flash_attn", device, "flash-attn") or _skip_hf(case, device)
 
 
 def _skip_xformers(case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import module_available
-
-    if not module_available("xformers"):
-        return "xformers is not installed"
-    if device.type != "cuda":
-        return "xformers' memory_efficient_attention is benchmarked on CUDA only"
-    return _skip_hf(case, device)
+    return gpu_library_skip("xformers", device, "xformers") or _skip_hf(case, device)
 
 
 VLLM_STYLE = ("vllm-style-sdpa", "vllm-style-xformers")

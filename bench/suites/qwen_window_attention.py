@@ -44,9 +44,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, gpu_library_skip
 from mmfast.bench.suites.attention import (
-    SDPA_BACKENDS, AttentionInputs, attention_flops, compiled_flex, flex_skip, gpu_library_skip,
+    SDPA_BACKENDS, AttentionInputs, attention_flops, compiled_flex, flex_skip,
     make_inputs, mmfast_forward, mmfast_skip, once, sdpa, sdpa_skip, timed,
 )
 

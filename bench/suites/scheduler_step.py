@@ -35,7 +35,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from mmfast.bench.suite import Case, Provider, Suite, Target, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, Suite, Target, backend_skip, cpu_compile_skip
 
 GUIDANCE = 7.5
 RESCALE = 0.7
@@ -130,14 +130,12 @@ def _build_mmfast(case: Case, backend: str = "triton"):
 
 
 def _skip_mmfast(case: Case, device: torch.device, backend: str = "triton") -> str | None:
-    from mmfast.dispatch import Call, module_available, op_family
-    import mmfast.ops.scheduler_step  # noqa: F401  (registers the backends)
+    from mmfast.dispatch import module_available
 
     if not module_available("diffusers"):
         return "diffusers is not installed (the schedule comes from its scheduler)"
     facts = {"float64": False, "one_dtype": True, "rescale": case.params["rescale"] != 0.0}
-    call = Call(device=device, dtype=torch.float16, facts=facts)
-    return "; ".join(op_family("scheduler_step").backends[backend].reasons(call)) or None
+    return backend_skip("scheduler_step", backend, device, torch.float16, facts=facts)
 
 
 def _skip_mmfast_cuda(case: Case, device: torch.device) -> str | None:

@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmfast.dispatch import Backend, Call, op_family
+from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
 from mmfast.ops import attention_external as external
 from mmfast.ops.rotary import apply_rotary
@@ -438,7 +438,7 @@ def _cuda_short_limits(call: Call):
 
 
 def _external_limits(module: str, library: str, call: Call):
-    if not external.submodule_available(module):
+    if not module_available(module):
         yield f"{library} is not installed (no module '{module}')"
     if call.facts["return_lse"]:
         yield f"return_lse=True not supported ({library} does not differentiate its lse)"

@@ -12,26 +12,9 @@ they do not offer ``return_lse``.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 from torch import Tensor
-
-_found: dict[str, bool] = {}
-
-
-def submodule_available(name: str) -> bool:
-    """Whether ``name`` (a dotted module path) can be imported; cached.
-
-    Finding a submodule imports its parent package, which fails in its own ways when a
-    compiled extension does not match (such a library counts as missing).
-    """
-    if name not in _found:
-        try:
-            _found[name] = importlib.util.find_spec(name) is not None
-        except Exception:  # the parent package is missing or broken
-            _found[name] = False
-    return _found[name]
 
 
 def _flash_window(window_left: int, window_right: int) -> tuple[bool, int, int]:

@@ -401,13 +401,10 @@ def test_optional_libraries_are_not_imported():
 @pytest.mark.parametrize("backend", EXTERNAL_BACKENDS)
 def test_missing_library_is_a_clear_reason(backend, monkeypatch):
     from mmfast import dispatch
-    from mmfast.ops import attention_external
 
     # Pretend the library is missing, whatever this machine has.
-    for module in ("flash_attn", "xformers"):
+    for module in ("flash_attn", "xformers", "flash_attn.cute", "flash_attn.flash_attn_interface"):
         monkeypatch.setitem(dispatch._module_found, module, False)
-    for module in ("flash_attn.cute", "flash_attn.flash_attn_interface"):
-        monkeypatch.setitem(attention_external._found, module, False)
     inputs = _inputs(5, 7, 2, 1, 64, torch.float16, torch.device("cpu"), batch=1)
     library = "xformers" if backend == "xformers" else "flash_attn"
     with pytest.raises(mmfast.NoBackendError, match=f"backend '{backend}'.*module '{library}' is not installed"):
