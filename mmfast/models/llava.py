@@ -18,7 +18,9 @@ Module names equal transformers 5's in memory (``model.vision_tower.*``,
 ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head``); checkpoints
 are read in the layout its ``save_pretrained`` writes and the released llava-hf models
 use (``vision_tower.[vision_model.]*``, ``multi_modal_projector.*``,
-``language_model.model.*``, ``language_model.lm_head``) or under the in-memory names.
+``language_model.model.*``, ``language_model.lm_head``) or under the in-memory names;
+``save_pretrained`` writes that layout and a transformers-5 config.json, so transformers
+and :meth:`LlavaForConditionalGeneration.from_pretrained` both load what it writes.
 
 Host syncs: one per ``forward`` / ``generate`` call (prompt lengths, placeholder count),
 one per generated token (the end-of-sequence test).
@@ -33,7 +35,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture
+from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture, save_pretrained
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.packing import pack_prompts
@@ -48,6 +50,13 @@ CHECKPOINT_RULES = (
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
     (r"^language_model\.lm_head\.", "lm_head."),
     (r"^language_model\.(model\.)?", "model.language_model."),
+)
+# The module's names -> what transformers 5's save_pretrained writes (the rules' inverse).
+SAVED_PREFIXES = (
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
 )
 
 # Hugging Face's defaults for fields a config.json may leave out.
@@ -64,6 +73,26 @@ _TEXT_DEFAULTS = {
                   num_attention_heads=32, rms_norm_eps=1e-6),
     "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
                   num_attention_heads=32, rms_norm_eps=1e-6),
+}
+
+# Named configurations (config.json dicts) for random-weight models: "tiny" runs on a CPU
+# in well under a second; "llava-1.5-7b" is llava-hf/llava-1.5-7b-hf's published config
+# (CLIP ViT-L/14 at 336 px, Vicuna-7B = Llama-2-7B sizes; the rest are the defaults above).
+PRESETS = {
+    "tiny": dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=2, image_size=28, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        image_token_index=250),
+    "llava-1.5-7b": dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2),
+        image_token_index=32000, pad_token_id=32001, vocab_size=32064),
 }
 
 
@@ -142,6 +171,53 @@ class LlavaConfig:
                    eos_token_id=text.get("eos_token_id", config.get("eos_token_id")),
                    pad_token_id=text.get("pad_token_id", config.get("pad_token_id")), raw=dict(config))
 
+    @classmethod
+    def preset(cls, name: str) -> "LlavaConfig":
+        """'tiny' or 'llava-1.5-7b' (the released size); see :data:`PRESETS`."""
+        if name not in PRESETS:
+            raise ValueError(f"name: unknown LLaVA preset {name!r} (known: {', '.join(PRESETS)})")
+        return cls.from_dict({**PRESETS[name], "architectures": ["LlavaForConditionalGeneration"], "preset": name})
+
+    def to_dict(self) -> dict:
+        """A transformers-5 style config.json dict (over the one it was read from, if any)."""
+        raw = {k: v for k, v in self.raw.items() if k not in ("preset", "dtype", "torch_dtype")}
+        v, t = self.vision, self.text
+        vision = {**(raw.get("vision_config") or {}),
+                  "model_type": "clip_vision_model" if v["style"] == "clip" else "siglip_vision_model",
+                  "hidden_size": v["hidden_size"], "intermediate_size": v["intermediate_size"],
+                  "num_hidden_layers": v["num_layers"], "num_attention_heads": v["num_heads"],
+                  "num_channels": v["num_channels"], "image_size": v["image_size"], "patch_size": v["patch_size"],
+                  "hidden_act": v["hidden_act"], "layer_norm_eps": v["layer_norm_eps"]}
+        if v["style"] == "siglip":
+            vision["vision_use_head"] = v["use_head"]
+        # Llama: biases on q, k, v and o or none; Qwen2: on q, k, v only.
+        qwen2 = t["qkv_bias"] and not t["o_bias"]
+        text = {k: val for k, val in (raw.get("text_config") or {}).items() if k not in ("rope_theta", "rope_scaling")}
+        text.update(model_type="qwen2" if qwen2 else "llama", vocab_size=t["vocab_size"],
+                    hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                    num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                    num_key_value_heads=t["num_key_value_heads"], head_dim=t["hidden_size"] // t["num_attention_heads"],
+                    rms_norm_eps=t["rms_norm_eps"], hidden_act="silu", tie_word_embeddings=self.tie_word_embeddings,
+                    rope_parameters={"rope_type": "default", "rope_theta": t["rope_theta"]},
+                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        if not qwen2:
+            text["attention_bias"] = t["o_bias"]
+        layers = self.vision_feature_layer
+        return {**raw, "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                "vision_config": vision, "text_config": text, "image_token_index": self.image_token_index,
+                "vision_feature_layer": layers if isinstance(layers, int) else list(layers),
+                "vision_feature_select_strategy": self.vision_feature_select_strategy,
+                "projector_hidden_act": self.projector_hidden_act,
+                "multimodal_projector_bias": self.multimodal_projector_bias,
+                "tie_word_embeddings": self.tie_word_embeddings}
+
+
+def _saved_name(name: str) -> str:
+    for prefix, saved in SAVED_PREFIXES:
+        if name.startswith(prefix):
+            return saved + name[len(prefix):]
+    return name
+
 
 class _Backbone(nn.Module):
     """transformers 5's ``LlavaModel`` names: vision_tower, multi_modal_projector, language_model."""
@@ -203,9 +279,24 @@ class LlavaForConditionalGeneration(nn.Module):
         load_checkpoint(model, directory, rules=CHECKPOINT_RULES)
         return model.eval()
 
+    @classmethod
+    def from_preset(cls, name: str) -> "LlavaForConditionalGeneration":
+        """A randomly initialised model of a named size ('tiny', 'llava-1.5-7b'). Build large
+        ones under ``torch.device(...)`` and cast after, or under ``torch.device("meta")``
+        to inspect shapes only."""
+        return cls(LlavaConfig.preset(name))
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], **kwargs):
+        """Write config.json and safetensors (``max_shard_size`` as in
+        :func:`mmfast.models.save_pretrained`) in transformers' layout, which transformers'
+        and this class's ``from_pretrained`` load."""
+        dtype = str(self.lm_head.weight.dtype).removeprefix("torch.")
+        return save_pretrained(self, directory, {**self.config.to_dict(), "dtype": dtype}, rename=_saved_name,
+                               **kwargs)
 
     # ---- inputs -> packed stream ---------------------------------------------------
 

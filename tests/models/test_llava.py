@@ -120,3 +120,53 @@ def test_backward_matches_hugging_face(checkpoint):
         got = dict(ours.named_parameters())[name].grad
         torch.testing.assert_close(got, hf_params[name].grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
     hf.zero_grad()
+
+
+SIGLIP_QWEN2 = dict(
+    vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=2, image_size=8, patch_size=4),
+    text_config=dict(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    vision_feature_select_strategy="full", vision_feature_layer=[0, -1], image_token_index=IMAGE)
+
+
+@pytest.mark.parametrize("source", ["tiny", "siglip_qwen2"])
+def test_save_pretrained_loads_in_transformers_and_back(source, tmp_path):
+    # CLIP + Llama (the tiny preset, sharded) and SigLIP + tied Qwen2 with a layer list:
+    # what mmfast writes, transformers loads with equal logits and mmfast loads back exactly.
+    torch.manual_seed(0)
+    if source == "tiny":
+        ours, side, tokens, shard = LlavaForConditionalGeneration.from_preset("tiny").eval(), 28, 4, "100KB"
+    else:
+        ours, side, tokens, shard = LlavaForConditionalGeneration(SIGLIP_QWEN2).eval(), 8, 4, "5GB"
+    ours.save_pretrained(tmp_path, max_shard_size=shard)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (source == "tiny")
+    image = ours.config.image_token_index
+    ids = torch.cat([torch.tensor([[5, 6]]), torch.full((1, tokens), image), torch.tensor([[7, 8]])], dim=1)
+    pixels = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(2))
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=pixels).logits, ours(ids, pixel_values=pixels),
+                                   rtol=1e-4, atol=1e-4)
+    back = mmfast.models.from_pretrained(tmp_path)
+    assert isinstance(back, LlavaForConditionalGeneration) and back.config.to_dict() == ours.config.to_dict()
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    if source == "siglip_qwen2":
+        assert back.lm_head.weight is back.model.language_model.embed_tokens.weight
+
+
+def test_real_size_preset_is_the_released_model():
+    # llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters; transformers builds the same
+    # tensors from the config mmfast writes (both on the meta device: no memory).
+    from mmfast.models.llava import LlavaConfig
+
+    with torch.device("meta"):
+        ours = LlavaForConditionalGeneration.from_preset("llava-1.5-7b")
+        hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(**ours.config.to_dict()))
+    assert sum(p.numel() for p in ours.parameters()) == 7_063_427_072
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in hf.state_dict().items()}
+    assert (hf.config.vision_feature_layer, hf.config.image_token_index) == (-2, 32000)
+    with pytest.raises(ValueError, match="unknown LLaVA preset 'huge'"):
+        LlavaConfig.preset("huge")
