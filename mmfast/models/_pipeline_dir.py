@@ -149,3 +149,58 @@ def load_component(root: Path, index: dict, name: str, supported: tuple[str, ...
     module = build(config)
     load_weights(module, folder, variant)
     return module
+
+
+# ---- writing a pipeline directory ------------------------------------------------------------
+
+# The weights file each library's from_pretrained looks for.
+LIBRARY_WEIGHTS = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
+
+
+def component_config(module: nn.Module, library: str, class_name: str) -> dict:
+    """The config.json of a model component: a transformers config's dict, or a diffusers
+    model's config with the ``_class_name`` / ``_diffusers_version`` entries diffusers writes
+    (its private bookkeeping entries dropped)."""
+    config = module.config
+    if library == "transformers":
+        out = config.to_dict()
+        out["architectures"] = out.get("architectures") or [class_name]
+        return out
+    import diffusers
+
+    out = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    return {**out, "_class_name": class_name, "_diffusers_version": diffusers.__version__}
+
+
+def save_pipeline(root, pipeline: str, models: dict, scheduler, tokenizers: dict, *, max_shard_size,
+                  extra: dict | None = None) -> Path:
+    """Write a diffusers pipeline directory that ``<pipeline>.from_pretrained`` and mmfast load:
+    model_index.json, one folder per component with its config and safetensors (sharded by
+    :func:`mmfast.models.checkpoint.save_pretrained` at ``max_shard_size``), the scheduler's
+    config, the tokenizers given. ``models``: name -> (module or None, library, class name),
+    a None module recorded as absent; ``tokenizers``: name -> tokenizer or None;
+    ``extra``: further model_index.json entries (optional components, flags)."""
+    import diffusers
+
+    from mmfast.models.checkpoint import save_pretrained
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__, **(extra or {})}
+    for name, (module, library, class_name) in models.items():
+        if module is None:
+            index[name] = [None, None]
+            continue
+        save_pretrained(module, root / name, component_config(module, library, class_name),
+                        max_shard_size=max_shard_size, weights_name=LIBRARY_WEIGHTS[library])
+        index[name] = [library, class_name]
+    scheduler.save_config(str(root / "scheduler"))
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    for name, tokenizer in tokenizers.items():
+        if tokenizer is None:
+            index[name] = [None, None]
+            continue
+        tokenizer.save_pretrained(str(root / name))
+        index[name] = ["transformers", type(tokenizer).__name__]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return root

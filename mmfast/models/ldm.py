@@ -116,6 +116,17 @@ class LatentDiffusionModel(LatentSampler):
             model.to(**{k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None})
         return model
 
+    def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB"):
+        """Write a diffusers ``StableDiffusionPipeline`` directory (model_index.json,
+        text_encoder/, unet/, vae/, scheduler/, tokenizer/ when the model has one; safetensors,
+        sharded at ``max_shard_size``) that diffusers and :meth:`from_pretrained` load. The
+        UNet's mmfast blocks keep diffusers' parameter names, so it saves as diffusers' own."""
+        models = {"text_encoder": (self.text_encoder, "transformers", TEXT_ENCODERS[0]),
+                  "unet": (self.unet, "diffusers", DENOISERS[0]), "vae": (self.vae, "diffusers", VAES[0])}
+        absent = {name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")}
+        return layout.save_pipeline(directory, PIPELINES[0], models, self.scheduler, {"tokenizer": self.tokenizer},
+                                    max_shard_size=max_shard_size, extra={**absent, "requires_safety_checker": False})
+
     # -- pieces ---------------------------------------------------------------------------
 
     @property

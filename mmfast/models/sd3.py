@@ -125,6 +125,21 @@ class StableDiffusion3Model(LatentSampler):
             model.to(**{k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None})
         return model
 
+    def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB"):
+        """Write a diffusers ``StableDiffusion3Pipeline`` directory (model_index.json,
+        transformer/, vae/, text_encoder/, text_encoder_2/, text_encoder_3/ when the model has
+        T5, scheduler/, the tokenizers it has; safetensors, sharded at ``max_shard_size``) that
+        diffusers and :meth:`from_pretrained` load. The transformer's mmfast blocks keep
+        diffusers' parameter names, so it saves as diffusers' own."""
+        models = {"transformer": (self.transformer, "diffusers", DENOISERS[0]), "vae": (self.vae, "diffusers", VAES[0]),
+                  "text_encoder": (self.text_encoder, "transformers", CLIP_ENCODERS[0]),
+                  "text_encoder_2": (self.text_encoder_2, "transformers", CLIP_ENCODERS[0]),
+                  "text_encoder_3": (self.text_encoder_3, "transformers", T5_ENCODERS[0])}
+        tokenizers = {"tokenizer": self.tokenizer, "tokenizer_2": self.tokenizer_2, "tokenizer_3": self.tokenizer_3}
+        absent = {name: [None, None] for name in ("image_encoder", "feature_extractor")}
+        return layout.save_pipeline(directory, PIPELINES[0], models, self.scheduler, tokenizers,
+                                    max_shard_size=max_shard_size, extra=absent)
+
     @classmethod
     def from_preset(cls, name: str, *, text_encoder_3: bool = True) -> "StableDiffusion3Model":
         """A model of a named configuration with random weights ('sd3-tiny', 'sd3-medium';

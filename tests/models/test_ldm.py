@@ -284,3 +284,36 @@ def test_sharded_weights_load(saved, tmp_path):
     assert loaded.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def _same_weights(loaded, expected):
+    assert loaded.state_dict().keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_save_pretrained_loads_in_diffusers_and_back(saved, model, tmp_path, torch_blocks):
+    """mmfast -> save_pretrained (sharded, with a tokenizer) -> diffusers' StableDiffusionPipeline
+    gives equal final latents for a guided text prompt; -> mmfast gives the same model."""
+    from diffusers import StableDiffusionPipeline
+
+    if "Euler" not in saved[1].name:
+        pytest.skip("one scheduler is enough to save")
+    ours = LatentDiffusionModel(model.text_encoder, model.unet, model.vae, model.scheduler,
+                                _tiny_tokenizer(tmp_path / "vocab"))
+    path = ours.save_pretrained(tmp_path / "pipe", max_shard_size="100KB")
+    assert (path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    theirs = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    assert type(theirs.unet).__name__ == "UNet2DConditionModel" and type(theirs.scheduler) is type(model.scheduler)
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=16, width=16)
+    expected = theirs(prompt=["a cat", "dog"], output_type="latent", generator=torch.Generator().manual_seed(4),
+                      **kwargs).images
+    actual = ours.generate(prompt=["a cat", "dog"], generator=torch.Generator().manual_seed(4), progress=False,
+                           **kwargs)
+    _close(actual, expected)
+    back = mmfast.models.from_pretrained(path)
+    assert isinstance(back, LatentDiffusionModel) and back.tokenizer.get_vocab() == ours.tokenizer.get_vocab()
+    assert dict(back.scheduler.config) == dict(ours.scheduler.config)
+    for name in ("text_encoder", "unet", "vae"):
+        _same_weights(getattr(back, name), getattr(ours, name))

@@ -397,3 +397,37 @@ def test_presets_build():
     assert latents.shape == (1, 4, 8, 8) and bool(latents.isfinite().all())
     with pytest.raises(ValueError, match="name: unknown Stable Diffusion 3 preset 'sd3-large'"):
         StableDiffusion3Model.from_preset("sd3-large")
+
+
+def test_save_pretrained_loads_in_diffusers_and_back(with_tokenizers, tmp_path, torch_blocks):
+    """mmfast -> save_pretrained (sharded, with the CLIP tokenizers; with and without T5) ->
+    diffusers' StableDiffusion3Pipeline gives equal final latents; -> mmfast gives the same
+    model. tokenizer_3 stays out: the tiny one is a CLIP tokenizer, which mmfast refuses there."""
+    from diffusers import StableDiffusion3Pipeline
+
+    _, loaded = with_tokenizers
+    parts = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+             "tokenizer_2")
+    ours = StableDiffusion3Model(**{name: getattr(loaded, name) for name in parts})
+    path = ours.save_pretrained(tmp_path / "pipe", max_shard_size="50KB")
+    assert (path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    # diffusers loads a component recorded as absent only when told it is None (its own saves too).
+    absent = {"tokenizer_3": None, **({"text_encoder_3": None} if ours.text_encoder_3 is None else {})}
+    theirs = StableDiffusion3Pipeline.from_pretrained(path, **absent, local_files_only=True)
+    theirs.set_progress_bar_config(disable=True)
+    assert (theirs.text_encoder_3 is None) == (ours.text_encoder_3 is None)
+    kwargs = dict(num_inference_steps=2, guidance_scale=3.0, height=SIDE, width=SIDE)
+    expected = theirs(output_type="latent", generator=torch.Generator().manual_seed(6), **_embeds(), **kwargs).images
+    actual = ours.generate(generator=torch.Generator().manual_seed(6), progress=False, **_embeds(), **kwargs)
+    _close(actual, expected)
+    back = mmfast.models.from_pretrained(path)
+    assert isinstance(back, StableDiffusion3Model) and back.tokenizer_2.pad_token == "!" and back.tokenizer_3 is None
+    assert dict(back.scheduler.config) == dict(ours.scheduler.config)
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(ours, name) is None:
+            assert getattr(back, name) is None
+            continue
+        expected_state, loaded_state = getattr(ours, name).state_dict(), getattr(back, name).state_dict()
+        assert loaded_state.keys() == expected_state.keys(), name
+        for key, tensor in expected_state.items():
+            assert torch.equal(loaded_state[key], tensor), f"{name}.{key}"
