@@ -271,3 +271,30 @@ def test_kv_cache_bad_input():
     cache.advance(cache.plan([3, 1]))
     with pytest.raises(ValueError, match="exceed the capacity 4"):
         cache.plan([2, 0])
+
+
+def test_batched_image_and_video_generation_matches_hugging_face(checkpoint, reference_kernels):
+    # One generate call: an image (4x8 patches) in the first prompt, a two-frame video
+    # (2x4x4 patches, 1.5 s per temporal patch) in the second, prompts of different
+    # lengths, left-padded: the M-RoPE positions of each kind, per sequence, in one cache.
+    hf, directory = checkpoint
+    ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
+    g = torch.Generator().manual_seed(4)
+    text = lambda n: torch.randint(3, 100, (n,), generator=g).tolist()  # noqa: E731
+    first = text(2) + [START] + [IMAGE] * 8 + [END] + text(3)
+    second = text(5) + [START] + [VIDEO] * 8 + [END] + text(1) + text(4)
+    length = max(len(first), len(second))
+    ids, mask = torch.full((2, length), PAD), torch.zeros(2, length, dtype=torch.long)
+    for row, seq in enumerate((first, second)):
+        ids[row, length - len(seq):], mask[row, length - len(seq):] = torch.tensor(seq), 1
+    image_grid, video_grid, seconds = GRIDS[1:], torch.tensor([[2, 4, 4]]), torch.tensor([1.5])
+    pixels, video = torch.randn(32, PATCH_DIM, generator=g), torch.randn(32, PATCH_DIM, generator=g)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=image_grid,
+                           pixel_values_videos=video, video_grid_thw=video_grid, second_per_grid_ts=seconds,
+                           mm_token_type_ids=(ids == IMAGE).int() + 2 * (ids == VIDEO).int(), do_sample=False,
+                           max_new_tokens=8)
+    got = ours.generate(ids, mask, pixel_values=pixels, image_grid_thw=image_grid, pixel_values_videos=video,
+                        video_grid_thw=video_grid, second_per_grid_ts=seconds, max_new_tokens=8)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (got[0, length:] == 2).any()  # the first ends (eos 2) and continues with padding, as in transformers
