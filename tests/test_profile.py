@@ -122,6 +122,8 @@ def test_compiled_reference_side(kind, preset, extra, tmp_path, capsys, monkeypa
     (["vlm", "--backend", "warp"], "--backend: no op family has a backend 'warp'"),
     (["vlm", "--preset", "tiny", "--checkpoint", "."], "--preset/--checkpoint: give one or the other"),
     (["ldm", "--cuda-graph"], "--cuda-graph: needs a CUDA device"),
+    (["vlm", "--model", "llava", "--preset", "7b"], "--preset: llava has no preset '7b' (its presets: llava-1.5-7b"),
+    (["vlm", "--model", "blip2", "--resolution", "64", *COMMON], "--resolution: blip2's vision tower takes 16 px"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -145,4 +147,47 @@ def test_vlm_from_checkpoint(tmp_path):
     assert main(["profile", "vlm", "--checkpoint", str(tmp_path / "model"), "--new-tokens", "2",
                  "--out", str(tmp_path), *COMMON]) == 0
     data = _results(tmp_path, "vlm")
-    assert data["preset"] is None and data["model"] == f"checkpoint {tmp_path / 'model'}"
+    assert data["preset"] is None and data["model"] == f"qwen2.5-vl, checkpoint {tmp_path / 'model'}"
+
+
+@pytest.mark.parametrize("model", ["llava", "blip2"])
+def test_vlm_llava_and_blip2_tiny_end_to_end(model, tmp_path, capsys):
+    assert main(["profile", "vlm", "--model", model, "--new-tokens", "2", "--out", str(tmp_path), *COMMON]) == 0
+    data = _results(tmp_path, "vlm")
+    assert (data["vlm_model"], data["preset"], data["resolution"]) == (model, "tiny", {"llava": 28, "blip2": 16}[model])
+    assert all(side["metrics"]["time_to_first_token_s"] > 0 for side in data["sides"])
+    architecture = {"llava": "LlavaForConditionalGeneration", "blip2": "Blip2ForConditionalGeneration"}[model]
+    assert f"reference: transformers {architecture}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["qwen2.5-vl", "llava", "blip2"])
+def test_vlm_sides_generate_the_same_tokens(model):
+    # The two sides hold the same weights: greedy decoding gives the same ids.
+    import torch
+
+    import mmfast
+    from mmfast.profile import vlm
+
+    cpu = torch.device("cpu")
+    ours, reference, _ = vlm.build(vlm.MODELS[model], "tiny", None, cpu, torch.float32)
+    batch = vlm.inputs(model, ours, 2, 56 if model == "qwen2.5-vl" else None, cpu, torch.float32)
+    ours_side, reference_side = vlm.sides(ours, reference, batch)
+    with mmfast.set_backend("torch"):
+        got = ours_side.generate(3)
+    assert got.shape == (2, batch.input_ids.shape[1] + 3)
+    assert torch.equal(got, reference_side.generate(3))
+
+
+def test_vlm_checkpoint_says_which_model(tmp_path, capsys):
+    import torch
+
+    from mmfast.models import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration.from_preset("tiny").save_pretrained(tmp_path / "llava")
+    assert main(["profile", "vlm", "--checkpoint", str(tmp_path / "llava"), "--new-tokens", "2",
+                 "--out", str(tmp_path), *COMMON]) == 0
+    assert _results(tmp_path, "vlm")["vlm_model"] == "llava"
+    with pytest.raises(SystemExit):
+        main(["profile", "vlm", "--model", "blip2", "--checkpoint", str(tmp_path / "llava")])
+    assert "--model: blip2 given, but the checkpoint holds a llava model" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """``mmfast profile vlm|ldm``: a complete model on mmfast kernels against what users would
-otherwise run (transformers / diffusers), side by side on this machine.
+otherwise run (transformers / diffusers), side by side on this machine. ``vlm --model``
+picks Qwen2.5-VL (the default), LLaVA or BLIP-2; a ``--checkpoint`` says which it holds.
 
 The sides: mmfast, the reference in eager mode, and (by default on a GPU,
 ``--compile-reference``) the reference with torch.compile. For each side: warm-up, timed
@@ -27,7 +28,8 @@ from mmfast.profile import ldm, measure, report, vlm
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (GPU default, CPU default)
 DEFAULTS = {
-    "vlm": {"preset": ("7b", "tiny"), "resolution": (448, 56), "new_tokens": (64, 4)},
+    "vlm": {"new_tokens": (64, 4)},  # the model and preset: vlm.choose_model
+    "qwen2.5-vl": {"resolution": (448, 56)},  # the other VLMs take their tower's image size
     "ldm": {"preset": ("sd15", "tiny"), "steps": (30, 2)},
     "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2), "compile_reference": (True, False)},
 }
@@ -39,11 +41,16 @@ SPEEDUP_KEYS = {"generate_s": "generate", "time_to_first_token_s": "time to firs
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
-    for kind, presets, what in (("vlm", vlm.PRESETS, "Qwen2.5-VL vs transformers"),
+    for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
                                 ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
+        gpu_default = "the model's largest" if kind == "vlm" else DEFAULTS[kind]["preset"][0]
         p.add_argument("--preset", choices=presets, help=f"model size, random weights (default: "
-                       f"{DEFAULTS[kind]['preset'][0]} on a GPU, tiny on a CPU)")
+                       f"{gpu_default} on a GPU, tiny on a CPU)")
+        if kind == "vlm":
+            p.add_argument("--model", choices=vlm.MODELS, help=f"which VLM (default {vlm.DEFAULT_MODEL}; with "
+                           "--checkpoint, the one its config.json names); presets: " + "; ".join(
+                               f"{name} {'/'.join(spec.presets)}" for name, spec in vlm.MODELS.items()))
         p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local directory instead of a preset")
         p.add_argument("--batch", type=_positive, default=1, help="prompts per run (default 1)")
         p.add_argument("--resolution", type=_positive, metavar="PX", help="image side in pixels")
@@ -74,7 +81,9 @@ def _positive(text: str) -> int:
 
 def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
-    for group in (DEFAULTS[args.kind], DEFAULTS["any"]):
+    if args.kind == "vlm":
+        vlm.choose_model(args, on_gpu)
+    for group in (DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]):
         for name, values in group.items():
             if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
                 setattr(args, name, values[pick])
@@ -136,26 +145,27 @@ def run(args, log=print) -> dict:
     on_gpu = device.type == "cuda"
     if args.preset is not None and args.checkpoint is not None:
         raise ValueError("--preset/--checkpoint: give one or the other (a checkpoint brings its own config)")
-    _fill_defaults(args, on_gpu)
     _validate(args, on_gpu)
+    _fill_defaults(args, on_gpu)
     dtype = DTYPES[args.dtype]
     device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
         log("=" * 78 + "\n  NO GPU: these are CPU numbers of a small model, NOT GPU numbers.\n"
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 
-    workload = vlm if args.kind == "vlm" else ldm
     compile_backend = COMPILE_BACKEND if args.compile_reference else None
-    log(f"building {args.kind} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
-    ours, reference, description = workload.build(args.preset, args.checkpoint, device, dtype)
+    what = f"{args.kind}{' ' + args.model if args.kind == 'vlm' else ''}"
+    log(f"building {what} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     if args.kind == "vlm":
-        batch_inputs = vlm.inputs(ours, args.batch, args.resolution, device, dtype)
-        args.resolution = batch_inputs["pixels"]
-        prompt_tokens = batch_inputs["input_ids"].shape[1]
+        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype)
+        batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, device, dtype)
+        args.resolution = batch_inputs.pixels
+        prompt_tokens = batch_inputs.input_ids.shape[1]
         sides = vlm.sides(ours, reference, batch_inputs, compile_backend)
         short, long = 1, args.new_tokens
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
+        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                           compile_backend)
@@ -201,8 +211,7 @@ def run(args, log=print) -> dict:
     if args.kind == "ldm":
         notes.append(ldm.reference_note(reference))
     else:
-        notes.append("reference: transformers Qwen2_5_VLForConditionalGeneration (attn_implementation='sdpa'), "
-                     "same config and weights")
+        notes.append(vlm.reference_note(args.model))
     if compile_backend is not None:
         notes.append(f"torch.compile side: the reference's {'forward' if args.kind == 'vlm' else 'denoiser'} "
                      f"compiled (backend {compile_backend!r}); its warm-up runs hold the compile time")
@@ -210,7 +219,8 @@ def run(args, log=print) -> dict:
         "kind": args.kind, "model": description, "preset": args.preset, "checkpoint": args.checkpoint,
         "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
         "batch": args.batch, "resolution": args.resolution, "repeats": args.repeats,
-        **({"new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens} if args.kind == "vlm"
+        **({"vlm_model": args.model, "new_tokens": args.new_tokens, "prompt_tokens": prompt_tokens}
+           if args.kind == "vlm"
            else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
