@@ -191,3 +191,18 @@ def test_vlm_checkpoint_says_which_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["profile", "vlm", "--model", "blip2", "--checkpoint", str(tmp_path / "llava")])
     assert "--model: blip2 given, but the checkpoint holds a llava model" in capsys.readouterr().err
+
+
+def test_vlm_model_and_preset_defaults():
+    from argparse import Namespace
+
+    from mmfast.profile import vlm
+
+    for preset, model, on_gpu, want in ((None, None, True, ("qwen2.5-vl", "7b")),
+                                        (None, "llava", True, ("llava", "llava-1.5-7b")),
+                                        (None, "blip2", False, ("blip2", "tiny")),
+                                        ("opt-2.7b", None, False, ("blip2", "opt-2.7b")),  # only BLIP-2 has it
+                                        ("tiny", None, False, ("qwen2.5-vl", "tiny"))):
+        args = Namespace(checkpoint=None, model=model, preset=preset)
+        vlm.choose_model(args, on_gpu)
+        assert (args.model, args.preset) == want

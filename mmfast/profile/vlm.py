@@ -47,15 +47,18 @@ def model_of_checkpoint(path: str) -> str:
 
 
 def choose_model(args, on_gpu: bool) -> None:
-    """Fill ``args.model`` (from the checkpoint, else the default) and, without a checkpoint,
-    ``args.preset`` (the model's GPU default or 'tiny'); refuse presets of other models."""
+    """Fill ``args.model`` (from the checkpoint, else from a preset only it has, else the
+    default) and, without a checkpoint, ``args.preset`` (the model's GPU default or 'tiny');
+    refuse presets of other models."""
     if args.checkpoint is not None:
         found = model_of_checkpoint(args.checkpoint)
         if args.model not in (None, found):
             raise ValueError(f"--model: {args.model} given, but the checkpoint holds a {found} model")
         args.model = found
         return
-    args.model = args.model or DEFAULT_MODEL
+    if args.model is None:  # a preset only one model has names it
+        owners = [name for name, spec in MODELS.items() if args.preset in spec.presets]
+        args.model = owners[0] if len(owners) == 1 else DEFAULT_MODEL
     presets = MODELS[args.model].presets
     if args.preset is None:
         args.preset = presets[0] if on_gpu else "tiny"
