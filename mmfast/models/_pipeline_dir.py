@@ -78,10 +78,13 @@ def load_weights(module: nn.Module, folder: Path, variant: str | None = None) ->
     """Load the component's safetensors into ``module`` exactly: missing keys, unexpected
     keys and shape mismatches are errors that list them (a few of each). A tied parameter
     (T5's ``shared`` / ``encoder.embed_tokens``) is saved once and counts as present under
-    any of its names."""
+    any of its names. A module with an ``adapt_checkpoint(state) -> state`` method renames
+    older checkpoints' keys first."""
     from mmfast.models.checkpoint import _aliases
 
     state = read_state_dict(folder, variant)
+    if hasattr(module, "adapt_checkpoint"):
+        state = module.adapt_checkpoint(state)
     expected = module.state_dict()
     aliases = _aliases(module)
     missing = [k for k in expected if not any(a in state for a in aliases[k])]

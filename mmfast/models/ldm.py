@@ -1,7 +1,8 @@
 """A latent-diffusion model of the Stable Diffusion 1.5 family, assembled from mmfast parts.
 
-- text encoder: transformers ``CLIPTextModel`` (mmfast has no family for the causal CLIP
-  text tower yet, so it runs as it is);
+- text encoder: :class:`mmfast.nn.text.TextTransformer`, the causal CLIP text tower on
+  mmfast kernels (the names of transformers' ``CLIPTextModel``, so the checkpoint loads key
+  for key; transformers 4 checkpoints' ``text_model.`` prefix is taken off);
 - denoiser: diffusers ``UNet2DConditionModel`` built by :func:`mmfast.nn.unet2d_condition_model`
   (its ResNet and transformer blocks are mmfast modules; parameter names are diffusers',
   so the checkpoint loads key for key);
@@ -76,7 +77,7 @@ class LatentDiffusionModel(LatentSampler):
         import transformers
 
         from mmfast.integrations.diffusers.schedulers import SUPPORTED
-        from mmfast.nn import unet2d_condition_model
+        from mmfast.nn import TextTransformer, unet2d_condition_model
 
         root = Path(local_dir)
         if not root.is_dir():
@@ -96,7 +97,7 @@ class LatentDiffusionModel(LatentSampler):
 
         text_encoder = layout.load_component(
             root, index, "text_encoder", TEXT_ENCODERS,
-            lambda config: transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(config)), **load)
+            lambda config: TextTransformer.from_config(transformers.CLIPTextConfig.from_dict(config)), **load)
         unet = layout.load_component(root, index, "unet", DENOISERS, unet2d_condition_model, **load)
         vae = layout.load_component(root, index, "vae", VAES, diffusers.AutoencoderKL.from_config, **load)
 

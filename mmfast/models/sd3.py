@@ -1,9 +1,10 @@
 """A latent-diffusion model of the Stable Diffusion 3 family, assembled from mmfast parts.
 
-- text encoders: two transformers ``CLIPTextModelWithProjection`` (CLIP-L, CLIP-G: the
-  penultimate hidden states, concatenated, and the projected pooled outputs) and an
-  optional ``T5EncoderModel`` (``text_encoder_3``; without it its tokens are zeros, as
-  diffusers does), run as they are;
+- text encoders: two :class:`mmfast.nn.text.TextTransformerWithProjection` (CLIP-L, CLIP-G:
+  the penultimate hidden states, concatenated, and the projected pooled outputs; the names
+  of transformers' ``CLIPTextModelWithProjection``, so checkpoints load key for key) and
+  an optional transformers ``T5EncoderModel`` (``text_encoder_3``; without it its tokens are
+  zeros, as diffusers does), run as it is;
 - denoiser: diffusers ``SD3Transformer2DModel`` built by :func:`mmfast.nn.sd3_transformer_model`
   (its MM-DiT blocks and final adaLN are mmfast modules; parameter names are diffusers',
   so the checkpoint loads key for key);
@@ -87,7 +88,7 @@ class StableDiffusion3Model(LatentSampler):
         import diffusers
         import transformers
 
-        from mmfast.nn import sd3_transformer_model
+        from mmfast.nn import TextTransformerWithProjection, sd3_transformer_model
 
         root = Path(local_dir)
         if not root.is_dir():
@@ -100,7 +101,7 @@ class StableDiffusion3Model(LatentSampler):
         load = dict(model=cls.model_name, variant=variant)
 
         def clip(config):
-            return transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(config))
+            return TextTransformerWithProjection.from_config(transformers.CLIPTextConfig.from_dict(config))
 
         transformer = layout.load_component(root, index, "transformer", DENOISERS, sd3_transformer_model, **load)
         vae = layout.load_component(root, index, "vae", VAES, diffusers.AutoencoderKL.from_config, **load)
@@ -145,10 +146,14 @@ class StableDiffusion3Model(LatentSampler):
         """A model of a named configuration with random weights ('sd3-tiny', 'sd3-medium';
         see :mod:`mmfast.models.sd3_presets`); ``text_encoder_3=False`` leaves T5 out."""
         from mmfast.models.sd3_presets import sd3_components
-        from mmfast.nn import sd3_transformer_model
+        from mmfast.nn import TextTransformerWithProjection, sd3_transformer_model
 
         parts = sd3_components(name, text_encoder_3=text_encoder_3)
         transformer = sd3_transformer_model(parts.pop("transformer").config)  # its own random weights
+        for clip in ("text_encoder", "text_encoder_2"):  # transformers' random weights, on mmfast's tower
+            hf = parts[clip]
+            parts[clip] = TextTransformerWithProjection.from_config(hf.config)
+            parts[clip].load_state_dict(hf.state_dict())
         return cls(transformer, **parts).eval()
 
     # -- pieces ---------------------------------------------------------------------------

@@ -31,3 +31,5 @@ __all__ += ["DiTBlock", "MMDiTBlock", "ResnetBlock2D", "Transformer2DBlock", "un
 __all__ += ["BlipVisionTransformer"]
 from mmfast.nn.sd3_transformer import sd3_transformer_model
 __all__ += ["sd3_transformer_model"]
+from mmfast.nn.text import TextTransformer, TextTransformerWithProjection
+__all__ += ["TextTransformer", "TextTransformerWithProjection"]

@@ -43,23 +43,28 @@ class PackedVisionOutput(NamedTuple):
 
 class Packing(NamedTuple):
     """Segment boundaries of a packed stream: int32 ``cu_seqlens`` on the device and the
-    longest segment as a Python int (known from the image shapes: no sync)."""
+    longest segment as a Python int (known from the image shapes: no sync).
+    ``cu_seqlens_k``: the keys' boundaries where they differ from the queries' (a padded
+    text batch, :func:`mmfast.nn.text.pack_padding`); None: the same."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    cu_seqlens_k: torch.Tensor | None = None
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional multi-head self-attention over [B, T, E] with Hugging Face's
-    ``q_proj``/``k_proj``/``v_proj``/``out_proj``. It is not
-    :class:`mmfast.nn.attention.Attention` because that one names its output projection
-    ``proj`` (Qwen's layout) and has no ``out_proj`` spelling for CLIP/SigLIP weights."""
+    """Multi-head self-attention over [B, T, E] with Hugging Face's
+    ``q_proj``/``k_proj``/``v_proj``/``out_proj``: bidirectional, or ``causal`` (CLIP's
+    text tower). It is not :class:`mmfast.nn.attention.Attention` because that one names
+    its output projection ``proj`` (Qwen's layout) and has no ``out_proj`` spelling for
+    CLIP/SigLIP weights."""
 
-    def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None):
+    def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None, causal: bool = False):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
         factory = {"device": device, "dtype": dtype}
+        self.causal = causal
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.q_proj = nn.Linear(embed_dim, embed_dim, **factory)
@@ -72,11 +77,15 @@ class VisionAttention(nn.Module):
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if packed is None:
-            out = attention(q, k, v, scale=self.scale)
+            out = attention(q, k, v, causal=self.causal, scale=self.scale)
         else:
-            out = attention(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=packed.cu_seqlens,
-                            max_seqlen_q=packed.max_seqlen, max_seqlen_k=packed.max_seqlen, scale=self.scale)
+            keys = packed.cu_seqlens if packed.cu_seqlens_k is None else packed.cu_seqlens_k
+            out = attention(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=keys, max_seqlen_q=packed.max_seqlen,
+                            max_seqlen_k=packed.max_seqlen, causal=self.causal, scale=self.scale)
         return self.out_proj(out.reshape(x.shape[:-1] + (-1,)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}" + (", causal" if self.causal else "")
 
 
 class VisionBlock(nn.Module):

@@ -62,6 +62,12 @@ def patch_mlp(module, handle, name):
     patch_activation_mlp(module, handle, name, module.config.hidden_act)
 
 
+TEXT_ONLY = ("CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel")
+
+
 def vision_root(target):
-    """The vision tower of a dual-encoder model, or the vision model itself."""
+    """The vision tower of a dual-encoder model, the vision model itself, or None for a
+    text-only model (whose tower :mod:`._text` patches)."""
+    if type(target).__name__ in TEXT_ONLY:
+        return None
     return getattr(target, "vision_model", target)
