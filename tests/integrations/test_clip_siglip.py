@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
             image_size=32, patch_size=8)
-TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+TEXT = dict(hidden_size=64, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
 
 
 def _vision_model(name, **overrides):
@@ -63,19 +63,23 @@ def test_patched_matches_and_undo_restores(name):
 
 
 @pytest.mark.parametrize("name", ["clip", "siglip"])
-def test_dual_encoder_patches_the_vision_tower(name):
+def test_dual_encoder_patches_both_towers(name):
+    # The vision tower module by module; the text tower (tests/integrations/
+    # test_clip_siglip_text.py) as a whole, its inner modules untouched.
     torch.manual_seed(0)
     model = _dual_model(name).eval()
     pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(0, TEXT["vocab_size"], (2, 7))
     with torch.no_grad():
-        before = model.get_image_features(pixel_values=pixels)
+        before = model(input_ids=ids, pixel_values=pixels)
         with mmfast.patch(model) as handle:
-            assert handle.replaced and all(n.startswith(("embeddings", "encoder", "pre_", "post_", "head"))
-                                           for n, _ in handle.replaced)
-            assert not any("forward" in m.__dict__ for m in model.text_model.modules())
-            got = model.get_image_features(pixel_values=pixels)
-        features = lambda out: out if isinstance(out, torch.Tensor) else out.pooler_output
-        torch.testing.assert_close(features(got), features(before), rtol=2e-4, atol=2e-4)
+            vision = [n for n, _ in handle.replaced if n != "text_model"]
+            assert vision and all(n.startswith(("embeddings", "encoder", "pre_", "post_", "head")) for n in vision)
+            assert ("text_model", f"mmfast {name} text tower") in handle.replaced
+            assert not any("forward" in m.__dict__ for m in model.text_model.children())
+            got = model(input_ids=ids, pixel_values=pixels)
+        for field in ("image_embeds", "text_embeds", "logits_per_image"):
+            torch.testing.assert_close(getattr(got, field), getattr(before, field), rtol=2e-4, atol=2e-4)
 
 
 def test_patched_tower_trains():
