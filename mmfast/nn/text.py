@@ -13,11 +13,12 @@ that ``tower.load_state_dict(hf.state_dict())`` loads their weights as they are.
 Without an ``attention_mask`` attention runs on the padded layout [B, T, H, D]. With one,
 the batch becomes a packed stream, each row's valid tokens first (:func:`pack_padding`),
 and attention runs varlen with the boundaries of the valid tokens; no dense mask is made.
-Valid tokens then see exactly the keys Hugging Face's mask lets them see. Padding tokens
-differ in one case only: with CLIP's causal mask, Hugging Face's own backends disagree on
-them (eager and sdpa give different values for left padding), and here they see no key
-(their attention output is 0). SigLIP's padding tokens see the row's valid tokens, as in
-Hugging Face; that matters because SigLIP pools the last token, padding or not.
+Valid tokens then see exactly the keys Hugging Face's mask lets them see. SigLIP's padding
+tokens see the row's valid tokens, as in Hugging Face; that matters because SigLIP pools
+the last token, padding or not. CLIP's padding tokens are the one difference: here they
+see no key (attention output 0), where Hugging Face gives them the valid keys before them
+(and its eager and sdpa backends disagree on left padding). CLIP pools at the end token,
+a real one, so nothing downstream reads them.
 
 Syncs: none. Building the packing is a few small device ops on the [B, T] mask.
 """

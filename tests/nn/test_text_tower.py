@@ -114,13 +114,20 @@ def test_pack_padding_segments():
     assert causal.packing.max_seqlen == both_ways.packing.max_seqlen == 4
 
 
-def test_transformers_4_checkpoint_keys_load():
-    # Stable Diffusion's text_encoder/ was saved with the text_model. prefix and position_ids.
+def test_transformers_4_checkpoint_keys_load(tmp_path):
+    # Stable Diffusion's text_encoder/ was saved with the text_model. prefix and position_ids;
+    # the LDMs' loader reads it through adapt_checkpoint.
+    from safetensors.torch import save_file
+
+    from mmfast.models._pipeline_dir import load_weights
+
     hf = _hf("clip")
-    old = {f"text_model.{k}": v for k, v in hf.state_dict().items()}
+    old = {f"text_model.{k}": v.contiguous() for k, v in hf.state_dict().items()}
     old["text_model.embeddings.position_ids"] = torch.arange(12)[None]
+    save_file(old, str(tmp_path / "model.safetensors"))
     tower = TextTransformer.from_config(hf.config)
-    tower.load_state_dict(TextTransformer.adapt_checkpoint(old), strict=True)
+    load_weights(tower, tmp_path)
+    assert all(torch.equal(v, hf.state_dict()[k]) for k, v in tower.state_dict().items())
     projected = TextTransformerWithProjection.from_config(hf.config)
     state = {**{f"text_model.{k}": v for k, v in hf.state_dict().items()}, "text_projection.weight":
              torch.zeros(16, 64), "text_model.embeddings.position_ids": torch.arange(12)[None]}
