@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._launch import empty
+from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -132,15 +133,16 @@ def _rotate_back(acc, row_ok, table_rows, COS, SIN, offs_d, half):
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -160,6 +162,7 @@ def _attention_fwd_kernel(
     b64 = b.to(tl.int64)
 
     rows_q = (q_start + offs_m).to(tl.int64)
+    offs_quad = tl.arange(0, BLOCK_N // 4)  # dropout: a Philox call per 4 keys
     q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt, m_ok,
                       b64 * stride_cb + rows_q[:, None] * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY)
     K_head = K + b64 * stride_kb + hk * stride_kh
@@ -186,12 +189,18 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
+        if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
+            keep = dropout_keep(SEED, b * seqlen_q + rows_q, h + offs_m * 0, start_n // 4 + offs_quad,
+                                drop_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     rows_o = (q_start + offs_m).to(tl.int64)
     tl.store(O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -231,7 +240,7 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -240,8 +249,9 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -299,8 +309,15 @@ def _attention_bwd_dkdv_kernel(
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
+                keep = dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
+                                    n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
+                dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
+                             input_precision=PRECISION)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
@@ -314,7 +331,7 @@ def _attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -322,8 +339,9 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -369,6 +387,10 @@ def _attention_bwd_dq_kernel(
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(SEED, b * seqlen_q + q_start + offs_m, h + offs_m * 0,
+                                start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
@@ -421,13 +443,19 @@ def _rotary_args(q, cos, sin) -> tuple:
     return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
 
 
+def _dropout_args(dropout_p: float) -> tuple[int, float]:
+    """(drop threshold on 31-bit random integers, 1 / (1 - p)) for the kernels."""
+    return int(dropout_p * 2**31), 1.0 / (1.0 - dropout_p)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # IEEE float32 dots for float32 inputs: TF32 would be less accurate than the reference.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                  window_left: int, window_right: int, scale: float, cos=None, sin=None):
+                  window_left: int, window_right: int, scale: float, cos=None, sin=None,
+                  seed=None, dropout_p: float = 0.0):
     """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
     [Hq, Tq] packed or [B, Hq, Tq] padded. The last dim of q, k, v must be contiguous.
 
@@ -435,6 +463,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     (they size the grid; nothing is read back to the host). Padded: cu_seqlens_* are None.
     ``cos``, ``sin`` (or None): rotary tables, applied to q and k as they are loaded; q and
     k then have the same tokens, and table row t rotates token t of both.
+    ``seed`` (int64 [2] on the device) and ``dropout_p`` > 0: attention-probability
+    dropout (kernels/attention_dropout.py); out is the dropped output, lse is unaffected.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -450,12 +480,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     cu_k = cu_seqlens_k if varlen else q
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
     _attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin,
+        q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen), stride_cb, stride_ct,
         seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
+        *_dropout_args(dropout_p),
         VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-        PRECISION=_precision(q.dtype),
+        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -464,12 +495,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
 
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                   max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
-                  scale: float, cos=None, sin=None):
+                  scale: float, cos=None, sin=None, seed=None, dropout_p: float = 0.0):
     """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
     then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
     (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k.
+    With ``seed`` and ``dropout_p`` (those of the forward) the kernels regenerate its mask.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -487,11 +519,12 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     lse_strides = _lse_strides(lse, varlen)
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
     common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  ROTARY=cos is not None, PRECISION=_precision(q.dtype),
+                  ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
                   BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                   num_warps=num_warps, num_stages=num_stages)
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
-             window_left, window_right, half)
+             window_left, window_right, half, *_dropout_args(dropout_p))
+    seed = seed if seed is not None else cu_q
     if grid_q > 0:
         _attention_bwd_preprocess_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
             out, do, dlse if dlse is not None else lse, delta, cu_q,
@@ -501,14 +534,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         )
     if grid_k > 0:
         _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin,
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
             *sizes, **common,
         )
     if grid_q > 0:
         _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin,
+            q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides,
             *sizes, **common,

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from ._launch import empty
-from .attention import _load_rotated, _rotate_back
+from .attention import _dropout_args, _load_rotated, _rotate_back
+from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -104,6 +105,13 @@ def _table_rows(rows, seg, stride_ct, stride_cs):
 
 
 @triton.jit
+def _key_quads(SEGS: tl.constexpr, SLOT_K: tl.constexpr):
+    """Dropout: key position // 4 of tile columns 0, 4, 8, .. (SLOT_K >= 4: a quad of
+    columns never straddles two segments)."""
+    return (tl.arange(0, SEGS * SLOT_K // 4) * 4 % SLOT_K) // 4
+
+
+@triton.jit
 def _softmax(s):
     """Row softmax of log2-unit scores, -inf where masked; rows with no key give 0."""
     m = tl.max(s, 1)
@@ -114,11 +122,12 @@ def _softmax(s):
 
 @triton.jit
 def _attention_short_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     stride_ct, stride_cs, half,
-    batch, head_dim, group, scale_log2, window_left, window_right,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, PRECISION: tl.constexpr,
+    batch, head_dim, group, scale_log2, window_left, window_right, drop_threshold, keep_scale,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -151,25 +160,32 @@ def _attention_short_fwd_kernel(
     p = tl.exp2(s - m_safe[:, None])
     l = tl.sum(p, 1)
     v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
+    if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
+        keep = dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K), drop_threshold,
+                            SEGS * ROWS, SEGS * SLOT_K)
+        p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     seen = l > 0.0
     l_safe = tl.where(seen, l, 1.0)
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
     tl.store(O + h * stride_oh + rows_q * stride_ot + offs_d[None, :],
-             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     lse = tl.where(seen, (m_safe + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + h.to(tl.int64) * stride_lh + q_start + pos_r, lse, mask=row_ok)
 
 
 @triton.jit
 def _attention_short_bwd_kernel(
-    Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K, COS, SIN,
+    Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     stride_ct, stride_cs, half,
-    batch, head_dim, group, scale, window_left, window_right,
+    batch, head_dim, group, scale, window_left, window_right, drop_threshold, keep_scale,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, ROTARY: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -205,8 +221,15 @@ def _attention_short_bwd_kernel(
             visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
                                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = _softmax(tl.where(visible, s, float("-inf")))
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
+                keep = dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K),
+                                    drop_threshold, SEGS * ROWS, SEGS * SLOT_K)
+                dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
+                             input_precision=PRECISION)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            else:
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp_centred = dp - tl.sum(p * dp, 1)[:, None]
             if HAS_DLSE:
                 # Added after centring, not folded into delta: a row with one key then
@@ -233,14 +256,15 @@ def _attention_short_bwd_kernel(
 # ---- launchers -------------------------------------------------------------------
 
 
-def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: bool):
+def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: bool, dropout: bool = False):
     """(SEGS, ROWS, SPLIT, SLOT_K, num_warps): how segments map onto tiles.
 
     A tile aims at ``tile`` rows and key columns: segments shorter than that share one
     (SEGS of them); a query slot longer than ``max_rows`` is split over SPLIT chunks. Every
     tile side is a power of two and at least 16 (tl.dot's minimum). Untuned on GPUs:
     starting points to be measured. The interpreter gets small tiles, so that CPU tests
-    with a few dozen tokens still put several segments in one tile.
+    with a few dozen tokens still put several segments in one tile. Dropout takes key
+    slots of at least 4 (its Philox draws serve four neighbouring keys of one segment).
     """
     gpu = device.type == "cuda"
     tile = 64 if gpu else 16
@@ -251,7 +275,7 @@ def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: 
     rows = min(slot_q, max_rows)
     split = slot_q // rows
     rows = max(rows, 16 // segs)  # pad tiny slots up to tl.dot's 16 (extra rows are masked)
-    slot_k = max(slot_k, 16 // segs)
+    slot_k = max(slot_k, 16 // segs, 4 if dropout else 1)
     num_warps = (8 if segs * slot_k >= 128 else 4) if gpu else 1
     return segs, rows, split, slot_k, num_warps
 
@@ -280,14 +304,15 @@ def _check_sizes(max_seqlen_q: int, max_seqlen_k: int, head_dim: int) -> None:
 
 def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                         window_left: int, window_right: int, scale: float, cos=None, sin=None,
-                        table_seg_stride: int = 0):
+                        table_seg_stride: int = 0, seed=None, dropout_p: float = 0.0):
     """Forward over packed segments of at most MAX_SEQLEN tokens. Returns (out, lse): out
     like q (contiguous), lse float32 [Hq, Tq]. The last dim of q, k, v must be contiguous;
     max_seqlen_* must bound every segment (they size the slots; nothing is read back).
 
     ``cos``, ``sin`` (or None): 2-D rotary tables applied to q and k as they are loaded
     (q and k then have the same tokens); token t of segment b reads the table row at
-    offset ``t * cos.stride(0) + b * table_seg_stride`` (0 for packed tables)."""
+    offset ``t * cos.stride(0) + b * table_seg_stride`` (0 for packed tables). ``seed`` and
+    ``dropout_p`` > 0: attention dropout, the mask of kernels/attention_dropout.py."""
     heads, head_dim = q.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
     batch = cu_seqlens_q.numel() - 1
@@ -295,16 +320,19 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
     lse = empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
     if batch == 0 or max_seqlen_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=False)
+    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=False,
+                                                 dropout=dropout_p > 0)
     grid = (triton.cdiv(batch, SEGS) * SPLIT, heads)
     table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
     _attention_short_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table_cos, table_sin,
+        seed if seed is not None else cu_seqlens_q,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
         stride_ct, stride_cs, half,
         batch, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
+        *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-        PRECISION=_precision(q.dtype),
+        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )
@@ -313,12 +341,13 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
 
 def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
-                        scale: float, cos=None, sin=None, table_seg_stride: int = 0):
+                        scale: float, cos=None, sin=None, table_seg_stride: int = 0,
+                        seed=None, dropout_p: float = 0.0):
     """Backward of :func:`attention_short_fwd` in one launch. Returns (dq, dk, dv) in the
     dtypes and shapes of q, k, v. ``dlse`` is the gradient of lse, or None. ``out`` and
     ``lse`` are unused (the signature is the general kernel's): the tile recomputes the
     softmax and delta itself. With rotary tables (as in the forward), dq and dk are the
-    gradients wrt the unrotated q and k."""
+    gradients wrt the unrotated q and k. ``seed``, ``dropout_p``: those of the forward."""
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
     batch = cu_seqlens_q.numel() - 1
@@ -328,17 +357,18 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
-    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True)
+    SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True,
+                                                 dropout=dropout_p > 0)
     table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
     _attention_short_bwd_kernel[(triton.cdiv(batch, SEGS), kv_heads)](
         q, k, v, do, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-        table_cos, table_sin,
+        table_cos, table_sin, seed if seed is not None else cu_seqlens_q,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2],
         *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], lse.stride(0),
         stride_ct, stride_cs, half,
-        batch, head_dim, heads // kv_heads, scale, window_left, window_right,
+        batch, head_dim, heads // kv_heads, scale, window_left, window_right, *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
-        ROTARY=cos is not None, PRECISION=_precision(q.dtype),
+        ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )

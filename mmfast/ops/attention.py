@@ -73,6 +73,7 @@ from torch import Tensor
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
 from mmfast.ops import attention_external as external
+from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
 
 # The short-segment Triton path (kernels/attention_short.py): its limits, mirrored here so
@@ -123,14 +124,15 @@ def _heads_first(t: Tensor) -> Tensor:
 
 def attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None,
                         window_left: int = -1, window_right: int = -1, scale: float | None = None,
-                        upcast: bool = True):
+                        upcast: bool = True, dropout_p: float = 0.0, dropout_seed: Tensor | None = None):
     """Plain PyTorch, loop-free, in float32 (float64 for float64 inputs). Returns (out, lse).
 
     Builds the full [.., Hq, Tq, Tk] score matrix with an explicit mask. Differentiable,
     lse included; queries that see no key get out = 0, lse = -inf and no gradient.
     ``upcast=False`` does the matmuls in the input dtype (softmax still in float32), as
     PyTorch eager attention in fp16/bf16 would: the tests' "eager" baseline, like
-    flash-attn's own tests.
+    flash-attn's own tests. ``dropout_p`` > 0 drops probabilities with the Triton
+    kernels' own mask for ``dropout_seed`` (mmfast.ops.attention_dropout); lse is unaffected.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.dtype == torch.float64:
@@ -150,6 +152,8 @@ def attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None,
     # Rows that see nothing get constant scores, so no gradient flows from them.
     scores = torch.where(sees_any, scores, torch.zeros((), dtype=softmax_dtype, device=q.device))
     probs = torch.softmax(scores, dim=-1) * sees_any
+    if dropout_p > 0:
+        probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
     out = _heads_first(probs.to(compute) @ vc).to(q.dtype)
     lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_any[..., 0], float("-inf"))
     return out, lse
@@ -166,17 +170,17 @@ def _lse_shape(q: Tensor, packed: bool) -> tuple[int, ...]:
 def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
-    cos: Optional[Tensor], sin: Optional[Tensor],
+    cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     from mmfast.kernels.attention import attention_fwd
 
     return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         window_left, window_right, scale, cos, sin)
+                         window_left, window_right, scale, cos, sin, seed, dropout_p)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-      cos, sin):
+      cos, sin, seed, dropout_p):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -185,17 +189,18 @@ def _attention_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, window_left: int, window_right: int, scale: float,
-    cos: Optional[Tensor], sin: Optional[Tensor],
+    cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from mmfast.kernels.attention import attention_bwd
 
     return attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
+                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin,
+                         seed, dropout_p)
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      window_left, window_right, scale, cos, sin):
+      window_left, window_right, scale, cos, sin, seed, dropout_p):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -203,17 +208,18 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 def _attention_short_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
-    cos: Optional[Tensor], sin: Optional[Tensor], table_seg_stride: int,
+    cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
+    table_seg_stride: int,
 ) -> tuple[Tensor, Tensor]:
     from mmfast.kernels.attention_short import attention_short_fwd
 
     return attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               window_left, window_right, scale, cos, sin, table_seg_stride)
+                               window_left, window_right, scale, cos, sin, table_seg_stride, seed, dropout_p)
 
 
 @_attention_short_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-      cos, sin, table_seg_stride):
+      cos, sin, seed, dropout_p, table_seg_stride):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
 
 
@@ -222,18 +228,19 @@ def _attention_short_bwd_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
     cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, window_left: int, window_right: int, scale: float,
-    cos: Optional[Tensor], sin: Optional[Tensor], table_seg_stride: int,
+    cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
+    table_seg_stride: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     from mmfast.kernels.attention_short import attention_short_bwd
 
     return attention_short_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                                max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-                               cos, sin, table_seg_stride)
+                               cos, sin, table_seg_stride, seed, dropout_p)
 
 
 @_attention_short_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      window_left, window_right, scale, cos, sin, table_seg_stride):
+      window_left, window_right, scale, cos, sin, seed, dropout_p, table_seg_stride):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -263,37 +270,41 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             window_left, window_right, scale, *tables):
-    """``tables``: () for ops without rotary, else (cos, sin), either both None or both
-    tensors (their last dim contiguous, sin with the strides of cos)."""
+             window_left, window_right, scale, cos, sin, seed, dropout_p):
+    """``cos``, ``sin``: both None or both tensors (their last dim contiguous, sin with the
+    strides of cos). ``seed``: the dropout seed (None when ``dropout_p`` is 0)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
-    out, lse = fwd_op(q, k, v, *args, *tables)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *tables)
+    out, lse = fwd_op(q, k, v, *args, cos, sin, seed, dropout_p)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed)
     ctx.args = args[2:]
+    ctx.dropout_p = dropout_p
     ctx.set_materialize_grads(False)
     return out, lse
 
 
 def _backward(ctx, bwd_op, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *tables = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args, *tables)
-    # No gradient for cu_seqlens, the ints, scale, nor the rotary tables.
-    return (dq, dk, dv) + (None,) * (7 + len(tables))
+    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args,
+                        cos, sin, seed, ctx.dropout_p)
+    # No gradient for cu_seqlens, the ints, scale, the rotary tables, nor the dropout args.
+    return (dq, dk, dv) + (None,) * 11
 
 
 class AttentionFunction(torch.autograd.Function):
     """Triton forward and backward, general kernels. Outputs (out, lse); both are
     differentiable. ``cos``, ``sin``: rotary tables applied to q and k inside the kernels
-    (no gradient for them), or None."""
+    (no gradient for them), or None. ``seed``, ``dropout_p``: attention dropout (seed None
+    and p 0 without)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale, cos, sin):
+                window_left, window_right, scale, cos, sin, seed, dropout_p):
         return _forward(ctx, torch.ops.mmfast.attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin,
+                        seed, dropout_p)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -307,11 +318,12 @@ class ShortAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale, cos, sin, table_seg_stride):
+                window_left, window_right, scale, cos, sin, seed, dropout_p, table_seg_stride):
         ctx.table_seg_stride = table_seg_stride
         fwd_op = partial(torch.ops.mmfast.attention_short_fwd, table_seg_stride=table_seg_stride)
         return _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin)
+                        max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin,
+                        seed, dropout_p)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -338,22 +350,22 @@ def _run_triton_function(function, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
 
 
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale, rotary=None):
+                window_left, window_right, scale, rotary=None, dropout_p=0.0, seed=None):
     # The kernels read both tables with the strides of cos: make them alike (tables are small).
     cos, sin = (None, None) if rotary is None else (t.contiguous() for t in rotary)
     return _run_triton_function(AttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-                                cos, _distinct(sin, cos))
+                                cos, _distinct(sin, cos), seed, dropout_p)
 
 
 def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                      window_left, window_right, scale, rotary=None):
+                      window_left, window_right, scale, rotary=None, dropout_p=0.0, seed=None):
     # The kernels read both tables with the strides of cos: make them alike (tables are small).
     cos, sin = (None, None) if rotary is None else (t.contiguous() for t in rotary)
     if cu_seqlens_q is not None:
         return _run_triton_function(ShortAttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                     max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-                                    cos, _distinct(sin, cos), 0)
+                                    cos, _distinct(sin, cos), seed, dropout_p, 0)
     # Padded: each batch entry is one segment of the packed layout (a view when the batch
     # and token dims merge); the reshapes stay differentiable, lse included.
     batch, tokens_q, tokens_k = q.shape[0], q.shape[1], k.shape[1]
@@ -367,7 +379,7 @@ def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out, lse = _run_triton_function(
         ShortAttentionFunction, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
         steps * tokens_q, steps * tokens_k, tokens_q, tokens_k, window_left, window_right, scale,
-        cos, _distinct(sin, cos), table_seg_stride,
+        cos, _distinct(sin, cos), seed, dropout_p, table_seg_stride,
     )
     return out.unflatten(0, (batch, tokens_q)), lse.unflatten(1, (batch, tokens_q)).transpose(0, 1)
 
@@ -388,7 +400,7 @@ def _run_cuda_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-              window_left, window_right, scale):
+              window_left, window_right, scale, dropout_p=0.0, seed=None):
     packed = cu_seqlens_q is not None
     group = q.shape[-2] // k.shape[-2]
     qh = q.transpose(-3, -2)
@@ -403,20 +415,34 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         sees_any = mask.any(-1, keepdim=True)
         # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
         mask = mask | ~sees_any
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    # Dropout with SDPA's own generator (torch's default one): not the Triton kernels' mask.
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, dropout_p=dropout_p)
     if mask is not None:
         out = out * sees_any
     return out.transpose(-3, -2), None
 
 
 def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-               window_left, window_right, scale):
-    return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left, window_right, scale)
+               window_left, window_right, scale, dropout_p=0.0, seed=None):
+    return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left, window_right, scale,
+                               dropout_p=dropout_p, dropout_seed=seed)
+
+
+def _no_dropout(call: Call):
+    if call.facts["dropout_p"] > 0:
+        yield "dropout_p > 0 not supported"
+
+
+def _own_rng_dropout(library: str, call: Call):
+    # Dropout with the library's own generator: it cannot take ours.
+    if call.facts["dropout_p"] > 0 and call.facts["generator"]:
+        yield f"generator= not supported with dropout ({library} draws from torch's default generator)"
 
 
 def _sdpa_limits(call: Call):
     if call.facts["return_lse"]:
         yield "return_lse=True not supported (SDPA does not return the log-sum-exp)"
+    yield from _own_rng_dropout("SDPA", call)
 
 
 def _short_segments(call: Call):
@@ -432,16 +458,18 @@ def _cuda_short_limits(call: Call):
     if call.facts["requires_grad"]:
         yield "no backward: inputs require grad (a forward-only kernel)"
     yield from _short_segments(call)
+    yield from _no_dropout(call)
     reason = build.unavailable_reason(call.device)
     if reason is not None:
         yield f"CUDA C++ path unavailable: {reason}"
 
 
-def _external_limits(module: str, library: str, call: Call):
+def _external_limits(module: str, library: str, dropout: bool, call: Call):
     if not module_available(module):
         yield f"{library} is not installed (no module '{module}')"
     if call.facts["return_lse"]:
         yield f"return_lse=True not supported ({library} does not differentiate its lse)"
+    yield from _own_rng_dropout(library, call) if dropout else _no_dropout(call)
 
 
 def _xformers_limits(call: Call):
@@ -450,11 +478,15 @@ def _xformers_limits(call: Call):
     if call.facts["window"] != (-1, -1):
         # Its bottom-right causal masks require every query to see a key; not wrapped.
         yield "causal and windowed attention not supported (this wrapper passes block-diagonal masks only)"
+    yield from _no_dropout(call)
 
 
 # Backends that rotate q and k inside their kernels (``rotary=``); every other backend
 # gets them rotated by apply_rotary first (its torch reference for the torch backend).
 FUSES_ROTARY = ("triton", "triton_short")
+# Backends whose dropout is the Philox mask of mmfast.ops.attention_dropout (reproducible
+# from the seed); sdpa and flash_attn drop with their own generator.
+PHILOX_DROPOUT = ("triton", "triton_short", "torch")
 
 ATTENTION = op_family("attention")
 ATTENTION.register(
@@ -499,7 +531,7 @@ ATTENTION.register(
         head_dims=(64, 96, 128),  # what flash_attn/cute/interface.py lists as supported
         min_capability=(9, 0),
         requires=("flash_attn",),
-        check=partial(_external_limits, "flash_attn.cute", "flash-attn 4"),
+        check=partial(_external_limits, "flash_attn.cute", "flash-attn 4", False),
     )
 )
 ATTENTION.register(
@@ -511,7 +543,7 @@ ATTENTION.register(
         head_dims=lambda d: d % 8 == 0 and d <= 256,
         min_capability=(8, 0),
         requires=("flash_attn",),
-        check=partial(_external_limits, "flash_attn.flash_attn_interface", "flash-attn 2"),
+        check=partial(_external_limits, "flash_attn.flash_attn_interface", "flash-attn 2", True),
     )
 )
 ATTENTION.register(
@@ -579,7 +611,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              causal=False, window=(-1, -1), scale=None, rotary=None, return_lse=False, backend=None):
+              causal=False, window=(-1, -1), scale=None, rotary=None, return_lse=False, dropout_p=0.0,
+              generator=None, backend=None):
     """Softmax attention of ``q`` over ``k``, ``v``; returns ``out`` (like q), or
     ``(out, lse)`` with ``return_lse=True``. See the module docstring for the layouts,
     the window and causal rules, and which checks cost a device sync.
@@ -604,6 +637,15 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     apply_rotary and attention. Tables that require grad get their gradient through the
     composition (the fused kernels give none).
 
+    ``dropout_p`` > 0 drops attention probabilities (kept ones scaled by 1 / (1 - p); lse
+    is unaffected), with a mask drawn from ``generator`` (the default generator of q's
+    device when None): always applied, so pass 0 outside training, as for
+    F.scaled_dot_product_attention. The triton, triton_short and torch backends draw one
+    seed (mmfast.ops.attention_dropout.draw_seed: a device tensor, no sync) and generate
+    the same Philox mask from it, the backward regenerating it; sdpa and flash_attn pass p
+    to their own dropout (their generator, their mask; no ``generator=``); the other
+    backends decline dropout. ``dropout_p=0`` runs exactly the kernels without dropout.
+
     Example::
 
         >>> q = torch.randn(10, 4, 64)                  # 10 tokens, 4 heads
@@ -620,6 +662,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     """
     max_seqlen_q, max_seqlen_k = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, window, scale)
+    dropout_p = check_dropout(dropout_p, generator, q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if rotary is not None:
@@ -634,9 +677,13 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
-                       "head_dim": q.shape[-1], "requires_grad": requires_grad})
+                       "head_dim": q.shape[-1], "requires_grad": requires_grad,
+                       "dropout_p": dropout_p, "generator": generator is not None})
     chosen = ATTENTION.select(call, backend)
     run = chosen.run
+    if dropout_p > 0:
+        seed = draw_seed(q.device, generator) if chosen.name in PHILOX_DROPOUT else None
+        run = partial(run, dropout_p=dropout_p, seed=seed)
     if rotary is not None:
         cos, sin = rotary
         table_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)

@@ -33,7 +33,9 @@ def _no_keys(q: Tensor, k: Tensor):
 
 
 def run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   window_left, window_right, scale):
+                   window_left, window_right, scale, dropout_p=0.0, seed=None):
+    """``dropout_p``: flash-attn's own dropout, from torch's default CUDA generator
+    (``seed`` is unused: its mask is not mmfast's)."""
     empty = _no_keys(q, k)
     if empty is not None:
         return empty
@@ -41,7 +43,8 @@ def run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
     causal, left, right = _flash_window(window_left, window_right)
     # deterministic=True: the op promises a deterministic backward on every backend.
-    options = dict(softmax_scale=scale, causal=causal, window_size=(left, right), deterministic=True)
+    options = dict(softmax_scale=scale, causal=causal, window_size=(left, right), deterministic=True,
+                   dropout_p=dropout_p)
     if cu_seqlens_q is None:
         return flash_attn_func(q, k, v, **options), None
     out = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options)
