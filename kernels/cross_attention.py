@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from ._launch import empty, multiprocessor_count
+from .attention import _dropout_args
+from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -99,13 +101,13 @@ def _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride,
 
 @triton.jit
 def _cross_attention_fwd_kernel(
-    Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K,
+    Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
-    alpha_stride,
+    alpha_stride, drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -132,6 +134,8 @@ def _cross_attention_fwd_kernel(
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
     hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    if DROPOUT:  # tiles start at a multiple of 4 keys, for the Philox quads (the mask hides the rest)
+        lo = (lo // 4) * 4
     K_head = K + hk * stride_kh + offs_d[None, :]
     V_head = V + hk * stride_vh + offs_d[None, :]
 
@@ -153,12 +157,18 @@ def _cross_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_head + rows_k[:, None] * stride_vt, mask=kv_mask, other=0.0)
+        if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
+            keep = dropout_keep(SEED, rows, h, start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
+                                BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     o = acc / l_safe[:, None]
+    if DROPOUT:
+        o = o * keep_scale
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     mask = m_ok[:, None] & d_ok[None, :]
     if SPLIT:
@@ -227,11 +237,11 @@ def _cross_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _cross_attention_bwd_dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride,
-    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -278,8 +288,15 @@ def _cross_attention_bwd_dkdv_kernel(
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
                 ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
                 p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-                dv += a * tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
+                    keep = dropout_keep(SEED, rows, h + offs_m * 0, n_first // 4 + tl.arange(0, BLOCK_N // 4),
+                                        drop_threshold, BLOCK_M, BLOCK_N)
+                    dv += a * tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
+                                     input_precision=PRECISION)
+                    dp = tl.where(keep, dp * keep_scale, 0.0)
+                else:
+                    dv += a * tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
@@ -290,13 +307,13 @@ def _cross_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _cross_attention_bwd_dq_kernel(
-    Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K,
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
-    alpha_stride,
+    alpha_stride, drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -330,6 +347,8 @@ def _cross_attention_bwd_dq_kernel(
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
     hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    if DROPOUT:  # the forward's tiling of the keys into Philox quads
+        lo = (lo // 4) * 4
     K_head = K + hk * stride_kh + offs_d[None, :]
     V_head = V + hk * stride_vh + offs_d[None, :]
 
@@ -345,6 +364,10 @@ def _cross_attention_bwd_dq_kernel(
         ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
         dp = a[:, None] * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(SEED, rows, h, start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
+                                BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
@@ -402,7 +425,8 @@ def _mask_args(mask, like: torch.Tensor):
 
 
 def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_q: int, seqlen_k: int,
-                        max_seqlen_q: int, max_seqlen_k: int, mask, alpha, residual, scale: float):
+                        max_seqlen_q: int, max_seqlen_k: int, mask, alpha, residual, scale: float,
+                        seed=None, dropout_p: float = 0.0):
     """Launch the forward (and, with key splits, the combine). Returns (out, o, lse).
 
     q [rows_q, Hq, D], k, v [rows_k, Hk, D] (last dim contiguous). Packed: cu_seqlens_*
@@ -411,7 +435,8 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     ``mask``: None or the five int32 arrays (key_group, query_first, query_last,
     query_key_lo, query_key_hi). ``alpha``: None or float32 [1] or [Hq]; ``residual``: None
     or contiguous like q. out = residual + alpha * o (out is o without either); o
-    contiguous like q; lse float32 [rows_q, Hq].
+    contiguous like q; lse float32 [rows_q, Hq]. ``seed`` (int64 [2] on the device) and
+    ``dropout_p`` > 0: attention dropout (kernels/attention_dropout.py) on o; lse unaffected.
     """
     varlen = cu_seqlens_q is not None
     rows_q, heads, head_dim = q.shape
@@ -438,12 +463,13 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
     BLOCK_D = triton.next_power_of_2(head_dim)
     _cross_attention_fwd_kernel[(m_blocks, batch, kv_heads * splits)](
-        q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, *_mask_args(mask, cu_q),
+        q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, seed if seed is not None else cu_q,
+        *_mask_args(mask, cu_q),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
-        split_size, splits, alpha_stride,
+        split_size, splits, alpha_stride, *_dropout_args(dropout_p),
         VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
-        HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None,
+        HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -460,10 +486,11 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
 
 def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch: int,
                         seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int,
-                        mask, alpha, scale: float):
+                        mask, alpha, scale: float, seed=None, dropout_p: float = 0.0):
     """Launch the backward. Returns (dq, dk, dv, r): dq like q, dk/dv like k/v (contiguous
     [rows, H, D]); r = rowsum(dout * o) float32 [rows_q, Hq] when ``alpha`` is given (the
-    gate's gradient is its sum over the gate's heads), else None. ``dout`` is contiguous."""
+    gate's gradient is its sum over the gate's heads), else None. ``dout`` is contiguous.
+    ``seed``, ``dropout_p``: those of the forward, whose mask the kernels regenerate."""
     varlen = cu_seqlens_q is not None
     rows_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -487,14 +514,15 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    seed = seed if seed is not None else cu_q
     common = dict(VARLEN=varlen, HAS_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-                  PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                   num_warps=num_warps, num_stages=num_stages)
     if max_seqlen_k > 0:
         _cross_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, BLOCK_N), batch, kv_heads)](
-            q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
+            q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
             heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
-            **common,
+            *_dropout_args(dropout_p), **common,
         )
     if max_seqlen_q > 0:
         group = heads // kv_heads
@@ -505,9 +533,9 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
         _cross_attention_bwd_dq_kernel[(m_blocks, batch, kv_heads * splits)](
-            q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, *_mask_args(mask, cu_q), *strides,
-            rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
-            alpha_stride, SPLIT=splits > 1, **common,
+            q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),
+            *strides, rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
+            alpha_stride, *_dropout_args(dropout_p), SPLIT=splits > 1, **common,
         )
         if splits > 1:
             torch.sum(dq_part, dim=0, out=dq) if dq.dtype == torch.float32 else dq.copy_(dq_part.sum(0))

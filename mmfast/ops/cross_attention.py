@@ -45,6 +45,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
+from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
 
@@ -69,11 +70,13 @@ def _gate_factor(gate: Tensor, like: Tensor) -> Tensor:
 
 
 def cross_attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, mask=None, scale=None,
-                              gate=None, residual=None, upcast: bool = True):
+                              gate=None, residual=None, upcast: bool = True, dropout_p: float = 0.0,
+                              dropout_seed: Tensor | None = None):
     """Plain PyTorch, loop-free, with the dense mask; float32 (float64 for float64 inputs).
 
     ``upcast=False`` does the matmuls and the epilogue in the input dtype (softmax still in
-    float32), as PyTorch eager would: the tests' "eager" baseline."""
+    float32), as PyTorch eager would: the tests' "eager" baseline. ``dropout_p`` > 0 drops
+    probabilities with the Triton kernels' mask for ``dropout_seed``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     compute = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     softmax_dtype = torch.float64 if compute == torch.float64 else torch.float32
@@ -89,6 +92,8 @@ def cross_attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, mas
     # Rows that see nothing get constant scores, so no gradient flows from them.
     scores = torch.where(sees_any, scores, torch.zeros((), dtype=softmax_dtype, device=q.device))
     probs = torch.softmax(scores, dim=-1) * sees_any
+    if dropout_p > 0:
+        probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
     attn = (probs.to(compute) @ vc).transpose(-3, -2)
     return _epilogue(attn, gate, residual, compute).to(q.dtype)
 
@@ -111,13 +116,15 @@ def _cross_attention_fwd_op(
     key_group: Optional[Tensor], query_first: Optional[Tensor], query_last: Optional[Tensor],
     query_key_lo: Optional[Tensor], query_key_hi: Optional[Tensor],
     alpha: Optional[Tensor], residual: Optional[Tensor], scale: float,
+    seed: Optional[Tensor], dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out, o, lse); o is empty when there is no epilogue (out is then o)."""
     from mmfast.kernels.cross_attention import cross_attention_fwd
 
     mask = None if key_group is None else (key_group, query_first, query_last, query_key_lo, query_key_hi)
     out, o, lse = cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k,
-                                      max_seqlen_q, max_seqlen_k, mask, alpha, residual, scale)
+                                      max_seqlen_q, max_seqlen_k, mask, alpha, residual, scale,
+                                      seed, dropout_p)
     if o is out:
         o = q.new_empty(0)
     return out, o, lse
@@ -125,7 +132,7 @@ def _cross_attention_fwd_op(
 
 @_cross_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k,
-      key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, residual, scale):
+      key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, residual, scale, seed, dropout_p):
     epilogue = alpha is not None or residual is not None
     o = q.new_empty(q.shape) if epilogue else q.new_empty(0)
     return q.new_empty(q.shape), o, q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
@@ -138,20 +145,21 @@ def _cross_attention_bwd_op(
     batch: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int, max_seqlen_k: int,
     key_group: Optional[Tensor], query_first: Optional[Tensor], query_last: Optional[Tensor],
     query_key_lo: Optional[Tensor], query_key_hi: Optional[Tensor],
-    alpha: Optional[Tensor], scale: float,
+    alpha: Optional[Tensor], scale: float, seed: Optional[Tensor], dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, r); r = rowsum(dout * o) [rows_q, Hq] with alpha, else empty."""
     from mmfast.kernels.cross_attention import cross_attention_bwd
 
     mask = None if key_group is None else (key_group, query_first, query_last, query_key_lo, query_key_hi)
     dq, dk, dv, r = cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch,
-                                        seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, mask, alpha, scale)
+                                        seqlen_q, seqlen_k, max_seqlen_q, max_seqlen_k, mask, alpha, scale,
+                                        seed, dropout_p)
     return dq, dk, dv, (r if r is not None else lse.new_empty(0))
 
 
 @_cross_attention_bwd_op.register_fake
 def _(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, max_seqlen_q,
-      max_seqlen_k, key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, scale):
+      max_seqlen_k, key_group, query_first, query_last, query_key_lo, query_key_hi, alpha, scale, seed, dropout_p):
     r = lse.new_empty(lse.shape) if alpha is not None else lse.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), r
 
@@ -162,35 +170,37 @@ def _(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen
 class CrossAttentionFunction(torch.autograd.Function):
     """Triton forward and backward on row tensors q [rows_q, Hq, D], k, v [rows_k, Hk, D]
     (last dim contiguous). ``alpha`` (= tanh(gate), float32 [1] or [Hq]) and ``residual``
-    (contiguous like q) are optional. Returns out, contiguous like q."""
+    (contiguous like q) are optional. ``seed``, ``dropout_p``: attention dropout (None, 0
+    without). Returns out, contiguous like q."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha, residual, cu_seqlens_q, cu_seqlens_k, mask, layout, scale):
+    def forward(ctx, q, k, v, alpha, residual, cu_seqlens_q, cu_seqlens_k, mask, layout, scale, seed, dropout_p):
         mask = tuple(mask) if mask is not None else (None,) * 5
         out, o, lse = torch.ops.mmfast.cross_attention_fwd(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, *layout, *mask, alpha, residual, scale)
+            q, k, v, cu_seqlens_q, cu_seqlens_k, *layout, *mask, alpha, residual, scale, seed, dropout_p)
         o = out if o.numel() == 0 and out.numel() != 0 else o
-        ctx.save_for_backward(q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, *mask)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.save_for_backward(q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, seed, *mask)
+        ctx.layout, ctx.scale, ctx.dropout_p = layout, scale, dropout_p
         ctx.has_residual = residual is not None
         ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, *mask = ctx.saved_tensors
+        q, k, v, o, lse, alpha, cu_seqlens_q, cu_seqlens_k, seed, *mask = ctx.saved_tensors
         if dout is None:
-            return (None,) * 10
+            return (None,) * 12
         dout = dout.contiguous()
         if o.numel() == 0:  # empty query rows: o was never distinct from out
             o = torch.zeros_like(q)
         dq, dk, dv, r = torch.ops.mmfast.cross_attention_bwd(
-            dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.layout, *mask, alpha, ctx.scale)
+            dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *ctx.layout, *mask, alpha, ctx.scale,
+            seed, ctx.dropout_p)
         dalpha = None
         if alpha is not None:
             dalpha = r.sum().reshape(alpha.shape) if alpha.numel() == 1 else r.sum(0)
         dresidual = dout if ctx.has_residual else None
-        return dq, dk, dv, dalpha, dresidual, None, None, None, None, None
+        return dq, dk, dv, dalpha, dresidual, None, None, None, None, None, None, None
 
 
 # ---- backends --------------------------------------------------------------------
@@ -209,7 +219,8 @@ def _distinct(t: Tensor | None, *others: Tensor | None) -> Tensor | None:
     return t.view_as(t) if t is not None and any(t is o for o in others) else t
 
 
-def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual,
+                dropout_p=0.0, seed=None):
     packed = q.dim() == 3
     lowered = mask.lower(q, k, cu_seqlens_q, cu_seqlens_k) if mask is not None else None
     if packed:
@@ -222,11 +233,13 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     v_rows = _distinct(_as_rows(v), q_rows, k_rows)
     res = _distinct(_as_rows(residual).contiguous(), q_rows, k_rows, v_rows) if residual is not None else None
     cu_k = _distinct(cu_seqlens_k, cu_seqlens_q)
-    out = CrossAttentionFunction.apply(q_rows, k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k, lowered, layout, scale)
+    out = CrossAttentionFunction.apply(q_rows, k_rows, v_rows, alpha, res, cu_seqlens_q, cu_k, lowered, layout, scale,
+                                       seed, dropout_p)
     return out.view(q.shape)
 
 
-def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
+def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual,
+              dropout_p=0.0, seed=None):
     group = q.shape[-2] // k.shape[-2]
     qh = q.transpose(-3, -2)
     kh = k.transpose(-3, -2).repeat_interleave(group, dim=-3)
@@ -238,14 +251,27 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, m
     if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph)
         attn = q * 0
     else:
-        # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
-        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen | ~sees_any, scale=scale)
+        # SDPA gives NaN for a fully masked row: let it see every key, then zero it. Dropout
+        # uses SDPA's own generator (torch's default one): not the Triton kernels' mask.
+        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen | ~sees_any, scale=scale,
+                                              dropout_p=dropout_p)
         attn = (attn * sees_any).transpose(-3, -2)
     return _epilogue(attn, gate, residual, q.dtype)
 
 
-def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual):
-    return cross_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, mask, scale, gate, residual)
+def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual,
+               dropout_p=0.0, seed=None):
+    return cross_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, mask, scale, gate, residual,
+                                     dropout_p=dropout_p, dropout_seed=seed)
+
+
+def _sdpa_limits(call: Call):
+    if call.facts["dropout_p"] > 0 and call.facts["generator"]:
+        yield "generator= not supported with dropout (SDPA draws from torch's default generator)"
+
+
+# Backends whose dropout is the Philox mask of mmfast.ops.attention_dropout.
+PHILOX_DROPOUT = ("triton", "torch")
 
 
 CROSS_ATTENTION = op_family("cross_attention")
@@ -253,7 +279,8 @@ CROSS_ATTENTION.register(
     Backend("triton", _run_triton, triton=True, dot=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
             head_dims=lambda d: 16 <= d <= 256)
 )
-CROSS_ATTENTION.register(Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32)))
+CROSS_ATTENTION.register(Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                 check=_sdpa_limits))
 CROSS_ATTENTION.register(Backend("torch", _run_torch))
 
 
@@ -290,10 +317,16 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-                    mask=None, scale=None, gate=None, residual=None, backend=None):
+                    mask=None, scale=None, gate=None, residual=None, dropout_p=0.0, generator=None, backend=None):
     """``residual + tanh(gate) * attention(q, k, v)`` under a structured ``mask``; returns a
     tensor like q. See the module docstring for the layouts, the masks, the rows that see
     no key (attention 0: out = residual) and which checks cost a device sync.
+
+    ``dropout_p`` > 0 drops attention probabilities before the epilogue (kept ones scaled
+    by 1 / (1 - p)), with a mask drawn from ``generator`` (q's device's default generator
+    when None); pass 0 outside training. The triton and torch backends apply the same
+    Philox mask for the same generator state (mmfast.ops.attention_dropout), and the
+    backward regenerates it; sdpa uses its own generator (no ``generator=``).
 
     Example::
 
@@ -310,8 +343,14 @@ def cross_attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen
     """
     max_seqlen_q, max_seqlen_k = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              mask, scale, gate, residual)
+    dropout_p = check_dropout(dropout_p, generator, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout="packed" if q.dim() == 3 else "padded")
-    return CROSS_ATTENTION.select(call, backend).run(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual
-    )
+    call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout="packed" if q.dim() == 3 else "padded",
+                facts={"dropout_p": dropout_p, "generator": generator is not None})
+    chosen = CROSS_ATTENTION.select(call, backend)
+    dropout = {}
+    if dropout_p > 0:
+        seed = draw_seed(q.device, generator) if chosen.name in PHILOX_DROPOUT else None
+        dropout = dict(dropout_p=dropout_p, seed=seed)
+    return chosen.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual,
+                      **dropout)
