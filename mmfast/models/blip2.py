@@ -23,6 +23,12 @@ what its ``save_pretrained`` writes and the released Salesforce checkpoints hold
 
 Encoder-decoder language models (the Flan-T5 BLIP-2 checkpoints) are not supported.
 
+Training mode applies the configs' dropouts as Hugging Face does: hidden-state dropout,
+the Q-Former's attention-probability dropout (``attention_probs_dropout_prob``, 0.1 by
+default) and OPT's ``attention_dropout``, the latter two inside mmfast's attention kernels
+(forward and backward; masks drawn from torch's default generator, so not Hugging Face's
+masks). Eval mode drops nothing.
+
 Host syncs: one per ``forward`` / ``generate`` call (prompt lengths, placeholder count),
 one per generated token (the end-of-sequence test).
 """
@@ -160,7 +166,7 @@ class Blip2Config:
                           remove_final_layer_norm=t["_remove_final_layer_norm"], enable_bias=t["enable_bias"],
                           layer_norm_elementwise_affine=t["layer_norm_elementwise_affine"],
                           activation_function=t["activation_function"], dropout=t["dropout"],
-                          pad_token_id=t["pad_token_id"])
+                          attention_dropout=t["attention_dropout"], pad_token_id=t["pad_token_id"])
 
     def to_dict(self) -> dict:
         """A transformers-5 style config.json dict (over the one it was read from, if any)."""

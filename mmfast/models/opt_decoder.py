@@ -19,8 +19,10 @@ Every residual add rides in a fused :func:`mmfast.ops.layer_norm` (the embedding
 sum in the first layer's norm). Position ids are each token's index within its sequence,
 padding not counted: what Hugging Face's OPT derives from the attention mask.
 
-In training mode the hidden-state dropout (``dropout``) runs as in Hugging Face;
-attention-probability dropout and LayerDrop (0 in every released OPT) are not implemented.
+In training mode the hidden-state dropout (``dropout``) runs as in Hugging Face, and so does
+the attention-probability dropout (``attention_dropout``), inside the attention kernels
+(torch's default generator; the masks are not Hugging Face's). LayerDrop (0 in every
+released OPT) is not implemented.
 
 State dict names equal Hugging Face's ``OPTDecoder`` (``embed_tokens``, ``embed_positions``,
 ``layers.i.self_attn.q_proj`` ..., ``final_layer_norm``, ``project_in``/``project_out``).
@@ -42,25 +44,30 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                     cache: Optional[KVCache] = None, step: Optional[CacheStep] = None, layer: int = 0) -> Tensor:
+                     cache: Optional[KVCache] = None, step: Optional[CacheStep] = None, layer: int = 0,
+                     dropout_p: float = 0.0) -> Tensor:
     """Causal attention of a packed stream q, k, v [T, H, D]; with ``cache``, k and v are
-    appended to it first and the queries attend to everything cached before them."""
+    appended to it first and the queries attend to everything cached before them.
+    ``dropout_p``: attention-probability dropout (the caller passes 0 outside training)."""
     if cache is None:
         return attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-                         max_seqlen_k=max_seqlen, causal=True)
+                         max_seqlen_k=max_seqlen, causal=True, dropout_p=dropout_p)
     keys, values = cache.update(layer, step, k, v)
     if step.read_index is None:  # equal lengths: padded views of the cache
         batch = keys.shape[0]
-        return attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True).flatten(0, 1)
+        return attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True,
+                         dropout_p=dropout_p).flatten(0, 1)
     return attention(q, keys, values, cu_seqlens_q=cu_seqlens, cu_seqlens_k=step.cu_seqlens_k,
-                     max_seqlen_q=max_seqlen, max_seqlen_k=step.max_seqlen_k, causal=True)
+                     max_seqlen_q=max_seqlen, max_seqlen_k=step.max_seqlen_k, causal=True, dropout_p=dropout_p)
 
 
 class OPTAttention(nn.Module):
-    """Multi-head causal self-attention with biased projections over a packed stream."""
+    """Multi-head causal self-attention with biased projections over a packed stream;
+    in training mode the probabilities are dropped with ``attention_dropout``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, bias: bool = True):
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool = True, attention_dropout: float = 0.0):
         super().__init__()
+        self.attention_dropout = attention_dropout
         if hidden_size % num_heads:
             raise ValueError(f"num_attention_heads: {num_heads} does not divide hidden_size {hidden_size}")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
@@ -73,7 +80,9 @@ class OPTAttention(nn.Module):
                 step: Optional[CacheStep] = None, layer: int = 0) -> Tensor:
         heads = (self.num_heads, self.head_dim)
         q, k, v = (proj(x).unflatten(-1, heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(causal_attention(q, k, v, cu_seqlens, max_seqlen, cache, step, layer).flatten(-2))
+        dropout_p = self.attention_dropout if self.training else 0.0
+        out = causal_attention(q, k, v, cu_seqlens, max_seqlen, cache, step, layer, dropout_p)
+        return self.out_proj(out.flatten(-2))
 
 
 class OPTDecoderLayer(nn.Module):
@@ -83,10 +92,10 @@ class OPTDecoderLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, ffn_dim: int, *, norm_before: bool = True,
                  bias: bool = True, elementwise_affine: bool = True, activation: str = "relu",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attention_dropout: float = 0.0):
         super().__init__()
         self.norm_before, self.dropout = norm_before, dropout
-        self.self_attn = OPTAttention(hidden_size, num_heads, bias)
+        self.self_attn = OPTAttention(hidden_size, num_heads, bias, attention_dropout)
         self.self_attn_layer_norm = LayerNorm(hidden_size, elementwise_affine=elementwise_affine)
         self.fc1 = nn.Linear(hidden_size, ffn_dim, bias=bias)
         self.activation_fn = nn.ReLU() if activation == "relu" else activation_module(activation)
@@ -121,7 +130,7 @@ class OPTDecoder(nn.Module):
                  word_embed_proj_dim: Optional[int] = None, do_layer_norm_before: bool = True,
                  remove_final_layer_norm: bool = False, enable_bias: bool = True,
                  layer_norm_elementwise_affine: bool = True, activation_function: str = "relu",
-                 dropout: float = 0.0, pad_token_id: Optional[int] = 1):
+                 dropout: float = 0.0, attention_dropout: float = 0.0, pad_token_id: Optional[int] = 1):
         super().__init__()
         width = word_embed_proj_dim or hidden_size
         self.hidden_size, self.word_embed_proj_dim = hidden_size, width
@@ -134,7 +143,7 @@ class OPTDecoder(nn.Module):
         self.layers = nn.ModuleList([
             OPTDecoderLayer(hidden_size, num_attention_heads, ffn_dim, norm_before=do_layer_norm_before,
                             bias=enable_bias, elementwise_affine=layer_norm_elementwise_affine,
-                            activation=activation_function, dropout=dropout)
+                            activation=activation_function, dropout=dropout, attention_dropout=attention_dropout)
             for _ in range(num_hidden_layers)])
         keep_final = do_layer_norm_before and not remove_final_layer_norm
         self.final_layer_norm = (LayerNorm(hidden_size, elementwise_affine=layer_norm_elementwise_affine)

@@ -7,6 +7,8 @@ with Hugging Face's MllamaCrossAttentionDecoderLayer:
 The attention gate rides in the attention kernel's epilogue (o_proj has no bias, so
 tanh(g) * o_proj(a) = o_proj(tanh(g) * a)) and the residual in the output GEMM (addmm).
 ``sees_any`` zeroes the MLP branch of text tokens that see no image, as Mllama does.
+In training mode the attention probabilities are dropped with ``cross_attn.dropout``
+(Mllama's config ``dropout``; inside the kernel, from torch's default generator).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from mmfast.ops.cross_attention import cross_attention
 class CrossAttention(nn.Module):
     """Mllama's text-to-image attention projections (q_norm and k_norm per head)."""
 
-    def __init__(self, hidden_size: int, heads: int, kv_heads: int, eps: float):
+    def __init__(self, hidden_size: int, heads: int, kv_heads: int, eps: float, dropout: float = 0.0):
         super().__init__()
         self.num_heads, self.num_key_value_heads = heads, kv_heads
+        self.dropout = dropout  # attention-probability dropout, in training mode (Mllama's name)
         self.head_dim = hidden_size // heads
         self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(hidden_size, heads * self.head_dim, bias=False)
@@ -48,7 +51,9 @@ def gated_cross_attention_forward(layer: nn.Module, x, k, v, mask=None, sees_any
     attn = layer.cross_attn
     batch, tokens, _ = x.shape
     q = attn.q_proj(layer.input_layernorm(x)).view(batch, tokens, attn.num_heads, attn.head_dim)
-    a = cross_attention(attn.q_norm(q), k, v, mask=mask, gate=layer.cross_attn_attn_gate, scale=attn.scaling)
+    dropout_p = attn.dropout if attn.training else 0.0
+    a = cross_attention(attn.q_norm(q), k, v, mask=mask, gate=layer.cross_attn_attn_gate, scale=attn.scaling,
+                        dropout_p=dropout_p)
     h = torch.addmm(x.reshape(batch * tokens, -1), a.reshape(batch * tokens, -1), attn.o_proj.weight.t())
     h = h.view_as(x)
     mlp = layer.mlp(layer.post_attention_layernorm(h))
@@ -77,9 +82,10 @@ class GatedCrossAttentionBlock(nn.Module):
     ([B, Ti, Hk, D] each) instead of image_states, as a cache would hold them.
     """
 
-    def __init__(self, hidden_size: int, heads: int, kv_heads: int, intermediate_size: int, eps: float = 1e-5):
+    def __init__(self, hidden_size: int, heads: int, kv_heads: int, intermediate_size: int, eps: float = 1e-5,
+                 dropout: float = 0.0):
         super().__init__()
-        self.cross_attn = CrossAttention(hidden_size, heads, kv_heads, eps)
+        self.cross_attn = CrossAttention(hidden_size, heads, kv_heads, eps, dropout)
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp = GatedMLP(hidden_size, intermediate_size)
@@ -90,7 +96,7 @@ class GatedCrossAttentionBlock(nn.Module):
     def from_config(cls, config) -> "GatedCrossAttentionBlock":
         """From a Hugging Face MllamaTextConfig."""
         return cls(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                   config.intermediate_size, config.rms_norm_eps)
+                   config.intermediate_size, config.rms_norm_eps, getattr(config, "dropout", 0.0))
 
     def forward(self, x, image_states=None, mask=None, sees_any=None, kv=None):
         k, v = kv if kv is not None else project_image(self.cross_attn, image_states)

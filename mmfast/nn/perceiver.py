@@ -1,6 +1,8 @@
 """Idefics2's perceiver resampler: learned latents attend to concat(image tokens, latents)
 with grouped K/V heads, a few layers, RMSNorms and a SwiGLU MLP. state_dict-compatible
-with Hugging Face's Idefics2PerceiverResampler (``latents``, ``layers.N.*``, ``norm``)."""
+with Hugging Face's Idefics2PerceiverResampler (``latents``, ``layers.N.*``, ``norm``).
+In training mode the attention probabilities are dropped with ``attention_dropout`` (as
+Hugging Face does; inside the kernels, from torch's default generator)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from mmfast.ops.cross_attention_masks import KeyPaddingMask
 class PerceiverAttention(nn.Module):
     """Latents [B, L, C] over concat(context [B, T, C], latents); no output bias."""
 
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, kv_heads: int):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, kv_heads: int, attention_dropout: float = 0.0):
         super().__init__()
         self.heads, self.head_dim, self.kv_heads = heads, head_dim, kv_heads
+        self.attention_dropout = attention_dropout  # probability dropout, in training mode
         self.q_proj = nn.Linear(hidden_size, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, kv_heads * head_dim, bias=False)
@@ -31,13 +34,15 @@ class PerceiverAttention(nn.Module):
 def perceiver_attention(proj: nn.Module, heads: int, kv_heads: int, head_dim: int, latents, context,
                         mask=None, residual=None):
     """The attention of a perceiver layer whose projections are ``proj.{q,k,v,o}_proj``
-    (ours, or Hugging Face's Idefics2PerceiverAttention when patched); plus ``residual``."""
+    (ours, or Hugging Face's Idefics2PerceiverAttention when patched); plus ``residual``.
+    In training, probabilities are dropped with ``proj.attention_dropout``."""
     batch, n_latents, _ = latents.shape
     both = torch.cat([context, latents], dim=1)
     q = proj.q_proj(latents).view(batch, n_latents, heads, head_dim)
     k = proj.k_proj(both).view(batch, both.shape[1], kv_heads, head_dim)
     v = proj.v_proj(both).view(batch, both.shape[1], kv_heads, head_dim)
-    attn = cross_attention(q, k, v, mask=mask).reshape(batch * n_latents, -1)
+    dropout_p = proj.attention_dropout if proj.training else 0.0
+    attn = cross_attention(q, k, v, mask=mask, dropout_p=dropout_p).reshape(batch * n_latents, -1)
     if residual is None:
         return proj.o_proj(attn).view(batch, n_latents, -1)
     # The residual add rides on the output GEMM (addmm's beta term).
@@ -65,11 +70,12 @@ class PerceiverMLP(nn.Module):
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, hidden_size: int, heads: int, head_dim: int, kv_heads: int, eps: float):
+    def __init__(self, hidden_size: int, heads: int, head_dim: int, kv_heads: int, eps: float,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.input_latents_norm = RMSNorm(hidden_size, eps)
         self.input_context_norm = RMSNorm(hidden_size, eps)
-        self.self_attn = PerceiverAttention(hidden_size, heads, head_dim, kv_heads)
+        self.self_attn = PerceiverAttention(hidden_size, heads, head_dim, kv_heads, attention_dropout)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
         self.mlp = PerceiverMLP(hidden_size, 4 * hidden_size)
 
@@ -85,10 +91,11 @@ class PerceiverResampler(nn.Module):
     seen (a :class:`KeyPaddingMask` over the keys, no dense mask)."""
 
     def __init__(self, hidden_size: int, n_latents: int = 64, depth: int = 3, heads: int = 16,
-                 head_dim: int = 96, kv_heads: int = 4, eps: float = 1e-6):
+                 head_dim: int = 96, kv_heads: int = 4, eps: float = 1e-6, attention_dropout: float = 0.0):
         super().__init__()
         self.latents = nn.Parameter(torch.ones(n_latents, hidden_size))
-        self.layers = nn.ModuleList(PerceiverLayer(hidden_size, heads, head_dim, kv_heads, eps) for _ in range(depth))
+        self.layers = nn.ModuleList(PerceiverLayer(hidden_size, heads, head_dim, kv_heads, eps, attention_dropout)
+                                    for _ in range(depth))
         self.norm = RMSNorm(hidden_size, eps)
 
     @classmethod
@@ -96,7 +103,7 @@ class PerceiverResampler(nn.Module):
         """From a Hugging Face Idefics2PerceiverConfig."""
         return cls(config.hidden_size, config.resampler_n_latents, config.resampler_depth,
                    config.resampler_n_heads, config.resampler_head_dim, config.num_key_value_heads,
-                   config.rms_norm_eps)
+                   config.rms_norm_eps, getattr(config, "attention_dropout", 0.0))
 
     def forward(self, context, attention_mask=None):
         batch = context.shape[0]

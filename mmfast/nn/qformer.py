@@ -8,8 +8,11 @@ learned ``query_tokens`` live in Blip2Model, outside it, as there). The forward 
 :func:`qformer_forward`, reads only submodule names that both share, so ``mmfast.patch``
 runs it on a Hugging Face instance too. Attention runs mmfast's cross_attention (padding
 masks as KeyPaddingMask, never a dense mask); each residual add rides in mmfast's fused
-LayerNorm. Attention-probability dropout is not implemented: in training mode with
-``attention_probs_dropout_prob > 0`` the patched Hugging Face module keeps its own forward.
+LayerNorm. In training mode the attention probabilities are dropped with
+``attention_probs_dropout_prob`` (each attention module's ``attention_dropout``, as Hugging
+Face names it) inside the attention kernels, from torch's default generator (seed it
+with ``torch.manual_seed`` for a reproducible step; the masks are not Hugging Face's);
+in eval mode nothing is dropped.
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ def _padding_mask(attention_mask):
 
 
 def _attend(attn: nn.Module, heads: int, x, context, mask):
-    """Multi-head attention of x over context with ``attn.{query,key,value}``."""
+    """Multi-head attention of x over context with ``attn.{query,key,value}``; in training,
+    probabilities dropped with ``attn.attention_dropout``."""
     batch, tokens, _ = x.shape
     q = attn.query(x).view(batch, tokens, heads, -1)
     k = attn.key(context).view(batch, context.shape[1], heads, -1)
     v = attn.value(context).view(batch, context.shape[1], heads, -1)
-    return cross_attention(q, k, v, mask=mask).reshape(batch, tokens, -1)
+    dropout_p = attn.attention_dropout if attn.training else 0.0
+    return cross_attention(q, k, v, mask=mask, dropout_p=dropout_p).reshape(batch, tokens, -1)
 
 
 def _add_norm(output: nn.Module, x, residual):
@@ -88,11 +93,12 @@ def qformer_forward(model: nn.Module, heads: int, query_embeds, query_length=Non
 
 
 class QFormerMultiHeadAttention(nn.Module):
-    def __init__(self, hidden_size: int, context_size: int):
+    def __init__(self, hidden_size: int, context_size: int, attention_dropout: float = 0.0):
         super().__init__()
         self.query = nn.Linear(hidden_size, hidden_size)
         self.key = nn.Linear(context_size, hidden_size)
         self.value = nn.Linear(context_size, hidden_size)
+        self.attention_dropout = attention_dropout  # probability dropout, in training mode
 
 
 class QFormerOutput(nn.Module):
@@ -104,9 +110,9 @@ class QFormerOutput(nn.Module):
 
 
 class QFormerAttention(nn.Module):
-    def __init__(self, hidden_size: int, context_size: int, eps: float, dropout: float):
+    def __init__(self, hidden_size: int, context_size: int, eps: float, dropout: float, attention_dropout: float):
         super().__init__()
-        self.attention = QFormerMultiHeadAttention(hidden_size, context_size)
+        self.attention = QFormerMultiHeadAttention(hidden_size, context_size, attention_dropout)
         self.output = QFormerOutput(hidden_size, hidden_size, eps, dropout)
 
 
@@ -121,10 +127,11 @@ class QFormerLayer(nn.Module):
     def __init__(self, config, index: int):
         super().__init__()
         c, eps, p = config.hidden_size, config.layer_norm_eps, config.hidden_dropout_prob
-        self.attention = QFormerAttention(c, c, eps, p)
+        p_attn = getattr(config, "attention_probs_dropout_prob", 0.0)
+        self.attention = QFormerAttention(c, c, eps, p, p_attn)
         self.has_cross_attention = index % config.cross_attention_frequency == 0
         if self.has_cross_attention:
-            self.crossattention = QFormerAttention(c, config.encoder_hidden_size, eps, p)
+            self.crossattention = QFormerAttention(c, config.encoder_hidden_size, eps, p, p_attn)
         if config.use_qformer_text_input:
             self.intermediate = QFormerIntermediate(c, config.intermediate_size, config.hidden_act)
             self.output = QFormerOutput(config.intermediate_size, c, eps, p)
@@ -145,7 +152,8 @@ class QFormer(nn.Module):
     Built from a Hugging Face Blip2QFormerConfig (or any object with its fields:
     hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps,
     hidden_dropout_prob, cross_attention_frequency, encoder_hidden_size,
-    num_hidden_layers, use_qformer_text_input).
+    num_hidden_layers, use_qformer_text_input; attention_probs_dropout_prob, 0 when absent).
+    Dropout (hidden and attention-probability) acts in training mode only.
     """
 
     def __init__(self, config):

@@ -429,13 +429,13 @@ def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def _no_dropout(call: Call):
-    if call.facts["dropout_p"] > 0:
+    if call.facts.get("dropout_p", 0.0) > 0:
         yield "dropout_p > 0 not supported"
 
 
 def _own_rng_dropout(library: str, call: Call):
     # Dropout with the library's own generator: it cannot take ours.
-    if call.facts["dropout_p"] > 0 and call.facts["generator"]:
+    if call.facts.get("dropout_p", 0.0) > 0 and call.facts.get("generator", False):
         yield f"generator= not supported with dropout ({library} draws from torch's default generator)"
 
 

@@ -266,7 +266,7 @@ def _run_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 
 
 def _sdpa_limits(call: Call):
-    if call.facts["dropout_p"] > 0 and call.facts["generator"]:
+    if call.facts.get("dropout_p", 0.0) > 0 and call.facts.get("generator", False):
         yield "generator= not supported with dropout (SDPA draws from torch's default generator)"
 
 

@@ -3,9 +3,10 @@ each function patches one module instance through the PatchHandle, keeping its
 parameters; the module's own class is untouched and ``handle.undo()`` restores it.
 
     *VisionEmbeddings  one fused kernel: patch GEMM + bias + position (+ class token)
-    *Attention         mmfast.ops.attention on [B, T, H, D]; falls back to the original
-                       forward for what it does not do (a mask, returned attention
-                       weights, attention dropout while training)
+    *Attention         mmfast.ops.attention on [B, T, H, D] (attention dropout while
+                       training in its kernels, with its own masks); falls back to the
+                       original forward for what it does not do (a mask, returned
+                       attention weights)
     *EncoderLayer      the first residual add fused into layer_norm2
     *MLP               the activation as one fused pass (:mod:`._fused_layers`, which
                        also holds the LayerNorm replacement)
@@ -34,11 +35,11 @@ def patch_embeddings(module, handle, name):
 
 def _attention_forward(self, hidden_states, attention_mask=None, **kwargs):
     wants_weights = kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
-    if attention_mask is not None or wants_weights or (self.training and self.dropout > 0):
+    if attention_mask is not None or wants_weights:
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     heads = (*hidden_states.shape[:-1], -1, self.head_dim)
     q, k, v = (proj(hidden_states).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-    out = attention(q, k, v, scale=self.scale)
+    out = attention(q, k, v, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
     return self.out_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
 
 

@@ -3,8 +3,9 @@ Q-Former): the Q-Former runs mmfast's cross_attention (padding as KeyPaddingMask
 masks) with each residual add fused into its LayerNorm (mmfast.nn.qformer.qformer_forward
 on the instance's own weights).
 
-Hugging Face's forward is kept when attention weights or hidden states are asked for, and
-in training mode with attention-probability dropout, which mmfast does not implement.
+Hugging Face's forward is kept when attention weights or hidden states are asked for. In
+training mode the attention-probability dropout runs in mmfast's kernels (its own masks,
+from torch's default generator, not the ones Hugging Face would draw).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ def _qformer_forward(self, query_embeds, query_length=None, attention_mask=None,
                      encoder_attention_mask=None, **kwargs):
     from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
-    dropout = self.training and self.config.attention_probs_dropout_prob > 0
-    if dropout or any(kwargs.get(name) for name in _NEEDS_HF) or kwargs.get("return_dict") is False:
+    if any(kwargs.get(name) for name in _NEEDS_HF) or kwargs.get("return_dict") is False:
         return type(self).forward(self, query_embeds, query_length, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, **kwargs)
     sequence = qformer_forward(self, self.config.num_attention_heads, query_embeds, query_length,

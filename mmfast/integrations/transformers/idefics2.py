@@ -1,7 +1,7 @@
 """Idefics2 (Idefics2Model, Idefics2ForConditionalGeneration): the perceiver resampler's
 attention runs mmfast's cross_attention (GQA, context padding as a KeyPaddingMask rather
 than a dense [B, 1, L, T + L] mask), the residual add on the output GEMM. In training mode
-with attention dropout, which mmfast does not implement, Hugging Face's forward runs."""
+the attention dropout runs in mmfast's kernels (its own masks, not Hugging Face's)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from mmfast.nn.perceiver import context_mask, perceiver_attention
 
 
 def _resampler_forward(self, context, attention_mask=None, **kwargs):
-    if self.training and any(layer.self_attn.attention_dropout > 0 for layer in self.layers):
-        return type(self).forward(self, context, attention_mask, **kwargs)  # dropout: not in mmfast
     batch = context.shape[0]
     latents = self.latents.unsqueeze(0).expand(batch, -1, -1)
     mask = context_mask(attention_mask, batch, latents.shape[1])

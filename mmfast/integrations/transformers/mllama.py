@@ -7,7 +7,8 @@ per forward (the same tensor reaches every layer; the result is cached on it by 
 and version), into a :class:`KeyStartMask`: key j's start is the first text row that sees
 it. The conversion is checked against the dense mask (one device sync per forward); a
 mask that is not of Mllama's "images up to the position" form keeps Hugging Face's own
-forward, as do calls with a KV cache (generation) or with attention dropout in training.
+forward, as do calls with a KV cache (generation). Attention dropout in training runs in
+mmfast's kernel (its own masks, not Hugging Face's).
 Text rows that see no image attend to every key, as Hugging Face's zeroed mask makes them.
 """
 
@@ -47,8 +48,7 @@ def _layer_forward(self, hidden_states, cross_attention_states=None, cross_atten
     original = type(self).forward
     args = (hidden_states, cross_attention_states, cross_attention_mask, attention_mask,
             full_text_row_masked_out_mask, position_ids, past_key_values, use_cache, position_embeddings)
-    dropout = self.training and self.cross_attn.dropout > 0
-    if past_key_values is not None or cross_attention_states is None or dropout:
+    if past_key_values is not None or cross_attention_states is None:
         return original(self, *args, **kwargs)
     mask = None
     if cross_attention_mask is not None:
