@@ -35,6 +35,13 @@ rotary pass would store it. The backward pass recomputes the rotated tiles, and 
 and dk (gradients wrt the rotated q, k) back with the transpose (sin negated) before the
 store; there the partner columns come from a register gather of the accumulator.
 
+Dropout (DROPOUT=True; attention_dropout.py): each score tile regenerates its keep-mask Z
+(kept entries 1 / (1 - p), others 0) from the seed; the forward accumulates acc with
+p Z (l, hence lse, sums the undropped p), and the backward uses
+    dv = sum_q (p Z) dO,  dp = Z (dO.v),  ds = p (dp - delta)
+where delta = rowsum(dO * O) still equals rowsum(p dp) with the dropped O. DROPOUT=False
+compiles exactly the kernels without dropout.
+
 Head dims that are not powers of two are padded to BLOCK_D = next_pow2(D) with masked
 loads. float32 inputs use IEEE dots (no TF32), so they are as exact as the reference.
 """

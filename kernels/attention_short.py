@@ -31,6 +31,10 @@ dLSE is added after centring (folded into delta it would lose bits against a lar
     p = softmax(scale q.k),  dp = dO.v,  ds = p ((dp - rowsum(p dp)) + dLSE)
     dv += p^T dO,  dk += scale ds^T q,  dq = scale ds k   (dq written once, per chunk)
 
+Dropout (DROPOUT=True) as in attention.py: the tile's mask is regenerated from the seed
+(rows by token, columns by key position within the segment: the general kernel's mask),
+and delta = rowsum(p dp) is taken with the dropped dp. Key slots are at least 4 wide.
+
 Rotary (ROTARY=True) as in attention.py, with its helpers: q and k tiles are rotated as
 they are loaded (a second, permuted-column load), and the backward rotates dq and dk back
 (a register gather) before the store. Token t of the packed layout (q's and k's alike)

@@ -30,6 +30,11 @@ Backward (deterministic, no atomics), with dA = alpha dOut the gradient of o:
     dq = scale sum_k ds k    (programs over (query, head) row blocks of a GQA group, as in
                               the forward, and key splits: float32 partials summed by the
                               launcher when S > 1)
+
+Dropout (DROPOUT=True; attention_dropout.py) as in attention.py: every tile regenerates its
+keep-mask Z from the seed; o (each split's partial too) uses p Z / (1 - p), lse the
+undropped p; the backward takes dv from p Z and dp = Z alpha (dOut . v). Key loops then
+start at a multiple of 4 keys (Philox serves four keys per draw; the mask hides the extra).
 """
 
 import torch

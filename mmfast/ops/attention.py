@@ -25,6 +25,13 @@ tokens). The ``triton`` and ``triton_short`` backends fuse it (tiles rotated on 
 dk rotated back in the backward kernels); the op layer composes apply_rotary and
 attention for every other backend, and for tables that require grad.
 
+Dropout: ``dropout_p`` > 0 multiplies the softmax probabilities by a keep-mask / (1 - p)
+before they weight v; lse stays that of the undropped scores. The triton, triton_short
+and torch backends share one Philox mask (mmfast.ops.attention_dropout: indexed by query
+row, query head and key position, so tiling and layout do not change it), drawn from a
+seed tensor that each call takes from ``generator``; the kernels regenerate it in the
+backward instead of storing it. sdpa and flash_attn drop with their own generator.
+
 Device syncs (which checks read device values back to the host):
 - with ``max_seqlen_q`` and ``max_seqlen_k`` given, the call reads nothing back (CUDA-graph
   capturable) on the triton, triton_short, flash_attn, flash_attn_cute, sdpa and torch
@@ -36,7 +43,9 @@ Device syncs (which checks read device values back to the host):
   max_seqlen bound the segments, on every call (one sync). A max_seqlen smaller than the
   longest segment leaves queries unwritten: it is the caller's promise, as in flash-attn;
 - the xformers backend syncs once per packed call: its BlockDiagonalMask is built from
-  Python lists of segment lengths.
+  Python lists of segment lengths;
+- dropout adds none: its seed is drawn on the device by a torch random op (graph-safe under
+  CUDA-graph capture with torch's default generator; register another one with the graph).
 Dispatch itself reads no device value: it decides on dtype, device, head dim, layout and
 the max_seqlen ints.
 

@@ -58,8 +58,9 @@ def threshold(dropout_p: float) -> int:
 
 
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """int64 [2] on ``device``: (Philox key, counter word), from ``generator``."""
-    return torch.randint(-2**63, 2**63 - 1, (2,), dtype=torch.int64, device=device, generator=generator)
+    """int64 [2] on ``device``: (Philox key, counter word), from ``generator``. Values in
+    [0, 2^62): a range whose width fits int64, which compiled random ops need."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device, generator=generator)
 
 
 def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,11 @@ never dense tensors.
 
 Gradients: q, k, v, gate and residual.
 
+``dropout_p`` > 0 drops attention probabilities (kept ones scaled by 1 / (1 - p)) before
+the epilogue, with the Philox mask of mmfast.ops.attention_dropout, shared by the triton
+and torch backends and regenerated in the backward; the seed is drawn on the device (no
+sync). sdpa drops with its own generator.
+
 Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
 segment back to the host (one sync, which also checks the cu_seqlens values); with both
 given, nothing is read back. Mask values (sorted image positions, images in order and

@@ -299,3 +299,41 @@ def test_bad_generator(device):
     # A generator on another device type than q (checked without needing that device).
     with pytest.raises(ValueError, match="generator: expected a generator on cuda"):
         check_dropout(0.1, torch.Generator(), torch.device("cuda"))
+
+
+# ---- GPU only: bf16, real tile sizes, CUDA graphs ----------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_short"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_attention_gpu_tiles(backend, dtype, device):
+    # Segments past the GPU tiles (64..128 rows), head dim 128, GQA 8/2, causal.
+    lq, lk = ([97, 128, 1, 64], [128, 113, 7, 64]) if backend == "triton_short" else ([300, 1, 517], [411, 9, 517])
+    inputs = _qkv((sum(lq),), (sum(lk),), 8, 2, 128, dtype, device)
+    _check_attention(backend, inputs, 0.1, _cu(lq, device), _cu(lk, device), causal=True)
+
+
+@pytest.mark.gpu
+def test_cross_attention_gpu_key_split(device):
+    # 32 queries over 4k keys: split over keys on a GPU; bf16.
+    inputs = _qkv((2, 32), (2, 4099), 8, 8, 64, torch.bfloat16, device)
+    _check_cross(inputs, 0.1)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_new_masks(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    inputs = _qkv((2, 64), (2, 64), 4, 4, 64, torch.float16, device)
+    static = torch.empty_like(inputs["q"])
+    mmfast.ops.attention(**inputs, dropout_p=0.2)  # warm up (kernels compiled) outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static.copy_(mmfast.ops.attention(**inputs, dropout_p=0.2))
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append(static.clone())
+    assert not torch.equal(replays[0], replays[1])  # the seed is drawn anew in each replay
