@@ -45,9 +45,8 @@ def dropout_keep(SEED, rows, heads, quads, threshold,
     c2 = tl.broadcast_to(heads.to(tl.uint32)[:, None], (BLOCK_M, BLOCK_N // 4))
     c3 = tl.broadcast_to((offset & 0xFFFFFFFF).to(tl.uint32), (BLOCK_M, BLOCK_N // 4))
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
-    # Interleave: column 4q + w takes word w of quad q. join adds a last axis, so the outer
-    # join varies fastest: [.., q, i, o] holds word 2i + o.
-    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_N))
+    # Column 4q + w takes word w of quad q: (r0 r2 r0 r2 ..) and (r1 r3 r1 r3 ..) interleaved.
+    r = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
     return (r >> 1).to(tl.int32, bitcast=True) >= threshold
 
 
