@@ -45,10 +45,12 @@ def _results(out, kind):
 
 def test_vlm_tiny_end_to_end(tmp_path, capsys):
     trace = tmp_path / "trace.json"
-    assert main(["profile", "vlm", "--preset", "tiny", "--new-tokens", "3", "--batch", "2", "--out", str(tmp_path),
+    assert main(["profile", "vlm", "--preset", "tiny", "--new-tokens", "3", "--text-tokens", "5", "--batch", "2",
+                 "--out", str(tmp_path),
                  "--trace", str(trace), *COMMON]) == 0
     data = _results(tmp_path, "vlm")
     assert (data["batch"], data["new_tokens"], data["resolution"]) == (2, 3, 56)
+    assert (data["text_tokens"], data["prompt_tokens"]) == (5, 5 + 1 + 4)  # text, vision start, 2x2 merged patches
     for side in data["sides"]:
         m = side["metrics"]
         assert m["images_per_s"] > 0 and m["prefill_tokens_per_s"] > m["images_per_s"]
@@ -170,7 +172,7 @@ def test_vlm_sides_generate_the_same_tokens(model):
 
     cpu = torch.device("cpu")
     ours, reference, _ = vlm.build(vlm.MODELS[model], "tiny", None, cpu, torch.float32)
-    batch = vlm.inputs(model, ours, 2, 56 if model == "qwen2.5-vl" else None, cpu, torch.float32)
+    batch = vlm.inputs(model, ours, 2, 56 if model == "qwen2.5-vl" else None, 16, cpu, torch.float32)
     ours_side, reference_side = vlm.sides(ours, reference, batch)
     with mmfast.set_backend("torch"):
         got = ours_side.generate(3)

@@ -66,12 +66,12 @@ def choose_model(args, on_gpu: bool) -> None:
         raise ValueError(f"--preset: {args.model} has no preset {args.preset!r} (its presets: {', '.join(presets)})")
 
 
-def inputs(model_name: str, model, batch: int, resolution: int | None, device: torch.device,
+def inputs(model_name: str, model, batch: int, resolution: int | None, text_tokens: int, device: torch.device,
            dtype: torch.dtype) -> Batch:
     """The batch of prompts; a resolution other than the tower's image size is refused
     where the tower takes only that."""
     spec = MODELS[model_name]
-    made = spec.batch(model, batch, resolution, device, dtype)
+    made = spec.batch(model, batch, resolution, text_tokens, device, dtype)
     if spec.fixed_resolution and resolution is not None and resolution != made.pixels:
         raise ValueError(f"--resolution: {model_name}'s vision tower takes {made.pixels} px images only")
     return made

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-TEXT_TOKENS = 16  # text around each image: half before, half after (BLIP-2: all after)
 
 
 @dataclass
@@ -34,7 +33,7 @@ class VisionLanguageModel:
     presets: tuple[str, ...]    # the first is the GPU default
     build_ours: Callable        # (preset or None, checkpoint or None, dtype, device) -> mmfast model
     reference_config: Callable  # mmfast model -> transformers config
-    batch: Callable             # (mmfast model, batch, resolution or None, device, dtype) -> Batch
+    batch: Callable             # (mmfast model, batch, resolution or None, text tokens, device, dtype) -> Batch
     fixed_resolution: bool = True  # the tower takes its config's image size only
 
 
@@ -93,8 +92,9 @@ def _qwen_config(ours):
     return transformers.Qwen2_5_VLConfig(**ours.config.to_dict())
 
 
-def _qwen_batch(ours, batch: int, resolution: int, device, dtype) -> Batch:
-    """Each prompt: text, one square image of about ``resolution`` pixels, text."""
+def _qwen_batch(ours, batch: int, resolution: int, text_tokens: int, device, dtype) -> Batch:
+    """Each prompt: text, one square image of about ``resolution`` pixels, text (``text_tokens``
+    in all, half before the image)."""
     config = ours.config
     vision = ours.model.visual
     patch, merge = vision.patch_size, vision.spatial_merge_size
@@ -103,9 +103,10 @@ def _qwen_batch(ours, batch: int, resolution: int, device, dtype) -> Batch:
     eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else config.eos_token_id or []
     top = min(config.image_token_id, config.video_token_id, config.vision_start_token_id, *eos)
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat([_text(batch, TEXT_TOKENS // 2, top, g), torch.full((batch, 1), config.vision_start_token_id),
-                     torch.full((batch, image_tokens), config.image_token_id), _text(batch, TEXT_TOKENS // 2, top, g)],
-                    dim=1).to(device)
+    before = text_tokens // 2
+    ids = torch.cat([_text(batch, before, top, g), torch.full((batch, 1), config.vision_start_token_id),
+                     torch.full((batch, image_tokens), config.image_token_id),
+                     _text(batch, text_tokens - before, top, g)], dim=1).to(device)
     patch_dim = config.vision.get("in_channels", 3) * config.vision.get("temporal_patch_size", 2) * patch * patch
     pixels = torch.randn(batch * side * side, patch_dim, generator=g).to(device, dtype)
     grid = torch.tensor([[1, side, side]] * batch, device=device)
@@ -124,16 +125,17 @@ def _llava_config(ours):
     return transformers.LlavaConfig(**ours.config.to_dict())
 
 
-def _llava_batch(ours, batch: int, resolution: int, device, dtype) -> Batch:
-    """Each prompt: text, one image (its placeholders), text."""
+def _llava_batch(ours, batch: int, resolution: int, text_tokens: int, device, dtype) -> Batch:
+    """Each prompt: text, one image (its placeholders), text (``text_tokens`` in all)."""
     config = ours.config
     vision = config.vision
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     tokens = patches + (vision["style"] == "clip") - (config.vision_feature_select_strategy == "default")
     g = torch.Generator().manual_seed(0)
     top = min(config.image_token_index, config.text["vocab_size"])
-    ids = torch.cat([_text(batch, TEXT_TOKENS // 2, top, g), torch.full((batch, tokens), config.image_token_index),
-                     _text(batch, TEXT_TOKENS // 2, top, g)], dim=1).to(device)
+    before = text_tokens // 2
+    ids = torch.cat([_text(batch, before, top, g), torch.full((batch, tokens), config.image_token_index),
+                     _text(batch, text_tokens - before, top, g)], dim=1).to(device)
     side = vision["image_size"]
     pixels = torch.randn(batch, vision["num_channels"], side, side, generator=g).to(device, dtype)
     return Batch(ids, {"input_ids": ids, "pixel_values": pixels},
@@ -149,13 +151,14 @@ def _blip2_config(ours):
     return transformers.Blip2Config(**ours.config.to_dict())
 
 
-def _blip2_batch(ours, batch: int, resolution: int, device, dtype) -> Batch:
-    """Each prompt: the image's ``num_query_tokens`` placeholders, then text (the processor's order)."""
+def _blip2_batch(ours, batch: int, resolution: int, text_tokens: int, device, dtype) -> Batch:
+    """Each prompt: the image's ``num_query_tokens`` placeholders, then ``text_tokens`` of text
+    (the processor's order)."""
     config = ours.config
     g = torch.Generator().manual_seed(0)
     top = min(config.image_token_index, config.text_config["vocab_size"])
     ids = torch.cat([torch.full((batch, config.num_query_tokens), config.image_token_index),
-                     _text(batch, TEXT_TOKENS, top, g)], dim=1).to(device)
+                     _text(batch, text_tokens, top, g)], dim=1).to(device)
     side = config.vision_config["image_size"]
     pixels = torch.randn(batch, 3, side, side, generator=g).to(device, dtype)
     return Batch(ids, {"input_ids": ids, "pixel_values": pixels},
