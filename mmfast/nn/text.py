@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.nn.norm import LayerNorm
-from mmfast.nn.vision import Encoder, Packing, VisionAttention, VisionBlock
+from mmfast.nn.vision import Encoder, Packing, VisionAttention, VisionBlock, set_attention_dropout
 
 
 class TextOutput(NamedTuple):
@@ -170,6 +170,7 @@ class TextTransformer(nn.Module):
                     intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
                     layer_norm_eps=config.layer_norm_eps, eos_token_id=config.eos_token_id,
                     projection_size=getattr(config, "projection_size", None), device=device, dtype=dtype)
+        set_attention_dropout(tower, getattr(config, "attention_dropout", 0.0))
         tower.config = config
         return tower
 

@@ -57,14 +57,16 @@ class VisionAttention(nn.Module):
     ``q_proj``/``k_proj``/``v_proj``/``out_proj``: bidirectional, or ``causal`` (CLIP's
     text tower). It is not :class:`mmfast.nn.attention.Attention` because that one names
     its output projection ``proj`` (Qwen's layout) and has no ``out_proj`` spelling for
-    CLIP/SigLIP weights."""
+    CLIP/SigLIP weights. ``dropout``: attention-probability dropout in training mode
+    (Hugging Face's ``attention_dropout``), inside the attention kernels."""
 
-    def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None, causal: bool = False):
+    def __init__(self, embed_dim: int, num_heads: int, device=None, dtype=None, causal: bool = False,
+                 dropout: float = 0.0):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: {num_heads} does not divide embed_dim {embed_dim}")
         factory = {"device": device, "dtype": dtype}
-        self.causal = causal
+        self.causal, self.dropout = causal, float(dropout)
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.q_proj = nn.Linear(embed_dim, embed_dim, **factory)
@@ -76,16 +78,25 @@ class VisionAttention(nn.Module):
         """``x`` [B, T, E]; or, with ``packed``, one stream [T, E] of several images."""
         heads = (*x.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        common = dict(causal=self.causal, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
         if packed is None:
-            out = attention(q, k, v, causal=self.causal, scale=self.scale)
+            out = attention(q, k, v, **common)
         else:
             keys = packed.cu_seqlens if packed.cu_seqlens_k is None else packed.cu_seqlens_k
             out = attention(q, k, v, cu_seqlens_q=packed.cu_seqlens, cu_seqlens_k=keys, max_seqlen_q=packed.max_seqlen,
-                            max_seqlen_k=packed.max_seqlen, causal=self.causal, scale=self.scale)
+                            max_seqlen_k=packed.max_seqlen, **common)
         return self.out_proj(out.reshape(x.shape[:-1] + (-1,)))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, head_dim={self.head_dim}" + (", causal" if self.causal else "")
+        return (f"heads={self.num_heads}, head_dim={self.head_dim}" + (", causal" if self.causal else "")
+                + (f", dropout={self.dropout}" if self.dropout else ""))
+
+
+def set_attention_dropout(model: nn.Module, p: float) -> None:
+    """Give every :class:`VisionAttention` of ``model`` the attention dropout ``p``."""
+    for module in model.modules():
+        if isinstance(module, VisionAttention):
+            module.dropout = float(p)
 
 
 class VisionBlock(nn.Module):
@@ -212,12 +223,14 @@ class VisionTransformer(nn.Module):
         if model_type not in styles:
             raise ValueError(f"config: expected a CLIP or SigLIP vision config "
                              f"(model_type {', '.join(styles)}), got {model_type!r}")
-        return cls(style=styles[model_type], hidden_size=config.hidden_size,
-                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                   intermediate_size=config.intermediate_size, image_size=config.image_size,
-                   patch_size=config.patch_size, num_channels=config.num_channels, hidden_act=config.hidden_act,
-                   layer_norm_eps=config.layer_norm_eps, use_head=getattr(config, "vision_use_head", True),
-                   device=device, dtype=dtype)
+        tower = cls(style=styles[model_type], hidden_size=config.hidden_size,
+                    num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                    intermediate_size=config.intermediate_size, image_size=config.image_size,
+                    patch_size=config.patch_size, num_channels=config.num_channels, hidden_act=config.hidden_act,
+                    layer_norm_eps=config.layer_norm_eps, use_head=getattr(config, "vision_use_head", True),
+                    device=device, dtype=dtype)
+        set_attention_dropout(tower, getattr(config, "attention_dropout", 0.0))
+        return tower
 
     def forward_packed(self, images) -> PackedVisionOutput:
         """Images [C, H_i, W_i] of different sizes (multiples of the patch size) as one

@@ -93,3 +93,28 @@ def test_patched_text_tower_trains_and_falls_back():
         with mmfast.patch(model):
             got = model(ids, output_attentions=True)
     assert torch.equal(got.text_embeds, want.text_embeds) and len(got.attentions) == len(want.attentions)
+
+
+def test_attention_dropout_runs_in_the_mmfast_tower():
+    """Training with attention dropout stays on mmfast (its masks, not Hugging Face's): a
+    seed reproduces the output, the dropout changes it, and eval mode is unaffected."""
+    model = _model("clip")
+    model.config.attention_dropout = model.text_model.config.attention_dropout = 0.5
+    ids, mask = _batch()
+    with torch.no_grad():
+        want_eval = model(ids, attention_mask=mask).text_embeds
+        with mmfast.patch(model):
+            _close(model(ids, attention_mask=mask).text_embeds, want_eval)
+            model.train()
+            runs = []
+            for seed in (3, 3, 4):
+                torch.manual_seed(seed)
+                runs.append(model(ids, attention_mask=mask).text_embeds)
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], want_eval)
+    # The same masks as the mmfast module draws itself: the patched forward ran mmfast's kernels.
+    ours = mmfast.nn.TextTransformerWithProjection.from_config(model.config)
+    ours.load_state_dict(model.state_dict())
+    torch.manual_seed(3)
+    with torch.no_grad():
+        _close(ours.train()(ids, mask).text_embeds, runs[0])

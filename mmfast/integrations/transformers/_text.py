@@ -9,8 +9,10 @@ state_dict is untouched, gradients land on the Hugging Face parameters, and ``.t
 ``load_state_dict`` on the model (which change parameters in place) reach it. It is not
 registered as a submodule. Its inner modules keep their own forwards.
 
-Calls it does not cover go to the original forward: returned attention weights,
-attention dropout while training, and gradient checkpointing while training.
+In training mode the attention probabilities are dropped (``attention_dropout``) inside
+mmfast's kernels, with its own masks, not Hugging Face's. Calls it does not cover go to
+the original forward: returned attention weights, and gradient checkpointing while
+training.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _needs_original(tower, kwargs) -> bool:
     config = tower.config
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         return True
-    return tower.training and (config.attention_dropout > 0 or getattr(tower, "gradient_checkpointing", False))
+    return tower.training and getattr(tower, "gradient_checkpointing", False)
 
 
 def _selected_states(states: tuple, wanted) -> tuple:
@@ -63,6 +65,7 @@ def patch_text_tower(tower, handle, name: str) -> None:
             return original(self, input_ids, attention_mask, position_ids, **kwargs)
         if input_ids is None:
             raise ValueError("You have to specify input_ids")
+        fast.train(self.training)  # attention dropout follows the tower's mode
         wanted = kwargs.get("output_hidden_states", getattr(self.config, "output_hidden_states", False))
         out = fast(input_ids, attention_mask, position_ids, output_hidden_states=wanted is not False and
                    wanted is not None)
