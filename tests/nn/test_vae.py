@@ -136,6 +136,16 @@ def test_sd_width_attention_routes_to_sdpa(monkeypatch):
     assert chosen == ["sdpa"]
 
 
+def test_mid_block_compiles_without_graph_breaks():
+    """The swapped ResNet blocks and attention trace whole under torch.compile (custom ops
+    with fake impls; aot_eager on a CPU)."""
+    ours, theirs = _pair("sd")
+    mid = torch.compile(ours.decoder.mid_block, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 32, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(mid(x), theirs.decoder.mid_block(x), **TOL)
+
+
 def test_save_pretrained_loads_in_diffusers(tmp_path):
     ours, theirs = _pair("sd3")
     ours.save_pretrained(tmp_path, safe_serialization=True)
