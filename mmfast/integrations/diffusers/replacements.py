@@ -4,9 +4,9 @@ patches it through the handle (reversibly) or leaves it as it is."""
 
 from __future__ import annotations
 
-from mmfast.integrations.diffusers.attention_processors import patch_attention
 from torch import nn
 
+from mmfast.integrations.diffusers.attention_processors import patch_attention
 from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, spatial_attention, transformer_2d
 from mmfast.ops.group_norm import group_norm
 
