@@ -157,7 +157,11 @@ def test_save_pretrained_loads_in_diffusers(tmp_path):
         assert torch.equal(back.decode(z).sample, theirs.decode(z).sample)
 
 
-def test_attention_takes_no_mask_or_context():
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="activation"):
+        GroupNorm(4, 16, activation="gelu")
+    with pytest.raises(ValueError, match="heads"):
+        SpatialSelfAttention(48, heads=5)
     theirs = _tiny_vae("sd")
     attn = SpatialSelfAttention.like(theirs.decoder.mid_block.attentions[0])
     x = torch.randn(1, 32, 2, 2)
