@@ -23,6 +23,7 @@ _MODULES = {
     "contrastive": "mmfast.bench.suites.contrastive",
     "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
     "linear_cross_entropy": "mmfast.bench.suites.linear_cross_entropy",
+    "vae": "mmfast.bench.suites.vae",
 }
 
 

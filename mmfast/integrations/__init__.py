@@ -33,6 +33,7 @@ FAMILY_MODULES["diffusers-unet2d-condition"] = "mmfast.integrations.diffusers.un
 FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3_transformer"
 FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
+FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
 
 
 def families() -> list[Family]:

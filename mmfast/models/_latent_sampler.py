@@ -24,6 +24,9 @@ OUTPUT_TYPES = ("latent", "pt")
 class LatentSampler(nn.Module):
     """Base class of the latent-diffusion models; see the module docstring.
 
+    ``vae`` is a diffusers ``AutoencoderKL``; its ResNet blocks, mid-block attention and
+    output norm become mmfast's, in place (:func:`mmfast.nn.use_mmfast_vae_blocks`).
+
     ``cond`` below is the tuple of conditioning tensors the denoiser takes, batched as
     [uncond; cond] when guided (SD1.5: text embeddings; SD3: text and pooled embeddings).
     """
@@ -38,6 +41,9 @@ class LatentSampler(nn.Module):
         if not any(c.__name__ in schedulers for c in type(scheduler).__mro__):
             raise ValueError(f"scheduler: {type(scheduler).__name__} has no mmfast fused step for "
                              f"{self.model_name} (supported: {', '.join(schedulers)})")
+        from mmfast.nn import use_mmfast_vae_blocks
+
+        use_mmfast_vae_blocks(vae)  # in place, weights and names kept: it still saves as diffusers'
         self.vae = vae
         self.scheduler = scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -6,7 +6,7 @@
 - denoiser: diffusers ``UNet2DConditionModel`` built by :func:`mmfast.nn.unet2d_condition_model`
   (its ResNet and transformer blocks are mmfast modules; parameter names are diffusers',
   so the checkpoint loads key for key);
-- VAE: diffusers ``AutoencoderKL`` (decode for the image, encode for image-to-image);
+- VAE: diffusers ``AutoencoderKL`` with mmfast blocks (decode for the image, encode for image-to-image);
 - sampler: the diffusers scheduler gives the schedule (``set_timesteps``, ``add_noise``)
   and an mmfast fused stepper (:mod:`mmfast.schedulers`) takes every step, classifier-free
   guidance included, in one pass.

@@ -8,7 +8,7 @@
 - denoiser: diffusers ``SD3Transformer2DModel`` built by :func:`mmfast.nn.sd3_transformer_model`
   (its MM-DiT blocks and final adaLN are mmfast modules; parameter names are diffusers',
   so the checkpoint loads key for key);
-- VAE: diffusers ``AutoencoderKL`` with SD3's scaling and shift factors;
+- VAE: diffusers ``AutoencoderKL`` with mmfast blocks, SD3's scaling and shift factors;
 - sampler: the ``FlowMatchEulerDiscreteScheduler`` gives the schedule (timestep shift,
   resolution-dependent ``mu`` when it shifts dynamically, ``scale_noise`` for
   image-to-image) and mmfast's fused flow-match stepper takes every step, classifier-free

@@ -33,3 +33,5 @@ from mmfast.nn.sd3_transformer import sd3_transformer_model
 __all__ += ["sd3_transformer_model"]
 from mmfast.nn.text import TextTransformer, TextTransformerWithProjection
 __all__ += ["TextTransformer", "TextTransformerWithProjection"]
+from mmfast.nn.autoencoder_kl import autoencoder_kl, use_mmfast_vae_blocks
+__all__ += ["autoencoder_kl", "use_mmfast_vae_blocks"]

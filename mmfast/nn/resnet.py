@@ -21,10 +21,12 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor, silu: bool) -> Tensor:
 
 def fusable(block) -> bool:
     """Whether a diffusers ResnetBlock2D has the shape resnet_block_forward handles: SiLU,
-    affine GroupNorms, no FIR/up/down sampling kernels, default or scale_shift temb."""
+    affine GroupNorms, no FIR/up/down sampling kernels, default or scale_shift temb, or
+    none at all (a VAE decoder's blocks say "group": no time embedding, temb ignored)."""
     return (isinstance(block.nonlinearity, nn.SiLU)
             and all(isinstance(n, nn.GroupNorm) and n.affine for n in (block.norm1, block.norm2))
-            and block.time_embedding_norm in ("default", "scale_shift"))
+            and (block.time_embedding_norm in ("default", "scale_shift")
+                 or (block.time_embedding_norm == "group" and block.time_emb_proj is None)))
 
 
 def resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None, *args, **kwargs) -> Tensor:
@@ -46,7 +48,7 @@ def resnet_block_forward(self, input_tensor: Tensor, temb: Tensor | None, *args,
         time_scale, time_shift = torch.chunk(temb, 2, dim=1)
         hidden = F.silu(_norm_silu(self.norm2, hidden, silu=False) * (1 + time_scale) + time_shift)
     else:
-        if temb is not None:
+        if temb is not None and self.time_embedding_norm == "default":
             hidden = hidden + temb
         hidden = _norm_silu(self.norm2, hidden, silu=True)
 
@@ -91,3 +93,20 @@ class ResnetBlock2D(nn.Module):
                               if use_shortcut else None)
 
     forward = resnet_block_forward
+
+    @classmethod
+    def like(cls, block) -> "ResnetBlock2D":
+        """A block with the configuration of diffusers ResnetBlock2D ``block`` (one that
+        :func:`fusable` accepts and that has no up/down-sampling); weights not copied."""
+        shortcut = block.conv_shortcut
+        return cls(
+            in_channels=block.in_channels, out_channels=block.out_channels, dropout=block.dropout.p,
+            temb_channels=block.time_emb_proj.in_features if block.time_emb_proj is not None else None,
+            groups=block.norm1.num_groups, groups_out=block.norm2.num_groups, eps=block.norm1.eps,
+            # "group" (VAE decoder) has no time embedding: "default" with temb None is the same math
+            time_embedding_norm="default" if block.time_embedding_norm == "group" else block.time_embedding_norm,
+            output_scale_factor=block.output_scale_factor,
+            use_in_shortcut=shortcut is not None,
+            conv_shortcut_bias=shortcut is None or shortcut.bias is not None,
+            skip_time_act=block.skip_time_act, conv_2d_out_channels=block.conv2.out_channels,
+        )

@@ -23,19 +23,6 @@ from mmfast.nn import resnet, transformer_2d
 from mmfast.nn._swap import swap_modules
 
 
-def _resnet_from(block) -> nn.Module:
-    shortcut = block.conv_shortcut
-    return resnet.ResnetBlock2D(
-        in_channels=block.in_channels, out_channels=block.out_channels, dropout=block.dropout.p,
-        temb_channels=block.time_emb_proj.in_features if block.time_emb_proj is not None else None,
-        groups=block.norm1.num_groups, groups_out=block.norm2.num_groups, eps=block.norm1.eps,
-        time_embedding_norm=block.time_embedding_norm, output_scale_factor=block.output_scale_factor,
-        use_in_shortcut=shortcut is not None,
-        conv_shortcut_bias=shortcut is None or shortcut.bias is not None,
-        skip_time_act=block.skip_time_act, conv_2d_out_channels=block.conv2.out_channels,
-    )
-
-
 def _activation_name(act: nn.Module) -> str | None:
     name = type(act).__name__
     if name == "GEGLU":
@@ -64,7 +51,7 @@ def _transformer_block_from(block) -> nn.Module | None:
 def _replacement(module: nn.Module) -> nn.Module | None:
     name = type(module).__name__
     if name == "ResnetBlock2D" and resnet.fusable(module) and module.upsample is None and module.downsample is None:
-        return _resnet_from(module)
+        return resnet.ResnetBlock2D.like(module)
     if name == "BasicTransformerBlock" and transformer_2d.fusable(module):
         return _transformer_block_from(module)
     return None

@@ -11,7 +11,9 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-MAX_HEAD_DIM = 256
+# The widest head any mmfast model has (a VAE mid-block: one head of 512 channels). Each
+# backend declares the head dims it takes (Triton: up to 256); dispatch routes the rest.
+MAX_HEAD_DIM = 512
 
 
 def debug_checks() -> bool:

@@ -1,8 +1,8 @@
 """The latent-diffusion workload: mmfast's ``LatentDiffusionModel`` (SD1.5 family) or
 ``StableDiffusion3Model`` and diffusers' ``StableDiffusionPipeline`` or
 ``StableDiffusion3Pipeline`` over the same components and weights (the pipeline runs the
-original diffusers UNet / SD3 transformer; mmfast's is rebuilt with mmfast blocks and
-loaded from its state dict). Text encoders and VAE are the same modules on both sides.
+original diffusers UNet / SD3 transformer and VAE; mmfast's are rebuilt with mmfast blocks
+and loaded from their state dicts). Text encoders are the same modules on both sides.
 
 Both sides take the same prompt embeddings (text encoding is the identical transformers
 text models on both sides, so it is left out); denoising (it/s) is timed with latent
@@ -91,7 +91,9 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
                                        requires_safety_checker=False)
         unet = unet2d_condition_model(parts["unet"].config)
         unet.load_state_dict(parts["unet"].state_dict())
-        ours = LatentDiffusionModel(parts["text_encoder"], unet, parts["vae"], copy.deepcopy(parts["scheduler"]))
+        # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
+        ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
+                                    copy.deepcopy(parts["scheduler"]))
         description = f"preset {preset} (random weights)"
     pipe.set_progress_bar_config(disable=True)
     return ours.to(device, dtype).eval(), pipe.to(device, dtype), description
@@ -111,23 +113,25 @@ def _sd3_preset(preset: str):
     pipe = StableDiffusion3Pipeline(**parts, tokenizer=None, tokenizer_2=None, tokenizer_3=None)
     transformer = sd3_transformer_model(parts["transformer"].config)
     transformer.load_state_dict(parts["transformer"].state_dict())
-    ours = StableDiffusion3Model(transformer, parts["vae"], copy.deepcopy(parts["scheduler"]), parts["text_encoder"],
-                                 parts["text_encoder_2"])
+    ours = StableDiffusion3Model(transformer, copy.deepcopy(parts["vae"]), copy.deepcopy(parts["scheduler"]),
+                                 parts["text_encoder"], parts["text_encoder_2"])
     return ours, pipe
 
 
 def _sd3_pipeline(checkpoint: str, ours, dtype: torch.dtype):
     """diffusers' pipeline around its own transformer from the checkpoint and mmfast's
-    (identical, shared) text encoders, tokenizers and VAE."""
+    (identical, shared) text encoders and tokenizers, and its own VAE from the checkpoint."""
     import copy
 
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = SD3Transformer2DModel.from_pretrained(checkpoint, subfolder="transformer", torch_dtype=dtype,
                                                         local_files_only=True)
-    shared = {name: getattr(ours, name) for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+    vae = AutoencoderKL.from_pretrained(checkpoint, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    shared = {name: getattr(ours, name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3",
                                                       "tokenizer", "tokenizer_2", "tokenizer_3")}
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=copy.deepcopy(ours.scheduler), **shared)
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=copy.deepcopy(ours.scheduler),
+                                    **shared)
 
 
 def default_resolution(ours) -> int:

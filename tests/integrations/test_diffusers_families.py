@@ -54,11 +54,44 @@ def test_dit_transformer(device):
     _check_patch_and_undo(model, {k: v.to(device) for k, v in dit_inputs().items()}, "diffusers-dit-transformer")
 
 
-def test_pipeline_patches_its_denoiser_and_scheduler_and_undoes():
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+def _tiny_vae():
+    from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
-    pipe = DiTPipeline(transformer=tiny_dit(), vae=vae, scheduler=DDIMScheduler())
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2).eval()
+
+
+def test_autoencoder_kl():
+    """encode (posterior mean) then decode, patched vs unpatched; torch backends (the kernels
+    are checked in tests/ops, and through the VAE in tests/nn/test_vae.py)."""
+    model = _tiny_vae()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    silu = model.decoder.conv_act
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad(), mmfast.set_backend("torch"):
+        before = model(x).sample
+        handle = mmfast.patch(model)
+        assert handle.family == "diffusers-autoencoder-kl"
+        names = dict(handle.replaced)
+        assert "decoder.mid_block.attentions.0" in names and "encoder.down_blocks.0.resnets.0" in names
+        assert "decoder.up_blocks.1.resnets.1" in names  # the decoder's "group" blocks: no time embedding
+        assert "decoder.conv_norm_out" in names and isinstance(model.decoder.conv_act, torch.nn.Identity)
+        patched = model(x).sample
+        handle.undo()
+        after = model(x).sample
+    torch.testing.assert_close(patched, before, rtol=1e-4, atol=1e-5)
+    assert torch.equal(after, before)
+    assert model.decoder.conv_act is silu
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_pipeline_patches_its_denoiser_vae_and_scheduler_and_undoes():
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=_tiny_vae(), scheduler=DDIMScheduler())
     step = pipe.scheduler.step
     vae_processors = _processors(pipe.vae)
     handle = mmfast.patch(pipe)
@@ -66,13 +99,15 @@ def test_pipeline_patches_its_denoiser_and_scheduler_and_undoes():
     names = [name for name, _ in handle.replaced]
     assert "transformer_blocks.0.attn1" in names
     assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor"}
-    assert _processors(pipe.vae) == vae_processors  # only denoisers are patched
+    assert "decoder.mid_block.attentions.0" in names and "forward" in vars(pipe.vae.decoder.mid_block.attentions[0])
     assert "step" in vars(pipe.scheduler) and pipe.scheduler.step != step  # the fused step
     with pytest.raises(ValueError, match="already patched"):
         mmfast.patch(pipe)
     handle.undo()
     assert {type(p).__name__ for p in _processors(pipe.transformer).values()} == {"AttnProcessor2_0"}
     assert "step" not in vars(pipe.scheduler) and pipe.scheduler.step == step
+    assert _processors(pipe.vae) == vae_processors
+    assert not any("forward" in vars(m) for m in pipe.vae.modules())
 
 
 def test_unsupported_processors_are_left_alone():

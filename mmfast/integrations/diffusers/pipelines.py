@@ -1,7 +1,8 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
-SD3Transformer2DModel or DiTTransformer2DModel) is patched by its own family, and the
-scheduler by ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused
-scheduler update, for the scheduler classes it covers; others are left as they are).
+SD3Transformer2DModel or DiTTransformer2DModel) and the VAE (AutoencoderKL) are patched
+by their own families, and the scheduler by
+``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
+for the scheduler classes it covers; others are left as they are).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.sd3_transformer",
     "mmfast.integrations.diffusers.dit_transformer",
 )
+# Components patched when present; a pipeline still needs a denoiser.
+OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl",)
 
 
 def _patch_scheduler(pipe, handle: PatchHandle) -> None:
@@ -27,13 +30,14 @@ def _patch_scheduler(pipe, handle: PatchHandle) -> None:
 
 
 def _prepare(pipe, handle: PatchHandle):
-    families = [importlib.import_module(path).FAMILY for path in DENOISER_FAMILIES]
+    denoisers = [importlib.import_module(path).FAMILY for path in DENOISER_FAMILIES]
+    others = [importlib.import_module(path).FAMILY for path in OTHER_FAMILIES]
     found = False
     for name, component in pipe.components.items():
-        family = next((f for f in families if f.recognises(component)), None)
+        family = next((f for f in denoisers + others if f.recognises(component)), None)
         if family is not None:
             family.apply(component, handle)
-            found = True
+            found = found or family in denoisers
     if not found:
         raise TypeError(f"mmfast.patch: {type(pipe).__name__} holds no denoiser mmfast supports "
                         "(UNet2DConditionModel, SD3Transformer2DModel, DiTTransformer2DModel)")

@@ -4,8 +4,10 @@ patches it through the handle (reversibly) or leaves it as it is."""
 
 from __future__ import annotations
 
+from torch import nn
+
 from mmfast.integrations.diffusers.attention_processors import patch_attention
-from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, transformer_2d
+from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, spatial_attention, transformer_2d
 from mmfast.ops.group_norm import group_norm
 
 
@@ -17,6 +19,30 @@ def patch_group_norm(module, handle, name: str) -> None:
     """A free-standing GroupNorm (Transformer2DModel's input norm, conv_norm_out): one
     pass in either memory format. Those inside patched ResNet blocks are bypassed anyway."""
     handle.set_forward(module, _group_norm_forward, "GroupNorm", name)
+
+
+def _group_norm_silu_forward(self, x):
+    return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, "silu")
+
+
+def patch_norm_out_silu(module, handle, name: str) -> None:
+    """A VAE Encoder / Decoder: its ``conv_norm_out`` GroupNorm and the ``conv_act`` SiLU
+    after it in one pass (the SiLU becomes an Identity while patched)."""
+    norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+    if type(norm) is nn.GroupNorm and norm.affine and isinstance(act, nn.SiLU):
+        handle.set_forward(norm, _group_norm_silu_forward, "GroupNorm+SiLU fused (conv_act now Identity)",
+                           f"{name}.conv_norm_out")
+        handle.set_attr(module, "conv_act", nn.Identity())
+
+
+def patch_spatial_attention(module, handle, name: str) -> None:
+    """A VAE's mid-block attention: GroupNorm on the 4-D map and mmfast attention, no
+    layout round trip; other Attention modules get the mmfast processor."""
+    if spatial_attention.fusable(module) and type(getattr(module, "processor", None)).__name__ == "AttnProcessor2_0":
+        handle.set_forward(module, spatial_attention.spatial_attention_forward,
+                           "spatial self-attention (GroupNorm on the map, mmfast attention)", name)
+    else:
+        patch_attention(module, handle, name)
 
 
 def patch_resnet(module, handle, name: str) -> None:
@@ -60,4 +86,4 @@ def patch_gelu(module, handle, name: str) -> None:
 
 __all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
            "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_group_norm",
-           "patch_joint_block", "patch_resnet"]
+           "patch_joint_block", "patch_norm_out_silu", "patch_resnet", "patch_spatial_attention"]
