@@ -158,3 +158,24 @@ def test_patched_pipeline_generates_the_same_image():
     with mmfast.patch(pipe):
         got = generate()
     assert abs(got - expected).max() < 1e-4
+
+
+def test_pipeline_patches_its_clip_text_encoder():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=9)).eval()
+    pipe = StableDiffusionPipeline(unet=tiny_unet(), vae=_tiny_vae(), text_encoder=text, tokenizer=None,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    ids = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        handle = mmfast.patch(pipe)
+        assert any("forward" in vars(m) for m in pipe.text_encoder.modules())  # the mmfast text tower
+        torch.testing.assert_close(pipe.text_encoder(ids)[0], before, rtol=1e-5, atol=1e-5)
+        handle.undo()
+        assert not any("forward" in vars(m) for m in pipe.text_encoder.modules())
+        assert torch.equal(pipe.text_encoder(ids)[0], before)

@@ -1,6 +1,7 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
-SD3Transformer2DModel or DiTTransformer2DModel) and the VAE (AutoencoderKL) are patched
-by their own families, and the scheduler by
+SD3Transformer2DModel or DiTTransformer2DModel), the VAE (AutoencoderKL) and the CLIP text
+encoders (CLIPTextModel, CLIPTextModelWithProjection) are patched by their own families,
+and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
 for the scheduler classes it covers; others are left as they are).
 """
@@ -17,7 +18,7 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.dit_transformer",
 )
 # Components patched when present; a pipeline still needs a denoiser.
-OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl",)
+OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.transformers.clip")
 
 
 def _patch_scheduler(pipe, handle: PatchHandle) -> None:
