@@ -156,8 +156,8 @@ def test_packed_sequences_in_one_row_equal_sdpa(mmfast_calls):
     cu = torch.tensor([0, 5, 9], dtype=torch.int32)
     with use_mmfast_attention(model), mmfast.set_backend("torch"):
         by_positions = _logits(model, ids, None, position_ids=position_ids, use_cache=False)
-        by_cu = _logits(model, ids, None, position_ids=position_ids, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                        max_length_q=5, max_length_k=5)
+        by_cu = _logits(model, ids, None, position_ids=position_ids, use_cache=False,  # cu_seq_lens win
+                        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
     torch.testing.assert_close(by_positions, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(by_cu, want, rtol=1e-5, atol=1e-5)
     assert mmfast_calls == [("packed", 9, 9)] * 4
@@ -243,3 +243,33 @@ def test_unsupported_and_bad_arguments_raise_clearly():
     out, weights = call(mask=dense)
     assert weights is None
     torch.testing.assert_close(out, sdpa_attention_forward(_Module(), q, kv, kv, dense)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [True, False])
+def test_bf16_on_the_gpu_is_as_close_to_float64_as_sdpa(padded, device):
+    """At a Qwen2-7B-like head layout (28 query heads, 4 K/V heads, head dim 128) on the
+    default backend: the flash-attention rule, against transformers' sdpa in float64."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Module()
+    module.num_key_value_groups = 7
+    q = torch.randn(2, 28, 300, 128, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 300, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 300, dtype=torch.bool, device=device)
+    if padded:
+        mask[0, :77] = False  # left padding
+
+    def sdpa(dtype):
+        dense = None
+        if padded:
+            dense = torch.ones(300, 300, dtype=torch.bool, device=device).tril() & mask[:, None, None, :]
+        return sdpa_attention_forward(module, q.to(dtype), k.to(dtype), v.to(dtype), dense, scaling=128 ** -0.5)[0]
+
+    got, _ = mmfast_attention_forward(module, q, k, v, mask if padded else None, scaling=128 ** -0.5)
+    valid = mask[:, :, None, None].expand_as(got)
+    want, eager = sdpa(torch.float64), sdpa(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 300, 28, 128) and got.is_contiguous()
+    ours = (got.double() - want)[valid].abs().max()
+    theirs = (eager.double() - want)[valid].abs().max()
+    assert ours <= 2 * theirs + 1e-3

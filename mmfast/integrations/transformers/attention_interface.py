@@ -8,7 +8,9 @@ interface (Llama, Qwen2, Mistral, the Qwen2-VL / Qwen2.5-VL text models, ...) ru
 self-attention on :func:`mmfast.ops.attention`::
 
     register()
-    model.config._attn_implementation = "mmfast"   # or use_mmfast_attention(model)
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="mmfast")
+    model.set_attn_implementation("mmfast")        # or, per instance and reversible:
+    handle = use_mmfast_attention(model)           # (mmfast.integrations.transformers)
 
 Masks are built flash-attention style, so no dense [B, 1, Tq, Tk] mask is ever made:
 ``None`` when nothing is padded (causality and sliding windows are the module's), else
@@ -21,7 +23,8 @@ the 2D [B, Tk] padding mask. The attention function then takes one of three path
   (cu_seqlens from the mask), run, and scattered back; padded query rows get 0, as with
   flash-attn. Gathering costs one device->host sync (``nonzero``), shared by all layers
   of a forward (the result is kept for the last mask seen); max_seqlen is bounded by the
-  padded lengths, so it costs none. Decode (Tq = 1) needs no sync for the queries.
+  padded lengths, so it costs none. Decode (Tq = 1) needs no sync for the queries;
+  chunked prefill into a cache (1 < Tq < Tk) syncs once more per layer for them.
 - packed sequences in one row (B = 1): ``cu_seq_lens_q/k`` and ``max_length_q/k``
   kwargs (DataCollatorWithFlattening) are used as given, with no sync; otherwise packing
   is detected from ``position_ids`` (a new segment where positions do not step by 1, as
