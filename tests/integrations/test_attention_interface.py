@@ -90,19 +90,25 @@ def test_triton_backend_under_the_interpreter(mmfast_calls):
     assert mmfast_calls == [("packed", 11, 11)]
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_greedy_generate_with_the_kv_cache_equals_sdpa(padded, mmfast_calls):
+@pytest.mark.parametrize("arch,extra,padded", [
+    ("qwen2", {}, True), ("qwen2", {}, False),
+    ("mistral", {"sliding_window": 3}, True),  # with a sliding-window cache
+])
+def test_greedy_generate_with_the_kv_cache_equals_sdpa(arch, extra, padded, mmfast_calls):
     """Prefill, then decode steps with Tq = 1 < Tk: unpadded through the padded layout
     (bottom-right causal), padded through varlen segments."""
-    model = _build("qwen2")
+    model = _build(arch, **extra)
     ids, mask = _batch("left") if padded else (torch.randint(1, 128, (1, 6)), None)
     options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     want = model.generate(input_ids=ids, attention_mask=mask, **options)
     with use_mmfast_attention(model), mmfast.set_backend("torch"):
         got = model.generate(input_ids=ids, attention_mask=mask, **options)
     assert torch.equal(got, want)
-    decode = ("packed", 2, 15 + 2) if padded else ("padded", 1, 6 + 1)  # the first decode step
-    assert decode in mmfast_calls and {layout for layout, *_ in mmfast_calls} == {decode[0]}
+    layouts = {layout for layout, *_ in mmfast_calls}
+    # Padded: varlen; but a sliding layer's window may hold no padding any more, and then
+    # transformers hands over no mask.
+    assert "packed" in layouts if padded else layouts == {"padded"}
+    assert any(tokens_q < tokens_k for _, tokens_q, tokens_k in mmfast_calls)  # decode steps ran on mmfast
 
 
 def test_gradients_equal_sdpa(mmfast_calls):
