@@ -3,6 +3,9 @@ logits, greedy generation and gradients equal transformers' own sdpa implementat
 padded (left and right), packed and sliding-window batches; the switch is per instance
 and undo restores the previous implementation exactly."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -219,6 +222,30 @@ def test_undo_restores_exactly_and_register_is_idempotent():
     assert "_attn_implementation_internal" in model.config.__dict__
     with pytest.raises(TypeError, match="no transformers decoder self-attention"):
         use_mmfast_attention(torch.nn.Linear(2, 2))
+
+
+def test_other_mask_patterns_run_dense_on_sdpa(monkeypatch):
+    """A mask pattern the flash-style masks cannot say (here config.is_causal=False: a
+    decoder made bidirectional) is built dense, and that call runs on transformers' sdpa."""
+    fallbacks = []
+    fallback = attention_interface._sdpa_fallback
+    monkeypatch.setattr(attention_interface, "_sdpa_fallback",
+                        lambda *a, **kw: fallbacks.append(1) or fallback(*a, **kw))
+    model = _build("qwen2")
+    model.config.is_causal = False
+    ids, mask = _batch("right")
+    want = _logits(model, ids, mask)
+    with use_mmfast_attention(model):
+        got = _logits(model, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    assert len(fallbacks) == 2
+
+
+def test_importing_the_integration_imports_no_transformers():
+    code = ("import sys, mmfast, mmfast.integrations.transformers.attention_interface; "
+            "assert 'transformers' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 class _Module(torch.nn.Module):
