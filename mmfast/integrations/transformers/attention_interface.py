@@ -135,17 +135,18 @@ class _LastResult:
     that the sync it costs is paid once per forward, not once per layer."""
 
     def __init__(self):
-        self._ref, self._version, self._result = None, None, None
+        self._entry = None  # (weakref to the tensor, its version, the result): swapped whole
 
     def get(self, tensor: Tensor, compute):
         try:
             version = tensor._version
         except RuntimeError:  # inference-mode tensors have no version counter
             return compute(tensor)
-        if self._ref is not None and self._ref() is tensor and self._version == version:
-            return self._result
+        entry = self._entry
+        if entry is not None and entry[0]() is tensor and entry[1] == version:
+            return entry[2]
         result = compute(tensor)
-        self._ref, self._version, self._result = weakref.ref(tensor), version, result
+        self._entry = (weakref.ref(tensor), version, result)
         return result
 
 
