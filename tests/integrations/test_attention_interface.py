@@ -132,6 +132,33 @@ def test_gradients_equal_sdpa(mmfast_calls):
     assert mmfast_calls == [("packed", 15, 15)] * 2
 
 
+def test_attention_dropout_in_training_is_mmfasts_philox_mask(mmfast_calls):
+    """transformers passes attention_dropout in training: the triton kernels (interpreted)
+    and the torch reference drop with the same Philox mask, so one seed gives the same
+    logits and gradients on both; and the dropout is really applied."""
+    model = _build("qwen2", num_hidden_layers=1, attention_dropout=0.25).train()
+    ids, mask = _batch("left", lengths=(7, 4))
+    weights = torch.randn(*ids.shape, 128) * mask[..., None]
+
+    def run(backend):
+        model.zero_grad()
+        torch.manual_seed(7)
+        with mmfast.set_backend(backend):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    with use_mmfast_attention(model):
+        (logits, grads), (want_logits, want_grads) = run("triton"), run("torch")
+        model.eval()
+        undropped = _logits(model, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(logits[valid], want_logits[valid], rtol=2e-5, atol=2e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert not torch.allclose(logits[valid], undropped[valid], atol=1e-3)
+
+
 @pytest.mark.parametrize("arch,extra", [
     ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),  # layer 1 slides
     ("mistral", {"sliding_window": 3}),
@@ -257,7 +284,7 @@ def test_unsupported_and_bad_arguments_raise_clearly():
     q, kv = torch.randn(1, 2, 5, 32), torch.randn(1, 1, 5, 32)
     call = lambda **kw: mmfast_attention_forward(_Module(), kw.pop("query", q), kv, kv, kw.pop("mask", None), **kw)
     for kwargs, what in [({"softcap": 30.0}, "softcap"), ({"s_aux": torch.zeros(2)}, "s_aux"),
-                         ({"dropout": 0.1}, "dropout"), ({"sliding_window": 3, "is_causal": False}, "non-causal")]:
+                         ({"sliding_window": 3, "is_causal": False}, "non-causal")]:
         with pytest.raises(NotImplementedError, match=what):
             call(**kwargs)
     with pytest.raises(ValueError, match="query"):
@@ -266,6 +293,8 @@ def test_unsupported_and_bad_arguments_raise_clearly():
         call(sliding_window=0)
     with pytest.raises(TypeError, match="scaling"):
         call(scaling="0.1")
+    with pytest.raises(ValueError, match="dropout_p"):
+        call(dropout=1.5)
     with pytest.raises(ValueError, match="attention_mask"):
         call(mask=torch.ones(1, 1, 5, dtype=torch.bool))
     # A dense 4D mask (a pattern mmfast's masks do not express) runs on transformers' sdpa.

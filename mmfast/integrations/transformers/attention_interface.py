@@ -31,10 +31,12 @@ the 2D [B, Tk] padding mask. The attention function then takes one of three path
   transformers' mask code does), one sync per forward.
 
 Sliding windows (the ``sliding_window`` kwarg: the query and the sliding_window - 1 keys
-before it) map to mmfast's window; GQA/MQA is native. What mmfast cannot compute exactly
-raises NotImplementedError: logit softcapping, attention sinks (``s_aux``/``sinks``),
-attention dropout in training, additive position biases, paged caches, a sliding window
-on non-causal attention, different K and V head dims. Mask patterns that are not plain
+before it) map to mmfast's window; GQA/MQA is native. Attention dropout (``dropout`` > 0:
+transformers passes it in training only) is mmfast's own (its Philox mask, drawn from
+torch's default generator; not the mask sdpa would draw). What mmfast cannot compute
+exactly raises NotImplementedError: logit softcapping, attention sinks
+(``s_aux``/``sinks``), additive position biases, paged caches, a sliding window on
+non-causal attention, different K and V head dims. Mask patterns that are not plain
 causal / sliding / packed (bidirectional image-token overlays, chunked attention, custom
 4D masks) are built dense by transformers' sdpa code and run by its sdpa attention,
 logged once: correct, not accelerated.
@@ -219,8 +221,6 @@ def mmfast_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
             raise _unsupported(name)
     if kwargs.get("cache") is not None:
         raise _unsupported("a paged cache (continuous batching)")
-    if dropout:
-        raise _unsupported(f"attention dropout (dropout={dropout}; it is applied only in training)")
     if kwargs.get("output_attentions"):
         _log_once("mmfast attention does not return attention weights (output_attentions=True gives None)")
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -228,7 +228,7 @@ def mmfast_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
                               is_causal=is_causal, **kwargs)
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    options = {"causal": causal, "window": _window(sliding_window, causal), "scale": scaling}
+    options = {"causal": causal, "window": _window(sliding_window, causal), "scale": scaling, "dropout_p": dropout}
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, T, heads, D] views
     if attention_mask is not None:
         out = _attend_padded_batch(q, k, v, attention_mask, options)
