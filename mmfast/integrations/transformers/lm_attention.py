@@ -4,8 +4,10 @@ implementation (see attention_interface.py), per instance and reversibly.
 transformers picks each attention module's function from ``module.config._attn_implementation``;
 the decoder's mask code reads the same config object. So the switch sets that attribute on
 the config objects the decoder's self-attention modules hold, through the PatchHandle
-(undo restores the previous value exactly). Configs are per model instance (a VLM's text
-model holds its own copy), so other models, and the vision towers, are untouched.
+(undo restores the previous value exactly), as transformers' own set_attn_implementation
+does. The vision towers hold other config objects and are untouched; but models built
+from one config object share it, and so share the switch (transformers does not copy
+the config a model is built from).
 """
 
 from __future__ import annotations
