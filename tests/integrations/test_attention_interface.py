@@ -93,16 +93,17 @@ def test_triton_backend_under_the_interpreter(mmfast_calls):
     assert mmfast_calls == [("packed", 11, 11)]
 
 
-@pytest.mark.parametrize("arch,extra,padded", [
-    ("qwen2", {}, True), ("qwen2", {}, False),
-    ("mistral", {"sliding_window": 3}, True),  # with a sliding-window cache
+@pytest.mark.parametrize("arch,extra,padded,cache", [
+    ("qwen2", {}, True, "dynamic"), ("qwen2", {}, False, "dynamic"),
+    ("qwen2", {}, True, "static"),  # keys longer than the mask: the unwritten tail is dropped
+    ("mistral", {"sliding_window": 3}, True, "dynamic"),  # with a sliding-window cache
 ])
-def test_greedy_generate_with_the_kv_cache_equals_sdpa(arch, extra, padded, mmfast_calls):
+def test_greedy_generate_with_the_kv_cache_equals_sdpa(arch, extra, padded, cache, mmfast_calls):
     """Prefill, then decode steps with Tq = 1 < Tk: unpadded through the padded layout
     (bottom-right causal), padded through varlen segments."""
     model = _build(arch, **extra)
     ids, mask = _batch("left") if padded else (torch.randint(1, 128, (1, 6)), None)
-    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    options = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "cache_implementation": cache}
     want = model.generate(input_ids=ids, attention_mask=mask, **options)
     with use_mmfast_attention(model), mmfast.set_backend("torch"):
         got = model.generate(input_ids=ids, attention_mask=mask, **options)
@@ -112,6 +113,24 @@ def test_greedy_generate_with_the_kv_cache_equals_sdpa(arch, extra, padded, mmfa
     # transformers hands over no mask.
     assert "packed" in layouts if padded else layouts == {"padded"}
     assert any(tokens_q < tokens_k for _, tokens_q, tokens_k in mmfast_calls)  # decode steps ran on mmfast
+
+
+def test_chunked_prefill_into_a_cache_equals_sdpa(mmfast_calls):
+    """A padded prompt fed in two chunks: the second has 1 < Tq < Tk queries, the newest."""
+    model = _build("qwen2")
+    ids, mask = _batch("left")
+
+    def second_chunk():
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache)
+            return model(input_ids=ids[:, 5:], attention_mask=mask, past_key_values=cache).logits
+
+    want = second_chunk()
+    with use_mmfast_attention(model), mmfast.set_backend("torch"):
+        got = second_chunk()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # the second chunk has no padding
+    assert mmfast_calls[2:] == [("packed", 8, 15)] * 2
 
 
 def test_gradients_equal_sdpa(mmfast_calls):
