@@ -24,6 +24,7 @@ _MODULES = {
     "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
     "linear_cross_entropy": "mmfast.bench.suites.linear_cross_entropy",
     "vae": "mmfast.bench.suites.vae",
+    "hf_decoder_attention": "mmfast.bench.suites.hf_decoder_attention",
 }
 
 

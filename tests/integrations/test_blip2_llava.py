@@ -66,6 +66,7 @@ def test_llava_tower_and_projector_patched_match_and_undo_restores():
         replaced = dict(handle.replaced)
         assert replaced["multi_modal_projector"] == "projector gelu"
         assert replaced["vision_tower.encoder.layers.0.self_attn"] == "mmfast attention"
+        assert replaced["language_model.layers.0.self_attn"] == "mmfast attention implementation"
         patched = run()
         handle.undo()
         after = run()

@@ -41,9 +41,9 @@ def _own_forwards(model):
 
 @pytest.mark.parametrize("build,replaced", [
     (_qwen25, {"Qwen2_5_VLVisionAttention", "Qwen2_5_VLRMSNorm", "Qwen2_5_VisionTransformerPretrainedModel",
-               "Qwen2_5_VLMLP", "Qwen2MLP"}),
+               "Qwen2_5_VLMLP", "Qwen2MLP", "Qwen2_5_VLAttention"}),
     (_qwen2, {"VisionAttention", "LayerNorm", "Qwen2VLRMSNorm", "Qwen2VisionTransformerPretrainedModel",
-              "VisionMlp", "Qwen2MLP"}),
+              "VisionMlp", "Qwen2MLP", "Qwen2VLAttention"}),
 ])
 def test_patch_matches_and_undo_restores(build, replaced):
     torch.manual_seed(0)

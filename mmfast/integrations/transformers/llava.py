@@ -1,13 +1,15 @@
 """LLaVA (LlavaForConditionalGeneration, LlavaModel): the CLIP or SigLIP vision tower gets
 the same replacements as in the clip and siglip families, and the multimodal projector's
 activation runs mmfast's one-pass GELU kernels (forward and backward) between its two
-GEMMs. A projector whose activation mmfast does not have is left as it is; the language
-model is left as it is."""
+GEMMs. A projector whose activation mmfast does not have is left as it is. The language
+model's decoder self-attention (Llama, Mistral, Qwen2, ...) runs the "mmfast" attention
+implementation; its other layers are left as they are."""
 
 from __future__ import annotations
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers.clip import FAMILY as CLIP
+from mmfast.integrations.transformers.lm_attention import patch_decoder_attention
 from mmfast.integrations.transformers.siglip import FAMILY as SIGLIP
 from mmfast.nn.projector import ACTIVATIONS
 
@@ -35,6 +37,12 @@ def _activation_name(module) -> str | None:
     return None
 
 
+def _prepare(target, handle):
+    model = getattr(target, "model", target)  # names are relative to it, as for the table's rows
+    patch_decoder_attention(model.language_model, handle, "language_model")
+    return [model]
+
+
 FAMILY = Family(
     "llava",
     model_classes=("LlavaForConditionalGeneration", "LlavaModel"),
@@ -45,5 +53,5 @@ FAMILY = Family(
         *CLIP.replacements,
         *(row for row in SIGLIP.replacements if row.module_classes != ("LayerNorm",)),
     ),
-    prepare=lambda target, handle: [getattr(target, "model", target)],
+    prepare=_prepare,
 )

@@ -1,6 +1,7 @@
 """Qwen2.5-VL (Hugging Face transformers): the vision tower's window/full attention
 becomes packed varlen attention with fused rotary, fed by cached window plumbing; every
-RMSNorm and SiLU-gated MLP (vision and language model) becomes mmfast's fused one."""
+RMSNorm and SiLU-gated MLP (vision and language model) becomes mmfast's fused one; the
+language model's self-attention runs the "mmfast" attention implementation."""
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers._fused_layers import patch_rms_norm
@@ -9,6 +10,7 @@ from mmfast.integrations.transformers._qwen_vision import (
     patch_vision_attention,
     patch_vision_tower,
 )
+from mmfast.integrations.transformers.lm_attention import WHAT, patch_attention_implementation
 
 FAMILY = Family(
     "qwen2_5_vl",
@@ -19,6 +21,7 @@ FAMILY = Family(
         Replacement(("Qwen2_5_VLVisionAttention",), patch_vision_attention, "varlen attention + fused rotary"),
         Replacement(("Qwen2_5_VLRMSNorm",), patch_rms_norm, "rms_norm"),
         Replacement(("Qwen2_5_VLMLP", "Qwen2MLP"), patch_swiglu_mlp, "swiglu"),
+        Replacement(("Qwen2_5_VLAttention",), patch_attention_implementation, WHAT),
     ),
-    notes="patch embedding and the language model's attention are not replaced yet",
+    notes="the patch embedding is not replaced yet",
 )

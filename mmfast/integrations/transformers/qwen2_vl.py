@@ -1,7 +1,8 @@
 """Qwen2-VL (Hugging Face transformers): the vision tower's per-frame attention becomes
 packed varlen attention with fused rotary, fed by cached index plumbing; its LayerNorms
 and QuickGELU MLPs, and the language model's RMSNorms and SiLU-gated MLPs, become
-mmfast's fused ones."""
+mmfast's fused ones; the language model's self-attention runs the "mmfast" attention
+implementation."""
 
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.integrations.transformers._fused_layers import patch_layer_norm, patch_rms_norm
@@ -11,6 +12,7 @@ from mmfast.integrations.transformers._qwen_vision import (
     patch_vision_attention,
     patch_vision_tower,
 )
+from mmfast.integrations.transformers.lm_attention import WHAT, patch_attention_implementation
 
 FAMILY = Family(
     "qwen2_vl",
@@ -22,6 +24,7 @@ FAMILY = Family(
         Replacement(("Qwen2VLRMSNorm",), patch_rms_norm, "rms_norm"),
         Replacement(("VisionMlp",), patch_quick_gelu_mlp, "quick_gelu"),
         Replacement(("Qwen2MLP",), patch_swiglu_mlp, "swiglu"),
+        Replacement(("Qwen2VLAttention",), patch_attention_implementation, WHAT),
     ),
-    notes="patch embedding and the language model's attention are not replaced yet",
+    notes="the patch embedding is not replaced yet",
 )
