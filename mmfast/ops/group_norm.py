@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
