@@ -1,6 +1,6 @@
 """Named Stable Diffusion 3 configurations, for building models with random weights
-(profiling without checkpoints): ``sd3-tiny`` (a CPU runs it in well under a second) and
-``sd3-medium``.
+(profiling without checkpoints): ``sd3-tiny`` (a CPU runs it in well under a second),
+``sd3-medium``, ``sd35-medium`` and ``sd35-large``.
 
     >>> model = StableDiffusion3Model.from_preset("sd3-tiny")
     >>> parts = sd3_components("sd3-medium", text_encoder_3=False)   # diffusers / transformers modules
@@ -12,6 +12,12 @@ encoders with projection, T5 v1.1 XXL, and the flow-match scheduler with shift 3
 T5-XXL (4.7B parameters) is the largest part and only encodes the prompt; leave it out
 (``text_encoder_3=False``) when the denoising loop is what is measured: the model then
 gives zeros for its tokens, as diffusers does.
+
+``sd35-medium`` and ``sd35-large`` carry the transformer configs of
+stabilityai/stable-diffusion-3.5-medium (24 layers, 24 heads of 64, RMSNorm q/k norms,
+dual attention in blocks 0..12, position table 384) and -large (38 layers, 38 heads of 64,
+RMSNorm q/k norms, caption projection 2432); their other components are SD3-medium's.
+SD3.5-large's transformer has about 8B parameters: 32 GB in fp32 as built, before the cast.
 """
 
 from __future__ import annotations
@@ -52,6 +58,25 @@ SD3_PRESETS = {
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False),
         "scheduler": dict(num_train_timesteps=1000, shift=3.0),
     },
+}
+
+
+# SD3.5 keeps SD3-medium's VAE, text encoders and scheduler (shift 3.0); its MM-DiTs add
+# per-head RMSNorm q/k norms, and 3.5-medium dual attention in its first 13 blocks.
+_SD3_MEDIUM_REST = {k: v for k, v in SD3_PRESETS["sd3-medium"].items() if k != "transformer"}
+SD3_PRESETS["sd35-medium"] = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                        qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    **_SD3_MEDIUM_REST,
+}
+SD3_PRESETS["sd35-large"] = {
+    "transformer": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                        attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                        caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                        qk_norm="rms_norm"),
+    **_SD3_MEDIUM_REST,
 }
 
 

@@ -31,6 +31,18 @@ def ada_layer_norm_zero_forward(self, x, timestep=None, class_labels=None, hidde
     return adaln_modulate(x, shift_msa, scale_msa, self.norm.eps), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
+def sd35_ada_layer_norm_zero_x_forward(self, hidden_states, emb=None):
+    """diffusers SD35AdaLayerNormZeroX.forward (SD3.5's dual-attention blocks): nine vectors;
+    the same LayerNorm of x modulated twice, for the joint attention and for ``attn2``.
+    Returns (x for attn, gate_msa, shift_mlp, scale_mlp, gate_mlp, x for attn2, gate_msa2)."""
+    emb = self.linear(F.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
+        9, dim=1)
+    eps = self.norm.eps
+    return (adaln_modulate(hidden_states, shift_msa, scale_msa, eps), gate_msa, shift_mlp, scale_mlp, gate_mlp,
+            adaln_modulate(hidden_states, shift_msa2, scale_msa2, eps), gate_msa2)
+
+
 def ada_layer_norm_continuous_forward(self, x, conditioning_embedding):
     """diffusers AdaLayerNormContinuous.forward (layer_norm type): the projection gives
     (scale, shift), in that order."""
@@ -85,6 +97,18 @@ class AdaLayerNormZero(nn.Module):
         self.norm = nn.LayerNorm(embedding_dim, elementwise_affine=False, eps=1e-6)
 
     forward = ada_layer_norm_zero_forward
+
+
+class SD35AdaLayerNormZeroX(nn.Module):
+    """adaLN-Zero of SD3.5's dual-attention blocks: nine per-sample vectors, a second
+    (shift, scale, gate) for the image stream's extra self-attention."""
+
+    def __init__(self, embedding_dim: int, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(embedding_dim, 9 * embedding_dim, bias=bias)
+        self.norm = nn.LayerNorm(embedding_dim, elementwise_affine=False, eps=1e-6)
+
+    forward = sd35_ada_layer_norm_zero_x_forward
 
 
 class AdaLayerNormContinuous(nn.Module):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mmfast.nn.norm import RMSNorm
 from mmfast.ops.attention import attention
 
 
@@ -138,12 +139,16 @@ class Attention(nn.Module):
     compatible) for the configurations of SD1.5-family UNets, DiT and SD3: self- or
     cross-attention (``cross_attention_dim``), or joint attention with a text stream
     (``added_kv_proj_dim``; ``context_pre_only``: the text stream has no output projection).
-    Without q/k norms (SD3.5's RMSNorm q/k norms are not covered)."""
+    ``qk_norm="rms_norm"`` (SD3.5): a per-head RMSNorm with weight on q and k, and on the
+    text stream's q and k (``norm_added_q`` / ``norm_added_k``) in joint attention."""
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  bias: bool = False, out_bias: bool = True, dropout: float = 0.0,
-                 added_kv_proj_dim: int | None = None, context_pre_only: bool | None = None):
+                 added_kv_proj_dim: int | None = None, context_pre_only: bool | None = None,
+                 qk_norm: str | None = None, eps: float = 1e-6):
         super().__init__()
+        if qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm: expected None or 'rms_norm', got {qk_norm!r}")
         inner = heads * dim_head
         self.heads = heads
         self.context_pre_only = context_pre_only
@@ -158,6 +163,10 @@ class Attention(nn.Module):
             if not context_pre_only:
                 self.to_add_out = nn.Linear(inner, query_dim, bias=out_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        if qk_norm is not None:
+            self.norm_q, self.norm_k = RMSNorm(dim_head, eps), RMSNorm(dim_head, eps)
+            if self.joint:
+                self.norm_added_q, self.norm_added_k = RMSNorm(dim_head, eps), RMSNorm(dim_head, eps)
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None):
         if self.joint:

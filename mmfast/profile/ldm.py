@@ -10,7 +10,8 @@ output, end to end with the VAE decode.
 
 Presets (random weights): ``tiny`` (a CPU runs it in well under a second) and ``sd15``,
 the Stable Diffusion 1.5 component configs (UNet, VAE, CLIP ViT-L/14 text encoder) with
-an Euler discrete scheduler; ``sd3-tiny`` and ``sd3-medium`` (:mod:`mmfast.models.sd3_presets`),
+an Euler discrete scheduler; ``sd3-tiny``, ``sd3-medium``, ``sd35-medium`` and ``sd35-large``
+(:mod:`mmfast.models.sd3_presets`),
 built without T5-XXL: the prompt embeddings are given, so T5 would only take memory, and
 their 256 T5 tokens are part of the embeddings as in diffusers. The issue's speed target
 is for SD1.5; SD3 is reported the same way.
@@ -24,7 +25,7 @@ from typing import Callable
 
 import torch
 
-PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium")
+PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)

@@ -9,6 +9,7 @@ from torch import nn
 from mmfast.integrations.diffusers.attention_processors import patch_attention
 from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, spatial_attention, transformer_2d
 from mmfast.ops.group_norm import group_norm
+from mmfast.ops.norm import rms_norm
 
 
 def _group_norm_forward(self, x):
@@ -69,6 +70,23 @@ def patch_ada_layer_norm_zero(module, handle, name: str) -> None:
         handle.set_forward(module, adaptive_norm.ada_layer_norm_zero_forward, "adaln_modulate", name)
 
 
+def patch_sd35_ada_layer_norm_zero_x(module, handle, name: str) -> None:
+    if adaptive_norm.modulation_fusable(module):
+        handle.set_forward(module, adaptive_norm.sd35_ada_layer_norm_zero_x_forward, "adaln_modulate x2", name)
+
+
+def _rms_norm_forward(self, hidden_states):
+    if self.weight is not None and self.weight.dtype != hidden_states.dtype:
+        return type(self).forward(self, hidden_states)  # diffusers' own mixed-dtype rule
+    return rms_norm(hidden_states, self.weight, self.eps)
+
+
+def patch_rms_norm(module, handle, name: str) -> None:
+    """diffusers' RMSNorm (SD3.5's per-head q/k norms), with or without weight, no bias."""
+    if getattr(module, "bias", None) is None:
+        handle.set_forward(module, _rms_norm_forward, "rms_norm", name)
+
+
 def patch_ada_layer_norm_continuous(module, handle, name: str) -> None:
     if adaptive_norm.modulation_fusable(module):
         handle.set_forward(module, adaptive_norm.ada_layer_norm_continuous_forward, "adaln_modulate", name)
@@ -86,4 +104,5 @@ def patch_gelu(module, handle, name: str) -> None:
 
 __all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
            "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_group_norm",
-           "patch_joint_block", "patch_norm_out_silu", "patch_resnet", "patch_spatial_attention"]
+           "patch_joint_block", "patch_norm_out_silu", "patch_resnet", "patch_rms_norm",
+           "patch_sd35_ada_layer_norm_zero_x", "patch_spatial_attention"]

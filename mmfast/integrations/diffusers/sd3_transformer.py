@@ -1,10 +1,11 @@
-"""diffusers ``SD3Transformer2DModel`` (SD3 MM-DiT): joint attention on mmfast attention,
-each block's adaLN modulations and gated residuals fused, the final AdaLayerNormContinuous
-on ``adaln_modulate``, GELU in one pass. SD3.5's dual-attention blocks keep diffusers' block forward (their
-attention processors and adaptive norms are still replaced where they match)."""
+"""diffusers ``SD3Transformer2DModel`` (SD3 and SD3.5 MM-DiT): joint attention (and SD3.5's
+image-only ``attn2``) on mmfast attention, each block's adaLN modulations and gated
+residuals fused (SD35AdaLayerNormZeroX's two modulations included), SD3.5's q/k RMSNorms
+on ``rms_norm``, the final AdaLayerNormContinuous on ``adaln_modulate``, GELU in one pass."""
 
 from mmfast.integrations.diffusers.replacements import (
-    patch_ada_layer_norm_continuous, patch_ada_layer_norm_zero, patch_attention, patch_gelu, patch_joint_block)
+    patch_ada_layer_norm_continuous, patch_ada_layer_norm_zero, patch_attention, patch_gelu, patch_joint_block,
+    patch_rms_norm, patch_sd35_ada_layer_norm_zero_x)
 from mmfast.integrations.patching import Family, Replacement
 
 FAMILY = Family(
@@ -14,7 +15,9 @@ FAMILY = Family(
         Replacement(("Attention",), patch_attention, "attention processor"),
         Replacement(("JointTransformerBlock",), patch_joint_block, "MM-DiT block"),
         Replacement(("AdaLayerNormZero",), patch_ada_layer_norm_zero, "adaLN-Zero"),
+        Replacement(("SD35AdaLayerNormZeroX",), patch_sd35_ada_layer_norm_zero_x, "adaLN-Zero (dual attention)"),
         Replacement(("AdaLayerNormContinuous",), patch_ada_layer_norm_continuous, "adaLN"),
+        Replacement(("RMSNorm",), patch_rms_norm, "q/k RMSNorm"),
         Replacement(("GELU",), patch_gelu, "GELU"),
     ),
 )
