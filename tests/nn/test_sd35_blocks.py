@@ -112,3 +112,31 @@ def test_swapped_sd35_transformer_on_triton():
 def test_unsupported_qk_norm_is_refused():
     with pytest.raises(ValueError, match="qk_norm: expected None or 'rms_norm', got 'layer_norm'"):
         MMDiTBlock(32, 2, 16, qk_norm="layer_norm")
+
+
+@pytest.mark.gpu
+def test_swapped_sd35_transformer_bf16_on_gpu():
+    """bf16 on CUDA (64-wide heads, as SD3.5's), output and input gradient, by the
+    flash-attention rule: mmfast's error from the float64 model at most twice diffusers'
+    own bf16 error, plus one bf16 spacing of the largest value."""
+    import copy
+
+    theirs = tiny_sd35(head_dim=64, heads=2).cuda()
+    ours = sd3_transformer_model(theirs.config)
+    ours.load_state_dict(theirs.state_dict())
+    ours.cuda().eval()
+    inputs = {k: v.cuda() for k, v in _inputs().items()}
+    dy = torch.randn(2, 4, 8, 8, device="cuda")
+
+    def run(model, dtype):
+        model = copy.deepcopy(model).to(dtype)
+        x = inputs["hidden_states"].to(dtype).requires_grad_()
+        rest = {k: v.to(dtype) for k, v in inputs.items() if k != "hidden_states"}
+        out = model(x, **rest).sample
+        (grad,) = torch.autograd.grad(out, x, dy.to(dtype))
+        return out.double(), grad.double()
+
+    exact, eager, got = run(theirs, torch.float64), run(theirs, torch.bfloat16), run(ours, torch.bfloat16)
+    for what, e, r, g in zip(("output", "grad"), exact, eager, got):
+        floor = 2 ** -8 * e.abs().max().item()
+        assert (g - e).abs().max().item() <= 2 * (r - e).abs().max().item() + floor, what
