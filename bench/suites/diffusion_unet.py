@@ -1,4 +1,4 @@
-"""One denoiser step of an SD1.5-sized UNet and an SD3-medium-sized MM-DiT stack, random
+"""One denoiser step of an SD1.5-sized UNet and SD3- and SD3.5-medium-sized MM-DiT stacks, random
 weights, fp16, inference: per-step latency (it/s = 1000 / ms).
 
 Cases
@@ -7,7 +7,9 @@ Cases
   sd15-unet-cfg-2x4     guidance of four images: batch 8
   sd3m-mmdit-1024       SD3-medium transformer (24 MM-DiT blocks, 1536 wide, 24 heads)
                         at 1024 px: 4096 image tokens + 333 text tokens, batch 2 (guidance)
-  (--quick: the UNet at cfg-2x1 and a 4-block MM-DiT stack.)
+  sd35m-mmdit-1024      the same for SD3.5-medium (24 blocks with RMSNorm q/k norms, the
+                        first 13 with dual attention)
+  (--quick: the UNet at cfg-2x1 and 4-block MM-DiT stacks.)
 
 Providers
   diffusers-sdpa        the diffusers model as it is (AttnProcessor2_0: torch SDPA)
@@ -64,8 +66,9 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     out = [Case(f"sd15-unet-{name}", {"model": "unet", "batch": b, "layers": None},
                 partial(_unet_inputs, b)) for name, b in unet_batches.items()]
     layers = 4 if quick else SD3_MEDIUM["num_layers"]
-    out.append(Case(f"sd3m-mmdit-1024-{layers}blocks", {"model": "sd3", "batch": 2, "layers": layers},
-                    partial(_sd3_inputs, 2)))
+    for name, model in (("sd3m", "sd3"), ("sd35m", "sd35")):
+        out.append(Case(f"{name}-mmdit-1024-{layers}blocks", {"model": model, "batch": 2, "layers": layers},
+                        partial(_sd3_inputs, 2)))
     return out
 
 
@@ -78,7 +81,10 @@ def _make_model(params: dict, device: torch.device):
     else:
         from diffusers import SD3Transformer2DModel
 
-        model = SD3Transformer2DModel(**(SD3_MEDIUM | {"num_layers": params["layers"]}))
+        from mmfast.models.sd3_presets import SD3_PRESETS
+
+        config = SD3_MEDIUM if params["model"] == "sd3" else SD3_PRESETS["sd35-medium"]["transformer"]
+        model = SD3Transformer2DModel(**(config | {"num_layers": params["layers"]}))
     return model.to(device=device, dtype=torch.float16).eval()
 
 
@@ -120,7 +126,7 @@ def _skip(case: Case, device: torch.device, unet_only: bool = False) -> str | No
 
 SUITE = Suite(
     name="diffusion_unet",
-    description="SD1.5 UNet and SD3-medium MM-DiT denoiser step (fp16, random weights), per-step latency",
+    description="SD1.5 UNet and SD3 / SD3.5-medium MM-DiT denoiser step (fp16, random weights), per-step latency",
     bound="compute",
     cases=cases,
     providers=(
