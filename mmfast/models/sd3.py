@@ -6,8 +6,8 @@
   an optional transformers ``T5EncoderModel`` (``text_encoder_3``; without it its tokens are
   zeros, as diffusers does), run as it is;
 - denoiser: diffusers ``SD3Transformer2DModel`` built by :func:`mmfast.nn.sd3_transformer_model`
-  (its MM-DiT blocks and final adaLN are mmfast modules; parameter names are diffusers',
-  so the checkpoint loads key for key);
+  (its MM-DiT blocks, SD3.5's q/k-normed and dual-attention ones included, and final adaLN
+  are mmfast modules; parameter names are diffusers', so the checkpoint loads key for key);
 - VAE: diffusers ``AutoencoderKL`` with mmfast blocks, SD3's scaling and shift factors;
 - sampler: the ``FlowMatchEulerDiscreteScheduler`` gives the schedule (timestep shift,
   resolution-dependent ``mu`` when it shifts dynamically, ``scale_noise`` for

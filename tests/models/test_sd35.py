@@ -82,3 +82,26 @@ def test_sd35_presets_swap_every_block(name, layers, heads, dual):
     blocks = model.transformer_blocks
     assert all(type(b).__module__ == "mmfast.nn.dit" for b in blocks) and blocks[0].attn.heads == heads
     assert sum(b.use_dual_attention for b in blocks) == dual
+
+
+def test_profile_ldm_takes_the_sd35_presets(tmp_path, monkeypatch):
+    """`mmfast profile ldm --preset sd35-medium` end to end, the preset shrunk to sd3-tiny's
+    sizes (keeping its q/k norms and dual attention): the CLI path the real one takes."""
+    import json
+
+    from mmfast.cli import main
+    from mmfast.models.sd3_presets import SD3_PRESETS
+    from mmfast.nn import sd3_transformer
+
+    swapped = []
+    swap = sd3_transformer.use_mmfast_mmdit_blocks
+    monkeypatch.setattr(sd3_transformer, "use_mmfast_mmdit_blocks", lambda model: swapped.extend(swap(model)))
+
+    tiny = SD3_PRESETS["sd3-tiny"]
+    shrunk = {**tiny, "transformer": {**tiny["transformer"], "qk_norm": "rms_norm", "dual_attention_layers": (0,)}}
+    monkeypatch.setitem(SD3_PRESETS, "sd35-medium", shrunk)
+    assert main(["profile", "ldm", "--preset", "sd35-medium", "--steps", "1", "--out", str(tmp_path), "--repeats",
+                 "1", "--backend", "torch", "--dtype", "float32", "--top", "5"]) == 0
+    data = json.loads((tmp_path / "profile_ldm.json").read_text())
+    assert data["preset"] == "sd35-medium" and data["sides"][1]["name"] == "diffusers StableDiffusion3Pipeline"
+    assert {"transformer_blocks.0", "transformer_blocks.1"} <= set(swapped)  # block 0: dual attention
