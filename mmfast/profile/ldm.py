@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from mmfast.profile.measure import building_on
+
 PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -83,18 +85,20 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
                 image_encoder=None, requires_safety_checker=False, local_files_only=True)
         description = f"checkpoint {checkpoint}"
     elif preset.startswith("sd3"):
-        ours, pipe = _sd3_preset(preset)
+        with building_on(device, dtype):
+            ours, pipe = _sd3_preset(preset)
         description = f"preset {preset} (random weights, without T5-XXL)"
     else:
         torch.manual_seed(0)
-        parts = _components(preset)
-        pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        unet = unet2d_condition_model(parts["unet"].config)
-        unet.load_state_dict(parts["unet"].state_dict())
-        # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
-        ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
-                                    copy.deepcopy(parts["scheduler"]))
+        with building_on(device, dtype):
+            parts = _components(preset)
+            pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+            unet = unet2d_condition_model(parts["unet"].config)
+            unet.load_state_dict(parts["unet"].state_dict())
+            # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
+            ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
+                                        copy.deepcopy(parts["scheduler"]))
         description = f"preset {preset} (random weights)"
     pipe.set_progress_bar_config(disable=True)
     return ours.to(device, dtype).eval(), pipe.to(device, dtype), description

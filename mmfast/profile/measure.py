@@ -15,6 +15,19 @@ from typing import Callable
 import torch
 
 
+@contextlib.contextmanager
+def building_on(device: torch.device, dtype: torch.dtype):
+    """Modules built inside are created on ``device`` in ``dtype``: a random-weight model of
+    billions of parameters is initialised there, never as a float32 copy in host memory."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

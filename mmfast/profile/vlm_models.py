@@ -9,11 +9,12 @@ dtype on the target device: a float32 7B pair would not fit beside each other.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from mmfast.profile.measure import building_on
 
 
 
@@ -37,23 +38,13 @@ class VisionLanguageModel:
     fixed_resolution: bool = True  # the tower takes its config's image size only
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build(spec: VisionLanguageModel, preset: str | None, checkpoint: str | None, device: torch.device,
           dtype: torch.dtype):
     """(mmfast model, transformers model, description) with equal weights."""
     import transformers
 
     torch.manual_seed(0)
-    with _default_dtype(dtype), torch.device(device):
+    with building_on(device, dtype):
         ours = spec.build_ours(preset, checkpoint, dtype, device)
         config = spec.reference_config(ours)
         config._attn_implementation = "sdpa"
