@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture, save_pretrained
+from mmfast.models.decode_graph import DecodeGraphs
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.llava import _text_kwargs
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
@@ -225,6 +226,7 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.language_projection = nn.Linear(c.qformer_config["hidden_size"], c.text_hidden_size)
         self.language_model = _CausalLM(c)
         self.tie_weights()
+        self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True)'s captured step
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -342,13 +344,16 @@ class Blip2ForConditionalGeneration(nn.Module):
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, eos_token_id: Optional[Union[int, list]] = None,
-                 pad_token_id: Optional[int] = None) -> Tensor:
+                 pad_token_id: Optional[int] = None, cuda_graph: bool = False) -> Tensor:
         """Greedy (or, with ``do_sample``, sampled: ``temperature``, ``top_k``, ``top_p``,
         ``generator``) continuation of a batch of prompts with a KV cache. Returns
         ``[B, T + n]``: the prompts, then the new tokens; a finished sequence (it produced
         ``eos_token_id``) continues with ``pad_token_id``, and the loop stops when all have
         finished. Without ``input_ids``, each image is captioned from its placeholders and
-        the BOS token, as transformers does."""
+        the BOS token, as transformers does. ``cuda_graph``: replay the one-token step as a
+        CUDA graph (:mod:`mmfast.models.decode_graph`; CUDA only; same greedy ids)."""
+        if cuda_graph:
+            self._decode_graphs.check_device(self.language_model.lm_head.weight.device)
         text = self.config.text_config
         settings = Decoding.resolve(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -364,18 +369,19 @@ class Blip2ForConditionalGeneration(nn.Module):
         prompt = self._prompt(input_ids, attention_mask, pixel_values, interpolate_pos_encoding)
         self._check_length(max(prompt.lengths) + max_new_tokens, "input_ids + max_new_tokens")
         decoder, batch = self.language_model.decoder, input_ids.shape[0]
-        cache = decoder.new_cache(batch, max(prompt.lengths) + max_new_tokens)
+        capacity = max(prompt.lengths) + max_new_tokens
+        cache = self._decode_graphs.kv_cache(decoder, batch, capacity, max_new_tokens) if cuda_graph \
+            else decoder.new_cache(batch, capacity)
         hidden = self._run_decoder(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths),
                                    cache=cache, new_lengths=prompt.lengths)
         position = torch.tensor(prompt.lengths, device=input_ids.device)
         one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
 
-        def step(token: Tensor) -> Tensor:
-            nonlocal position
-            out = self._run_decoder(decoder.embed_tokens(token), position, one_each, 1, cache=cache,
-                                    new_lengths=[1] * batch)
-            position = position + 1
-            return out
+        def step(token: Tensor, position: Tensor) -> Tensor:
+            return self._run_decoder(decoder.embed_tokens(token), position, one_each, 1, cache=cache,
+                                     new_lengths=[1] * batch)
 
-        new_tokens = decode(hidden[prompt.cu_seqlens[1:].long() - 1], self.language_model.lm_head, step, settings)
+        run = self._decode_graphs.decode if cuda_graph else decode
+        new_tokens = run(hidden[prompt.cu_seqlens[1:].long() - 1], self.language_model.lm_head, step, settings,
+                         position, cache)
         return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

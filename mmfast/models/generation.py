@@ -4,10 +4,16 @@ its prompts through the decoder (filling a KV cache), :func:`decode` picks each 
 model for one cached step more, until ``max_new_tokens`` or every sequence has ended.
 
     >>> settings = Decoding.resolve(max_new_tokens=16, eos_token_id=2, do_sample=True, top_p=0.9)
-    >>> new = decode(last_hidden, lm_head, step, settings)   # [B, n]
+    >>> new = decode(last_hidden, lm_head, step, settings, position, cache)   # [B, n]
+
+``step(tokens [B], position [B]) -> hidden [B, C]`` feeds one token per sequence, at
+the given positions, through the decoder over ``cache``; the cache is on its static decode
+path (:meth:`~mmfast.models.kv_cache.KVCache.start_decoding`), so a step is a fixed
+sequence of device ops: the same step runs eagerly here or replays as a CUDA graph
+(:mod:`mmfast.models.decode_graph`, ``cuda_graph=True``), and both give the same ids.
 
 A sequence that has produced an end-of-sequence token continues with the pad token, as
-transformers does. Host syncs: one per generated token (the all-finished test).
+transformers does. Host syncs here: one per generated token (the all-finished test).
 """
 
 from __future__ import annotations
@@ -36,7 +42,16 @@ def sample_token(logits: Tensor, temperature: float, top_k: Optional[int], top_p
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).view(-1)
+    return draw(logits.softmax(-1), generator)
+
+
+def draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """One index per row with probability ``probs``: argmax(p / q), q ~ Exp(1), the
+    computation ``torch.multinomial(probs, 1)`` does (same ids for the same generator
+    state), written out because some torch versions check the distribution with a host
+    sync inside multinomial, which a CUDA graph cannot capture."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -73,27 +88,38 @@ class Decoding:
         return cls(max_new_tokens, eos, int(pad), bool(do_sample), float(temperature), top_k, top_p, generator)
 
 
+def pick_token(hidden: Tensor, finished: Tensor, lm_head: Callable[[Tensor], Tensor], settings: Decoding) -> Tensor:
+    """The next token [B] from the hidden states [B, C]: argmax or a sample of the logits
+    (in float32), the pad token where ``finished``. Device ops only (graph-safe)."""
+    logits = lm_head(hidden).float()
+    if settings.do_sample:
+        token = sample_token(logits, settings.temperature, settings.top_k, settings.top_p, settings.generator)
+    else:
+        token = logits.argmax(-1)
+    return torch.where(finished, torch.full_like(token, settings.pad), token)
+
+
 @torch.no_grad()
-def decode(last_hidden: Tensor, lm_head: Callable[[Tensor], Tensor], step: Callable[[Tensor], Tensor],
-           settings: Decoding) -> Tensor:
-    """The new tokens [B, n], n <= ``settings.max_new_tokens``. ``last_hidden`` [B, C]: the
-    decoder's output at each prompt's last token; ``lm_head(hidden) -> logits [B, V]``;
-    ``step(tokens [B]) -> hidden [B, C]`` feeds one token per sequence through the cached
-    decoder (the model keeps the positions)."""
-    batch, device = last_hidden.shape[0], last_hidden.device
-    eos = torch.tensor(settings.eos, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
-    for i in range(settings.max_new_tokens):
-        logits = lm_head(last_hidden).float()
-        if settings.do_sample:
-            token = sample_token(logits, settings.temperature, settings.top_k, settings.top_p, settings.generator)
-        else:
-            token = logits.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, settings.pad), token)
+def decode(last_hidden: Tensor, lm_head: Callable[[Tensor], Tensor], step: Callable[[Tensor, Tensor], Tensor],
+           settings: Decoding, position: Tensor, cache) -> Tensor:
+    """The new tokens [B, n], n <= ``settings.max_new_tokens``, driven from the host.
+    ``last_hidden`` [B, C]: the decoder's output at each prompt's last token;
+    ``lm_head(hidden) -> logits [B, V]``; ``position`` [B] (long, on the device): the
+    position of each sequence's next token; ``cache``: the filled
+    :class:`~mmfast.models.kv_cache.KVCache` (switched to its static decode path here)."""
+    cache.start_decoding()
+    eos = torch.tensor(settings.eos, dtype=torch.long, device=last_hidden.device)
+    finished = torch.zeros(last_hidden.shape[0], dtype=torch.bool, device=last_hidden.device)
+    position = position.clone()
+    token = pick_token(last_hidden, finished, lm_head, settings)
+    tokens = [token]
+    finished |= torch.isin(token, eos)
+    for _ in range(settings.max_new_tokens - 1):
+        if bool(finished.all()):
+            break
+        hidden = step(token, position)
+        position += 1
+        token = pick_token(hidden, finished, lm_head, settings)
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if i + 1 == settings.max_new_tokens or bool(finished.all()):
-            break
-        last_hidden = step(token)
     return torch.stack(tokens, dim=1)

@@ -15,6 +15,15 @@ which writes its new K/V into the buffers and returns what attention reads:
 - otherwise: the valid keys gathered into a packed stream with ``cu_seqlens_k`` (one
   gather per layer and step; a paged / ``seqused_k`` attention kernel would read the
   buffers in place, left for later).
+
+Decoding (one token per sequence and step) has a static path, :meth:`KVCache.start_decoding`:
+the lengths move to a device tensor, and each step's plan is built on the device from it,
+with shapes that depend only on (batch, capacity). Attention reads the buffers in place as
+one packed stream of all ``batch * capacity`` slots, cut into 2B segments: sequence b's
+valid keys ``[b * capacity, b * capacity + length_b)`` with its one query, then the rest of
+its row ``[.., (b + 1) * capacity)`` with no query (``cu_seqlens_q`` = [0, 1, 1, 2, 2, ..]),
+which the kernels skip. No gather, no host sync, nothing the host must plan: a decode step
+is capturable in a CUDA graph (:mod:`mmfast.models.decode_graph`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from mmfast.ops.attention import attention
 
 
 @dataclass
@@ -35,6 +46,7 @@ class CacheStep:
     max_seqlen_k: int
     total_length: Optional[int]      # the common length on the padded path
     new_lengths: tuple[int, ...]
+    cu_seqlens_q: Optional[Tensor] = None  # int32 [2B+1] on the static decode path (see the module docstring)
 
 
 class KVCache:
@@ -43,15 +55,47 @@ class KVCache:
     def __init__(self, num_layers: int, batch: int, capacity: int, num_kv_heads: int, head_dim: int,
                  *, dtype: torch.dtype, device: torch.device | str | None = None):
         shape = (batch, capacity, num_kv_heads, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Zeroed, not empty: the static decode path hands whole buffers to attention, and a
+        # backend that masks probabilities rather than loads (torch, sdpa) multiplies the
+        # unused slots by 0, which must not meet NaN garbage.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.batch, self.capacity = batch, capacity
         self.lengths = [0] * batch
+        self.device_lengths: Optional[Tensor] = None  # long [B]: the lengths on the static decode path
+        self.decoding = False  # on the static decode path (since start_decoding)
+        self.decode_steps = 0  # static steps planned since start_decoding (host count, for the capacity check)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.keys[0].device if self.keys else None
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.keys[0].dtype if self.keys else None
+
+    def reset(self) -> None:
+        """Empty, for a new batch of prompts (the buffers are kept: a captured graph reads them)."""
+        self.lengths = [0] * self.batch
+        self.decoding, self.decode_steps = False, 0
+
+    def start_decoding(self) -> None:
+        """Switch to the static decode path: every later step appends one token per
+        sequence, planned on the device. The lengths tensor is created once and then
+        overwritten in place (one host-to-device copy), so a captured graph keeps reading it."""
+        lengths = torch.tensor(self.lengths, dtype=torch.long)
+        if self.device_lengths is None:
+            self.device_lengths = lengths.to(self.device)
+        else:
+            self.device_lengths.copy_(lengths)
+        self.decoding, self.decode_steps = True, 0
 
     def plan(self, new_lengths: Sequence[int]) -> CacheStep:
         new_lengths = tuple(int(n) for n in new_lengths)
         if len(new_lengths) != self.batch:
             raise ValueError(f"new_lengths: expected {self.batch} entries (the batch), got {len(new_lengths)}")
+        if self.decoding:
+            return self._decode_plan(new_lengths)
         totals = [old + new for old, new in zip(self.lengths, new_lengths)]
         if max(totals) > self.capacity:
             raise ValueError(f"KVCache: {max(totals)} tokens exceed the capacity {self.capacity}")
@@ -66,6 +110,37 @@ class KVCache:
         return CacheStep(write, read.to(device, non_blocking=True), cu.to(device, non_blocking=True),
                          max(totals), None, new_lengths)
 
+    def _decode_plan(self, new_lengths: tuple[int, ...]) -> CacheStep:
+        """The static step: built from ``device_lengths`` by device ops of fixed shapes."""
+        if set(new_lengths) != {1}:
+            raise ValueError(f"new_lengths: the static decode path appends one token per sequence, got {new_lengths}")
+        if max(self.lengths) + self.decode_steps + 1 > self.capacity:
+            raise ValueError(f"KVCache: {max(self.lengths) + self.decode_steps + 1} tokens exceed "
+                             f"the capacity {self.capacity}")
+        self.decode_steps += 1
+        rows = torch.arange(self.batch, device=self.device) * self.capacity
+        ends = rows + self.device_lengths + 1  # after this step's token
+        cu_k = torch.stack([rows, ends], dim=1).flatten()
+        cu_k = torch.cat([cu_k, cu_k.new_full((1,), self.batch * self.capacity)]).to(torch.int32)
+        ones = torch.arange(1, self.batch + 1, dtype=torch.int32, device=self.device)
+        cu_q = torch.cat([ones.new_zeros(1), ones.repeat_interleave(2)])
+        return CacheStep(rows + self.device_lengths, None, cu_k, self.capacity, None, new_lengths, cu_q)
+
+    def attend(self, layer: int, step: CacheStep, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
+               max_seqlen: int, dropout_p: float = 0.0) -> Tensor:
+        """Causal attention of the step's packed queries q [sum(new), Hq, D] over everything
+        cached for their sequences, after storing k, v [sum(new), Hk, D] for ``layer``."""
+        keys, values = self.update(layer, step, k, v)
+        if step.cu_seqlens_q is not None:  # static decode: the whole buffer, 2B segments
+            return attention(q, keys, values, cu_seqlens_q=step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k,
+                             max_seqlen_q=1, max_seqlen_k=step.max_seqlen_k, causal=True, dropout_p=dropout_p)
+        if step.read_index is None:  # equal lengths: padded views of the cache
+            batch = keys.shape[0]
+            return attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True,
+                             dropout_p=dropout_p).flatten(0, 1)
+        return attention(q, keys, values, cu_seqlens_q=cu_seqlens, cu_seqlens_k=step.cu_seqlens_k,
+                         max_seqlen_q=max_seqlen, max_seqlen_k=step.max_seqlen_k, causal=True, dropout_p=dropout_p)
+
     def update(self, layer: int, step: CacheStep, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the step's packed k, v [sum(new), Hk, D] for ``layer``; return the keys
         and values attention reads: padded [B, length, Hk, D] or packed [sum(total), Hk, D]."""
@@ -73,11 +148,17 @@ class KVCache:
         flat_v = self.values[layer].view(-1, *v.shape[1:])
         flat_k.index_copy_(0, step.write_index, k.to(flat_k.dtype))
         flat_v.index_copy_(0, step.write_index, v.to(flat_v.dtype))
+        if step.cu_seqlens_q is not None:  # static decode: attention reads the buffers in place
+            return flat_k, flat_v
         if step.read_index is None:
             length = step.total_length
             return self.keys[layer][:, :length], self.values[layer][:, :length]
         return flat_k[step.read_index], flat_v[step.read_index]
 
     def advance(self, step: CacheStep) -> None:
-        """Count the step's tokens as stored (after every layer has run)."""
+        """Count the step's tokens as stored (after every layer has run). On the static
+        path the device lengths grow in place; the host list keeps the prompt lengths."""
+        if step.cu_seqlens_q is not None:
+            self.device_lengths.add_(1)
+            return
         self.lengths = [old + new for old, new in zip(self.lengths, step.new_lengths)]

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture, save_pretrained
+from mmfast.models.decode_graph import DecodeGraphs
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.packing import pack_prompts
@@ -262,6 +263,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.model = _Backbone(self.config)
         self.lm_head = nn.Linear(self.config.text["hidden_size"], self.config.text["vocab_size"], bias=False)
         self.tie_weights()
+        self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True)'s captured step
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None,
@@ -356,28 +358,32 @@ class LlavaForConditionalGeneration(nn.Module):
                  pixel_values: Optional[Tensor] = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, eos_token_id: Optional[Union[int, list]] = None,
-                 pad_token_id: Optional[int] = None) -> Tensor:
+                 pad_token_id: Optional[int] = None, cuda_graph: bool = False) -> Tensor:
         """Greedy (or, with ``do_sample``, sampled: ``temperature``, ``top_k``, ``top_p``,
         ``generator``) continuation with a KV cache. Returns ``[B, T + n]``: the prompts,
         then the new tokens; a finished sequence (it produced ``eos_token_id``) continues
-        with ``pad_token_id``, and the loop stops when all have finished."""
+        with ``pad_token_id``, and the loop stops when all have finished. ``cuda_graph``:
+        replay the one-token step as a CUDA graph (:mod:`mmfast.models.decode_graph`;
+        CUDA only; same greedy ids)."""
+        if cuda_graph:
+            self._decode_graphs.check_device(self.lm_head.weight.device)
         settings = Decoding.resolve(
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator, eos_token_id=self.config.eos_token_id if eos_token_id is None else eos_token_id,
             pad_token_id=self.config.pad_token_id if pad_token_id is None else pad_token_id)
         embeds, positions, cu, lengths, _ = self._prompt(input_ids, attention_mask, pixel_values)
         decoder, batch = self.model.language_model, input_ids.shape[0]
-        cache = decoder.new_cache(batch, max(lengths) + max_new_tokens)
+        capacity = max(lengths) + max_new_tokens
+        cache = self._decode_graphs.kv_cache(decoder, batch, capacity, max_new_tokens) if cuda_graph \
+            else decoder.new_cache(batch, capacity)
         hidden = decoder(embeds, positions.expand(3, -1), cu, max(lengths), cache=cache, new_lengths=lengths)
         position = torch.tensor(lengths, device=input_ids.device)
         one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
 
-        def step(token: Tensor) -> Tensor:
-            nonlocal position
-            out = decoder(decoder.embed_tokens(token), position.expand(3, -1), one_each, 1, cache=cache,
-                          new_lengths=[1] * batch)
-            position = position + 1
-            return out
+        def step(token: Tensor, position: Tensor) -> Tensor:
+            return decoder(decoder.embed_tokens(token), position.expand(3, -1), one_each, 1, cache=cache,
+                           new_lengths=[1] * batch)
 
-        new_tokens = decode(hidden[cu[1:].long() - 1], self.lm_head, step, settings)
+        run = self._decode_graphs.decode if cuda_graph else decode
+        new_tokens = run(hidden[cu[1:].long() - 1], self.lm_head, step, settings, position, cache)
         return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

@@ -52,13 +52,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     if cache is None:
         return attention(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                          max_seqlen_k=max_seqlen, causal=True, dropout_p=dropout_p)
-    keys, values = cache.update(layer, step, k, v)
-    if step.read_index is None:  # equal lengths: padded views of the cache
-        batch = keys.shape[0]
-        return attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True,
-                         dropout_p=dropout_p).flatten(0, 1)
-    return attention(q, keys, values, cu_seqlens_q=cu_seqlens, cu_seqlens_k=step.cu_seqlens_k,
-                     max_seqlen_q=max_seqlen, max_seqlen_k=step.max_seqlen_k, causal=True, dropout_p=dropout_p)
+    return cache.attend(layer, step, q, k, v, cu_seqlens, max_seqlen, dropout_p)
 
 
 class OPTAttention(nn.Module):

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models.checkpoint import (load_checkpoint, read_config, register_architecture, save_pretrained)
-from mmfast.models.generation import sample_token as _sample
+from mmfast.models.decode_graph import DecodeGraphs
+from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.mrope_index import mrope_position_ids
 from mmfast.models.packing import pack_prompts
@@ -156,6 +157,7 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         self.model = _Backbone(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.tie_weights()
+        self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True)'s captured step
 
     # ---- checkpoints ---------------------------------------------------------------
 
@@ -264,42 +266,36 @@ class Qwen25VLForConditionalGeneration(nn.Module):
                  eos_token_id: Optional[Union[int, list]] = None, pad_token_id: Optional[int] = None,
                  pixel_values: Optional[Tensor] = None, image_grid_thw: Optional[Tensor] = None,
                  pixel_values_videos: Optional[Tensor] = None, video_grid_thw: Optional[Tensor] = None,
-                 second_per_grid_ts: Optional[Tensor] = None) -> Tensor:
+                 second_per_grid_ts: Optional[Tensor] = None, cuda_graph: bool = False) -> Tensor:
         """Greedy (or, with ``do_sample``, sampled: ``temperature``, ``top_k``, ``top_p``,
         ``generator``) continuation of a batch of prompts with a KV cache. Returns
         ``[B, T + n]``: the prompts followed by the new tokens, as transformers does;
         a sequence that has produced ``eos_token_id`` continues with ``pad_token_id``, and
-        generation stops early when every sequence has ended."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature: expected > 0 when sampling, got {temperature}")
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
-        pad = int(eos[0]) if pad is None and eos.numel() else (0 if pad is None else pad)
-
+        generation stops early when every sequence has ended. ``cuda_graph``: replay the
+        one-token step as a CUDA graph (:mod:`mmfast.models.decode_graph`; CUDA only;
+        same greedy ids)."""
+        if cuda_graph:
+            self._decode_graphs.check_device(self.lm_head.weight.device)
+        settings = Decoding.resolve(
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, eos_token_id=self.config.eos_token_id if eos_token_id is None else eos_token_id,
+            pad_token_id=self.config.pad_token_id if pad_token_id is None else pad_token_id)
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, second_per_grid_ts)
         decoder = self.model.language_model
         batch = input_ids.shape[0]
-        cache = decoder.new_cache(batch, max(prompt.lengths) + max_new_tokens)
+        capacity = max(prompt.lengths) + max_new_tokens
+        cache = self._decode_graphs.kv_cache(decoder, batch, capacity, max_new_tokens) if cuda_graph \
+            else decoder.new_cache(batch, capacity)
         hidden = decoder(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths),
                          cache=cache, new_lengths=prompt.lengths)
-        last = hidden[prompt.cu_seqlens[1:].long() - 1]
         one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
-        position = prompt.next_position
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            logits = self.lm_head(last).float()
-            token = _sample(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            finished |= torch.isin(token, eos)
-            if step + 1 == max_new_tokens or bool(finished.all()):
-                break
-            positions = position.view(1, batch).expand(3, batch)
-            last = decoder(decoder.embed_tokens(token), positions, one_each, 1, cache=cache, new_lengths=[1] * batch)
-            position = position + 1
-        return torch.cat([input_ids, torch.stack(new_tokens, dim=1).to(input_ids.dtype)], dim=1)
+
+        def step(token: Tensor, position: Tensor) -> Tensor:  # text tokens: equal t/h/w positions
+            return decoder(decoder.embed_tokens(token), position.view(1, batch).expand(3, batch), one_each, 1,
+                           cache=cache, new_lengths=[1] * batch)
+
+        run = self._decode_graphs.decode if cuda_graph else decode
+        new_tokens = run(hidden[prompt.cu_seqlens[1:].long() - 1], self.lm_head, step, settings,
+                         prompt.next_position, cache)
+        return torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1)

@@ -81,13 +81,7 @@ class Qwen2Attention(nn.Module):
                             max_seqlen_k=max_seqlen, causal=True, rotary=rotary)
         else:  # the cache holds rotated keys
             q, k = apply_rotary(q, k, *rotary)
-            keys, values = cache.update(layer, step, k, v)
-            if step.read_index is None:  # equal lengths: padded views of the cache
-                batch = keys.shape[0]
-                out = attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True).flatten(0, 1)
-            else:
-                out = attention(q, keys, values, cu_seqlens_q=cu_seqlens, cu_seqlens_k=step.cu_seqlens_k,
-                                max_seqlen_q=max_seqlen, max_seqlen_k=step.max_seqlen_k, causal=True)
+            out = cache.attend(layer, step, q, k, v, cu_seqlens, max_seqlen)
         return self.o_proj(out.flatten(-2))
 
 

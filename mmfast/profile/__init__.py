@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
             p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
-            p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each step as a CUDA graph")
+        p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
+                       f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
         p.add_argument("--repeats", type=_positive, help="timed runs per measurement (median; default 5 GPU, 2 CPU)")
         p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
@@ -164,7 +165,7 @@ def run(args, log=print) -> dict:
         batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, args.text_tokens, device, dtype)
         args.resolution = batch_inputs.pixels
         prompt_tokens = batch_inputs.input_ids.shape[1]
-        sides = vlm.sides(ours, reference, batch_inputs, compile_backend)
+        sides = vlm.sides(ours, reference, batch_inputs, compile_backend, args.cuda_graph)
         short, long = 1, args.new_tokens
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
@@ -223,7 +224,7 @@ def run(args, log=print) -> dict:
         "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
         "batch": args.batch, "resolution": args.resolution, "repeats": args.repeats,
         **({"vlm_model": args.model, "new_tokens": args.new_tokens, "text_tokens": args.text_tokens,
-            "prompt_tokens": prompt_tokens}
+            "prompt_tokens": prompt_tokens, "cuda_graph": args.cuda_graph}
            if args.kind == "vlm"
            else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],

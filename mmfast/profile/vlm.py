@@ -84,12 +84,12 @@ def compiled(reference, backend: str):
     return twin
 
 
-def sides(ours, reference, batch: Batch, compile_backend: str | None = None) -> list[Side]:
+def sides(ours, reference, batch: Batch, compile_backend: str | None = None, cuda_graph: bool = False) -> list[Side]:
     """mmfast and transformers (sdpa), and with ``compile_backend`` transformers under
     torch.compile with that backend."""
 
     def run_ours(new_tokens):
-        return ours.generate(**batch.ours, max_new_tokens=new_tokens, eos_token_id=[])
+        return ours.generate(**batch.ours, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
 
     def runner(model):
         @torch.no_grad()
