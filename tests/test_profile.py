@@ -124,6 +124,7 @@ def test_compiled_reference_side(kind, preset, extra, tmp_path, capsys, monkeypa
     (["vlm", "--backend", "warp"], "--backend: no op family has a backend 'warp'"),
     (["vlm", "--preset", "tiny", "--checkpoint", "."], "--preset/--checkpoint: give one or the other"),
     (["ldm", "--cuda-graph"], "--cuda-graph: needs a CUDA device"),
+    (["vlm", "--cuda-graph"], "--cuda-graph: needs a CUDA device"),
     (["vlm", "--model", "llava", "--preset", "7b"], "--preset: llava has no preset '7b' (its presets: llava-1.5-7b"),
     (["vlm", "--model", "blip2", "--resolution", "64", *COMMON], "--resolution: blip2's vision tower takes 16 px"),
 ])

@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from mmfast.models.generation import Decoding, pick_token
+from mmfast.models.generation import Decoding, has_ended, pick_token
 from mmfast.models.kv_cache import KVCache
 
 #: replays between two host checks of "every sequence has finished"
@@ -104,7 +104,7 @@ class DecodeGraphs:
         eos = torch.tensor(settings.eos, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         first = pick_token(last_hidden, finished, lm_head, settings)  # eagerly, as the host loop does
-        finished |= torch.isin(first, eos)
+        finished |= has_ended(first, eos)
         steps = settings.max_new_tokens - 1
         if steps == 0:
             return first[:, None]
@@ -145,7 +145,7 @@ class DecodeGraphs:
             held.position.add_(1)
             token = pick_token(hidden, held.finished, lm_head, settings)
             held.token.copy_(token)
-            held.finished.logical_or_(torch.isin(token, held.eos))
+            held.finished.logical_or_(has_ended(token, held.eos))
             held.out.index_copy_(1, held.index, token[:, None])
             held.index.add_(1)
 
@@ -194,7 +194,7 @@ def _host_loop_length(tokens: Tensor, eos: Tensor) -> int:
     count = tokens.shape[1]
     if eos.numel() == 0:
         return count
-    ended = torch.isin(tokens, eos).cummax(dim=1).values.all(dim=0)  # [n]: every sequence ended by step i
+    ended = (tokens[..., None] == eos).any(-1).cummax(dim=1).values.all(dim=0)  # [n]: every sequence ended by step i
     steps = torch.arange(count, device=tokens.device)
     return int(torch.where(ended, steps, count - 1).min()) + 1
 

@@ -99,6 +99,12 @@ def pick_token(hidden: Tensor, finished: Tensor, lm_head: Callable[[Tensor], Ten
     return torch.where(finished, torch.full_like(token, settings.pad), token)
 
 
+def has_ended(token: Tensor, eos: Tensor) -> Tensor:
+    """[B] bool: whether each token is one of the ``eos`` ids (none when eos is empty).
+    A comparison rather than torch.isin, which may take a sorting path that syncs."""
+    return (token[:, None] == eos).any(-1)
+
+
 @torch.no_grad()
 def decode(last_hidden: Tensor, lm_head: Callable[[Tensor], Tensor], step: Callable[[Tensor, Tensor], Tensor],
            settings: Decoding, position: Tensor, cache) -> Tensor:
@@ -113,7 +119,7 @@ def decode(last_hidden: Tensor, lm_head: Callable[[Tensor], Tensor], step: Calla
     position = position.clone()
     token = pick_token(last_hidden, finished, lm_head, settings)
     tokens = [token]
-    finished |= torch.isin(token, eos)
+    finished |= has_ended(token, eos)
     for _ in range(settings.max_new_tokens - 1):
         if bool(finished.all()):
             break
@@ -121,5 +127,5 @@ def decode(last_hidden: Tensor, lm_head: Callable[[Tensor], Tensor], step: Calla
         position += 1
         token = pick_token(hidden, finished, lm_head, settings)
         tokens.append(token)
-        finished |= torch.isin(token, eos)
+        finished |= has_ended(token, eos)
     return torch.stack(tokens, dim=1)

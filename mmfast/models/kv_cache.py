@@ -86,6 +86,10 @@ class KVCache:
         lengths = torch.tensor(self.lengths, dtype=torch.long)
         if self.device_lengths is None:
             self.device_lengths = lengths.to(self.device)
+            rows = torch.arange(self.batch, device=self.device)
+            self._row_starts = rows * self.capacity  # each sequence's first slot
+            ones = (rows + 1).to(torch.int32).repeat_interleave(2)
+            self._decode_cu_q = torch.cat([ones.new_zeros(1), ones])  # [0, 1, 1, 2, 2, .., B, B]
         else:
             self.device_lengths.copy_(lengths)
         self.decoding, self.decode_steps = True, 0
@@ -118,13 +122,10 @@ class KVCache:
             raise ValueError(f"KVCache: {max(self.lengths) + self.decode_steps + 1} tokens exceed "
                              f"the capacity {self.capacity}")
         self.decode_steps += 1
-        rows = torch.arange(self.batch, device=self.device) * self.capacity
-        ends = rows + self.device_lengths + 1  # after this step's token
-        cu_k = torch.stack([rows, ends], dim=1).flatten()
-        cu_k = torch.cat([cu_k, cu_k.new_full((1,), self.batch * self.capacity)]).to(torch.int32)
-        ones = torch.arange(1, self.batch + 1, dtype=torch.int32, device=self.device)
-        cu_q = torch.cat([ones.new_zeros(1), ones.repeat_interleave(2)])
-        return CacheStep(rows + self.device_lengths, None, cu_k, self.capacity, None, new_lengths, cu_q)
+        write = self._row_starts + self.device_lengths
+        bounds = torch.stack([self._row_starts, write + 1], dim=1).flatten()  # row start, end of its valid keys
+        cu_k = torch.cat([bounds, bounds.new_full((1,), self.batch * self.capacity)]).to(torch.int32)
+        return CacheStep(write, None, cu_k, self.capacity, None, new_lengths, self._decode_cu_q)
 
     def attend(self, layer: int, step: CacheStep, q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
                max_seqlen: int, dropout_p: float = 0.0) -> Tensor:

@@ -7,7 +7,9 @@ ids; a CPU model refuses cuda_graph; a GPU test captures the real graph."""
 import pytest
 import torch
 
+from mmfast.dispatch import set_backend
 from mmfast.models import decode_graph
+from mmfast.models.kv_cache import KVCache
 from mmfast.models.blip2 import Blip2ForConditionalGeneration
 from mmfast.models.generation import draw
 from mmfast.models.llava import LlavaForConditionalGeneration
@@ -72,6 +74,42 @@ def test_body_samples_the_host_loops_ids(eager_body):
     want = model.generate(**batch, **settings, generator=torch.Generator().manual_seed(4))
     got = model.generate(**batch, **settings, generator=torch.Generator().manual_seed(4), cuda_graph=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_short", "torch"])
+def test_static_decode_step_attends_like_the_gather_path(backend):
+    # Lengths 3 and 6 (capacity 8): the static step reads the whole buffer as 2B segments
+    # (one with the query, one skipped); the planned step gathers the valid keys.
+    g = torch.Generator().manual_seed(0)
+    hq, hk, d = 4, 2, 32
+    prompt_k, prompt_v = (torch.randn(9, hk, d, generator=g) for _ in range(2))
+    q, k, v = (torch.randn(2, h, d, generator=g) for h in (hq, hk, hk))
+    one_each = torch.arange(3, dtype=torch.int32)
+    outputs = []
+    for static in (False, True):
+        cache = KVCache(1, 2, 8, hk, d, dtype=torch.float32)
+        prompt = cache.plan([3, 6])
+        cache.update(0, prompt, prompt_k, prompt_v)
+        cache.advance(prompt)
+        if static:
+            cache.start_decoding()
+        step = cache.plan([1, 1])
+        with set_backend(backend, op="attention"):
+            outputs.append(cache.attend(0, step, q, k, v, one_each, 1))
+        cache.advance(step)
+        assert (cache.device_lengths.tolist() if static else cache.lengths) == [4, 7]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_plan_bad_input():
+    cache = KVCache(1, 2, 4, 1, 8, dtype=torch.float32)
+    cache.advance(cache.plan([3, 1]))
+    cache.start_decoding()
+    with pytest.raises(ValueError, match="one token per sequence"):
+        cache.plan([2, 1])
+    cache.advance(cache.plan([1, 1]))
+    with pytest.raises(ValueError, match="exceed the capacity 4"):
+        cache.plan([1, 1])
 
 
 def test_draw_is_multinomials_sample():
