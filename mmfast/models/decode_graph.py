@@ -13,24 +13,32 @@ exactly. What a graph needs and the step provides:
   ``[B, capacity]`` buffer at a device counter, sampling draws through
   :func:`~mmfast.models.generation.draw` (no sync inside).
 
-The graph, its KV cache and its static tensors are kept (one set per model) for the next
-``generate`` with the same batch, cache capacity, dtype and decoding settings; the prompt
-is prefilled into that same cache. Changing any of them captures a new graph, freeing the
-old one first.
+The first new token is picked eagerly from the prefill's output; the graph then runs
+steps 2..n. The graph, its KV cache and its static tensors are kept (one set per model)
+for the next ``generate`` with the same batch, cache capacity (longest prompt +
+``max_new_tokens``), dtype, device, decoding settings and generator object; the prompt is
+prefilled into that same cache. Changing any of them captures a new graph, freeing the
+old one first (capacity buckets, so that prompts of other lengths reuse a graph, are left
+for later: the capacity sizes the attention call, and must match ``cuda_graph=False``'s
+for equal ids).
 
 End of sequence: the host checks "every sequence finished" once every
-:data:`EOS_CHECK_EVERY` replays (one sync each) instead of after every token. The up to
-``EOS_CHECK_EVERY - 1`` steps run past the end only produce pad tokens, and the result is
-cut to the length the host-driven loop returns (one sync at the end), so outputs are equal.
+:data:`EOS_CHECK_EVERY` replays (one sync each) instead of after every token: a few
+wasted steps at the end buy a sync-free stretch of replays. Steps run past the end only
+produce pad tokens (their K/V land in slots the capacity already holds), and the result
+is cut to the length the host-driven loop returns (one sync at the end), so the outputs
+are equal.
 
 Sampling: the draws come from ``generator`` (a CUDA generator on the model's device,
-registered with the graph so every replay advances it) or torch's default CUDA generator;
-with the same seed the ids are reproducible from run to run. The random stream is the
-same as the eager loop's only in the sense that both draw from it; sampled ids of the two
-modes need not match.
+registered with the graph so that every replay advances it; needs
+``CUDAGraph.register_generator_state``) or from torch's default CUDA generator; with the
+same seed the ids are reproducible from run to run (the warm-up's draws are undone before
+capture). Run eagerly (``capture=False``) the body draws exactly as the host loop does;
+under a graph the ids are only promised to be reproducible, not equal to the host loop's.
 
-Unmeasured: written without a GPU; the speedup (decode tokens/s, ``mmfast profile vlm
---cuda-graph``) has not been measured.
+Unmeasured: written without a GPU; the graph capture has not run on one yet (the
+GPU-marked tests in tests/models/test_decode_graph.py do that), and the speedup (decode
+tokens/s, ``mmfast profile vlm --cuda-graph``) has not been measured.
 """
 
 from __future__ import annotations
@@ -98,9 +106,9 @@ class DecodeGraphs:
         cache.start_decoding()
         batch, device = last_hidden.shape[0], last_hidden.device
         if settings.do_sample and settings.generator is not None and self.capture \
-                and settings.generator.device != device:
-            raise ValueError(f"generator: expected a generator on {device} with cuda_graph=True, "
-                             f"got one on {settings.generator.device}")
+                and settings.generator.device.type != "cuda":
+            raise ValueError(f"generator: expected a CUDA generator (on the model's {device}) with "
+                             f"cuda_graph=True, got one on {settings.generator.device}")
         eos = torch.tensor(settings.eos, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         first = pick_token(last_hidden, finished, lm_head, settings)  # eagerly, as the host loop does
