@@ -24,7 +24,7 @@ from torch import nn
 
 from mmfast.nn import resnet, spatial_attention
 from mmfast.nn._swap import swap_modules
-from mmfast.nn.group_norm import GroupNorm
+from mmfast.nn.group_norm import fuse_norm_out_silu
 
 
 def _replacement(module: nn.Module) -> nn.Module | None:
@@ -39,27 +39,11 @@ def _replacement(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def _fuse_norm_out(model: nn.Module) -> list[str]:
-    """conv_norm_out (a GroupNorm) + conv_act (SiLU) of each Encoder / Decoder -> one
-    GroupNorm+SiLU pass; the SiLU module becomes an Identity (it has no parameters)."""
-    fused = []
-    for name, coder in model.named_modules():
-        norm, act = getattr(coder, "conv_norm_out", None), getattr(coder, "conv_act", None)
-        if (type(norm) is not nn.GroupNorm or not norm.affine or not isinstance(act, nn.SiLU)):
-            continue
-        new = GroupNorm.like(norm, activation="silu")
-        new.load_state_dict(norm.state_dict())
-        new.to(device=norm.weight.device, dtype=norm.weight.dtype)
-        coder.conv_norm_out, coder.conv_act = new, nn.Identity()
-        fused.append(f"{name}.conv_norm_out" if name else "conv_norm_out")
-    return fused
-
-
 def use_mmfast_vae_blocks(model: nn.Module) -> list[str]:
     """Replace, in place, the blocks of a diffusers ``AutoencoderKL`` (or its ``encoder`` /
     ``decoder``) that mmfast has modules for, keeping their weights and names; returns the
     qualified names replaced. Calling it again replaces nothing."""
-    return swap_modules(model, _replacement) + _fuse_norm_out(model)
+    return swap_modules(model, _replacement) + fuse_norm_out_silu(model)
 
 
 def autoencoder_kl(config) -> nn.Module:

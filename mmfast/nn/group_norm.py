@@ -1,5 +1,5 @@
 """``nn.GroupNorm`` on mmfast's kernel, optionally with the SiLU that follows it fused
-(a VAE's ``conv_norm_out`` + ``conv_act``; see :mod:`mmfast.ops.group_norm`)."""
+(a VAE's or UNet's ``conv_norm_out`` + ``conv_act``; see :mod:`mmfast.ops.group_norm`)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ class GroupNorm(nn.GroupNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
+
+
+def fuse_norm_out_silu(model: nn.Module) -> list[str]:
+    """``conv_norm_out`` (a GroupNorm) + ``conv_act`` (SiLU) of ``model`` and its submodules
+    (a diffusers UNet, or a VAE's Encoder / Decoder) -> one GroupNorm+SiLU pass; the SiLU
+    module becomes an Identity (it has no parameters). Returns the names fused."""
+    fused = []
+    for name, owner in model.named_modules():
+        norm, act = getattr(owner, "conv_norm_out", None), getattr(owner, "conv_act", None)
+        if type(norm) is not nn.GroupNorm or not norm.affine or not isinstance(act, nn.SiLU):
+            continue
+        new = GroupNorm.like(norm, activation="silu")
+        new.load_state_dict(norm.state_dict())
+        new.to(device=norm.weight.device, dtype=norm.weight.dtype)
+        owner.conv_norm_out, owner.conv_act = new, nn.Identity()
+        fused.append(f"{name}.conv_norm_out" if name else "conv_norm_out")
+    return fused

@@ -11,8 +11,9 @@ mmfast modules in place of its hot blocks:
 
 Parameter names are unchanged, so a diffusers UNet's state_dict loads as it is. What
 stays diffusers' own: the time embedding MLP, ``Transformer2DModel``'s GroupNorm and
-projections around the blocks, the down/up-sampling convolutions, ``conv_norm_out`` and
-the output convolution. Needs diffusers (imported on call).
+projections around the blocks, the down/up-sampling convolutions and the output
+convolution; ``conv_norm_out`` and its SiLU become one fused GroupNorm+SiLU pass.
+Needs diffusers (imported on call).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from mmfast.nn import resnet, transformer_2d
 from mmfast.nn._swap import swap_modules
+from mmfast.nn.group_norm import fuse_norm_out_silu
 
 
 def _activation_name(act: nn.Module) -> str | None:
@@ -50,6 +52,8 @@ def _transformer_block_from(block) -> nn.Module | None:
 
 def _replacement(module: nn.Module) -> nn.Module | None:
     name = type(module).__name__
+    if isinstance(module, (resnet.ResnetBlock2D, transformer_2d.Transformer2DBlock)):
+        return None  # already mmfast's
     if name == "ResnetBlock2D" and resnet.fusable(module) and module.upsample is None and module.downsample is None:
         return resnet.ResnetBlock2D.like(module)
     if name == "BasicTransformerBlock" and transformer_2d.fusable(module):
@@ -59,8 +63,9 @@ def _replacement(module: nn.Module) -> nn.Module | None:
 
 def use_mmfast_blocks(model: nn.Module) -> list[str]:
     """Replace, in place, the diffusers blocks of ``model`` that mmfast has modules for,
-    keeping their weights and names; returns the qualified names replaced."""
-    return swap_modules(model, _replacement)
+    keeping their weights and names, and fuse ``conv_norm_out`` with its SiLU; returns the
+    qualified names replaced. Calling it again replaces nothing."""
+    return swap_modules(model, _replacement) + fuse_norm_out_silu(model)
 
 
 def unet2d_condition_model(config) -> nn.Module:

@@ -6,6 +6,7 @@ import torch
 
 import mmfast
 from mmfast.nn import DiTBlock, MMDiTBlock, ResnetBlock2D, Transformer2DBlock, unet2d_condition_model
+from mmfast.nn.unet import use_mmfast_blocks
 
 diffusers = pytest.importorskip("diffusers")
 HEADS, HEAD_DIM = 2, 32
@@ -109,6 +110,8 @@ def test_unet2d_condition_model_loads_diffusers_weights():
     ours.eval()
     kinds = {type(m).__module__ for m in ours.modules() if type(m).__name__ in ("ResnetBlock2D", "Transformer2DBlock")}
     assert kinds == {"mmfast.nn.resnet", "mmfast.nn.transformer_2d"}
+    assert ours.conv_norm_out.activation == "silu" and isinstance(ours.conv_act, torch.nn.Identity)
+    assert use_mmfast_blocks(ours) == []  # its own blocks are not swapped again
     inputs = unet_inputs(batch=2)
     # The kernels are checked op by op elsewhere; here the assembly is, on the reference backends.
     with torch.no_grad(), mmfast.set_backend("torch"):
