@@ -22,8 +22,9 @@ with shapes that depend only on (batch, capacity). Attention reads the buffers i
 one packed stream of all ``batch * capacity`` slots, cut into 2B segments: sequence b's
 valid keys ``[b * capacity, b * capacity + length_b)`` with its one query, then the rest of
 its row ``[.., (b + 1) * capacity)`` with no query (``cu_seqlens_q`` = [0, 1, 1, 2, 2, ..]),
-which the kernels skip. No gather, no host sync, nothing the host must plan: a decode step
-is capturable in a CUDA graph (:mod:`mmfast.models.decode_graph`).
+which the kernels skip; with one query per sequence this is :func:`mmfast.ops.cross_attention`
+(keys split over programs, flash-decoding style). No gather, no host sync, nothing the host
+must plan: a decode step is capturable in a CUDA graph (:mod:`mmfast.models.decode_graph`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from mmfast.ops.attention import attention
+from mmfast.ops.cross_attention import cross_attention
 
 
 @dataclass
@@ -132,9 +134,13 @@ class KVCache:
         """Causal attention of the step's packed queries q [sum(new), Hq, D] over everything
         cached for their sequences, after storing k, v [sum(new), Hk, D] for ``layer``."""
         keys, values = self.update(layer, step, k, v)
-        if step.cu_seqlens_q is not None:  # static decode: the whole buffer, 2B segments
-            return attention(q, keys, values, cu_seqlens_q=step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k,
-                             max_seqlen_q=1, max_seqlen_k=step.max_seqlen_k, causal=True, dropout_p=dropout_p)
+        if step.cu_seqlens_q is not None:
+            # Static decode: the whole buffer, 2B segments. One query per sequence sees all of
+            # its keys (causal adds nothing), which is cross-attention: its kernels split the
+            # keys over programs (flash-decoding), where attention's would give one program
+            # per sequence and head.
+            return cross_attention(q, keys, values, cu_seqlens_q=step.cu_seqlens_q, cu_seqlens_k=step.cu_seqlens_k,
+                                   max_seqlen_q=1, max_seqlen_k=step.max_seqlen_k, dropout_p=dropout_p)
         if step.read_index is None:  # equal lengths: padded views of the cache
             batch = keys.shape[0]
             return attention(q.view(batch, -1, *q.shape[1:]), keys, values, causal=True,

@@ -22,19 +22,21 @@ SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "vo
 
 @pytest.fixture
 def mmfast_calls(monkeypatch):
-    """The (layout, Tq, Tk) of each mmfast.ops.attention call the implementation makes;
-    a fall back to transformers' sdpa fails the test."""
+    """The (layout, Tq, Tk) of each mmfast.ops.attention / cross_attention (decode steps)
+    call the implementation makes; a fall back to transformers' sdpa fails the test."""
     calls = []
 
-    def spy(q, k, v, **options):
-        calls.append(("packed" if q.dim() == 3 else "padded", q.shape[-3], k.shape[-3]))
-        return attention(q, k, v, **options)
+    def spying(op):
+        def spy(q, k, v, **options):
+            calls.append(("packed" if q.dim() == 3 else "padded", q.shape[-3], k.shape[-3]))
+            return op(q, k, v, **options)
+        return spy
 
     def no_fallback(*args, **kwargs):
         raise AssertionError("fell back to sdpa")
 
-    attention = attention_interface.attention
-    monkeypatch.setattr(attention_interface, "attention", spy)
+    for name in ("attention", "cross_attention"):
+        monkeypatch.setattr(attention_interface, name, spying(getattr(attention_interface, name)))
     monkeypatch.setattr(attention_interface, "_sdpa_fallback", no_fallback)
     return calls
 

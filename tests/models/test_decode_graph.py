@@ -76,28 +76,29 @@ def test_body_samples_the_host_loops_ids(eager_body):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_short", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
 def test_static_decode_step_attends_like_the_gather_path(backend):
-    # Lengths 3 and 6 (capacity 8): the static step reads the whole buffer as 2B segments
-    # (one with the query, one skipped); the planned step gathers the valid keys.
+    # Lengths 3 and 150 (capacity 160): the static step reads the whole buffer as 2B
+    # segments (one with the query, one skipped) through cross_attention (keys split over
+    # programs); the planned step gathers the valid keys for causal attention.
     g = torch.Generator().manual_seed(0)
     hq, hk, d = 4, 2, 32
-    prompt_k, prompt_v = (torch.randn(9, hk, d, generator=g) for _ in range(2))
+    prompt_k, prompt_v = (torch.randn(153, hk, d, generator=g) for _ in range(2))
     q, k, v = (torch.randn(2, h, d, generator=g) for h in (hq, hk, hk))
     one_each = torch.arange(3, dtype=torch.int32)
     outputs = []
     for static in (False, True):
-        cache = KVCache(1, 2, 8, hk, d, dtype=torch.float32)
-        prompt = cache.plan([3, 6])
+        cache = KVCache(1, 2, 160, hk, d, dtype=torch.float32)
+        prompt = cache.plan([3, 150])
         cache.update(0, prompt, prompt_k, prompt_v)
         cache.advance(prompt)
         if static:
             cache.start_decoding()
         step = cache.plan([1, 1])
-        with set_backend(backend, op="attention"):
+        with set_backend(backend, op="cross_attention"):
             outputs.append(cache.attend(0, step, q, k, v, one_each, 1))
         cache.advance(step)
-        assert (cache.device_lengths.tolist() if static else cache.lengths) == [4, 7]
+        assert (cache.device_lengths.tolist() if static else cache.lengths) == [4, 151]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ self-attention on :func:`mmfast.ops.attention`::
 
 Masks are built flash-attention style, so no dense [B, 1, Tq, Tk] mask is ever made:
 ``None`` when nothing is padded (causality and sliding windows are the module's), else
-the 2D [B, Tk] padding mask. The attention function then takes one of three paths:
+the 2D [B, Tk] padding mask. The attention function then takes one of these paths:
 
 - no mask: padded ``attention(q, k, v, causal=module.is_causal)``. mmfast aligns a
   causal mask bottom-right as flash-attn does, so decode with a KV cache (Tq < Tk) is
@@ -25,6 +25,9 @@ the 2D [B, Tk] padding mask. The attention function then takes one of three path
   of a forward (the result is kept for the last mask seen); max_seqlen is bounded by the
   padded lengths, so it costs none. Decode (Tq = 1) needs no sync for the queries;
   chunked prefill into a cache (1 < Tq < Tk) syncs once more per layer for them.
+- a decode step (Tq = 1, no sliding window), padded or not: the one query sees every key,
+  so it runs as :func:`mmfast.ops.cross_attention`, whose kernels split the keys over
+  programs (flash-decoding).
 - packed sequences in one row (B = 1): ``cu_seq_lens_q/k`` and ``max_length_q/k``
   kwargs (DataCollatorWithFlattening) are used as given, with no sync; otherwise packing
   is detected from ``position_ids`` (a new segment where positions do not step by 1, as
@@ -53,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.ops.attention import attention
+from mmfast.ops.cross_attention import cross_attention
 
 NAME = "mmfast"
 logger = logging.getLogger(__name__)
@@ -234,9 +238,18 @@ def mmfast_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
         out = _attend_padded_batch(q, k, v, attention_mask, options)
     else:
         out = _attend_packed_row(q, k, v, kwargs, options)
-        if out is None:
+        if out is None and _sees_every_key(q.shape[1], options):
+            out = cross_attention(q, k, v, scale=scaling, dropout_p=dropout)
+        elif out is None:
             out = attention(q, k, v, **options)
     return out.contiguous(), None
+
+
+def _sees_every_key(tokens_q: int, options) -> bool:
+    """A decode step (one query per row, no window) sees every key, causal or not: that is
+    cross-attention, whose kernels split the keys over programs (flash-decoding) where
+    attention's would run one program per row and head."""
+    return tokens_q == 1 and options["window"] == (-1, -1)
 
 
 def _sdpa_fallback(*args, **kwargs):
@@ -293,7 +306,11 @@ def _attend_padded_batch(q, k, v, mask: Tensor, options):
         index_q, cu_q = _unpad_data(mask[:, -tokens_q:])
     packed_q = q.reshape(-1, heads, dim).index_select(0, index_q)
     packed_k, packed_v = (t.reshape(-1, *t.shape[2:]).index_select(0, index_k) for t in (k, v))
-    out = attention(packed_q, packed_k, packed_v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                    max_seqlen_q=tokens_q, max_seqlen_k=tokens_k, **options)
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=tokens_q, max_seqlen_k=tokens_k)
+    if _sees_every_key(tokens_q, options):
+        out = cross_attention(packed_q, packed_k, packed_v, scale=options["scale"], dropout_p=options["dropout_p"],
+                              **varlen)
+    else:
+        out = attention(packed_q, packed_k, packed_v, **varlen, **options)
     padded = out.new_zeros(batch * tokens_q, heads, dim).index_copy(0, index_q, out)
     return padded.view(batch, tokens_q, heads, dim)
