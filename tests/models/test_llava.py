@@ -88,9 +88,10 @@ def test_greedy_generation_matches_hugging_face(checkpoint):
     ids, pixels = _prompt()
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = PAD, 0
-    got = ours.generate(ids, mask, pixel_values=pixels, max_new_tokens=5, eos_token_id=[])
-    want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, min_new_tokens=5,
-                       do_sample=False)
+    # Both sides stop at the config's end-of-sequence token and pad after it.
+    got = ours.generate(ids, mask, pixel_values=pixels, max_new_tokens=5, pad_token_id=PAD)
+    want = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5, do_sample=False,
+                       pad_token_id=PAD)
     assert torch.equal(got, want)
 
 
