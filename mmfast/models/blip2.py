@@ -43,7 +43,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mmfast.models.checkpoint import load_checkpoint, read_config, register_architecture, save_pretrained
+from mmfast.models.checkpoint import (config_dtype, load_pretrained, read_config, register_architecture,
+                                     save_pretrained)
 from mmfast.models.decode_graph import DecodeGraphs
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.llava import _text_kwargs
@@ -236,18 +237,14 @@ class Blip2ForConditionalGeneration(nn.Module):
         """Load a transformers-format directory (config.json + safetensors). ``dtype``:
         the parameters' dtype (default: the config's ``dtype``/``torch_dtype``, else
         float32), except the Q-Former and query tokens, kept in float32 as Hugging Face does."""
-        raw = read_config(directory)
-        if dtype is None:
-            name = raw.get("dtype") or raw.get("torch_dtype")
-            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
-        with torch.device("meta"):  # no random init of weights about to be overwritten
-            model = cls(raw).to(dtype=dtype)
+        def keep_qformer_in_float32(model):
             model.qformer.float()
             model.query_tokens = nn.Parameter(model.query_tokens.float())
-        model = model.to_empty(device=device or "cpu")
-        model.tie_weights()  # to_empty gives each module its own tensor
-        load_checkpoint(model, directory)  # strict; transformers 4 and 5 both write the module's names
-        return model.eval()
+
+        raw = read_config(directory)
+        dtype = config_dtype(raw) if dtype is None else dtype
+        # No renaming rules: transformers 4 and 5 both write the module's names.
+        return load_pretrained(cls, directory, raw, dtype, device, prepare=keep_qformer_in_float32)
 
     @classmethod
     def from_preset(cls, name: str) -> "Blip2ForConditionalGeneration":

@@ -287,3 +287,30 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
     else:
         cls = _ARCHITECTURES[architecture_of(read_config(directory))]
     return cls.from_pretrained(directory, **kwargs)
+
+
+def config_dtype(config: Mapping, *sections: str) -> torch.dtype:
+    """The parameters' dtype a config.json names (``dtype``, else ``torch_dtype``, at the top
+    level, else ``dtype`` in the given sub-configs such as ``text_config``), else float32."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    for section in sections:
+        name = name or (config.get(section) or {}).get("dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
+
+
+def load_pretrained(cls, directory: Union[str, os.PathLike], config: Mapping, dtype: torch.dtype,
+                    device: Union[str, torch.device, None] = None, rules: NameRules = (),
+                    prepare: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """``cls(config)`` holding the checkpoint's tensors, in eval mode: built on the meta
+    device (no random init, no float32 host copy of a large model), cast to ``dtype``,
+    ``prepare(model)`` still on meta (parts kept in another dtype), materialised on
+    ``device`` (default CPU), ties re-applied (``to_empty`` gives every module its own
+    tensor), then loaded strictly."""
+    with torch.device("meta"):
+        model = cls(config).to(dtype=dtype)
+        if prepare is not None:
+            prepare(model)
+    model = model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    load_checkpoint(model, directory, rules=rules)
+    return model.eval()

@@ -26,7 +26,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mmfast.models.checkpoint import (load_checkpoint, read_config, register_architecture, save_pretrained)
+from mmfast.models.checkpoint import (config_dtype, load_pretrained, read_config, register_architecture,
+                                     save_pretrained)
 from mmfast.models.decode_graph import DecodeGraphs
 from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
@@ -167,15 +168,8 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         """Load a transformers-format directory (config.json + safetensors). ``dtype``:
         the parameters' dtype (default: the config's ``dtype``/``torch_dtype``, else float32)."""
         raw = read_config(directory)
-        if dtype is None:
-            name = raw.get("dtype") or raw.get("torch_dtype") or (raw.get("text_config") or {}).get("dtype")
-            dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.float32
-        with torch.device("meta"):  # no random init, no float32 copy of a 7B model in host memory
-            model = cls(raw)
-        model = model.to(dtype=dtype).to_empty(device=device or "cpu")
-        model.tie_weights()  # to_empty gives each module its own tensor
-        load_checkpoint(model, directory, rules=CHECKPOINT_RULES)  # strict: every tensor is written
-        return model.eval()
+        dtype = config_dtype(raw, "text_config") if dtype is None else dtype
+        return load_pretrained(cls, directory, raw, dtype, device, rules=CHECKPOINT_RULES)
 
     def tie_weights(self) -> None:
         """Share the embedding with lm_head when the config ties them."""
