@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from mmfast.models import LatentDiffusionModel  # noqa: E402
+from tests.models.faults import break_weights  # noqa: E402
 
 TEXT_DIM = 32
 TOKENS = 8
@@ -177,15 +178,8 @@ def test_missing_component_and_pickle_only_weights(saved, tmp_path):
 
 
 def test_mismatched_tensors_are_named(saved, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     path = _broken_copy(saved, tmp_path)
-    file = path / "unet" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(file))
-    state.pop("conv_in.bias")
-    state["conv_out.weight"] = state["conv_out.weight"][:2].contiguous()
-    state["extra.weight"] = torch.zeros(1)
-    save_file(state, str(file))
+    break_weights(path / "unet" / "diffusion_pytorch_model.safetensors", "conv_in.bias", "conv_out.weight")
     with pytest.raises(ValueError, match=r"unet: .*missing keys: conv_in\.bias.*unexpected keys: extra\.weight"
                                          r".*shape mismatches: conv_out\.weight: checkpoint \(2, "):
         LatentDiffusionModel.from_pretrained(path)
