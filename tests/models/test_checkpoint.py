@@ -131,3 +131,19 @@ def test_bad_arguments(tmp_path):
         save_pretrained(Tiny(), tmp_path, {}, max_shard_size="lots")
     with pytest.raises(ValueError, match="weights_name"):
         save_pretrained(Tiny(), tmp_path, {}, weights_name="weights.pt")
+
+
+def test_config_dtype_and_from_pretrained_default_to_the_checkpoints_dtype(tmp_path):
+    from mmfast.models import Qwen25VLForConditionalGeneration
+    from mmfast.models.checkpoint import config_dtype
+
+    assert config_dtype({"torch_dtype": "float16"}) == torch.float16
+    assert config_dtype({"dtype": "bfloat16", "torch_dtype": "float16"}) == torch.bfloat16
+    assert config_dtype({"text_config": {"dtype": "bfloat16"}}) == torch.float32  # sub-configs only when named
+    assert config_dtype({"text_config": {"dtype": "bfloat16"}}, "text_config") == torch.bfloat16
+    assert config_dtype({"dtype": "no_such_dtype"}) == torch.float32
+    torch.manual_seed(0)
+    Qwen25VLForConditionalGeneration.from_preset("tiny").to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = Qwen25VLForConditionalGeneration.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.lm_head.weight.dtype == torch.bfloat16 and not loaded.training
