@@ -48,9 +48,76 @@ def test_editable_install_maps_kernels_into_mmfast(tmp_path):
     if not _is_under(where["mmfast"], REPO):
         pytest.skip(f"mmfast is imported from {where['mmfast']}, not an editable install of {REPO}")
     assert Path(where["kernels"]) == REPO / "kernels" / "__init__.py"
-    # A top-level `kernels` (or `bench`) may exist, e.g. Hugging Face's, but never ours.
+    # A top-level `kernels` (or `bench`) may exist, e.g. Hugging Face's in .venv, but never ours.
     for name, origin in where["top"].items():
-        assert origin is None or not _is_under(origin, REPO), f"`import {name}` finds {origin}"
+        assert origin is None or not _is_under(origin, REPO / name), f"`import {name}` finds {origin}"
+
+
+def test_the_installed_distribution_holds_no_top_level_kernels(tmp_path):
+    # Outside the clone: there, mmfast.egg-info (the editable build's sources) is found first.
+    code = "import json; from importlib.metadata import files; print(json.dumps([f.parts[0] for f in files('mmfast')]))"
+    tops = set(_python(code, cwd=tmp_path))
+    assert not {"kernels", "bench", "kernels.py", "bench.py"} & tops, tops
+
+
+# ---- `import kernels` from inside the clone -----------------------------------------
+# The repository root on sys.path (pytest, a REPL or `python -m` started in the clone)
+# must not make `import kernels` find kernels/: see the comment in kernels/__init__.py.
+
+_WHICH_KERNELS = """
+import json, sys
+import kernels
+import mmfast.kernels
+print(json.dumps({"kernels": kernels.__file__, "mmfast.kernels": mmfast.kernels.__file__,
+                  "mark": getattr(kernels, "MARK", None)}))
+"""
+
+
+def _hugging_face_kernels() -> str | None:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        return str(distribution("kernels").locate_file("kernels/__init__.py"))
+    except PackageNotFoundError:
+        return None
+
+
+def test_in_the_test_process_kernels_is_not_ours():
+    import kernels
+    import mmfast.kernels
+
+    assert Path(mmfast.kernels.__file__) == REPO / "kernels" / "__init__.py"
+    assert Path(kernels.__file__) != REPO / "kernels" / "__init__.py"
+    installed = _hugging_face_kernels()
+    if installed is not None:
+        assert Path(kernels.__file__).resolve() == Path(installed).resolve()
+
+
+def test_in_a_process_started_in_the_clone_kernels_is_hugging_faces():
+    installed = _hugging_face_kernels()
+    if installed is None:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    for code in (_WHICH_KERNELS, "import transformers.integrations.hub_kernels\n" + _WHICH_KERNELS):
+        where = _python(code, cwd=REPO)  # `-c` puts the working directory first on sys.path
+        assert Path(where["kernels"]).resolve() == Path(installed).resolve()
+        assert Path(where["mmfast.kernels"]) == REPO / "kernels" / "__init__.py"
+
+
+def test_kernels_folder_on_the_path_defers_to_the_next_kernels(tmp_path):
+    other = tmp_path / "other" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 'other'\n")
+    where = _python(_WHICH_KERNELS, cwd=REPO, PYTHONPATH=str(tmp_path / "other"))
+    assert where["mark"] == "other" and _is_under(where["kernels"], tmp_path)
+
+
+def test_kernels_folder_alone_is_no_module_named_kernels(tmp_path):
+    (tmp_path / "kernels").mkdir()
+    shutil.copy(REPO / "kernels" / "__init__.py", tmp_path / "kernels")
+    done = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr
 
 
 # ---- the wheel ----------------------------------------------------------------------

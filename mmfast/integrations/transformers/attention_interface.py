@@ -101,11 +101,14 @@ def _mask_pattern(mask_function) -> str | None:
     parts = _closure(mask_function).get("mask_functions")
     if not (isinstance(parts, tuple) and len(parts) == 2):
         return None
-    first, second = parts
-    if _is_local(first, "sliding_window_overlay") and second is causal_mask_function:
+    # The order of the two parts differs between transformers releases.
+    overlay = next((p for p in parts if _is_local(p, "sliding_window_overlay")), None)
+    if overlay is not None and any(p is causal_mask_function for p in parts):
         return "sliding"
-    if _is_local(first, "packed_sequence_mask_function") and _is_local(second, "remap_positions_for_packed_sequence"):
-        if _mask_pattern(_closure(second).get("mask_function")) in ("causal", "sliding"):
+    packing = next((p for p in parts if _is_local(p, "packed_sequence_mask_function")), None)
+    remap = next((p for p in parts if _is_local(p, "remap_positions_for_packed_sequence")), None)
+    if packing is not None and remap is not None:
+        if _mask_pattern(_closure(remap).get("mask_function")) in ("causal", "sliding"):
             return "packed"
     return None
 

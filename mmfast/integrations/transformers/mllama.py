@@ -14,6 +14,7 @@ Text rows that see no image attend to every key, as Hugging Face's zeroed mask m
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -42,13 +43,14 @@ def key_start_mask(additive_mask, sees_any, text, image):
     return mask
 
 
-def _layer_forward(self, hidden_states, cross_attention_states=None, cross_attention_mask=None,
-                   attention_mask=None, full_text_row_masked_out_mask=None, position_ids=None,
-                   past_key_values=None, use_cache=False, position_embeddings=None, **kwargs):
+def _layer_forward(self, *args, **kwargs):
     original = type(self).forward
-    args = (hidden_states, cross_attention_states, cross_attention_mask, attention_mask,
-            full_text_row_masked_out_mask, position_ids, past_key_values, use_cache, position_embeddings)
-    if past_key_values is not None or cross_attention_states is None:
+    given = _bind(original, self, args, kwargs)
+    hidden_states = given["hidden_states"]
+    cross_attention_states = given.get("cross_attention_states")
+    cross_attention_mask = given.get("cross_attention_mask")
+    full_text_row_masked_out_mask = given.get("full_text_row_masked_out_mask")
+    if _kv_cache(given) is not None or cross_attention_states is None:
         return original(self, *args, **kwargs)
     mask = None
     if cross_attention_mask is not None:
@@ -61,6 +63,26 @@ def _layer_forward(self, hidden_states, cross_attention_states=None, cross_atten
     k, v = project_image(self.cross_attn, cross_attention_states)
     sees_any = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else None
     return gated_cross_attention_forward(self, hidden_states, k, v, mask, sees_any)
+
+
+def _bind(function, self, args, kwargs) -> dict:
+    """The call's arguments by the name the installed transformers gives them (names and
+    order of the layer's forward differ between releases)."""
+    signature = _signatures.get(function)
+    if signature is None:
+        signature = _signatures[function] = inspect.signature(function)
+    arguments = signature.bind(self, *args, **kwargs).arguments
+    extra = next((name for name, p in signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    return {**arguments.pop(extra, {}), **arguments} if extra else arguments
+
+
+_signatures: dict = {}
+
+
+def _kv_cache(given: dict):
+    # Older transformers releases name the KV cache `past_key_values`, newer ones `cache`.
+    cache = given.get("cache")
+    return cache if cache is not None else given.get("past_key_values")
 
 
 def _patch_layer(module, handle, name):
