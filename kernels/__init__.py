@@ -11,8 +11,10 @@ take tensors and return tensors.
 # finds this file before Hugging Face's `kernels` package, which owns that name and which
 # transformers and diffusers import. The folder must stay a regular package (setuptools'
 # editable install maps `mmfast.kernels` onto it and needs this __init__.py), so when it is
-# imported under the top-level name, it steps aside: it loads the `kernels` that the rest
-# of sys.path holds in its own place, or fails as if this folder were not there.
+# imported under the top-level name it steps aside: in its place it loads the `kernels`
+# that the rest of sys.path holds, or else an empty namespace package, which is what Python
+# makes of a folder without __init__.py and what transformers' availability check treats as
+# absent (no __file__, no __version__, nothing importable under it).
 if __name__ == "kernels":
     import importlib.machinery
     import importlib.util
@@ -22,8 +24,8 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    if _spec is None:
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
     _spec.loader.exec_module(_module)

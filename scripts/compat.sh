@@ -9,7 +9,9 @@
 #
 # Rows (each also runs the kernel tests when it changes triton):
 #   oldest   transformers 5.17.0, diffusers 0.40.0, triton 3.6.0: the GPU machines' versions
-#            of transformers and triton (they carry no diffusers), on the CPU torch
+#            of transformers and triton (they carry no diffusers), on the CPU torch; numpy
+#            below 2.4, which triton 3.6's interpreter needs (it turns 1-element arrays into
+#            ints, which numpy 2.4 refuses; compiled kernels on a GPU are not affected)
 #   pinned   scripts/constraints.txt: what CI runs
 #   newest   the newest releases of transformers, diffusers, triton and their dependencies
 #
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 repo="$PWD"
 
 declare -A specs=(
-    [oldest]="transformers==5.17.0 diffusers==0.40.0 triton==3.6.0"
+    [oldest]="transformers==5.17.0 diffusers==0.40.0 triton==3.6.0 numpy<2.4"
     [pinned]="-c scripts/constraints.txt triton==3.9.0"
     [newest]="--upgrade --upgrade-strategy eager transformers diffusers triton"
 )

@@ -111,13 +111,25 @@ def test_kernels_folder_on_the_path_defers_to_the_next_kernels(tmp_path):
     assert where["mark"] == "other" and _is_under(where["kernels"], tmp_path)
 
 
-def test_kernels_folder_alone_is_no_module_named_kernels(tmp_path):
+def test_kernels_folder_alone_is_an_empty_namespace(tmp_path):
+    """With no other `kernels` on the path, the folder gives what Python gives for a folder
+    without __init__.py: a namespace with no __file__ and no __version__ (transformers then
+    counts the package as absent), and none of mmfast's kernel files under it."""
     (tmp_path / "kernels").mkdir()
     shutil.copy(REPO / "kernels" / "__init__.py", tmp_path / "kernels")
-    done = subprocess.run([sys.executable, "-S", "-c", "import kernels"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0
-    assert "ModuleNotFoundError: No module named 'kernels'" in done.stderr
+    (tmp_path / "kernels" / "norm.py").write_text("")
+    code = """
+import json, kernels
+try:
+    import kernels.norm
+    found = True
+except ModuleNotFoundError:
+    found = False
+print(json.dumps([getattr(kernels, "__file__", None), getattr(kernels, "__version__", None), list(kernels.__path__), found]))
+"""
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [None, None, [], False]
 
 
 # ---- the wheel ----------------------------------------------------------------------

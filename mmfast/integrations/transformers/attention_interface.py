@@ -105,10 +105,14 @@ def _mask_pattern(mask_function) -> str | None:
     overlay = next((p for p in parts if _is_local(p, "sliding_window_overlay")), None)
     if overlay is not None and any(p is causal_mask_function for p in parts):
         return "sliding"
-    packing = next((p for p in parts if _is_local(p, "packed_sequence_mask_function")), None)
-    remap = next((p for p in parts if _is_local(p, "remap_positions_for_packed_sequence")), None)
-    if packing is not None and remap is not None:
-        if _mask_pattern(_closure(remap).get("mask_function")) in ("causal", "sliding"):
+    # Packing: causal or sliding AND same-segment; the causal part may come wrapped in a
+    # remap of positions to per-segment ones (some releases), which changes no distance.
+    rest = [p for p in parts if not _is_local(p, "packed_sequence_mask_function")]
+    if len(rest) == 1:
+        (inner,) = rest
+        if _is_local(inner, "remap_positions_for_packed_sequence"):
+            inner = _closure(inner).get("mask_function")
+        if _mask_pattern(inner) in ("causal", "sliding"):
             return "packed"
     return None
 
