@@ -1,0 +1,491 @@
+"""The GPU evidence run: one command of at most 8 minutes on a lent GPU machine, staged
+by value, each stage with its own time budget, results written as it goes.
+
+    bash scripts/gpu_evidence.sh [--out DIR]        # on the GPU machine (DIR: $OUT there)
+    bash scripts/gpu_evidence.sh --collect DIR      # here: file what came back under bench/results
+    bash scripts/gpu_evidence.sh --dry-run --out DIR  # CPU: fake clock, tiny shapes, fake timing
+
+Stages (mmfast.bench.evidence_plan): 1 "checks" (every kernel family vs float64, bf16
+and fp16, forward and backward, NaN-poisoned; CUDA C++ kernels, built in the background
+meanwhile), 2 "headline" (device peaks, each suite's headline case with its baselines),
+3 "rest" (pytest -m gpu, then every other benchmark case). Items recorded by an earlier
+run on the same source (``bench/results/evidence/<key>/``) are skipped; the last lines
+printed say exactly what did not run.
+
+Each stage runs in a worker process (mmfast.bench.evidence_worker), killed when an item
+exceeds its cap (recorded as timed out; a new worker takes the rest) or the stage its
+deadline (the unfinished items are reported as not run and run next time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from mmfast.bench import evidence_plan as plan
+from mmfast.bench.evidence_record import FINAL, MAX_FILES, Record, collect
+from mmfast.bench.evidence_worker import PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOTSTRAP = ROOT / "scripts" / "gpu_evidence.py"
+# A silent worker in the fake-clock dry run is a bug, not a slow GPU: give up after this.
+FAKE_REAL_TIMEOUT_S = 300
+FAKE_COSTS = {"check": 1.0, "peaks": 1.0, "bench": 2.0, "tests": 5.0}
+
+
+# ---- clocks --------------------------------------------------------------------------
+
+
+class RealClock:
+    fake = False
+
+    def __init__(self):
+        self._t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def wait(self, events: queue.Queue, until: float, cost_of):
+        """The next event, or None when ``until`` passes first."""
+        try:
+            return events.get(timeout=max(0.0, until - self.now()))
+        except queue.Empty:
+            return None
+
+
+class FakeClock:
+    """Dry-run time: it stands still except that each finished item advances it by the
+    item's declared cost; an item whose cost would carry it past ``until`` is taken to
+    have been cut off there."""
+
+    fake = True
+
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def wait(self, events: queue.Queue, until: float, cost_of):
+        try:
+            event = events.get(timeout=FAKE_REAL_TIMEOUT_S)
+        except queue.Empty:
+            self.t = max(self.t, until)
+            return None
+        if event.get("event") == "done":
+            if self.t + cost_of(event["item"]) > until:
+                self.t = max(self.t, until)
+                return None
+            self.t += cost_of(event["item"])
+        return event
+
+
+# ---- workers -------------------------------------------------------------------------
+
+
+class Worker:
+    """A child process running items; its events arrive on ``events``, the rest of its
+    output goes to the log."""
+
+    def __init__(self, items: list[plan.Item], settings: dict, env: dict, record: Record, tag: str):
+        fd, self.plan_path = tempfile.mkstemp(prefix="mmfast-evidence-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({**settings, "items": [{"id": i.id, "kind": i.kind, "params": i.params} for i in items]}, f)
+        self.events: queue.Queue = queue.Queue()
+        self.record, self.tag = record, tag
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BOOTSTRAP), "--worker", self.plan_path], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            if line.startswith(PREFIX):
+                try:
+                    self.events.put(json.loads(line[len(PREFIX):]))
+                    continue
+                except json.JSONDecodeError:
+                    pass
+            self.record.log(f"[{self.tag}] {line}")
+        self.events.put({"event": "exit"})
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: compilers too
+            except ProcessLookupError:
+                pass
+        self.close()
+
+    def close(self):
+        self.proc.wait()
+        self._reader.join(timeout=10)
+        try:
+            os.unlink(self.plan_path)
+        except OSError:
+            pass
+
+
+# ---- the run -------------------------------------------------------------------------
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Run:
+    def __init__(self, args, record: Record, clock, key: str):
+        self.args, self.record, self.clock, self.key = args, record, clock, key
+        self.run_id = _now_iso()
+        self.info: dict = {}
+        self.this_run: dict[str, str] = {}  # item id -> status, this run only
+        self.builder: Worker | None = None
+        self.fake_costs = [(pattern, float(s)) for pattern, s in (c.split("=", 1) for c in args.fake_cost)]
+
+    # ---- settings for workers ----
+
+    def cost_of(self, item_id: str) -> float:
+        for pattern, seconds in self.fake_costs:
+            if fnmatch.fnmatch(item_id, pattern):
+                return seconds
+        return FAKE_COSTS.get(self.kinds.get(item_id, "bench"), 1.0)
+
+    def worker_env(self, stage: str) -> dict:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("MMFAST_CUDA_CACHE", str(Path(tempfile.gettempdir()) / "mmfast-evidence-csrc"))
+        # Checks: outputs start as NaN, one autotune config (the one tests check, quick to
+        # compile). Benchmarks: production settings, nothing poisoned.
+        env["MMFAST_POISON_OUTPUTS"] = "1" if stage == "checks" else "0"
+        env["MMFAST_AUTOTUNE"] = "0" if stage == "checks" else env.get("MMFAST_AUTOTUNE", "1")
+        if self.args.dry_run:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["TRITON_INTERPRET"] = "1"
+            env["MMFAST_EVIDENCE_FAKE_TIMING"] = "1"
+        return env
+
+    def settings(self) -> dict:
+        return {"out": str(self.record.out), "size": "tiny" if self.args.dry_run else "real",
+                "quick": self.args.dry_run, "commit": self.record.commit if self.record.commit != "unknown" else self.key}
+
+    # ---- recording ----
+
+    def finish_item(self, item: plan.Item, status: str, reason: str | None = None, seconds: float | None = None,
+                    rows: list[dict] = ()) -> None:
+        file = {"check": "checks.jsonl", "peaks": "bench.jsonl", "bench": "bench.jsonl"}.get(item.kind)
+        if file and rows:
+            self.record.append(file, [{**r, "evidence_item": item.id, "run_id": self.run_id, "source": self.key}
+                                      for r in rows])
+        self.this_run[item.id] = status
+        self.record.set_item(item.id, stage=item.stage, status=status, reason=reason, seconds=seconds,
+                             run_id=self.run_id)
+
+    def on_event(self, event: dict, items: dict[str, plan.Item]) -> None:
+        if event["event"] == "hello" and not self.info:
+            self.info = {k: v for k, v in event.items() if k not in ("event", "pid")}
+            self.run_entry["device"] = self.info
+            self.record.write_summary()
+        elif event["event"] == "row":
+            self.record.append("tests.jsonl", [{**event["row"], "run_id": self.run_id, "source": self.key}])
+
+    # ---- the background CUDA C++ build ----
+
+    def start_builder(self, pending: list[plan.Item]) -> None:
+        if self.args.dry_run or not any(i.params.get("cuda_build") for i in pending):
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        item = plan.Item("cuda-build", "checks", "cuda_build", {}, None)
+        self.kinds[item.id] = item.kind
+        self.builder_item = item
+        self.builder_started = self.clock.now()
+        self.builder = Worker([item], self.settings(), self.worker_env("checks"), self.record, "cuda-build")
+
+    def poll_builder(self, final: bool = False) -> None:
+        if self.builder is None:
+            return
+        while True:
+            try:
+                event = self.builder.events.get_nowait() if not final else self.builder.events.get(timeout=0.5)
+            except queue.Empty:
+                if final:
+                    self.builder.kill()
+                    self.finish_item(self.builder_item, "cut off", "the run ended before the build did")
+                    self.builder = None
+                return
+            if event["event"] == "done":
+                self.finish_item(self.builder_item, event["status"], event.get("reason"), event.get("seconds"))
+            if event["event"] == "exit":
+                self.builder.close()
+                self.builder = None
+                return
+
+    # ---- one stage ----
+
+    def run_stage(self, stage: str, items: list[plan.Item], deadline: float) -> dict:
+        entry = {"budget_s": None, "deadline_s": round(deadline, 1), "started_s": round(self.clock.now(), 1)}
+        pending = [i for i in items if not self.record.is_final(i.id)]
+        entry["recorded_before"] = len(items) - len(pending)
+        if not pending:
+            entry.update(status="all recorded", used_s=0.0)
+            return entry
+        if stage == "checks":
+            self.start_builder(pending)
+        by_id = {i.id: i for i in pending}
+        cut = False
+        while pending and not cut:
+            if self.clock.now() >= deadline:
+                cut = True
+                break
+            worker = Worker(pending, self.settings(), self.worker_env(stage), self.record, stage)
+            current, current_start = None, self.clock.now()
+            while True:
+                self.poll_builder()
+                cap = by_id[current].cap_s if current else plan.CAP_STARTUP_S
+                item_deadline = current_start + cap if cap else deadline
+                event = self.clock.wait(worker.events, min(deadline, item_deadline), self.cost_of)
+                if event is None:  # a deadline passed
+                    worker.kill()
+                    if item_deadline < deadline and current:
+                        item = by_id[current]
+                        self.finish_item(item, "timeout", f"over its cap of {cap:g} s", round(cap, 1))
+                        pending.remove(item)
+                    elif item_deadline < deadline:  # startup took too long: give up the stage
+                        self.record.log(f"[{stage}] worker printed nothing for {cap} s: stage abandoned\n")
+                        cut = True
+                    else:
+                        cut = True
+                    break
+                kind = event["event"]
+                if kind == "start":
+                    current, current_start = event["item"], self.clock.now()
+                elif kind == "done":
+                    item = by_id[event["item"]]
+                    self.finish_item(item, event["status"], event.get("reason"), event.get("seconds"),
+                                     event.get("rows") or [])
+                    pending.remove(item)
+                    current, current_start = None, self.clock.now()
+                elif kind == "exit":
+                    worker.close()
+                    if current:  # died inside an item: a crash (illegal address, abort, ...)
+                        item = by_id[current]
+                        self.finish_item(item, "crash", f"worker exited with code {worker.proc.returncode}")
+                        pending.remove(item)
+                    elif pending:  # died between items: do not loop on it
+                        self.record.log(f"[{stage}] worker exited with code {worker.proc.returncode} "
+                                        "outside any item: stage abandoned\n")
+                        cut = True
+                    break
+                else:
+                    self.on_event(event, by_id)
+        for item in pending:
+            self.this_run.setdefault(item.id, "cut off")
+        entry["used_s"] = round(self.clock.now() - entry["started_s"], 1)
+        entry["status"] = "cut off at its budget" if pending else "done"
+        entry["not_run"] = [i.id for i in pending]
+        return entry
+
+    # ---- the whole run ----
+
+    def plan_items(self) -> dict[str, list[plan.Item]]:
+        stages = {s: [] for s in plan.STAGE_BUDGETS}
+        if "checks" in self.args.stages:
+            stages["checks"] = plan.check_items(tuple(self.args.dtypes), self.args.checks)
+        suite_cases = {}
+        if "headline" in self.args.stages or "rest" in self.args.stages:
+            suite_cases = self.list_suites()
+        first, rest = plan.bench_items(suite_cases)
+        if "headline" in self.args.stages:
+            stages["headline"] = first
+        if "rest" in self.args.stages:
+            stages["rest"] = [plan.tests_item(tuple(self.args.tests))] + rest
+        self.kinds = {i.id: i.kind for items in stages.values() for i in items}
+        return stages
+
+    def list_suites(self) -> dict[str, tuple[list[str], list[str]]]:
+        import torch
+
+        from mmfast.bench import suites
+
+        device = torch.device("cpu" if self.args.dry_run or not torch.cuda.is_available() else "cuda")
+        out = {}
+        names = self.args.suites or suites.names()
+        for name in names:
+            try:
+                suite = suites.get(name)
+                out[name] = ([c.name for c in suite.cases(self.args.dry_run, device)], [p.name for p in suite.providers])
+            except Exception as e:  # a suite that cannot load here is reported, not fatal
+                self.record.log(f"[plan] suite {name} not loadable: {type(e).__name__}: {e}\n")
+                self.unloadable[name] = f"{type(e).__name__}: {e}"
+        return out
+
+    def execute(self) -> int:
+        self.unloadable: dict[str, str] = {}
+        self.run_entry = {"run_id": self.run_id, "dry_run": self.args.dry_run, "total_s": self.args.total,
+                          "stages": {}}
+        self.record.summary["runs"].append(self.run_entry)
+        self.record.log(f"==== evidence run {self.run_id}, source {self.key}, commit {self.record.commit} ====\n")
+        stages = self.plan_items()
+        budgets = {s: b for s, b in plan.STAGE_BUDGETS.items()}
+        for override in self.args.budget:
+            name, seconds = override.split("=", 1)
+            budgets[name] = float(seconds)
+        start = self.clock.now()
+        deadlines = plan.stage_deadlines(start, self.args.total, budgets)
+        for stage, items in stages.items():
+            if stage not in self.args.stages:
+                self.run_entry["stages"][stage] = {"status": "not asked for (--stages)"}
+                continue
+            entry = self.run_stage(stage, items, deadlines[stage])
+            entry["budget_s"] = budgets[stage]
+            entry["items"] = len(items)
+            self.run_entry["stages"][stage] = entry
+            self.record.write_summary()
+        self.poll_builder(final=True)
+        self.run_entry["ended_s"] = round(self.clock.now() - start, 1)
+        self.run_entry["unloadable_suites"] = self.unloadable
+        self.record.write_summary()
+        print(self.report(stages))
+        bad = [i for i, s in self.this_run.items() if s in ("fail", "error", "crash", "timeout")]
+        return 1 if bad else 0
+
+    def report(self, stages: dict[str, list[plan.Item]]) -> str:
+        lines = [f"== GPU evidence {self.run_id}: source {self.key} (commit {self.record.commit}), "
+                 f"device {self.info.get('device', '?')}, {self.clock.now():.0f} s"
+                 f"{' [DRY RUN: fake clock, tiny shapes, no GPU numbers]' if self.args.dry_run else ''} =="]
+        not_run_total = 0
+        for stage, items in stages.items():
+            entry = self.run_entry["stages"].get(stage, {})
+            counts: dict[str, int] = {}
+            for item in items:
+                status = self.record.status(item.id) if item.id not in self.this_run else self.this_run[item.id]
+                counts[status or "not run"] = counts.get(status or "not run", 0) + 1
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            lines.append(f"stage {stage} (budget {entry.get('budget_s', '-')} s, used {entry.get('used_s', 0)} s, "
+                         f"{entry.get('status', 'not run')}): {len(items)} items: {summary or 'none'}")
+            for item in items:
+                status = self.this_run.get(item.id)
+                if status in ("fail", "error", "crash", "timeout"):
+                    reason = self.record.summary["items"][item.id].get("reason")
+                    lines.append(f"  {status.upper()} {item.id}{': ' + reason if reason else ''}")
+        lines.append("DID NOT RUN (run the same command again: recorded items are skipped):")
+        for stage, items in stages.items():
+            if stage not in self.args.stages:
+                lines.append(f"  stage {stage}: not asked for (--stages)")
+                continue
+            missing = [i for i in items if self.record.status(i.id) not in FINAL and
+                       self.this_run.get(i.id) != "skipped"]
+            not_run_total += len(missing)
+            if missing:
+                lines.append(f"  stage {stage}: {len(missing)} of {len(items)} items")
+                lines.extend(f"    {line}" for line in _grouped(missing))
+        for name, reason in self.unloadable.items():
+            lines.append(f"  suite {name}: not loadable here ({reason})")
+            not_run_total += 1
+        skipped = [i for i, s in self.this_run.items() if s == "skipped"]
+        if skipped:
+            lines.append(f"SKIPPED here ({len(skipped)}; reasons in summary.json):")
+            lines.extend(f"    {line}" for line in _grouped([plan.Item(i, "", "") for i in skipped]))
+        if not_run_total == 0:
+            lines.append("  nothing: every item of the asked stages is recorded")
+        files = self.record.files()
+        lines.append(f"files ({len(files)} of at most {MAX_FILES}) in {self.record.out}: "
+                     + ", ".join(p.name for p in files))
+        return "\n".join(lines)
+
+
+def _grouped(items: list[plan.Item]) -> list[str]:
+    """Item ids, bench items grouped per case: ``bench/<suite>/<case>: provider, ...``."""
+    lines, groups = [], {}
+    for item in items:
+        parts = item.id.split("/")
+        if parts[0] == "bench" and len(parts) == 4:
+            groups.setdefault("/".join(parts[:3]), []).append(parts[3])
+        else:
+            lines.append(item.id)
+    lines += [f"{case}: {', '.join(providers)}" for case, providers in groups.items()]
+    return lines
+
+
+# ---- the command line ----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpu_evidence", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: $MMFAST_EVIDENCE_OUT, else $OUT, else the record folder "
+                   "bench/results/evidence/<key>)")
+    p.add_argument("--record-dir", type=Path, default=None,
+                   help="where earlier runs of this source are recorded (default: bench/results/evidence/<key>; "
+                   "none in a dry run)")
+    p.add_argument("--total", type=float, default=plan.TOTAL_S, help="seconds for the whole run (default 480)")
+    p.add_argument("--budget", action="append", default=[], metavar="STAGE=SECONDS",
+                   help="override a stage's budget (checks=90, headline=240; rest takes what is left)")
+    p.add_argument("--stages", default="checks,headline,rest", type=lambda s: s.split(","),
+                   help="stages to run, comma-separated")
+    p.add_argument("--dtypes", default="bfloat16,float16", type=lambda s: s.split(","),
+                   help="dtypes of the stage-1 checks")
+    p.add_argument("--checks", default=None, metavar="GLOB", help="only the stage-1 checks whose name matches")
+    p.add_argument("--suites", default=None, type=lambda s: s.split(","), help="only these bench suites")
+    p.add_argument("--tests", nargs="+", default=["tests"], help="pytest paths of stage 3 (default: tests)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU dry run: fake clock, tiny shapes, quick cases, fake timing, Triton interpreted")
+    p.add_argument("--fake-cost", action="append", default=[], metavar="GLOB=SECONDS",
+                   help="dry run: seconds an item matching GLOB takes on the fake clock")
+    p.add_argument("--collect", type=Path, default=None, metavar="DIR",
+                   help="file the results a device run brought back (DIR) under bench/results, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.collect is not None:
+        dest = collect(args.collect, ROOT / "bench" / "results")
+        print(f"recorded under {dest.relative_to(ROOT)}; benchmark rows appended to bench/results/<suite>.jsonl")
+        return 0
+    unknown = set(args.stages) - set(plan.STAGE_BUDGETS)
+    if unknown:
+        print(f"--stages: unknown {', '.join(sorted(unknown))} (known: {', '.join(plan.STAGE_BUDGETS)})",
+              file=sys.stderr)
+        return 2
+    key = plan.source_key(ROOT)
+    record_dir = args.record_dir
+    if record_dir is None and not args.dry_run:
+        record_dir = ROOT / "bench" / "results" / "evidence" / key
+    out = args.out or os.environ.get("MMFAST_EVIDENCE_OUT") or os.environ.get("OUT") or record_dir
+    if out is None:
+        print("--out: a dry run needs an output folder", file=sys.stderr)
+        return 2
+    try:
+        record = Record(Path(out), key, _git_commit())
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    recorded = record.merge_from(record_dir) if record_dir is not None and Path(record_dir).is_dir() else 0
+    print(f"gpu evidence: source {key}, output {out}, {recorded} items recorded earlier "
+          f"({record_dir if record_dir else 'no record folder'})", flush=True)
+    run = Run(args, record, FakeClock() if args.dry_run else RealClock(), key)
+    return run.execute()
