@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import itertools
 import json
 import os
 import queue
@@ -94,28 +95,91 @@ class FakeClock:
 # ---- workers -------------------------------------------------------------------------
 
 
+class _Forked:
+    """The little of ``subprocess.Popen`` that :class:`Worker` uses, for a forked child."""
+
+    def __init__(self, pid: int, stdout):
+        self.pid, self.stdout, self.returncode = pid, stdout, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def _fork_worker(plan_path: str, env: dict) -> _Forked:
+    """The dry run's worker: a fork of this process (torch and the suites are imported
+    already, which saves seconds a start on a CPU), else the same as the real one."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 1
+        try:
+            os.setsid()
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            os.close(read_end)
+            os.close(write_end)
+            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+            os.environ.clear()
+            os.environ.update(env)
+            launch = sys.modules.get("mmfast.kernels._launch")
+            if launch is not None:  # read at import: follow this worker's setting
+                launch.POISON_OUTPUTS = env.get("MMFAST_POISON_OUTPUTS", "0") not in ("", "0")
+            from mmfast.bench import evidence_worker
+
+            code = evidence_worker.main(plan_path)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write_end)
+    return _Forked(pid, os.fdopen(read_end, "rb"))
+
+
 class Worker:
     """A child process running items; its events arrive on ``events``, the rest of its
     output goes to the log."""
 
-    def __init__(self, items: list[plan.Item], settings: dict, env: dict, record: Record, tag: str):
+    def __init__(self, items: list[plan.Item], settings: dict, env: dict, record: Record, tag: str,
+                 fork: bool = False):
         fd, self.plan_path = tempfile.mkstemp(prefix="mmfast-evidence-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump({**settings, "items": [{"id": i.id, "kind": i.kind, "params": i.params} for i in items]}, f)
         self.events: queue.Queue = queue.Queue()
         self.record, self.tag = record, tag
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BOOTSTRAP), "--worker", self.plan_path], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.ids = [i.id for i in items]
+        if fork:
+            self.proc = _fork_worker(self.plan_path, env)
+        else:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(BOOTSTRAP), "--worker", self.plan_path], cwd=ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self):
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace")
-            if line.startswith(PREFIX):
+            # An event is one write of one line, but may follow output that did not end
+            # its line (pytest's progress characters) on the same pipe.
+            before, found, payload = line.partition(PREFIX)
+            if found:
                 try:
-                    self.events.put(json.loads(line[len(PREFIX):]))
+                    self.events.put(json.loads(payload))
+                    if before.strip():
+                        self.record.log(f"[{self.tag}] {before}\n")
                     continue
                 except json.JSONDecodeError:
                     pass
@@ -172,13 +236,15 @@ class Run:
                 return seconds
         return FAKE_COSTS.get(self.kinds.get(item_id, "bench"), 1.0)
 
-    def worker_env(self, stage: str) -> dict:
+    def worker_env(self, kind: str) -> dict:
+        """Checks and tests: outputs start as NaN, one autotune config (the one the tests
+        check, quick to compile; tests/conftest.py sets the same). Benchmarks: production
+        settings, nothing poisoned. Kernels read both at import: one worker, one setting."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("MMFAST_CUDA_CACHE", str(Path(tempfile.gettempdir()) / "mmfast-evidence-csrc"))
-        # Checks: outputs start as NaN, one autotune config (the one tests check, quick to
-        # compile). Benchmarks: production settings, nothing poisoned.
-        env["MMFAST_POISON_OUTPUTS"] = "1" if stage == "checks" else "0"
-        env["MMFAST_AUTOTUNE"] = "0" if stage == "checks" else env.get("MMFAST_AUTOTUNE", "1")
+        checking = _env_class(kind) == "checks"
+        env["MMFAST_POISON_OUTPUTS"] = "1" if checking else "0"
+        env["MMFAST_AUTOTUNE"] = "0" if checking else os.environ.get("MMFAST_AUTOTUNE", "1")
         if self.args.dry_run:
             env["CUDA_VISIBLE_DEVICES"] = ""
             env["TRITON_INTERPRET"] = "1"
@@ -222,7 +288,7 @@ class Run:
         self.kinds[item.id] = item.kind
         self.builder_item = item
         self.builder_started = self.clock.now()
-        self.builder = Worker([item], self.settings(), self.worker_env("checks"), self.record, "cuda-build")
+        self.builder = Worker([item], self.settings(), self.worker_env("check"), self.record, "cuda-build")
 
     def poll_builder(self, final: bool = False) -> None:
         if self.builder is None:
@@ -260,7 +326,10 @@ class Run:
             if self.clock.now() >= deadline:
                 cut = True
                 break
-            worker = Worker(pending, self.settings(), self.worker_env(stage), self.record, stage)
+            # One worker per run of items that need the same environment (see worker_env).
+            batch = list(itertools.takewhile(lambda i: _env_class(i.kind) == _env_class(pending[0].kind), pending))
+            worker = Worker(batch, self.settings(), self.worker_env(batch[0].kind), self.record, stage,
+                            fork=self.args.dry_run)
             current, current_start = None, self.clock.now()
             while True:
                 self.poll_builder()
@@ -273,7 +342,7 @@ class Run:
                         item = by_id[current]
                         self.finish_item(item, "timeout", f"over its cap of {cap:g} s", round(cap, 1))
                         pending.remove(item)
-                    elif item_deadline < deadline:  # startup took too long: give up the stage
+                    elif item_deadline < deadline:  # no word from a new worker: give up the stage
                         self.record.log(f"[{stage}] worker printed nothing for {cap} s: stage abandoned\n")
                         cut = True
                     else:
@@ -294,15 +363,19 @@ class Run:
                         item = by_id[current]
                         self.finish_item(item, "crash", f"worker exited with code {worker.proc.returncode}")
                         pending.remove(item)
-                    elif pending:  # died between items: do not loop on it
+                    elif any(i in by_id and by_id[i] in pending for i in worker.ids):
+                        # died between items: do not loop on it
                         self.record.log(f"[{stage}] worker exited with code {worker.proc.returncode} "
                                         "outside any item: stage abandoned\n")
                         cut = True
                     break
                 else:
                     self.on_event(event, by_id)
-        for item in pending:
+        for item in pending:  # not final: the next run takes them up again
             self.this_run.setdefault(item.id, "cut off")
+            self.record.summary["items"][item.id] = {"stage": stage, "status": "cut off", "run_id": self.run_id,
+                                                     "reason": f"stage {stage} reached its deadline"}
+        self.record.write_summary()
         entry["used_s"] = round(self.clock.now() - entry["started_s"], 1)
         entry["status"] = "cut off at its budget" if pending else "done"
         entry["not_run"] = [i.id for i in pending]
@@ -373,60 +446,71 @@ class Run:
         return 1 if bad else 0
 
     def report(self, stages: dict[str, list[plan.Item]]) -> str:
+        """The last thing printed: each stage's counts, this run's failures, what was
+        skipped here and why, then exactly which items did not run."""
         lines = [f"== GPU evidence {self.run_id}: source {self.key} (commit {self.record.commit}), "
                  f"device {self.info.get('device', '?')}, {self.clock.now():.0f} s"
                  f"{' [DRY RUN: fake clock, tiny shapes, no GPU numbers]' if self.args.dry_run else ''} =="]
-        not_run_total = 0
         for stage, items in stages.items():
             entry = self.run_entry["stages"].get(stage, {})
             counts: dict[str, int] = {}
             for item in items:
-                status = self.record.status(item.id) if item.id not in self.this_run else self.this_run[item.id]
-                counts[status or "not run"] = counts.get(status or "not run", 0) + 1
-            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            lines.append(f"stage {stage} (budget {entry.get('budget_s', '-')} s, used {entry.get('used_s', 0)} s, "
-                         f"{entry.get('status', 'not run')}): {len(items)} items: {summary or 'none'}")
+                status = self.this_run.get(item.id) or self.record.status(item.id) or "not run"
+                status = f"{status} earlier" if item.id not in self.this_run and status in FINAL else status
+                counts[status] = counts.get(status, 0) + 1
+            budget = entry.get("budget_s")
+            lines.append(f"stage {stage} ({'rest of the run' if budget is None else f'budget {budget:g} s'}, "
+                         f"used {entry.get('used_s', 0)} s, {entry.get('status', 'not run')}): {len(items)} items: "
+                         + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
             for item in items:
                 status = self.this_run.get(item.id)
                 if status in ("fail", "error", "crash", "timeout"):
                     reason = self.record.summary["items"][item.id].get("reason")
                     lines.append(f"  {status.upper()} {item.id}{': ' + reason if reason else ''}")
-        lines.append("DID NOT RUN (run the same command again: recorded items are skipped):")
+        skipped = [plan.Item(i, "", "") for i, s in self.this_run.items() if s == "skipped"]
+        if skipped:
+            lines.append(f"skipped here ({len(skipped)} items; reasons in summary.json):")
+            lines.extend(f"  {line}" for line in _grouped(skipped))
+        lines.append("DID NOT RUN (the same command again runs them; recorded items are skipped):")
+        nothing = True
         for stage, items in stages.items():
             if stage not in self.args.stages:
                 lines.append(f"  stage {stage}: not asked for (--stages)")
+                nothing = False
                 continue
-            missing = [i for i in items if self.record.status(i.id) not in FINAL and
-                       self.this_run.get(i.id) != "skipped"]
-            not_run_total += len(missing)
+            missing = [i for i in items if self.record.status(i.id) not in FINAL and self.this_run.get(i.id) != "skipped"]
             if missing:
-                lines.append(f"  stage {stage}: {len(missing)} of {len(items)} items")
+                nothing = False
+                why = "cut off at its budget" if self.run_entry["stages"].get(stage, {}).get("not_run") else "not reached"
+                lines.append(f"  stage {stage}: {len(missing)} of {len(items)} items ({why}):")
                 lines.extend(f"    {line}" for line in _grouped(missing))
         for name, reason in self.unloadable.items():
             lines.append(f"  suite {name}: not loadable here ({reason})")
-            not_run_total += 1
-        skipped = [i for i, s in self.this_run.items() if s == "skipped"]
-        if skipped:
-            lines.append(f"SKIPPED here ({len(skipped)}; reasons in summary.json):")
-            lines.extend(f"    {line}" for line in _grouped([plan.Item(i, "", "") for i in skipped]))
-        if not_run_total == 0:
-            lines.append("  nothing: every item of the asked stages is recorded")
+            nothing = False
+        if nothing:
+            lines.append("  nothing: every item of every stage is recorded")
         files = self.record.files()
         lines.append(f"files ({len(files)} of at most {MAX_FILES}) in {self.record.out}: "
                      + ", ".join(p.name for p in files))
         return "\n".join(lines)
 
 
+def _env_class(kind: str) -> str:
+    return "checks" if kind in ("check", "tests", "cuda_build") else "bench"
+
+
 def _grouped(items: list[plan.Item]) -> list[str]:
-    """Item ids, bench items grouped per case: ``bench/<suite>/<case>: provider, ...``."""
-    lines, groups = [], {}
+    """Item ids, exactly, in few lines: bench items one line per suite, each case with
+    its providers in brackets (``bench/norm: case [a, b]; case2 [c]``)."""
+    lines, suites = [], {}
     for item in items:
         parts = item.id.split("/")
         if parts[0] == "bench" and len(parts) == 4:
-            groups.setdefault("/".join(parts[:3]), []).append(parts[3])
+            suites.setdefault(parts[1], {}).setdefault(parts[2], []).append(parts[3])
         else:
             lines.append(item.id)
-    lines += [f"{case}: {', '.join(providers)}" for case, providers in groups.items()]
+    for suite, cases in suites.items():
+        lines.append(f"bench/{suite}: " + "; ".join(f"{case} [{', '.join(p)}]" for case, p in cases.items()))
     return lines
 
 
