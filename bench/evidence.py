@@ -329,7 +329,7 @@ class Run:
             # One worker per run of items that need the same environment (see worker_env).
             batch = list(itertools.takewhile(lambda i: _env_class(i.kind) == _env_class(pending[0].kind), pending))
             worker = Worker(batch, self.settings(), self.worker_env(batch[0].kind), self.record, stage,
-                            fork=self.args.dry_run)
+                            fork=self.args.dry_run and not _cuda_initialized())
             current, current_start = None, self.clock.now()
             while True:
                 self.poll_builder()
@@ -495,6 +495,13 @@ class Run:
         return "\n".join(lines)
 
 
+def _cuda_initialized() -> bool:
+    """A process that initialised CUDA must not fork a worker (the child could not use
+    it, nor hide it): the dry run then starts its workers like the real run does."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
+
+
 def _env_class(kind: str) -> str:
     return "checks" if kind in ("check", "tests", "cuda_build") else "bench"
 
@@ -546,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not BOOTSTRAP.is_file():
+        print("gpu_evidence: run it from a checkout of mmfast (scripts/gpu_evidence.sh)", file=sys.stderr)
+        return 2
     if args.collect is not None:
         dest = collect(args.collect, ROOT / "bench" / "results")
         print(f"recorded under {dest.relative_to(ROOT)}; benchmark rows appended to bench/results/<suite>.jsonl")
@@ -572,4 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu evidence: source {key}, output {out}, {recorded} items recorded earlier "
           f"({record_dir if record_dir else 'no record folder'})", flush=True)
     run = Run(args, record, FakeClock() if args.dry_run else RealClock(), key)
-    return run.execute()
+    code = run.execute()
+    if record_dir is not None and Path(out).resolve() == Path(record_dir).resolve():
+        collect(Path(out), ROOT / "bench" / "results")  # recorded in place: the suite files too
+    return code

@@ -146,7 +146,7 @@ def collect(src: Path, results: Path) -> Path:
     dest = Path(results) / "evidence" / summary["source"]
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES:
-        if (Path(src) / name).is_file():
+        if (Path(src) / name).is_file() and Path(src).resolve() != dest.resolve():
             shutil.copyfile(Path(src) / name, dest / name)
     by_suite: dict[str, list[dict]] = {}
     for row in read_jsonl(dest / "bench.jsonl"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.bench import evidence, evidence_plan, suites
+from mmfast.bench import evidence, evidence_checks, evidence_plan, suites
 from mmfast.bench.evidence_record import FILES, MAX_FILES, collect
 from mmfast.testing import reference_errors
 
@@ -189,3 +189,18 @@ def test_collect_files_a_device_run_under_bench_results(tmp_path):
     assert len(_rows(results / "peaks.jsonl")) == 1
     with pytest.raises(ValueError, match="no summary.json"):
         collect(tmp_path / "nothing", results)
+
+
+@pytest.mark.parametrize("spec", [s for s in evidence_checks.specs() if not s.needs_cuda_build], ids=lambda s: s.name)
+def test_every_stage_one_check_runs_at_tiny_size(spec):
+    # What stage 1 runs on the GPU at real size, here at tiny size in fp16 under the
+    # interpreter: the specs call their ops the way the ops accept, and pass.
+    row = evidence_checks.run_check(spec, "tiny", torch.float16, torch.device("cpu"))
+    assert row["status"] == "ok", row
+    assert row["results"] and all(r["error"] is not None for r in row["results"])
+
+
+def test_the_cuda_checks_need_the_cuda_build():
+    cuda = [s for s in evidence_checks.specs() if s.backend in ("cuda", "cuda_short")]
+    assert cuda and all(s.needs_cuda_build for s in cuda)
+    assert {s.family for s in cuda} == {"attention", "norm", "group_norm", "scheduler_step"}
