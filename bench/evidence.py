@@ -49,10 +49,18 @@ FAKE_COSTS = {"check": 1.0, "peaks": 1.0, "bench": 2.0, "tests": 5.0}
 
 
 class RealClock:
+    """Seconds since the command started: MMFAST_EVIDENCE_T0 (epoch seconds, set by
+    scripts/gpu_evidence.sh before it installs carried wheels), else since now."""
+
     fake = False
 
     def __init__(self):
-        self._t0 = time.monotonic()
+        started = os.environ.get("MMFAST_EVIDENCE_T0")
+        try:
+            ago = max(0.0, time.time() - float(started)) if started else 0.0
+        except ValueError:
+            ago = 0.0
+        self._t0 = time.monotonic() - ago
 
     def now(self) -> float:
         return time.monotonic() - self._t0
@@ -226,6 +234,8 @@ class Run:
         self.info: dict = {}
         self.this_run: dict[str, str] = {}  # item id -> status, this run only
         self.builder: Worker | None = None
+        self.kinds: dict[str, str] = {}
+        self._bench: tuple[list[plan.Item], list[plan.Item]] | None = None
         self.fake_costs = [(pattern, float(s)) for pattern, s in (c.split("=", 1) for c in args.fake_cost)]
 
     # ---- settings for workers ----
@@ -383,20 +393,18 @@ class Run:
 
     # ---- the whole run ----
 
-    def plan_items(self) -> dict[str, list[plan.Item]]:
-        stages = {s: [] for s in plan.STAGE_BUDGETS}
-        if "checks" in self.args.stages:
-            stages["checks"] = plan.check_items(tuple(self.args.dtypes), self.args.checks)
-        suite_cases = {}
-        if "headline" in self.args.stages or "rest" in self.args.stages:
-            suite_cases = self.list_suites()
-        first, rest = plan.bench_items(suite_cases)
-        if "headline" in self.args.stages:
-            stages["headline"] = first
-        if "rest" in self.args.stages:
-            stages["rest"] = [plan.tests_item(tuple(self.args.tests))] + rest
-        self.kinds = {i.id: i.kind for items in stages.values() for i in items}
-        return stages
+    def plan_stage(self, stage: str) -> list[plan.Item]:
+        """A stage's items, planned when the stage begins (listing the suites imports
+        them all: that time is the headline stage's, not the checks')."""
+        if stage == "checks":
+            items = plan.check_items(tuple(self.args.dtypes), self.args.checks)
+        else:
+            if self._bench is None:
+                self._bench = plan.bench_items(self.list_suites())
+            first, rest = self._bench
+            items = first if stage == "headline" else [plan.tests_item(tuple(self.args.tests))] + rest
+        self.kinds.update({i.id: i.kind for i in items})
+        return items
 
     def list_suites(self) -> dict[str, tuple[list[str], list[str]]]:
         import torch
@@ -421,17 +429,19 @@ class Run:
                           "stages": {}}
         self.record.summary["runs"].append(self.run_entry)
         self.record.log(f"==== evidence run {self.run_id}, source {self.key}, commit {self.record.commit} ====\n")
-        stages = self.plan_items()
         budgets = {s: b for s, b in plan.STAGE_BUDGETS.items()}
         for override in self.args.budget:
             name, seconds = override.split("=", 1)
             budgets[name] = float(seconds)
-        start = self.clock.now()
+        start = 0.0  # the clock started with the command (see RealClock)
         deadlines = plan.stage_deadlines(start, self.args.total, budgets)
-        for stage, items in stages.items():
+        stages: dict[str, list[plan.Item]] = {}
+        for stage in plan.STAGE_BUDGETS:
             if stage not in self.args.stages:
+                stages[stage] = []
                 self.run_entry["stages"][stage] = {"status": "not asked for (--stages)"}
                 continue
+            stages[stage] = items = self.plan_stage(stage)
             entry = self.run_stage(stage, items, deadlines[stage])
             entry["budget_s"] = budgets[stage]
             entry["items"] = len(items)
@@ -557,7 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_evidence: run it from a checkout of mmfast (scripts/gpu_evidence.sh)", file=sys.stderr)
         return 2
     if args.collect is not None:
-        dest = collect(args.collect, ROOT / "bench" / "results")
+        summary = json.loads((args.collect / "summary.json").read_text()) if (args.collect / "summary.json").is_file() else {}
+        # The commit is named only when this checkout holds the very source that ran.
+        commit = _git_commit() if summary.get("source") == plan.source_key(ROOT) else None
+        dest = collect(args.collect, ROOT / "bench" / "results", commit)
         print(f"recorded under {dest.relative_to(ROOT)}; benchmark rows appended to bench/results/<suite>.jsonl")
         return 0
     unknown = set(args.stages) - set(plan.STAGE_BUDGETS)

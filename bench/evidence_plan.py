@@ -140,7 +140,7 @@ def stage_deadlines(start: float, total_s: float, budgets: dict[str, float | Non
 SOURCE_DIRS = ("mmfast", "kernels", "csrc", "bench", "tests", "scripts")
 SOURCE_FILES = ("pyproject.toml",)
 SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h", ".json", ".toml", ".sh", ".txt", ".cfg")
-SKIP_DIRS = ("__pycache__", "results", "prebuilt", ".pytest_cache", ".hypothesis")
+SKIP_DIRS = ("__pycache__", "results", "prebuilt", ".pytest_cache", ".hypothesis", ".benchmarks")
 
 
 def source_files(root: Path) -> list[Path]:

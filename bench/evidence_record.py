@@ -134,10 +134,11 @@ class Record:
         return sorted(p for p in self.out.iterdir() if p.is_file())
 
 
-def collect(src: Path, results: Path) -> Path:
+def collect(src: Path, results: Path, commit: str | None = None) -> Path:
     """Put the files a device run brought back (``src``) where the record of their source
     lives, ``results/evidence/<key>/``, and append their benchmark rows that are not
-    there yet to ``results/<suite>.jsonl`` (what ``mmfast bench --compare`` reads)."""
+    there yet to ``results/<suite>.jsonl`` (what ``mmfast bench --compare`` reads).
+    ``commit``: the commit to name in the summary where the run could not (no .git)."""
     from mmfast.bench import results_io
 
     summary = Record._load_summary(Path(src))
@@ -148,6 +149,10 @@ def collect(src: Path, results: Path) -> Path:
     for name in FILES:
         if (Path(src) / name).is_file() and Path(src).resolve() != dest.resolve():
             shutil.copyfile(Path(src) / name, dest / name)
+    if commit and summary.get("commit") in (None, "unknown"):
+        # The device machine has no .git: name the commit here, where the source matches.
+        summary["commit"] = commit
+        (dest / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     by_suite: dict[str, list[dict]] = {}
     for row in read_jsonl(dest / "bench.jsonl"):
         if row.get("ms") is not None and row.get("suite") and not row.get("smoke"):

@@ -177,12 +177,14 @@ def test_reference_errors_report_unwritten_and_inaccurate_outputs():
 def test_collect_files_a_device_run_under_bench_results(tmp_path):
     came_back, results = tmp_path / "files", tmp_path / "results"
     came_back.mkdir()
-    (came_back / "summary.json").write_text(json.dumps({"source": "src-0123456789ab", "runs": [], "items": {}}))
+    (came_back / "summary.json").write_text(json.dumps({"source": "src-0123456789ab", "commit": "unknown",
+                                                        "runs": [], "items": {}}))
     row = {"suite": "norm", "case": "c", "provider": "p", "ms": 1.5, "run_id": "r1", "smoke": False}
     (came_back / "bench.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "suite": "peaks"}) + "\n")
     (came_back / "evidence.log").write_text("log\n")
-    dest = collect(came_back, results)
+    dest = collect(came_back, results, commit="0123abcd")
     assert dest == results / "evidence" / "src-0123456789ab"
+    assert _summary(dest)["commit"] == "0123abcd"  # the device machine could not name it
     assert sorted(p.name for p in dest.iterdir()) == ["bench.jsonl", "evidence.log", "summary.json"]
     collect(came_back, results)  # again: no duplicate rows
     assert [r["case"] for r in _rows(results / "norm.jsonl")] == ["c"]
