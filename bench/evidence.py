@@ -455,6 +455,17 @@ class Run:
         bad = [i for i, s in self.this_run.items() if s in ("fail", "error", "crash", "timeout")]
         return 1 if bad else 0
 
+    def print_plan(self) -> int:
+        for stage, budget in plan.STAGE_BUDGETS.items():
+            if stage not in self.args.stages:
+                continue
+            items = self.plan_stage(stage)
+            todo = [i for i in items if not self.record.is_final(i.id)]
+            print(f"stage {stage} ({'rest of the run' if budget is None else f'budget {budget} s'}): "
+                  f"{len(items)} items, {len(items) - len(todo)} recorded; to run, in order:")
+            print("\n".join(f"  {line}" for line in _grouped(todo)))
+        return 0
+
     def report(self, stages: dict[str, list[plan.Item]]) -> str:
         """The last thing printed: each stage's counts, this run's failures, what was
         skipped here and why, then exactly which items did not run."""
@@ -556,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU dry run: fake clock, tiny shapes, quick cases, fake timing, Triton interpreted")
     p.add_argument("--fake-cost", action="append", default=[], metavar="GLOB=SECONDS",
                    help="dry run: seconds an item matching GLOB takes on the fake clock")
+    p.add_argument("--plan", action="store_true",
+                   help="print each stage's items (recorded ones marked) and exit; runs nothing")
     p.add_argument("--collect", type=Path, default=None, metavar="DIR",
                    help="file the results a device run brought back (DIR) under bench/results, then exit")
     return p
@@ -586,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print("--out: a dry run needs an output folder", file=sys.stderr)
         return 2
+    if args.plan and not Path(out).exists():
+        out = tempfile.mkdtemp(prefix="mmfast-evidence-plan-")  # --plan writes nothing in the tree
     try:
         record = Record(Path(out), key, _git_commit())
     except ValueError as e:
@@ -595,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu evidence: source {key}, output {out}, {recorded} items recorded earlier "
           f"({record_dir if record_dir else 'no record folder'})", flush=True)
     run = Run(args, record, FakeClock() if args.dry_run else RealClock(), key)
+    if args.plan:
+        return run.print_plan()
     code = run.execute()
     if record_dir is not None and Path(out).resolve() == Path(record_dir).resolve():
         collect(Path(out), ROOT / "bench" / "results")  # recorded in place: the suite files too

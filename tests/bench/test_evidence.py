@@ -206,3 +206,19 @@ def test_the_cuda_checks_need_the_cuda_build():
     cuda = [s for s in evidence_checks.specs() if s.backend in ("cuda", "cuda_short")]
     assert cuda and all(s.needs_cuda_build for s in cuda)
     assert {s.family for s in cuda} == {"attention", "norm", "group_norm", "scheduler_step"}
+
+
+def test_real_clock_waits_until_the_deadline_or_the_next_event():
+    import queue
+    import time
+
+    clock, events = evidence.RealClock(), queue.Queue()
+    start = clock.now()
+    assert clock.wait(events, start + 0.2, None) is None and clock.now() - start >= 0.2
+    events.put({"event": "start", "item": "x"})
+    assert clock.wait(events, clock.now() + 60, None) == {"event": "start", "item": "x"}
+    os.environ["MMFAST_EVIDENCE_T0"] = str(time.time() - 100)  # the bash entry started 100 s ago
+    try:
+        assert 99 < evidence.RealClock().now() < 110
+    finally:
+        del os.environ["MMFAST_EVIDENCE_T0"]
