@@ -331,7 +331,7 @@ class Run:
         if stage == "checks":
             self.start_builder(pending)
         by_id = {i.id: i for i in pending}
-        cut = False
+        cut, abandoned = False, None
         while pending and not cut:
             if self.clock.now() >= deadline:
                 cut = True
@@ -353,7 +353,8 @@ class Run:
                         self.finish_item(item, "timeout", f"over its cap of {cap:g} s", round(cap, 1))
                         pending.remove(item)
                     elif item_deadline < deadline:  # no word from a new worker: give up the stage
-                        self.record.log(f"[{stage}] worker printed nothing for {cap} s: stage abandoned\n")
+                        abandoned = f"a worker printed nothing for {cap:g} s"
+                        self.record.log(f"[{stage}] {abandoned}: stage abandoned\n")
                         cut = True
                     else:
                         cut = True
@@ -374,20 +375,22 @@ class Run:
                         self.finish_item(item, "crash", f"worker exited with code {worker.proc.returncode}")
                         pending.remove(item)
                     elif any(i in by_id and by_id[i] in pending for i in worker.ids):
-                        # died between items: do not loop on it
-                        self.record.log(f"[{stage}] worker exited with code {worker.proc.returncode} "
-                                        "outside any item: stage abandoned\n")
+                        # died between items (an import error, say): do not loop on it
+                        abandoned = f"a worker exited with code {worker.proc.returncode} outside any item"
+                        self.record.log(f"[{stage}] {abandoned}: stage abandoned\n")
                         cut = True
                     break
                 else:
                     self.on_event(event, by_id)
         for item in pending:  # not final: the next run takes them up again
             self.this_run.setdefault(item.id, "cut off")
-            self.record.summary["items"][item.id] = {"stage": stage, "status": "cut off", "run_id": self.run_id,
-                                                     "reason": f"stage {stage} reached its deadline"}
+            self.record.summary["items"][item.id] = {
+                "stage": stage, "status": "cut off", "run_id": self.run_id,
+                "reason": f"stage abandoned: {abandoned}" if abandoned else f"stage {stage} reached its deadline"}
         self.record.write_summary()
         entry["used_s"] = round(self.clock.now() - entry["started_s"], 1)
-        entry["status"] = "cut off at its budget" if pending else "done"
+        entry["status"] = (f"abandoned: {abandoned} (see evidence.log)" if abandoned and pending else
+                           "cut off at its budget" if pending else "done")
         entry["not_run"] = [i.id for i in pending]
         return entry
 
@@ -502,7 +505,7 @@ class Run:
             missing = [i for i in items if self.record.status(i.id) not in FINAL and self.this_run.get(i.id) != "skipped"]
             if missing:
                 nothing = False
-                why = "cut off at its budget" if self.run_entry["stages"].get(stage, {}).get("not_run") else "not reached"
+                why = self.run_entry["stages"].get(stage, {}).get("status", "not reached")
                 lines.append(f"  stage {stage}: {len(missing)} of {len(items)} items ({why}):")
                 lines.extend(f"    {line}" for line in _grouped(missing))
         for name, reason in self.unloadable.items():

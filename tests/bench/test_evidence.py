@@ -222,3 +222,28 @@ def test_real_clock_waits_until_the_deadline_or_the_next_event():
         assert 99 < evidence.RealClock().now() < 110
     finally:
         del os.environ["MMFAST_EVIDENCE_T0"]
+
+
+def test_a_worker_that_dies_inside_an_item_is_a_crash_and_a_new_worker_goes_on(tmp_path, capsys, monkeypatch):
+    # What an illegal memory access does to a real worker. The dry run forks its workers
+    # from this process, so they inherit the patch.
+    from mmfast.bench import evidence_worker
+
+    real = evidence_worker.run_check
+
+    def dies_on_layer_norm(params, size):
+        if params["spec"] == "norm-layer":
+            os._exit(3)
+        return real(params, size)
+
+    monkeypatch.setattr(evidence_worker, "run_check", dies_on_layer_norm)
+    code = evidence.main(["--dry-run", "--out", str(tmp_path), "--stages", "checks", "--checks", "norm-*",
+                          "--dtypes", "float32,float16"])
+    report = capsys.readouterr().out
+    assert code == 1
+    items = _summary(tmp_path)["items"]
+    assert {i: items[i]["status"] for i in items} == {
+        "check/norm-rms/float32": "ok", "check/norm-layer/float32": "crash",
+        "check/norm-rms/float16": "ok", "check/norm-layer/float16": "crash"}
+    assert items["check/norm-layer/float16"]["reason"] == "worker exited with code 3"
+    assert "CRASH check/norm-layer/float32: worker exited with code 3" in report
