@@ -43,6 +43,8 @@ BOOTSTRAP = ROOT / "scripts" / "gpu_evidence.py"
 # A silent worker in the fake-clock dry run is a bug, not a slow GPU: give up after this.
 FAKE_REAL_TIMEOUT_S = 300
 FAKE_COSTS = {"check": 1.0, "peaks": 1.0, "bench": 2.0, "tests": 5.0}
+# An item whose worker must start over (CUDA context broken) more often than this crashed.
+MAX_RESTARTS = 2
 
 
 # ---- clocks --------------------------------------------------------------------------
@@ -235,6 +237,7 @@ class Run:
         self.this_run: dict[str, str] = {}  # item id -> status, this run only
         self.builder: Worker | None = None
         self.kinds: dict[str, str] = {}
+        self.restarts: dict[str, int] = {}
         self._bench: tuple[list[plan.Item], list[plan.Item]] | None = None
         self.fake_costs = [(pattern, float(s)) for pattern, s in (c.split("=", 1) for c in args.fake_cost)]
 
@@ -340,7 +343,7 @@ class Run:
             batch = list(itertools.takewhile(lambda i: _env_class(i.kind) == _env_class(pending[0].kind), pending))
             worker = Worker(batch, self.settings(), self.worker_env(batch[0].kind), self.record, stage,
                             fork=self.args.dry_run and not _cuda_initialized())
-            current, current_start = None, self.clock.now()
+            current, current_start, restart = None, self.clock.now(), None
             while True:
                 self.poll_builder()
                 cap = by_id[current].cap_s if current else plan.CAP_STARTUP_S
@@ -368,9 +371,20 @@ class Run:
                                      event.get("rows") or [])
                     pending.remove(item)
                     current, current_start = None, self.clock.now()
+                elif kind == "restart":  # its CUDA context broke: a new worker takes over
+                    restart = event
                 elif kind == "exit":
                     worker.close()
-                    if current:  # died inside an item: a crash (illegal address, abort, ...)
+                    if restart is not None:
+                        self.record.log(f"[{stage}] new worker: CUDA context broken ({restart.get('reason')})\n")
+                        item_id = restart.get("item")
+                        if item_id:  # unfinished (pytest stopped): resumed, twice at most
+                            self.restarts[item_id] = self.restarts.get(item_id, 0) + 1
+                            if self.restarts[item_id] > MAX_RESTARTS:
+                                self.finish_item(by_id[item_id], "crash", f"CUDA context broken "
+                                                 f"{self.restarts[item_id]} times: {restart.get('reason')}")
+                                pending.remove(by_id[item_id])
+                    elif current:  # died inside an item: a crash (illegal address, abort, ...)
                         item = by_id[current]
                         self.finish_item(item, "crash", f"worker exited with code {worker.proc.returncode}")
                         pending.remove(item)

@@ -24,9 +24,19 @@ def recorded_node_ids(path: Path) -> set[str]:
 
 
 class Recorder:
-    def __init__(self, emit: Callable[..., None], recorded: set[str]):
-        self.emit, self.recorded = emit, recorded
+    """``broken()`` says why the CUDA context is unusable (None if it is fine); after a
+    failure that broke it, the session stops: every later test would fail for that
+    alone. The worker then starts over in a new process, where the tests recorded so far
+    are deselected."""
+
+    def __init__(self, emit: Callable[..., None], recorded: set[str], broken: Callable[[], str | None]):
+        self.emit, self.recorded, self.check_broken = emit, recorded, broken
         self.counts = {"passed": 0, "failed": 0, "skipped": 0, "error": 0, "deselected_recorded": 0}
+        self.broken: str | None = None
+        self.session = None
+
+    def pytest_sessionstart(self, session):
+        self.session = session
 
     def pytest_collection_modifyitems(self, config, items):
         keep = [item for item in items if item.nodeid not in self.recorded]
@@ -49,3 +59,7 @@ class Recorder:
                 text = report.longreprtext or ""
                 row["message"] = text.strip().splitlines()[-1][:500] if text.strip() else ""
             self.emit("row", item="tests", row=row)
+            if report.failed and self.session is not None:
+                self.broken = self.check_broken()
+                if self.broken:
+                    self.session.shouldstop = f"CUDA context broken after {report.nodeid}: {self.broken}"

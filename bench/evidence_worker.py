@@ -9,6 +9,8 @@ before anything else runs (pytest's capture redirects fd 1 later), one line per 
     @@evidence {"event": "start", "item": ID}
     @@evidence {"event": "row", "item": ID, "row": {...}}   a test's outcome, as it finishes
     @@evidence {"event": "done", "item": ID, "status": ..., "reason": ..., "rows": [...]}
+    @@evidence {"event": "restart", "item": ID or null, "reason": ...}   CUDA context broken:
+        the worker exits; a new one takes the rest (and the item ID, if unfinished)
 
 Everything else it prints goes to the log. Environment (set by the orchestrator before
 this module is imported): MMFAST_POISON_OUTPUTS=1 for the checks, TRITON_INTERPRET=1 in
@@ -156,12 +158,14 @@ def run_tests(params: dict, out: Path) -> tuple[str, list[dict]]:
 
     from mmfast.bench import evidence_pytest
 
-    plugin = evidence_pytest.Recorder(emit, evidence_pytest.recorded_node_ids(out / "tests.jsonl"))
+    plugin = evidence_pytest.Recorder(emit, evidence_pytest.recorded_node_ids(out / "tests.jsonl"), cuda_broken)
     # A module that cannot be imported here (diffusers is not on the GPU machines) must
     # not stop the others.
     args = [*params["paths"], "-m", params["marker"], "-q", "-rfEs", "-p", "no:cacheprovider", "--durations=10",
             "--continue-on-collection-errors"]
     code = pytest.main(args, plugins=[plugin])
+    if plugin.broken:
+        raise ContextBroken(plugin.broken)
     # 0: all passed, 1: some failed, 5: nothing collected (all recorded already): complete.
     status = "ok" if code in (0, 5) else "fail" if code == 1 else "error"
     return status, [{"exit_code": int(code), **plugin.counts}]
@@ -178,12 +182,35 @@ def _fake_timing() -> None:
     harness.peak_memory_mb = lambda call, env: None
 
 
+# Exit code of a worker that stops because its CUDA context is unusable.
+RESTART_CODE = 3
+
+
+class ContextBroken(Exception):
+    """The CUDA context of this process cannot be used any more (an illegal address or
+    a device-side assert is sticky): every later item would fail for that alone."""
+
+
+def cuda_broken() -> str | None:
+    """Why this process's CUDA context is unusable, or None (also without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_initialized():
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+    except Exception as e:  # noqa: BLE001  (whatever the driver says)
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    return None
+
+
 def main(plan_path: str) -> int:
     plan = json.loads(Path(plan_path).read_text())
     import torch
 
     device = _device()
-    emit("hello", device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu",
+    emit("hello", device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
          torch=torch.__version__, cuda=torch.version.cuda, pid=os.getpid())
     if os.environ.get("MMFAST_EVIDENCE_FAKE_TIMING", "0") == "1":
         _fake_timing()
@@ -206,16 +233,23 @@ def main(plan_path: str) -> int:
             else:
                 raise ValueError(f"unknown item kind '{kind}'")
             reason = next((r.get("reason") or r.get("error") for r in rows if r.get("status") == status != "ok"), None)
+        except ContextBroken as e:  # mid-item (pytest stopped): the item goes on in a new worker
+            emit("restart", item=item["id"], reason=str(e))
+            return RESTART_CODE
         except Exception as e:  # recorded, and the worker goes on with the next item
             import traceback
 
             traceback.print_exc()
             status, reason = "error", f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
             rows = []
-        if device.type == "cuda":
+        broken = cuda_broken()
+        if device.type == "cuda" and not broken:
             torch.cuda.empty_cache()
         emit("done", item=item["id"], status=status, reason=reason, rows=rows,
              seconds=round(time.perf_counter() - start, 3))
+        if broken:  # this item broke the context: the rest need a new process
+            emit("restart", item=None, reason=broken)
+            return RESTART_CODE
     return 0
 
 

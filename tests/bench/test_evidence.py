@@ -247,3 +247,27 @@ def test_a_worker_that_dies_inside_an_item_is_a_crash_and_a_new_worker_goes_on(t
         "check/norm-rms/float16": "ok", "check/norm-layer/float16": "crash"}
     assert items["check/norm-layer/float16"]["reason"] == "worker exited with code 3"
     assert "CRASH check/norm-layer/float32: worker exited with code 3" in report
+
+
+def test_a_broken_cuda_context_hands_the_rest_to_a_new_worker(tmp_path, capsys, monkeypatch):
+    # After the first item the (pretended) CUDA context is unusable: its row is kept, the
+    # worker exits, and a new one runs the other items; nothing is recorded as failed.
+    from mmfast.bench import evidence_worker
+
+    marker = tmp_path / "broke-once"
+
+    def broken_once():
+        if marker.exists():
+            return None
+        marker.write_text("")
+        return "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+    monkeypatch.setattr(evidence_worker, "cuda_broken", broken_once)
+    out = tmp_path / "out"
+    code = evidence.main(["--dry-run", "--out", str(out), "--stages", "checks", "--checks", "norm-*",
+                          "--dtypes", "float32"])
+    assert code == 0, capsys.readouterr().out
+    items = _summary(out)["items"]
+    assert {i: items[i]["status"] for i in items} == {"check/norm-rms/float32": "ok", "check/norm-layer/float32": "ok"}
+    assert "new worker: CUDA context broken (RuntimeError: CUDA error: an illegal memory access" in \
+        (out / "evidence.log").read_text()
