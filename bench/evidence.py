@@ -491,6 +491,9 @@ class Run:
                  f"{' [DRY RUN: fake clock, tiny shapes, no GPU numbers]' if self.args.dry_run else ''} =="]
         for stage, items in stages.items():
             entry = self.run_entry["stages"].get(stage, {})
+            if stage not in self.args.stages:
+                lines.append(f"stage {stage}: not asked for (--stages)")
+                continue
             counts: dict[str, int] = {}
             for item in items:
                 status = self.this_run.get(item.id) or self.record.status(item.id) or "not run"
@@ -585,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake-cost", action="append", default=[], metavar="GLOB=SECONDS",
                    help="dry run: seconds an item matching GLOB takes on the fake clock")
     p.add_argument("--plan", action="store_true",
-                   help="print each stage's items (recorded ones marked) and exit; runs nothing")
+                   help="print, per stage, the items still to run, in order, and exit; runs nothing")
     p.add_argument("--collect", type=Path, default=None, metavar="DIR",
                    help="file the results a device run brought back (DIR) under bench/results, then exit")
     return p
