@@ -468,7 +468,9 @@ class Run:
         self.run_entry["ended_s"] = round(self.clock.now() - start, 1)
         self.run_entry["unloadable_suites"] = self.unloadable
         self.record.write_summary()
-        print(self.report(stages))
+        report = self.report(stages)
+        self.record.log(report + "\n")
+        print(report)
         bad = [i for i, s in self.this_run.items() if s in ("fail", "error", "crash", "timeout")]
         return 1 if bad else 0
 
@@ -513,7 +515,7 @@ class Run:
             lines.append(f"skipped here ({len(skipped)} items; reasons in summary.json):")
             lines.extend(f"  {line}" for line in _grouped(skipped))
         lines.append("DID NOT RUN (the same command again runs them; recorded items are skipped):")
-        nothing = True
+        nothing, counts = True, []
         for stage, items in stages.items():
             if stage not in self.args.stages:
                 lines.append(f"  stage {stage}: not asked for (--stages)")
@@ -524,7 +526,8 @@ class Run:
                 nothing = False
                 why = self.run_entry["stages"].get(stage, {}).get("status", "not reached")
                 lines.append(f"  stage {stage}: {len(missing)} of {len(items)} items ({why}):")
-                lines.extend(f"    {line}" for line in _grouped(missing))
+                lines.extend(f"    {line}" for line in _grouped(missing, items))
+            counts.append(f"{stage} {len(missing)} of {len(items)}")
         for name, reason in self.unloadable.items():
             lines.append(f"  suite {name}: not loadable here ({reason})")
             nothing = False
@@ -533,6 +536,7 @@ class Run:
         files = self.record.files()
         lines.append(f"files ({len(files)} of at most {MAX_FILES}) in {self.record.out}: "
                      + ", ".join(p.name for p in files))
+        lines.append("not run: " + (", ".join(counts) or "-"))
         return "\n".join(lines)
 
 
@@ -547,18 +551,29 @@ def _env_class(kind: str) -> str:
     return "checks" if kind in ("check", "tests", "cuda_build") else "bench"
 
 
-def _grouped(items: list[plan.Item]) -> list[str]:
-    """Item ids, exactly, in few lines: bench items one line per suite, each case with
-    its providers in brackets (``bench/norm: case [a, b]; case2 [c]``)."""
-    lines, suites = [], {}
-    for item in items:
-        parts = item.id.split("/")
-        if parts[0] == "bench" and len(parts) == 4:
-            suites.setdefault(parts[1], {}).setdefault(parts[2], []).append(parts[3])
-        else:
-            lines.append(item.id)
-    for suite, cases in suites.items():
-        lines.append(f"bench/{suite}: " + "; ".join(f"{case} [{', '.join(p)}]" for case, p in cases.items()))
+def _grouped(items: list[plan.Item], among: list[plan.Item] | None = None) -> list[str]:
+    """Item ids, exactly, in few lines. Bench items: one line per suite, each case with
+    its providers in brackets (``bench/norm: case [a, b]; case2 [c]``); relative to
+    ``among`` (the stage's items), a case whose every provider is listed is ``[all]``,
+    and a suite whose every item is listed is one line ``bench/<suite>: all N items``."""
+    def by_suite(group):
+        suites: dict[str, dict[str, list[str]]] = {}
+        for item in group:
+            parts = item.id.split("/")
+            if parts[0] == "bench" and len(parts) == 4:
+                suites.setdefault(parts[1], {}).setdefault(parts[2], []).append(parts[3])
+        return suites
+
+    lines = [i.id for i in items if not (i.id.startswith("bench/") and i.id.count("/") == 3)]
+    whole = by_suite(among or [])
+    for suite, cases in by_suite(items).items():
+        total = whole.get(suite, {})
+        if total and cases == total:
+            lines.append(f"bench/{suite}: all {sum(map(len, cases.values()))} items of this stage "
+                         f"({len(cases)} cases, every provider)")
+            continue
+        lines.append(f"bench/{suite}: " + "; ".join(
+            f"{case} [{'all' if total.get(case) == p else ', '.join(p)}]" for case, p in cases.items()))
     return lines
 
 

@@ -81,7 +81,10 @@ def test_dry_run_stages_budgets_cut_offs_skip_and_report(tmp_path, capsys):
     # The report ends with exactly what did not run.
     tail = report[report.index("DID NOT RUN"):]
     assert "stage headline: 5 of 6 items (cut off at its budget):" in tail
-    assert "bench/norm: rms-fwd-32x320-bf16 [mmfast-triton, mmfast-cuda, torch-eager, liger, torch-compile]" in tail
+    assert "bench/norm: all 5 items of this stage (1 cases, every provider)" in tail
+    assert "rms-fwd+bwd-32x320-bf16 [liger]; rms+res-fwd-32x320-bf16 [all]; " in tail
+    assert tail.splitlines()[-1] == "not run: checks 0 of 2, headline 5 of 6, rest 31 of 36"
+    assert tail in (first / "evidence.log").read_text()
     assert "stage checks" not in tail
     assert timed_out.rsplit("/", 1)[0] + " [torch-eager" not in tail  # recorded: not "did not run"
     assert "TIMEOUT " + timed_out in report
@@ -104,6 +107,7 @@ def test_dry_run_stages_budgets_cut_offs_skip_and_report(tmp_path, capsys):
     tail = report[report.index("DID NOT RUN"):]
     assert "stage rest: not asked for (--stages)" in tail
     assert "stage headline" not in tail
+    assert tail.splitlines()[-1] == "not run: checks 0 of 2, headline 0 of 6"
 
 
 def test_worker_runs_from_a_bare_tree_without_an_install(tmp_path):
