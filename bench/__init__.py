@@ -9,7 +9,7 @@ Layout: suite.py (the Case / Provider / Suite types a suite is written with),
 env.py (device, versions, commit), harness.py (timing, input rotation, peaks, rows),
 results_io.py (JSONL files, comparison), table.py, plot.py, cli.py, suites/ (one file
 per suite, plus the registry). evidence*.py: the staged GPU evidence run of one short
-GPU window (scripts/gpu_evidence.sh): plan, stage-1 checks, worker, record files.
+GPU window (scripts/gpu_evidence.sh): plan, stage-1 checks, processes, worker, record files.
 """
 
 from mmfast.bench.cli import main

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmfast.bench import evidence, evidence_checks, evidence_plan, suites
+from mmfast.bench import evidence, evidence_checks, evidence_plan, evidence_process, suites
 from mmfast.bench.evidence_record import FILES, MAX_FILES, collect
 from mmfast.testing import reference_errors
 
@@ -216,14 +216,14 @@ def test_real_clock_waits_until_the_deadline_or_the_next_event():
     import queue
     import time
 
-    clock, events = evidence.RealClock(), queue.Queue()
+    clock, events = evidence_process.RealClock(), queue.Queue()
     start = clock.now()
     assert clock.wait(events, start + 0.2, None) is None and clock.now() - start >= 0.2
     events.put({"event": "start", "item": "x"})
     assert clock.wait(events, clock.now() + 60, None) == {"event": "start", "item": "x"}
     os.environ["MMFAST_EVIDENCE_T0"] = str(time.time() - 100)  # the bash entry started 100 s ago
     try:
-        assert 99 < evidence.RealClock().now() < 110
+        assert 99 < evidence_process.RealClock().now() < 110
     finally:
         del os.environ["MMFAST_EVIDENCE_T0"]
 
