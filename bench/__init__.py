@@ -8,7 +8,8 @@ suites run under pytest-benchmark: ``pytest bench/ --benchmark-json=out.json``.
 Layout: suite.py (the Case / Provider / Suite types a suite is written with),
 env.py (device, versions, commit), harness.py (timing, input rotation, peaks, rows),
 results_io.py (JSONL files, comparison), table.py, plot.py, cli.py, suites/ (one file
-per suite, plus the registry).
+per suite, plus the registry). evidence*.py: the staged GPU evidence run of one short
+GPU window (scripts/gpu_evidence.sh): plan, stage-1 checks, processes, worker, record files.
 """
 
 from mmfast.bench.cli import main

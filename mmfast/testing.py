@@ -82,6 +82,60 @@ def _truncation_allowance(exact: Tensor, dtype: torch.dtype) -> Tensor | float:
     return _spacing(exact, dtype)
 
 
+def reference_errors(
+    op: Callable,
+    reference: Callable,
+    inputs: Mapping[str, Any],
+    *,
+    grad_inputs: tuple[str, ...] = (),
+    factor: float = 2.0,
+    summed_over: Mapping[str, int] | None = None,
+) -> list[dict]:
+    """The measurements behind :func:`assert_matches_reference`, one dict per output and
+    input gradient: ``what``, ``error`` (max vs float64), ``eager_error``, ``bound``,
+    ``nan`` (NaN where the exact answer has none: an unwritten element), ``ok``, and
+    ``problem`` (why it fails, else None). Same arguments as the assert."""
+    summed_over = dict(summed_over or {})
+    grad_inputs = tuple(grad_inputs)
+    out_op, grad_op, grads_out = _run(op, inputs, grad_inputs, None, None)
+    out_eager, grad_eager, _ = _run(reference, inputs, grad_inputs, grads_out, None)
+    out_ref, grad_ref, _ = _run(reference, inputs, grad_inputs, grads_out, torch.float64)
+
+    checks = [(f"output {i}", *t) for i, t in enumerate(zip(out_op, out_eager, out_ref))]
+    checks += [(f"grad of {n}", *t) for n, t in zip(grad_inputs, zip(grad_op, grad_eager, grad_ref))]
+    results = []
+    for what, got, eager, exact in checks:
+        row = {"what": what, "error": None, "eager_error": None, "bound": None, "nan": False, "problem": None}
+        results.append(row)
+        if got is None or exact is None:
+            if not (got is None and exact is None):
+                row["problem"] = f"{what}: op gave {got is not None}, reference {exact is not None}"
+            continue
+        if got.shape != exact.shape:
+            row["problem"] = f"{what}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
+            continue
+        if got.dtype != eager.dtype:
+            row["problem"] = f"{what}: dtype {got.dtype}, expected {eager.dtype}"
+            continue
+        row["nan"] = bool(got.isnan().any()) and not bool(exact.isnan().any())
+        unit = _unit_in_last_place(exact, got.dtype)
+        if what in summed_over and exact.numel():
+            unit += summed_over[what] * torch.finfo(got.dtype).eps * exact.abs().max().item()
+        row["error"] = _max_err(got, exact, _truncation_allowance(exact, got.dtype))
+        row["eager_error"] = _max_err(eager, exact)
+        row["bound"] = factor * row["eager_error"] + unit
+        if row["nan"]:
+            row["problem"] = f"{what}: NaN (unwritten or overflowed elements)"
+        elif not row["error"] <= row["bound"]:
+            row["problem"] = (
+                f"{what}: max error {row['error']:.3e} vs float64 exceeds {factor} x eager's "
+                f"{row['eager_error']:.3e} + one unit in the last place {unit:.3e} "
+                f"(dtype {got.dtype}, shape {tuple(got.shape)})")
+    for row in results:
+        row["ok"] = row["problem"] is None
+    return results
+
+
 def assert_matches_reference(
     op: Callable,
     reference: Callable,
@@ -103,28 +157,6 @@ def assert_matches_reference(
     n * eps * max|exact|. Without it, a float32 sum that eager happens to round correctly
     fails on summation order alone.
     """
-    summed_over = dict(summed_over or {})
-    grad_inputs = tuple(grad_inputs)
-    out_op, grad_op, grads_out = _run(op, inputs, grad_inputs, None, None)
-    out_eager, grad_eager, _ = _run(reference, inputs, grad_inputs, grads_out, None)
-    out_ref, grad_ref, _ = _run(reference, inputs, grad_inputs, grads_out, torch.float64)
-
-    checks = [(f"output {i}", *t) for i, t in enumerate(zip(out_op, out_eager, out_ref))]
-    checks += [(f"grad of {n}", *t) for n, t in zip(grad_inputs, zip(grad_op, grad_eager, grad_ref))]
-    for what, got, eager, exact in checks:
-        if got is None or exact is None:
-            assert got is None and exact is None, f"{what}: op gave {got is not None}, reference {exact is not None}"
-            continue
-        assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(exact.shape)}"
-        assert got.dtype == eager.dtype, f"{what}: dtype {got.dtype}, expected {eager.dtype}"
-        assert not got.isnan().any() or exact.isnan().any(), f"{what}: NaN (unwritten or overflowed elements)"
-        unit = _unit_in_last_place(exact, got.dtype)
-        if what in summed_over and exact.numel():
-            unit += summed_over[what] * torch.finfo(got.dtype).eps * exact.abs().max().item()
-        err = _max_err(got, exact, _truncation_allowance(exact, got.dtype))
-        err_eager = _max_err(eager, exact)
-        bound = factor * err_eager + unit
-        assert err <= bound, (
-            f"{what}: max error {err:.3e} vs float64 exceeds {factor} x eager's {err_eager:.3e} "
-            f"+ one unit in the last place {unit:.3e} (dtype {got.dtype}, shape {tuple(got.shape)})"
-        )
+    for row in reference_errors(op, reference, inputs, grad_inputs=grad_inputs, factor=factor,
+                                summed_over=summed_over):
+        assert row["ok"], row["problem"]
