@@ -87,9 +87,10 @@ def test_in_the_test_process_kernels_is_not_ours():
     import mmfast.kernels
 
     assert Path(mmfast.kernels.__file__) == REPO / "kernels" / "__init__.py"
-    assert Path(kernels.__file__) != REPO / "kernels" / "__init__.py"
     installed = _hugging_face_kernels()
-    if installed is not None:
+    if installed is None:  # the empty namespace kernels/__init__.py leaves in its place
+        assert getattr(kernels, "__file__", None) is None and list(kernels.__path__) == []
+    else:
         assert Path(kernels.__file__).resolve() == Path(installed).resolve()
 
 

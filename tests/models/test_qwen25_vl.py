@@ -1,6 +1,8 @@
 """mmfast's Qwen2.5-VL loads a tiny random Hugging Face checkpoint and matches it: logits
 for a padded batch of text + images of two sizes, and greedy generation."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -82,11 +84,20 @@ def test_logits_match_hugging_face(checkpoint):
     assert torch.count_nonzero(got[~valid]) == 0
 
 
+def _seconds(hf, fractional: list[float]) -> torch.Tensor:
+    """second_per_grid_ts for a test: fractional, unless the installed transformers truncates
+    them to whole seconds in get_rope_index (`int(...)`, as 5.17 does; later releases fixed
+    it, and mmfast follows the fix): then whole seconds, on which both agree."""
+    source = inspect.getsource(type(hf.model).get_rope_index)
+    truncates = "int(next(second_per_grid_ts))" in source
+    return torch.tensor([float(round(s + 0.5)) for s in fractional] if truncates else fractional)
+
+
 def test_video_and_image_logits_match_hugging_face(checkpoint):
     hf, directory = checkpoint
     ours = Qwen25VLForConditionalGeneration.from_pretrained(directory)
     g = torch.Generator().manual_seed(2)
-    video_grid, seconds = torch.tensor([[2, 4, 4]]), torch.tensor([1.5])  # 2 temporal patches of 4x4
+    video_grid, seconds = torch.tensor([[2, 4, 4]]), _seconds(hf, [1.5])  # 2 temporal patches of 4x4
     ids = torch.tensor([[5, START, *[IMAGE] * 4, END, 6, START, *[VIDEO] * 8, END, 7, 8]])
     pixels, video = torch.randn(16, PATCH_DIM, generator=g), torch.randn(32, PATCH_DIM, generator=g)
     with torch.no_grad():
@@ -155,7 +166,7 @@ def test_rope_index_matches_hugging_face_with_video_and_padding(checkpoint):
     mask = torch.zeros_like(ids)
     ids[0], mask[0] = torch.tensor(first), 1
     ids[1, -len(second):], mask[1, -len(second):] = torch.tensor(second), 1
-    seconds = torch.tensor([1.5, 0.5])
+    seconds = _seconds(hf, [1.5, 0.5])
     types = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
     want, want_delta = hf.model.get_rope_index(ids, types, image_grid_thw=images, video_grid_thw=video_grids,
                                                second_per_grid_ts=seconds, attention_mask=mask)
