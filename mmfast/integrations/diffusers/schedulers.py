@@ -257,14 +257,16 @@ _FUSED: dict[str, Callable] = {
 
 
 def _fused_step_method(kind: str, original: Callable, want_x0: bool) -> Callable:
-    """A ``step`` with the original's signature (pipelines inspect it for eta / generator)."""
+    """A ``step`` with the original's signature (pipelines inspect it for eta / generator).
+    ``original``: the class's ``step`` function, called on whichever instance the method is
+    bound to (a deep copy of a patched scheduler falls back on itself, not on the original)."""
     fused = _FUSED[kind]
 
     def step(self, *args, **kwargs):
         result = fused(self, None, want_x0, *args, **kwargs)
-        return original(*args, **kwargs) if result is None else result
+        return original(self, *args, **kwargs) if result is None else result
 
-    step.__signature__ = inspect.signature(original.__func__)  # with self: bound below
+    step.__signature__ = inspect.signature(original)  # with self: bound below
     step.__doc__ = f"mmfast fused step (falls back to diffusers' for unsupported options).\n\n{original.__doc__ or ''}"
     return step
 
@@ -284,8 +286,7 @@ def patch_scheduler(scheduler: Any, handle: PatchHandle, *, pred_original_sample
         return False
     if "step" in vars(scheduler):
         raise ValueError("scheduler: its step is already replaced on this instance (patched twice?)")
-    original = scheduler.step
-    fused = _fused_step_method(kind, original, pred_original_sample)
+    fused = _fused_step_method(kind, type(scheduler).step, pred_original_sample)
     handle.set_attr(scheduler, "step", types.MethodType(fused, scheduler))
     handle.replaced.append((type(scheduler).__name__, "fused scheduler step"))
     return True
