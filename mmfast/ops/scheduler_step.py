@@ -42,7 +42,7 @@ no backward.
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Sequence
 
@@ -68,7 +68,8 @@ class StepCoefficients:
     clip: float = math.inf
 
     def row(self) -> tuple[float, ...]:
-        return astuple(self)
+        # Not dataclasses.astuple, which deep-copies every field: this runs on each host step.
+        return (self.px, self.pm, self.cx, self.cm, self.c0, self.c1, self.cn, self.clip)
 
     @property
     def needs_x0(self) -> bool:

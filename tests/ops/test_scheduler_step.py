@@ -83,6 +83,7 @@ def test_coefficient_order_is_the_kernel_table_order():
     from mmfast.kernels.scheduler_step import COEFFICIENT_FIELDS
 
     assert tuple(f.name for f in fields(StepCoefficients)) == COEFFICIENT_FIELDS
+    assert FULL.row() == tuple(getattr(FULL, name) for name in COEFFICIENT_FIELDS)
 
 
 def test_table_mode_reads_the_counter_row_and_advances_it(device):

@@ -149,6 +149,8 @@ def _ddim(scheduler, guidance, want_x0, model_output, timestep, sample, eta=0.0,
     prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
     alpha = float(scheduler.alphas_cumprod[t])
     alpha_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else float(scheduler.final_alpha_cumprod)
+    if alpha == 0.0 and config.prediction_type == "epsilon":
+        return None  # zero terminal SNR: diffusers divides by sqrt(0) (inf / NaN), as it always has
     coef = ddim_coefficients(alpha, alpha_prev, prediction_type=config.prediction_type, eta=eta,
                              clip_sample_range=config.clip_sample_range if config.clip_sample else None,
                              use_clipped_model_output=use_clipped_model_output)
