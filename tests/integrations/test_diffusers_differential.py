@@ -166,3 +166,78 @@ def test_dtype_move_after_patching(family):
         want = _run(model, inputs)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+# ---- pipelines: a few denoising steps, patched against unpatched, same seed ----------------
+
+
+def _sd_pipeline(scheduler):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(unet=tiny_unet(), vae=tiny_vae(), text_encoder=None, tokenizer=None,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _sd3_pipeline():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        shift_factor=0.1, scaling_factor=1.5).eval()
+    return StableDiffusion3Pipeline(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                    tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+
+
+def _sd_scheduler(name):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    sd15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return {"euler": lambda: EulerDiscreteScheduler(**sd15),
+            # "DPM++ 2M Karras" with a sigma_min final sigma: the repeated final sigma of item 6
+            "dpm++2m-karras": lambda: DPMSolverMultistepScheduler(**sd15, use_karras_sigmas=True,
+                                                                 final_sigmas_type="sigma_min",
+                                                                 lower_order_final=False)}[name]()
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++2m-karras"])  # DDIM: test_diffusers_families
+def test_stable_diffusion_pipeline_patched_generates_the_same_image(scheduler):
+    pipe = _sd_pipeline(_sd_scheduler(scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 7, 24, generator=gen), torch.randn(1, 7, 24, generator=gen)
+
+    def generate():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, height=16, width=16,
+                    num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.5, output_type="pt",
+                    generator=torch.Generator().manual_seed(5)).images
+
+    want = generate()
+    with mmfast.patch(pipe) as handle:
+        names = [name for name, _ in handle.replaced]
+        assert type(pipe.scheduler).__name__ in names and "decoder.mid_block.attentions.0" in names
+        got = generate()
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_stable_diffusion_3_pipeline_patched_generates_the_same_image():
+    pipe = _sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    embeds = dict(prompt_embeds=torch.randn(1, 7, 24, generator=gen),
+                  negative_prompt_embeds=torch.randn(1, 7, 24, generator=gen),
+                  pooled_prompt_embeds=torch.randn(1, 16, generator=gen),
+                  negative_pooled_prompt_embeds=torch.randn(1, 16, generator=gen))
+
+    def generate():
+        return pipe(**embeds, height=16, width=16, num_inference_steps=3, guidance_scale=4.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(5)).images
+
+    want = generate()
+    with mmfast.patch(pipe) as handle:
+        names = [name for name, _ in handle.replaced]
+        assert "FlowMatchEulerDiscreteScheduler" in names and "transformer_blocks.0" in names
+        got = generate()
+    torch.testing.assert_close(got, want, **TOL)
