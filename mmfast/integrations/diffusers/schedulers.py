@@ -9,8 +9,12 @@ Three ways in:
   (``step_index``, ``model_outputs``, ``lower_order_nums``), so an existing pipeline loop
   runs the fused update; ``handle.undo()`` restores the original. Configurations the
   fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
-  learned variances) fall back to the original ``step`` for that call; schedulers of
-  other classes are left untouched. A stock pipeline computes guidance itself before
+  learned variances, DDIM's epsilon prediction where alphas_cumprod is 0) fall back to
+  the original ``step`` for that call; schedulers of other classes are left untouched.
+  Samples and outputs may have any strides. One deliberate difference: a DPM-Solver++
+  "heun" step between two equal sigmas (Karras / Lu sigmas with
+  ``final_sigmas_type="sigma_min"`` end on one) is the identity, the limit of the step,
+  where diffusers computes 0/0 and returns NaN (its "midpoint" gives the identity too). A stock pipeline computes guidance itself before
   calling ``step``, so this fuses the update but not the guidance.
 * ``guided_scheduler_step(scheduler, noise_pred, t, latents, guidance_scale=...)``
   replaces a denoising loop's three lines (chunk, guidance (+ rescale), ``step``) with one
