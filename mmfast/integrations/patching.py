@@ -18,7 +18,6 @@ from typing import Any, Callable
 from torch import nn
 
 
-
 class _Missing:
     """"Nothing was there": one object, kept by copy.deepcopy (undo records are copied)."""
 
@@ -78,7 +77,10 @@ class PatchHandle:
         """Reverse every change, newest first. Calling it twice does nothing."""
         while self._undo:
             record = self._undo.pop()
-            record() if callable(record) else _restore(*record)
+            if callable(record):
+                record()
+            else:
+                _restore(*record)
         self.replaced.clear()
         self.active = False
 

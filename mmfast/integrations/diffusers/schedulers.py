@@ -14,8 +14,9 @@ Three ways in:
   Samples and outputs may have any strides. One deliberate difference: a DPM-Solver++
   "heun" step between two equal sigmas (Karras / Lu sigmas with
   ``final_sigmas_type="sigma_min"`` end on one) is the identity, the limit of the step,
-  where diffusers computes 0/0 and returns NaN (its "midpoint" gives the identity too). A stock pipeline computes guidance itself before
-  calling ``step``, so this fuses the update but not the guidance.
+  where diffusers computes 0/0 and returns NaN (its "midpoint" gives the identity too).
+  A stock pipeline computes guidance itself before calling ``step``, so this fuses the
+  update but not the guidance.
 * ``guided_scheduler_step(scheduler, noise_pred, t, latents, guidance_scale=...)``
   replaces a denoising loop's three lines (chunk, guidance (+ rescale), ``step``) with one
   fused pass; it works on patched and unpatched schedulers (any class: others get
