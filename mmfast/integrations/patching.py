@@ -17,7 +17,25 @@ from typing import Any, Callable
 
 from torch import nn
 
-_MISSING = object()
+
+class _Missing:
+    """"Nothing was there": one object, kept by copy.deepcopy (undo records are copied)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+_MISSING = _Missing()
+
+
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    if previous is _MISSING:
+        if isinstance(obj, nn.Module) and name in obj._modules:
+            del obj._modules[name]
+        else:
+            obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, previous)
 
 
 class PatchHandle:
@@ -31,7 +49,7 @@ class PatchHandle:
         self.target = target
         self.family = family
         self.replaced: list[tuple[str, str]] = []
-        self._undo: list[Callable[[], None]] = []
+        self._undo: list = []  # (obj, name, previous) records and restore callables
         self.active = True
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
@@ -40,17 +58,9 @@ class PatchHandle:
         if isinstance(obj, nn.Module) and isinstance(value, nn.Module):
             previous = obj._modules.get(name, _MISSING)
         setattr(obj, name, value)
-
-        def restore():
-            if previous is _MISSING:
-                if isinstance(obj, nn.Module) and name in obj._modules:
-                    del obj._modules[name]
-                else:
-                    obj.__dict__.pop(name, None)
-            else:
-                setattr(obj, name, previous)
-
-        self._undo.append(restore)
+        # A record, not a closure: copy.deepcopy of a patched model copies its handle with
+        # the records pointing at the copy, so the copy's undo() restores the copy.
+        self._undo.append((obj, name, previous))
 
     def set_forward(self, module: nn.Module, forward: Callable[..., Any], what: str,
                     qualified_name: str = "") -> None:
@@ -66,7 +76,11 @@ class PatchHandle:
     def undo(self) -> None:
         """Reverse every change, newest first. Calling it twice does nothing."""
         while self._undo:
-            self._undo.pop()()
+            record = self._undo.pop()
+            if callable(record):
+                record()
+            else:
+                _restore(*record)
         self.replaced.clear()
         self.active = False
 

@@ -113,13 +113,14 @@ class ClipLossFunction(torch.autograd.Function):
 
 
 class SigLipLossFunction(torch.autograd.Function):
-    """Sigmoid contrastive loss, summed over all pairs and divided by B."""
+    """Sigmoid contrastive loss, summed over all pairs and divided by B; ``pair`` 0 (pair
+    i <-> i positive) or None (every pair negative: open_clip's ``negative_only``)."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, bias, blocks):
-        rows = blocks.sigmoid_rows(x, y, scale.detach(), bias.detach(), 0)
+    def forward(ctx, x, y, scale, bias, blocks, pair=0):
+        rows = blocks.sigmoid_rows(x, y, scale.detach(), bias.detach(), pair)
         ctx.save_for_backward(x, y, scale, bias)
-        ctx.blocks = blocks
+        ctx.blocks, ctx.pair = blocks, pair
         return (rows.sum() / x.shape[0]).to(x.dtype)
 
     @staticmethod
@@ -127,11 +128,11 @@ class SigLipLossFunction(torch.autograd.Function):
         x, y, scale, bias = ctx.saved_tensors
         s, b = scale.detach(), bias.detach()
         coef = grad_coef(grad_out, s, 1.0 / x.shape[0])
-        args = (x, y, s, b, None, None, coef, 0, None, "sigmoid", False)
+        args = (x, y, s, b, None, None, coef, ctx.pair, None, "sigmoid", False)
         dx, ds, dbias = ctx.blocks.grad_rows(*args, x.dtype)
         dy = ctx.blocks.grad_cols(*args, y.dtype)
         return (dx, dy, _reduce_grad(ds, scale, ctx.needs_input_grad[2]),
-                _reduce_grad(dbias, bias, ctx.needs_input_grad[3]), None)
+                _reduce_grad(dbias, bias, ctx.needs_input_grad[3]), None, None)
 
 
 class NtXentFunction(torch.autograd.Function):
@@ -239,9 +240,10 @@ def clip_loss(image_features, text_features, logit_scale, *, reduction="mean", g
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, group=None,
-                strategy="all_gather", backend=None):
+                strategy="all_gather", backend=None, negative_only=False):
     """open_clip's SigLIP loss, fused and tiled: -logsigmoid(y * (s x.y^T + b)).sum() / B
-    with y = 2 I - 1. ``logit_bias`` may be None (no bias). ``group``: see
+    with y = 2 I - 1 (y = -1 everywhere with ``negative_only``: the pairs of two different
+    shards). ``logit_bias`` may be None (no bias). ``group``: see
     mmfast.ops.contrastive_dist.
 
     Example::
@@ -259,13 +261,16 @@ def siglip_loss(image_features, text_features, logit_scale, logit_bias=None, *, 
         return scale, bias, select_blocks(image_features, backend)
 
     if group is not None:
+        if negative_only:
+            raise ValueError("negative_only: a loss over a process group has its positive pairs")
         from mmfast.ops.contrastive_dist import distributed_siglip_loss
 
         return distributed_siglip_loss(checked, image_features, text_features, group, strategy)
     scale, bias, blocks = checked()
     if image_features.shape[0] == 0:
         raise ValueError("image_features: expected at least one row (the loss of an empty batch is undefined)")
-    return SigLipLossFunction.apply(image_features, text_features, scale, bias, blocks)
+    return SigLipLossFunction.apply(image_features, text_features, scale, bias, blocks,
+                                    None if negative_only else 0)
 
 
 def nt_xent_loss(z, temperature, *, backend=None):

@@ -42,7 +42,7 @@ no backward.
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from numbers import Real
 from typing import Optional, Sequence
 
@@ -68,7 +68,8 @@ class StepCoefficients:
     clip: float = math.inf
 
     def row(self) -> tuple[float, ...]:
-        return astuple(self)
+        # Not dataclasses.astuple, which deep-copies every field: this runs on each host step.
+        return (self.px, self.pm, self.cx, self.cm, self.c0, self.c1, self.cn, self.clip)
 
     @property
     def needs_x0(self) -> bool:
@@ -326,25 +327,38 @@ def _split_model_output(model_output, sample: Tensor, guided: bool) -> tuple[Ten
     return model_output[:half], model_output[half:]
 
 
-def _same_order(t: Tensor | None, channels_last: bool) -> Tensor | None:
-    """``t`` as a contiguous tensor in the element order of sample (a view when it is)."""
+def _memory_order(sample: Tensor) -> list[int] | None:
+    """The dims of ``sample`` from outermost to innermost in memory, batch first, when it
+    is dense in that order and not plainly contiguous (channels_last: [0, 2, 3, 1]); None
+    otherwise (then every operand is taken contiguous). The kernel sees flat operands in
+    this order, sample b's elements one run (guidance rescale reduces over them)."""
+    if sample.is_contiguous() or sample.dim() < 2:
+        return None
+    order = [0, *sorted(range(1, sample.dim()), key=lambda d: -sample.stride(d))]
+    return order if sample.permute(order).is_contiguous() else None
+
+
+def _in_order(t: Tensor | None, order: list[int] | None) -> Tensor | None:
+    """``t`` as a contiguous tensor in element order ``order`` (a view when it is)."""
     if t is None:
         return None
-    if channels_last:
-        if not t.is_contiguous(memory_format=torch.channels_last):
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t.permute(0, 2, 3, 1)
+    if order is not None:
+        t = t.permute(order)
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _writable(name: str, t: Tensor | None, channels_last: bool) -> Tensor | None:
+def _writable(t: Tensor | None, order: list[int] | None, copies: list) -> Tensor | None:
+    """What the kernel writes for output ``t``: ``t`` itself in element order ``order``
+    when it is laid out that way, else a scratch tensor copied into ``t`` afterwards
+    (any strides are accepted)."""
     if t is None:
         return None
-    ok = t.is_contiguous(memory_format=torch.channels_last) if channels_last else t.is_contiguous()
-    if not ok:
-        layout = "channels_last" if channels_last else "contiguous"
-        raise ValueError(f"{name}: must be {layout} like sample, got strides {t.stride()}")
-    return t.permute(0, 2, 3, 1) if channels_last else t
+    view = t.permute(order) if order is not None else t
+    if view.is_contiguous():
+        return view
+    scratch = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    copies.append((view, scratch))
+    return scratch
 
 
 def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: float | None = None,
@@ -356,8 +370,10 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     ``model_output``: [B, ...] (no guidance), or with ``guidance_scale``: [2B, ...] with the
     unconditional half first, or an ``(uncond, cond)`` pair. ``coefficients``: a
     :class:`StepCoefficients` or a :class:`StepTable` (device-side, advanced by each call).
-    ``out`` may be ``sample`` and ``x0_out`` may be ``prev_x0`` (in place). The result has
-    ``out_dtype`` (default: the model output's dtype, diffusers' rule).
+    Operands may have any strides. ``out`` may be ``sample`` and ``x0_out`` may be ``prev_x0``
+    (in place). The result has ``out_dtype`` (default: the model output's dtype, diffusers'
+    rule) and sample's layout when it is dense with the batch outermost (e.g. channels_last),
+    else is contiguous.
 
     Example::
 
@@ -397,16 +413,15 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     out_dtype = out_dtype or (out.dtype if out is not None else uncond.dtype)
     if out is not None and out.dtype != out_dtype:
         raise TypeError(f"out: expected dtype {out_dtype}, got {out.dtype}")
-    if out is None:
-        out = torch.empty_like(sample, dtype=out_dtype)
-
-    channels_last = sample.dim() == 4 and not sample.is_contiguous() and sample.is_contiguous(
-        memory_format=torch.channels_last)
+    order = _memory_order(sample)
+    if out is None:  # in sample's layout when the kernel can take it (channels_last), else contiguous
+        out = (torch.empty_like(sample, dtype=out_dtype) if order is not None
+               else torch.empty(sample.shape, dtype=out_dtype, device=sample.device))
+    copies: list = []
     args = _Args(
-        sample=_same_order(sample, channels_last), uncond=_same_order(uncond, channels_last),
-        cond=_same_order(cond, channels_last), prev_x0=_same_order(prev_x0, channels_last),
-        noise=_same_order(noise, channels_last), out=_writable("out", out, channels_last),
-        x0_out=_writable("x0_out", x0_out, channels_last), coefficients=coefficients,
+        sample=_in_order(sample, order), uncond=_in_order(uncond, order), cond=_in_order(cond, order),
+        prev_x0=_in_order(prev_x0, order), noise=_in_order(noise, order), out=_writable(out, order, copies),
+        x0_out=_writable(x0_out, order, copies), coefficients=coefficients,
         guidance_scale=float(guidance_scale) if guided else 1.0, guidance_rescale=float(guidance_rescale),
     )
     operands = (sample, uncond, prev_x0, noise, out, x0_out)
@@ -416,4 +431,6 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
              "numel": out.numel()}
     call = Call(device=sample.device, dtype=uncond.dtype, facts=facts)
     SCHEDULER_STEP.select(call, backend).run(args)
+    for target, scratch in copies:
+        target.copy_(scratch)
     return out

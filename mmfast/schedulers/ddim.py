@@ -32,6 +32,9 @@ def ddim_coefficients(alpha: float, alpha_prev: float, *, prediction_type: str =
     """One DDIM step from alphas_cumprod at t and at the previous timestep (float64)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if alpha == 0.0 and prediction_type == "epsilon":
+        raise ValueError("alpha: alphas_cumprod is 0 at this timestep (a zero-terminal-SNR schedule): an "
+                         "epsilon prediction cannot give x0 there; use v_prediction")
     beta = 1.0 - alpha
     sa, sb = math.sqrt(alpha), math.sqrt(beta)
     if prediction_type == "epsilon":

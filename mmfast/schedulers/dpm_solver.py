@@ -62,33 +62,41 @@ def dpm_solver_coefficients(s1: float | None, s0: float, t: float, *, prediction
         px, pm = 1.0, -s0
     else:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if algorithm_type not in ALGORITHMS:
+        raise ValueError(f"algorithm_type: expected one of {ALGORITHMS}, got {algorithm_type!r}")
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
     lambda_s0, lambda_t = _lambda(alpha_s0, sigma_s0), _lambda(alpha_t, sigma_t)
     h = lambda_t - lambda_s0
+    if h == 0.0:
+        # A repeated sigma (Karras or Lu sigmas with final_sigmas_type="sigma_min" end on
+        # one): the step is the identity, every order and solver type -- the limit h -> 0,
+        # and diffusers' result for "midpoint" (its "heun" computes 0/0 and returns NaN).
+        return StepCoefficients(px=px, pm=pm, cx=1.0)
     # e^-h = (sigma_t / alpha_t) / (sigma_s0 / alpha_s0): exact 0 at a zero final sigma.
     exp_neg_h = (sigma_t * alpha_s0) / (alpha_t * sigma_s0)
     cn = 0.0
     if algorithm_type == "dpmsolver++":
         cx = sigma_t / sigma_s0
         x0_weight = -alpha_t * (exp_neg_h - 1.0)
-        heun_d1 = alpha_t * ((exp_neg_h - 1.0) / h + 1.0) if s1 is not None else 0.0
-    elif algorithm_type == "sde-dpmsolver++":
+    else:
         exp_neg_2h = exp_neg_h * exp_neg_h
         cx = sigma_t / sigma_s0 * exp_neg_h
         x0_weight = alpha_t * (1.0 - exp_neg_2h)
-        heun_d1 = alpha_t * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0) if s1 is not None else 0.0
         cn = sigma_t * math.sqrt(1.0 - exp_neg_2h)
-    else:
-        raise ValueError(f"algorithm_type: expected one of {ALGORITHMS}, got {algorithm_type!r}")
     if s1 is None:
         return StepCoefficients(px=px, pm=pm, cx=cx, c0=x0_weight, cn=cn)
     alpha_s1, sigma_s1 = _alpha_sigma(s1, flow_sigmas)
     r0 = (lambda_s0 - _lambda(alpha_s1, sigma_s1)) / h
+    if r0 == 0.0:
+        raise ValueError(f"sigmas: the previous sigma {s1} equals this step's {s0}: a second-order step "
+                         "needs two different ones (diffusers divides by zero there)")
     if solver_type == "midpoint":
         d1_weight = 0.5 * x0_weight
-    elif solver_type == "heun":
-        d1_weight = heun_d1
+    elif algorithm_type == "dpmsolver++":
+        d1_weight = alpha_t * ((exp_neg_h - 1.0) / h + 1.0)
     else:
-        raise ValueError(f"solver_type: expected 'midpoint' or 'heun', got {solver_type!r}")
+        d1_weight = alpha_t * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0)
     # x0_weight x0 + d1_weight (x0 - x0_prev) / r0
     return StepCoefficients(px=px, pm=pm, cx=cx, c0=x0_weight + d1_weight / r0, c1=-d1_weight / r0, cn=cn)
 

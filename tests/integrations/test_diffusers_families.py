@@ -179,3 +179,39 @@ def test_pipeline_patches_its_clip_text_encoder():
         handle.undo()
         assert not any("forward" in vars(m) for m in pipe.text_encoder.modules())
         assert torch.equal(pipe.text_encoder(ids)[0], before)
+
+
+def _tiny_clip_text():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=99, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=9)).eval()
+
+
+def test_pipeline_of_text_components_only_gets_its_text_encoder_patched():
+    # Regression: a pipeline without a denoiser was refused ("holds no denoiser").
+    from diffusers import DiffusionPipeline
+
+    class TextOnly(DiffusionPipeline):
+        def __init__(self, text_encoder, tokenizer):
+            super().__init__()
+            self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+
+    pipe = TextOnly(text_encoder=_tiny_clip_text(), tokenizer=None)
+    ids = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        with mmfast.patch(pipe) as handle:
+            assert handle.family == "diffusers-pipeline" and handle.replaced
+            assert any("forward" in vars(m) for m in pipe.text_encoder.modules())
+            torch.testing.assert_close(pipe.text_encoder(ids)[0], before, rtol=1e-5, atol=1e-5)
+        assert not any("forward" in vars(m) for m in pipe.text_encoder.modules())
+
+    class Nothing(DiffusionPipeline):
+        def __init__(self, tokenizer):
+            super().__init__()
+            self.register_modules(tokenizer=tokenizer)
+
+    with pytest.raises(TypeError, match="holds no component mmfast supports"):
+        mmfast.patch(Nothing(tokenizer=None))

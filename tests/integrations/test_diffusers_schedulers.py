@@ -10,6 +10,7 @@ On a CPU the 20-step trajectories run the Triton kernel under the interpreter an
 against that backend in tests/ops/test_scheduler_step.py); on a GPU all run Triton.
 """
 
+import copy
 import inspect
 
 import pytest
@@ -265,3 +266,37 @@ def test_other_schedulers_are_left_alone_and_still_guided():
 def _set(scheduler, steps):
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+FALLBACKS = {  # options the fused step leaves to diffusers' own step (on schedulers with state)
+    "euler-churn": (lambda: diffusers.EulerDiscreteScheduler(**SD15), {"s_churn": 1.0}),
+    "dpm-order3": (lambda: diffusers.DPMSolverMultistepScheduler(**SD15, solver_order=3), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_deep_copy_of_a_patched_scheduler_steps_itself(case):
+    # Regression: the fused step closed over the original instance's bound step, so a deep
+    # copy's fallback calls advanced the original's state.
+    make, kwargs = FALLBACKS[case]
+    original, reference = make(), make()
+    handle = mmfast.patch(original)
+    original.set_timesteps(6)
+    reference.set_timesteps(6)
+    duplicate = copy.deepcopy(original)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    y = x
+    for i, t in enumerate(duplicate.timesteps[:4]):
+        mo = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+        x = duplicate.step(mo, t, x, generator=torch.Generator().manual_seed(i), **kwargs).prev_sample
+        y = reference.step(mo, t, y, generator=torch.Generator().manual_seed(i), **kwargs).prev_sample
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert duplicate.step_index == reference.step_index == 4
+    assert original.step_index is None  # the original was not advanced
+    # The copy's handle undoes the copy; the original stays patched until its own undo.
+    assert duplicate._mmfast_patch_handle is not handle
+    duplicate._mmfast_patch_handle.undo()
+    assert "step" not in vars(duplicate) and "_mmfast_patch_handle" not in vars(duplicate)
+    assert "step" in vars(original)
+    handle.undo()
+    assert "step" not in vars(original)

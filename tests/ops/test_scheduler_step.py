@@ -83,6 +83,7 @@ def test_coefficient_order_is_the_kernel_table_order():
     from mmfast.kernels.scheduler_step import COEFFICIENT_FIELDS
 
     assert tuple(f.name for f in fields(StepCoefficients)) == COEFFICIENT_FIELDS
+    assert FULL.row() == tuple(getattr(FULL, name) for name in COEFFICIENT_FIELDS)
 
 
 def test_table_mode_reads_the_counter_row_and_advances_it(device):
@@ -159,5 +160,45 @@ def test_bad_input_names_the_argument():
         guided_step(x, torch.randn(4, 4, 3, 3), coef, guidance_scale=math.nan)
     with pytest.raises(TypeError, match="out: expected dtype torch.float32"):
         guided_step(x, x, coef, out=torch.empty(2, 4, 3, 3, dtype=torch.float16), out_dtype=torch.float32)
-    with pytest.raises(ValueError, match="out: must be contiguous"):
-        guided_step(x, x, coef, out=torch.empty(2, 4, 3, 3).transpose(2, 3))
+
+
+def _strided(t, how):
+    if how == "permuted":  # diffusers' scheduler tests' sample: batch innermost, strides (1, 256, 32, 4)
+        return t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    if how == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if how == "sliced":  # not dense: every other column of a wider tensor
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.transpose(2, 3).contiguous().transpose(2, 3)  # "transposed": H and W swapped in memory
+
+
+@pytest.mark.parametrize("how", ["permuted", "channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_operands_and_outputs_of_any_strides(device, how, backend):
+    # Regression: a permuted sample (diffusers' own test sample) raised "out: must be
+    # contiguous like sample" although the caller passed no out.
+    shape = (4, 3, 5, 6)
+    x, state, noise = (random_tensor(shape, torch.float32, device) for _ in range(3))
+    mo = random_tensor((8, *shape[1:]), torch.float32, device)
+    coef = FULL
+    want_x0 = torch.empty(shape, device=device)
+    want = guided_step(x, mo, coef, guidance_scale=3.0, guidance_rescale=0.5, prev_x0=state, noise=noise,
+                       x0_out=want_x0, backend="torch")
+    xs, mos, states, noises = (_strided(t, how) for t in (x, mo, state, noise))
+    got = guided_step(xs, mos, coef, guidance_scale=3.0, guidance_rescale=0.5, prev_x0=states, noise=noises,
+                      backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if how == "channels_last":  # a layout the kernel takes as it is: the result keeps it
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    # Given outputs of any strides, written in place (the solver state updated in place).
+    out, x0 = _strided(torch.full(shape, math.nan, device=device), how), states
+    assert guided_step(xs, mos, coef, guidance_scale=3.0, guidance_rescale=0.5, prev_x0=states, noise=noises,
+                       x0_out=x0, out=out, backend=backend) is out
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(states, want_x0, rtol=1e-6, atol=1e-6)
+    # out = sample, in place.
+    guided_step(xs, mos, coef, guidance_scale=3.0, guidance_rescale=0.5, prev_x0=state, noise=noises,
+                out=xs, backend=backend)
+    torch.testing.assert_close(xs, want, rtol=1e-6, atol=1e-6)

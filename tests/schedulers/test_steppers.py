@@ -127,3 +127,22 @@ def test_captured_denoising_step_replays_the_schedule():
         eps = denoiser(host.scale_model_input(x), torch.tensor(t, device="cuda"))
         x = host.step(eps, x, guidance_scale=7.5, guidance_rescale=0.7)
         torch.testing.assert_close(static, x, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+@pytest.mark.parametrize("solver", ["midpoint", "heun"])
+def test_dpm_step_between_equal_sigmas_is_the_identity(algorithm, solver):
+    # Regression: Karras sigmas with final_sigmas_type="sigma_min" end on a repeated sigma;
+    # the second-order coefficients divided by h = 0 (ZeroDivisionError).
+    from mmfast.schedulers import dpm_solver_coefficients
+
+    for s1 in (None, 0.1):
+        coef = dpm_solver_coefficients(s1, 0.03, 0.03, algorithm_type=algorithm, solver_type=solver)
+        assert (coef.cx, coef.cm, coef.c0, coef.c1, coef.cn) == (1.0, 0.0, 0.0, 0.0, 0.0)
+        assert coef.px == pytest.approx(math.sqrt(0.03 ** 2 + 1)) and coef.pm == pytest.approx(-0.03)  # x0 as ever
+    with pytest.raises(ValueError, match="sigmas: the previous sigma 0.5 equals"):
+        dpm_solver_coefficients(0.5, 0.5, 0.2, algorithm_type=algorithm, solver_type=solver)
+    stepper = DPMSolverPP2MStepper([1.0, 0.5, 0.03, 0.03], [900.0, 500.0, 20.0], solver_type=solver,
+                                   algorithm_type=algorithm, lower_order_final=False)
+    assert not stepper.is_first_order(2, 0)
+    assert stepper.coefficients(2).cx == 1.0

@@ -3,7 +3,9 @@ SD3Transformer2DModel or DiTTransformer2DModel), the VAE (AutoencoderKL) and the
 encoders (CLIPTextModel, CLIPTextModelWithProjection) are patched by their own families,
 and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
-for the scheduler classes it covers; others are left as they are).
+for the scheduler classes it covers; others are left as they are). A pipeline without a
+denoiser (text components only) gets what it holds patched; one holding nothing mmfast
+supports is refused (TypeError), not returned an empty handle.
 """
 
 from __future__ import annotations
@@ -17,32 +19,32 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.sd3_transformer",
     "mmfast.integrations.diffusers.dit_transformer",
 )
-# Components patched when present; a pipeline still needs a denoiser.
+# Components patched when present (a pipeline of text components only gets its text encoders).
 OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.transformers.clip")
 
 
-def _patch_scheduler(pipe, handle: PatchHandle) -> None:
+def _patch_scheduler(pipe, handle: PatchHandle) -> bool:
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
-        return
+        return False
     from mmfast.integrations.diffusers.schedulers import patch_scheduler
 
-    patch_scheduler(scheduler, handle)
+    return patch_scheduler(scheduler, handle)
 
 
 def _prepare(pipe, handle: PatchHandle):
-    denoisers = [importlib.import_module(path).FAMILY for path in DENOISER_FAMILIES]
-    others = [importlib.import_module(path).FAMILY for path in OTHER_FAMILIES]
+    families = [importlib.import_module(path).FAMILY for path in DENOISER_FAMILIES + OTHER_FAMILIES]
     found = False
     for name, component in pipe.components.items():
-        family = next((f for f in denoisers + others if f.recognises(component)), None)
+        family = next((f for f in families if f.recognises(component)), None)
         if family is not None:
             family.apply(component, handle)
-            found = found or family in denoisers
+            found = True
+    found = _patch_scheduler(pipe, handle) or found
     if not found:
-        raise TypeError(f"mmfast.patch: {type(pipe).__name__} holds no denoiser mmfast supports "
-                        "(UNet2DConditionModel, SD3Transformer2DModel, DiTTransformer2DModel)")
-    _patch_scheduler(pipe, handle)
+        supported = ", ".join(c for f in families for c in f.model_classes)
+        raise TypeError(f"mmfast.patch: {type(pipe).__name__} holds no component mmfast supports "
+                        f"({supported}, or a scheduler of mmfast.integrations.diffusers.schedulers.SUPPORTED)")
     return None  # everything is done: nothing left for the generic walk
 
 

@@ -9,9 +9,14 @@ Three ways in:
   (``step_index``, ``model_outputs``, ``lower_order_nums``), so an existing pipeline loop
   runs the fused update; ``handle.undo()`` restores the original. Configurations the
   fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
-  learned variances) fall back to the original ``step`` for that call; schedulers of
-  other classes are left untouched. A stock pipeline computes guidance itself before
-  calling ``step``, so this fuses the update but not the guidance.
+  learned variances, DDIM's epsilon prediction where alphas_cumprod is 0) fall back to
+  the original ``step`` for that call; schedulers of other classes are left untouched.
+  Samples and outputs may have any strides. One deliberate difference: a DPM-Solver++
+  "heun" step between two equal sigmas (Karras / Lu sigmas with
+  ``final_sigmas_type="sigma_min"`` end on one) is the identity, the limit of the step,
+  where diffusers computes 0/0 and returns NaN (its "midpoint" gives the identity too).
+  A stock pipeline computes guidance itself before calling ``step``, so this fuses the
+  update but not the guidance.
 * ``guided_scheduler_step(scheduler, noise_pred, t, latents, guidance_scale=...)``
   replaces a denoising loop's three lines (chunk, guidance (+ rescale), ``step``) with one
   fused pass; it works on patched and unpatched schedulers (any class: others get
@@ -149,6 +154,8 @@ def _ddim(scheduler, guidance, want_x0, model_output, timestep, sample, eta=0.0,
     prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
     alpha = float(scheduler.alphas_cumprod[t])
     alpha_prev = float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0 else float(scheduler.final_alpha_cumprod)
+    if alpha == 0.0 and config.prediction_type == "epsilon":
+        return None  # zero terminal SNR: diffusers divides by sqrt(0) (inf / NaN), as it always has
     coef = ddim_coefficients(alpha, alpha_prev, prediction_type=config.prediction_type, eta=eta,
                              clip_sample_range=config.clip_sample_range if config.clip_sample else None,
                              use_clipped_model_output=use_clipped_model_output)
@@ -257,14 +264,16 @@ _FUSED: dict[str, Callable] = {
 
 
 def _fused_step_method(kind: str, original: Callable, want_x0: bool) -> Callable:
-    """A ``step`` with the original's signature (pipelines inspect it for eta / generator)."""
+    """A ``step`` with the original's signature (pipelines inspect it for eta / generator).
+    ``original``: the class's ``step`` function, called on whichever instance the method is
+    bound to (a deep copy of a patched scheduler falls back on itself, not on the original)."""
     fused = _FUSED[kind]
 
     def step(self, *args, **kwargs):
         result = fused(self, None, want_x0, *args, **kwargs)
-        return original(*args, **kwargs) if result is None else result
+        return original(self, *args, **kwargs) if result is None else result
 
-    step.__signature__ = inspect.signature(original.__func__)  # with self: bound below
+    step.__signature__ = inspect.signature(original)  # with self: bound below
     step.__doc__ = f"mmfast fused step (falls back to diffusers' for unsupported options).\n\n{original.__doc__ or ''}"
     return step
 
@@ -284,8 +293,7 @@ def patch_scheduler(scheduler: Any, handle: PatchHandle, *, pred_original_sample
         return False
     if "step" in vars(scheduler):
         raise ValueError("scheduler: its step is already replaced on this instance (patched twice?)")
-    original = scheduler.step
-    fused = _fused_step_method(kind, original, pred_original_sample)
+    fused = _fused_step_method(kind, type(scheduler).step, pred_original_sample)
     handle.set_attr(scheduler, "step", types.MethodType(fused, scheduler))
     handle.replaced.append((type(scheduler).__name__, "fused scheduler step"))
     return True
