@@ -13,6 +13,7 @@ by ``import mmfast``.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from mmfast.integrations.patching import Family, PatchHandle, Replacement
@@ -45,10 +46,13 @@ def find_family(target: Any) -> Family:
     for family in families():
         if family.recognises(target):
             return family
+    for family in families():  # a part of a model: the first family whose table holds something in it
+        if family.holds(target):
+            return family
     supported = "; ".join(f"{f.name}: {', '.join(f.model_classes)}" for f in families())
     raise TypeError(
         f"mmfast.patch: no family recognises model of type {type(target).__name__}. "
-        f"Supported: {supported or 'none registered'}"
+        f"Supported: {supported or 'none registered'} (or a module holding one of their replaced modules)"
     )
 
 
@@ -65,10 +69,13 @@ def patch(target: Any) -> PatchHandle:
     family = find_family(target)
     handle = PatchHandle(target, family.name)
     try:
-        family.apply(target, handle)
+        family.apply(target, handle, whole_model=family.recognises(target))
     except BaseException:
         handle.undo()
         raise
+    if not handle.replaced:
+        warnings.warn(f"mmfast.patch: this {type(target).__name__} holds nothing the {family.name} family "
+                      "replaces; it runs as before", stacklevel=2)
     handle.set_attr(target, "_mmfast_patch_handle", handle)
     return handle
 

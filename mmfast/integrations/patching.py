@@ -109,14 +109,30 @@ class Family:
     def recognises(self, target: Any) -> bool:
         return any(cls.__name__ in self.model_classes for cls in type(target).__mro__)
 
-    def apply(self, target: Any, handle: PatchHandle) -> None:
-        root = self.prepare(target, handle) if self.prepare is not None else target
+    def holds(self, target: Any) -> bool:
+        """Whether a module inside ``target`` (or itself) is of a class in the table: a
+        sub-module of a model (a resampler, a tower) is patched by the table alone. Rows
+        for torch's own classes (LayerNorm) do not count: every model holds those."""
+        classes = {name for row in self.replacements for name in row.module_classes if not hasattr(nn, name)}
+        return isinstance(target, nn.Module) and any(type(m).__name__ in classes for m in target.modules())
+
+    def apply(self, target: Any, handle: PatchHandle, whole_model: bool = True) -> None:
+        root = self.prepare(target, handle) if self.prepare is not None and whole_model else target
         if root is None:
             return
         roots = root if isinstance(root, (list, tuple)) else [root]
         by_class = {name: row for row in self.replacements for name in row.module_classes}
         for tree in roots:
+            # Names relative to the target, so that target.get_submodule(name) finds them.
+            prefix = module_name(target, tree)
             for qualified_name, module in list(tree.named_modules()):
                 row = by_class.get(type(module).__name__)
                 if row is not None:
-                    row.apply(module, handle, qualified_name)
+                    row.apply(module, handle, ".".join(p for p in (prefix, qualified_name) if p))
+
+
+def module_name(target: Any, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``target`` ("" for the target itself)."""
+    if module is target or not isinstance(target, nn.Module):
+        return ""
+    return next((name for name, m in target.named_modules() if m is module), "")
