@@ -122,24 +122,35 @@ def test_attention_weights_when_asked(name, how):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_gradients(name):
+    """Every parameter's gradient, held to the project's rule: the patched model's error
+    against the float64 unpatched model at most about twice that of the unpatched model
+    in float32 (random tiny models amplify rounding in places; a wrong gradient is off by
+    far more)."""
     case = CASES[name]
     model, inputs = build(name), case.inputs()
+    weights = [None]
 
-    def grads():
+    def grads(model, dtype=torch.float32):
         model.zero_grad()
-        out = model(**inputs)
-        weights = torch.Generator().manual_seed(2)
-        loss = sum((t * torch.randn(t.shape, generator=weights)).sum()
-                   for t in _tensors(case.pick(out), _mask(inputs)).values())
+        given = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        out = model(**given)
+        picked = _tensors(case.pick(out), _mask(inputs)).values()
+        if weights[0] is None:
+            gen = torch.Generator().manual_seed(2)
+            weights[0] = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in picked]
+        loss = sum((t * w.to(t.dtype)).sum() for t, w in zip(picked, weights[0]))
         loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
 
-    want = grads()
+    want = grads(model)
     with mmfast.patch(model):
-        got = grads()
-    assert got.keys() == want.keys() and want
+        got = grads(model)
+    exact = grads(copy.deepcopy(model).double(), torch.float64)
+    assert got.keys() == want.keys() == exact.keys() and want
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4, msg=lambda m: f"{key}: {m}")
+        err, err_hf = (got[key] - exact[key]).abs().max(), (want[key] - exact[key]).abs().max()
+        scale = exact[key].abs().max()
+        assert err <= 2 * err_hf + 1e-5 * scale + 1e-6, (key, err.item(), err_hf.item())
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.generative])
