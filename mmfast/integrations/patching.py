@@ -56,7 +56,7 @@ class PatchHandle:
                     qualified_name: str = "") -> None:
         """Give this instance its own ``forward(self, ...)``; its class is untouched."""
         self.set_attr(module, "forward", types.MethodType(forward, module))
-        self.replaced.append((qualified_name or type(module).__name__, what))
+        self.replaced.append((qualified_name, what))  # "" for the target itself: target.get_submodule("")
 
     def add_undo(self, restore: Callable[[], None], qualified_name: str, what: str) -> None:
         """Record a change made some other way (e.g. diffusers' ``set_attn_processor``)."""

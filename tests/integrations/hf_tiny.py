@@ -210,14 +210,15 @@ def _idefics2_inputs():
 # ---- Mllama -----------------------------------------------------------------------------
 
 MLLAMA_IMAGE, TILES = 127, 4
+RATIOS = [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]]
 
 
-def _mllama(attn):
+def _mllama(attn, tiles=TILES):
     model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
         vision_config={"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_global_layers": 1,
                        "attention_heads": 2, "vision_output_dim": 64, "intermediate_layers_indices": [0],
-                       "image_size": 16, "patch_size": 8, "max_num_tiles": TILES,
-                       "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]]},
+                       "image_size": 16, "patch_size": 8, "max_num_tiles": tiles,
+                       "supported_aspect_ratios": RATIOS[:1 if tiles == 1 else None]},
         text_config={**{k: v for k, v in LM.items() if k != "num_hidden_layers"}, "num_hidden_layers": 3,
                      "cross_attention_layers": [1]},
         image_token_index=MLLAMA_IMAGE, attn_implementation=attn))
@@ -236,7 +237,7 @@ def _mllama_inputs(tiles=TILES):
     used = [[tiles, min(2, tiles)], [min(3, tiles), 0]]
     cross = torch.zeros(2, ids.shape[1], 2, tiles, dtype=torch.long)
     aspect_mask = torch.zeros(2, 2, tiles, dtype=torch.long)
-    ratio_id = {1: 1, 2: 2, 3: 4, 4: 6}  # 1-based ids of [1,1], [1,2], [1,3], [1,4] above
+    ratio_id = {k: RATIOS.index([1, k]) + 1 for k in range(1, tiles + 1)}  # ids are 1-based
     aspect_ids = torch.zeros(2, 2, dtype=torch.long)
     for b in range(2):
         positions = (ids[b] == MLLAMA_IMAGE).nonzero().flatten().tolist()
