@@ -17,7 +17,18 @@ from typing import Any, Callable
 
 from torch import nn
 
-_MISSING = object()
+class _Missing:
+    """Nothing was there. The same object through deepcopy and pickle, so that the undo
+    records of a copied handle still recognise it."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 class PatchHandle:
@@ -40,17 +51,9 @@ class PatchHandle:
         if isinstance(obj, nn.Module) and isinstance(value, nn.Module):
             previous = obj._modules.get(name, _MISSING)
         setattr(obj, name, value)
-
-        def restore():
-            if previous is _MISSING:
-                if isinstance(obj, nn.Module) and name in obj._modules:
-                    del obj._modules[name]
-                else:
-                    obj.__dict__.pop(name, None)
-            else:
-                setattr(obj, name, previous)
-
-        self._undo.append(restore)
+        # A record, not a closure: copy.deepcopy of the model (which copies this handle with
+        # it) maps obj and previous to the copy's, so the copy's handle undoes the copy.
+        self._undo.append((obj, name, previous))
 
     def set_forward(self, module: nn.Module, forward: Callable[..., Any], what: str,
                     qualified_name: str = "") -> None:
@@ -66,7 +69,8 @@ class PatchHandle:
     def undo(self) -> None:
         """Reverse every change, newest first. Calling it twice does nothing."""
         while self._undo:
-            self._undo.pop()()
+            entry = self._undo.pop()
+            entry() if callable(entry) else _restore(*entry)
         self.replaced.clear()
         self.active = False
 
@@ -79,6 +83,16 @@ class PatchHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "undone"
         return f"PatchHandle(family={self.family!r}, {len(self.replaced)} replacements, {state})"
+
+
+def _restore(obj: Any, name: str, previous: Any) -> None:
+    if previous is _MISSING:
+        if isinstance(obj, nn.Module) and name in obj._modules:
+            del obj._modules[name]
+        else:
+            obj.__dict__.pop(name, None)
+    else:
+        setattr(obj, name, previous)
 
 
 @dataclass(frozen=True)

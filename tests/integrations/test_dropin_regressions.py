@@ -201,3 +201,23 @@ def test_replaced_names_resolve(name):
     for qualified, _ in handle.replaced:
         model.get_submodule(qualified)
     assert any(q.count(".") >= 2 for q, _ in handle.replaced) or name in ("blip2",)
+
+
+# ---- deepcopy: the copy's handle undoes the copy ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["clip", "llava"])
+def test_deepcopy_of_a_patched_model_has_its_own_handle(name):
+    import copy
+
+    model, inputs = build(name), CASES[name].inputs()
+    with torch.no_grad():
+        want = CASES[name].pick(model(**inputs))
+        mmfast.patch(model)
+        twin = copy.deepcopy(model)
+        twin._mmfast_patch_handle.undo()  # undoes the copy, not the original
+        assert not any("forward" in m.__dict__ for m in twin.modules())
+        assert any("forward" in m.__dict__ for m in model.modules()) and model._mmfast_patch_handle.active
+        for got, ref in zip(CASES[name].pick(twin(**inputs)), want):
+            assert torch.equal(got, ref)
+        mmfast.patch(twin).undo()  # patchable again
