@@ -59,7 +59,12 @@ def find_family(target: Any) -> Family:
 def patch(target: Any) -> PatchHandle:
     """Replace the hot modules of ``target`` (a model or pipeline instance) with mmfast's,
     in place; returns a :class:`PatchHandle` whose ``undo()`` restores it exactly.
-    Other instances of the same classes are untouched."""
+    Other instances of the same classes are untouched.
+
+    A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
+    family whose table names a module in it replaces. A target no family knows, holding
+    nothing any table names, raises TypeError; a known model holding nothing to replace
+    (e.g. an Mllama text model without cross-attention layers) warns and is left as is."""
     existing = getattr(target, "_mmfast_patch_handle", None)
     if existing is not None and existing.active:
         raise ValueError(

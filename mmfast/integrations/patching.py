@@ -6,7 +6,10 @@ and a table of :class:`Replacement` rows, each naming module classes (by name, s
 transformers and diffusers need not be imported to match) and a function that patches one
 such module through the :class:`PatchHandle`. Every change goes through the handle, which
 records how to reverse it, so ``handle.undo()`` restores the instance exactly: the
-parameters are never copied or re-registered and the state_dict is unchanged.
+parameters are never copied or re-registered and the state_dict is unchanged. The records
+are data (object, attribute, previous value), so a ``copy.deepcopy`` of a patched model
+carries a handle that undoes the copy. Replacement names are qualified from the patched
+object, so ``target.get_submodule(name)`` finds each.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ compare from its output. ``attn_implementation`` is the one the model is built w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,7 +29,6 @@ class Case:
     generative: bool = True
     has_lm_attention: bool = True  # a decoder self-attention the "mmfast" implementation runs
     tol: float = 2e-4
-    notes: dict = field(default_factory=dict)
 
 
 def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +244,9 @@ def _mllama_inputs(tiles=TILES):
             cross[b, start:, i, :used[b][i]] = 1
             aspect_mask[b, i, :used[b][i]] = 1
             aspect_ids[b, i] = ratio_id[used[b][i]]
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 2, tiles, 3, 16, 16, generator=gen),
-            "aspect_ratio_ids": aspect_ids, "aspect_ratio_mask": aspect_mask, "cross_attention_mask": cross}
+    pixels = torch.randn(2, 2, tiles, 3, 16, 16, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "aspect_ratio_ids": aspect_ids,
+            "aspect_ratio_mask": aspect_mask, "cross_attention_mask": cross}
 
 
 CASES = {case.name: case for case in [

@@ -84,8 +84,20 @@ def _set_on_every_config(model, **flags):
             setattr(config, key, value)
 
 
+@pytest.fixture
+def lm_attention_calls(monkeypatch):
+    """Counts the calls of the "mmfast" attention implementation into mmfast's ops."""
+    from mmfast.integrations.transformers import attention_interface
+
+    calls = []
+    for op in ("attention", "cross_attention"):
+        real = getattr(attention_interface, op)
+        monkeypatch.setattr(attention_interface, op, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_forward_hidden_states_and_config_flags(name):
+def test_forward_hidden_states_and_config_flags(name, lm_attention_calls):
     case = CASES[name]
     model, inputs = build(name), case.inputs()
     want = _run(model, inputs)
@@ -98,6 +110,7 @@ def test_forward_hidden_states_and_config_flags(name):
     for qualified, _ in handle.replaced:
         model.get_submodule(qualified)  # every name resolves
     _assert_same_outputs(_run(model, inputs), want, case.tol, _mask(inputs))
+    assert bool(lm_attention_calls) == case.has_lm_attention  # the language model's attention ran on mmfast
     _assert_same_outputs(_run(model, inputs, output_hidden_states=True), want_states, case.tol, _mask(inputs))
     # The same asked through the configs, as transformers' tests do.
     _set_on_every_config(model, output_hidden_states=True)
