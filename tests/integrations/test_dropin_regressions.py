@@ -228,3 +228,35 @@ def test_deepcopy_of_a_patched_model_has_its_own_handle(name):
         for got, ref in zip(CASES[name].pick(twin(**inputs)), want):
             assert torch.equal(got, ref)
         mmfast.patch(twin).undo()  # patchable again
+
+
+# ---- gradient checkpointing: recomputed layers run as their forward did -------------------
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_gradient_checkpointing_recomputes_on_mmfast(name, reentrant, monkeypatch):
+    """The backward pass recomputes the layers outside the forward's context; they must
+    take the same attention path (a flash-style mask handed to sdpa would not even run)."""
+    from mmfast.integrations.transformers import attention_interface
+
+    calls = []
+    real = attention_interface.attention
+    monkeypatch.setattr(attention_interface, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model, inputs = build(name).train(), CASES[name].inputs()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    valid = inputs["attention_mask"][..., None]
+
+    def grads():
+        model.zero_grad()
+        (model(**inputs, use_cache=False).logits * valid).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    with mmfast.patch(model):
+        got = grads()
+    assert len(calls) == 2 * 2  # two layers, forward and recomputation
+    assert got.keys() == want.keys()
+    for key in want:
+        scale = want[key].abs().max()
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-4 * scale + 1e-6)

@@ -18,7 +18,9 @@ call:
   an enclosing transformers call collecting attentions): the config's own value, so the
   call runs exactly as unpatched (eager returns the weights; mmfast computes none);
 - outside any forward of the patched model: the config's own value (so transformers'
-  config checks, e.g. setting ``output_attentions``, behave as on the user's object).
+  config checks, e.g. setting ``output_attentions``, behave as on the user's object),
+  except in the backward pass, where gradient checkpointing recomputes layers: there, the
+  answer of the last patched forward that read it.
 
 The decision is taken by the outermost patched call (the target model's forward and
 ``prepare_inputs_for_generation``, where generate builds static-cache masks, and each
@@ -32,6 +34,8 @@ from __future__ import annotations
 import contextvars
 import functools
 import types
+
+import torch
 
 from mmfast.integrations.patching import PatchHandle
 from mmfast.integrations.transformers._outputs import asked
@@ -47,8 +51,14 @@ _view_classes: dict[type, type] = {}
 
 
 def _view_attn_implementation(self):
-    base = object.__getattribute__(self, "_mmfast_base")
-    return NAME if _mode.get() == NAME else base._attn_implementation
+    mode = _mode.get()
+    if mode is not None:
+        object.__setattr__(self, "_mmfast_last", mode)
+    elif torch._C._current_autograd_node() is not None:
+        # Gradient checkpointing recomputes layers in the backward pass, outside the
+        # forward's context: they must run as that forward did.
+        mode = object.__getattribute__(self, "_mmfast_last")
+    return NAME if mode == NAME else object.__getattribute__(self, "_mmfast_base")._attn_implementation
 
 
 def _set_view_attn_implementation(self, value):
@@ -65,7 +75,7 @@ def _view_class(cls: type) -> type:
     view = _view_classes.get(cls)
     if view is None:
         namespace = {
-            "__slots__": ("_mmfast_base",),  # outside the shared __dict__
+            "__slots__": ("_mmfast_base", "_mmfast_last"),  # outside the shared __dict__
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "_attn_implementation": property(_view_attn_implementation, _set_view_attn_implementation),
@@ -85,6 +95,7 @@ def config_view(config):
         config = object.__getattribute__(config, "_mmfast_base")
     view = object.__new__(_view_class(type(config)))
     object.__setattr__(view, "_mmfast_base", config)
+    object.__setattr__(view, "_mmfast_last", None)  # the mode of the last patched call that read it
     object.__setattr__(view, "__dict__", config.__dict__)
     return view
 
