@@ -9,6 +9,8 @@ whose flag never reaches the inner modules' arguments).
 
 from __future__ import annotations
 
+import torch
+
 
 def collected() -> frozenset[str]:
     """What an enclosing transformers forward is collecting ("attentions",
@@ -17,6 +19,8 @@ def collected() -> frozenset[str]:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:
         return frozenset()
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar.get: transformers keeps a global then
+        return frozenset(getattr(_active_collector, "global_var", None) or ())
     return frozenset(_active_collector.get() or ())
 
 

@@ -44,8 +44,32 @@ from mmfast.integrations.transformers.attention_interface import NAME, register
 WHAT = "mmfast attention implementation"
 ORIGINAL = "original"
 
+class _Mode:
+    """A ContextVar, except while dynamo traces (it cannot trace ContextVar methods): then
+    a plain global, as transformers' own CompileableContextVar does."""
+
+    def __init__(self):
+        self._var: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmfast_lm_attention", default=None)
+        self._traced: str | None = None
+
+    def get(self) -> str | None:
+        return self._traced if torch.compiler.is_compiling() else self._var.get()
+
+    def set(self, value: str):
+        if torch.compiler.is_compiling():
+            self._traced = value
+            return None
+        return self._var.set(value)
+
+    def reset(self, token) -> None:
+        if token is None:
+            self._traced = None
+        else:
+            self._var.reset(token)
+
+
 # None outside a patched forward; NAME or ORIGINAL inside one.
-_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("mmfast_lm_attention", default=None)
+_mode = _Mode()
 
 _view_classes: dict[type, type] = {}
 
