@@ -13,6 +13,7 @@ by ``import mmfast``.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
 
 from mmfast.integrations.patching import Family, PatchHandle, Replacement
@@ -45,17 +46,25 @@ def find_family(target: Any) -> Family:
     for family in families():
         if family.recognises(target):
             return family
+    for family in families():  # a part of a model: the first family whose table holds something in it
+        if family.holds(target):
+            return family
     supported = "; ".join(f"{f.name}: {', '.join(f.model_classes)}" for f in families())
     raise TypeError(
         f"mmfast.patch: no family recognises model of type {type(target).__name__}. "
-        f"Supported: {supported or 'none registered'}"
+        f"Supported: {supported or 'none registered'} (or a module holding one of their replaced modules)"
     )
 
 
 def patch(target: Any) -> PatchHandle:
     """Replace the hot modules of ``target`` (a model or pipeline instance) with mmfast's,
     in place; returns a :class:`PatchHandle` whose ``undo()`` restores it exactly.
-    Other instances of the same classes are untouched."""
+    Other instances of the same classes are untouched.
+
+    A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
+    family whose table names a module in it replaces. A target no family knows, holding
+    nothing any table names, raises TypeError; a known model holding nothing to replace
+    (e.g. an Mllama text model without cross-attention layers) warns and is left as is."""
     existing = getattr(target, "_mmfast_patch_handle", None)
     if existing is not None and existing.active:
         raise ValueError(
@@ -65,10 +74,13 @@ def patch(target: Any) -> PatchHandle:
     family = find_family(target)
     handle = PatchHandle(target, family.name)
     try:
-        family.apply(target, handle)
+        family.apply(target, handle, whole_model=family.recognises(target))
     except BaseException:
         handle.undo()
         raise
+    if not handle.replaced:
+        warnings.warn(f"mmfast.patch: this {type(target).__name__} holds nothing the {family.name} family "
+                      "replaces; it runs as before", stacklevel=2)
     handle.set_attr(target, "_mmfast_patch_handle", handle)
     return handle
 

@@ -74,8 +74,9 @@ def test_logits_equal_sdpa_on_padded_batches(arch, padding, mmfast_calls):
     model = _build(arch)
     ids, mask = _batch(padding)
     want = _logits(model, ids, mask)
+    config = model.config
     with use_mmfast_attention(model), mmfast.set_backend("torch"):
-        assert model.config._attn_implementation == "mmfast"
+        assert config._attn_implementation == "sdpa"  # the user's config object is left alone
         got = _logits(model, ids, mask)
         unpadded = _logits(model, ids[:1], None)  # no mask: the padded-layout path
     valid = mask.bool()  # padded query rows are 0 in mmfast (as in flash-attn), not compared
@@ -244,8 +245,8 @@ def test_vlm_language_model_through_mmfast_patch(build, mmfast_calls):
     want = _logits(model, ids, mask)
     with mmfast.set_backend("torch"):
         handle = mmfast.patch(model)
-        assert text_config._attn_implementation == "mmfast"
-        assert model.config.vision_config._attn_implementation == "sdpa"
+        assert text_config._attn_implementation == "sdpa"  # the user's config object is left alone
+        assert model.model.language_model.config.__dict__ is text_config.__dict__  # a view of it
         assert sum(what == "mmfast attention implementation" for _, what in handle.replaced) == 2
         got = _logits(model, ids, mask)
     valid = mask.bool()
@@ -261,12 +262,14 @@ def test_undo_restores_exactly_and_register_is_idempotent():
     assert transformers.AttentionInterface._global_mapping["mmfast"] is mmfast_attention_forward
     model = _build("llama")
     model.config._attn_implementation = "eager"
+    config = model.config
     handle = mmfast.patch(model)  # the causal_lm family
-    assert handle.family == "causal_lm" and model.config._attn_implementation == "mmfast"
+    assert handle.family == "causal_lm" and config._attn_implementation == "eager"
     with pytest.raises(ValueError, match="already patched"):
         mmfast.patch(model)
     handle.undo()
-    assert model.config._attn_implementation == "eager"
+    assert model.config is config and config._attn_implementation == "eager"
+    assert all(m.__dict__.get("config", config) is config and "forward" not in m.__dict__ for m in model.modules())
     assert "_attn_implementation_internal" in model.config.__dict__
     with pytest.raises(TypeError, match="no transformers decoder self-attention"):
         use_mmfast_attention(torch.nn.Linear(2, 2))

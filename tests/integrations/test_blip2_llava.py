@@ -64,9 +64,11 @@ def test_llava_tower_and_projector_patched_match_and_undo_restores():
         before = run()
         handle = mmfast.patch(model)
         replaced = dict(handle.replaced)
-        assert replaced["multi_modal_projector"] == "projector gelu"
-        assert replaced["vision_tower.encoder.layers.0.self_attn"] == "mmfast attention"
-        assert replaced["language_model.layers.0.self_attn"] == "mmfast attention implementation"
+        assert replaced["model.multi_modal_projector"] == "projector gelu"
+        assert replaced["model.vision_tower.encoder.layers.0.self_attn"] == "mmfast attention"
+        assert replaced["model.language_model.layers.0.self_attn"] == "mmfast attention implementation"
+        for name in replaced:  # every name resolves on the model
+            model.get_submodule(name)
         patched = run()
         handle.undo()
         after = run()

@@ -51,7 +51,7 @@ def test_patched_text_tower_matches_and_undo_restores(kind):
         state = {k: v.clone() for k, v in model.state_dict().items()}
 
         handle = mmfast.patch(model)
-        tower_name = "text_model" if kind == "clip" else "SiglipTextModel"
+        tower_name = "text_model" if kind == "clip" else ""  # "": the model itself (get_submodule(""))
         assert handle.replaced == [(tower_name, f"mmfast {kind} text tower")]
         got = model(ids, attention_mask=mask, output_hidden_states=True)
         assert type(got) is type(before) and got.keys() == before.keys()

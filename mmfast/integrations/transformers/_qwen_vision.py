@@ -52,11 +52,11 @@ def patch_quick_gelu_mlp(module: nn.Module, handle: PatchHandle, name: str) -> N
 def patch_vision_tower(module: nn.Module, handle: PatchHandle, name: str) -> None:
     """Hand the tower precomputed, cached index plumbing (position ids, cu_seqlens,
     windows, max lengths) through the kwargs its Hugging Face forward accepts for them."""
-    original = module.forward
-    config = module.config
-    window_size = getattr(config, "window_size", None) if hasattr(config, "fullatt_block_indexes") else None
-
     def forward(self, hidden_states, grid_thw, **kwargs):
+        # Everything read from ``self`` at call time (not closed over at patch time), so a
+        # deep copy runs its own tower and config.
+        config = self.config
+        window_size = getattr(config, "window_size", None) if hasattr(config, "fullatt_block_indexes") else None
         ix = qwen_vision_indices(grid_thw, spatial_merge_size=config.spatial_merge_size,
                                  window_size=window_size, patch_size=config.patch_size)
         given = {"position_ids": ix.position_ids, "cu_seqlens": ix.cu_seqlens, "max_seqlen": ix.max_seqlen}
@@ -65,6 +65,6 @@ def patch_vision_tower(module: nn.Module, handle: PatchHandle, name: str) -> Non
                          max_window_seqlen=ix.max_window_seqlen)
         for key, value in given.items():
             kwargs.setdefault(key, value)
-        return original(hidden_states, grid_thw, **kwargs)
+        return type(self).forward(self, hidden_states, grid_thw, **kwargs)
 
     handle.set_forward(module, forward, "cached vision indices", name)

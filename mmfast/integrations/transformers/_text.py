@@ -3,11 +3,13 @@
 forward becomes :class:`mmfast.nn.text.TextTransformer`'s, run on the tower's own
 parameters.
 
-The mmfast tower is built on the meta device and then given the Hugging Face tower's
-Parameter objects (the names are the same), so it holds no weights of its own, the
-state_dict is untouched, gradients land on the Hugging Face parameters, and ``.to()`` /
-``load_state_dict`` on the model (which change parameters in place) reach it. It is not
-registered as a submodule. Its inner modules keep their own forwards.
+The mmfast tower is built on the meta device and holds no weights of its own: at every
+call it is given the Hugging Face tower's current Parameter objects (the names are the
+same), so the state_dict is untouched, gradients land on the Hugging Face parameters, and
+whatever replaces those parameters (``load_state_dict(assign=True)``, ``to_empty()``, a
+device or dtype move that swaps the objects) reaches it. It lives in the tower's
+``__dict__``, not registered as a submodule, so that ``copy.deepcopy`` copies it along
+with the tower. Its inner modules keep their own forwards.
 
 In training mode the attention probabilities are dropped (``attention_dropout``) inside
 mmfast's kernels, with its own masks, not Hugging Face's. Calls it does not cover go to
@@ -17,6 +19,7 @@ training.
 
 from __future__ import annotations
 
+from mmfast.integrations.transformers._outputs import asked, collected
 from mmfast.nn.text import TextTransformer
 
 TEXT_TOWERS = ("CLIPTextModel", "SiglipTextModel")
@@ -30,16 +33,29 @@ def text_tower(target):
     return tower if type(tower).__name__ in TEXT_TOWERS else None
 
 
-def _share_parameters(fast: TextTransformer, tower) -> None:
-    """Make every parameter of ``fast`` the Parameter object of the same name in ``tower``."""
-    for name, _ in list(fast.named_parameters()):
-        owner, _, leaf = name.rpartition(".")
-        setattr(fast.get_submodule(owner), leaf, tower.get_parameter(name))
+_FAST = "_mmfast_text_tower"
+
+
+def _bind_parameters(fast: TextTransformer, tower) -> None:
+    """Make every parameter of ``fast`` the Parameter object of the same name in ``tower``
+    now (a few dict look-ups per parameter; only replaced ones are set again)."""
+    for owner, leaf, name in fast._mmfast_slots:
+        current = tower.get_parameter(name)
+        if owner._parameters[leaf] is not current:
+            owner._parameters[leaf] = current
+
+
+def _build_fast(tower) -> TextTransformer:
+    fast = TextTransformer.from_config(tower.config, device="meta")
+    fast._mmfast_slots = [(fast.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], name)
+                          for name, _ in fast.named_parameters()]
+    _bind_parameters(fast, tower)  # fails here, at patch time, if a name does not match
+    return fast
 
 
 def _needs_original(tower, kwargs) -> bool:
-    config = tower.config
-    if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
+    # An enclosing forward collecting outputs does it with hooks on the tower's own layers.
+    if asked(tower, kwargs, "attentions") or collected():
         return True
     return tower.training and getattr(tower, "gradient_checkpointing", False)
 
@@ -56,8 +72,8 @@ def _selected_states(states: tuple, wanted) -> tuple:
 def patch_text_tower(tower, handle, name: str) -> None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    fast = TextTransformer.from_config(tower.config, device="meta")
-    _share_parameters(fast, tower)
+    fast = _build_fast(tower)
+    handle.set_attr(tower, _FAST, (fast,))  # in a tuple: a Module value would be registered as a submodule
     original = type(tower).forward
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
@@ -65,6 +81,8 @@ def patch_text_tower(tower, handle, name: str) -> None:
             return original(self, input_ids, attention_mask, position_ids, **kwargs)
         if input_ids is None:
             raise ValueError("You have to specify input_ids")
+        fast = self.__dict__[_FAST][0]
+        _bind_parameters(fast, self)
         fast.train(self.training)  # attention dropout follows the tower's mode
         wanted = kwargs.get("output_hidden_states", getattr(self.config, "output_hidden_states", False))
         out = fast(input_ids, attention_mask, position_ids, output_hidden_states=wanted is not False and

@@ -19,6 +19,7 @@ remainder rows and columns.
 from __future__ import annotations
 
 from mmfast.integrations.transformers._fused_layers import patch_activation_mlp
+from mmfast.integrations.transformers._outputs import asked
 from mmfast.nn.patch_embed import PositionTableCache, embed_pixels
 from mmfast.ops.attention import attention
 from mmfast.ops.norm import layer_norm
@@ -34,8 +35,7 @@ def patch_embeddings(module, handle, name):
 
 
 def _attention_forward(self, hidden_states, attention_mask=None, **kwargs):
-    wants_weights = kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False)
-    if attention_mask is not None or wants_weights:
+    if attention_mask is not None or asked(self, kwargs, "attentions"):
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     heads = (*hidden_states.shape[:-1], -1, self.head_dim)
     q, k, v = (proj(hidden_states).view(heads) for proj in (self.q_proj, self.k_proj, self.v_proj))

@@ -7,7 +7,7 @@ implementation; its other layers are left as they are."""
 
 from __future__ import annotations
 
-from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.patching import Family, Replacement, module_name
 from mmfast.integrations.transformers.clip import FAMILY as CLIP
 from mmfast.integrations.transformers.lm_attention import patch_decoder_attention
 from mmfast.integrations.transformers.siglip import FAMILY as SIGLIP
@@ -38,8 +38,8 @@ def _activation_name(module) -> str | None:
 
 
 def _prepare(target, handle):
-    model = getattr(target, "model", target)  # names are relative to it, as for the table's rows
-    patch_decoder_attention(model.language_model, handle, "language_model")
+    model = getattr(target, "model", target)
+    patch_decoder_attention(model.language_model, handle, module_name(target, model.language_model), outer=target)
     return [model]
 
 

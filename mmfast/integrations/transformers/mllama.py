@@ -7,9 +7,19 @@ per forward (the same tensor reaches every layer; the result is cached on it by 
 and version), into a :class:`KeyStartMask`: key j's start is the first text row that sees
 it. The conversion is checked against the dense mask (one device sync per forward); a
 mask that is not of Mllama's "images up to the position" form keeps Hugging Face's own
-forward, as do calls with a KV cache (generation). Attention dropout in training runs in
-mmfast's kernel (its own masks, not Hugging Face's).
-Text rows that see no image attend to every key, as Hugging Face's zeroed mask makes them.
+forward. Attention dropout in training runs in mmfast's kernel (its own masks, not
+Hugging Face's). Text rows that see no image attend to every key, as Hugging Face's
+zeroed mask makes them.
+
+Images and tiles: transformers hands the layer the image states as [B * images * tiles,
+patches, C] (the vision tower's batch axes folded together); the keys of one text row
+are all of its images' tiles' patches, so they are regrouped as [B, images * tiles *
+patches, C], as Hugging Face's ``view(bsz, -1, ...)`` does.
+
+With a KV cache (generation) the image keys and values are written to the cache at the
+step that brings the images, and read from it at the steps that do not, as in Hugging
+Face's layer; the attention itself runs on mmfast in both. Calls that ask for attention
+weights keep Hugging Face's forward (mmfast does not return them).
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import weakref
 import torch
 
 from mmfast.integrations.patching import Family, Replacement
+from mmfast.integrations.transformers._outputs import asked
 from mmfast.nn.gated_cross_attention import gated_cross_attention_forward, project_image
 from mmfast.ops.cross_attention_masks import KeyStartMask
 
@@ -50,19 +61,52 @@ def _layer_forward(self, *args, **kwargs):
     cross_attention_states = given.get("cross_attention_states")
     cross_attention_mask = given.get("cross_attention_mask")
     full_text_row_masked_out_mask = given.get("full_text_row_masked_out_mask")
-    if _kv_cache(given) is not None or cross_attention_states is None:
+    cache = _kv_cache(given)
+    if asked(self.cross_attn, given, "attentions") or (cross_attention_states is None and cache is None):
         return original(self, *args, **kwargs)
+    kv = _image_keys_values(self, hidden_states.shape[0], cross_attention_states, cache, given)
+    if kv is None:
+        return original(self, *args, **kwargs)
+    k, v = kv
     mask = None
     if cross_attention_mask is not None:
         if full_text_row_masked_out_mask is None:
             return original(self, *args, **kwargs)
         mask = key_start_mask(cross_attention_mask, full_text_row_masked_out_mask,
-                              hidden_states[..., None], cross_attention_states[..., None])
+                              hidden_states[..., None], k[..., 0, :1])
         if mask is None:
             return original(self, *args, **kwargs)
-    k, v = project_image(self.cross_attn, cross_attention_states)
     sees_any = full_text_row_masked_out_mask[:, 0] if full_text_row_masked_out_mask is not None else None
     return gated_cross_attention_forward(self, hidden_states, k, v, mask, sees_any)
+
+
+def _image_keys_values(layer, batch, cross_attention_states, cache, given):
+    """(k, v) [B, Ti, Hk, D] for this call: projected from the image states (images and
+    tiles regrouped per text row; written to the cache if there is one), or read from the
+    cache; None where the cache holds nothing for this layer (Hugging Face's forward then
+    raises what it raises)."""
+    idx = layer.cross_attn.layer_idx
+    if cross_attention_states is not None:
+        if cross_attention_states.dim() != 3 or cross_attention_states.shape[0] % batch:
+            raise ValueError(f"cross_attention_states: expected [B * images * tiles, patches, C] with B = {batch} "
+                             f"text rows, got {tuple(cross_attention_states.shape)}")
+        k, v = project_image(layer.cross_attn, cross_attention_states.reshape(batch, -1,
+                                                                              cross_attention_states.shape[-1]))
+        if cache is None:
+            return k, v
+        extra = {key: value for key, value in given.items() if key not in _LAYER_ARGUMENTS}
+        keys, values = cache.update(k.transpose(1, 2), v.transpose(1, 2), idx, kwargs=extra)
+    else:
+        layers = getattr(cache, "layers", None)
+        if layers is None or idx >= len(layers) or getattr(layers[idx], "keys", None) is None:
+            return None
+        keys, values = layers[idx].keys, layers[idx].values
+    return keys.transpose(1, 2), values.transpose(1, 2)
+
+
+_LAYER_ARGUMENTS = ("self", "hidden_states", "cross_attention_states", "cross_attention_mask", "attention_mask",
+                    "full_text_row_masked_out_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                    "position_embeddings")
 
 
 def _bind(function, self, args, kwargs) -> dict:

@@ -12,7 +12,13 @@ from mmfast.integrations.transformers._qwen_vision import (
     patch_vision_attention,
     patch_vision_tower,
 )
-from mmfast.integrations.transformers.lm_attention import WHAT, patch_attention_implementation
+from mmfast.integrations.transformers.lm_attention import patch_decoder_attention
+
+
+def _prepare(target, handle):
+    patch_decoder_attention(target, handle)  # the language model's (the vision tower's attention is not causal)
+    return target
+
 
 FAMILY = Family(
     "qwen2_vl",
@@ -24,7 +30,7 @@ FAMILY = Family(
         Replacement(("Qwen2VLRMSNorm",), patch_rms_norm, "rms_norm"),
         Replacement(("VisionMlp",), patch_quick_gelu_mlp, "quick_gelu"),
         Replacement(("Qwen2MLP",), patch_swiglu_mlp, "swiglu"),
-        Replacement(("Qwen2VLAttention",), patch_attention_implementation, WHAT),
     ),
+    prepare=_prepare,
     notes="the patch embedding is not replaced yet",
 )
