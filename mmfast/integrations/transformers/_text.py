@@ -57,7 +57,20 @@ def _needs_original(tower, kwargs) -> bool:
     # An enclosing forward collecting outputs does it with hooks on the tower's own layers.
     if asked(tower, kwargs, "attentions") or collected():
         return True
+    if _selects_states_its_own_way(kwargs.get("output_hidden_states", getattr(tower.config, "output_hidden_states", False))):
+        return True
     return tower.training and getattr(tower, "gradient_checkpointing", False)
+
+
+def _selects_states_its_own_way(wanted) -> bool:
+    """An index or indices in ``output_hidden_states``, with a transformers that predates
+    ``selected_hidden_states`` (5.17 and earlier): those releases pick other states than
+    the documented ones (e.g. none for ``[-2]``), so the call keeps their forward."""
+    if wanted is None or isinstance(wanted, bool):
+        return False
+    from transformers.utils import output_capturing
+
+    return not hasattr(output_capturing, "selected_hidden_states")
 
 
 def _selected_states(states: tuple, wanted) -> tuple:
