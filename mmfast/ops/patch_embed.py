@@ -254,6 +254,8 @@ def patch_embed(pixels, weight, bias=None, pos_embed=None, class_embed=None, *, 
     E, C, P, P2 = weight.shape
     if P != P2:
         raise ValueError(f"weight: expected a square patch [E, C, P, P], got shape {tuple(weight.shape)}")
+    if P == 0:
+        raise ValueError(f"weight: expected a patch size P >= 1 in [E, C, P, P], got shape {tuple(weight.shape)}")
     if pixels.shape[1] != C:
         raise ValueError(f"pixels: expected {C} channels (weight is [E, C, P, P] = {tuple(weight.shape)}), "
                          f"got {pixels.shape[1]} (shape {tuple(pixels.shape)})")

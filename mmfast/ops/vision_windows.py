@@ -138,6 +138,9 @@ def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int,
                              cu_window_seqlens, max_window_seqlen)
 
 
+MAX_PATCHES = 2 ** 31 - 1
+
+
 def _check_size(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -188,6 +191,12 @@ def qwen_vision_indices(grid_thw: Tensor, *, spatial_merge_size: int = 2, window
             f"grid_thw: h and w must be multiples of spatial_merge_size={spatial_merge_size}, "
             f"got {values.tolist()}"
         )
+    # Python ints: no overflow. The stream is indexed by int32 cu_seqlens; checked before
+    # anything of that size is allocated.
+    patches = sum(t * h * w for t, h, w in zip(key[0::3], key[1::3], key[2::3]))
+    if patches > MAX_PATCHES:
+        raise ValueError(f"grid_thw: {patches} patches in all (sum of t*h*w), more than the {MAX_PATCHES} "
+                         "that int32 cu_seqlens can index")
     return _cached(key, window_size, patch_size, spatial_merge_size, grid_thw.device)
 
 
