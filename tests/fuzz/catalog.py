@@ -4,13 +4,19 @@ CPU backend; ``long`` adds seeded random shapes, dtypes and layouts (see cases_r
 from __future__ import annotations
 
 import functools
+import os
 
-from tests.fuzz import cases_attention, cases_pointwise
+from tests.fuzz import cases_attention, cases_misc, cases_pointwise
+
+
+TIER = os.environ.get("MMFAST_FUZZ", "quick")
+if TIER not in ("quick", "long"):
+    raise ValueError(f"MMFAST_FUZZ: expected 'quick' or 'long', got {TIER!r}")
 
 
 @functools.lru_cache(maxsize=None)
 def catalog(tier: str) -> tuple:
-    found = list(cases_pointwise.all_cases()) + list(cases_attention.all_cases())
+    found = [*cases_pointwise.all_cases(), *cases_attention.all_cases(), *cases_misc.all_cases()]
     ids = [c.id for c in found]
     assert len(ids) == len(set(ids)), "fuzz case ids must be unique"
     return tuple(found)
