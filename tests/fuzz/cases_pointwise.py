@@ -96,6 +96,7 @@ def _activation_variants(gated: bool, approximate: bool) -> list[V]:
         V("fp32", make()), V("fp16", make(dtype=torch.float16)), V("bf16", make(dtype=torch.bfloat16)),
         V("fp64", make(dtype=torch.float64)), V("rank1_prime", make(shape=(97,))),
         V("rank4", make(shape=(2, 3, 5, 7))), V("zero_size", make(shape=(0, 16))),
+        V("last_dim_zero", make(shape=(5, 0))),  # gated Triton: reshape(-1, 0) raised
         V("strided", make(view=lambda x: strided(x, 0))), V("transposed", make(view=transposed)),
         V("stride0", make(shape=(1, 33), view=lambda x: broadcast(x, 0, 6))),
         V("nan", make(nan=True)), V("inf", make(inf=True)),

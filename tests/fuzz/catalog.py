@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-from tests.fuzz import cases_attention, cases_misc, cases_pointwise
+from tests.fuzz import cases_attention, cases_misc, cases_pointwise, cases_random
 
 
 TIER = os.environ.get("MMFAST_FUZZ", "quick")
@@ -17,6 +17,8 @@ if TIER not in ("quick", "long"):
 @functools.lru_cache(maxsize=None)
 def catalog(tier: str) -> tuple:
     found = [*cases_pointwise.all_cases(), *cases_attention.all_cases(), *cases_misc.all_cases()]
+    if tier == "long":
+        found += cases_random.all_cases()
     ids = [c.id for c in found]
     assert len(ids) == len(set(ids)), "fuzz case ids must be unique"
     return tuple(found)
