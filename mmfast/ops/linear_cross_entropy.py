@@ -296,8 +296,8 @@ def _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smo
         raise ValueError(f"weight: expected shape [V >= 1, {hidden.shape[1]}] (C of hidden), got {tuple(weight.shape)}")
     _check_tensor("target", target, 1, "[N]")
     if target.dtype not in _TARGET_DTYPES:
-        raise TypeError(f"target: expected class indices of dtype int64, int32, int16, int8 or uint8, "
-                        f"got {target.dtype}")
+        raise TypeError(f"target: expected an integer dtype of class indices (int64, int32, int16, int8 "
+                        f"or uint8), got {target.dtype}")
     if target.shape[0] != hidden.shape[0]:
         raise ValueError(f"target: expected shape ({hidden.shape[0]},) (N of hidden), got {tuple(target.shape)}")
     if target.device != hidden.device:

@@ -206,3 +206,17 @@ def test_pipeline_component_dtype_and_tie_checks(tmp_path):
               str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"tensor 'embed.weight' .* stored as torch.int64"):
         layout.load_weights(Tiny(), folder)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not valid JSON"),
+    ('{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "text_config": {"vocab_size": -1}}',
+     "field 'text_config.vocab_size'"),
+])
+def test_profile_cli_reports_a_damaged_checkpoint_in_one_line(tmp_path, capsys, text, match):
+    from mmfast.cli import main
+
+    (tmp_path / "config.json").write_text(text)
+    assert main(["profile", "vlm", "--checkpoint", str(tmp_path), "--new-tokens", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "config.json") in err[0] and match in err[0], err

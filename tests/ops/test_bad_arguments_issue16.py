@@ -48,7 +48,7 @@ def test_linear_cross_entropy_small_integer_targets_and_ignore_index_range(backe
     for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
         torch.testing.assert_close(mmfast.ops.linear_cross_entropy(h, w, target.to(dtype), backend=backend), expected)
     for dtype in (torch.float32, torch.bool, torch.uint16):
-        with pytest.raises(TypeError, match="target: expected class indices of dtype int64"):
+        with pytest.raises(TypeError, match=r"target: expected an integer dtype of class indices \(int64"):
             mmfast.ops.linear_cross_entropy(h, w, target.to(dtype), backend=backend)
     for ignore_index in (2 ** 63, -2 ** 63 - 1):
         with pytest.raises(ValueError, match="ignore_index: expected an int64 value"):
