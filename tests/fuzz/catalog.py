@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
-from tests.fuzz import cases_attention, cases_misc, cases_pointwise, cases_random
+from tests.fuzz import cases_attention, cases_misc, cases_pointwise, cases_random, cases_selftest
 
 
 TIER = os.environ.get("MMFAST_FUZZ", "quick")
@@ -16,6 +16,8 @@ if TIER not in ("quick", "long"):
 
 @functools.lru_cache(maxsize=None)
 def catalog(tier: str) -> tuple:
+    if tier == "selftest":  # the harness's own test cases
+        return tuple(cases_selftest.all_cases())
     found = [*cases_pointwise.all_cases(), *cases_attention.all_cases(), *cases_misc.all_cases()]
     if tier == "long":
         found += cases_random.all_cases()
