@@ -209,6 +209,14 @@ def vision_rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float = 10
     the half-width form :func:`mmfast.ops.apply_rotary` takes (Hugging Face's tables are
     these, concatenated with themselves).
     """
+    if not isinstance(position_ids, Tensor):
+        raise TypeError(f"position_ids: expected a Tensor, got {type(position_ids).__name__}")
+    if position_ids.dim() != 2 or position_ids.shape[1] != 2:
+        raise ValueError(f"position_ids: expected shape [tokens, 2] (row, column), got {tuple(position_ids.shape)}")
+    if position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids: expected integer (or real) positions, got {position_ids.dtype}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 4:
+        raise ValueError(f"head_dim: expected an int >= 4, got {head_dim!r}")
     if head_dim % 4:
         raise ValueError(f"head_dim: expected a multiple of 4 (2D rotary over rows and columns), got {head_dim}")
     quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=position_ids.device)

@@ -226,10 +226,45 @@ def _vision_variants() -> list[V]:
     ]
 
 
+def _packed_patch_variants() -> list[V]:
+    def make(sizes=((8, 12), (4, 4)), p=4, dtype=torch.float32, images=None):
+        def build(g):
+            imgs = [randn(g, 3, h, w, dtype=dtype) for h, w in sizes] if images is None else images
+            return (imgs, randn(g, 16, 3, p, p, dtype=dtype, scale=0.2)), {"bias": randn(g, 16, dtype=dtype)}
+        return build
+
+    return [
+        V("two_sizes", make()), V("one_image", make(sizes=((4, 8),))), V("fp16", make(dtype=torch.float16)),
+        V("empty_list", make(images=[]), expect="error"),
+        V("tensor_not_list", make(images=torch.zeros(2, 3, 4, 4)), expect="error"),
+        V("image_2d", make(images=[torch.zeros(4, 4)]), expect="error"),
+        V("size_not_multiple", make(sizes=((8, 12), (5, 4))), expect="error"),
+    ]
+
+
+def _vision_rotary_variants() -> list[V]:
+    def make(tokens=6, head_dim=16, ids=None, **kwargs):
+        def build(g):
+            position_ids = torch.randint(0, 8, (tokens, 2), generator=g) if ids is None else ids
+            return (position_ids, head_dim), kwargs
+        return build
+
+    return [
+        V("basic", make()), V("no_tokens", make(tokens=0)), V("theta", make(theta=500.0)),
+        V("head_dim_not_multiple_of_4", make(head_dim=18), expect="error"),
+        V("ids_float", make(ids=torch.zeros(3, 2)), expect="either"),
+        V("ids_bool", make(ids=torch.zeros(3, 2, dtype=torch.bool)), expect="error"),
+        V("head_dim_0", make(head_dim=0), expect="error"),
+        V("ids_wrong_shape", make(ids=torch.zeros(3, 3, dtype=torch.long)), expect="error"),
+    ]
+
+
 def all_cases():
     return (
         cases(ops.patch_embed, "patch_embed", _patch_variants())
         + cases(ops.patch_embed_patchified, "patch_embed", _patchified_variants())
+        + cases(ops.patch_embed_packed, "patch_embed", _packed_patch_variants())
+        + cases(ops.vision_rotary_cos_sin, None, _vision_rotary_variants())
         + cases(ops.clip_loss, "contrastive", _contrastive_variants("clip"))
         + cases(ops.siglip_loss, "contrastive", _contrastive_variants("siglip"))
         + cases(ops.nt_xent_loss, "contrastive", _contrastive_variants("nt_xent"))

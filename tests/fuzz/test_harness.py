@@ -28,3 +28,18 @@ def test_compare_accepts_overflow_only_where_the_value_does_not_fit():
     assert compare(torch.tensor([1.0, float("inf")], dtype=torch.float16), ref, torch.float16) is None
     assert compare(torch.tensor([float("inf"), 6e4], dtype=torch.float16), ref, torch.float16) is not None
     assert compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0], dtype=torch.float64), torch.float32) is not None
+
+
+def test_every_public_op_has_cases_on_every_cpu_backend():
+    import inspect
+
+    import mmfast.ops as ops
+    from mmfast.dispatch import op_families
+    from tests.fuzz.spec import cpu_backends
+
+    cases = catalog("quick")
+    functions = {name for name in ops.__all__ if inspect.isfunction(getattr(ops, name))}
+    assert functions - {case.name for case in cases} == set()
+    for family in op_families():
+        fuzzed = {case.backend for case in cases if case.backend is not None}
+        assert set(cpu_backends(family)) <= fuzzed, family
