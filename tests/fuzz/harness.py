@@ -48,6 +48,7 @@ class Case:
     outputs: Callable | None = None    # output -> the tensors to compare (default: all)
     isolate: bool = False              # crash-prone: run in a subprocess
     features: frozenset = field(default_factory=frozenset)  # tags the known-bug rules read
+    family: str | None = None          # the dispatch op family, for the coverage test
 
     @property
     def name(self) -> str:

@@ -41,6 +41,6 @@ def cases(op: Callable, family: str | None, variants: list[V]) -> list[Case]:
         for v in variants:
             out.append(Case(
                 id=f"{op.__name__}/{backend or '-'}/{v.what}", op=op, build=v.build, backend=backend,
-                expect=v.expect, isolate=v.isolate, features=frozenset(v.features), **v.extra,
+                expect=v.expect, isolate=v.isolate, features=frozenset(v.features), family=family, **v.extra,
             ))
     return out
