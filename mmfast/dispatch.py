@@ -313,6 +313,15 @@ def _set_layers(layers: tuple) -> None:
     _generation += 1
 
 
+def env_override_error() -> str | None:
+    """Why MMFAST_BACKEND is invalid, or None (for ``mmfast info``)."""
+    try:
+        _env_overrides()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def current_overrides() -> dict[str, str]:
     """The set_backend overrides of this thread / async context: {family or '*': name}."""
     overrides: dict[str, str | None] = {}

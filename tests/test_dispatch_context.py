@@ -158,3 +158,12 @@ def test_compile_traces_through_an_override():
     with mmfast.set_backend("torch", op="norm"):
         out = fn(x, w)
     torch.testing.assert_close(out, mmfast.ops.rms_norm(x, w, backend="torch"))
+
+
+def test_info_reports_an_invalid_environment_override(monkeypatch, capsys):
+    from mmfast.cli import main
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "norm=trtion")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "MMFAST_BACKEND is invalid, every call will fail: MMFAST_BACKEND: op family 'norm' has no backend 'trtion'" in out
