@@ -1,6 +1,7 @@
 """Argument checks shared by the attention ops (attention, cross_attention): each raises
 TypeError / ValueError naming the argument. Only ``check_cu_values`` reads the device
-(one sync); callers run it when they sync anyway or under ``MMFAST_DEBUG_CHECKS=1``."""
+(one sync); callers run it when they sync anyway, on CPU tensors (no sync to pay) or under
+``MMFAST_DEBUG_CHECKS=1``."""
 
 from __future__ import annotations
 
