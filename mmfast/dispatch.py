@@ -296,9 +296,14 @@ def _env_overrides() -> dict[str, str]:
 _generation = 0
 
 
-@torch.compiler.assume_constant_result
 def _traced_layers(generation: int) -> tuple:
     return _layers.get()
+
+
+# What torch.compiler.assume_constant_result does; calling it would import torch._dynamo
+# (and with it Triton) when mmfast is imported. tests/test_dispatch_context.py checks that
+# compiled code still follows the overrides.
+_traced_layers._dynamo_marked_constant = True
 
 
 def _current_layers() -> tuple:

@@ -152,12 +152,20 @@ def test_no_backend_error_is_a_value_error():
         mmfast.ops.gelu(torch.randn(3, dtype=torch.float64), backend="triton")
 
 
-def test_compile_traces_through_an_override():
+def test_compile_traces_through_an_override_and_retraces_when_it_changes(toy):
+    def fn(x):
+        return x + 1 if toy.select(CALL).name == "other" else x - 1
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    assert compiled(x).tolist() == [-1.0, -1.0]
+    with mmfast.set_backend("other", op="toy"):
+        assert compiled(x).tolist() == [1.0, 1.0]
+    assert compiled(x).tolist() == [-1.0, -1.0]
     x, w = torch.randn(4, 16), torch.randn(16)
-    fn = torch.compile(lambda x, w: mmfast.ops.rms_norm(x, w), fullgraph=True, backend="eager")
+    norm = torch.compile(lambda x, w: mmfast.ops.rms_norm(x, w), fullgraph=True, backend="eager")
     with mmfast.set_backend("torch", op="norm"):
-        out = fn(x, w)
-    torch.testing.assert_close(out, mmfast.ops.rms_norm(x, w, backend="torch"))
+        torch.testing.assert_close(norm(x, w), mmfast.ops.rms_norm(x, w, backend="torch"))
 
 
 def test_info_reports_an_invalid_environment_override(monkeypatch, capsys):
