@@ -16,7 +16,13 @@ in one :class:`CheckpointError`.
 
 Tied parameters (one tensor under two names, e.g. ``lm_head.weight`` and
 ``model.embed_tokens.weight``) are written once and count as present when any of their
-names is in the checkpoint, as transformers does for ``tie_word_embeddings``.
+names is in the checkpoint, as transformers does for ``tie_word_embeddings``; a file that
+holds both names with different values is refused.
+
+Damaged or hostile directories (unparsable JSON or safetensors, absurd size fields, shard
+paths leaving the directory, integer values stored for floating tensors) are refused with
+one ValueError naming the file: see :mod:`mmfast.models.checkpoint_checks`. Every header
+is checked before a model is materialised, so a wrong size allocates nothing.
 """
 
 from __future__ import annotations

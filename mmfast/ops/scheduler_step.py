@@ -79,9 +79,9 @@ class StepCoefficients:
 class StepTable:
     """Per-step coefficients on the device, indexed by a device step counter.
 
-    ``table``: float32 [steps + 1, 8], the last row NaN: a step past the end of the
-    schedule (which cannot be checked without a device->host sync) writes NaN instead of
-    reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
+    ``table``: float32 [steps + 1, 8], the last row NaN: a counter past the end of the
+    schedule or negative (which cannot be checked without a device->host sync) writes NaN
+    instead of reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
     count the kernel resets). ``clip`` and ``needs_x0`` hold for every row.
     """
 
