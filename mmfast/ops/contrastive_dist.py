@@ -52,11 +52,12 @@ _MAX_SAME = 4  # values that must agree across ranks, at most (see agree)
 
 
 def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str, what: str,
-          same: dict[str, float] | None = None) -> list[int]:
+          same: dict[str, float | Tensor] | None = None) -> list[int]:
     """Exchange (ok, batch, dim, dtype, strategy, and the values in ``same``) between
     ranks; raise on every rank when any rank's arguments are bad or the ranks disagree.
     ``same``: arguments that must be equal on every rank (reduction, logit scale and
-    bias), as floats; compared bit for bit. Returns the batch sizes."""
+    bias), as numbers or one-element tensors, compared bit for bit in float64. Returns
+    the batch sizes."""
     ok = local_error is None
     same = same if ok and same is not None else {}
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
@@ -68,10 +69,12 @@ def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str,
         STRATEGIES.index(strategy) if strategy in STRATEGIES else -1,
         len(same),
     ], dtype=torch.int64, device=device)
-    # Every rank sends the same length: the values padded to _MAX_SAME (a bad rank sends none).
-    values = torch.zeros(_MAX_SAME, dtype=torch.float64)
-    values[: len(same)] = torch.tensor(list(same.values()), dtype=torch.float64)
-    mine = torch.cat([mine, values.view(torch.int64).to(device)])
+    # Every rank sends the same length: the values padded to _MAX_SAME (a bad rank sends
+    # none). Built on the device: read back with the rest, in the one sync.
+    values = torch.zeros(_MAX_SAME, dtype=torch.float64, device=device)
+    for i, value in enumerate(same.values()):
+        values[i] = value.detach().reshape(()) if isinstance(value, Tensor) else value
+    mine = torch.cat([mine, values.view(torch.int64)])
     world = dist.get_world_size(group)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -315,7 +318,7 @@ class RingSigLipFunction(torch.autograd.Function):
 def _checked_everywhere(checked, x, strategy, group, what, same):
     """Run the local argument checks, then agree with the other ranks; raises on every
     rank if any rank's checks failed. ``same(args)``: the arguments that must agree across
-    ranks, as {name: float}. Returns (what ``checked`` returned, sizes)."""
+    ranks, as {name: number or one-element tensor}. Returns (what ``checked`` returned, sizes)."""
     try:
         args, error = checked(), None
         values = same(args)
@@ -324,13 +327,9 @@ def _checked_everywhere(checked, x, strategy, group, what, same):
     return args, agree(group, x, error, strategy, what, values)
 
 
-def _value(t: Tensor) -> float:
-    return t.detach().double().item()  # agree syncs anyway
-
-
 def distributed_clip_loss(checked, x, y, reduction, group, strategy):
     def same(args):
-        return {"reduction": float(REDUCTIONS.index(reduction)), "logit_scale": _value(args[0])}
+        return {"reduction": float(REDUCTIONS.index(reduction)), "logit_scale": args[0]}
 
     (scale, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "clip_loss", same)
     norm = 1.0 / (2 * sum(sizes)) if reduction == "mean" else 0.5
@@ -340,7 +339,7 @@ def distributed_clip_loss(checked, x, y, reduction, group, strategy):
 
 def distributed_siglip_loss(checked, x, y, group, strategy):
     def same(args):
-        return {"logit_scale": _value(args[0]), "logit_bias": _value(args[1])}
+        return {"logit_scale": args[0], "logit_bias": args[1]}
 
     (scale, bias, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "siglip_loss", same)
     fn = AllGatherSigLipFunction if strategy == "all_gather" else RingSigLipFunction
