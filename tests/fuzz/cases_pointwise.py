@@ -173,6 +173,7 @@ def _group_norm_variants() -> list[V]:
         V("fp64", make(dtype=torch.float64)), V("channels_last", make(cl=True)), V("silu", make(activation="silu")),
         V("one_group", make(groups=1)), V("group_per_channel", make(groups=8)), V("no_affine", make(affine=False)),
         V("zero_batch", make(n=0)), V("prime_spatial", make(h=7, w=11)),
+        V("one_value_per_group", make(n=1, c=4, h=1, w=1, groups=4)),  # F.group_norm refused it
         V("weight_stride2", make(w_view=lambda g, t: strided(t)), features=("param_strided",)),
         V("weight_stride0", make(w_view=lambda g, t: stride0_vector(g, t.shape[0])), features=("param_strided",)),
         V("bias_stride0", make(b_view=lambda g, t: stride0_vector(g, t.shape[0])), features=("param_strided",)),
