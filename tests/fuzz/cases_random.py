@@ -11,10 +11,11 @@ import zlib
 import torch
 
 import mmfast.ops as ops
+from mmfast.ops.attention import attention_mask
 
 from tests.fuzz.cases_attention import _packed, _padded
 from tests.fuzz.harness import SEED
-from tests.fuzz.inputs import randn, stride0_vector, strided, transposed, with_nan
+from tests.fuzz.inputs import cu, randn, stride0_vector, strided, transposed, with_nan
 from tests.fuzz.spec import V, cases
 
 PER_OP = 25
@@ -102,9 +103,11 @@ def _attention(i: int, cross: bool) -> V:
     nan_token, features = None, ()
     if r.random() < 0.25 and cu_k[-1] > 0:
         nan_token = r.randrange(cu_k[-1])
-        segment = next(b for b in range(count) if cu_k[b] <= nan_token < cu_k[b + 1])
-        # Another segment with queries: their rows must stay finite (SDPA spreads it: item 5).
-        if any(lengths[b] for b in range(count) if b != segment):
+        # A query that does not see this key must stay finite (SDPA spreads it: item 5).
+        left, right = kwargs.get("window", (-1, -1))
+        right = 0 if kwargs.get("causal") else right
+        sees = attention_mask(cu(*cu_q), cu(*cu_k), cu_q[-1], cu_k[-1], left, right, "cpu")
+        if (~sees[:, nan_token]).any():
             features = ("nan_isolation",)
     build = _packed(cu_q=cu_q, cu_k=cu_k, h=h, hk=hk, d=d, dtype=dtype, kwargs=kwargs, q_view=q_view,
                     k_view=k_view, nan_k=(nan_token, 0, 1) if nan_token is not None else None)
