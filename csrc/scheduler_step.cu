@@ -24,7 +24,9 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) scheduler_step_kernel(const SchedulerStepArgs a) {
   StepCoefficients k = a.coef;
   if (a.table != nullptr) {
-    const int64_t row = min(static_cast<int64_t>(a.step[0]), a.table_rows - 1);
+    // A counter outside [0, rows) (past the end, or negative) reads the NaN sentinel row.
+    const int64_t step = a.step[0];
+    const int64_t row = (step < 0 || step >= a.table_rows) ? a.table_rows - 1 : step;
     const float* r = a.table + row * 8;
     k = StepCoefficients{r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]};
   }

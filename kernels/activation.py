@@ -15,6 +15,8 @@ Gated:  out = act(gate) * up over [M, N] rows; GATE, UP, OUT and the gradients a
         d gate = dout * up * act'(gate),  d up = dout * act(gate)
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -154,7 +156,8 @@ def _gated_grid(M: int, N: int):
 
 def _rows(t):
     """[M, N] view of ``t`` (a copy only when its leading dims cannot merge)."""
-    return t.reshape(-1, t.shape[-1])
+    # The row count is spelled out: reshape(-1, 0) is ambiguous when N is 0.
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def _launch_fwd(gate, up, out, kind):

@@ -125,9 +125,10 @@ def _guided_step_kernel(
     idx = b * N + offs
 
     if FROM_TABLE:
-        # Past the last row, the table's NaN sentinel row: visible, never out of bounds.
-        step = tl.minimum(tl.load(STEP), rows - 1)
-        row = TABLE + step * 8
+        # Past the last row (or negative), the table's NaN sentinel row: visible, never
+        # out of bounds.
+        step = tl.load(STEP)
+        row = TABLE + tl.where((step < 0) | (step >= rows), rows - 1, step) * 8
         px = tl.load(row + 0)
         pm = tl.load(row + 1)
         cx = tl.load(row + 2)

@@ -144,7 +144,7 @@ def _backend_status(backend, call) -> dict:
 
 def _op_families(torch, has_cuda: bool) -> dict:
     import mmfast  # noqa: F401  (importing mmfast registers the op families)
-    from mmfast.dispatch import ENV_VAR, Call, op_families
+    from mmfast.dispatch import ENV_VAR, Call, env_override_error, op_families
 
     device = torch.device("cuda" if has_cuda else "cpu")
     dtype = torch.bfloat16 if has_cuda else torch.float32
@@ -152,6 +152,7 @@ def _op_families(torch, has_cuda: bool) -> dict:
     return {
         "probe": {"device": device.type, "dtype": str(dtype).removeprefix("torch.")},
         "override": os.environ.get(ENV_VAR) or None,
+        "override_error": env_override_error(),
         "families": {
             name: [_backend_status(backend, call) for backend in family.backends.values()]
             for name, family in op_families().items()
@@ -214,7 +215,9 @@ def format_info(info: dict) -> str:
     lines.append(
         f"backends per op family, in priority order (probed on {probe['device']}, {probe['dtype']}):"
     )
-    if ops["override"]:
+    if ops.get("override_error"):
+        lines.append(f"  MMFAST_BACKEND is invalid, every call will fail: {ops['override_error']}")
+    elif ops["override"]:
         lines.append(f"  MMFAST_BACKEND={ops['override']} overrides the order")
     width = 2 + max((len(b["name"]) for bs in ops["families"].values() for b in bs), default=8)
     for family, backends in ops["families"].items():

@@ -12,7 +12,8 @@ Overrides, strongest first:
 
 1. ``backend="..."`` on the call;
 2. ``mmfast.set_backend("triton")`` (every family that has such a backend) or
-   ``mmfast.set_backend("torch", op="norm")`` (one family);
+   ``mmfast.set_backend("torch", op="norm")`` (one family), per thread and per async
+   context (contextvars);
 3. the environment variable ``MMFAST_BACKEND``: ``"triton"`` or
    ``"norm=torch,attention=triton"``.
 
@@ -25,7 +26,9 @@ read on the first call that needs it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -157,8 +160,10 @@ class Backend:
         return reasons
 
 
-class NoBackendError(RuntimeError):
-    """No backend of an op family can take a call; the message says why, per backend."""
+class NoBackendError(ValueError):
+    """No backend of an op family can take a call; the message says why, per backend.
+
+    A ValueError, so that callers catch every refusal of their input one way."""
 
 
 class OpFamily:
@@ -229,17 +234,43 @@ def op_families() -> dict[str, OpFamily]:
 
 
 # ---- overrides -------------------------------------------------------------------
+#
+# set_backend overrides live in a contextvars.ContextVar, so they are per thread and per
+# async task: a thread starts with none, a task sees a copy of its creator's. The value
+# is an immutable tuple of layers (id, family or _GLOBAL, backend name or None = cleared);
+# the last layer naming a family wins. A ``with`` block removes its own layer and the
+# statement-form layers set after it, so it restores what it found even when two blocks
+# exit out of order (another block's layer stays until that block exits).
 
 _GLOBAL = "*"
-_set_overrides: dict[str, str] = {}
-_parsed_env: tuple[str, dict[str, str]] = ("", {})
+_layers: contextvars.ContextVar[tuple] = contextvars.ContextVar("mmfast_backend_overrides", default=())
+_layer_ids = itertools.count(1)
+_parsed_env: tuple[str, dict[str, str] | ValueError] = ("", {})
+
+
+def _known_backends() -> list[str]:
+    return sorted({name for family in _families.values() for name in family.backends})
+
+
+def _check_name(name: str, op: str | None, source: str) -> None:
+    """A ValueError naming the valid backends when ``name`` is not one (of family ``op``)."""
+    if op is not None:
+        if op not in _families:
+            raise ValueError(f"{source}: unknown op family '{op}' (known: {', '.join(_families)})")
+        if name not in _families[op].backends:
+            known = ", ".join(_families[op].backends)
+            raise ValueError(f"{source}: op family '{op}' has no backend '{name}' (known: {known})")
+    elif name not in _known_backends():
+        raise ValueError(f"{source}: no op family has a backend '{name}' (known: {', '.join(_known_backends())})")
 
 
 def _parse_env(value: str) -> dict[str, str]:
     overrides = {}
     for item in filter(None, (part.strip() for part in value.split(","))):
         op, sep, name = item.rpartition("=")
-        overrides[op.strip() if sep else _GLOBAL] = name.strip()
+        op, name = (op.strip() if sep else None), name.strip()
+        _check_name(name, op, ENV_VAR)
+        overrides[op if op is not None else _GLOBAL] = name
     return overrides
 
 
@@ -247,12 +278,65 @@ def _env_overrides() -> dict[str, str]:
     global _parsed_env
     value = os.environ.get(ENV_VAR, "")
     if value != _parsed_env[0]:
-        _parsed_env = (value, _parse_env(value))
+        try:
+            parsed: dict[str, str] | ValueError = _parse_env(value)
+        except ValueError as error:  # raised again on every call until the variable changes
+            parsed = error
+        _parsed_env = (value, parsed)
+    if isinstance(_parsed_env[1], ValueError):
+        raise ValueError(str(_parsed_env[1]))
     return _parsed_env[1]
 
 
+# torch.compile cannot trace ContextVar.get: a traced call reads the layers as a constant
+# and guards on _generation, which every set_backend (in any thread) bumps, so a change
+# retraces. (A graph traced in one thread is reused by another thread whose overrides
+# differ only until the next set_backend anywhere: backends compute the same function,
+# only the choice among them would be stale.)
+_generation = 0
+
+
+def _traced_layers(generation: int) -> tuple:
+    return _layers.get()
+
+
+# What torch.compiler.assume_constant_result does; calling it would import torch._dynamo
+# (and with it Triton) when mmfast is imported. tests/test_dispatch_context.py checks that
+# compiled code still follows the overrides.
+_traced_layers._dynamo_marked_constant = True
+
+
+def _current_layers() -> tuple:
+    if torch.compiler.is_compiling():
+        return _traced_layers(_generation)
+    return _layers.get()
+
+
+def _set_layers(layers: tuple) -> None:
+    global _generation
+    _layers.set(layers)
+    _generation += 1
+
+
+def env_override_error() -> str | None:
+    """Why MMFAST_BACKEND is invalid, or None (for ``mmfast info``)."""
+    try:
+        _env_overrides()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def current_overrides() -> dict[str, str]:
+    """The set_backend overrides of this thread / async context: {family or '*': name}."""
+    overrides: dict[str, str | None] = {}
+    for _, key, name in _current_layers():
+        overrides[key] = name
+    return {key: name for key, name in overrides.items() if name is not None}
+
+
 def _override_for(family: OpFamily) -> tuple[str | None, str]:
-    for overrides, source in ((_set_overrides, "set_backend"), (_env_overrides(), ENV_VAR)):
+    for overrides, source in ((current_overrides(), "set_backend"), (_env_overrides(), ENV_VAR)):
         if family.name in overrides:
             return overrides[family.name], source
         # A global override applies only to the families that have such a backend.
@@ -261,39 +345,70 @@ def _override_for(family: OpFamily) -> tuple[str | None, str]:
     return None, ""
 
 
-class _Restore(contextlib.AbstractContextManager):
-    def __init__(self, key: str, previous: str | None):
-        self._key, self._previous = key, previous
+def _compact(layers: tuple) -> tuple:
+    """Drop statement-form layers that nothing can reveal again: those above the last
+    ``with`` layer that a newer layer for the same family shadows."""
+    last_scoped = max((i for i, layer in enumerate(layers) if layer[0] in _scoped), default=-1)
+    keep, seen = [], set()
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        if i > last_scoped and layer[0] not in _scoped:
+            if layer[1] in seen:
+                continue
+            seen.add(layer[1])
+        keep.append(layer)
+    return tuple(reversed(keep))
+
+
+# Ids of the layers of the ``with`` blocks now open, in any thread (ids are never reused).
+_scoped: set[int] = set()
+
+
+class _Override(contextlib.AbstractContextManager):
+    """One set_backend call; as a ``with`` block it undoes itself on exit."""
+
+    def __init__(self, layer_id: int):
+        self._id = layer_id
+
+    def __enter__(self) -> "_Override":
+        _scoped.add(self._id)
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is None:
-            _set_overrides.pop(self._key, None)
-        else:
-            _set_overrides[self._key] = self._previous
+        _scoped.discard(self._id)
+        layers = _layers.get()
+        ids = [layer[0] for layer in layers]
+        if self._id not in ids:  # exited in another context: nothing of ours is here
+            return
+        mine = ids.index(self._id)
+        # Our layer and the statements made after it go; other open blocks' layers stay.
+        _set_layers(layers[:mine] + tuple(layer for layer in layers[mine + 1:] if layer[0] in _scoped))
 
 
 def set_backend(name: str | None, op: str | None = None) -> contextlib.AbstractContextManager:
-    """Force backend ``name`` for op family ``op`` (or every family that has it).
+    """Force backend ``name`` for op family ``op`` (or every family that has it), in this
+    thread / async context only.
 
-    ``name=None`` removes the override. Works as a statement or, to restore the
-    previous setting on exit, as a context manager::
+    ``name=None`` removes the override. Works as a statement or, to restore exactly the
+    overrides it found on exit, as a context manager::
 
         mmfast.set_backend("torch", op="norm")
         with mmfast.set_backend("triton"):
             ...
+
+    An unknown family or backend name is a ValueError listing the valid ones.
     """
+    if op is not None and not isinstance(op, str):
+        raise TypeError(f"op: expected an op family name or None, got {type(op).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name: expected a backend name or None, got {type(name).__name__}")
     if op is not None and op not in _families:
         raise ValueError(f"op: unknown op family '{op}' (known: {', '.join(_families)})")
-    key = op if op is not None else _GLOBAL
-    previous = _set_overrides.get(key)
-    if name is None:
-        _set_overrides.pop(key, None)
-    else:
-        if op is not None and name not in _families[op].backends:
-            known = ", ".join(_families[op].backends)
-            raise ValueError(f"name: op family '{op}' has no backend '{name}' (known: {known})")
-        _set_overrides[key] = name
-    return _Restore(key, previous)
+    if name is not None:
+        _check_name(name, op, "name")
+    layer = (next(_layer_ids), op if op is not None else _GLOBAL, name)
+    _set_layers(_compact(_layers.get()) + (layer,))
+    return _Override(layer[0])
 
 
 # ---- logging ---------------------------------------------------------------------

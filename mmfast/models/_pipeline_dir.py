@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmfast.models.checkpoint_checks import (check_config_sizes, check_tensor_read, open_safetensors,
+                                             read_json_object, shard_path)
+
 # A transformers component saves model.safetensors, a diffusers one diffusion_pytorch_model.safetensors.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
@@ -21,10 +24,7 @@ WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{what}: {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what}: {path} is not valid JSON ({error})") from None
+    return read_json_object(path, what)
 
 
 def component_dir(root: Path, name: str, *, required: bool = True) -> Path | None:
@@ -53,7 +53,7 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
             weight_map = read_json(index, folder.name).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{folder.name}: {index} has no weight_map")
-            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            shards = [shard_path(folder, name, index) for name in dict.fromkeys(weight_map.values())]
             missing = [str(s) for s in shards if not s.is_file()]
             if missing:
                 raise FileNotFoundError(f"{folder.name}: shards listed in {index.name} are missing: {missing}")
@@ -66,11 +66,10 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
 
 
 def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder, variant):
-        state.update(load_file(str(path)))
+        with open_safetensors(path) as f:
+            state.update({name: check_tensor_read(path, f, name) for name in f.keys()})
     return state
 
 
@@ -99,6 +98,17 @@ def load_weights(module: nn.Module, folder: Path, variant: str | None = None) ->
             problems.append(f"{label}: {shown}")
     if problems:
         raise ValueError(f"{folder.name}: the weights in {folder} do not fit its config; " + "; ".join(problems))
+    for k, v in expected.items():  # no silent cast between floating and integer values
+        if k in state and state[k].is_floating_point() != v.is_floating_point():
+            raise ValueError(f"{folder.name}: tensor '{k}' in {folder} is stored as {state[k].dtype} but "
+                             f"the module's is {v.dtype}: refusing to cast between floating and integer values")
+    for k, group in aliases.items():  # a tied tensor stored under several names holds one value
+        present = [a for a in group if a in state]
+        if k == group[0] and len(present) > 1:
+            for other in present[1:]:
+                if not torch.equal(state[other], state[present[0]]):
+                    raise ValueError(f"{folder.name}: tensors '{present[0]}' and '{other}' in {folder} differ, "
+                                     "but the module ties them (one shared parameter)")
     module.load_state_dict(state, strict=False)  # complete up to tied aliases, checked above
 
 
@@ -148,6 +158,7 @@ def load_component(root: Path, index: dict, name: str, supported: tuple[str, ...
     if folder is None:
         return None
     config = read_json(folder / "config.json", name)
+    check_config_sizes(config, folder / "config.json")
     check_supported(name, declared_class(index, name, config), supported, model)
     module = build(config)
     load_weights(module, folder, variant)

@@ -16,7 +16,13 @@ in one :class:`CheckpointError`.
 
 Tied parameters (one tensor under two names, e.g. ``lm_head.weight`` and
 ``model.embed_tokens.weight``) are written once and count as present when any of their
-names is in the checkpoint, as transformers does for ``tie_word_embeddings``.
+names is in the checkpoint, as transformers does for ``tie_word_embeddings``; a file that
+holds both names with different values is refused.
+
+Damaged or hostile directories (unparsable JSON or safetensors, absurd size fields, shard
+paths leaving the directory, integer values stored for floating tensors) are refused with
+one ValueError naming the file: see :mod:`mmfast.models.checkpoint_checks`. Every header
+is checked before a model is materialised, so a wrong size allocates nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from mmfast.models.checkpoint_checks import (check_config_sizes, check_dtype, check_tensor_read, open_safetensors,
+                                             read_json_object, shard_path)
 
 NameRules = Sequence[tuple[str, Optional[str]]]
 
@@ -64,8 +73,9 @@ def read_config(directory: Union[str, os.PathLike]) -> dict:
         raise FileNotFoundError(f"directory: {directory} is not a directory")
     if not path.is_file():
         raise FileNotFoundError(f"directory: no {CONFIG_NAME} in {directory}")
-    with open(path) as f:
-        return json.load(f)
+    config = read_json_object(path)
+    check_config_sizes(config, path)
+    return config
 
 
 def weight_files(directory: Union[str, os.PathLike]) -> dict[str, Path]:
@@ -74,20 +84,17 @@ def weight_files(directory: Union[str, os.PathLike]) -> dict[str, Path]:
     for name in WEIGHTS_NAMES:
         index = directory / f"{name}.index.json"
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
+            weight_map = read_json_object(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"directory: {index} has no 'weight_map' object")
-            files = {shard: directory / shard for shard in set(weight_map.values())}
+            files = {shard: shard_path(directory, shard, index) for shard in set(weight_map.values())}
             absent = sorted(shard for shard, path in files.items() if not path.is_file())
             if absent:
                 raise FileNotFoundError(f"directory: {index} names shards that are not there: {', '.join(absent)}")
             return {tensor: files[shard] for tensor, shard in weight_map.items()}
         single = directory / name
         if single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
+            with open_safetensors(single) as f:
                 return {tensor: single for tensor in f.keys()}
     pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES) if directory.is_dir() else []
     hint = (f"; it holds pickle weights ({', '.join(pickles)}), which mmfast does not load: "
@@ -98,8 +105,6 @@ def weight_files(directory: Union[str, os.PathLike]) -> dict[str, Path]:
 
 def read_tensors(directory: Union[str, os.PathLike], names: Optional[Iterable[str]] = None) -> dict[str, Tensor]:
     """The checkpoint's tensors (all, or ``names``), read on the CPU, shard by shard."""
-    from safetensors import safe_open
-
     files = weight_files(directory)
     wanted = files.keys() if names is None else names
     by_file: dict[Path, list[str]] = {}
@@ -107,9 +112,9 @@ def read_tensors(directory: Union[str, os.PathLike], names: Optional[Iterable[st
         by_file.setdefault(files[name], []).append(name)
     tensors = {}
     for path, in_file in by_file.items():
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in in_file:
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = check_tensor_read(path, f, name)
     return tensors
 
 
@@ -135,12 +140,12 @@ def _aliases(module: nn.Module) -> dict[str, list[str]]:
     return {name: group for group in groups.values() for name in group}
 
 
-def load_checkpoint(module: nn.Module, directory: Union[str, os.PathLike], rules: NameRules = (),
-                    strict: bool = True) -> nn.Module:
-    """Copy a checkpoint directory's tensors into ``module`` (cast to each parameter's
-    dtype, on its device). ``rules`` map checkpoint names to module names (see the module
-    docstring). ``strict``: raise :class:`CheckpointError` on missing or unexpected keys;
-    shape mismatches always raise. Nothing is copied unless the whole checkpoint fits."""
+def _plan(module: nn.Module, directory, rules: NameRules, strict: bool) -> dict[Path, list[tuple[str, str]]]:
+    """Checkpoint file -> [(module name, checkpoint name)], from the headers only (works on
+    a meta-device module: nothing is allocated). Raises :class:`CheckpointError` for
+    missing / unexpected keys and shape mismatches, a ValueError naming the tensor for a
+    dtype that cannot be cast (integer stored for a floating tensor, or the reverse) and
+    for tied names the file holds with different values."""
     files = weight_files(directory)
     targets = module.state_dict(keep_vars=True)
     aliases = _aliases(module)
@@ -156,26 +161,69 @@ def load_checkpoint(module: nn.Module, directory: Union[str, os.PathLike], rules
             source_of[name] = ckpt_name
     missing = [name for name in targets if not any(alias in source_of for alias in aliases[name])]
 
-    from safetensors import safe_open
-
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name, ckpt_name in source_of.items():
         by_file.setdefault(files[ckpt_name], []).append((name, ckpt_name))
     mismatched = []
     for path, pairs in by_file.items():  # headers only: nothing is read yet
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:
             for name, ckpt_name in pairs:
-                shape = f.get_slice(ckpt_name).get_shape()
+                header = f.get_slice(ckpt_name)
+                shape = header.get_shape()
                 if tuple(shape) != tuple(targets[name].shape):
                     mismatched.append((name, shape, targets[name].shape))
+                else:
+                    check_dtype(path, ckpt_name, header.get_dtype(), targets[name])
     if mismatched or (strict and (missing or unexpected)):
         raise CheckpointError(directory, missing, unexpected, mismatched)
+    _check_tied_sources(source_of, aliases, files)
+    return by_file
 
+
+def _check_tied_sources(source_of: dict[str, str], aliases: dict[str, list[str]], files) -> None:
+    """A tied tensor (``lm_head.weight`` = ``model.embed_tokens.weight`` under
+    ``tie_word_embeddings``) found under several names in the file must hold one value:
+    loading would otherwise keep whichever came last."""
+    seen: set[str] = set()
+    for name in source_of:
+        group = [alias for alias in aliases[name] if alias in source_of]
+        if len(group) < 2 or group[0] in seen:
+            continue
+        seen.add(group[0])
+        first, *others = [source_of[alias] for alias in group]
+        reference = read_tensors_from(files, [first])[first]
+        for other in others:
+            value = read_tensors_from(files, [other])[other]
+            if value.shape != reference.shape or not torch.equal(value.to(reference.dtype), reference):
+                raise ValueError(
+                    f"{files[other]}: tensor '{other}' differs from '{first}', but the module ties them "
+                    "(tie_word_embeddings or a shared parameter): set tie_word_embeddings false in "
+                    "config.json to keep both, or drop one from the checkpoint")
+
+
+def read_tensors_from(files: Mapping[str, Path], names: Iterable[str]) -> dict[str, Tensor]:
+    tensors = {}
+    for name in names:
+        with open_safetensors(files[name]) as f:
+            tensors[name] = check_tensor_read(files[name], f, name)
+    return tensors
+
+
+def load_checkpoint(module: nn.Module, directory: Union[str, os.PathLike], rules: NameRules = (),
+                    strict: bool = True) -> nn.Module:
+    """Copy a checkpoint directory's tensors into ``module`` (cast to each parameter's
+    dtype, on its device). ``rules`` map checkpoint names to module names (see the module
+    docstring). ``strict``: raise :class:`CheckpointError` on missing or unexpected keys;
+    shape mismatches, integer values stored for floating tensors (or the reverse) and
+    tied names with different values always raise. Nothing is copied unless the whole
+    checkpoint fits."""
+    by_file = _plan(module, directory, rules, strict)
+    targets = module.state_dict(keep_vars=True)
     with torch.no_grad():  # one tensor at a time: host memory holds one tensor beyond the module
         for path, pairs in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
+            with open_safetensors(path) as f:
                 for name, ckpt_name in pairs:
-                    targets[name].copy_(f.get_tensor(ckpt_name))
+                    targets[name].copy_(check_tensor_read(path, f, ckpt_name))
     return module
 
 
@@ -282,8 +330,7 @@ def from_pretrained(directory: Union[str, os.PathLike], **kwargs) -> nn.Module:
     config.json. ``kwargs`` go to the class's ``from_pretrained`` (e.g. ``dtype``, ``device``)."""
     index = Path(directory) / "model_index.json"
     if index.is_file():
-        with open(index) as f:
-            cls = _ARCHITECTURES[architecture_of(json.load(f), "model_index.json")]
+        cls = _ARCHITECTURES[architecture_of(read_json_object(index), "model_index.json")]
     else:
         cls = _ARCHITECTURES[architecture_of(read_config(directory))]
     return cls.from_pretrained(directory, **kwargs)
@@ -310,6 +357,8 @@ def load_pretrained(cls, directory: Union[str, os.PathLike], config: Mapping, dt
         model = cls(config).to(dtype=dtype)
         if prepare is not None:
             prepare(model)
+    model.tie_weights()
+    _plan(model, directory, rules, strict=True)  # every header checked before any allocation
     model = model.to_empty(device=device or "cpu")
     model.tie_weights()
     load_checkpoint(model, directory, rules=rules)

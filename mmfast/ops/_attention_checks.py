@@ -1,6 +1,7 @@
 """Argument checks shared by the attention ops (attention, cross_attention): each raises
 TypeError / ValueError naming the argument. Only ``check_cu_values`` reads the device
-(one sync); callers run it when they sync anyway or under ``MMFAST_DEBUG_CHECKS=1``."""
+(one sync); callers run it when they sync anyway, on CPU tensors (no sync to pay) or under
+``MMFAST_DEBUG_CHECKS=1``."""
 
 from __future__ import annotations
 
@@ -117,7 +118,11 @@ def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
             f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
             f"got {cu_seqlens_k.numel()}"
         )
-    # Value checks need the values on the host: only when syncing anyway, or debugging.
+    # Value checks need the values on the host: only when syncing anyway, or debugging,
+    # or when they are there already (CPU tensors: reading them costs no sync).
+    if max_seqlen_q is not None and cu_seqlens_q.device.type == "cpu":
+        check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
+        check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None)
     if max_seqlen_q is None or debug_checks():
         max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     if max_seqlen_k is None or debug_checks():

@@ -113,12 +113,19 @@ def attention_mask(cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, tok
     seg_k, pos_k = _positions(cu_seqlens_k, tokens_k, device)
     if cu_seqlens_q is None:
         shift = torch.full_like(pos_q, tokens_k - tokens_q)
+        mask = seg_q[:, None] == seg_k[None, :]
     else:
-        len_q = cu_seqlens_q[seg_q + 1] - cu_seqlens_q[seg_q]
-        len_k = cu_seqlens_k[seg_q + 1] - cu_seqlens_k[seg_q]
+        # Tokens past the last entry belong to no segment (a bad cu_seqlens): they see
+        # nothing, and no lookup leaves cu_seqlens (on CUDA that would be a device assert).
+        segments = cu_seqlens_q.numel() - 1
+        if segments < 1:
+            return torch.zeros(tokens_q, tokens_k, dtype=torch.bool, device=device)
+        seg = seg_q.clamp(max=segments - 1)
+        len_q = cu_seqlens_q[seg + 1] - cu_seqlens_q[seg]
+        len_k = cu_seqlens_k[seg + 1] - cu_seqlens_k[seg]
         shift = len_k - len_q
+        mask = (seg_q[:, None] == seg_k[None, :]) & (seg_q < segments)[:, None]
     diag = (pos_q + shift)[:, None]  # the key position each query is aligned with
-    mask = seg_q[:, None] == seg_k[None, :]
     if window_left >= 0:
         mask &= pos_k[None, :] >= diag - window_left
     if window_right >= 0:

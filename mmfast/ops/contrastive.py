@@ -26,6 +26,8 @@ tiled kernels; fp16, bf16, fp32), ``torch`` (chunked PyTorch; any floating dtype
 
 from __future__ import annotations
 
+import math
+
 from numbers import Real
 
 import torch
@@ -197,7 +199,13 @@ def as_scalar(name: str, value, like: Tensor) -> Tensor:
         return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name}: expected a number or a 0-d tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):  # a number is checked for free; a device tensor would sync
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return torch.tensor(number, dtype=torch.float32, device=like.device)
 
 
 def select_blocks(x: Tensor, backend):

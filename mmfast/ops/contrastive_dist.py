@@ -26,8 +26,10 @@ Strategies (``strategy=``):
 
 Ranks may hold different local batch sizes (rank 0 could hold 3 rows and rank 1 five): the
 sizes are exchanged on every call, one small all_gather and a device->host sync. The
-exchange also carries each rank's argument check, feature dim, dtype and strategy, so a
-mismatch raises the same ValueError on every rank instead of hanging a collective.
+exchange also carries each rank's argument check, feature dim, dtype, strategy and the
+arguments that must be equal everywhere (``reduction``, the logit scale and bias values),
+so a mismatch raises the same ValueError on every rank instead of hanging a collective or
+giving each rank a different "global" loss.
 Works with any backend that has all_gather, all_reduce and isend/irecv (NCCL, gloo);
 the features' device must suit it (CUDA for NCCL).
 """
@@ -38,20 +40,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmfast.ops.contrastive import grad_coef
+from mmfast.ops.contrastive import REDUCTIONS, grad_coef
 from mmfast.ops.contrastive_blocks import combine_stats, softmax_loss_terms
 
 STRATEGIES = ("all_gather", "ring")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_SAME = 4  # values that must agree across ranks, at most (see agree)
 
 
 # ---- agreement between ranks --------------------------------------------------------
 
 
-def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str, what: str) -> list[int]:
-    """Exchange (ok, batch, dim, dtype, strategy) between ranks; raise on every rank
-    when any rank's arguments are bad or the ranks disagree. Returns the batch sizes."""
+def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str, what: str,
+          same: dict[str, float | Tensor] | None = None) -> list[int]:
+    """Exchange (ok, batch, dim, dtype, strategy, and the values in ``same``) between
+    ranks; raise on every rank when any rank's arguments are bad or the ranks disagree.
+    ``same``: arguments that must be equal on every rank (reduction, logit scale and
+    bias), as numbers or one-element tensors, compared bit for bit in float64. Returns
+    the batch sizes."""
     ok = local_error is None
+    same = same if ok and same is not None else {}
     device = x.device if isinstance(x, Tensor) else torch.device("cpu")
     mine = torch.tensor([
         int(ok),
@@ -59,7 +67,14 @@ def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str,
         x.shape[1] if ok else -1,
         _DTYPES.index(x.dtype) if ok and x.dtype in _DTYPES else -1,
         STRATEGIES.index(strategy) if strategy in STRATEGIES else -1,
+        len(same),
     ], dtype=torch.int64, device=device)
+    # Every rank sends the same length: the values padded to _MAX_SAME (a bad rank sends
+    # none). Built on the device: read back with the rest, in the one sync.
+    values = torch.zeros(_MAX_SAME, dtype=torch.float64, device=device)
+    for i, value in enumerate(same.values()):
+        values[i] = value.detach().reshape(()) if isinstance(value, Tensor) else value
+    mine = torch.cat([mine, values.view(torch.int64)])
     world = dist.get_world_size(group)
     table = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(table, mine, group=group)
@@ -76,6 +91,11 @@ def agree(group, x: Tensor | None, local_error: Exception | None, strategy: str,
         if len(set(values)) > 1:
             shown = values if col == 2 else [(_DTYPES if col == 3 else STRATEGIES)[v] for v in values]
             raise ValueError(f"{what}: the ranks disagree on the {name}: {shown} (rank order)")
+    for i, name in enumerate(same):
+        bits = [row[6 + i] for row in rows]
+        if len(set(bits)) > 1:
+            shown = [table[r][6:].cpu().view(torch.float64)[i].item() for r in range(world)]
+            raise ValueError(f"{name}: must be the same on every rank of the group, got {shown} (rank order)")
     sizes = [row[1] for row in rows]
     if sum(sizes) == 0:
         raise ValueError(f"{what}: expected at least one row over the group, every rank has 0")
@@ -295,24 +315,32 @@ class RingSigLipFunction(torch.autograd.Function):
 # ---- entry points (called by mmfast.ops.clip_loss / siglip_loss) ----------------------------
 
 
-def _checked_everywhere(checked, x, strategy, group, what):
+def _checked_everywhere(checked, x, strategy, group, what, same):
     """Run the local argument checks, then agree with the other ranks; raises on every
-    rank if any rank's checks failed. Returns (what ``checked`` returned, sizes)."""
+    rank if any rank's checks failed. ``same(args)``: the arguments that must agree across
+    ranks, as {name: number or one-element tensor}. Returns (what ``checked`` returned, sizes)."""
     try:
         args, error = checked(), None
-    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: no backend fits
-        args, error = None, e
-    return args, agree(group, x, error, strategy, what)
+        values = same(args)
+    except (TypeError, ValueError, RuntimeError) as e:  # any local failure: no rank may hang
+        args, error, values = None, e, None
+    return args, agree(group, x, error, strategy, what, values)
 
 
 def distributed_clip_loss(checked, x, y, reduction, group, strategy):
-    (scale, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "clip_loss")
+    def same(args):
+        return {"reduction": float(REDUCTIONS.index(reduction)), "logit_scale": args[0]}
+
+    (scale, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "clip_loss", same)
     norm = 1.0 / (2 * sum(sizes)) if reduction == "mean" else 0.5
     fn = AllGatherClipFunction if strategy == "all_gather" else RingClipFunction
     return fn.apply(x, y, scale, norm, blocks, group, sizes)
 
 
 def distributed_siglip_loss(checked, x, y, group, strategy):
-    (scale, bias, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "siglip_loss")
+    def same(args):
+        return {"logit_scale": args[0], "logit_bias": args[1]}
+
+    (scale, bias, blocks), sizes = _checked_everywhere(checked, x, strategy, group, "siglip_loss", same)
     fn = AllGatherSigLipFunction if strategy == "all_gather" else RingSigLipFunction
     return fn.apply(x, y, scale, bias, blocks, group, sizes)

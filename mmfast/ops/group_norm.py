@@ -40,9 +40,18 @@ def group_norm_reference(x, num_groups: int, weight=None, bias=None, eps: float 
                          activation: str | None = None) -> Tensor:
     """Plain PyTorch in float32 (float64 for float64 inputs). Differentiable."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = F.group_norm(x.to(compute), num_groups,
-                     None if weight is None else weight.to(compute),
-                     None if bias is None else bias.to(compute), eps)
+    w = None if weight is None else weight.to(compute)
+    b = None if bias is None else bias.to(compute)
+    if x.numel() == x.shape[0] * num_groups == num_groups:
+        # One value per group and a batch of one: F.group_norm refuses it (its training-mode
+        # batch check), but the math is defined: x - mean = 0, so y = bias (or 0).
+        xc = x.to(compute)
+        y = xc - xc  # zeros that keep x (and below w, b) in the graph: their gradients are defined
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = y if w is None else y * w.reshape(shape)
+        y = y if b is None else y + b.reshape(shape)
+    else:
+        y = F.group_norm(x.to(compute), num_groups, w, b, eps)
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype)

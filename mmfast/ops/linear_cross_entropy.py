@@ -282,6 +282,10 @@ def _check_like(name: str, t: Tensor, hidden: Tensor) -> None:
         raise ValueError(f"{name}: expected device {hidden.device} (that of hidden), got {t.device}")
 
 
+# Widened to int64 on entry (a copy of N indices): what cross_entropy's gather takes.
+_TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
 def _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss) -> None:
     _check_tensor("hidden", hidden, 2, "[N, C]")
     if not hidden.dtype.is_floating_point:
@@ -291,8 +295,9 @@ def _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smo
     if weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
         raise ValueError(f"weight: expected shape [V >= 1, {hidden.shape[1]}] (C of hidden), got {tuple(weight.shape)}")
     _check_tensor("target", target, 1, "[N]")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target: expected an integer dtype (class indices), got {target.dtype}")
+    if target.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"target: expected an integer dtype of class indices (int64, int32, int16, int8 "
+                        f"or uint8), got {target.dtype}")
     if target.shape[0] != hidden.shape[0]:
         raise ValueError(f"target: expected shape ({hidden.shape[0]},) (N of hidden), got {tuple(target.shape)}")
     if target.device != hidden.device:
@@ -304,6 +309,8 @@ def _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smo
             raise ValueError(f"bias: expected shape ({weight.shape[0]},) (V of weight), got {tuple(bias.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, Real) or not 0 <= label_smoothing <= 1:
@@ -332,4 +339,5 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     _check_args(hidden, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss)
     call = Call(device=hidden.device, dtype=hidden.dtype)
     run = LINEAR_CROSS_ENTROPY.select(call, backend).run
+    target = target if target.dtype == torch.int64 else target.long()
     return run(hidden, weight, target, bias, int(ignore_index), float(label_smoothing), float(z_loss), reduction)

@@ -254,6 +254,8 @@ def patch_embed(pixels, weight, bias=None, pos_embed=None, class_embed=None, *, 
     E, C, P, P2 = weight.shape
     if P != P2:
         raise ValueError(f"weight: expected a square patch [E, C, P, P], got shape {tuple(weight.shape)}")
+    if P == 0:
+        raise ValueError(f"weight: expected a patch size P >= 1 in [E, C, P, P], got shape {tuple(weight.shape)}")
     if pixels.shape[1] != C:
         raise ValueError(f"pixels: expected {C} channels (weight is [E, C, P, P] = {tuple(weight.shape)}), "
                          f"got {pixels.shape[1]} (shape {tuple(pixels.shape)})")
@@ -306,7 +308,14 @@ def patch_embed_packed(images, weight, bias=None, pos_embeds=None, class_embed=N
             got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"images[{i}]: expected a [C, H, W] tensor, got {got}")
         pos = pos_embeds[i] if pos_embeds is not None else None
-        pieces.append(patch_embed(image[None], weight, bias, pos, class_embed, backend=backend)[0])
+        try:
+            pieces.append(patch_embed(image[None], weight, bias, pos, class_embed, backend=backend)[0])
+        except (TypeError, ValueError) as error:  # name the caller's argument, not patch_embed's
+            message = str(error)
+            for inner, outer in (("pixels", f"images[{i}]"), ("pos_embed", f"pos_embeds[{i}]")):
+                if message.startswith(inner + ":"):
+                    raise type(error)(outer + message[len(inner):]) from None
+            raise
     lengths = torch.tensor([0] + [p.shape[0] for p in pieces], dtype=torch.int32)
     cu_seqlens = lengths.cumsum(0, dtype=torch.int32).to(weight.device)
     return torch.cat(pieces, dim=0), cu_seqlens

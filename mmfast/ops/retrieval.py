@@ -88,6 +88,8 @@ def zero_shot_topk(image_features, class_text_features, k: int = 5, *, chunk: in
     n_classes = class_text_features.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_classes:
         raise ValueError(f"k: expected an int in [1, {n_classes}] (the number of classes), got {k!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk: expected a positive int (images scored at a time), got {chunk!r}")
     cd = torch.float64 if image_features.dtype == torch.float64 else torch.float32
     classes = class_text_features.to(cd)
     scores, indices = [], []

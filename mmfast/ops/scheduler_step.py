@@ -80,9 +80,9 @@ class StepCoefficients:
 class StepTable:
     """Per-step coefficients on the device, indexed by a device step counter.
 
-    ``table``: float32 [steps + 1, 8], the last row NaN: a step past the end of the
-    schedule (which cannot be checked without a device->host sync) writes NaN instead of
-    reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
+    ``table``: float32 [steps + 1, 8], the last row NaN: a counter past the end of the
+    schedule or negative (which cannot be checked without a device->host sync) writes NaN
+    instead of reading out of bounds. ``counter``: int32 [2] (the row of the next step, and a scratch
     count the kernel resets). ``clip`` and ``needs_x0`` hold for every row.
     """
 
@@ -104,7 +104,10 @@ class StepTable:
         return cls(table, counter, clips.pop(), any(r.needs_x0 for r in rows))
 
     def reset(self, step: int = 0) -> None:
-        """Point the counter at ``step`` (a host->device copy; outside captured regions)."""
+        """Point the counter at ``step`` in [0, steps] (a host->device copy; outside
+        captured regions). ``steps`` is the NaN sentinel row: a step past the schedule."""
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.steps:
+            raise ValueError(f"step: expected an int in [0, {self.steps}] (the schedule's steps), got {step!r}")
         self.counter.copy_(torch.tensor([step, 0], dtype=torch.int32))
 
     @property
@@ -238,7 +241,9 @@ def _run_torch(args: "_Args") -> None:
         row, clip = coef.row(), math.isfinite(coef.clip)
     else:
         # index_select keeps the row on the device: no host sync, capturable.
-        index = coef.counter[:1].long().clamp(max=coef.steps)
+        # A counter outside [0, steps] reads the NaN sentinel row, as the kernels do.
+        index = coef.counter[:1].long()
+        index = torch.where((index < 0) | (index > coef.steps), coef.steps, index)
         row = coef.table.index_select(0, index)[0].to(compute).unbind()
         clip = coef.clip
     prev, x0 = guided_step_reference(

@@ -138,6 +138,9 @@ def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int,
                              cu_window_seqlens, max_window_seqlen)
 
 
+MAX_PATCHES = 2 ** 31 - 1
+
+
 def _check_size(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -188,6 +191,12 @@ def qwen_vision_indices(grid_thw: Tensor, *, spatial_merge_size: int = 2, window
             f"grid_thw: h and w must be multiples of spatial_merge_size={spatial_merge_size}, "
             f"got {values.tolist()}"
         )
+    # Python ints: no overflow. The stream is indexed by int32 cu_seqlens; checked before
+    # anything of that size is allocated.
+    patches = sum(t * h * w for t, h, w in zip(key[0::3], key[1::3], key[2::3]))
+    if patches > MAX_PATCHES:
+        raise ValueError(f"grid_thw: {patches} patches in all (sum of t*h*w), more than the {MAX_PATCHES} "
+                         "that int32 cu_seqlens can index")
     return _cached(key, window_size, patch_size, spatial_merge_size, grid_thw.device)
 
 
@@ -200,6 +209,14 @@ def vision_rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float = 10
     the half-width form :func:`mmfast.ops.apply_rotary` takes (Hugging Face's tables are
     these, concatenated with themselves).
     """
+    if not isinstance(position_ids, Tensor):
+        raise TypeError(f"position_ids: expected a Tensor, got {type(position_ids).__name__}")
+    if position_ids.dim() != 2 or position_ids.shape[1] != 2:
+        raise ValueError(f"position_ids: expected shape [tokens, 2] (row, column), got {tuple(position_ids.shape)}")
+    if position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise TypeError(f"position_ids: expected integer (or real) positions, got {position_ids.dtype}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 4:
+        raise ValueError(f"head_dim: expected an int >= 4, got {head_dim!r}")
     if head_dim % 4:
         raise ValueError(f"head_dim: expected a multiple of 4 (2D rotary over rows and columns), got {head_dim}")
     quarter = torch.arange(0, head_dim // 2, 2, dtype=torch.float32, device=position_ids.device)

@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         if str(error).startswith("--"):  # a bad argument: report it as argparse does
             p.error(str(error))
-        raise
+        # Bad input (a damaged checkpoint names its file and field): one line, no traceback.
+        print(f"{p.prog}: error: {error}", file=sys.stderr)
+        return 1
     print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
           f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
     print(report.table(results))

@@ -15,7 +15,6 @@ step; data-dependent code such as Qwen's rope/window indices breaks the graph wh
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -36,8 +35,9 @@ class Side:
 
 def model_of_checkpoint(path: str) -> str:
     """The --model a checkpoint directory holds, from its config.json's architectures."""
-    with open(os.path.join(path, "config.json")) as f:
-        names = json.load(f).get("architectures") or []
+    from mmfast.models.checkpoint import read_config  # a damaged config.json: one error naming it
+
+    names = read_config(path).get("architectures") or []
     for spec in MODELS.values():
         if spec.architecture in names:
             return spec.name

@@ -88,6 +88,18 @@ def _check_bad_argument_fails_everywhere(rank):
     expected = "text_features: expected shape" if rank == 1 else r"invalid arguments on rank\(s\) \[1\]"
     with pytest.raises(ValueError, match=expected):
         mmfast.ops.siglip_loss(x, y, 2.0, group=dist.group.WORLD, strategy="ring", backend="torch")
+    # Arguments that must agree across ranks (issue 16): each rank would get another
+    # "global" loss (3.62 vs 28.97 for the reduction).
+    x = torch.randn(3, 8)
+    reduction = "mean" if rank == 0 else "sum"
+    with pytest.raises(ValueError, match=r"reduction: must be the same on every rank of the group, got \[0.0, 1.0\]"):
+        mmfast.ops.clip_loss(x, x, 2.0, reduction=reduction, group=dist.group.WORLD, backend="torch")
+    with pytest.raises(ValueError, match=r"logit_scale: must be the same on every rank of the group, got \[2.0, 3.0\]"):
+        mmfast.ops.clip_loss(x, x, torch.tensor(2.0 + rank), group=dist.group.WORLD, backend="torch")
+    with pytest.raises(ValueError, match=r"logit_bias: must be the same on every rank"):
+        mmfast.ops.siglip_loss(x, x, 2.0, None if rank == 0 else -1.0, group=dist.group.WORLD, backend="torch")
+    loss = mmfast.ops.clip_loss(x, x, 2.0, reduction="sum", group=dist.group.WORLD, backend="torch")
+    assert torch.isfinite(loss)  # the agreement did not break the call that agrees
 
 
 def _worker(rank, world, port, sizes, backend, check_errors, failures, finished):
