@@ -81,6 +81,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
+from mmfast.ops._sdpa_contained import sdpa_contained
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
@@ -417,17 +418,14 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     vh = v.transpose(-3, -2).repeat_interleave(group, dim=-3)
     if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph: zero grads)
         return q * 0, None
-    mask = None
+    # Dropout with SDPA's own generator (torch's default one): not the Triton kernels' mask.
     if packed or window_left >= 0 or window_right >= 0:
         mask = attention_mask(cu_seqlens_q, cu_seqlens_k, q.shape[-3], k.shape[-3],
                               window_left, window_right, q.device)
-        sees_any = mask.any(-1, keepdim=True)
-        # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
-        mask = mask | ~sees_any
-    # Dropout with SDPA's own generator (torch's default one): not the Triton kernels' mask.
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, dropout_p=dropout_p)
-    if mask is not None:
-        out = out * sees_any
+        # A NaN/Inf key or value stays with the queries that see it (not the other sequences).
+        out = sdpa_contained(qh, kh, vh, mask, scale, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, dropout_p=dropout_p)
     return out.transpose(-3, -2), None
 
 

@@ -45,11 +45,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
+from mmfast.ops._sdpa_contained import sdpa_contained
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
@@ -252,15 +252,12 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, m
     seen = visibility(q, k, cu_seqlens_q, cu_seqlens_k, mask)
     if q.dim() == 4:
         seen = seen[:, None]
-    sees_any = seen.any(-1, keepdim=True)
     if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph)
         attn = q * 0
     else:
-        # SDPA gives NaN for a fully masked row: let it see every key, then zero it. Dropout
-        # uses SDPA's own generator (torch's default one): not the Triton kernels' mask.
-        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen | ~sees_any, scale=scale,
-                                              dropout_p=dropout_p)
-        attn = (attn * sees_any).transpose(-3, -2)
+        # A NaN/Inf key or value stays with the queries that see it (not the other samples).
+        # Dropout uses SDPA's own generator (torch's default one): not the Triton kernels' mask.
+        attn = sdpa_contained(qh, kh, vh, seen, scale, dropout_p).transpose(-3, -2)
     return _epilogue(attn, gate, residual, q.dtype)
 
 
