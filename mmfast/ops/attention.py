@@ -81,7 +81,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
-from mmfast.ops._sdpa_contained import sdpa_contained
+from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
@@ -164,7 +164,7 @@ def attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None,
     probs = torch.softmax(scores, dim=-1) * sees_any
     if dropout_p > 0:
         probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
-    out = _heads_first(probs.to(compute) @ vc).to(q.dtype)
+    out = _heads_first(attend_values(probs.to(compute), vc, mask)).to(q.dtype)  # NaN/Inf kept in its segment
     lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_any[..., 0], float("-inf"))
     return out, lse
 

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
-from mmfast.ops._sdpa_contained import sdpa_contained
+from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
@@ -99,7 +99,7 @@ def cross_attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, mas
     probs = torch.softmax(scores, dim=-1) * sees_any
     if dropout_p > 0:
         probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
-    attn = (probs.to(compute) @ vc).transpose(-3, -2)
+    attn = attend_values(probs.to(compute), vc, seen).transpose(-3, -2)  # NaN/Inf kept in its sample
     return _epilogue(attn, gate, residual, compute).to(q.dtype)
 
 
