@@ -39,9 +39,15 @@ Device syncs (which checks read device values back to the host):
   shapes, dtypes, devices and Python values;
 - without them, they are computed from cu_seqlens (one sync), and since that syncs anyway
   the values of cu_seqlens are checked too (start at 0, non-decreasing, last entry = token
-  count). ``MMFAST_DEBUG_CHECKS=1`` runs those value checks, and checks that the given
-  max_seqlen bound the segments, on every call (one sync). A max_seqlen smaller than the
-  longest segment leaves queries unwritten: it is the caller's promise, as in flash-attn;
+  count). CPU tensors are always checked so (no sync to avoid), the given max_seqlen too;
+  ``MMFAST_DEBUG_CHECKS=1`` does it on every call (one sync);
+- unchecked values on a device cannot corrupt memory: the mmfast kernels (triton,
+  triton_short, cuda_short) clamp cu_seqlens into [0, T] (bad values give unspecified
+  rows, never an access outside the tensors), and a max_seqlen smaller than the longest
+  segment, or 0, costs speed only: the kernels loop over the blocks past their grid, and
+  the short-segment ones hand segments too long for their slots to the general kernel.
+  The third-party flash_attn / flash_attn_cute backends keep flash-attn's contract
+  (max_seqlen must bound the segments);
 - the xformers backend syncs once per packed call: its BlockDiagonalMask is built from
   Python lists of segment lengths;
 - dropout adds none: its seed is drawn on the device by a torch random op (graph-safe under
