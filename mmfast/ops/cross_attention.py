@@ -29,7 +29,10 @@ sync). sdpa drops with its own generator.
 
 Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
 segment back to the host (one sync, which also checks the cu_seqlens values); with both
-given, nothing is read back. Mask values (sorted image positions, images in order and
+given, nothing is read back (CPU tensors are checked all the same: no sync to avoid). On a
+device the triton kernels clamp cu_seqlens into [0, rows] (bad values give unspecified
+rows, never an access outside the tensors) and loop past a max_seqlen smaller than the
+longest segment (slower, still exact). Mask values (sorted image positions, images in order and
 within their sample's keys) are the caller's promise; ``MMFAST_DEBUG_CHECKS=1`` checks
 them on every call (one more sync).
 
