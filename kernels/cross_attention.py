@@ -118,7 +118,7 @@ def _cross_attention_fwd_block(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale, rows_k,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -127,7 +127,7 @@ def _cross_attention_fwd_block(
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, rows_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, rows_k, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     # The block's rows are (query, head) pairs of K/V head hk's group, query-major: row r is
     # query r // group of head hk * group + r % group. Each K/V tile is loaded once for the
     # whole group, and a block spans few queries, which keeps the mask bounds tight.
@@ -253,15 +253,15 @@ def _cross_attention_bwd_dkdv_block(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
-    rows_q, rows_k,
+    tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, rows_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, rows_k, VARLEN)
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     n_first = pid_n * BLOCK_N
     if n_first >= len_k:
         return
@@ -323,7 +323,7 @@ def _cross_attention_bwd_dq_block(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale, rows_k,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -332,7 +332,7 @@ def _cross_attention_bwd_dq_block(
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, rows_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, rows_k, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     m_first = pid_m * BLOCK_M
     if m_first >= len_q * group:
         return
@@ -402,7 +402,7 @@ def _cross_attention_fwd_kernel(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale, rows_k,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -414,7 +414,7 @@ def _cross_attention_fwd_kernel(
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
-            alpha_stride, drop_threshold, keep_scale, rows_k,
+            alpha_stride, drop_threshold, keep_scale, tokens_k,
             VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )
 
@@ -425,19 +425,19 @@ def _cross_attention_bwd_dkdv_kernel(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
-    rows_q, rows_k,
+    tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, rows_k, VARLEN)
+    _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, tokens_k, VARLEN)
     for pid_n in range(tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
         _cross_attention_bwd_dkdv_block(
             pid_n, Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
-            rows_q, rows_k,
+            tokens_q, tokens_k,
             VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )
 
@@ -448,7 +448,7 @@ def _cross_attention_bwd_dq_kernel(
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale, rows_k,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -460,7 +460,7 @@ def _cross_attention_bwd_dq_kernel(
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
-            alpha_stride, drop_threshold, keep_scale, rows_k,
+            alpha_stride, drop_threshold, keep_scale, tokens_k,
             VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )
 
