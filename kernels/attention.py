@@ -406,11 +406,13 @@ def _attention_bwd_dq_block(
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# ---- grid loops ------------------------------------------------------------------
-# max_seqlen only sizes the grid: each program runs blocks pid, pid + grid, pid + 2 grid,
-# ... of its segment, so a segment longer than max_seqlen (a caller's mistake that cannot
-# be seen without a device-to-host sync) is still covered, only more slowly. Segments
-# with len_q <= fit_q and len_k <= fit_k are skipped: the short-segment kernel did them
+# ---- main and overflow passes ----------------------------------------------------
+# max_seqlen only sizes the grid of the main pass (LOOP=False: one block per program, the
+# kernels as they always were). For packed inputs an overflow pass follows (LOOP=True: a
+# program per segment and head runs blocks first_block, first_block + grid, ... of its
+# segment), so a segment longer than max_seqlen (a caller's mistake that cannot be seen
+# without a device-to-host sync) is still covered, only more slowly. Segments with
+# len_q <= fit_q and len_k <= fit_k are skipped: the short-segment kernel did them
 # (fit_* = -1 skips nothing).
 
 
@@ -437,15 +439,27 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
-                            fit_q, fit_k, VARLEN, False, BLOCK_M)
-    for pid_m in range(tl.program_id(0), blocks, tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_fwd_block(
+                pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_fwd_block(
-            pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+            tl.program_id(0), Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
             stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
             stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
             stride_lb, stride_lh, stride_cb, stride_ct,
@@ -462,13 +476,22 @@ def _attention_bwd_preprocess_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, head_dim, tokens_q, tokens_k, fit_q, fit_k,
-    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    first_block,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
-                            fit_q, fit_k, VARLEN, False, BLOCK_M)
-    for pid_m in range(tl.program_id(0), blocks, tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_preprocess_block(
+                pid_m, O, DO, DLSE, DELTA, CU_Q,
+                stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+                seqlen_q, head_dim, tokens_q,
+                VARLEN, HAS_DLSE, BLOCK_M, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_bwd_preprocess_block(
-            pid_m, O, DO, DLSE, DELTA, CU_Q,
+            tl.program_id(0), O, DO, DLSE, DELTA, CU_Q,
             stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
             seqlen_q, head_dim, tokens_q,
             VARLEN, HAS_DLSE, BLOCK_M, BLOCK_D,
@@ -487,15 +510,28 @@ def _attention_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
-                            fit_q, fit_k, VARLEN, True, BLOCK_N)
-    for pid_n in range(tl.program_id(0), blocks, tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, True, BLOCK_N)
+        for pid_n in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_dkdv_block(
+                pid_n, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_bwd_dkdv_block(
-            pid_n, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+            tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
             stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
             stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
             stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
@@ -517,15 +553,27 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
-                            fit_q, fit_k, VARLEN, False, BLOCK_M)
-    for pid_m in range(tl.program_id(0), blocks, tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_dq_block(
+                pid_m, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_bwd_dq_block(
-            pid_m, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+            tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
             stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
             stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
             stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
@@ -569,6 +617,31 @@ def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, i
     return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
 
 
+def _overflow_blocks(device: torch.device) -> tuple[int, int, int, int]:
+    """Tiles of the overflow pass (blocks past a too-small max_seqlen, or the segments the
+    short-segment kernel could not take): small, for correctness rather than speed, and
+    dividing every main tile of :func:`_blocks`, so the main grid ends on one of them."""
+    return (32, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+
+
+def _passes(grid_len: int, main: tuple, by_keys: bool, varlen: bool, skip_up_to, device) -> list:
+    """(grid dim 0, first block, LOOP, tiles, skip) of each launch over one axis: the main
+    pass (one block per program, the grid sized by max_seqlen), then for packed inputs
+    the overflow pass (one program per segment and head, looping over the blocks past
+    the main grid: nothing to do when max_seqlen bounds the segments). With ``skip_up_to``
+    (the short-segment kernel's leftovers) only an overflow pass, from block 0. ``main``:
+    the main tiles; blocks are of queries (BLOCK_M) or, ``by_keys``, of keys (BLOCK_N)."""
+    over = _overflow_blocks(device)
+    main_block, over_block = (main[1], over[1]) if by_keys else (main[0], over[0])
+    if skip_up_to is not None:
+        return [(1, 0, True, over, skip_up_to)]
+    grid0 = triton.cdiv(grid_len, main_block)
+    passes = [(grid0, 0, False, main, (-1, -1))]
+    if varlen:
+        passes.append((1, grid0 * main_block // over_block, True, over, (-1, -1)))
+    return passes
+
+
 def _rotary_args(q, cos, sin, table_seg_stride: int | None = None) -> tuple:
     """(COS, SIN, table batch stride, table token stride, half) for the kernels; the
     tables are [T, R/2] (shared by a padded batch: batch stride 0) or [B, T, R/2], their
@@ -598,14 +671,14 @@ def _precision(dtype: torch.dtype) -> str:
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                   window_left: int, window_right: int, scale: float, cos=None, sin=None,
-                  seed=None, dropout_p: float = 0.0, skip_up_to: tuple[int, int] = (-1, -1),
+                  seed=None, dropout_p: float = 0.0, skip_up_to: tuple[int, int] | None = None,
                   into: tuple | None = None, table_seg_stride: int | None = None):
     """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
     [Hq, Tq] packed or [B, Hq, Tq] padded. q, k, v get a contiguous last dim if they lack one.
 
     Packed: cu_seqlens_* are int32 [B+1]; max_seqlen_* should bound every segment's length
     (they size the grid; nothing is read back to the host): a longer segment is still
-    computed, by looping. cu_seqlens values are clamped into [0, T] on the device, so no
+    computed, by a second launch that loops over the blocks past the grid. cu_seqlens values are clamped into [0, T] on the device, so no
     value reaches outside the tensors (bad ones give unspecified rows, not corruption).
     ``skip_up_to`` = (lq, lk): skip segments with at most lq queries and lk keys (done by
     the short-segment kernel), writing into its (out, lse) given as ``into``, its tables
@@ -627,29 +700,30 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         out, lse = into
     if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=False)
-    grid = (triton.cdiv(grid_q, BLOCK_M), batch, heads)
+    main = _blocks(q.device, head_dim, backward=False)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        *_lse_strides(lse, varlen), stride_cb, stride_ct,
-        seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
-        *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip_up_to,
-        VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
+            grid_q, main, False, varlen, skip_up_to, q.device):
+        _attention_fwd_kernel[(grid0, batch, heads)](
+            q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *_lse_strides(lse, varlen), stride_cb, stride_ct,
+            seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
+            *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip, first,
+            VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
+            DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+            LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                   max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
                   scale: float, cos=None, sin=None, seed=None, dropout_p: float = 0.0,
-                  skip_up_to: tuple[int, int] = (-1, -1), into: tuple | None = None,
+                  skip_up_to: tuple[int, int] | None = None, into: tuple | None = None,
                   table_seg_stride: int | None = None):
     """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
 
@@ -674,38 +748,40 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lse.shape, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=True)
+    main = _blocks(q.device, head_dim, backward=True)
     BLOCK_D = triton.next_power_of_2(head_dim)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
-    common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                  num_warps=num_warps, num_stages=num_stages)
+    flags = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                 ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
-             window_left, window_right, half, *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip_up_to)
+             window_left, window_right, half, *_dropout_args(dropout_p), q.shape[-3], k.shape[-3])
     seed = seed if seed is not None else cu_q
-    if grid_q > 0:
-        _attention_bwd_preprocess_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
+    query_passes = _passes(grid_q, main, False, varlen, skip_up_to, q.device)
+    for grid0, first, loop, (BLOCK_M, _, num_warps, num_stages), skip in query_passes:
+        _attention_bwd_preprocess_kernel[(grid0, batch, heads)](
             out, do, dlse if dlse is not None else lse, delta, cu_q, cu_k,
             *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
-            seqlen_q, seqlen_k, head_dim, q.shape[-3], k.shape[-3], *skip_up_to,
-            VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            seqlen_q, seqlen_k, head_dim, q.shape[-3], k.shape[-3], *skip, first,
+            VARLEN=varlen, HAS_DLSE=dlse is not None, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
-    if grid_k > 0:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
+            grid_k, main, True, varlen, skip_up_to, q.device):
+        _attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, *skip, first, **flags, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps, num_stages=num_stages,
         )
-    if grid_q > 0:
-        _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in query_passes:
+        _attention_bwd_dq_kernel[(grid0, batch, heads)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, *skip, first, **flags, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return dq, dk, dv

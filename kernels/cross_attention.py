@@ -390,10 +390,12 @@ def _cross_attention_bwd_dq_block(
         tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# ---- grid loops ------------------------------------------------------------------
-# max_seqlen only sizes the grid: each program runs blocks pid, pid + grid, ... of its
-# segment, so a segment longer than max_seqlen (a caller's mistake that cannot be seen
-# without a device-to-host sync) is still covered, only more slowly.
+# ---- main and overflow passes ----------------------------------------------------
+# max_seqlen only sizes the grid of the main pass (LOOP=False: one block per program, the
+# kernels as they always were). For packed inputs an overflow pass follows (LOOP=True: a
+# program per segment, head (and key split) runs blocks first_block, first_block + grid,
+# ... of its segment), so a segment longer than max_seqlen (a caller's mistake that cannot
+# be seen without a device-to-host sync) is still covered, only more slowly.
 
 
 @triton.jit
@@ -403,14 +405,25 @@ def _cross_attention_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
     alpha_stride, drop_threshold, keep_scale, tokens_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
-    for pid_m in range(tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
+        for pid_m in range(first_block + tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+            _cross_attention_fwd_block(
+                pid_m, Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
+                alpha_stride, drop_threshold, keep_scale, tokens_k,
+                VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_fwd_block(
-            pid_m, Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+            tl.program_id(0), Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
@@ -426,14 +439,25 @@ def _cross_attention_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
     tokens_q, tokens_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, tokens_k, VARLEN)
-    for pid_n in range(tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, tokens_k, VARLEN)
+        for pid_n in range(first_block + tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
+            _cross_attention_bwd_dkdv_block(
+                pid_n, Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+                tokens_q, tokens_k,
+                VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_bwd_dkdv_block(
-            pid_n, Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+            tl.program_id(0), Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
@@ -449,14 +473,25 @@ def _cross_attention_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
     alpha_stride, drop_threshold, keep_scale, tokens_k,
+    first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
-    for pid_m in range(tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
+        for pid_m in range(first_block + tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+            _cross_attention_bwd_dq_block(
+                pid_m, Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
+                alpha_stride, drop_threshold, keep_scale, tokens_k,
+                VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_bwd_dq_block(
-            pid_m, Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+            tl.program_id(0), Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
             KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
@@ -486,6 +521,20 @@ def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool):
     if head_dim <= 64:
         return block_m, 64, 4, 3
     return (block_m, 64 if block_m <= 64 else 32, 4 if block_m <= 64 else 8, 2)
+
+
+def _passes(grid0: int, main: tuple, by_keys: bool, varlen: bool, device: torch.device) -> list:
+    """(grid dim 0, first block, LOOP, tiles) of each launch over one axis: the main pass
+    (one block per program, the grid sized by max_seqlen), then for packed inputs the
+    overflow pass (a program per segment and head looping over the blocks past the main
+    grid: nothing to do when max_seqlen bounds the segments), in small tiles that divide
+    every main one (correctness, not speed). ``by_keys``: blocks of keys (BLOCK_N)."""
+    over = (16, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+    passes = [(grid0, 0, False, main)]
+    if varlen:
+        main_block, over_block = (main[1], over[1]) if by_keys else (main[0], over[0])
+        passes.append((1, grid0 * main_block // over_block, True, over))
+    return passes
 
 
 def num_splits(device: torch.device, programs: int, max_seqlen_k: int, block_n: int) -> int:
@@ -555,17 +604,20 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     alpha_t = alpha if alpha is not None else lse
     alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
     BLOCK_D = triton.next_power_of_2(head_dim)
-    _cross_attention_fwd_kernel[(m_blocks, batch, kv_heads * splits)](
-        q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, seed if seed is not None else cu_q,
-        *_mask_args(mask, cu_q),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
-        split_size, splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0],
-        VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
-        HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
-        PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages) in _passes(m_blocks, main, False, varlen,
+                                                                                q.device):
+        _cross_attention_fwd_kernel[(grid0, batch, kv_heads * splits)](
+            q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, seed if seed is not None else cu_q,
+            *_mask_args(mask, cu_q),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
+            split_size, splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0], first,
+            VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
+            HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
+            PRECISION=_precision(q.dtype), LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     if splits > 1:
         COMBINE_M = 16
         _cross_attention_combine_kernel[(triton.cdiv(rows_q, COMBINE_M), heads)](
@@ -615,14 +667,17 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     seed = seed if seed is not None else cu_q
     common = dict(VARLEN=varlen, HAS_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                  num_warps=num_warps, num_stages=num_stages)
+                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
+    main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
     if max_seqlen_k > 0:
-        _cross_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, BLOCK_N), batch, kv_heads)](
-            q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
-            heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
-            *_dropout_args(dropout_p), rows_q, k.shape[0], **common,
-        )
+        for grid0, first, loop, (bm, bn, warps, stages) in _passes(triton.cdiv(max_seqlen_k, BLOCK_N), main, True,
+                                                                   varlen, q.device):
+            _cross_attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
+                q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
+                heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
+                *_dropout_args(dropout_p), rows_q, k.shape[0], first, **common,
+                LOOP=loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            )
     if max_seqlen_q > 0:
         group = heads // kv_heads
         m_blocks = triton.cdiv(max_seqlen_q * group, BLOCK_M)
@@ -631,11 +686,13 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
         dq_part = delta
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
-        _cross_attention_bwd_dq_kernel[(m_blocks, batch, kv_heads * splits)](
-            q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),
-            *strides, rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
-            alpha_stride, *_dropout_args(dropout_p), k.shape[0], SPLIT=splits > 1, **common,
-        )
+        for grid0, first, loop, (bm, bn, warps, stages) in _passes(m_blocks, main, False, varlen, q.device):
+            _cross_attention_bwd_dq_kernel[(grid0, batch, kv_heads * splits)](
+                q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),
+                *strides, rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size,
+                splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0], first, SPLIT=splits > 1, **common,
+                LOOP=loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            )
         if splits > 1:
             torch.sum(dq_part, dim=0, out=dq) if dq.dtype == torch.float32 else dq.copy_(dq_part.sum(0))
     return dq, dk, dv, r
