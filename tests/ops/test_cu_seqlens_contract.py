@@ -136,9 +136,9 @@ def test_short_kernel_overflow_matches_the_reference(device):
     lengths = [2, 40, 3]
     q, k, v = _qkv(45, 45, device)
     cu = _cu(lengths, device)
-    got = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="torch")
-    out, _ = attention_short_fwd(q, k, v, cu, cu, 3, 3, -1, -1, SCALE)
-    torch.testing.assert_close(out, got, rtol=1e-4, atol=1e-4)
+    want = mmfast.ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, backend="torch")
+    got, _ = attention_short_fwd(q, k, v, cu, cu, 3, 3, -1, -1, SCALE)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("op", ["attention", "cross_attention"])
