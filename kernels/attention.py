@@ -678,8 +678,9 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
 
     Packed: cu_seqlens_* are int32 [B+1]; max_seqlen_* should bound every segment's length
     (they size the grid; nothing is read back to the host): a longer segment is still
-    computed, by a second launch that loops over the blocks past the grid. cu_seqlens values are clamped into [0, T] on the device, so no
-    value reaches outside the tensors (bad ones give unspecified rows, not corruption).
+    computed, by a second launch that loops over the blocks past the grid. cu_seqlens
+    values are clamped into [0, T] on the device, so no value reaches outside the tensors
+    (bad ones give unspecified rows, not corruption).
     ``skip_up_to`` = (lq, lk): skip segments with at most lq queries and lk keys (done by
     the short-segment kernel), writing into its (out, lse) given as ``into``, its tables
     read with ``table_seg_stride``. Padded: cu_seqlens_* are None.
@@ -689,7 +690,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     dropout (kernels/attention_dropout.py); out is the dropped output, lse is unaffected.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    q, k, v, cu_seqlens_q, cu_seqlens_k = unit_last(q), unit_last(k), unit_last(v), dense(cu_seqlens_q), dense(cu_seqlens_k)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
     tokens = q.shape[-3]
     lse_shape = (heads, tokens) if varlen else (batch, heads, tokens)

@@ -347,7 +347,8 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
     programs skip every segment that fits. cu_seqlens values are clamped on the device."""
     heads, head_dim = q.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
-    q, k, v, cu_seqlens_q, cu_seqlens_k = unit_last(q), unit_last(k), unit_last(v), dense(cu_seqlens_q), dense(cu_seqlens_k)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     batch = cu_seqlens_q.numel() - 1
     out = empty(q.shape, dtype=q.dtype, device=q.device)
     lse = empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)

@@ -577,7 +577,8 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     split takes the rest); cu_seqlens values are clamped into [0, rows] on the device.
     """
     varlen = cu_seqlens_q is not None
-    q, k, v, cu_seqlens_q, cu_seqlens_k = unit_last(q), unit_last(k), unit_last(v), dense(cu_seqlens_q), dense(cu_seqlens_k)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     residual, alpha = dense(residual), dense(alpha)
     if varlen:  # at least one block per segment, whatever max_seqlen says
         max_seqlen_q, max_seqlen_k = max(max_seqlen_q, 1), max(max_seqlen_k, 1)

@@ -102,7 +102,8 @@ def test_adaln(device):
 
 
 def test_rotary(device):
-    q, k, cos, sin = _r(6, 2, 16, device=device), _r(6, 1, 16, device=device), _r(6, 8, device=device), _r(6, 8, device=device)
+    q, k = _r(6, 2, 16, device=device), _r(6, 1, 16, device=device)
+    cos, sin = _r(6, 8, device=device), _r(6, 8, device=device)
     _same_with_strided_twins(lambda *a: rotary.rotary(*a, False, False), q, k, cos, sin)
 
 

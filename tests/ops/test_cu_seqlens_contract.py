@@ -147,7 +147,8 @@ def test_short_max_seqlen_on_cpu_is_a_value_error(op, side):
     q, k, v = _qkv(12, 12, torch.device("cpu"))
     cu = _cu([3, 9], torch.device("cpu"))
     lengths = {"max_seqlen_q": 9, "max_seqlen_k": 9, f"max_seqlen_{side}": 8}
-    with pytest.raises(ValueError, match=f"max_seqlen_{side}: 8 is less than the longest segment 9 of cu_seqlens_{side}"):
+    match = f"max_seqlen_{side}: 8 is less than the longest segment 9 of cu_seqlens_{side}"
+    with pytest.raises(ValueError, match=match):
         getattr(mmfast.ops, op)(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, **lengths, backend="triton")
 
 
