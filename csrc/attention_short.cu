@@ -142,17 +142,25 @@ struct Tensor16<__nv_bfloat16> {
 
 struct Segment {
   int64_t q_start, k_start;  // first query token, first key token
-  int len_q, len_k;          // cut to max_seqlen_q/k; 0 past the last segment
+  int len_q, len_k;          // 0 past the last segment, and for one too long for its slot
 };
 
 __device__ __forceinline__ Segment segment_at(const AttentionShortFwdArgs& a, int index) {
   Segment s{0, 0, 0, 0};
   if (index < a.batch) {
-    const int q0 = a.cu_seqlens_q[index], k0 = a.cu_seqlens_k[index];
+    // cu_seqlens clamped into [0, tokens] (a segment ending before its start is empty):
+    // whatever the values, no row leaves the tensors.
+    const int q0 = min(max(a.cu_seqlens_q[index], 0), a.tokens_q);
+    const int k0 = min(max(a.cu_seqlens_k[index], 0), a.tokens_k);
+    const int len_q = min(max(a.cu_seqlens_q[index + 1], q0), a.tokens_q) - q0;
+    const int len_k = min(max(a.cu_seqlens_k[index + 1], k0), a.tokens_k) - k0;
+    // A segment longer than max_seqlen (the caller's mistake: not checked without a sync)
+    // does not fit its slot: it is left to the general kernel, which the launcher runs next.
+    const bool fits = len_q <= a.max_seqlen_q && len_k <= a.max_seqlen_k;
     s.q_start = q0;
     s.k_start = k0;
-    s.len_q = min(max(a.cu_seqlens_q[index + 1] - q0, 0), a.max_seqlen_q);
-    s.len_k = min(max(a.cu_seqlens_k[index + 1] - k0, 0), a.max_seqlen_k);
+    s.len_q = fits ? len_q : 0;
+    s.len_k = fits ? len_k : 0;
   }
   return s;
 }

@@ -44,6 +44,7 @@ struct AttentionShortFwdArgs {
   int64_t stride_lh;
   int batch, heads, kv_heads, head_dim;
   int max_seqlen_q, max_seqlen_k;
+  int tokens_q, tokens_k;  // rows of q and k: cu_seqlens values are clamped into [0, tokens]
   int window_left, window_right;  // -1: unbounded on that side
   float scale;
 };

@@ -98,6 +98,8 @@ void attention_short_fwd_op(const at::Tensor& q, const at::Tensor& k, const at::
   a.head_dim = static_cast<int>(head_dim);
   a.max_seqlen_q = static_cast<int>(max_seqlen_q);
   a.max_seqlen_k = static_cast<int>(max_seqlen_k);
+  a.tokens_q = static_cast<int>(tokens);
+  a.tokens_k = static_cast<int>(k.size(0));
   a.window_left = window_side(window_left, "window_left");
   a.window_right = window_side(window_right, "window_right");
   a.scale = static_cast<float>(scale);

@@ -31,3 +31,21 @@ def multiprocessor_count(device: torch.device) -> int:
     if index not in _sm_count:
         _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _sm_count[index]
+
+
+# Memory safety does not depend on the caller: a kernel that indexes a tensor as if its
+# last dim (or all of it) were contiguous gets a tensor for which that is true. Both are
+# no-ops (no copy) for tensors that already are; parameters and index tables are small.
+
+
+def unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with a unit stride in its last dim (a copy only when it has not)."""
+    if t is None or t.stride(-1) == 1 or t.shape[-1] <= 1:
+        return t
+    return t.contiguous()
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` contiguous (a copy only when it is not), for tensors a kernel reads as flat
+    arrays: 1-D parameters (weights, biases, embeddings), cu_seqlens, tables."""
+    return None if t is None else t.contiguous()

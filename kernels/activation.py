@@ -20,7 +20,7 @@ import math
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import dense, empty, unit_last
 
 KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 _KIND_ID = {name: i for i, name in enumerate(KINDS)}
@@ -131,7 +131,8 @@ def _flat_grid(n: int):
 
 
 def act_fwd(x, kind: str):
-    """y = act(x) for a contiguous ``x`` of any shape."""
+    """y = act(x) for ``x`` of any shape (read flat: made contiguous if it is not)."""
+    x = dense(x)
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.numel()
     if n:
@@ -140,7 +141,8 @@ def act_fwd(x, kind: str):
 
 
 def act_bwd(dy, x, kind: str):
-    """dx = dy * act'(x) for contiguous ``dy`` and ``x`` of the same shape."""
+    """dx = dy * act'(x) for ``dy`` and ``x`` of the same shape (made contiguous if not)."""
+    dy, x = dense(dy), dense(x)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     n = x.numel()
     if n:
@@ -191,7 +193,8 @@ def _halves(x, gate_first: bool):
 
 
 def gated_fwd(gate, up, kind: str):
-    """out = act(gate) * up; ``gate``, ``up`` [..., N] with unit stride along N."""
+    """out = act(gate) * up; ``gate``, ``up`` [..., N] (given unit stride along N if not)."""
+    gate, up = unit_last(gate), unit_last(up)
     out = empty(gate.shape, dtype=gate.dtype, device=gate.device)
     _launch_fwd(gate, up, out, kind)
     return out
@@ -199,6 +202,7 @@ def gated_fwd(gate, up, kind: str):
 
 def gated_bwd(dout, gate, up, kind: str):
     """(d gate, d up) of out = act(gate) * up."""
+    dout, gate, up = unit_last(dout), unit_last(gate), unit_last(up)
     dgate = empty(gate.shape, dtype=gate.dtype, device=gate.device)
     dup = empty(up.shape, dtype=up.dtype, device=up.device)
     _launch_bwd(dout, gate, up, dgate, dup, kind)
@@ -208,12 +212,14 @@ def gated_bwd(dout, gate, up, kind: str):
 def gated_split_fwd(x, kind: str, gate_first: bool):
     """out [..., N] = act(gate) * up where gate and up are the halves of a contiguous
     ``x`` [..., 2N] (gate the first half when ``gate_first``); no copy of either half."""
+    x = unit_last(x)
     gate, up = _halves(x, gate_first)
     return gated_fwd(gate, up, kind)
 
 
 def gated_split_bwd(dout, x, kind: str, gate_first: bool):
     """d x [..., 2N] of :func:`gated_split_fwd`, both halves written by one pass."""
+    dout, x = unit_last(dout), unit_last(x)
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     gate, up = _halves(x, gate_first)
     dgate, dup = _halves(dx, gate_first)

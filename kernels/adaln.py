@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, multiprocessor_count
+from ._launch import dense, empty, multiprocessor_count, unit_last
 
 # Whole rows live in registers.
 MAX_C = 16384
@@ -146,7 +146,9 @@ def _splits(batch: int, tokens: int, device: torch.device) -> tuple[int, int]:
 
 def adaln_fwd(x, shift, scale, eps: float):
     """Launch the forward. ``x`` [B, T, C] contiguous; returns (y, mean, rstd), the last
-    two float32 [B * T]."""
+    two float32 [B * T]. ``shift``, ``scale`` [B, C]. Arguments without the strides the
+    kernel assumes are copied to them first (here and below)."""
+    x, shift, scale = dense(x), unit_last(shift), unit_last(scale)
     B, T, C = x.shape
     M = B * T
     y = empty(x.shape, dtype=x.dtype, device=x.device)
@@ -165,6 +167,7 @@ def adaln_fwd(x, shift, scale, eps: float):
 
 def adaln_bwd(dy, x, scale, mean, rstd):
     """Launch the backward. Returns (dx, dshift, dscale), the last two float32 [B, C]."""
+    dy, x, scale, mean, rstd = dense(dy), dense(x), unit_last(scale), dense(mean), dense(rstd)
     B, T, C = x.shape
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     splits, per_split = _splits(B, T, x.device)
@@ -184,6 +187,7 @@ _GATE_BLOCK_C = 1024
 
 def gated_residual_fwd(r, gate, y):
     """Launch the forward of ``r + gate[:, None] * y``; r, y [B, T, C] contiguous."""
+    r, gate, y = dense(r), unit_last(gate), dense(y)
     B, T, C = r.shape
     M = B * T
     out = empty(r.shape, dtype=r.dtype, device=r.device)
@@ -200,6 +204,7 @@ def gated_residual_fwd(r, gate, y):
 
 def gated_residual_bwd(dout, gate, y):
     """Launch the backward. Returns (dy, dgate); dgate float32 [B, C]."""
+    dout, gate, y = dense(dout), unit_last(gate), dense(y)
     B, T, C = y.shape
     dy = empty(y.shape, dtype=y.dtype, device=y.device)
     splits, per_split = _splits(B, T, y.device)

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import dense, empty, unit_last
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -59,11 +59,14 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _segment(CU, b, padded_len, VARLEN: tl.constexpr):
-    """(first token, length) of segment b: from cu_seqlens, or the padded length."""
+def _segment(CU, b, padded_len, tokens, VARLEN: tl.constexpr):
+    """(first token, length) of segment b: from cu_seqlens, or the padded length.
+
+    cu_seqlens values are clamped into [0, tokens] and a segment ending before it starts
+    is empty, so whatever they hold, no token index leaves the tensor."""
     if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CU + b), 0), tokens)
+        length = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), tokens) - start
     else:
         start = b * 0
         length = b * 0 + padded_len
@@ -139,26 +142,25 @@ def _rotate_back(acc, row_ok, table_rows, COS, SIN, offs_d, half):
 
 
 @triton.jit
-def _attention_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+def _attention_fwd_block(
+    pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
-    drop_threshold, keep_scale,
+    drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, tokens_k, VARLEN)
     m_first = pid_m * BLOCK_M
-    if m_first >= len_q:  # the grid is sized for the longest segment
+    if m_first >= len_q:  # past the segment (the caller loops over its blocks)
         return
     hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
@@ -216,18 +218,17 @@ def _attention_fwd_kernel(
 
 
 @triton.jit
-def _attention_bwd_preprocess_kernel(
-    O, DO, DLSE, DELTA, CU_Q,
+def _attention_bwd_preprocess_block(
+    pid_m, O, DO, DLSE, DELTA, CU_Q,
     stride_ob, stride_ot, stride_oh,
     stride_dob, stride_dot, stride_doh,
     stride_lb, stride_lh,
-    seqlen_q, head_dim,
+    seqlen_q, head_dim, tokens_q,
     VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
     if pid_m * BLOCK_M >= len_q:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -246,8 +247,8 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+def _attention_bwd_dkdv_block(
+    pid_n, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -256,16 +257,15 @@ def _attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
-    drop_threshold, keep_scale,
+    drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, tokens_k, VARLEN)
     n_first = pid_n * BLOCK_N
     if n_first >= len_k:
         return
@@ -337,8 +337,8 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+def _attention_bwd_dq_block(
+    pid_m, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -346,16 +346,15 @@ def _attention_bwd_dq_kernel(
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
-    drop_threshold, keep_scale,
+    drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
-    q_start, len_q = _segment(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    k_start, len_k = _segment(CU_K, b, seqlen_k, tokens_k, VARLEN)
     m_first = pid_m * BLOCK_M
     if m_first >= len_q:
         return
@@ -407,6 +406,183 @@ def _attention_bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+# ---- main and overflow passes ----------------------------------------------------
+# max_seqlen only sizes the grid of the main pass (LOOP=False: one block per program, the
+# kernels as they always were). For packed inputs an overflow pass follows (LOOP=True: a
+# program per segment and head runs blocks first_block, first_block + grid, ... of its
+# segment), so a segment longer than max_seqlen (a caller's mistake that cannot be seen
+# without a device-to-host sync) is still covered, only more slowly. Segments with
+# len_q <= fit_q and len_k <= fit_k are skipped: the short-segment kernel did them
+# (fit_* = -1 skips nothing).
+
+
+@triton.jit
+def _blocks_to_run(CU_Q, CU_K, b, seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q, fit_k,
+                   VARLEN: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK: tl.constexpr):
+    """Query (or with BY_KEYS key) blocks of segment b, 0 when it is skipped."""
+    _, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    _, len_k = _segment(CU_K, b, seqlen_k, tokens_k, VARLEN)
+    if BY_KEYS:
+        blocks = tl.cdiv(len_k, BLOCK)
+    else:
+        blocks = tl.cdiv(len_q, BLOCK)
+    return tl.where((len_q <= fit_q) & (len_k <= fit_k), 0, blocks)
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_fwd_block(
+                pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _attention_fwd_block(
+            tl.program_id(0), Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+            stride_lb, stride_lh, stride_cb, stride_ct,
+            seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+            drop_threshold, keep_scale, tokens_q, tokens_k,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    O, DO, DLSE, DELTA, CU_Q, CU_K,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, head_dim, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_preprocess_block(
+                pid_m, O, DO, DLSE, DELTA, CU_Q,
+                stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+                seqlen_q, head_dim, tokens_q,
+                VARLEN, HAS_DLSE, BLOCK_M, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _attention_bwd_preprocess_block(
+            tl.program_id(0), O, DO, DLSE, DELTA, CU_Q,
+            stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh, stride_lb, stride_lh,
+            seqlen_q, head_dim, tokens_q,
+            VARLEN, HAS_DLSE, BLOCK_M, BLOCK_D,
+        )
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, True, BLOCK_N)
+        for pid_n in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_dkdv_block(
+                pid_n, Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _attention_bwd_dkdv_block(
+            tl.program_id(0), Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
+            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+            stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+            stride_lb, stride_lh, stride_cb, stride_ct,
+            seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+            drop_threshold, keep_scale, tokens_q, tokens_k,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
+                                fit_q, fit_k, VARLEN, False, BLOCK_M)
+        for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
+            _attention_bwd_dq_block(
+                pid_m, Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+                stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
+                seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+                drop_threshold, keep_scale, tokens_q, tokens_k,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _attention_bwd_dq_block(
+            tl.program_id(0), Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, COS, SIN, SEED,
+            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+            stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
+            stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
+            seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+            drop_threshold, keep_scale, tokens_q, tokens_k,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
 # ---- launchers -------------------------------------------------------------------
 
 
@@ -421,10 +597,11 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 
 def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """(varlen, batch, padded lengths, grid lengths) for the kernels."""
+    """(varlen, batch, padded lengths, grid lengths) for the kernels. Packed grids take at
+    least one block per segment, whatever max_seqlen says: the kernels loop over the rest."""
     varlen = cu_seqlens_q is not None
     if varlen:
-        return varlen, cu_seqlens_q.numel() - 1, 0, 0, max_seqlen_q, max_seqlen_k
+        return varlen, cu_seqlens_q.numel() - 1, 0, 0, max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     return varlen, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
@@ -440,13 +617,45 @@ def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, i
     return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
 
 
-def _rotary_args(q, cos, sin) -> tuple:
+def _overflow_blocks(device: torch.device) -> tuple[int, int, int, int]:
+    """Tiles of the overflow pass (blocks past a too-small max_seqlen, or the segments the
+    short-segment kernel could not take): small, for correctness rather than speed, and
+    dividing every main tile of :func:`_blocks`, so the main grid ends on one of them."""
+    return (32, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+
+
+def _passes(grid_len: int, main: tuple, by_keys: bool, varlen: bool, skip_up_to, device) -> list:
+    """(grid dim 0, first block, LOOP, tiles, skip) of each launch over one axis: the main
+    pass (one block per program, the grid sized by max_seqlen), then for packed inputs
+    the overflow pass (one program per segment and head, looping over the blocks past
+    the main grid: nothing to do when max_seqlen bounds the segments). With ``skip_up_to``
+    (the short-segment kernel's leftovers) only an overflow pass, from block 0. ``main``:
+    the main tiles; blocks are of queries (BLOCK_M) or, ``by_keys``, of keys (BLOCK_N)."""
+    over = _overflow_blocks(device)
+    main_block, over_block = (main[1], over[1]) if by_keys else (main[0], over[0])
+    if skip_up_to is not None:
+        return [(1, 0, True, over, skip_up_to)]
+    grid0 = triton.cdiv(grid_len, main_block)
+    passes = [(grid0, 0, False, main, (-1, -1))]
+    if varlen:
+        passes.append((1, grid0 * main_block // over_block, True, over, (-1, -1)))
+    return passes
+
+
+def _rotary_args(q, cos, sin, table_seg_stride: int | None = None) -> tuple:
     """(COS, SIN, table batch stride, table token stride, half) for the kernels; the
     tables are [T, R/2] (shared by a padded batch: batch stride 0) or [B, T, R/2], their
-    last dim contiguous, sin with the strides of cos. Without rotary: placeholders."""
+    last dim contiguous, sin with the strides of cos (copied so when not). The short-
+    segment kernel's fallback gives its own segment stride. Without rotary: placeholders."""
     if cos is None:
         return q, q, 0, 0, 0
+    if table_seg_stride is None:
+        cos, sin = unit_last(cos), unit_last(sin)
+        if sin.stride() != cos.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
     batch_stride = 0 if cos.dim() == 2 else cos.stride(0)
+    if table_seg_stride is not None:
+        batch_stride = table_seg_stride
     return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
 
 
@@ -462,95 +671,119 @@ def _precision(dtype: torch.dtype) -> str:
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                   window_left: int, window_right: int, scale: float, cos=None, sin=None,
-                  seed=None, dropout_p: float = 0.0):
+                  seed=None, dropout_p: float = 0.0, skip_up_to: tuple[int, int] | None = None,
+                  into: tuple | None = None, table_seg_stride: int | None = None):
     """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
-    [Hq, Tq] packed or [B, Hq, Tq] padded. The last dim of q, k, v must be contiguous.
+    [Hq, Tq] packed or [B, Hq, Tq] padded. q, k, v get a contiguous last dim if they lack one.
 
-    Packed: cu_seqlens_* are int32 [B+1] and max_seqlen_* bound every segment's length
-    (they size the grid; nothing is read back to the host). Padded: cu_seqlens_* are None.
+    Packed: cu_seqlens_* are int32 [B+1]; max_seqlen_* should bound every segment's length
+    (they size the grid; nothing is read back to the host): a longer segment is still
+    computed, by a second launch that loops over the blocks past the grid. cu_seqlens
+    values are clamped into [0, T] on the device, so no value reaches outside the tensors
+    (bad ones give unspecified rows, not corruption).
+    ``skip_up_to`` = (lq, lk): skip segments with at most lq queries and lk keys (done by
+    the short-segment kernel), writing into its (out, lse) given as ``into``, its tables
+    read with ``table_seg_stride``. Padded: cu_seqlens_* are None.
     ``cos``, ``sin`` (or None): rotary tables, applied to q and k as they are loaded; q and
     k then have the same tokens, and table row t rotates token t of both.
     ``seed`` (int64 [2] on the device) and ``dropout_p`` > 0: attention-probability
     dropout (kernels/attention_dropout.py); out is the dropped output, lse is unaffected.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
-    out = empty(q.shape, dtype=q.dtype, device=q.device)
     tokens = q.shape[-3]
     lse_shape = (heads, tokens) if varlen else (batch, heads, tokens)
-    lse = empty(lse_shape, dtype=torch.float32, device=q.device)
+    if into is None:
+        out = empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = empty(lse_shape, dtype=torch.float32, device=q.device)
+    else:
+        out, lse = into
     if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=False)
-    grid = (triton.cdiv(grid_q, BLOCK_M), batch, heads)
+    main = _blocks(q.device, head_dim, backward=False)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
-        *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
-        *_lse_strides(lse, varlen), stride_cb, stride_ct,
-        seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
-        *_dropout_args(dropout_p),
-        VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
+            grid_q, main, False, varlen, skip_up_to, q.device):
+        _attention_fwd_kernel[(grid0, batch, heads)](
+            q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
+            *_lse_strides(lse, varlen), stride_cb, stride_ct,
+            seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
+            *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip, first,
+            VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
+            DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+            LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=num_warps, num_stages=num_stages,
+        )
     return out, lse
 
 
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                   max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
-                  scale: float, cos=None, sin=None, seed=None, dropout_p: float = 0.0):
+                  scale: float, cos=None, sin=None, seed=None, dropout_p: float = 0.0,
+                  skip_up_to: tuple[int, int] | None = None, into: tuple | None = None,
+                  table_seg_stride: int | None = None):
     """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
     then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
     (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k.
     With ``seed`` and ``dropout_p`` (those of the forward) the kernels regenerate its mask.
+    cu_seqlens, max_seqlen, ``skip_up_to``, ``table_seg_stride`` as in
+    :func:`attention_fwd`; ``into``: (dq, dk, dv) to write into.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
+    lse, dlse, cu_seqlens_q, cu_seqlens_k = dense(lse), dense(dlse), dense(cu_seqlens_q), dense(cu_seqlens_k)
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    if into is None:
+        dq = empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    else:
+        dq, dk, dv = into
     if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lse.shape, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=True)
+    main = _blocks(q.device, head_dim, backward=True)
     BLOCK_D = triton.next_power_of_2(head_dim)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
-    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
-    common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                  ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                  num_warps=num_warps, num_stages=num_stages)
+    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
+    flags = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
+                 ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
-             window_left, window_right, half, *_dropout_args(dropout_p))
+             window_left, window_right, half, *_dropout_args(dropout_p), q.shape[-3], k.shape[-3])
     seed = seed if seed is not None else cu_q
-    if grid_q > 0:
-        _attention_bwd_preprocess_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
-            out, do, dlse if dlse is not None else lse, delta, cu_q,
+    query_passes = _passes(grid_q, main, False, varlen, skip_up_to, q.device)
+    for grid0, first, loop, (BLOCK_M, _, num_warps, num_stages), skip in query_passes:
+        _attention_bwd_preprocess_kernel[(grid0, batch, heads)](
+            out, do, dlse if dlse is not None else lse, delta, cu_q, cu_k,
             *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
-            seqlen_q, head_dim,
-            VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            seqlen_q, seqlen_k, head_dim, q.shape[-3], k.shape[-3], *skip, first,
+            VARLEN=varlen, HAS_DLSE=dlse is not None, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
-    if grid_k > 0:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
+            grid_k, main, True, varlen, skip_up_to, q.device):
+        _attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, *skip, first, **flags, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps, num_stages=num_stages,
         )
-    if grid_q > 0:
-        _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in query_passes:
+        _attention_bwd_dq_kernel[(grid0, batch, heads)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, *skip, first, **flags, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return dq, dk, dv

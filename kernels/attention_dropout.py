@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import dense, empty
 
 
 @triton.jit
@@ -66,6 +66,7 @@ def _dropout_mask_kernel(SEED, OUT, rows_start, n_rows, n_cols, head, threshold,
 def dropout_mask(seed, rows_start: int, n_rows: int, n_cols: int, head: int, threshold: int):
     """The kernels' keep-mask for one head, as a bool [n_rows, n_cols] tensor (for tests:
     it checks the torch rebuild of the mask against the Triton generator itself)."""
+    seed = dense(seed)
     out = empty((n_rows, n_cols), dtype=torch.int8, device=seed.device)
     BLOCK_M, BLOCK_N = 16, 16
     grid = (triton.cdiv(n_rows, BLOCK_M), triton.cdiv(n_cols, BLOCK_N))

@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
-from .attention import _dropout_args, _load_rotated, _rotate_back
+from ._launch import dense, empty, unit_last
+from .attention import _dropout_args, _load_rotated, _rotate_back, attention_bwd, attention_fwd
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -64,28 +64,44 @@ MAX_HEAD_DIM = 128
 
 
 @triton.jit
-def _rows(CU_Q, CU_K, first_seg, chunk, batch, ROWS: tl.constexpr, SEGS: tl.constexpr):
+def _bounds(CU, seg, exists, tokens):
+    """(first token, length) of segments ``seg``, cu_seqlens clamped into [0, tokens] (a
+    segment ending before it starts is empty): no value reaches outside the tensors."""
+    start = tl.minimum(tl.maximum(tl.load(CU + seg, mask=exists, other=0), 0), tokens)
+    end = tl.minimum(tl.maximum(tl.load(CU + seg + 1, mask=exists, other=0), start), tokens)
+    return start, end - start
+
+
+@triton.jit
+def _slot_lengths(CU_Q, CU_K, seg, batch, tokens_q, tokens_k, CAP_Q: tl.constexpr, SLOT_K: tl.constexpr):
+    """Query and key starts and lengths of segments ``seg``; a segment too long for its
+    slot (max_seqlen was too small) gets length 0 here: the general kernel runs it."""
+    exists = seg < batch
+    q_start, len_q = _bounds(CU_Q, seg, exists, tokens_q)
+    k_start, len_k = _bounds(CU_K, seg, exists, tokens_k)
+    fits = (len_q <= CAP_Q) & (len_k <= SLOT_K)
+    return q_start, tl.where(fits, len_q, 0), k_start, tl.where(fits, len_k, 0)
+
+
+@triton.jit
+def _rows(CU_Q, CU_K, first_seg, chunk, batch, tokens_q, tokens_k, ROWS: tl.constexpr, SEGS: tl.constexpr,
+          SPLIT: tl.constexpr, SLOT_K: tl.constexpr):
     """Per tile row: segment, position in it, first query token, query and key lengths."""
     r = tl.arange(0, SEGS * ROWS)
     seg = first_seg + r // ROWS
     pos = chunk * ROWS + r % ROWS
-    exists = seg < batch
-    start = tl.load(CU_Q + seg, mask=exists, other=0)
-    len_q = tl.load(CU_Q + seg + 1, mask=exists, other=0) - start
-    k_start = tl.load(CU_K + seg, mask=exists, other=0)
-    len_k = tl.load(CU_K + seg + 1, mask=exists, other=0) - k_start
+    start, len_q, _, len_k = _slot_lengths(CU_Q, CU_K, seg, batch, tokens_q, tokens_k, ROWS * SPLIT, SLOT_K)
     return seg, pos, start, len_q, len_k
 
 
 @triton.jit
-def _columns(CU_K, first_seg, batch, SLOT_K: tl.constexpr, SEGS: tl.constexpr):
+def _columns(CU_Q, CU_K, first_seg, batch, tokens_q, tokens_k, SLOT_K: tl.constexpr, SEGS: tl.constexpr,
+             CAP_Q: tl.constexpr):
     """Per tile column: segment, key position in it, first key token, key length."""
     c = tl.arange(0, SEGS * SLOT_K)
     seg = first_seg + c // SLOT_K
     pos = c % SLOT_K
-    exists = seg < batch
-    start = tl.load(CU_K + seg, mask=exists, other=0)
-    length = tl.load(CU_K + seg + 1, mask=exists, other=0) - start
+    _, _, start, length = _slot_lengths(CU_Q, CU_K, seg, batch, tokens_q, tokens_k, CAP_Q, SLOT_K)
     return seg, pos, start, length
 
 
@@ -128,7 +144,7 @@ def _softmax(s):
 def _attention_short_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    stride_ct, stride_cs, half,
+    stride_ct, stride_cs, half, tokens_q, tokens_k,
     batch, head_dim, group, scale_log2, window_left, window_right, drop_threshold, keep_scale,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -139,11 +155,13 @@ def _attention_short_fwd_kernel(
     h = tl.program_id(1)
     hk = h // group
     first_seg = (pid // SPLIT) * SEGS
-    seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, pid % SPLIT, batch, ROWS, SEGS)
+    seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, pid % SPLIT, batch, tokens_q, tokens_k,
+                                                  ROWS, SEGS, SPLIT, SLOT_K)
     row_ok = pos_r < len_q
     if tl.max(row_ok.to(tl.int32), 0) == 0:  # a chunk past every segment of the group
         return
-    seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
+    seg_c, pos_c, k_start, len_k_c = _columns(CU_Q, CU_K, first_seg, batch, tokens_q, tokens_k, SLOT_K, SEGS,
+                                              ROWS * SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < head_dim)[None, :]
     col_ok = (pos_c < len_k_c)[:, None] & d_ok
@@ -186,7 +204,7 @@ def _attention_short_bwd_kernel(
     Q, K, V, DO, DLSE, DQ, DK, DV, CU_Q, CU_K, COS, SIN, SEED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    stride_ct, stride_cs, half,
+    stride_ct, stride_cs, half, tokens_q, tokens_k,
     batch, head_dim, group, scale, window_left, window_right, drop_threshold, keep_scale,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -196,7 +214,8 @@ def _attention_short_bwd_kernel(
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     first_seg = pid * SEGS
-    seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
+    seg_c, pos_c, k_start, len_k_c = _columns(CU_Q, CU_K, first_seg, batch, tokens_q, tokens_k, SLOT_K, SEGS,
+                                              ROWS * SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < head_dim)[None, :]
     col_ok = (pos_c < len_k_c)[:, None] & d_ok
@@ -213,7 +232,8 @@ def _attention_short_bwd_kernel(
     for g in range(0, group):
         h = hk * group + g
         for chunk in range(0, SPLIT):
-            seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, chunk, batch, ROWS, SEGS)
+            seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, chunk, batch, tokens_q, tokens_k,
+                                                          ROWS, SEGS, SPLIT, SLOT_K)
             row_ok = pos_r < len_q
             q_mask = row_ok[:, None] & d_ok
             rows_q = (q_start + pos_r).to(tl.int64)[:, None]
@@ -294,6 +314,10 @@ def _rotary_args(q, cos, sin, table_seg_stride: int) -> tuple:
     with their last dim contiguous, sin with the strides of cos. Without rotary: placeholders."""
     if cos is None:
         return q, q, 0, 0, 0
+    if cos.dim() != 2 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        # A copy would invalidate table_seg_stride, which is in units of cos's strides.
+        raise ValueError(f"cos, sin: expected 2-d tables with a unit last stride and equal strides, got "
+                         f"strides {cos.stride()} and {sin.stride()}")
     return cos, sin, cos.stride(0), table_seg_stride, cos.shape[-1]
 
 
@@ -316,13 +340,19 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
     ``cos``, ``sin`` (or None): 2-D rotary tables applied to q and k as they are loaded
     (q and k then have the same tokens); token t of segment b reads the table row at
     offset ``t * cos.stride(0) + b * table_seg_stride`` (0 for packed tables). ``seed`` and
-    ``dropout_p`` > 0: attention dropout, the mask of kernels/attention_dropout.py."""
+    ``dropout_p`` > 0: attention dropout, the mask of kernels/attention_dropout.py.
+
+    A segment longer than max_seqlen_* (a caller's mistake that cannot be seen without a
+    sync) does not fit its slot: the general kernel then runs it, in a second launch whose
+    programs skip every segment that fits. cu_seqlens values are clamped on the device."""
     heads, head_dim = q.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     batch = cu_seqlens_q.numel() - 1
     out = empty(q.shape, dtype=q.dtype, device=q.device)
     lse = empty((heads, q.shape[0]), dtype=torch.float32, device=q.device)
-    if batch == 0 or max_seqlen_q == 0 or heads == 0 or q.numel() == 0:
+    if batch == 0 or heads == 0 or q.numel() == 0:
         return out, lse
     SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=False,
                                                  dropout=dropout_p > 0)
@@ -332,7 +362,7 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, table_cos, table_sin,
         seed if seed is not None else cu_seqlens_q,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2], lse.stride(0),
-        stride_ct, stride_cs, half,
+        stride_ct, stride_cs, half, q.shape[0], k.shape[0],
         batch, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right,
         *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
@@ -340,6 +370,8 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )
+    attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, 1, 1, window_left, window_right, scale, cos, sin,
+                  seed, dropout_p, skip_up_to=(ROWS * SPLIT, SLOT_K), into=(out, lse), table_seg_stride=stride_cs)
     return out, lse
 
 
@@ -351,9 +383,12 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     dtypes and shapes of q, k, v. ``dlse`` is the gradient of lse, or None. ``out`` and
     ``lse`` are unused (the signature is the general kernel's): the tile recomputes the
     softmax and delta itself. With rotary tables (as in the forward), dq and dk are the
-    gradients wrt the unrotated q and k. ``seed``, ``dropout_p``: those of the forward."""
+    gradients wrt the unrotated q and k. ``seed``, ``dropout_p``: those of the forward.
+    Segments too long for their slots go to the general kernels, as in the forward."""
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     _check_sizes(max_seqlen_q, max_seqlen_k, head_dim)
+    do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
+    lse, dlse, cu_seqlens_q, cu_seqlens_k = dense(lse), dense(dlse), dense(cu_seqlens_q), dense(cu_seqlens_k)
     batch = cu_seqlens_q.numel() - 1
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
@@ -369,11 +404,14 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         table_cos, table_sin, seed if seed is not None else cu_seqlens_q,
         *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *do.stride()[:2],
         *dq.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], lse.stride(0),
-        stride_ct, stride_cs, half,
+        stride_ct, stride_cs, half, q.shape[0], k.shape[0],
         batch, head_dim, heads // kv_heads, scale, window_left, window_right, *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
         ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
         SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps, num_stages=1,
     )
+    attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 1, 1, window_left, window_right,
+                  scale, cos, sin, seed, dropout_p, skip_up_to=(ROWS * SPLIT, SLOT_K), into=(dq, dk, dv),
+                  table_seg_stride=stride_cs)
     return dq, dk, dv

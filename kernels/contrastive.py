@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import dense, empty, unit_last
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -330,6 +330,7 @@ def softmax_lse_rows(x, y, scale, diag_offset=None, mask_offset=None, both_ways=
     sum of exp(logit - max), so that lse = max + log-sum; and the logit of row i's
     positive pair, column i + diag_offset (also i - diag_offset with ``both_ways``;
     0 when there is none)."""
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     stats = empty((2, M), dtype=torch.float32, device=x.device)
@@ -351,6 +352,7 @@ def softmax_lse_rows(x, y, scale, diag_offset=None, mask_offset=None, both_ways=
 def softmax_lse_cols(x, y, scale, diag_offset=None):
     """(stats [2, N], pos [N]): the same over column j of the logits s x @ y.T, from the
     same score tiles as :func:`softmax_lse_rows`."""
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     stats = empty((2, N), dtype=torch.float32, device=x.device)
@@ -370,6 +372,7 @@ def softmax_lse_cols(x, y, scale, diag_offset=None):
 
 def sigmoid_rows(x, y, scale, bias, diag_offset=None) -> torch.Tensor:
     """[M] float32: per row, the sum over the columns of softplus(-y_ij (s x_i.y_j + bias))."""
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     rows = empty((M,), dtype=torch.float32, device=x.device)
@@ -390,6 +393,7 @@ def _block_do(d: int, device) -> int:
 
 
 def _common(x, y, scale, bias, stats_r, stats_c, coef):
+    coef = dense(coef)
     scale32 = _scalar(scale, x.device)
     placeholder = scale32.reshape(1)
     return (x, y, scale32, _scalar(bias, x.device) if bias is not None else scale32,
@@ -406,6 +410,7 @@ def contrastive_bwd_rows(x, y, scale, bias, stats_r, stats_c, coef, diag_offset,
     softmax only: ``lse_r``) or "sigmoid" (needs ``bias``). Offsets of None mean no
     positive (no excluded) pair in this block.
     """
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     device = x.device
@@ -432,6 +437,7 @@ def contrastive_bwd_rows(x, y, scale, bias, stats_r, stats_c, coef, diag_offset,
 def contrastive_bwd_cols(x, y, scale, bias, stats_r, stats_c, coef, diag_offset, mask_offset,
                          kind: str, both_ways: bool, out_dtype: torch.dtype):
     """dY [N, D]: dy_j = c s sum_i G'_ij x_i, from the same score tiles as the rows kernel."""
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     device = x.device
@@ -453,6 +459,7 @@ def contrastive_bwd_cols(x, y, scale, bias, stats_r, stats_c, coef, diag_offset,
 def count_above(x, y, threshold, columns: bool) -> torch.Tensor:
     """int32 [M] (or [N] with ``columns``): scores of x @ y.T above each row's (column's)
     threshold, over the same score tiles as the loss kernels."""
+    x, y = unit_last(x), unit_last(y)  # rows read with unit stride
     M, D = x.shape
     N = y.shape[0]
     count = torch.zeros((N if columns else M,), dtype=torch.int32, device=x.device)

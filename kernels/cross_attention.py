@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, multiprocessor_count
+from ._launch import dense, empty, multiprocessor_count, unit_last
 from .attention import _dropout_args
 from .attention_dropout import dropout_keep
 
@@ -52,15 +52,23 @@ _FAR = tl.constexpr(2**30)  # a key index past every segment
 
 
 @triton.jit
-def _segment_rows(CU, b, padded_len, VARLEN: tl.constexpr):
-    """(first row, length) of segment b."""
+def _segment_rows(CU, b, padded_len, tokens, VARLEN: tl.constexpr):
+    """(first row, length) of segment b; cu_seqlens values clamped into [0, tokens] (a
+    segment ending before it starts is empty), so no row index leaves the tensor."""
     if VARLEN:
-        start = tl.load(CU + b)
-        length = tl.load(CU + b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CU + b), 0), tokens)
+        length = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), tokens) - start
     else:
         start = b * padded_len
         length = b * 0 + padded_len
     return start, length
+
+
+@triton.jit
+def _split_end(split, split_size, num_splits, len_k):
+    """End of key split ``split``: the last one takes every key left, so a segment longer
+    than max_seqlen_k (which sized the splits) still has all its keys seen."""
+    return tl.where(split == num_splits - 1, len_k, (split + 1) * split_size)
 
 
 @triton.jit
@@ -105,27 +113,26 @@ def _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride,
 
 
 @triton.jit
-def _cross_attention_fwd_kernel(
-    Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+def _cross_attention_fwd_block(
+    pid_m, Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
-    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, rows_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     # The block's rows are (query, head) pairs of K/V head hk's group, query-major: row r is
     # query r // group of head hk * group + r % group. Each K/V tile is loaded once for the
     # whole group, and a block spans few queries, which keeps the mask bounds tight.
     m_first = pid_m * BLOCK_M
-    if m_first >= len_q * group:  # the grid is sized for the longest segment
+    if m_first >= len_q * group:  # past the segment (the caller loops over its blocks)
         return
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -138,7 +145,7 @@ def _cross_attention_fwd_kernel(
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
-    hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    hi = tl.minimum(tl.minimum(hi, _split_end(split, split_size, num_splits, len_k)), len_k)
     if DROPOUT:  # tiles start at a multiple of 4 keys, for the Philox quads (the mask hides the rest)
         lo = (lo // 4) * 4
     K_head = K + hk * stride_kh + offs_d[None, :]
@@ -241,20 +248,20 @@ def _cross_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _cross_attention_bwd_dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+def _cross_attention_bwd_dkdv_block(
+    pid_n, Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+    tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
-    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     n_first = pid_n * BLOCK_N
     if n_first >= len_k:
         return
@@ -311,22 +318,21 @@ def _cross_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _cross_attention_bwd_dq_kernel(
-    Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+def _cross_attention_bwd_dq_block(
+    pid_m, Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
     KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
-    alpha_stride, drop_threshold, keep_scale,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
-    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, VARLEN)
-    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, VARLEN)
+    q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, rows_q, VARLEN)
+    k_start, len_k = _segment_rows(CU_K, b, seqlen_k, tokens_k, VARLEN)
     m_first = pid_m * BLOCK_M
     if m_first >= len_q * group:
         return
@@ -351,7 +357,7 @@ def _cross_attention_bwd_dq_kernel(
     scale_log2 = scale * _LOG2E
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
-    hi = tl.minimum(tl.minimum(hi, (split + 1) * split_size), len_k)
+    hi = tl.minimum(tl.minimum(hi, _split_end(split, split_size, num_splits, len_k)), len_k)
     if DROPOUT:  # the forward's tiling of the keys into Philox quads
         lo = (lo // 4) * 4
     K_head = K + hk * stride_kh + offs_d[None, :]
@@ -384,6 +390,116 @@ def _cross_attention_bwd_dq_kernel(
         tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+# ---- main and overflow passes ----------------------------------------------------
+# max_seqlen only sizes the grid of the main pass (LOOP=False: one block per program, the
+# kernels as they always were). For packed inputs an overflow pass follows (LOOP=True: a
+# program per segment, head (and key split) runs blocks first_block, first_block + grid,
+# ... of its segment), so a segment longer than max_seqlen (a caller's mistake that cannot
+# be seen without a device-to-host sync) is still covered, only more slowly.
+
+
+@triton.jit
+def _cross_attention_fwd_kernel(
+    Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
+        for pid_m in range(first_block + tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+            _cross_attention_fwd_block(
+                pid_m, Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
+                alpha_stride, drop_threshold, keep_scale, tokens_k,
+                VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _cross_attention_fwd_block(
+            tl.program_id(0), Q, K, V, O, OUT, LSE, O_PART, LSE_PART, RESIDUAL, ALPHA, CU_Q, CU_K, SEED,
+            KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
+            alpha_stride, drop_threshold, keep_scale, tokens_k,
+            VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
+@triton.jit
+def _cross_attention_bwd_dkdv_kernel(
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+    tokens_q, tokens_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, tokens_k, VARLEN)
+        for pid_n in range(first_block + tl.program_id(0), tl.cdiv(len_k, BLOCK_N), tl.num_programs(0)):
+            _cross_attention_bwd_dkdv_block(
+                pid_n, Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+                tokens_q, tokens_k,
+                VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _cross_attention_bwd_dkdv_block(
+            tl.program_id(0), Q, K, V, DOUT, LSE, DELTA, ALPHA, DK, DV, CU_Q, CU_K, SEED,
+            KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
+            tokens_q, tokens_k,
+            VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
+@triton.jit
+def _cross_attention_bwd_dq_kernel(
+    Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+    KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
+    alpha_stride, drop_threshold, keep_scale, tokens_k,
+    first_block,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
+        _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
+        for pid_m in range(first_block + tl.program_id(0), tl.cdiv(len_q * group, BLOCK_M), tl.num_programs(0)):
+            _cross_attention_bwd_dq_block(
+                pid_m, Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+                KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
+                alpha_stride, drop_threshold, keep_scale, tokens_k,
+                VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            )
+    else:  # the main pass: one block per program, the grid sized by max_seqlen
+        _cross_attention_bwd_dq_block(
+            tl.program_id(0), Q, K, V, DOUT, LSE, DELTA, ALPHA, DQ, DQ_PART, CU_Q, CU_K, SEED,
+            KEY_GROUP, Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
+            alpha_stride, drop_threshold, keep_scale, tokens_k,
+            VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )
+
+
 # ---- launchers -------------------------------------------------------------------
 
 # Keys one split should hold at least: fewer and the combine costs more than it saves.
@@ -407,6 +523,20 @@ def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool):
     return (block_m, 64 if block_m <= 64 else 32, 4 if block_m <= 64 else 8, 2)
 
 
+def _passes(grid0: int, main: tuple, by_keys: bool, varlen: bool, device: torch.device) -> list:
+    """(grid dim 0, first block, LOOP, tiles) of each launch over one axis: the main pass
+    (one block per program, the grid sized by max_seqlen), then for packed inputs the
+    overflow pass (a program per segment and head looping over the blocks past the main
+    grid: nothing to do when max_seqlen bounds the segments), in small tiles that divide
+    every main one (correctness, not speed). ``by_keys``: blocks of keys (BLOCK_N)."""
+    over = (16, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+    passes = [(grid0, 0, False, main)]
+    if varlen:
+        main_block, over_block = (main[1], over[1]) if by_keys else (main[0], over[0])
+        passes.append((1, grid0 * main_block // over_block, True, over))
+    return passes
+
+
 def num_splits(device: torch.device, programs: int, max_seqlen_k: int, block_n: int) -> int:
     """Key splits per (query block, head, segment): enough programs for about two waves,
     with at least a few key tiles per split."""
@@ -425,8 +555,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _mask_args(mask, like: torch.Tensor):
-    """The five mask arrays, or stand-ins (never read) when there is no mask."""
-    return tuple(mask) if mask is not None else (like,) * 5
+    """The five mask arrays (read as flat arrays: made contiguous), or stand-ins (never
+    read) when there is no mask."""
+    return tuple(dense(t) for t in mask) if mask is not None else (like,) * 5
 
 
 def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_q: int, seqlen_k: int,
@@ -442,14 +573,21 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     or contiguous like q. out = residual + alpha * o (out is o without either); o
     contiguous like q; lse float32 [rows_q, Hq]. ``seed`` (int64 [2] on the device) and
     ``dropout_p`` > 0: attention dropout (kernels/attention_dropout.py) on o; lse unaffected.
+    A segment longer than max_seqlen_* is still computed (the kernels loop; the last key
+    split takes the rest); cu_seqlens values are clamped into [0, rows] on the device.
     """
     varlen = cu_seqlens_q is not None
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
+    residual, alpha = dense(residual), dense(alpha)
+    if varlen:  # at least one block per segment, whatever max_seqlen says
+        max_seqlen_q, max_seqlen_k = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     rows_q, heads, head_dim = q.shape
     o = empty(q.shape, dtype=q.dtype, device=q.device)
     epilogue = alpha is not None or residual is not None
     out = empty(q.shape, dtype=q.dtype, device=q.device) if epilogue else o
     lse = empty((rows_q, heads), dtype=torch.float32, device=q.device)
-    if batch == 0 or max_seqlen_q == 0 or rows_q == 0 or heads == 0:
+    if batch == 0 or max_seqlen_q == 0 or rows_q == 0 or heads == 0:  # (padded: no queries)
         return out, o, lse
     kv_heads = k.shape[1]
     group = heads // kv_heads
@@ -467,17 +605,20 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
     alpha_t = alpha if alpha is not None else lse
     alpha_stride = 1 if alpha is not None and alpha.numel() > 1 else 0
     BLOCK_D = triton.next_power_of_2(head_dim)
-    _cross_attention_fwd_kernel[(m_blocks, batch, kv_heads * splits)](
-        q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, seed if seed is not None else cu_q,
-        *_mask_args(mask, cu_q),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
-        split_size, splits, alpha_stride, *_dropout_args(dropout_p),
-        VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
-        HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
-        PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages) in _passes(m_blocks, main, False, varlen,
+                                                                                q.device):
+        _cross_attention_fwd_kernel[(grid0, batch, kv_heads * splits)](
+            q, k, v, o, out, lse, o_part, lse_part, res, alpha_t, cu_q, cu_k, seed if seed is not None else cu_q,
+            *_mask_args(mask, cu_q),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale * LOG2E,
+            split_size, splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0], first,
+            VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
+            HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
+            PRECISION=_precision(q.dtype), LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            num_warps=num_warps, num_stages=num_stages,
+        )
     if splits > 1:
         COMBINE_M = 16
         _cross_attention_combine_kernel[(triton.cdiv(rows_q, COMBINE_M), heads)](
@@ -495,8 +636,14 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
     """Launch the backward. Returns (dq, dk, dv, r): dq like q, dk/dv like k/v (contiguous
     [rows, H, D]); r = rowsum(dout * o) float32 [rows_q, Hq] when ``alpha`` is given (the
     gate's gradient is its sum over the gate's heads), else None. ``dout`` is contiguous.
-    ``seed``, ``dropout_p``: those of the forward, whose mask the kernels regenerate."""
+    ``seed``, ``dropout_p``: those of the forward, whose mask the kernels regenerate.
+    max_seqlen and cu_seqlens as in :func:`cross_attention_fwd`."""
     varlen = cu_seqlens_q is not None
+    dout, q, k, v, o = (unit_last(t) for t in (dout, q, k, v, o))
+    dout, o, lse, alpha = dense(dout), dense(o), dense(lse), dense(alpha)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
+    if varlen:  # at least one block per segment, whatever max_seqlen says
+        max_seqlen_q, max_seqlen_k = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     rows_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -521,14 +668,17 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     seed = seed if seed is not None else cu_q
     common = dict(VARLEN=varlen, HAS_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                  num_warps=num_warps, num_stages=num_stages)
+                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
+    main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
     if max_seqlen_k > 0:
-        _cross_attention_bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, BLOCK_N), batch, kv_heads)](
-            q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
-            heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
-            *_dropout_args(dropout_p), **common,
-        )
+        for grid0, first, loop, (bm, bn, warps, stages) in _passes(triton.cdiv(max_seqlen_k, BLOCK_N), main, True,
+                                                                   varlen, q.device):
+            _cross_attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
+                q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
+                heads, kv_heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, alpha_stride,
+                *_dropout_args(dropout_p), rows_q, k.shape[0], first, **common,
+                LOOP=loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            )
     if max_seqlen_q > 0:
         group = heads // kv_heads
         m_blocks = triton.cdiv(max_seqlen_q * group, BLOCK_M)
@@ -537,11 +687,13 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
         dq_part = delta
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
-        _cross_attention_bwd_dq_kernel[(m_blocks, batch, kv_heads * splits)](
-            q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),
-            *strides, rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size, splits,
-            alpha_stride, *_dropout_args(dropout_p), SPLIT=splits > 1, **common,
-        )
+        for grid0, first, loop, (bm, bn, warps, stages) in _passes(m_blocks, main, False, varlen, q.device):
+            _cross_attention_bwd_dq_kernel[(grid0, batch, kv_heads * splits)](
+                q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),
+                *strides, rows_q, heads, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale, split_size,
+                splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0], first, SPLIT=splits > 1, **common,
+                LOOP=loop, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+            )
         if splits > 1:
             torch.sum(dq_part, dim=0, out=dq) if dq.dtype == torch.float32 else dq.copy_(dq_part.sum(0))
     return dq, dk, dv, r

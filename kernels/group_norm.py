@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import POISON_OUTPUTS, multiprocessor_count
+from ._launch import POISON_OUTPUTS, dense, multiprocessor_count
 
 # Elements of one register tile (channels of a group x spatial positions).
 TILE_ELEMENTS = 2048
@@ -248,6 +248,15 @@ def _as_bcs(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:])) if t.dim() != 3 else t
 
 
+def _dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is NCHW-contiguous or channels-last (outputs allocated like it then view
+    as [B, C, S]), else a contiguous copy."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if x.is_contiguous() or (x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])):
+        return x
+    return x.contiguous()
+
+
 def _empty_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     out = torch.empty_like(x, dtype=dtype)  # keeps x's memory format
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
@@ -273,7 +282,9 @@ def _num_warps(block_c: int, block_s: int) -> int:
 
 def group_norm_fwd(x, weight, bias, num_groups: int, eps: float, silu: bool, splits: int | None = None):
     """Launch the forward. Returns (y, mean, rstd); y keeps x's memory format, mean and
-    rstd are float32 [B * G]. ``x`` must view as [B, C, S] (NCHW or channels_last)."""
+    rstd are float32 [B * G]. ``x`` views as [B, C, S] (NCHW or channels_last; other
+    strides are copied to NCHW); ``weight``, ``bias`` [C] are made contiguous if they are not."""
+    x, weight, bias = _dense_layout(x), dense(weight), dense(bias)
     y = _empty_like(x)
     x3, y3 = _as_bcs(x), _as_bcs(y)
     B, C, S = x3.shape
@@ -303,6 +314,7 @@ def group_norm_fwd(x, weight, bias, num_groups: int, eps: float, silu: bool, spl
 def group_norm_bwd(dy, x, weight, bias, mean, rstd, num_groups: int, silu: bool,
                    splits: int | None = None):
     """Launch the backward. Returns (dx, dweight, dbias); the last two float32 [C]."""
+    x, weight, bias, mean, rstd = _dense_layout(x), dense(weight), dense(bias), dense(mean), dense(rstd)
     dx = _empty_like(x)
     x3, dy3, dx3 = _as_bcs(x), _as_bcs(dy), _as_bcs(dx)
     B, C, S = x3.shape

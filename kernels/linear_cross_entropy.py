@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import dense, empty
 
 # Columns per block of the row loop. Bandwidth-bound and untuned (no GPU measured yet).
 BLOCK_V_MAX = 4096
@@ -84,6 +84,7 @@ def linear_cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, row_sca
     scale, on recomputed logits.
     """
     n, v = logits.shape
+    target = dense(target)  # read flat
     loss = empty((n,), dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, multiprocessor_count
+from ._launch import dense, empty, multiprocessor_count, unit_last
 
 # Whole rows live in registers; beyond this the launcher refuses (dispatch falls back).
 MAX_N = 65536
@@ -129,8 +129,10 @@ def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool):
     """Launch the forward kernel. Returns (y, residual_out, mean, rstd).
 
     ``residual_out`` (x + residual) is an empty tensor when ``residual`` is None, ``mean``
-    one when ``is_rms``. Rows of ``x`` and ``residual`` must be contiguous in the last dim.
+    one when ``is_rms``. ``x``, ``residual`` get a contiguous last dim and ``weight``,
+    ``bias`` are made contiguous (the kernel reads them with unit strides) if they are not.
     """
+    x, residual, weight, bias = unit_last(x), unit_last(residual), dense(weight), dense(bias)
     N = x.shape[-1]
     x2 = _rows_2d(x)
     M = x2.shape[0]
@@ -164,8 +166,10 @@ def norm_bwd(dy, h, weight, has_bias: bool, mean, rstd, dres_out, is_rms: bool):
 
     ``h`` is the tensor that was normalised (x, or x + residual). ``dres_out`` is the
     gradient of the residual stream output, or None. ``dweight``/``dbias`` are empty
-    tensors when there is no weight/bias.
+    tensors when there is no weight/bias. Strided arguments are made unit-stride first.
     """
+    dy, h, dres_out = unit_last(dy), unit_last(h), unit_last(dres_out)
+    weight, mean, rstd = dense(weight), dense(mean), dense(rstd)
     N = h.shape[-1]
     h2, dy2 = _rows_2d(h), _rows_2d(dy)
     M = h2.shape[0]

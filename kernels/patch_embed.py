@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty, multiprocessor_count
+from ._launch import dense, empty, multiprocessor_count, unit_last
 from ._tuning import autotune
 
 _ALL_CONFIGS = [
@@ -217,7 +217,10 @@ class Geometry:
 def patch_embed_fwd(x, weight2, bias, pos, cls, patch: int):
     """Launch the forward kernel. ``x`` pixels [B, C, H, W] (H, W multiples of ``patch``) or
     rows [M, K]; ``weight2`` [E, K] with unit stride along K; ``pos`` [L (+1), E] with unit
-    stride along E or None; ``cls`` [E] or None. Returns [B, L (+1), E] or [M, E]."""
+    stride along E or None; ``cls`` [E] or None. Returns [B, L (+1), E] or [M, E].
+    Arguments without the unit strides the kernel assumes are made so first."""
+    x = x if x.dim() == 4 else unit_last(x)  # pixels go through all their strides
+    weight2, pos, bias, cls = unit_last(weight2), unit_last(pos), dense(bias), dense(cls)
     geo = Geometry(x, patch, cls is not None)
     E = weight2.shape[0]
     shape = (x.shape[0], geo.L + geo.has_cls, E) if geo.image else (geo.rows, E)
@@ -238,7 +241,9 @@ def patch_embed_fwd(x, weight2, bias, pos, cls, patch: int):
 
 def patch_embed_bwd(dout, x, weight2, patch: int, has_cls: bool, need_input: bool, need_weight: bool):
     """Launch the backward kernels: (d x shaped like a contiguous ``x``, d weight [E, K]
-    float32); each is None when not needed. ``dout`` must be contiguous."""
+    float32); each is None when not needed. ``dout`` is made contiguous if it is not."""
+    x = x if x.dim() == 4 else unit_last(x)
+    dout, weight2 = dense(dout), unit_last(weight2)
     geo = Geometry(x, patch, has_cls)
     E, K = weight2.shape
     dx = dw = None

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import empty
+from ._launch import empty, unit_last
 
 
 @triton.jit
@@ -92,8 +92,9 @@ def rotary(q, k, cos, sin, interleaved: bool, conj: bool):
 
     ``q``, ``k``: [T, H, D] or [B, T, H, D] with unit stride on D; ``cos``, ``sin``:
     [T, R/2] or [B, T, R/2] with unit stride on the last dim. ``conj`` rotates backwards
-    (the gradient).
+    (the gradient). Arguments without those unit strides are copied to them first.
     """
+    q, k, cos, sin = unit_last(q), unit_last(k), unit_last(cos), unit_last(sin)
     out_q = empty(q.shape, dtype=q.dtype, device=q.device)
     out_k = empty(k.shape if k is not None else (0,), dtype=q.dtype, device=q.device)
     q4, oq4 = _as_4d(q), _as_4d(out_q)

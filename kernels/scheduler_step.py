@@ -201,6 +201,11 @@ def guided_step_fwd(
     tuple in COEFFICIENT_FIELDS order, used when ``table`` is None; otherwise ``table``
     [steps, 8] float32 and ``step`` int32 [2] (row index, finished-program counter).
     """
+    # Written (or, for the table, indexed) as flat arrays: a strided one would be copied
+    # by reshape and the kernel's writes lost.
+    for name, t in (("out", out), ("x0_out", x0_out), ("table", table), ("step", step)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     batch = out.shape[0]
     n = out[0].numel() if batch else 0
     if batch == 0 or n == 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from mmfast.cuda import build
-from mmfast.kernels._launch import empty
+from mmfast.kernels._launch import dense, empty
 
 # Mirror kAttnShortMaxSeqlen / kAttnShortMaxHeadDim of csrc/attention_short.h.
 MAX_SEQLEN = 128
@@ -39,9 +39,12 @@ def _vector_rows(t: torch.Tensor) -> torch.Tensor:
 def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                         window_left: int, window_right: int, scale: float):
     """Forward over packed segments of at most MAX_SEQLEN tokens. Returns (out, lse): out
-    like q (contiguous), lse float32 [Hq, Tq]. max_seqlen_* must bound every segment
-    (they size the blocks; nothing is read back to the host)."""
+    like q (contiguous), lse float32 [Hq, Tq]. max_seqlen_* should bound every segment
+    (they size the blocks; nothing is read back to the host): a longer segment is left by
+    the CUDA kernel to the Triton general kernel, launched next, whose programs skip every
+    segment that fits. cu_seqlens values are clamped on the device."""
     q, k, v = _vector_rows(q), _vector_rows(k), _vector_rows(v)
+    cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     if not build.load(q.device):
         from mmfast.kernels.attention_short import attention_short_fwd as triton_attention_short_fwd
 
@@ -51,6 +54,11 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
     lse = empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     torch.ops.mmfast_cuda.attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                               window_left, window_right, scale, out, lse)
+    if q.shape[0] and q.shape[1] and cu_seqlens_q.numel() > 1:
+        from mmfast.kernels.attention import attention_fwd
+
+        attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, 1, 1, window_left, window_right, scale,
+                      skip_up_to=(max_seqlen_q, max_seqlen_k), into=(out, lse))
     return out, lse
 
 

@@ -1,6 +1,6 @@
 """Argument checks shared by the attention ops (attention, cross_attention): each raises
 TypeError / ValueError naming the argument. Only ``check_cu_values`` reads the device
-(one sync); callers run it when they sync anyway, on CPU tensors (no sync to pay) or under
+(one sync); callers run it for CPU tensors, when they sync anyway or under
 ``MMFAST_DEBUG_CHECKS=1``."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_cu_values(name: str, cu: Tensor, tokens: int, max_seqlen: int | None) 
     if last != tokens:
         raise ValueError(f"{name}: expected the last entry to equal the token count {tokens}, got {last}")
     if max_seqlen is not None and max_seqlen < longest:
-        raise ValueError(f"max_seqlen for {name}: {max_seqlen} is less than the longest segment {longest}")
+        raise ValueError(f"max_seqlen_{name[-1]}: {max_seqlen} is less than the longest segment {longest} of {name}")
     return longest
 
 
@@ -118,13 +118,12 @@ def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
             f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (B+1, like cu_seqlens_q), "
             f"got {cu_seqlens_k.numel()}"
         )
-    # Value checks need the values on the host: only when syncing anyway, or debugging,
-    # or when they are there already (CPU tensors: reading them costs no sync).
-    if max_seqlen_q is not None and cu_seqlens_q.device.type == "cpu":
-        check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
-        check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], None)
-    if max_seqlen_q is None or debug_checks():
+    # Value checks need the values on the host: always for CPU tensors (no sync to avoid),
+    # else only when syncing anyway, or debugging. On a device the kernels clamp the values,
+    # so bad ones cannot reach outside the tensors, and loop past a too-small max_seqlen.
+    check_all = debug_checks() or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+    if max_seqlen_q is None or check_all:
         max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
-    if max_seqlen_k is None or debug_checks():
+    if max_seqlen_k is None or check_all:
         max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     return max_seqlen_q, max_seqlen_k

@@ -39,9 +39,15 @@ Device syncs (which checks read device values back to the host):
   shapes, dtypes, devices and Python values;
 - without them, they are computed from cu_seqlens (one sync), and since that syncs anyway
   the values of cu_seqlens are checked too (start at 0, non-decreasing, last entry = token
-  count). ``MMFAST_DEBUG_CHECKS=1`` runs those value checks, and checks that the given
-  max_seqlen bound the segments, on every call (one sync). A max_seqlen smaller than the
-  longest segment leaves queries unwritten: it is the caller's promise, as in flash-attn;
+  count). CPU tensors are always checked so (no sync to avoid), the given max_seqlen too;
+  ``MMFAST_DEBUG_CHECKS=1`` does it on every call (one sync);
+- unchecked values on a device cannot corrupt memory: the mmfast kernels (triton,
+  triton_short, cuda_short) clamp cu_seqlens into [0, T] (bad values give unspecified
+  rows, never an access outside the tensors), and a max_seqlen smaller than the longest
+  segment, or 0, costs speed only: the kernels loop over the blocks past their grid, and
+  the short-segment ones hand segments too long for their slots to the general kernel.
+  The third-party flash_attn / flash_attn_cute backends keep flash-attn's contract
+  (max_seqlen must bound the segments);
 - the xformers backend syncs once per packed call: its BlockDiagonalMask is built from
   Python lists of segment lengths;
 - dropout adds none: its seed is drawn on the device by a torch random op (graph-safe under
@@ -81,6 +87,7 @@ from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
+from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
@@ -170,7 +177,7 @@ def attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None,
     probs = torch.softmax(scores, dim=-1) * sees_any
     if dropout_p > 0:
         probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
-    out = _heads_first(probs.to(compute) @ vc).to(q.dtype)
+    out = _heads_first(attend_values(probs.to(compute), vc, mask)).to(q.dtype)  # NaN/Inf kept in its segment
     lse = torch.logsumexp(scores, dim=-1).masked_fill(~sees_any[..., 0], float("-inf"))
     return out, lse
 
@@ -424,17 +431,14 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     vh = v.transpose(-3, -2).repeat_interleave(group, dim=-3)
     if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph: zero grads)
         return q * 0, None
-    mask = None
+    # Dropout with SDPA's own generator (torch's default one): not the Triton kernels' mask.
     if packed or window_left >= 0 or window_right >= 0:
         mask = attention_mask(cu_seqlens_q, cu_seqlens_k, q.shape[-3], k.shape[-3],
                               window_left, window_right, q.device)
-        sees_any = mask.any(-1, keepdim=True)
-        # SDPA gives NaN for a fully masked row: let it see every key, then zero it.
-        mask = mask | ~sees_any
-    # Dropout with SDPA's own generator (torch's default one): not the Triton kernels' mask.
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, dropout_p=dropout_p)
-    if mask is not None:
-        out = out * sees_any
+        # A NaN/Inf key or value stays with the queries that see it (not the other sequences).
+        out = sdpa_contained(qh, kh, vh, mask, scale, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, dropout_p=dropout_p)
     return out.transpose(-3, -2), None
 
 

@@ -29,7 +29,10 @@ sync). sdpa drops with its own generator.
 
 Device syncs: packed inputs without ``max_seqlen_q``/``max_seqlen_k`` read the longest
 segment back to the host (one sync, which also checks the cu_seqlens values); with both
-given, nothing is read back. Mask values (sorted image positions, images in order and
+given, nothing is read back (CPU tensors are checked all the same: no sync to avoid). On a
+device the triton kernels clamp cu_seqlens into [0, rows] (bad values give unspecified
+rows, never an access outside the tensors) and loop past a max_seqlen smaller than the
+longest segment (slower, still exact). Mask values (sorted image positions, images in order and
 within their sample's keys) are the caller's promise; ``MMFAST_DEBUG_CHECKS=1`` checks
 them on every call (one more sync).
 
@@ -45,11 +48,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
+from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
@@ -99,7 +102,7 @@ def cross_attention_reference(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, mas
     probs = torch.softmax(scores, dim=-1) * sees_any
     if dropout_p > 0:
         probs = apply_dropout(probs, keep_mask(dropout_seed, dropout_p, q, k, cu_seqlens_k), dropout_p)
-    attn = (probs.to(compute) @ vc).transpose(-3, -2)
+    attn = attend_values(probs.to(compute), vc, seen).transpose(-3, -2)  # NaN/Inf kept in its sample
     return _epilogue(attn, gate, residual, compute).to(q.dtype)
 
 
@@ -252,15 +255,12 @@ def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, m
     seen = visibility(q, k, cu_seqlens_q, cu_seqlens_k, mask)
     if q.dim() == 4:
         seen = seen[:, None]
-    sees_any = seen.any(-1, keepdim=True)
     if k.shape[-3] == 0:  # no keys: every query sees nothing (q * 0 keeps the graph)
         attn = q * 0
     else:
-        # SDPA gives NaN for a fully masked row: let it see every key, then zero it. Dropout
-        # uses SDPA's own generator (torch's default one): not the Triton kernels' mask.
-        attn = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=seen | ~sees_any, scale=scale,
-                                              dropout_p=dropout_p)
-        attn = (attn * sees_any).transpose(-3, -2)
+        # A NaN/Inf key or value stays with the queries that see it (not the other samples).
+        # Dropout uses SDPA's own generator (torch's default one): not the Triton kernels' mask.
+        attn = sdpa_contained(qh, kh, vh, seen, scale, dropout_p).transpose(-3, -2)
     return _epilogue(attn, gate, residual, q.dtype)
 
 

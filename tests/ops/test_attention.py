@@ -500,7 +500,7 @@ def test_padded_rejects_max_seqlen():
 
 def test_debug_checks_catch_short_max_seqlen(monkeypatch):
     monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
-    with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_q: 4 is less than the longest segment 5"):
+    with pytest.raises(ValueError, match="max_seqlen_q: 4 is less than the longest segment 5 of cu_seqlens_q"):
         mmfast.ops.attention(**_packed_args(max_seqlen_q=4), backend="torch")
 
 

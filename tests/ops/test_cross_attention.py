@@ -280,7 +280,7 @@ def test_debug_checks_catch_a_short_max_seqlen(monkeypatch):
     q, k = torch.randn(6, 2, 32), torch.randn(9, 2, 32)
     cu_q, cu_k = _cu([2, 4], "cpu"), _cu([4, 5], "cpu")
     monkeypatch.setenv("MMFAST_DEBUG_CHECKS", "1")
-    with pytest.raises(ValueError, match="max_seqlen for cu_seqlens_k: 4 is less than the longest segment 5"):
+    with pytest.raises(ValueError, match="max_seqlen_k: 4 is less than the longest segment 5 of cu_seqlens_k"):
         mmfast.ops.cross_attention(q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=4)
 
 
