@@ -1,7 +1,7 @@
 """The long tier's seeded random variants: shapes, dtypes, layouts, head and group
 counts, segment lengths (0 and 1 included), windows, NaN placement. The structure of a
-variant is drawn at catalog time from its id (so the known-bug rules can read its
-features); its values come from the case's generator, like every other case."""
+variant is drawn at catalog time from its id (so its features are known before it runs);
+its values come from the case's generator, like every other case."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ class Case:
     reference: Callable | None = None  # (args, kwargs) in float64 -> output; default: op on torch
     outputs: Callable | None = None    # output -> the tensors to compare (default: all)
     isolate: bool = False              # crash-prone: run in a subprocess
-    features: frozenset = field(default_factory=frozenset)  # tags the known-bug rules read
+    features: frozenset = field(default_factory=frozenset)  # tags that describe what the case attacks
     family: str | None = None          # the dispatch op family, for the coverage test
 
     @property

@@ -7,9 +7,7 @@ unclear error or crash.
     MMFAST_FUZZ=long pytest tests/fuzz     # long tier: adds seeded random cases
     MMFAST_FUZZ_SEED=3 ...                 # another seed for the generated inputs
 
-Totals are printed at the end of the run. Cases that fail because of issue 16 items 1-5
-(fixed on branch memsafe) are listed in tests/fuzz/known_issue16.py and run as strict
-xfails, each on its own.
+Totals are printed at the end of the run. No case is excused.
 """
 
 from __future__ import annotations
@@ -19,16 +17,13 @@ import pytest
 from tests.fuzz import totals
 from tests.fuzz.catalog import TIER, catalog
 from tests.fuzz.harness import BAD, classify, run_isolated
-from tests.fuzz.known_issue16 import known_item, xfail_reason
 
 CASES = catalog(TIER)
-KNOWN = [case for case in CASES if known_item(case)]
-REGULAR = [case for case in CASES if not known_item(case)]
 
 
-@pytest.mark.parametrize("op", sorted({case.name for case in REGULAR}))
+@pytest.mark.parametrize("op", sorted({case.name for case in CASES}))
 def test_fuzz(op):
-    cases = [case for case in REGULAR if case.name == op]
+    cases = [case for case in CASES if case.name == op]
     results = {case.id: classify(case) for case in cases if not case.isolate}
     isolated = [case.id for case in cases if case.isolate]
     if isolated:  # crash-prone: in a subprocess, so a crash is counted instead of killing pytest
@@ -37,19 +32,3 @@ def test_fuzz(op):
     bad = [f"  {outcome}: {case_id}: {detail}" for case_id, (outcome, detail) in sorted(results.items())
            if outcome in BAD]
     assert not bad, f"{len(bad)} of {len(results)} {op} fuzz cases failed:\n" + "\n".join(bad)
-
-
-@pytest.fixture(scope="module")
-def known_results():
-    # Known bugs include out-of-bounds reads: all of them run in worker subprocesses.
-    return run_isolated([case.id for case in KNOWN], TIER)
-
-
-@pytest.mark.parametrize("case_id", [
-    pytest.param(case.id, marks=pytest.mark.xfail(strict=True, reason=xfail_reason(known_item(case))))
-    for case in KNOWN
-])
-def test_known_issue16(case_id, known_results):
-    outcome, detail = known_results[case_id]
-    totals.record({case_id: (outcome, detail)}, known=True)
-    assert outcome in ("correct", "clear_error"), f"{outcome}: {detail}"

@@ -6,22 +6,16 @@ from collections import Counter
 
 from tests.fuzz.harness import OUTCOMES
 
-regular: Counter = Counter()
-known: Counter = Counter()
+outcomes: Counter = Counter()
 
 
-def record(results: dict, known: bool = False) -> None:
-    target = globals()["known"] if known else regular
+def record(results: dict) -> None:
     for outcome, _ in results.values():
-        target[outcome] += 1
+        outcomes[outcome] += 1
 
 
 def summary(tier: str, seed: int) -> list[str]:
-    if not regular and not known:
+    if not outcomes:
         return []
-    line = ", ".join(f"{name.replace('_', ' ')} {regular[name]}" for name in OUTCOMES)
-    lines = [f"fuzz ({tier} tier, seed {seed}): {sum(regular.values())} cases: {line}"]
-    if known:
-        shown = ", ".join(f"{name.replace('_', ' ')} {known[name]}" for name in OUTCOMES if known[name])
-        lines.append(f"  plus {sum(known.values())} known issue 16 (items 1-5) cases, strict xfail: {shown}")
-    return lines
+    line = ", ".join(f"{name.replace('_', ' ')} {outcomes[name]}" for name in OUTCOMES)
+    return [f"fuzz ({tier} tier, seed {seed}): {sum(outcomes.values())} cases: {line}"]
