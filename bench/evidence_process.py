@@ -127,6 +127,11 @@ def _fork_worker(plan_path: str, env: dict) -> _Forked:
             sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
             os.environ.clear()
             os.environ.update(env)
+            # OpenMP's thread pool does not survive a fork: if this process ever ran a
+            # parallel torch op, the child's first one would hang. One thread runs inline.
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(1)
             launch = sys.modules.get("mmfast.kernels._launch")
             if launch is not None:  # read at import: follow this worker's setting
                 launch.POISON_OUTPUTS = env.get("MMFAST_POISON_OUTPUTS", "0") not in ("", "0")

@@ -30,6 +30,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_dry_run_stages_budgets_cut_offs_skip_and_report(tmp_path, capsys):
+    torch.randn(1 << 22).exp_()  # a parallel op first, as earlier tests do: the fork must survive it
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--dry-run", "--checks", "norm-rms", "--dtypes", "float16,float32", "--suites", "norm",
               "--tests", "tests/ops/test_adaln.py"]
