@@ -104,6 +104,9 @@ def _view_class(cls: type) -> type:
             "__qualname__": cls.__qualname__,
             "_attn_implementation": property(_view_attn_implementation, _set_view_attn_implementation),
             "__reduce_ex__": _reduce_view,
+            # `type(config)(...)` (transformers 5.17 builds a default config that way) is a
+            # plain config: views are made only by config_view.
+            "__new__": lambda view_cls, *args, **kwargs: cls(*args, **kwargs),
             "__eq__": lambda self, other: object.__getattribute__(self, "_mmfast_base") == other,
             "__hash__": cls.__hash__,
             "_mmfast_config_view": True,
