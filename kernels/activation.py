@@ -23,11 +23,13 @@ from ._launch import empty
 KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 _KIND_ID = {name: i for i, name in enumerate(KINDS)}
 
-_SQRT_HALF = 0.7071067811865476
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2PI = 0.3989422804014327
-_TANH_CUBIC = 0.044715
-_QUICK = 1.702
+# tl.constexpr: the compiler (unlike the interpreter) refuses plain module-level floats
+# inside @triton.jit code.
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_TANH_CUBIC = tl.constexpr(0.044715)
+_QUICK = tl.constexpr(1.702)
 
 
 @triton.jit

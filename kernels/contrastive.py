@@ -386,7 +386,7 @@ def sigmoid_rows(x, y, scale, bias, diag_offset=None) -> torch.Tensor:
 
 
 def _block_do(d: int, device) -> int:
-    return max(16, min(triton.next_power_of_2(d), 256 if device.type == "cuda" else 64))
+    return max(16, min(triton.next_power_of_2(d), 128 if device.type == "cuda" else 64))
 
 
 def _common(x, y, scale, bias, stats_r, stats_c, coef):
