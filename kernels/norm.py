@@ -10,7 +10,7 @@ Forward (one tile of BLOCK_M rows per program, whole rows in registers):
     rstd = 1 / sqrt(sum((h - mean)^2) / N + eps)        (mean = 0 for RMSNorm)
     y = (h - mean) * rstd * w + b
 
-Rows wider than MAX_BLOCK_N take the looped kernels, which walk a row in BLOCK_N chunks:
+Rows wider than MAX_BLOCK_N (MAX_BLOCK_N_BWD) take the looped kernels, which walk a row in BLOCK_N chunks:
 statistics first (the mean, then the centred sum of squares), then the output, recomputing
 h = x + res from the inputs in each pass. Their backward adds the weight and bias
 gradients of each chunk to the program's own float32 partial rows in memory.
@@ -33,8 +33,10 @@ from ._launch import empty, multiprocessor_count
 # Beyond this the launcher refuses (dispatch falls back).
 MAX_N = 65536
 # Rows up to this width live in registers whole; wider rows are walked in chunks of this
-# width (the looped kernels): a whole 64k-wide row held at once spills on an H100.
+# width (the looped kernels): a whole 64k-wide row held at once spills on an H100. The
+# backward holds more per element (h, dy, w and the dw, db sums): it loops above 8k.
 MAX_BLOCK_N = 16384
+MAX_BLOCK_N_BWD = 8192
 
 
 @triton.jit
@@ -303,8 +305,8 @@ def norm_bwd(dy, h, weight, has_bias: bool, mean, rstd, dres_out, is_rms: bool):
         dres2 = _rows_2d(dres_out) if dres_out is not None else dy2
         BLOCK_N = triton.next_power_of_2(N)
         kernel = _norm_bwd_kernel
-        if BLOCK_N > MAX_BLOCK_N:
-            kernel, BLOCK_N = _norm_bwd_looped_kernel, MAX_BLOCK_N
+        if BLOCK_N > MAX_BLOCK_N_BWD:
+            kernel, BLOCK_N = _norm_bwd_looped_kernel, MAX_BLOCK_N_BWD
         kernel[(programs,)](
             h2, weight if weight is not None else h2, dy2, dres2, dx2, dw_partial, db_partial,
             mean if not is_rms else rstd, rstd,

@@ -34,7 +34,7 @@ def _python(code: str, tmp_path: Path, timeout: int) -> subprocess.CompletedProc
 def test_quick_subset_compiles_for_sm90a_without_spills(tmp_path):
     verdict_file = tmp_path / "verdict.json"
     done = subprocess.run(
-        [sys.executable, "-m", "mmfast.compile_gate", "--json", str(verdict_file)],
+        [sys.executable, "-m", "mmfast.compile_gate", "--jobs", "2", "--json", str(verdict_file)],
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
         env={k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MMFAST_AUTOTUNE")},
     )

@@ -155,12 +155,13 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
 def test_rows_wider_than_a_block_are_looped(is_rms, residual, affine, device, monkeypatch):
-    # Rows wider than MAX_BLOCK_N (16384) take the looped kernels (a whole 64k row in
-    # registers spilled on sm_90a); a small limit sends small rows there: several chunks,
-    # a ragged last one, and more rows than programs in the backward.
+    # Rows wider than MAX_BLOCK_N (16384; 8192 backward) take the looped kernels (whole
+    # rows that wide in registers spilled on sm_90a); a small limit sends small rows there:
+    # several chunks, a ragged last one, and more rows than programs in the backward.
     from mmfast.kernels import norm as kernels
 
     monkeypatch.setattr(kernels, "MAX_BLOCK_N", 32)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_N_BWD", 32)
     launched = []
     for name in ("_norm_fwd_looped_kernel", "_norm_bwd_looped_kernel"):
         kernel = getattr(kernels, name)
