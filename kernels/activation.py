@@ -24,7 +24,8 @@ KINDS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
 _KIND_ID = {name: i for i, name in enumerate(KINDS)}
 
 # tl.constexpr: the compiler (unlike the interpreter) refuses plain module-level floats
-# inside @triton.jit code.
+# inside @triton.jit code. They multiply from the right (tensor * constant): the
+# interpreter cannot put a constexpr on the left of a tensor.
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -53,10 +54,10 @@ def _act_and_grad(x, KIND: tl.constexpr, NEED_GRAD: tl.constexpr):
             d = 0.0
     elif KIND == 1:  # gelu_tanh, as x * sigmoid(2u) since (1 + tanh u) / 2 = sigmoid(2u):
         # no 1 - tanh^2 cancellation in the tails, and one exp.
-        s, s_c = _sigmoid_pair(2.0 * _SQRT_2_OVER_PI * (x + _TANH_CUBIC * x * x * x))
+        s, s_c = _sigmoid_pair((x + x * x * x * _TANH_CUBIC) * (2.0 * _SQRT_2_OVER_PI))
         y = x * s
         if NEED_GRAD:
-            d = s + 2.0 * x * s * s_c * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * x * x)
+            d = s + x * s * s_c * (2.0 * _SQRT_2_OVER_PI) * (1.0 + x * x * (3.0 * _TANH_CUBIC))
         else:
             d = 0.0
     else:  # quick_gelu, silu: x * sigmoid(a x)
@@ -64,10 +65,10 @@ def _act_and_grad(x, KIND: tl.constexpr, NEED_GRAD: tl.constexpr):
             a = _QUICK
         else:
             a = 1.0
-        s, s_c = _sigmoid_pair(a * x)
+        s, s_c = _sigmoid_pair(x * a)
         y = x * s
         if NEED_GRAD:
-            d = s + a * x * s * s_c
+            d = s + x * a * s * s_c
         else:
             d = 0.0
     return y, d
