@@ -2,9 +2,9 @@
 judge the rows, and find entry kernels that no case launches.
 
 A row fails on: a compile error; any spill (fp16/bf16 rows only: every case is one);
-a ``tl.dot`` kernel whose PTX has no ``wgmma.mma_async``; an attention kernel issuing
-more than ``MAX_PADDING`` of the useful tensor-core work at head dims 72/80; a dot kernel
-without a work model. Problems listed in known_issues are reported as expected instead.
+a ``tl.dot`` kernel whose PTX has no ``wgmma.mma_async``; an attention kernel whose
+head-dim tile exceeds ``MAX_PADDING`` times the head dim at head dims 72/80 (sequence
+ends are the shape's, not the kernel's); a dot kernel without a work model. Problems listed in known_issues are reported as expected instead.
 """
 
 from __future__ import annotations
@@ -20,14 +20,9 @@ from .cases import DTYPES, Case, all_cases
 from .fake_cuda import fake_cuda
 from .record import Launch, recording
 from .sm90 import Compiled, compile_launch
-from .work import has_model, work_ratio
+from .work import has_model, head_dim_padding, work_ratio
 
 MAX_PADDING = 1.12  # cuDNN pads 72 to 80: 1.11
-_ATTENTION_KERNELS = {
-    "_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
-    "_attention_short_fwd_kernel", "_attention_short_bwd_kernel",
-    "_cross_attention_fwd_kernel", "_cross_attention_bwd_dkdv_kernel", "_cross_attention_bwd_dq_kernel",
-}
 
 
 def entry_kernels() -> dict[str, object]:
@@ -61,7 +56,7 @@ def record_case(case: Case, dtype: torch.dtype) -> list[Launch]:
     return launches
 
 
-def _problems(launch: Launch, compiled: Compiled, ratio: float | None, dims: dict) -> list[str]:
+def _problems(launch: Launch, compiled: Compiled, padding: float | None, dims: dict) -> list[str]:
     if not compiled.ok:
         return ["compile"]
     problems = []
@@ -71,14 +66,14 @@ def _problems(launch: Launch, compiled: Compiled, ratio: float | None, dims: dic
         problems.append("no_wgmma")
     if compiled.has_dot and not has_model(launch.name):
         problems.append("no_work_model")
-    if (launch.name in _ATTENTION_KERNELS and dims.get("head_dim") in (72, 80)
-            and ratio is not None and ratio > MAX_PADDING):
+    if dims.get("head_dim") in (72, 80) and padding is not None and padding > MAX_PADDING:
         problems.append("padding")
     return problems
 
 
 def _row(launch: Launch, compiled: Compiled, dims: dict) -> dict:
     ratio = work_ratio(launch, dims) if compiled.ok and compiled.has_dot else None
+    padding = head_dim_padding(launch, dims)
     row = {
         "kernel": launch.name, "module": launch.module, **launch.case,
         "constexprs": {k: v for k, v in launch.constexprs.items()},
@@ -87,9 +82,9 @@ def _row(launch: Launch, compiled: Compiled, dims: dict) -> dict:
         "regs": compiled.regs, "spill_bytes": compiled.spill_bytes, "shared_bytes": compiled.shared,
         "ctas_per_sm": compiled.ctas_per_sm, "occupancy": round(compiled.occupancy, 3),
         "has_dot": compiled.has_dot, "wgmma": compiled.wgmma, "mma_sync": compiled.mma_sync,
-        "issued_over_useful": ratio, "dims": dims,
+        "issued_over_useful": ratio, "head_dim_padding": padding, "dims": dims,
     }
-    row["problems"] = _problems(launch, compiled, ratio, dims)
+    row["problems"] = _problems(launch, compiled, padding, dims)
     row["failures"], row["expected"] = known_issues.classify(row, row["problems"])
     return row
 

@@ -76,6 +76,14 @@ def has_model(kernel_name: str) -> bool:
     return kernel_name in _MODELS
 
 
+def head_dim_padding(launch: Launch, dims: dict) -> float | None:
+    """The head-dim tile over the head dim of an attention kernel (the part of the
+    padding a head-dim split can remove; sequence ends are the shape's), else None."""
+    if _MODELS.get(launch.name) not in (_attention, _attention_short) or "head_dim" not in dims:
+        return None
+    return round(_head_dim_tile(launch.constexprs) / dims["head_dim"], 3)
+
+
 def work_ratio(launch: Launch, dims: dict) -> float | None:
     """issued / useful multiply-adds, or None when the kernel has no work model."""
     model = _MODELS.get(launch.name)
