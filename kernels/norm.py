@@ -37,6 +37,9 @@ MAX_N = 65536
 # backward holds more per element (h, dy, w and the dw, db sums): it loops above 8k.
 MAX_BLOCK_N = 16384
 MAX_BLOCK_N_BWD = 8192
+# The looped backward's chunk: 8192 wide spilled 8 B under triton 3.6 (16 warps, 128
+# registers a thread at most); 4096 leaves room under both 3.6 and 3.9.
+LOOPED_BWD_BLOCK_N = 4096
 
 
 @triton.jit
@@ -306,7 +309,7 @@ def norm_bwd(dy, h, weight, has_bias: bool, mean, rstd, dres_out, is_rms: bool):
         BLOCK_N = triton.next_power_of_2(N)
         kernel = _norm_bwd_kernel
         if BLOCK_N > MAX_BLOCK_N_BWD:
-            kernel, BLOCK_N = _norm_bwd_looped_kernel, MAX_BLOCK_N_BWD
+            kernel, BLOCK_N = _norm_bwd_looped_kernel, min(LOOPED_BWD_BLOCK_N, MAX_BLOCK_N_BWD)
         kernel[(programs,)](
             h2, weight if weight is not None else h2, dy2, dres2, dx2, dw_partial, db_partial,
             mean if not is_rms else rstd, rstd,
