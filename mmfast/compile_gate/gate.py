@@ -92,10 +92,9 @@ def _row(launch: Launch, compiled: Compiled, dims: dict) -> dict:
 def _plan(quick: bool, families: tuple[str, ...]) -> list[tuple[Case, Launch]]:
     """The distinct (case, launch) rows of a run, in a fixed order."""
     cases = [c for c in all_cases() if (c.quick or not quick) and (not families or c.family in families)]
-    dtypes = (torch.bfloat16,) if quick else DTYPES
     plan, seen = [], set()
     for case in cases:
-        for dtype in dtypes:
+        for dtype in case.quick_dtypes if quick else DTYPES:
             for launch in record_case(case, dtype):
                 if (case.shape, launch.specialization()) not in seen:
                     seen.add((case.shape, launch.specialization()))
