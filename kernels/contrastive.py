@@ -388,8 +388,14 @@ def sigmoid_rows(x, y, scale, bias, diag_offset=None) -> torch.Tensor:
     return rows
 
 
-def _block_do(d: int, device) -> int:
-    return max(16, min(triton.next_power_of_2(d), 256 if device.type == "cuda" else 64))
+def _block_do(d: int, device, widest: int = 256) -> int:
+    return max(16, min(triton.next_power_of_2(d), widest if device.type == "cuda" else 64))
+
+
+# The rows kernel also holds x for ds: at BLOCK_DO = 256 its float32 accumulator spilled
+# on sm_90a (96-120 B/thread at 255 registers); 128 halves it, for twice the score
+# recomputation over a wide feature dim. The columns kernel fits 256 (~245 registers).
+_ROWS_BLOCK_DO = 128
 
 
 def _common(x, y, scale, bias, stats_r, stats_c, coef):
@@ -419,7 +425,7 @@ def contrastive_bwd_rows(x, y, scale, bias, stats_r, stats_c, coef, diag_offset,
         zero = torch.zeros((), dtype=torch.float32, device=device)
         return dx.zero_(), zero, zero.clone()
     cfg = _blocks(M, N, D, device)
-    block_do = _block_do(D, device)
+    block_do = _block_do(D, device, _ROWS_BLOCK_DO)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(D, block_do))
     ds_partial = empty((grid[0] * grid[1],), dtype=torch.float32, device=device)
     db_partial = empty((grid[0] * grid[1],), dtype=torch.float32, device=device)

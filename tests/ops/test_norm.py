@@ -151,6 +151,37 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
         mmfast.ops.layer_norm(**args)
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
+def test_rows_wider_than_a_block_are_looped(is_rms, residual, affine, device, monkeypatch):
+    # Rows wider than MAX_BLOCK_N (16384; 8192 backward) take the looped kernels (whole
+    # rows that wide in registers spilled on sm_90a); a small limit sends small rows there:
+    # several chunks, a ragged last one, and more rows than programs in the backward.
+    from mmfast.kernels import norm as kernels
+
+    monkeypatch.setattr(kernels, "MAX_BLOCK_N", 32)
+    monkeypatch.setattr(kernels, "MAX_BLOCK_N_BWD", 32)
+    launched = []
+    for name in ("_norm_fwd_looped_kernel", "_norm_bwd_looped_kernel"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, _Spy(kernel, launched, name))
+    inputs = _inputs((9, 77), torch.float16, device, is_rms=is_rms, residual=residual, affine=affine)
+    _check(inputs, is_rms, "triton")
+    assert launched == ["_norm_fwd_looped_kernel", "_norm_bwd_looped_kernel"]
+
+
+class _Spy:
+    """A kernel that notes its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel, launched, name):
+        self.kernel, self.launched, self.name = kernel, launched, name
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
 def test_triton_refuses_rows_too_wide():
     x = torch.ones(1, 65537)
     with pytest.raises(mmfast.NoBackendError, match="hidden size 65537 > 65536"):
