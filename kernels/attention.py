@@ -42,14 +42,18 @@ p Z (l, hence lse, sums the undropped p), and the backward uses
 where delta = rowsum(dO * O) still equals rowsum(p dp) with the dropped O. DROPOUT=False
 compiles exactly the kernels without dropout.
 
-Head dims that are not powers of two are padded to BLOCK_D = next_pow2(D) with masked
-loads. float32 inputs use IEEE dots (no TF32), so they are as exact as the reference.
+The head dim is tiled as at most two power-of-two pieces (kernels/_head_dim.py: 80 = 64 +
+16, 72 = 64 + 16 masked) rather than padded to next_pow2(D): dots that reduce over D add
+the pieces' dots, dots that produce D columns keep one accumulator per piece, and the
+backward's rotation gathers a partner column from whichever piece holds it. float32
+inputs use IEEE dots (no TF32), so they are as exact as the reference.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._head_dim import head_dim_pieces
 from ._launch import empty
 from .attention_dropout import dropout_keep
 
@@ -109,7 +113,7 @@ def _rotary_columns(offs_d, half):
 
 @triton.jit
 def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
+    """Load columns offs_d of a [rows, D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
     by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
     back to the input dtype."""
     x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
@@ -126,16 +130,64 @@ def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half
 
 
 @triton.jit
-def _rotate_back(acc, row_ok, table_rows, COS, SIN, offs_d, half):
-    """The transpose of the rotation, on a float32 [rows, BLOCK_D] gradient accumulator."""
+def _load_cols(rows_ptr, row_ok, offs_d, head_dim):
+    """Columns offs_d of a [rows, D] tile (rows_ptr: [rows, 1] row pointers); 0 past head_dim."""
+    return tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_cols(rows_ptr, x, row_ok, offs_d, head_dim):
+    """Store x into columns offs_d (those below head_dim) of the rows that are ok."""
+    tl.store(rows_ptr + offs_d[None, :], x, mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+@triton.jit
+def _normalise(acc, l_safe, keep_scale, DROPOUT: tl.constexpr):
+    """The forward's output piece acc / l (scaled by 1 / (1 - p) with dropout)."""
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
+    return out
+
+
+@triton.jit
+def _partner_values(acc, acc0, acc1, partner, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """Like acc ([rows, len(partner)]): column ``partner`` of the head-dim tile held as
+    pieces acc0 (columns [0, HEAD_D0)) and acc1 (the next HEAD_D1; unused when 0)."""
+    idx0 = tl.broadcast_to(tl.minimum(partner, HEAD_D0 - 1)[None, :], acc.shape)
+    vals = tl.gather(acc0, idx0, axis=1)
+    if HEAD_D1 > 0:
+        idx1 = tl.minimum(tl.maximum(partner - HEAD_D0, 0), HEAD_D1 - 1)
+        from1 = tl.gather(acc1, tl.broadcast_to(idx1[None, :], acc.shape), axis=1)
+        vals = tl.where((partner >= HEAD_D0)[None, :], from1, vals)
+    return vals
+
+
+@triton.jit
+def _rotate_back_cols(acc, acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, half,
+                      HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """The transpose of the rotation on columns offs_d (the piece ``acc``) of a float32
+    gradient held as pieces acc0, acc1 (the partner column may lie in the other piece)."""
     in_rot, first, pair, partner = _rotary_columns(offs_d, half)
     rot_mask = row_ok[:, None] & in_rot[None, :]
-    acc_partner = tl.gather(acc, tl.broadcast_to(partner[None, :], acc.shape), axis=1)
+    acc_partner = _partner_values(acc, acc0, acc1, partner, HEAD_D0, HEAD_D1)
     at = table_rows + pair[None, :]
     cos = tl.load(COS + at, mask=rot_mask, other=1.0).to(tl.float32)
     sin = tl.load(SIN + at, mask=rot_mask, other=0.0).to(tl.float32)
     sin = tl.where(first[None, :], sin, -sin)
     return acc * cos + acc_partner * sin
+
+
+@triton.jit
+def _rotate_back(acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, offs_t, half,
+                 HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """The transpose of the rotation, on a float32 gradient held as head-dim pieces acc0
+    (columns offs_d) and acc1 (columns offs_t; ignored when HEAD_D1 = 0)."""
+    new0 = _rotate_back_cols(acc0, acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, half, HEAD_D0, HEAD_D1)
+    new1 = acc1
+    if HEAD_D1 > 0:
+        new1 = _rotate_back_cols(acc1, acc0, acc1, row_ok, table_rows, COS, SIN, offs_t, half, HEAD_D0, HEAD_D1)
+    return new0, new1
 
 
 @triton.jit
@@ -150,7 +202,7 @@ def _attention_fwd_kernel(
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -163,30 +215,39 @@ def _attention_fwd_kernel(
     hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    # The head dim as pieces (_head_dim.py): columns offs_d, then the tail offs_t.
+    offs_d = tl.arange(0, HEAD_D0)
     m_ok = offs_m < len_q
     b64 = b.to(tl.int64)
 
     rows_q = (q_start + offs_m).to(tl.int64)
     offs_quad = tl.arange(0, BLOCK_N // 4)  # dropout: a Philox call per 4 keys
-    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt, m_ok,
-                      b64 * stride_cb + rows_q[:, None] * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY)
+    Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt
+    q_table = b64 * stride_cb + rows_q[:, None] * stride_ct
+    q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
     K_head = K + b64 * stride_kb + hk * stride_kh
-    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        acc1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
-                          COS, SIN, offs_d, head_dim, half, ROTARY)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k_table = b64 * stride_cb + rows_k * stride_ct
+        k = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k reduces over the head dim: add the tail piece's dot
+            k1 = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+        s = s * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -195,22 +256,25 @@ def _attention_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
+        v = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_d, head_dim)
         if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
             keep = dropout_keep(SEED, b * seqlen_q + rows_q, h + offs_m * 0, start_n // 4 + offs_quad,
                                 drop_threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # p v produces head-dim columns: one accumulator per piece
+            v1 = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_t, head_dim)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * keep_scale
     rows_o = (q_start + offs_m).to(tl.int64)
-    tl.store(O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    O_rows = O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot
+    _store_cols(O_rows, _normalise(acc, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), m_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(O_rows, _normalise(acc1, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), m_ok, offs_t,
+                    head_dim)
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
 
@@ -259,7 +323,7 @@ def _attention_bwd_dkdv_kernel(
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -271,18 +335,24 @@ def _attention_bwd_dkdv_kernel(
         return
     offs_n = n_first + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     b64 = b.to(tl.int64)
     rows_k = (k_start + offs_n).to(tl.int64)[:, None]
     n_ok = offs_n < len_k
     k_table = b64 * stride_cb + rows_k * stride_ct
-    k = _load_rotated(K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt, n_ok, k_table,
-                      COS, SIN, offs_d, head_dim, half, ROTARY)
-    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    K_rows = K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt
+    V_rows = V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt
+    k = _load_rotated(K_rows, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    v = _load_cols(V_rows, n_ok, offs_d, head_dim)
+    dk = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    offs_t = offs_d
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        k1 = _load_rotated(K_rows, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        v1 = _load_cols(V_rows, n_ok, offs_t, head_dim)
+        dk1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
+        dv1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
     scale_log2 = scale * _LOG2E
 
     # Queries [lo, hi) that may see keys [n_first, n_first + BLOCK_N): invert the window.
@@ -299,41 +369,56 @@ def _attention_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         Q_head = Q + b64 * stride_qb + h * stride_qh
-        DO_head = DO + b64 * stride_dob + h * stride_doh + offs_d[None, :]
+        DO_head = DO + b64 * stride_dob + h * stride_doh
         L_head = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             m_ok = rows < len_q
             rows_q = (q_start + rows).to(tl.int64)[:, None]
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = _load_rotated(Q_head + rows_q * stride_qt, m_ok, b64 * stride_cb + rows_q * stride_ct,
-                              COS, SIN, offs_d, head_dim, half, ROTARY)
-            do = tl.load(DO_head + rows_q * stride_dot, mask=q_mask, other=0.0)
+            q_table = b64 * stride_cb + rows_q * stride_ct
+            q = _load_rotated(Q_head + rows_q * stride_qt, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+            do = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_d, head_dim)
             lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
             # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
+                q1 = _load_rotated(Q_head + rows_q * stride_qt, m_ok, q_table, COS, SIN, offs_t, head_dim, half,
+                                   ROTARY)
+                do1 = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_t, head_dim)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+            s = s * scale_log2
             ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            p_kept = p
             if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
                 keep = dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
                                     n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
-                dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
-                             input_precision=PRECISION)
+                p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            p_t = tl.trans(p_kept.to(do.dtype))
+            dv += tl.dot(p_t, do, input_precision=PRECISION)
+            ds_t = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            if HEAD_D1 > 0:  # p^T dO and ds^T q produce head-dim columns: one accumulator per piece
+                dv1 += tl.dot(p_t, do1, input_precision=PRECISION)
+                dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
 
+    if HEAD_D1 == 0:
+        dk1 = dk  # placeholders: there is no tail piece
+        dv1 = dv
     if ROTARY:  # dk is wrt the rotated k: back to k's frame
-        dk = _rotate_back(dk, n_ok, k_table, COS, SIN, offs_d, half)
-    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk, dk1 = _rotate_back(dk, dk1, n_ok, k_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+    DK_rows = DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt
+    DV_rows = DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt
+    _store_cols(DK_rows, (dk * scale).to(DK.dtype.element_ty), n_ok, offs_d, head_dim)
+    _store_cols(DV_rows, dv.to(DV.dtype.element_ty), n_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DK_rows, (dk1 * scale).to(DK.dtype.element_ty), n_ok, offs_t, head_dim)
+        _store_cols(DV_rows, dv1.to(DV.dtype.element_ty), n_ok, offs_t, head_dim)
 
 
 @triton.jit
@@ -349,7 +434,7 @@ def _attention_bwd_dq_kernel(
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -362,49 +447,66 @@ def _attention_bwd_dq_kernel(
     hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     m_ok = offs_m < len_q
-    q_mask = m_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
     rows_q = (q_start + offs_m).to(tl.int64)[:, None]
     q_table = b64 * stride_cb + rows_q * stride_ct
-    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt, m_ok, q_table,
-                      COS, SIN, offs_d, head_dim, half, ROTARY)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt
+    DO_rows = DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot
+    q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    do = _load_cols(DO_rows, m_ok, offs_d, head_dim)
+    dq = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    offs_t = offs_d
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        do1 = _load_cols(DO_rows, m_ok, offs_t, head_dim)
+        dq1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     L_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse = tl.load(LSE + L_at, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + L_at, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     scale_log2 = scale * _LOG2E
     K_head = K + b64 * stride_kb + hk * stride_kh
-    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
-                          COS, SIN, offs_d, head_dim, half, ROTARY)
-        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k_table = b64 * stride_cb + rows_k * stride_ct
+        k = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+        v = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_d, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
+            k1 = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+            v1 = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_t, head_dim)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+        s = s * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = dropout_keep(SEED, b * seqlen_q + q_start + offs_m, h + offs_m * 0,
                                 start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # ds k produces head-dim columns: one accumulator per piece
+            dq1 += tl.dot(ds, k1, input_precision=PRECISION)
 
+    if HEAD_D1 == 0:
+        dq1 = dq  # a placeholder: there is no tail piece
     if ROTARY:  # dq is wrt the rotated q: back to q's frame
-        dq = _rotate_back(dq, m_ok, q_table, COS, SIN, offs_d, half)
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        dq, dq1 = _rotate_back(dq, dq1, m_ok, q_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+    DQ_rows = DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt
+    _store_cols(DQ_rows, (dq * scale).to(DQ.dtype.element_ty), m_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DQ_rows, (dq1 * scale).to(DQ.dtype.element_ty), m_ok, offs_t, head_dim)
 
 
 # ---- launchers -------------------------------------------------------------------
@@ -438,6 +540,12 @@ def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, i
     if head_dim <= 64:
         return 128, 64, 4, 3
     return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
+
+
+def _pieces(head_dim: int) -> dict:
+    """The dot kernels' head-dim pieces (kernels/_head_dim.py) as constexpr arguments."""
+    head_d0, head_d1 = head_dim_pieces(head_dim)
+    return dict(HEAD_D0=head_d0, HEAD_D1=head_d1)
 
 
 def _rotary_args(q, cos, sin) -> tuple:
@@ -494,7 +602,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         *_dropout_args(dropout_p),
         VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_pieces(head_dim),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -527,7 +635,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
     common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                   ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_pieces(head_dim),
                   num_warps=num_warps, num_stages=num_stages)
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
              window_left, window_right, half, *_dropout_args(dropout_p))
