@@ -25,15 +25,18 @@ Backward, deterministic (no atomics), with delta = rowsum(dO * O) - dLSE:
     dq = scale sum_k ds k  (one program per BLOCK_M queries, looping over key blocks)
 Subtracting dLSE from delta makes lse differentiable: d lse / d s = p.
 
-Rotary (ROTARY=True): q and k tiles are rotated as they are loaded, rotate-half over their
-first R = 2 * half columns, by per-token angles from half-width tables COS, SIN ([T, R/2],
-or [B, T, R/2] padded; row t is token t, for q and k alike):
+Rotary (ROTARY=True): rotate-half over the first R = 2 * half columns of q and k, by
+per-token angles from half-width tables COS, SIN ([T, R/2], or [B, T, R/2] padded; row t
+is token t, for q and k alike):
     x_rot[j] = x[j] cos_j - x[j + half] sin_j,  x_rot[j + half] = x[j + half] cos_j + x[j] sin_j
-The partner columns come from a second load of the same tile with permuted column
-offsets (a cache hit), and the result is rounded to the input dtype, as a separate
-rotary pass would store it. The backward pass recomputes the rotated tiles, and turns dq
-and dk (gradients wrt the rotated q, k) back with the transpose (sin negated) before the
-store; there the partner columns come from a register gather of the accumulator.
+rounded to the input dtype, as a separate rotary pass would store it. The forward rotates
+its q tile as it loads it (once per program; the partner columns come from a second load
+with permuted column offsets, a cache hit); k, which every query block of a segment
+reads again, is rotated once by _attention_rotate_kernel before the launch (rotating
+each k tile inside the key loop spilled registers on sm_90a). The backward reads rotated
+copies of q and k the same way, and turns dq and dk (gradients wrt the rotated q, k) back
+with the transpose (sin negated) before the store; there the partner columns come from
+a register gather of the accumulator's pieces.
 
 Dropout (DROPOUT=True; attention_dropout.py): each score tile regenerates its keep-mask Z
 (kept entries 1 / (1 - p), others 0) from the seed; the forward accumulates acc with
@@ -78,12 +81,19 @@ def _segment(CU, b, padded_len, VARLEN: tl.constexpr):
 def _visible(offs_m, offs_n, len_q, len_k, window_left, window_right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[M, N] mask: query offs_m sees key offs_n (bottom-right aligned window)."""
-    diag = offs_m[:, None] + (len_k - len_q)
-    ok = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    return _sees(offs_m[:, None], offs_n[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+
+
+@triton.jit
+def _sees(q_pos, k_pos, len_q, len_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query position q_pos sees key position k_pos, broadcast ([M, 1] and [1, N] give
+    [M, N]; [1, M] and [N, 1] the transposed mask)."""
+    diag = q_pos + (len_k - len_q)
+    ok = (q_pos < len_q) & (k_pos < len_k)
     if HAS_LEFT:
-        ok &= offs_n[None, :] >= diag - window_left
+        ok &= k_pos >= diag - window_left
     if HAS_RIGHT:
-        ok &= offs_n[None, :] <= diag + window_right
+        ok &= k_pos <= diag + window_right
     return ok
 
 
@@ -241,11 +251,10 @@ def _attention_fwd_kernel(
         cols = start_n + offs_n
         n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        k_table = b64 * stride_cb + rows_k * stride_ct
-        k = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+        k = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_d, head_dim)  # rotated by the launcher
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HEAD_D1 > 0:  # q.k reduces over the head dim: add the tail piece's dot
-            k1 = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+            k1 = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_t, head_dim)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
         s = s * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -277,6 +286,25 @@ def _attention_fwd_kernel(
                     head_dim)
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attention_rotate_kernel(
+    X, Y, COS, SIN,
+    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cb, stride_ct,
+    tokens, head_dim, half, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Y = X rotated (token t of batch entry b by table row b * stride_cb + t * stride_ct),
+    rounded to X's dtype: the tiles the forward rotated as it loaded them."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b64 = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs_t < tokens
+    rows = offs_t.to(tl.int64)[:, None]
+    x = _load_rotated(X + b64 * stride_xb + h * stride_xh + rows * stride_xt, ok, b64 * stride_cb + rows * stride_ct,
+                      COS, SIN, offs_d, head_dim, half, True)
+    _store_cols(Y + b64 * stride_yb + h * stride_yh + rows * stride_yt, x, ok, offs_d, head_dim)
 
 
 @triton.jit
@@ -342,14 +370,14 @@ def _attention_bwd_dkdv_kernel(
     k_table = b64 * stride_cb + rows_k * stride_ct
     K_rows = K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt
     V_rows = V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt
-    k = _load_rotated(K_rows, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    k = _load_cols(K_rows, n_ok, offs_d, head_dim)
     v = _load_cols(V_rows, n_ok, offs_d, head_dim)
     dk = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
     offs_t = offs_d
     if HEAD_D1 > 0:
         offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
-        k1 = _load_rotated(K_rows, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        k1 = _load_cols(K_rows, n_ok, offs_t, head_dim)
         v1 = _load_cols(V_rows, n_ok, offs_t, head_dim)
         dk1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
         dv1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
@@ -375,36 +403,37 @@ def _attention_bwd_dkdv_kernel(
             rows = start_m + offs_m
             m_ok = rows < len_q
             rows_q = (q_start + rows).to(tl.int64)[:, None]
-            q_table = b64 * stride_cb + rows_q * stride_ct
-            q = _load_rotated(Q_head + rows_q * stride_qt, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+            q = _load_cols(Q_head + rows_q * stride_qt, m_ok, offs_d, head_dim)
             do = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_d, head_dim)
             lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
             # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
-                q1 = _load_rotated(Q_head + rows_q * stride_qt, m_ok, q_table, COS, SIN, offs_t, head_dim, half,
-                                   ROTARY)
+            # Transposed tiles ([keys, queries]): p^T and ds^T feed the dk, dv dots
+            # directly, with no register transpose.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HEAD_D1 > 0:  # k.q and v.dO reduce over the head dim: add the tail's dots
+                q1 = _load_cols(Q_head + rows_q * stride_qt, m_ok, offs_t, head_dim)
                 do1 = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_t, head_dim)
-                s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
-                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
-            s = s * scale_log2
-            ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            p_kept = p
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
+            s_t = s_t * scale_log2
+            ok_t = _sees(rows[None, :], offs_n[:, None], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p_t = tl.where(ok_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+            p_kept = p_t
             if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
-                keep = dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
-                                    n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
-                p_kept = tl.where(keep, p * keep_scale, 0.0)
-                dp = tl.where(keep, dp * keep_scale, 0.0)
-            p_t = tl.trans(p_kept.to(do.dtype))
-            dv += tl.dot(p_t, do, input_precision=PRECISION)
-            ds_t = tl.trans((p * (dp - delta[:, None])).to(q.dtype))
+                keep = tl.trans(dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
+                                             n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
+                                             BLOCK_M, BLOCK_N))
+                p_kept = tl.where(keep, p_t * keep_scale, 0.0)
+                dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            p_kept = p_kept.to(do.dtype)
+            dv += tl.dot(p_kept, do, input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q, input_precision=PRECISION)
             if HEAD_D1 > 0:  # p^T dO and ds^T q produce head-dim columns: one accumulator per piece
-                dv1 += tl.dot(p_t, do1, input_precision=PRECISION)
+                dv1 += tl.dot(p_kept, do1, input_precision=PRECISION)
                 dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
 
     if HEAD_D1 == 0:
@@ -454,13 +483,13 @@ def _attention_bwd_dq_kernel(
     q_table = b64 * stride_cb + rows_q * stride_ct
     Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt
     DO_rows = DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot
-    q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
     do = _load_cols(DO_rows, m_ok, offs_d, head_dim)
     dq = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
     offs_t = offs_d
     if HEAD_D1 > 0:
         offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
-        q1 = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        q1 = _load_cols(Q_rows, m_ok, offs_t, head_dim)
         do1 = _load_cols(DO_rows, m_ok, offs_t, head_dim)
         dq1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     L_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
@@ -477,13 +506,12 @@ def _attention_bwd_dq_kernel(
         cols = start_n + offs_n
         n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        k_table = b64 * stride_cb + rows_k * stride_ct
-        k = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+        k = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_d, head_dim)
         v = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_d, head_dim)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
-            k1 = _load_rotated(K_head + rows_k * stride_kt, n_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+            k1 = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_t, head_dim)
             v1 = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_t, head_dim)
             s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
             dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
@@ -530,16 +558,24 @@ def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
-def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned on GPUs: sensible starting
-    points, to be measured. The interpreter gets small tiles (it runs them in numpy)."""
+def _blocks(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq". Chosen
+    so that none spills on sm_90a and every dot lowers to wgmma, whose tiles have at
+    least 64 rows: BLOCK_N >= 64 in dkdv (its dots give [keys, .] tiles), BLOCK_M >= 64
+    in the others (scripts/sm90_attention_resources.py; untimed: to be measured on a
+    GPU). The interpreter gets small tiles (it runs them in numpy)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
-    if backward:
-        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
+    width = sum(head_dim_pieces(head_dim))
+    if kernel == "fwd":
+        if width <= 64:
+            return 128, 64, 4, 3
+        return (128, 32, 8, 2) if width <= 128 else (64, 32, 8, 1)
+    if width <= 64:
+        return 64, 64, 4, 2
+    if width <= 128:
+        return 64, 64, 8, 2
+    return (32, 64, 8, 2) if kernel == "dkdv" else (64, 32, 8, 1)
 
 
 def _pieces(head_dim: int) -> dict:
@@ -556,6 +592,21 @@ def _rotary_args(q, cos, sin) -> tuple:
         return q, q, 0, 0, 0
     batch_stride = 0 if cos.dim() == 2 else cos.stride(0)
     return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
+
+
+def _rotated(x, varlen: bool, cos, sin, stride_cb: int, stride_ct: int, half: int) -> torch.Tensor:
+    """x ([T, H, D] packed, [B, T, H, D] padded) rotated by the tables, as the forward's
+    fused rotation rounds it. The backward reads these copies: rotating every q and k
+    tile again in its inner loops spilled registers (kernels/README.md)."""
+    y = empty(x.shape, dtype=x.dtype, device=x.device)
+    batch, tokens = (1, x.shape[0]) if varlen else x.shape[:2]
+    BLOCK_T = 32
+    if y.numel():
+        _attention_rotate_kernel[(triton.cdiv(tokens, BLOCK_T), batch, x.shape[-2])](
+            x, y, cos, sin, *_strides(x, varlen), *_strides(y, varlen), stride_cb, stride_ct,
+            tokens, x.shape[-1], half, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(x.shape[-1]),
+        )
+    return y
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
@@ -589,11 +640,13 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     lse = empty(lse_shape, dtype=torch.float32, device=q.device)
     if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=False)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, "fwd")
     grid = (triton.cdiv(grid_q, BLOCK_M), batch, heads)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
+    if cos is not None:  # the kernel rotates q tiles as it loads them, and reads a rotated k
+        k = _rotated(k, varlen, table_cos, table_sin, stride_cb, stride_ct, half)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
@@ -615,7 +668,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
     then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
-    (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k.
+    (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k:
+    two more launches first write rotated copies of q and k, which the kernels read.
     With ``seed`` and ``dropout_p`` (those of the forward) the kernels regenerate its mask.
     """
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -627,16 +681,19 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lse.shape, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, backward=True)
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, "dq")
+    KV_M, KV_N, kv_warps, kv_stages = _blocks(q.device, head_dim, "dkdv")
     BLOCK_D = triton.next_power_of_2(head_dim)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
     table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin)
+    if cos is not None:  # the kernels read rotated copies and rotate dq, dk back (see _rotated)
+        q = _rotated(q, varlen, table_cos, table_sin, stride_cb, stride_ct, half)
+        k = _rotated(k, varlen, table_cos, table_sin, stride_cb, stride_ct, half)
     common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                   ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_pieces(head_dim),
-                  num_warps=num_warps, num_stages=num_stages)
+                  **_pieces(head_dim))
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
              window_left, window_right, half, *_dropout_args(dropout_p))
     seed = seed if seed is not None else cu_q
@@ -648,17 +705,17 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
             VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
     if grid_k > 0:
-        _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, BLOCK_N), batch, kv_heads)](
+        _attention_bwd_dkdv_kernel[(triton.cdiv(grid_k, KV_N), batch, kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, **common, BLOCK_M=KV_M, BLOCK_N=KV_N, num_warps=kv_warps, num_stages=kv_stages,
         )
     if grid_q > 0:
         _attention_bwd_dq_kernel[(triton.cdiv(grid_q, BLOCK_M), batch, heads)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),
             *_strides(dq, varlen), *lse_strides,
-            *sizes, **common,
+            *sizes, **common, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages,
         )
     return dq, dk, dv

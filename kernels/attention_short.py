@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ._launch import empty
-from .attention import _dropout_args, _load_rotated, _rotate_back
+from .attention import _dropout_args, _load_cols, _load_rotated, _normalise, _pieces, _rotate_back, _store_cols
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -133,7 +133,7 @@ def _attention_short_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -144,18 +144,25 @@ def _attention_short_fwd_kernel(
     if tl.max(row_ok.to(tl.int32), 0) == 0:  # a chunk past every segment of the group
         return
     seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < head_dim)[None, :]
-    col_ok = (pos_c < len_k_c)[:, None] & d_ok
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
+    k_ok = pos_c < len_k_c
 
     rows_q = (q_start + pos_r).to(tl.int64)[:, None]
     rows_k = (k_start + pos_c).to(tl.int64)[:, None]
     q_table = _table_rows(rows_q, seg_r, stride_ct, stride_cs)
     k_table = _table_rows(rows_k, seg_c, stride_ct, stride_cs)
-    q = _load_rotated(Q + h * stride_qh + rows_q * stride_qt, row_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
-    k = _load_rotated(K + hk * stride_kh + rows_k * stride_kt, pos_c < len_k_c, k_table,
-                      COS, SIN, offs_d, head_dim, half, ROTARY)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    Q_rows = Q + h * stride_qh + rows_q * stride_qt
+    K_rows = K + hk * stride_kh + rows_k * stride_kt
+    V_rows = V + hk * stride_vh + rows_k * stride_vt
+    q = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    k = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if HEAD_D1 > 0:  # q.k reduces over the head dim: add the tail piece's dot
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        k1 = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+    s = s * scale_log2
     visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
                               window_left, window_right, HAS_LEFT, HAS_RIGHT)
     s = tl.where(visible, s, float("-inf"))
@@ -163,20 +170,21 @@ def _attention_short_fwd_kernel(
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows that see nothing: avoid inf - inf
     p = tl.exp2(s - m_safe[:, None])
     l = tl.sum(p, 1)
-    v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
     if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
         keep = dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K), drop_threshold,
                             SEGS * ROWS, SEGS * SLOT_K)
         p = tl.where(keep, p, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-
     seen = l > 0.0
     l_safe = tl.where(seen, l, 1.0)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * keep_scale
-    tl.store(O + h * stride_oh + rows_q * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    O_rows = O + h * stride_oh + rows_q * stride_ot
+    p = p.to(V.dtype.element_ty)
+    # p v produces head-dim columns: one dot and store per piece.
+    acc = tl.dot(p, _load_cols(V_rows, k_ok, offs_d, head_dim), input_precision=PRECISION)
+    _store_cols(O_rows, _normalise(acc, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), row_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        acc1 = tl.dot(p, _load_cols(V_rows, k_ok, offs_t, head_dim), input_precision=PRECISION)
+        _store_cols(O_rows, _normalise(acc1, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), row_ok, offs_t,
+                    head_dim)
     lse = tl.where(seen, (m_safe + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + h.to(tl.int64) * stride_lh + q_start + pos_r, lse, mask=row_ok)
 
@@ -191,22 +199,29 @@ def _attention_short_bwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     first_seg = pid * SEGS
     seg_c, pos_c, k_start, len_k_c = _columns(CU_K, first_seg, batch, SLOT_K, SEGS)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < head_dim)[None, :]
-    col_ok = (pos_c < len_k_c)[:, None] & d_ok
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     rows_k = (k_start + pos_c).to(tl.int64)[:, None]
     k_ok = pos_c < len_k_c
     k_table = _table_rows(rows_k, seg_c, stride_ct, stride_cs)
-    k = _load_rotated(K + hk * stride_kh + rows_k * stride_kt, k_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
-    v = tl.load(V + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=col_ok, other=0.0)
-    dk = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((SEGS * SLOT_K, BLOCK_D), dtype=tl.float32)
+    K_rows = K + hk * stride_kh + rows_k * stride_kt
+    V_rows = V + hk * stride_vh + rows_k * stride_vt
+    k = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    v = _load_cols(V_rows, k_ok, offs_d, head_dim)
+    dk = tl.zeros((SEGS * SLOT_K, HEAD_D0), dtype=tl.float32)
+    dv = tl.zeros((SEGS * SLOT_K, HEAD_D0), dtype=tl.float32)
+    offs_t = offs_d
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        k1 = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        v1 = _load_cols(V_rows, k_ok, offs_t, head_dim)
+        dk1 = tl.zeros((SEGS * SLOT_K, HEAD_D1), dtype=tl.float32)
+        dv1 = tl.zeros((SEGS * SLOT_K, HEAD_D1), dtype=tl.float32)
     scale_log2 = scale * _LOG2E
 
     # Query heads of the group, then query chunks, in a fixed order: deterministic sums.
@@ -215,46 +230,67 @@ def _attention_short_bwd_kernel(
         for chunk in range(0, SPLIT):
             seg_r, pos_r, q_start, len_q, len_k_r = _rows(CU_Q, CU_K, first_seg, chunk, batch, ROWS, SEGS)
             row_ok = pos_r < len_q
-            q_mask = row_ok[:, None] & d_ok
             rows_q = (q_start + pos_r).to(tl.int64)[:, None]
             q_table = _table_rows(rows_q, seg_r, stride_ct, stride_cs)
-            q = _load_rotated(Q + h * stride_qh + rows_q * stride_qt, row_ok, q_table,
-                              COS, SIN, offs_d, head_dim, half, ROTARY)
-            do = tl.load(DO + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            Q_rows = Q + h * stride_qh + rows_q * stride_qt
+            DO_rows = DO + h * stride_doh + rows_q * stride_dot
+            q = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+            do = _load_cols(DO_rows, row_ok, offs_d, head_dim)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
+                q1 = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+                do1 = _load_cols(DO_rows, row_ok, offs_t, head_dim)
+                s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
             visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
                                       window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = _softmax(tl.where(visible, s, float("-inf")))
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            p = _softmax(tl.where(visible, s * scale_log2, float("-inf")))
+            p_kept = p
             if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
                 keep = dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K),
                                     drop_threshold, SEGS * ROWS, SEGS * SLOT_K)
-                dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
-                             input_precision=PRECISION)
+                p_kept = tl.where(keep, p * keep_scale, 0.0)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            p_t = tl.trans(p_kept.to(do.dtype))
+            dv += tl.dot(p_t, do, input_precision=PRECISION)
             dp_centred = dp - tl.sum(p * dp, 1)[:, None]
             if HAS_DLSE:
                 # Added after centring, not folded into delta: a row with one key then
                 # gets exactly dLSE, as eager attention does.
                 dlse = tl.load(DLSE + h.to(tl.int64) * stride_lh + q_start + pos_r, mask=row_ok, other=0.0)
                 dp_centred += dlse[:, None]
-            ds = p * dp_centred
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            ds = (p * dp_centred).to(k.dtype)
+            ds_t = tl.trans(ds)
+            dq = tl.dot(ds, k, input_precision=PRECISION) * scale
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            dq1 = dq
+            if HEAD_D1 > 0:  # ds k, p^T dO, ds^T q produce head-dim columns: one accumulator per piece
+                dq1 = tl.dot(ds, k1, input_precision=PRECISION) * scale
+                dv1 += tl.dot(p_t, do1, input_precision=PRECISION)
+                dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
             if ROTARY:  # dq is wrt the rotated q: back to q's frame
-                dq = _rotate_back(dq, row_ok, q_table, COS, SIN, offs_d, half)
-            tl.store(DQ + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
-                     dq.to(DQ.dtype.element_ty), mask=q_mask)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                dq, dq1 = _rotate_back(dq, dq1, row_ok, q_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+            DQ_rows = DQ + h * stride_dqh + rows_q * stride_dqt
+            _store_cols(DQ_rows, dq.to(DQ.dtype.element_ty), row_ok, offs_d, head_dim)
+            if HEAD_D1 > 0:
+                _store_cols(DQ_rows, dq1.to(DQ.dtype.element_ty), row_ok, offs_t, head_dim)
 
     dk *= scale
+    if HEAD_D1 > 0:
+        dk1 *= scale
+    else:
+        dk1 = dk  # placeholders: there is no tail piece
+        dv1 = dv
     if ROTARY:  # dk is wrt the rotated k: back to k's frame
-        dk = _rotate_back(dk, k_ok, k_table, COS, SIN, offs_d, half)
-    tl.store(DK + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=col_ok)
-    tl.store(DV + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=col_ok)
+        dk, dk1 = _rotate_back(dk, dk1, k_ok, k_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+    DK_rows = DK + hk * stride_dkh + rows_k * stride_dkt
+    DV_rows = DV + hk * stride_dvh + rows_k * stride_dvt
+    _store_cols(DK_rows, dk.to(DK.dtype.element_ty), k_ok, offs_d, head_dim)
+    _store_cols(DV_rows, dv.to(DV.dtype.element_ty), k_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DK_rows, dk1.to(DK.dtype.element_ty), k_ok, offs_t, head_dim)
+        _store_cols(DV_rows, dv1.to(DV.dtype.element_ty), k_ok, offs_t, head_dim)
 
 
 # ---- launchers -------------------------------------------------------------------
@@ -337,7 +373,7 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
         *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim),
         num_warps=num_warps, num_stages=1,
     )
     return out, lse
@@ -373,7 +409,7 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         batch, head_dim, heads // kv_heads, scale, window_left, window_right, *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
         ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, BLOCK_D=triton.next_power_of_2(head_dim),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim),
         num_warps=num_warps, num_stages=1,
     )
     return dq, dk, dv

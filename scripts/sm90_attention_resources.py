@@ -134,8 +134,9 @@ def compile_launch(fn, args, kwargs):
         "shared": compiled.metadata.shared,
         "num_warps": options.num_warps,
         "num_stages": options.num_stages,
-        "wgmma": "wgmma.mma_async" in compiled.asm["ptx"],
-        "mma_sync": "mma.sync" in compiled.asm["ptx"],
+        # Hopper tensor-core instructions against Ampere-style ones, counted in the PTX.
+        "wgmma": compiled.asm["ptx"].count("wgmma.mma_async."),
+        "mma_sync": compiled.asm["ptx"].count("mma.sync."),
         "compile_s": round(time.time() - start, 1),
     }
 
@@ -208,7 +209,7 @@ def _line(row):
     return (f"{row['kernel']:40s} {row['dtype']:9s} D={row['head_dim']:<4d} pieces={row['pieces']} "
             f"x{row['issued_over_useful']:<5} w={row['num_warps']} s={row['num_stages']} regs={row['regs']} "
             f"spill={row['spill_stores']}/{row['spill_loads']} smem={row['shared']} "
-            f"{'wgmma' if row['wgmma'] else ('mma.sync' if row['mma_sync'] else '-')} {flags} "
+            f"wgmma={row['wgmma']} mma.sync={row['mma_sync']} {flags} "
             f"({row['compile_s']}s)")
 
 
