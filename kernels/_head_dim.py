@@ -38,3 +38,16 @@ def issued_over_useful(head_dim: int) -> float:
     kernels (each reduces over, or produces, HEAD_D0 + HEAD_D1 columns for head_dim)."""
     d0, d1 = head_dim_pieces(head_dim)
     return (d0 + d1) / head_dim
+
+
+def row_align(*tensors) -> int:
+    """The largest power of two up to 8 that divides every stride but the last of every
+    tensor: the kernels tell the compiler their row strides are multiples of it, so rows
+    of a [T, H, 72] layout (head stride 72, which Triton's argument specialisation sees
+    only as "not a multiple of 16") still load and store as whole 16-byte vectors."""
+    align = 8
+    for t in tensors:
+        for stride in t.stride()[:-1]:
+            while stride % align:
+                align //= 2
+    return align

@@ -56,13 +56,28 @@ import torch
 import triton
 import triton.language as tl
 
-from ._head_dim import head_dim_pieces
+from ._head_dim import head_dim_pieces, row_align
 from ._launch import empty
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _aligned2(stride_t, stride_h, ROW_ALIGN: tl.constexpr):
+    """Row strides, known to the compiler as multiples of ROW_ALIGN (the launcher checked
+    that they are: kernels/_head_dim.py row_align), so that a row of any head dim starts
+    a whole vector."""
+    return stride_t // ROW_ALIGN * ROW_ALIGN, stride_h // ROW_ALIGN * ROW_ALIGN
+
+
+@triton.jit
+def _aligned3(stride_b, stride_t, stride_h, ROW_ALIGN: tl.constexpr):
+    """_aligned2 with a batch stride."""
+    stride_t, stride_h = _aligned2(stride_t, stride_h, ROW_ALIGN)
+    return stride_b // ROW_ALIGN * ROW_ALIGN, stride_t, stride_h
 
 
 @triton.jit
@@ -208,12 +223,18 @@ def _attention_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, half,
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_ob, stride_ot, stride_oh = _aligned3(stride_ob, stride_ot, stride_oh, ROW_ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -292,7 +313,7 @@ def _attention_fwd_kernel(
 def _attention_rotate_kernel(
     X, Y, COS, SIN,
     stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cb, stride_ct,
-    tokens, head_dim, half, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    tokens, head_dim: tl.constexpr, half, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Y = X rotated (token t of batch entry b by table row b * stride_cb + t * stride_ct),
     rounded to X's dtype: the tiles the forward rotated as it loaded them."""
@@ -347,12 +368,20 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_dob, stride_dot, stride_doh = _aligned3(stride_dob, stride_dot, stride_doh, ROW_ALIGN)
+    stride_dkb, stride_dkt, stride_dkh = _aligned3(stride_dkb, stride_dkt, stride_dkh, ROW_ALIGN)
+    stride_dvb, stride_dvt, stride_dvh = _aligned3(stride_dvb, stride_dvt, stride_dvh, ROW_ALIGN)
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     hk = tl.program_id(2)
@@ -459,12 +488,19 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_dob, stride_dot, stride_doh = _aligned3(stride_dob, stride_dot, stride_doh, ROW_ALIGN)
+    stride_dqb, stride_dqt, stride_dqh = _aligned3(stride_dqb, stride_dqt, stride_dqh, ROW_ALIGN)
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -578,10 +614,11 @@ def _blocks(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int,
     return (32, 64, 8, 2) if kernel == "dkdv" else (64, 32, 8, 1)
 
 
-def _pieces(head_dim: int) -> dict:
-    """The dot kernels' head-dim pieces (kernels/_head_dim.py) as constexpr arguments."""
+def _pieces(head_dim: int, *tensors) -> dict:
+    """The dot kernels' head-dim pieces and the row alignment of ``tensors`` (those they
+    load and store by rows; kernels/_head_dim.py) as constexpr arguments."""
     head_d0, head_d1 = head_dim_pieces(head_dim)
-    return dict(HEAD_D0=head_d0, HEAD_D1=head_d1)
+    return dict(HEAD_D0=head_d0, HEAD_D1=head_d1, ROW_ALIGN=row_align(*tensors))
 
 
 def _rotary_args(q, cos, sin) -> tuple:
@@ -597,7 +634,7 @@ def _rotary_args(q, cos, sin) -> tuple:
 def _rotated(x, varlen: bool, cos, sin, stride_cb: int, stride_ct: int, half: int) -> torch.Tensor:
     """x ([T, H, D] packed, [B, T, H, D] padded) rotated by the tables, as the forward's
     fused rotation rounds it. The backward reads these copies: rotating every q and k
-    tile again in its inner loops spilled registers (kernels/README.md)."""
+    tile again in its inner loops spilled registers (scripts/sm90_attention_resources.py)."""
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     batch, tokens = (1, x.shape[0]) if varlen else x.shape[:2]
     BLOCK_T = 32
@@ -655,7 +692,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         *_dropout_args(dropout_p),
         VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_pieces(head_dim),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **_pieces(head_dim, q, k, v, out),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
@@ -693,7 +730,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         k = _rotated(k, varlen, table_cos, table_sin, stride_cb, stride_ct, half)
     common = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                   ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-                  **_pieces(head_dim))
+                  **_pieces(head_dim, q, k, v, do, dq, dk, dv))
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
              window_left, window_right, half, *_dropout_args(dropout_p))
     seed = seed if seed is not None else cu_q

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 
 from ._launch import empty
-from .attention import _dropout_args, _load_cols, _load_rotated, _normalise, _pieces, _rotate_back, _store_cols
+from .attention import (_aligned2, _dropout_args, _load_cols, _load_rotated, _normalise, _pieces, _rotate_back,
+                        _store_cols)
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -93,12 +94,21 @@ def _columns(CU_K, first_seg, batch, SLOT_K: tl.constexpr, SEGS: tl.constexpr):
 def _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c, window_left, window_right,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[M, N] mask: row r sees column c (same segment, both real, inside the window)."""
-    ok = (seg_r[:, None] == seg_c[None, :]) & (pos_r < len_q)[:, None] & (pos_c < len_k_c)[None, :]
-    diag = (pos_r + len_k_r - len_q)[:, None]  # the key position each query is aligned with
+    return _sees(seg_r[:, None], pos_r[:, None], len_q[:, None], len_k_r[:, None],
+                 seg_c[None, :], pos_c[None, :], len_k_c[None, :], window_left, window_right, HAS_LEFT, HAS_RIGHT)
+
+
+@triton.jit
+def _sees(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c, window_left, window_right,
+          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query (seg_r, pos_r) sees key (seg_c, pos_c), broadcast: [M, 1] rows and [1, N]
+    columns give the [M, N] mask, [1, M] and [N, 1] its transpose."""
+    ok = (seg_r == seg_c) & (pos_r < len_q) & (pos_c < len_k_c)
+    diag = pos_r + len_k_r - len_q  # the key position each query is aligned with
     if HAS_LEFT:
-        ok &= pos_c[None, :] >= diag - window_left
+        ok &= pos_c >= diag - window_left
     if HAS_RIGHT:
-        ok &= pos_c[None, :] <= diag + window_right
+        ok &= pos_c <= diag + window_right
     return ok
 
 
@@ -125,16 +135,49 @@ def _softmax(s):
 
 
 @triton.jit
+def _softmax_t(s_t):
+    """_softmax of the transposed tile: over each column (a query) of log2-unit scores."""
+    m = tl.max(s_t, 0)
+    p = tl.exp2(s_t - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    l = tl.sum(p, 0)
+    return p / tl.where(l > 0.0, l, 1.0)[None, :]
+
+
+@triton.jit
+def _attention_short_rotate_kernel(
+    X, Y, CU, COS, SIN, stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, stride_cs, half,
+    batch, head_dim: tl.constexpr, SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Y = X rotated, for the tokens of segments (cu_seqlens CU) the attention kernels
+    read, with their table rows (_table_rows) and rounding: the backward's q and k."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    seg, pos, start, length, _ = _rows(CU, CU, (pid // SPLIT) * SEGS, pid % SPLIT, batch, ROWS, SEGS)
+    ok = pos < length
+    rows = (start + pos).to(tl.int64)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    x = _load_rotated(X + h * stride_xh + rows * stride_xt, ok, _table_rows(rows, seg, stride_ct, stride_cs),
+                      COS, SIN, offs_d, head_dim, half, True)
+    _store_cols(Y + h * stride_yh + rows * stride_yt, x, ok, offs_d, head_dim)
+
+
+@triton.jit
 def _attention_short_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
     stride_ct, stride_cs, half,
-    batch, head_dim, group, scale_log2, window_left, window_right, drop_threshold, keep_scale,
+    batch, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, drop_threshold, keep_scale,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qt, stride_qh = _aligned2(stride_qt, stride_qh, ROW_ALIGN)
+    stride_kt, stride_kh = _aligned2(stride_kt, stride_kh, ROW_ALIGN)
+    stride_vt, stride_vh = _aligned2(stride_vt, stride_vh, ROW_ALIGN)
+    stride_ot, stride_oh = _aligned2(stride_ot, stride_oh, ROW_ALIGN)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // group
@@ -195,12 +238,21 @@ def _attention_short_bwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
     stride_ct, stride_cs, half,
-    batch, head_dim, group, scale, window_left, window_right, drop_threshold, keep_scale,
+    batch, head_dim: tl.constexpr, group, scale, window_left, window_right, drop_threshold, keep_scale,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_DLSE: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     SEGS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr, SLOT_K: tl.constexpr,
     HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qt, stride_qh = _aligned2(stride_qt, stride_qh, ROW_ALIGN)
+    stride_kt, stride_kh = _aligned2(stride_kt, stride_kh, ROW_ALIGN)
+    stride_vt, stride_vh = _aligned2(stride_vt, stride_vh, ROW_ALIGN)
+    stride_dot, stride_doh = _aligned2(stride_dot, stride_doh, ROW_ALIGN)
+    stride_dqt, stride_dqh = _aligned2(stride_dqt, stride_dqh, ROW_ALIGN)
+    stride_dkt, stride_dkh = _aligned2(stride_dkt, stride_dkh, ROW_ALIGN)
+    stride_dvt, stride_dvh = _aligned2(stride_dvt, stride_dvh, ROW_ALIGN)
     pid = tl.program_id(0)
     hk = tl.program_id(1)
     first_seg = pid * SEGS
@@ -211,14 +263,14 @@ def _attention_short_bwd_kernel(
     k_table = _table_rows(rows_k, seg_c, stride_ct, stride_cs)
     K_rows = K + hk * stride_kh + rows_k * stride_kt
     V_rows = V + hk * stride_vh + rows_k * stride_vt
-    k = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    k = _load_cols(K_rows, k_ok, offs_d, head_dim)  # q and k: rotated by the launcher
     v = _load_cols(V_rows, k_ok, offs_d, head_dim)
     dk = tl.zeros((SEGS * SLOT_K, HEAD_D0), dtype=tl.float32)
     dv = tl.zeros((SEGS * SLOT_K, HEAD_D0), dtype=tl.float32)
     offs_t = offs_d
     if HEAD_D1 > 0:
         offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
-        k1 = _load_rotated(K_rows, k_ok, k_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        k1 = _load_cols(K_rows, k_ok, offs_t, head_dim)
         v1 = _load_cols(V_rows, k_ok, offs_t, head_dim)
         dk1 = tl.zeros((SEGS * SLOT_K, HEAD_D1), dtype=tl.float32)
         dv1 = tl.zeros((SEGS * SLOT_K, HEAD_D1), dtype=tl.float32)
@@ -234,40 +286,43 @@ def _attention_short_bwd_kernel(
             q_table = _table_rows(rows_q, seg_r, stride_ct, stride_cs)
             Q_rows = Q + h * stride_qh + rows_q * stride_qt
             DO_rows = DO + h * stride_doh + rows_q * stride_dot
-            q = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+            q = _load_cols(Q_rows, row_ok, offs_d, head_dim)
             do = _load_cols(DO_rows, row_ok, offs_d, head_dim)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
-                q1 = _load_rotated(Q_rows, row_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+            # Transposed tiles ([keys, queries]): p^T and ds^T feed the dv, dk dots with
+            # no register transpose (dq takes the one transpose left).
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HEAD_D1 > 0:  # k.q and v.dO reduce over the head dim: add the tail's dots
+                q1 = _load_cols(Q_rows, row_ok, offs_t, head_dim)
                 do1 = _load_cols(DO_rows, row_ok, offs_t, head_dim)
-                s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
-                dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
-            visible = _block_diagonal(seg_r, pos_r, len_q, len_k_r, seg_c, pos_c, len_k_c,
-                                      window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = _softmax(tl.where(visible, s * scale_log2, float("-inf")))
-            p_kept = p
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
+            visible_t = _sees(seg_r[None, :], pos_r[None, :], len_q[None, :], len_k_r[None, :],
+                              seg_c[:, None], pos_c[:, None], len_k_c[:, None],
+                              window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p_t = _softmax_t(tl.where(visible_t, s_t * scale_log2, float("-inf")))
+            p_kept = p_t
             if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
-                keep = dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K),
-                                    drop_threshold, SEGS * ROWS, SEGS * SLOT_K)
-                p_kept = tl.where(keep, p * keep_scale, 0.0)
-                dp = tl.where(keep, dp * keep_scale, 0.0)
-            p_t = tl.trans(p_kept.to(do.dtype))
-            dv += tl.dot(p_t, do, input_precision=PRECISION)
-            dp_centred = dp - tl.sum(p * dp, 1)[:, None]
+                keep = tl.trans(dropout_keep(SEED, q_start + pos_r, h + pos_r * 0, _key_quads(SEGS, SLOT_K),
+                                             drop_threshold, SEGS * ROWS, SEGS * SLOT_K))
+                p_kept = tl.where(keep, p_t * keep_scale, 0.0)
+                dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            p_kept = p_kept.to(do.dtype)
+            dv += tl.dot(p_kept, do, input_precision=PRECISION)
+            dp_centred = dp_t - tl.sum(p_t * dp_t, 0)[None, :]
             if HAS_DLSE:
                 # Added after centring, not folded into delta: a row with one key then
                 # gets exactly dLSE, as eager attention does.
                 dlse = tl.load(DLSE + h.to(tl.int64) * stride_lh + q_start + pos_r, mask=row_ok, other=0.0)
-                dp_centred += dlse[:, None]
-            ds = (p * dp_centred).to(k.dtype)
-            ds_t = tl.trans(ds)
+                dp_centred += dlse[None, :]
+            ds_t = (p_t * dp_centred).to(k.dtype)
+            ds = tl.trans(ds_t)
             dq = tl.dot(ds, k, input_precision=PRECISION) * scale
             dk += tl.dot(ds_t, q, input_precision=PRECISION)
             dq1 = dq
             if HEAD_D1 > 0:  # ds k, p^T dO, ds^T q produce head-dim columns: one accumulator per piece
                 dq1 = tl.dot(ds, k1, input_precision=PRECISION) * scale
-                dv1 += tl.dot(p_t, do1, input_precision=PRECISION)
+                dv1 += tl.dot(p_kept, do1, input_precision=PRECISION)
                 dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
             if ROTARY:  # dq is wrt the rotated q: back to q's frame
                 dq, dq1 = _rotate_back(dq, dq1, row_ok, q_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
@@ -316,7 +371,9 @@ def _plan(device: torch.device, max_seqlen_q: int, max_seqlen_k: int, backward: 
     split = slot_q // rows
     rows = max(rows, 16 // segs)  # pad tiny slots up to tl.dot's 16 (extra rows are masked)
     slot_k = max(slot_k, 16 // segs, 4 if dropout else 1)
-    num_warps = (8 if segs * slot_k >= 128 else 4) if gpu else 1
+    # Two warpgroups from 64-row tiles up: with four warps the rotary and head dims 80-128
+    # spilled on sm_90a (scripts/sm90_attention_resources.py).
+    num_warps = (8 if max(segs * rows, segs * slot_k) >= 64 else 4) if gpu else 1
     return segs, rows, split, slot_k, num_warps
 
 
@@ -331,6 +388,24 @@ def _rotary_args(q, cos, sin, table_seg_stride: int) -> tuple:
     if cos is None:
         return q, q, 0, 0, 0
     return cos, sin, cos.stride(0), table_seg_stride, cos.shape[-1]
+
+
+def _rotated(x, cu_seqlens, max_seqlen: int, rotary: tuple) -> torch.Tensor:
+    """The tokens of x's segments rotated, as the fused rotation rounds them (others are
+    left unwritten: no kernel reads them). The backward reads these copies: rotating the
+    q and k tiles inside it spilled registers on sm_90a."""
+    table_cos, table_sin, stride_ct, stride_cs, half = rotary
+    y = empty(x.shape, dtype=x.dtype, device=x.device)
+    batch = cu_seqlens.numel() - 1
+    if batch == 0 or max_seqlen == 0 or x.numel() == 0:
+        return y
+    SEGS, ROWS = 1, min(triton.next_power_of_2(max_seqlen), 32)
+    SPLIT = triton.cdiv(max_seqlen, ROWS)
+    _attention_short_rotate_kernel[(triton.cdiv(batch, SEGS) * SPLIT, x.shape[1])](
+        x, y, cu_seqlens, table_cos, table_sin, *x.stride()[:2], *y.stride()[:2], stride_ct, stride_cs, half,
+        batch, x.shape[-1], SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, BLOCK_D=triton.next_power_of_2(x.shape[-1]),
+    )
+    return y
 
 
 def _check_sizes(max_seqlen_q: int, max_seqlen_k: int, head_dim: int) -> None:
@@ -373,7 +448,7 @@ def attention_short_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, 
         *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim, q, k, v, out),
         num_warps=num_warps, num_stages=1,
     )
     return out, lse
@@ -400,6 +475,10 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True,
                                                  dropout=dropout_p > 0)
     table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
+    if cos is not None:  # the kernel reads rotated copies and rotates dq, dk back (see _rotated)
+        rotary = (table_cos, table_sin, stride_ct, stride_cs, half)
+        q = _rotated(q, cu_seqlens_q, max_seqlen_q, rotary)
+        k = _rotated(k, cu_seqlens_k, max_seqlen_k, rotary)
     _attention_short_bwd_kernel[(triton.cdiv(batch, SEGS), kv_heads)](
         q, k, v, do, dlse if dlse is not None else lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
         table_cos, table_sin, seed if seed is not None else cu_seqlens_q,
@@ -409,7 +488,7 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         batch, head_dim, heads // kv_heads, scale, window_left, window_right, *_dropout_args(dropout_p),
         HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, HAS_DLSE=dlse is not None,
         ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim),
+        SEGS=SEGS, ROWS=ROWS, SPLIT=SPLIT, SLOT_K=SLOT_K, **_pieces(head_dim, q, k, v, do, dq, dk, dv),
         num_warps=num_warps, num_stages=1,
     )
     return dq, dk, dv
