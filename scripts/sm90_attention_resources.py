@@ -154,7 +154,8 @@ def main(argv=None):
     parser.add_argument("--kernels", default="general,short,cross")
     parser.add_argument("--jsonl", default=None, help="append one JSON row per compiled launch")
     opts = parser.parse_args(argv)
-    triton.knobs.cache.dir = tempfile.mkdtemp(prefix="sm90_attention_")  # every compile runs ptxas
+    triton.knobs.cache.dir = tempfile.mkdtemp(prefix="sm90_attention_")
+    triton.knobs.compilation.always_compile = True  # every compile runs ptxas, whose log has the registers
     seen = set()
     rows = []
     for family in opts.kernels.split(","):
