@@ -487,9 +487,9 @@ def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool, 
     if backward:
         if width <= 64:
             return 64, 64, 4, 2
-        if width <= 128:
-            return 64, 64, 8, 2
-        return (16, 64, 8, 2) if dkdv else (64, 32, 8, 1)
+        if dkdv:  # fewer query rows per step as dK, dV grow
+            return (64 if width <= 96 else 32 if width <= 128 else 16), 64, 8, 2
+        return (64, 64, 8, 2) if width <= 128 else (64, 32, 8, 1)
     block_m = 128 if width <= 128 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(max_rows)))
     if width <= 64:
