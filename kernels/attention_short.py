@@ -16,6 +16,10 @@ c // SLOT_K) only within its own segment and window. Rows and columns are gather
 through cu_seqlens, so segments need not be padded in memory and lq may differ from lk.
 With every key of a row in one block the softmax is exact in one pass (no running max).
 
+The head dim is tiled in at most two power-of-two pieces as in attention.py (80 = 64 +
+16). The backward works on transposed [keys, queries] score tiles, so p^T and ds^T feed
+the dv and dk dots directly (dq takes the one register transpose left).
+
 Semantics are those of attention.py: packed layout Q [Tq, Hq, D], K/V [Tk, Hk, D],
 cu_seqlens int32 [B+1]; bottom-right aligned windows (causal is window_right = 0); a
 query that sees no key gets out = 0 and lse = -inf; lse [Hq, Tq] in float32.
@@ -35,9 +39,10 @@ Dropout (DROPOUT=True) as in attention.py: the tile's mask is regenerated from t
 (rows by token, columns by key position within the segment: the general kernel's mask),
 and delta = rowsum(p dp) is taken with the dropped dp. Key slots are at least 4 wide.
 
-Rotary (ROTARY=True) as in attention.py, with its helpers: q and k tiles are rotated as
-they are loaded (a second, permuted-column load), and the backward rotates dq and dk back
-(a register gather) before the store. Token t of the packed layout (q's and k's alike)
+Rotary (ROTARY=True) as in attention.py, with its helpers: the forward rotates q and k
+tiles as it loads them (a second, permuted-column load); the backward reads rotated
+copies written by _attention_short_rotate_kernel (rotating inside it spilled registers on
+sm_90a) and rotates dq and dk back (a register gather) before the store. Token t of the packed layout (q's and k's alike)
 reads table row offset t * stride_ct + seg * stride_cs: packed tables are indexed by token
 (stride_cs = 0); a padded batch, flattened into one segment of T tokens per entry, moves
 each segment onto its own table ([B, T, R/2]) or back onto the shared one ([T, R/2]).
