@@ -25,15 +25,18 @@ Backward, deterministic (no atomics), with delta = rowsum(dO * O) - dLSE:
     dq = scale sum_k ds k  (one program per BLOCK_M queries, looping over key blocks)
 Subtracting dLSE from delta makes lse differentiable: d lse / d s = p.
 
-Rotary (ROTARY=True): q and k tiles are rotated as they are loaded, rotate-half over their
-first R = 2 * half columns, by per-token angles from half-width tables COS, SIN ([T, R/2],
-or [B, T, R/2] padded; row t is token t, for q and k alike):
+Rotary (ROTARY=True): rotate-half over the first R = 2 * half columns of q and k, by
+per-token angles from half-width tables COS, SIN ([T, R/2], or [B, T, R/2] padded; row t
+is token t, for q and k alike):
     x_rot[j] = x[j] cos_j - x[j + half] sin_j,  x_rot[j + half] = x[j + half] cos_j + x[j] sin_j
-The partner columns come from a second load of the same tile with permuted column
-offsets (a cache hit), and the result is rounded to the input dtype, as a separate
-rotary pass would store it. The backward pass recomputes the rotated tiles, and turns dq
-and dk (gradients wrt the rotated q, k) back with the transpose (sin negated) before the
-store; there the partner columns come from a register gather of the accumulator.
+rounded to the input dtype, as a separate rotary pass would store it. The forward rotates
+its q tile as it loads it (once per program; the partner columns come from a second load
+with permuted column offsets, a cache hit); k, which every query block of a segment
+reads again, is rotated once by _attention_rotate_kernel before the launch (rotating
+each k tile inside the key loop spilled registers on sm_90a). The backward reads rotated
+copies of q and k the same way, and turns dq and dk (gradients wrt the rotated q, k) back
+with the transpose (sin negated) before the store; there the partner columns come from
+a register gather of the accumulator's pieces.
 
 Dropout (DROPOUT=True; attention_dropout.py): each score tile regenerates its keep-mask Z
 (kept entries 1 / (1 - p), others 0) from the seed; the forward accumulates acc with
@@ -42,20 +45,39 @@ p Z (l, hence lse, sums the undropped p), and the backward uses
 where delta = rowsum(dO * O) still equals rowsum(p dp) with the dropped O. DROPOUT=False
 compiles exactly the kernels without dropout.
 
-Head dims that are not powers of two are padded to BLOCK_D = next_pow2(D) with masked
-loads. float32 inputs use IEEE dots (no TF32), so they are as exact as the reference.
+The head dim is tiled as at most two power-of-two pieces (kernels/_head_dim.py: 80 = 64 +
+16, 72 = 64 + 16 masked) rather than padded to next_pow2(D): dots that reduce over D add
+the pieces' dots, dots that produce D columns keep one accumulator per piece, and the
+backward's rotation gathers a partner column from whichever piece holds it. float32
+inputs use IEEE dots (no TF32), so they are as exact as the reference.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._head_dim import head_dim_pieces, row_align
 from ._launch import dense, empty, unit_last
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _aligned2(stride_t, stride_h, ROW_ALIGN: tl.constexpr):
+    """Row strides, known to the compiler as multiples of ROW_ALIGN (the launcher checked
+    that they are: kernels/_head_dim.py row_align), so that a row of any head dim starts
+    a whole vector."""
+    return stride_t // ROW_ALIGN * ROW_ALIGN, stride_h // ROW_ALIGN * ROW_ALIGN
+
+
+@triton.jit
+def _aligned3(stride_b, stride_t, stride_h, ROW_ALIGN: tl.constexpr):
+    """_aligned2 with a batch stride."""
+    stride_t, stride_h = _aligned2(stride_t, stride_h, ROW_ALIGN)
+    return stride_b // ROW_ALIGN * ROW_ALIGN, stride_t, stride_h
 
 
 @triton.jit
@@ -77,12 +99,19 @@ def _segment(CU, b, padded_len, tokens, VARLEN: tl.constexpr):
 def _visible(offs_m, offs_n, len_q, len_k, window_left, window_right,
              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """[M, N] mask: query offs_m sees key offs_n (bottom-right aligned window)."""
-    diag = offs_m[:, None] + (len_k - len_q)
-    ok = (offs_m[:, None] < len_q) & (offs_n[None, :] < len_k)
+    return _sees(offs_m[:, None], offs_n[None, :], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+
+
+@triton.jit
+def _sees(q_pos, k_pos, len_q, len_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query position q_pos sees key position k_pos, broadcast ([M, 1] and [1, N] give
+    [M, N]; [1, M] and [N, 1] the transposed mask)."""
+    diag = q_pos + (len_k - len_q)
+    ok = (q_pos < len_q) & (k_pos < len_k)
     if HAS_LEFT:
-        ok &= offs_n[None, :] >= diag - window_left
+        ok &= k_pos >= diag - window_left
     if HAS_RIGHT:
-        ok &= offs_n[None, :] <= diag + window_right
+        ok &= k_pos <= diag + window_right
     return ok
 
 
@@ -112,7 +141,7 @@ def _rotary_columns(offs_d, half):
 
 @triton.jit
 def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
+    """Load columns offs_d of a [rows, D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
     by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
     back to the input dtype."""
     x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
@@ -129,16 +158,64 @@ def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half
 
 
 @triton.jit
-def _rotate_back(acc, row_ok, table_rows, COS, SIN, offs_d, half):
-    """The transpose of the rotation, on a float32 [rows, BLOCK_D] gradient accumulator."""
+def _load_cols(rows_ptr, row_ok, offs_d, head_dim):
+    """Columns offs_d of a [rows, D] tile (rows_ptr: [rows, 1] row pointers); 0 past head_dim."""
+    return tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_cols(rows_ptr, x, row_ok, offs_d, head_dim):
+    """Store x into columns offs_d (those below head_dim) of the rows that are ok."""
+    tl.store(rows_ptr + offs_d[None, :], x, mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+@triton.jit
+def _normalise(acc, l_safe, keep_scale, DROPOUT: tl.constexpr):
+    """The forward's output piece acc / l (scaled by 1 / (1 - p) with dropout)."""
+    out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * keep_scale
+    return out
+
+
+@triton.jit
+def _partner_values(acc, acc0, acc1, partner, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """Like acc ([rows, len(partner)]): column ``partner`` of the head-dim tile held as
+    pieces acc0 (columns [0, HEAD_D0)) and acc1 (the next HEAD_D1; unused when 0)."""
+    idx0 = tl.broadcast_to(tl.minimum(partner, HEAD_D0 - 1)[None, :], acc.shape)
+    vals = tl.gather(acc0, idx0, axis=1)
+    if HEAD_D1 > 0:
+        idx1 = tl.minimum(tl.maximum(partner - HEAD_D0, 0), HEAD_D1 - 1)
+        from1 = tl.gather(acc1, tl.broadcast_to(idx1[None, :], acc.shape), axis=1)
+        vals = tl.where((partner >= HEAD_D0)[None, :], from1, vals)
+    return vals
+
+
+@triton.jit
+def _rotate_back_cols(acc, acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, half,
+                      HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """The transpose of the rotation on columns offs_d (the piece ``acc``) of a float32
+    gradient held as pieces acc0, acc1 (the partner column may lie in the other piece)."""
     in_rot, first, pair, partner = _rotary_columns(offs_d, half)
     rot_mask = row_ok[:, None] & in_rot[None, :]
-    acc_partner = tl.gather(acc, tl.broadcast_to(partner[None, :], acc.shape), axis=1)
+    acc_partner = _partner_values(acc, acc0, acc1, partner, HEAD_D0, HEAD_D1)
     at = table_rows + pair[None, :]
     cos = tl.load(COS + at, mask=rot_mask, other=1.0).to(tl.float32)
     sin = tl.load(SIN + at, mask=rot_mask, other=0.0).to(tl.float32)
     sin = tl.where(first[None, :], sin, -sin)
     return acc * cos + acc_partner * sin
+
+
+@triton.jit
+def _rotate_back(acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, offs_t, half,
+                 HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr):
+    """The transpose of the rotation, on a float32 gradient held as head-dim pieces acc0
+    (columns offs_d) and acc1 (columns offs_t; ignored when HEAD_D1 = 0)."""
+    new0 = _rotate_back_cols(acc0, acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, half, HEAD_D0, HEAD_D1)
+    new1 = acc1
+    if HEAD_D1 > 0:
+        new1 = _rotate_back_cols(acc1, acc0, acc1, row_ok, table_rows, COS, SIN, offs_t, half, HEAD_D0, HEAD_D1)
+    return new0, new1
 
 
 @triton.jit
@@ -149,12 +226,18 @@ def _attention_fwd_block(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_ob, stride_ot, stride_oh = _aligned3(stride_ob, stride_ot, stride_oh, ROW_ALIGN)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
@@ -165,30 +248,38 @@ def _attention_fwd_block(
     hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    # The head dim as pieces (_head_dim.py): columns offs_d, then the tail offs_t.
+    offs_d = tl.arange(0, HEAD_D0)
     m_ok = offs_m < len_q
     b64 = b.to(tl.int64)
 
     rows_q = (q_start + offs_m).to(tl.int64)
     offs_quad = tl.arange(0, BLOCK_N // 4)  # dropout: a Philox call per 4 keys
-    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt, m_ok,
-                      b64 * stride_cb + rows_q[:, None] * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY)
+    Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt
+    q_table = b64 * stride_cb + rows_q[:, None] * stride_ct
+    q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
     K_head = K + b64 * stride_kb + hk * stride_kh
-    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
+        acc1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
-                          COS, SIN, offs_d, head_dim, half, ROTARY)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_d, head_dim)  # rotated by the launcher
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k reduces over the head dim: add the tail piece's dot
+            k1 = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_t, head_dim)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+        s = s * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,24 +288,59 @@ def _attention_fwd_block(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
+        v = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_d, head_dim)
         if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
             keep = dropout_keep(SEED, b * seqlen_q + rows_q, h + offs_m * 0, start_n // 4 + offs_quad,
                                 drop_threshold, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # p v produces head-dim columns: one accumulator per piece
+            v1 = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_t, head_dim)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    if DROPOUT:
-        out = out * keep_scale
     rows_o = (q_start + offs_m).to(tl.int64)
-    tl.store(O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    O_rows = O + b64 * stride_ob + h * stride_oh + rows_o[:, None] * stride_ot
+    _store_cols(O_rows, _normalise(acc, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), m_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(O_rows, _normalise(acc1, l_safe, keep_scale, DROPOUT).to(O.dtype.element_ty), m_ok, offs_t,
+                    head_dim)
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attention_rotate_kernel(
+    X, Y, CU_Q, CU_K, COS, SIN,
+    stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cb, stride_ct,
+    seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q, fit_k, head_dim: tl.constexpr, half,
+    VARLEN: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Y = X rotated, for the tokens of segment b = program_id(1) (of k's segments with
+    BY_KEYS, else q's; cu_seqlens clamped as in _segment), token t by table row
+    b * stride_cb + t * stride_ct as the main kernels index it, rounded to X's dtype: the
+    tiles the forward rotated as it loaded them. Programs loop over the segment's blocks
+    (a grid stride apart), so no max_seqlen leaves a token unrotated; segments the
+    short-segment kernel took (lengths <= fit_q, fit_k) are skipped."""
+    b = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    h = tl.program_id(2)
+    if BY_KEYS:
+        start, length = _segment(CU_K, b, seqlen_k, tokens_k, VARLEN)
+    else:
+        start, length = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
+    blocks = _blocks_to_run(CU_Q, CU_K, b, seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q, fit_k,
+                            VARLEN, BY_KEYS, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    for block in range(tl.program_id(0), blocks, tl.num_programs(0)):
+        offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+        ok = offs_t < length
+        rows = (start + offs_t).to(tl.int64)[:, None]
+        x = _load_rotated(X + b64 * stride_xb + h * stride_xh + rows * stride_xt, ok,
+                          b64 * stride_cb + rows * stride_ct, COS, SIN, offs_d, head_dim, half, True)
+        _store_cols(Y + b64 * stride_yb + h * stride_yh + rows * stride_yt, x, ok, offs_d, head_dim)
 
 
 @triton.jit
@@ -256,12 +382,20 @@ def _attention_bwd_dkdv_block(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_dob, stride_dot, stride_doh = _aligned3(stride_dob, stride_dot, stride_doh, ROW_ALIGN)
+    stride_dkb, stride_dkt, stride_dkh = _aligned3(stride_dkb, stride_dkt, stride_dkh, ROW_ALIGN)
+    stride_dvb, stride_dvt, stride_dvh = _aligned3(stride_dvb, stride_dvt, stride_dvh, ROW_ALIGN)
     b = tl.program_id(1)
     hk = tl.program_id(2)
     q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
@@ -271,18 +405,24 @@ def _attention_bwd_dkdv_block(
         return
     offs_n = n_first + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
-    kv_mask = (offs_n < len_k)[:, None] & d_ok[None, :]
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     b64 = b.to(tl.int64)
     rows_k = (k_start + offs_n).to(tl.int64)[:, None]
     n_ok = offs_n < len_k
     k_table = b64 * stride_cb + rows_k * stride_ct
-    k = _load_rotated(K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt, n_ok, k_table,
-                      COS, SIN, offs_d, head_dim, half, ROTARY)
-    v = tl.load(V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    K_rows = K + b64 * stride_kb + hk * stride_kh + rows_k * stride_kt
+    V_rows = V + b64 * stride_vb + hk * stride_vh + rows_k * stride_vt
+    k = _load_cols(K_rows, n_ok, offs_d, head_dim)
+    v = _load_cols(V_rows, n_ok, offs_d, head_dim)
+    dk = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    offs_t = offs_d
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        k1 = _load_cols(K_rows, n_ok, offs_t, head_dim)
+        v1 = _load_cols(V_rows, n_ok, offs_t, head_dim)
+        dk1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
+        dv1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
     scale_log2 = scale * _LOG2E
 
     # Queries [lo, hi) that may see keys [n_first, n_first + BLOCK_N): invert the window.
@@ -299,41 +439,57 @@ def _attention_bwd_dkdv_block(
     for g in range(0, group):
         h = hk * group + g
         Q_head = Q + b64 * stride_qb + h * stride_qh
-        DO_head = DO + b64 * stride_dob + h * stride_doh + offs_d[None, :]
+        DO_head = DO + b64 * stride_dob + h * stride_doh
         L_head = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             m_ok = rows < len_q
             rows_q = (q_start + rows).to(tl.int64)[:, None]
-            q_mask = m_ok[:, None] & d_ok[None, :]
-            q = _load_rotated(Q_head + rows_q * stride_qt, m_ok, b64 * stride_cb + rows_q * stride_ct,
-                              COS, SIN, offs_d, head_dim, half, ROTARY)
-            do = tl.load(DO_head + rows_q * stride_dot, mask=q_mask, other=0.0)
+            q = _load_cols(Q_head + rows_q * stride_qt, m_ok, offs_d, head_dim)
+            do = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_d, head_dim)
             lse = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
             # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            ok = _visible(rows, offs_n, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            # Transposed tiles ([keys, queries]): p^T and ds^T feed the dk, dv dots
+            # directly, with no register transpose.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HEAD_D1 > 0:  # k.q and v.dO reduce over the head dim: add the tail's dots
+                q1 = _load_cols(Q_head + rows_q * stride_qt, m_ok, offs_t, head_dim)
+                do1 = _load_cols(DO_head + rows_q * stride_dot, m_ok, offs_t, head_dim)
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
+            s_t = s_t * scale_log2
+            ok_t = _sees(rows[None, :], offs_n[:, None], len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p_t = tl.where(ok_t, tl.exp2(s_t - lse2[None, :]), 0.0)
+            p_kept = p_t
             if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
-                keep = dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
-                                    n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
-                dv += tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
-                             input_precision=PRECISION)
-                dp = tl.where(keep, dp * keep_scale, 0.0)
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                keep = tl.trans(dropout_keep(SEED, b * seqlen_q + q_start + rows, h + rows * 0,
+                                             n_first // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
+                                             BLOCK_M, BLOCK_N))
+                p_kept = tl.where(keep, p_t * keep_scale, 0.0)
+                dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+            p_kept = p_kept.to(do.dtype)
+            dv += tl.dot(p_kept, do, input_precision=PRECISION)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q, input_precision=PRECISION)
+            if HEAD_D1 > 0:  # p^T dO and ds^T q produce head-dim columns: one accumulator per piece
+                dv1 += tl.dot(p_kept, do1, input_precision=PRECISION)
+                dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
 
+    if HEAD_D1 == 0:
+        dk1 = dk  # placeholders: there is no tail piece
+        dv1 = dv
     if ROTARY:  # dk is wrt the rotated k: back to k's frame
-        dk = _rotate_back(dk, n_ok, k_table, COS, SIN, offs_d, half)
-    tl.store(DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk, dk1 = _rotate_back(dk, dk1, n_ok, k_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+    DK_rows = DK + b64 * stride_dkb + hk * stride_dkh + rows_k * stride_dkt
+    DV_rows = DV + b64 * stride_dvb + hk * stride_dvh + rows_k * stride_dvt
+    _store_cols(DK_rows, (dk * scale).to(DK.dtype.element_ty), n_ok, offs_d, head_dim)
+    _store_cols(DV_rows, dv.to(DV.dtype.element_ty), n_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DK_rows, (dk1 * scale).to(DK.dtype.element_ty), n_ok, offs_t, head_dim)
+        _store_cols(DV_rows, dv1.to(DV.dtype.element_ty), n_ok, offs_t, head_dim)
 
 
 @triton.jit
@@ -345,12 +501,19 @@ def _attention_bwd_dq_block(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qb, stride_qt, stride_qh = _aligned3(stride_qb, stride_qt, stride_qh, ROW_ALIGN)
+    stride_kb, stride_kt, stride_kh = _aligned3(stride_kb, stride_kt, stride_kh, ROW_ALIGN)
+    stride_vb, stride_vt, stride_vh = _aligned3(stride_vb, stride_vt, stride_vh, ROW_ALIGN)
+    stride_dob, stride_dot, stride_doh = _aligned3(stride_dob, stride_dot, stride_doh, ROW_ALIGN)
+    stride_dqb, stride_dqt, stride_dqh = _aligned3(stride_dqb, stride_dqt, stride_dqh, ROW_ALIGN)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start, len_q = _segment(CU_Q, b, seqlen_q, tokens_q, VARLEN)
@@ -361,49 +524,65 @@ def _attention_bwd_dq_block(
     hk = h // group
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     m_ok = offs_m < len_q
-    q_mask = m_ok[:, None] & d_ok[None, :]
     b64 = b.to(tl.int64)
     rows_q = (q_start + offs_m).to(tl.int64)[:, None]
     q_table = b64 * stride_cb + rows_q * stride_ct
-    q = _load_rotated(Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt, m_ok, q_table,
-                      COS, SIN, offs_d, head_dim, half, ROTARY)
-    do = tl.load(DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot + offs_d[None, :], mask=q_mask, other=0.0)
+    Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q * stride_qt
+    DO_rows = DO + b64 * stride_dob + h * stride_doh + rows_q * stride_dot
+    q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+    do = _load_cols(DO_rows, m_ok, offs_d, head_dim)
+    dq = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    offs_t = offs_d
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_cols(Q_rows, m_ok, offs_t, head_dim)
+        do1 = _load_cols(DO_rows, m_ok, offs_t, head_dim)
+        dq1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     L_at = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
     lse = tl.load(LSE + L_at, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + L_at, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     scale_log2 = scale * _LOG2E
     K_head = K + b64 * stride_kb + hk * stride_kh
-    V_head = V + b64 * stride_vb + hk * stride_vh + offs_d[None, :]
+    V_head = V + b64 * stride_vb + hk * stride_vh
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        n_ok = cols < len_k
         rows_k = (k_start + cols).to(tl.int64)[:, None]
-        kv_mask = (cols < len_k)[:, None] & d_ok[None, :]
-        k = _load_rotated(K_head + rows_k * stride_kt, cols < len_k, b64 * stride_cb + rows_k * stride_ct,
-                          COS, SIN, offs_d, head_dim, half, ROTARY)
-        v = tl.load(V_head + rows_k * stride_vt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_d, head_dim)
+        v = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_d, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k and dO.v reduce over the head dim: add the tail's dots
+            k1 = _load_cols(K_head + rows_k * stride_kt, n_ok, offs_t, head_dim)
+            v1 = _load_cols(V_head + rows_k * stride_vt, n_ok, offs_t, head_dim)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
+        s = s * scale_log2
         ok = _visible(offs_m, cols, len_q, len_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DROPOUT:
             keep = dropout_keep(SEED, b * seqlen_q + q_start + offs_m, h + offs_m * 0,
                                 start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # ds k produces head-dim columns: one accumulator per piece
+            dq1 += tl.dot(ds, k1, input_precision=PRECISION)
 
+    if HEAD_D1 == 0:
+        dq1 = dq  # a placeholder: there is no tail piece
     if ROTARY:  # dq is wrt the rotated q: back to q's frame
-        dq = _rotate_back(dq, m_ok, q_table, COS, SIN, offs_d, half)
-    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        dq, dq1 = _rotate_back(dq, dq1, m_ok, q_table, COS, SIN, offs_d, offs_t, half, HEAD_D0, HEAD_D1)
+    DQ_rows = DQ + b64 * stride_dqb + h * stride_dqh + rows_q * stride_dqt
+    _store_cols(DQ_rows, (dq * scale).to(DQ.dtype.element_ty), m_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DQ_rows, (dq1 * scale).to(DQ.dtype.element_ty), m_ok, offs_t, head_dim)
 
 
 # ---- main and overflow passes ----------------------------------------------------
@@ -437,12 +616,13 @@ def _attention_fwd_kernel(
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
     first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
@@ -455,7 +635,8 @@ def _attention_fwd_kernel(
                 stride_lb, stride_lh, stride_cb, stride_ct,
                 seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
                 drop_threshold, keep_scale, tokens_q, tokens_k,
-                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+                ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_fwd_block(
@@ -465,7 +646,8 @@ def _attention_fwd_kernel(
             stride_lb, stride_lh, stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
             drop_threshold, keep_scale, tokens_q, tokens_k,
-            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+            ROW_ALIGN,
         )
 
 
@@ -508,12 +690,13 @@ def _attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
     first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
@@ -527,7 +710,8 @@ def _attention_bwd_dkdv_kernel(
                 stride_lb, stride_lh, stride_cb, stride_ct,
                 seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
                 drop_threshold, keep_scale, tokens_q, tokens_k,
-                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+                ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_bwd_dkdv_block(
@@ -538,7 +722,8 @@ def _attention_bwd_dkdv_kernel(
             stride_lb, stride_lh, stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
             drop_threshold, keep_scale, tokens_q, tokens_k,
-            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+            ROW_ALIGN,
         )
 
 
@@ -551,12 +736,13 @@ def _attention_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
+    seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
     first_block,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         blocks = _blocks_to_run(CU_Q, CU_K, tl.program_id(1), seqlen_q, seqlen_k, tokens_q, tokens_k,
@@ -569,7 +755,8 @@ def _attention_bwd_dq_kernel(
                 stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
                 seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
                 drop_threshold, keep_scale, tokens_q, tokens_k,
-                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+                ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_bwd_dq_block(
@@ -579,7 +766,8 @@ def _attention_bwd_dq_kernel(
             stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh, stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, group, scale, window_left, window_right, half,
             drop_threshold, keep_scale, tokens_q, tokens_k,
-            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
+            ROW_ALIGN,
         )
 
 
@@ -605,23 +793,40 @@ def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
-def _blocks(device: torch.device, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Untuned on GPUs: sensible starting
-    points, to be measured. The interpreter gets small tiles (it runs them in numpy)."""
+def _blocks(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq". Chosen
+    so that none spills on sm_90a and every dot lowers to wgmma, whose tiles have at
+    least 64 rows: BLOCK_N >= 64 in dkdv (its dots give [keys, .] tiles), BLOCK_M >= 64
+    in the others (scripts/sm90_attention_resources.py; untimed: to be measured on a
+    GPU). The interpreter gets small tiles (it runs them in numpy)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
-    if backward:
-        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    return (128, 32, 8, 2) if head_dim <= 128 else (64, 32, 8, 1)
+    width = sum(head_dim_pieces(head_dim))
+    if kernel == "fwd":
+        if width <= 64:
+            return 128, 64, 4, 3
+        return (128, 32, 8, 2) if width <= 128 else (64, 32, 8, 1)
+    if width <= 64:
+        return 64, 64, 4, 2
+    if width <= 128:
+        return 64, 64, 8, 2
+    return (32, 64, 8, 2) if kernel == "dkdv" else (64, 32, 8, 1)
+
+
+def _pieces(head_dim: int, *tensors) -> dict:
+    """The dot kernels' head-dim pieces and the row alignment of ``tensors`` (those they
+    load and store by rows; kernels/_head_dim.py) as constexpr arguments."""
+    head_d0, head_d1 = head_dim_pieces(head_dim)
+    return dict(HEAD_D0=head_d0, HEAD_D1=head_d1, ROW_ALIGN=row_align(*tensors))
 
 
 def _overflow_blocks(device: torch.device) -> tuple[int, int, int, int]:
     """Tiles of the overflow pass (blocks past a too-small max_seqlen, or the segments the
     short-segment kernel could not take): small, for correctness rather than speed, and
-    dividing every main tile of :func:`_blocks`, so the main grid ends on one of them."""
-    return (32, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+    dividing every main tile of :func:`_blocks`, so the main grid ends on one of them.
+    16 x 16: at head dims 72 and 80 (two pieces, rotary) 32 x 32 tiles spilled on sm_90a
+    (scripts/sm90_attention_resources.py)."""
+    return (16, 16, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
 
 
 def _passes(grid_len: int, main: tuple, by_keys: bool, varlen: bool, skip_up_to, device) -> list:
@@ -659,6 +864,29 @@ def _rotary_args(q, cos, sin, table_seg_stride: int | None = None) -> tuple:
     return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
 
 
+def _rotated(x, by_keys: bool, layout: tuple, cu_q, cu_k, tokens_q: int, tokens_k: int, skip, rotary: tuple
+             ) -> torch.Tensor:
+    """x (q, or k with ``by_keys``; [T, H, D] packed, [B, T, H, D] padded) rotated by the
+    tables, as the forward's fused rotation rounds it, for the tokens of the segments the
+    kernels read (others are left unwritten: no kernel reads them). The kernels read these
+    copies: rotating every k tile in their inner loops spilled registers
+    (scripts/sm90_attention_resources.py). ``layout``: :func:`_layout`'s; ``skip``: the
+    (fit_q, fit_k) the kernels skip; ``rotary``: :func:`_rotary_args`'s."""
+    varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = layout
+    table_cos, table_sin, stride_cb, stride_ct, half = rotary
+    y = empty(x.shape, dtype=x.dtype, device=x.device)
+    BLOCK_T = 32
+    if y.numel() and batch:
+        grid0 = 1 if skip != (-1, -1) else triton.cdiv(grid_k if by_keys else grid_q, BLOCK_T)
+        _attention_rotate_kernel[(grid0, batch, x.shape[-2])](
+            x, y, cu_q, cu_k, table_cos, table_sin, *_strides(x, varlen), *_strides(y, varlen), stride_cb, stride_ct,
+            seqlen_q, seqlen_k, tokens_q, tokens_k, *skip, x.shape[-1], half,
+            VARLEN=varlen, BY_KEYS=by_keys, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(x.shape[-1]),
+            num_warps=8,  # 4 spilled at head dim 72 (BLOCK_D 128) on sm_90a
+        )
+    return y
+
+
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
     """(drop threshold on 31-bit random integers, 1 / (1 - p)) for the kernels."""
     return int(dropout_p * 2**31), 1.0 / (1.0 - dropout_p)
@@ -689,7 +917,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     ``seed`` (int64 [2] on the device) and ``dropout_p`` > 0: attention-probability
     dropout (kernels/attention_dropout.py); out is the dropped output, lse is unaffected.
     """
-    varlen, batch, seqlen_q, seqlen_k, grid_q, _ = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    layout = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    varlen, batch, seqlen_q, seqlen_k, grid_q, _ = layout
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
     cu_seqlens_q, cu_seqlens_k = dense(cu_seqlens_q), dense(cu_seqlens_k)
     heads, head_dim = q.shape[-2], q.shape[-1]
@@ -702,10 +931,15 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         out, lse = into
     if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    main = _blocks(q.device, head_dim, backward=False)
+    main = _blocks(q.device, head_dim, "fwd")
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
-    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
+    rotary = _rotary_args(q, cos, sin, table_seg_stride)
+    table_cos, table_sin, stride_cb, stride_ct, half = rotary
+    if cos is not None:  # the kernel rotates q tiles as it loads them, and reads a rotated k
+        k = _rotated(k, True, layout, cu_q, cu_k, q.shape[-3], k.shape[-3],
+                     skip_up_to if skip_up_to is not None else (-1, -1), rotary)
+    pieces = _pieces(head_dim, q, k, v, out)
     for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
             grid_q, main, False, varlen, skip_up_to, q.device):
         _attention_fwd_kernel[(grid0, batch, heads)](
@@ -716,7 +950,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
             *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip, first,
             VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
             DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
-            LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=triton.next_power_of_2(head_dim),
+            LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **pieces,
             num_warps=num_warps, num_stages=num_stages,
         )
     return out, lse
@@ -731,12 +965,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
     then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
-    (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k.
+    (as in :func:`attention_fwd`), dq and dk are the gradients wrt the unrotated q and k:
+    two more launches first write rotated copies of q and k, which the kernels read.
     With ``seed`` and ``dropout_p`` (those of the forward) the kernels regenerate its mask.
     cu_seqlens, max_seqlen, ``skip_up_to``, ``table_seg_stride`` as in
     :func:`attention_fwd`; ``into``: (dq, dk, dv) to write into.
     """
-    varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    layout = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = layout
     do, q, k, v, out = (unit_last(t) for t in (do, q, k, v, out))
     lse, dlse, cu_seqlens_q, cu_seqlens_k = dense(lse), dense(dlse), dense(cu_seqlens_q), dense(cu_seqlens_k)
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -750,18 +986,24 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = empty(lse.shape, dtype=torch.float32, device=q.device)
-    main = _blocks(q.device, head_dim, backward=True)
     BLOCK_D = triton.next_power_of_2(head_dim)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     lse_strides = _lse_strides(lse, varlen)
-    table_cos, table_sin, stride_cb, stride_ct, half = _rotary_args(q, cos, sin, table_seg_stride)
+    rotary = _rotary_args(q, cos, sin, table_seg_stride)
+    table_cos, table_sin, stride_cb, stride_ct, half = rotary
+    if cos is not None:  # the kernels read rotated copies and rotate dq, dk back (see _rotated)
+        skip_rot = skip_up_to if skip_up_to is not None else (-1, -1)
+        tokens_q, tokens_k = q.shape[-3], k.shape[-3]
+        q = _rotated(q, False, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary)
+        k = _rotated(k, True, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary)
     flags = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
-                 ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
+                 ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+                 **_pieces(head_dim, q, k, v, do, dq, dk, dv))
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
              window_left, window_right, half, *_dropout_args(dropout_p), q.shape[-3], k.shape[-3])
     seed = seed if seed is not None else cu_q
-    query_passes = _passes(grid_q, main, False, varlen, skip_up_to, q.device)
+    query_passes = _passes(grid_q, _blocks(q.device, head_dim, "dq"), False, varlen, skip_up_to, q.device)
     for grid0, first, loop, (BLOCK_M, _, num_warps, num_stages), skip in query_passes:
         _attention_bwd_preprocess_kernel[(grid0, batch, heads)](
             out, do, dlse if dlse is not None else lse, delta, cu_q, cu_k,
@@ -770,7 +1012,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
             VARLEN=varlen, HAS_DLSE=dlse is not None, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
     for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
-            grid_k, main, True, varlen, skip_up_to, q.device):
+            grid_k, _blocks(q.device, head_dim, "dkdv"), True, varlen, skip_up_to, q.device):
         _attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),

@@ -35,14 +35,20 @@ Dropout (DROPOUT=True; attention_dropout.py) as in attention.py: every tile rege
 keep-mask Z from the seed; o (each split's partial too) uses p Z / (1 - p), lse the
 undropped p; the backward takes dv from p Z and dp = Z alpha (dOut . v). Key loops then
 start at a multiple of 4 keys (Philox serves four keys per draw; the mask hides the extra).
+
+Head dims are tiled as in attention.py: at most two power-of-two pieces (kernels/_head_dim.py;
+160 = 128 + 32, 80 = 64 + 16), summed in the dots over D, one accumulator each otherwise.
+The dK/dV kernel works on transposed [keys, queries] tiles, so p^T and ds^T feed its dots
+without a register transpose.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._head_dim import head_dim_pieces
 from ._launch import dense, empty, multiprocessor_count, unit_last
-from .attention import _dropout_args
+from .attention import _aligned2, _dropout_args, _load_cols, _normalise, _pieces, _store_cols
 from .attention_dropout import dropout_keep
 
 LOG2E = 1.4426950408889634
@@ -98,6 +104,16 @@ def _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _sees_t(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK: tl.constexpr):
+    """[N, M]: the transpose of _sees."""
+    ok = n_ok[:, None] & m_ok[None, :]
+    if HAS_MASK:
+        group = tl.load(KEY_GROUP + rows_k, mask=n_ok, other=-1)
+        ok &= (group[:, None] >= first[None, :]) & (group[:, None] < last[None, :])
+    return ok
+
+
+@triton.jit
 def _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride,
                   HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """o -> O at offsets ``at`` (contiguous [rows, H, D]); with an epilogue also
@@ -121,8 +137,13 @@ def _cross_attention_fwd_block(
     alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qt, stride_qh = _aligned2(stride_qt, stride_qh, ROW_ALIGN)
+    stride_kt, stride_kh = _aligned2(stride_kt, stride_kh, ROW_ALIGN)
+    stride_vt, stride_vh = _aligned2(stride_vt, stride_vh, ROW_ALIGN)
     b = tl.program_id(1)
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
@@ -136,31 +157,37 @@ def _cross_attention_fwd_block(
         return
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     m_ok = offs_m < len_q * group
     rows = (q_start + offs_m // group).to(tl.int64)
     h = hk * group + offs_m % group
-    q = tl.load(Q + rows[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    Q_rows = Q + rows[:, None] * stride_qt + h[:, None] * stride_qh
+    q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+    acc = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_cols(Q_rows, m_ok, offs_t, head_dim)
+        acc1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
     lo = tl.maximum(lo, split * split_size)
     hi = tl.minimum(tl.minimum(hi, _split_end(split, split_size, num_splits, len_k)), len_k)
     if DROPOUT:  # tiles start at a multiple of 4 keys, for the Philox quads (the mask hides the rest)
         lo = (lo // 4) * 4
-    K_head = K + hk * stride_kh + offs_d[None, :]
-    V_head = V + hk * stride_vh + offs_d[None, :]
+    K_head = K + hk * stride_kh
+    V_head = V + hk * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < hi
         rows_k = (k_start + cols).to(tl.int64)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_head + rows_k[:, None] * stride_kt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        k = _load_cols(K_head + rows_k[:, None] * stride_kt, n_ok, offs_d, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k reduces over the head dim: add the tail piece's dot
+            k1 = _load_cols(K_head + rows_k[:, None] * stride_kt, n_ok, offs_t, head_dim)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+        s = s * scale_log2
         s = tl.where(_sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows that have seen no key yet keep m = -inf; subtract 0 there to avoid inf - inf.
@@ -168,28 +195,35 @@ def _cross_attention_fwd_block(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + rows_k[:, None] * stride_vt, mask=kv_mask, other=0.0)
+        v = _load_cols(V_head + rows_k[:, None] * stride_vt, n_ok, offs_d, head_dim)
         if DROPOUT:  # l sums every p (lse is undropped); only kept ones reach acc
             keep = dropout_keep(SEED, rows, h, start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
                                 BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # p v produces head-dim columns: one accumulator per piece
+            v1 = _load_cols(V_head + rows_k[:, None] * stride_vt, n_ok, offs_t, head_dim)
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    if DROPOUT:
-        o = o * keep_scale
     lse = tl.where(seen, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    mask = m_ok[:, None] & d_ok[None, :]
     if SPLIT:
         part = split.to(tl.int64) * rows_q + rows
-        tl.store(O_PART + (part[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :], o, mask=mask)
+        PART_rows = O_PART + (part[:, None] * heads + h[:, None]) * head_dim
+        _store_cols(PART_rows, _normalise(acc, l_safe, keep_scale, DROPOUT), m_ok, offs_d, head_dim)
+        if HEAD_D1 > 0:
+            _store_cols(PART_rows, _normalise(acc1, l_safe, keep_scale, DROPOUT), m_ok, offs_t, head_dim)
         tl.store(LSE_PART + part * heads + h, lse, mask=m_ok)
     else:
-        at = (rows[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :]
-        _write_output(O, OUT, RESIDUAL, ALPHA, o, at, h, mask, alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
+        at = (rows[:, None] * heads + h[:, None]) * head_dim
+        _write_output(O, OUT, RESIDUAL, ALPHA, _normalise(acc, l_safe, keep_scale, DROPOUT), at + offs_d[None, :],
+                      h, m_ok[:, None] & (offs_d < head_dim)[None, :], alpha_stride, HAS_ALPHA, HAS_RESIDUAL)
+        if HEAD_D1 > 0:
+            _write_output(O, OUT, RESIDUAL, ALPHA, _normalise(acc1, l_safe, keep_scale, DROPOUT),
+                          at + offs_t[None, :], h, m_ok[:, None] & (offs_t < head_dim)[None, :], alpha_stride,
+                          HAS_ALPHA, HAS_RESIDUAL)
         tl.store(LSE + rows * heads + h, lse, mask=m_ok)
 
 
@@ -256,8 +290,13 @@ def _cross_attention_bwd_dkdv_block(
     tokens_q, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qt, stride_qh = _aligned2(stride_qt, stride_qh, ROW_ALIGN)
+    stride_kt, stride_kh = _aligned2(stride_kt, stride_kh, ROW_ALIGN)
+    stride_vt, stride_vh = _aligned2(stride_vt, stride_vh, ROW_ALIGN)
     b = tl.program_id(1)
     hk = tl.program_id(2)
     q_start, len_q = _segment_rows(CU_Q, b, seqlen_q, tokens_q, VARLEN)
@@ -267,15 +306,21 @@ def _cross_attention_bwd_dkdv_block(
         return
     offs_n = n_first + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     n_ok = offs_n < len_k
-    kv_mask = n_ok[:, None] & d_ok[None, :]
     rows_k = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + hk * stride_kh + rows_k[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + hk * stride_vh + rows_k[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    K_rows = K + hk * stride_kh + rows_k[:, None] * stride_kt
+    V_rows = V + hk * stride_vh + rows_k[:, None] * stride_vt
+    k = _load_cols(K_rows, n_ok, offs_d, head_dim)
+    v = _load_cols(V_rows, n_ok, offs_d, head_dim)
+    dk = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_D0), dtype=tl.float32)
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        k1 = _load_cols(K_rows, n_ok, offs_t, head_dim)
+        v1 = _load_cols(V_rows, n_ok, offs_t, head_dim)
+        dk1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
+        dv1 = tl.zeros((BLOCK_N, HEAD_D1), dtype=tl.float32)
     scale_log2 = scale * _LOG2E
     n_end = tl.minimum(n_first + BLOCK_N, len_k)
 
@@ -290,31 +335,46 @@ def _cross_attention_bwd_dkdv_block(
             rows = (q_start + start_m + offs_m).to(tl.int64)
             first, last, lo, hi = _query_mask(Q_FIRST, Q_LAST, Q_KEY_LO, Q_KEY_HI, rows, m_ok, HAS_MASK)
             if (lo < n_end) & (hi > n_first):  # some query of the block may see these keys
-                q_mask = m_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(DOUT + (rows[:, None] * heads + h) * head_dim + offs_d[None, :], mask=q_mask, other=0.0)
+                Q_rows = Q + h * stride_qh + rows[:, None] * stride_qt
+                DO_rows = DOUT + (rows[:, None] * heads + h) * head_dim
+                q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+                do = _load_cols(DO_rows, m_ok, offs_d, head_dim)
                 lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
                 delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
                 # lse = -inf marks a query that sees nothing: +inf makes its p exactly 0.
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-                ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
-                p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-                dp = a * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                # Transposed tiles ([keys, queries]): p^T and ds^T feed the dk, dv dots
+                # directly, with no register transpose.
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                if HEAD_D1 > 0:  # k.q and v.dOut reduce over the head dim: add the tail's dots
+                    q1 = _load_cols(Q_rows, m_ok, offs_t, head_dim)
+                    do1 = _load_cols(DO_rows, m_ok, offs_t, head_dim)
+                    s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
+                    dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
+                ok_t = _sees_t(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
+                p_t = tl.where(ok_t, tl.exp2(s_t * scale_log2 - lse2[None, :]), 0.0)
+                dp_t = a * dp_t
+                p_kept = p_t
                 if DROPOUT:  # dv through the dropped probabilities; dp back through the mask
-                    keep = dropout_keep(SEED, rows, h + offs_m * 0, n_first // 4 + tl.arange(0, BLOCK_N // 4),
-                                        drop_threshold, BLOCK_M, BLOCK_N)
-                    dv += a * tl.dot(tl.trans(tl.where(keep, p * keep_scale, 0.0).to(do.dtype)), do,
-                                     input_precision=PRECISION)
-                    dp = tl.where(keep, dp * keep_scale, 0.0)
-                else:
-                    dv += a * tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                    keep = tl.trans(dropout_keep(SEED, rows, h + offs_m * 0, n_first // 4 + tl.arange(0, BLOCK_N // 4),
+                                                 drop_threshold, BLOCK_M, BLOCK_N))
+                    p_kept = tl.where(keep, p_t * keep_scale, 0.0)
+                    dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+                p_kept = p_kept.to(do.dtype)
+                dv += a * tl.dot(p_kept, do, input_precision=PRECISION)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                dk += tl.dot(ds_t, q, input_precision=PRECISION)
+                if HEAD_D1 > 0:  # p^T dOut and ds^T q produce head-dim columns: one accumulator per piece
+                    dv1 += a * tl.dot(p_kept, do1, input_precision=PRECISION)
+                    dk1 += tl.dot(ds_t, q1, input_precision=PRECISION)
 
-    at = (rows_k[:, None] * kv_heads + hk) * head_dim + offs_d[None, :]
-    tl.store(DK + at, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + at, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    at = (rows_k[:, None] * kv_heads + hk) * head_dim
+    _store_cols(DK + at, (dk * scale).to(DK.dtype.element_ty), n_ok, offs_d, head_dim)
+    _store_cols(DV + at, dv.to(DV.dtype.element_ty), n_ok, offs_d, head_dim)
+    if HEAD_D1 > 0:
+        _store_cols(DK + at, (dk1 * scale).to(DK.dtype.element_ty), n_ok, offs_t, head_dim)
+        _store_cols(DV + at, dv1.to(DV.dtype.element_ty), n_ok, offs_t, head_dim)
 
 
 @triton.jit
@@ -326,8 +386,13 @@ def _cross_attention_bwd_dq_block(
     alpha_stride, drop_threshold, keep_scale, tokens_k,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    # Row strides are multiples of ROW_ALIGN (the launcher checked): whole-vector rows.
+    stride_qt, stride_qh = _aligned2(stride_qt, stride_qh, ROW_ALIGN)
+    stride_kt, stride_kh = _aligned2(stride_kt, stride_kh, ROW_ALIGN)
+    stride_vt, stride_vh = _aligned2(stride_vt, stride_vh, ROW_ALIGN)
     b = tl.program_id(1)
     hk = tl.program_id(2) // num_splits
     split = tl.program_id(2) % num_splits
@@ -339,15 +404,20 @@ def _cross_attention_bwd_dq_block(
     # (query, head) rows of K/V head hk's group, query-major, as in the forward.
     offs_m = m_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < head_dim
+    offs_d = tl.arange(0, HEAD_D0)  # head-dim pieces (_head_dim.py): offs_d, then the tail offs_t
     m_ok = offs_m < len_q * group
-    q_mask = m_ok[:, None] & d_ok[None, :]
     rows = (q_start + offs_m // group).to(tl.int64)
     h = hk * group + offs_m % group
-    at = (rows[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :]
-    q = tl.load(Q + h[:, None] * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DOUT + at, mask=q_mask, other=0.0)
+    at = (rows[:, None] * heads + h[:, None]) * head_dim
+    Q_rows = Q + h[:, None] * stride_qh + rows[:, None] * stride_qt
+    q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+    do = _load_cols(DOUT + at, m_ok, offs_d, head_dim)
+    dq = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
+    if HEAD_D1 > 0:
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_cols(Q_rows, m_ok, offs_t, head_dim)
+        do1 = _load_cols(DOUT + at, m_ok, offs_t, head_dim)
+        dq1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     lse = tl.load(LSE + rows * heads + h, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + rows * heads + h, mask=m_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
@@ -360,34 +430,46 @@ def _cross_attention_bwd_dq_block(
     hi = tl.minimum(tl.minimum(hi, _split_end(split, split_size, num_splits, len_k)), len_k)
     if DROPOUT:  # the forward's tiling of the keys into Philox quads
         lo = (lo // 4) * 4
-    K_head = K + hk * stride_kh + offs_d[None, :]
-    V_head = V + hk * stride_vh + offs_d[None, :]
+    K_head = K + hk * stride_kh
+    V_head = V + hk * stride_vh
 
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < hi
         rows_k = (k_start + cols).to(tl.int64)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K_head + rows_k[:, None] * stride_kt, mask=kv_mask, other=0.0)
-        v = tl.load(V_head + rows_k[:, None] * stride_vt, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        K_rows = K_head + rows_k[:, None] * stride_kt
+        V_rows = V_head + rows_k[:, None] * stride_vt
+        k = _load_cols(K_rows, n_ok, offs_d, head_dim)
+        v = _load_cols(V_rows, n_ok, offs_d, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if HEAD_D1 > 0:  # q.k and dOut.v reduce over the head dim: add the tail's dots
+            k1 = _load_cols(K_rows, n_ok, offs_t, head_dim)
+            v1 = _load_cols(V_rows, n_ok, offs_t, head_dim)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=PRECISION)
+            dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
         ok = _sees(first, last, KEY_GROUP, rows_k, m_ok, n_ok, HAS_MASK)
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = a[:, None] * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        p = tl.where(ok, tl.exp2(s * scale_log2 - lse2[:, None]), 0.0)
+        dp = a[:, None] * dp
         if DROPOUT:
             keep = dropout_keep(SEED, rows, h, start_n // 4 + tl.arange(0, BLOCK_N // 4), drop_threshold,
                                 BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        if HEAD_D1 > 0:  # ds k produces head-dim columns: one accumulator per piece
+            dq1 += tl.dot(ds, k1, input_precision=PRECISION)
 
-    dq = dq * scale
     if SPLIT:
         part = split.to(tl.int64) * rows_q + rows
-        tl.store(DQ_PART + (part[:, None] * heads + h[:, None]) * head_dim + offs_d[None, :], dq, mask=q_mask)
+        PART_rows = DQ_PART + (part[:, None] * heads + h[:, None]) * head_dim
+        _store_cols(PART_rows, dq * scale, m_ok, offs_d, head_dim)
+        if HEAD_D1 > 0:
+            _store_cols(PART_rows, dq1 * scale, m_ok, offs_t, head_dim)
     else:
-        tl.store(DQ + at, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        _store_cols(DQ + at, (dq * scale).to(DQ.dtype.element_ty), m_ok, offs_d, head_dim)
+        if HEAD_D1 > 0:
+            _store_cols(DQ + at, (dq1 * scale).to(DQ.dtype.element_ty), m_ok, offs_t, head_dim)
 
 
 # ---- main and overflow passes ----------------------------------------------------
@@ -408,7 +490,8 @@ def _cross_attention_fwd_kernel(
     first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, SPLIT: tl.constexpr,
     HAS_ALPHA: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
@@ -419,7 +502,8 @@ def _cross_attention_fwd_kernel(
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
                 alpha_stride, drop_threshold, keep_scale, tokens_k,
-                VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+                HEAD_D0, HEAD_D1, ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_fwd_block(
@@ -428,7 +512,8 @@ def _cross_attention_fwd_kernel(
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale_log2, split_size, num_splits,
             alpha_stride, drop_threshold, keep_scale, tokens_k,
-            VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_MASK, SPLIT, HAS_ALPHA, HAS_RESIDUAL, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+            HEAD_D0, HEAD_D1, ROW_ALIGN,
         )
 
 
@@ -442,7 +527,8 @@ def _cross_attention_bwd_dkdv_kernel(
     first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         _, len_k = _segment_rows(CU_K, tl.program_id(1), seqlen_k, tokens_k, VARLEN)
@@ -453,7 +539,8 @@ def _cross_attention_bwd_dkdv_kernel(
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
                 tokens_q, tokens_k,
-                VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+                HEAD_D0, HEAD_D1, ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_bwd_dkdv_block(
@@ -462,7 +549,8 @@ def _cross_attention_bwd_dkdv_kernel(
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             heads, kv_heads, seqlen_q, seqlen_k, head_dim, group, scale, alpha_stride, drop_threshold, keep_scale,
             tokens_q, tokens_k,
-            VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_MASK, HAS_ALPHA, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+            HEAD_D0, HEAD_D1, ROW_ALIGN,
         )
 
 
@@ -476,7 +564,8 @@ def _cross_attention_bwd_dq_kernel(
     first_block,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
     DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
+    HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     if LOOP:  # the overflow pass: blocks from first_block on, a stride of the grid apart
         _, len_q = _segment_rows(CU_Q, tl.program_id(1), seqlen_q, rows_q, VARLEN)
@@ -487,7 +576,8 @@ def _cross_attention_bwd_dq_kernel(
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
                 alpha_stride, drop_threshold, keep_scale, tokens_k,
-                VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+                HEAD_D0, HEAD_D1, ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _cross_attention_bwd_dq_block(
@@ -496,7 +586,8 @@ def _cross_attention_bwd_dq_kernel(
             stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             rows_q, heads, seqlen_q, seqlen_k, head_dim, group, scale, split_size, num_splits,
             alpha_stride, drop_threshold, keep_scale, tokens_k,
-            VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+            VARLEN, HAS_MASK, HAS_ALPHA, SPLIT, DROPOUT, PRECISION, BLOCK_M, BLOCK_N,
+            HEAD_D0, HEAD_D1, ROW_ALIGN,
         )
 
 
@@ -507,20 +598,34 @@ _MIN_SPLIT_KEYS_GPU = 256
 _INTERPRETER_SMS = 32
 
 
-def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool):
+def _blocks(device: torch.device, head_dim: int, max_rows: int, backward: bool, dkdv: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for blocks of ``max_rows`` query rows at
-    most (queries x query heads per K/V head in the forward). Untuned on GPUs: starting
-    points, to be measured. Few rows get a tile no larger than they need. The interpreter
-    gets small tiles (it runs them in numpy)."""
+    most (queries x query heads per K/V head in the forward); ``dkdv``: the backward's
+    dK/dV kernel, else its dQ kernel. Few forward rows get a tile no larger than they
+    need. Backward tiles compile with no spill on sm_90a and lower every dot to wgmma
+    (>= 64 rows: BLOCK_N in dkdv, whose dots give [keys, .] tiles, BLOCK_M in dq); see
+    scripts/sm90_attention_resources.py. Untimed on GPUs: to be measured. The
+    interpreter gets small tiles (it runs them in numpy)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
+    width = sum(head_dim_pieces(head_dim))
     if backward:
-        return (64, 64, 4, 2) if head_dim <= 128 else (32, 32, 4, 1)
-    block_m = 128 if head_dim <= 128 else 64
+        if width <= 64:  # dq: 8 warps (4 spilled at head dim 40, packed)
+            return (64, 64, 4, 2) if dkdv else (64, 64, 8, 2)
+        if dkdv:  # fewer query rows per step as dK, dV grow
+            return (64 if width <= 96 else 32 if width <= 128 else 16), 64, 8, 2
+        return (64, 64, 8, 2) if width <= 128 else (64, 32, 8, 1)
+    block_m = 128 if width <= 128 else 64
     block_m = min(block_m, max(16, triton.next_power_of_2(max_rows)))
-    if head_dim <= 64:
+    if width <= 64:
         return block_m, 64, 4, 3
     return (block_m, 64 if block_m <= 64 else 32, 4 if block_m <= 64 else 8, 2)
+
+
+def _overflow_blocks(device: torch.device) -> tuple[int, int, int, int]:
+    """Tiles of the overflow pass: small (correctness, not speed), dividing every main tile.
+    16 x 16: 32 keys spilled in dK/dV at head dim 160 on sm_90a (scripts/sm90_attention_resources.py)."""
+    return (16, 16, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
 
 
 def _passes(grid0: int, main: tuple, by_keys: bool, varlen: bool, device: torch.device) -> list:
@@ -529,7 +634,7 @@ def _passes(grid0: int, main: tuple, by_keys: bool, varlen: bool, device: torch.
     overflow pass (a program per segment and head looping over the blocks past the main
     grid: nothing to do when max_seqlen bounds the segments), in small tiles that divide
     every main one (correctness, not speed). ``by_keys``: blocks of keys (BLOCK_N)."""
-    over = (16, 32, 4, 1) if device.type == "cuda" else (16, 16, 1, 1)
+    over = _overflow_blocks(device)
     passes = [(grid0, 0, False, main)]
     if varlen:
         main_block, over_block = (main[1], over[1]) if by_keys else (main[0], over[0])
@@ -616,8 +721,8 @@ def cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, batch: int, seqlen_
             split_size, splits, alpha_stride, *_dropout_args(dropout_p), k.shape[0], first,
             VARLEN=varlen, HAS_MASK=mask is not None, SPLIT=splits > 1,
             HAS_ALPHA=alpha is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0,
-            PRECISION=_precision(q.dtype), LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            num_warps=num_warps, num_stages=num_stages,
+            PRECISION=_precision(q.dtype), LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            **_pieces(head_dim, q, k, v), num_warps=num_warps, num_stages=num_stages,
         )
     if splits > 1:
         COMBINE_M = 16
@@ -654,6 +759,7 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_(), r
     BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, head_dim, max_seqlen_q, backward=True)
+    KV_M, KV_N, kv_warps, kv_stages = _blocks(q.device, head_dim, max_seqlen_q, backward=True, dkdv=True)
     BLOCK_D = triton.next_power_of_2(head_dim)
     delta = torch.empty((rows_q, heads), dtype=torch.float32, device=q.device)
     alpha_t = alpha if alpha is not None else delta
@@ -668,10 +774,10 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     seed = seed if seed is not None else cu_q
     common = dict(VARLEN=varlen, HAS_MASK=mask is not None, HAS_ALPHA=alpha is not None,
-                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), BLOCK_D=BLOCK_D)
-    main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
+                  DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), **_pieces(head_dim, q, k, v))
     if max_seqlen_k > 0:
-        for grid0, first, loop, (bm, bn, warps, stages) in _passes(triton.cdiv(max_seqlen_k, BLOCK_N), main, True,
+        main = (KV_M, KV_N, kv_warps, kv_stages)
+        for grid0, first, loop, (bm, bn, warps, stages) in _passes(triton.cdiv(max_seqlen_k, KV_N), main, True,
                                                                    varlen, q.device):
             _cross_attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
                 q, k, v, dout, lse, delta, alpha_t, dk, dv, cu_q, cu_k, seed, *_mask_args(mask, cu_q), *strides,
@@ -687,6 +793,7 @@ def cross_attention_bwd(dout, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, batch
         dq_part = delta
         if splits > 1:
             dq_part = torch.empty((splits, rows_q, heads, head_dim), dtype=torch.float32, device=q.device)
+        main = (BLOCK_M, BLOCK_N, num_warps, num_stages)
         for grid0, first, loop, (bm, bn, warps, stages) in _passes(m_blocks, main, False, varlen, q.device):
             _cross_attention_bwd_dq_kernel[(grid0, batch, kv_heads * splits)](
                 q, k, v, dout, lse, delta, alpha_t, dq, dq_part, cu_q, cu_k, seed, *_mask_args(mask, cu_q),

@@ -127,3 +127,10 @@ def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
     if max_seqlen_k is None or check_all:
         max_seqlen_k = check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     return max_seqlen_q, max_seqlen_k
+
+
+def triton_head_dim(d: int) -> bool:
+    """Head dims the Triton attention kernels tile (kernels/_head_dim.py): multiples of 8
+    from 8 (padded to a 16- or 32-wide tile, as flash-attn 2 does), any from 32 (upper
+    bounds are the backends')."""
+    return d >= 32 or (d >= 8 and d % 8 == 0)

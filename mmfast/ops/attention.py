@@ -60,10 +60,10 @@ Backends, in priority order (the first that can take a call runs it):
 cores, fp16/bf16, head dims multiple of 8 up to 128; no backward, so never for inputs
 that require grad; taken by default only where mmfast.tuning measured it faster on the
 device), ``triton_short`` (kernels/attention_short.py: whole short segments per program, for
-segments of at most 128 tokens, head dim 32..128; picked by max_seqlen_q/k, so the
+segments of at most 128 tokens, head dim 8..128; picked by max_seqlen_q/k, so the
 64-token windows of Qwen2.5-VL land here), ``triton`` (kernels/attention.py, flash-style;
-fp16, bf16, fp32; head dim 32..256; CUDA, or CPU under TRITON_INTERPRET=1 for both Triton
-backends), then the optional libraries (mmfast/ops/attention_external.py, CUDA, fp16/bf16,
+fp16, bf16, fp32; head dim 8..256, below 32 multiples of 8; CUDA, or CPU under
+TRITON_INTERPRET=1 for both Triton backends), then the optional libraries (mmfast/ops/attention_external.py, CUDA, fp16/bf16,
 no lse): ``flash_attn_cute`` (flash-attn 4, sm90+, head dims 64/96/128), ``flash_attn``
 (flash-attn 2, sm80+, head dims multiple of 8 up to 256), ``xformers``
 (memory_efficient_attention with a BlockDiagonalMask; no causal or windows), then
@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, module_available, op_family
-from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale
+from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, triton_head_dim
 from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
@@ -528,7 +528,7 @@ ATTENTION.register(
         triton=True,
         dot=True,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        head_dims=lambda d: 32 <= d <= SHORT_MAX_HEAD_DIM,
+        head_dims=lambda d: triton_head_dim(d) and d <= SHORT_MAX_HEAD_DIM,
         check=_short_segments,
     )
 )
@@ -539,7 +539,7 @@ ATTENTION.register(
         triton=True,
         dot=True,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        head_dims=lambda d: 32 <= d <= 256,
+        head_dims=lambda d: triton_head_dim(d) and d <= 256,
     )
 )
 ATTENTION.register(

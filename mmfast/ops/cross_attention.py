@@ -36,9 +36,9 @@ longest segment (slower, still exact). Mask values (sorted image positions, imag
 within their sample's keys) are the caller's promise; ``MMFAST_DEBUG_CHECKS=1`` checks
 them on every call (one more sync).
 
-Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 16..256; the key axis
-split over programs when queries are few, flash-decoding style; CUDA, or CPU under
-TRITON_INTERPRET=1), ``sdpa`` (torch's scaled_dot_product_attention with the mask
+Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 8..256, below 32
+multiples of 8; the key axis split over programs when queries are few, flash-decoding
+style; CUDA, or CPU under TRITON_INTERPRET=1), ``sdpa`` (torch's scaled_dot_product_attention with the mask
 materialised densely, as Hugging Face models do), ``torch`` (the reference below).
 """
 
@@ -51,7 +51,8 @@ import torch
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
-from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, check_tensor, debug_checks
+from mmfast.ops._attention_checks import (check_lengths, check_qkv, check_scale, check_tensor, debug_checks,
+                                          triton_head_dim)
 from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
@@ -282,7 +283,7 @@ PHILOX_DROPOUT = ("triton", "torch")
 CROSS_ATTENTION = op_family("cross_attention")
 CROSS_ATTENTION.register(
     Backend("triton", _run_triton, triton=True, dot=True, dtypes=(torch.float16, torch.bfloat16, torch.float32),
-            head_dims=lambda d: 16 <= d <= 256)
+            head_dims=lambda d: triton_head_dim(d) and d <= 256)
 )
 CROSS_ATTENTION.register(Backend("sdpa", _run_sdpa, dtypes=(torch.float16, torch.bfloat16, torch.float32),
                                  check=_sdpa_limits))

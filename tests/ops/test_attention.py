@@ -146,6 +146,22 @@ def test_head_dims(head_dim, device):
     _check_packed([9, 17], [12, 5], 2, 1, head_dim, torch.float16, device, causal=head_dim % 64 == 0)
 
 
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [8, 16, 24])
+def test_small_head_dims(head_dim, dtype, backend, device):
+    # Tiny configs (flash-attn 2 takes multiples of 8): padded to a 16- or 32-wide tile.
+    _check_packed([9, 1, 17], [12, 5, 3], 4, 2, head_dim, dtype, device, backend, causal=head_dim == 16)
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim", [72, 80])
+def test_split_head_dims(head_dim, dtype, backend, device):
+    # 64 + 16 columns (8 masked at 72): forward, lse and every gradient, GQA, a window.
+    _check_packed([9, 0, 23], [12, 4, 20], 4, 2, head_dim, dtype, device, backend, window=(5, 3))
+
+
 def test_head_dim_256(device):
     _check_packed([5, 11], [7, 3], 1, 1, 256, torch.float16, device, window=(3, 1))
 
@@ -504,7 +520,9 @@ def test_debug_checks_catch_short_max_seqlen(monkeypatch):
         mmfast.ops.attention(**_packed_args(max_seqlen_q=4), backend="torch")
 
 
-def test_triton_refuses_small_head_dim():
-    args = _packed_args(q=torch.ones(8, 4, 16), k=torch.ones(8, 2, 16), v=torch.ones(8, 2, 16))
-    with pytest.raises(mmfast.NoBackendError, match="head dim 16 not supported"):
-        mmfast.ops.attention(**args, backend="triton")
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("head_dim", [4, 12, 20])
+def test_triton_refuses_head_dims_below_32_not_multiples_of_8(head_dim, backend):
+    args = _packed_args(q=torch.ones(8, 4, head_dim), k=torch.ones(8, 2, head_dim), v=torch.ones(8, 2, head_dim))
+    with pytest.raises(mmfast.NoBackendError, match=f"head dim {head_dim} not supported"):
+        mmfast.ops.attention(**args, backend=backend)

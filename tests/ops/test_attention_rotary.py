@@ -72,7 +72,7 @@ def _check_packed(backend, dtype, device, *, heads=4, kv_heads=2, head_dim=80, h
 @pytest.mark.parametrize("backend", ["triton", "triton_short"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_packed_gqa_causal_partial_rotary(dtype, backend, device):
-    # hd 80 (padded to a 128-wide tile), R = 48 < D: the last 32 columns pass through.
+    # hd 80 (tiled as 64 + 16 columns), R = 48 < D: the last 32 columns pass through.
     # triton_short: several segments share a CPU tile, and the 23-token one spans two
     # query chunks, so dk is summed over chunks before it is rotated back.
     _check_packed(backend, dtype, device)
@@ -88,6 +88,15 @@ def test_padded_window_full_rotary(table_batch, backend, device):
     op, reference = _case(backend, cos, sin, window=(6, 2))
     inputs = _inputs((batch, tokens), 4, 1, 80, torch.float16, device)
     assert_matches_reference(op, reference, inputs, grad_inputs=("q", "k", "v"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_short"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("head_dim,half", [(72, 36), (24, 12)])
+def test_full_rotary_across_head_dim_pieces(head_dim, half, dtype, backend, device):
+    # 72 = 64 + 16 (8 masked): columns 28..35 pair with 64..71 in the tail piece, so the
+    # backward's rotation gathers across pieces. 24: one 32-wide piece, 8 columns masked.
+    _check_packed(backend, dtype, device, head_dim=head_dim, half=half)
 
 
 def test_odd_pair_count_small_head_dim(device):

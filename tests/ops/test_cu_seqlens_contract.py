@@ -131,6 +131,29 @@ def test_short_max_seqlen_with_a_causal_window(kernel, device):
     _assert_all_close(got, want)
 
 
+@pytest.mark.parametrize("kernel,seg_stride", [("general", None), ("short", 0), ("short", 7)])
+def test_short_max_seqlen_with_rotary(kernel, seg_stride, device):
+    # The overflow pass reads rotated copies of k (and q in the backward), written for the
+    # segments it runs, with the short kernel's per-segment table offsets (seg_stride rows).
+    q, k, v = _qkv(48, 48, device)
+    cu = _cu([4, 40, 4], device)
+    cos = torch.rand(64, D // 2, device=device)
+    sin = torch.rand(64, D // 2, device=device)
+    tables = dict(cos=cos, sin=sin)
+    fwd, bwd = attention_fwd, attention_bwd
+    if kernel == "short":
+        tables["table_seg_stride"] = seg_stride * cos.stride(0)
+        fwd, bwd = attention_short_fwd, attention_short_bwd
+
+    def run(max_seqlen):
+        out, lse = fwd(q, k, v, cu, cu, max_seqlen, max_seqlen, -1, -1, SCALE, **tables)
+        do = torch.linspace(-1, 1, out.numel(), device=device).view(out.shape)
+        return (out, lse, *bwd(do, q, k, v, out, lse, None, cu, cu, max_seqlen, max_seqlen, -1, -1, SCALE,
+                               **tables))
+
+    _assert_all_close(run(3), run(40))
+
+
 def test_short_kernel_overflow_matches_the_reference(device):
     # The segments past their slots go to the general kernel: check against the reference.
     lengths = [2, 40, 3]
