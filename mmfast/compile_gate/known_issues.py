@@ -37,7 +37,6 @@ class KnownIssue:
         return True
 
 
-_PADDED = "head dim padded to BLOCK_D = next_pow2(D): 72 and 80 in a 128-wide tile (1.78x / 1.6x)"
 _ROTARY = "fused rotary: the second (partner-column) tile and the cos/sin tiles on top of the 128-wide head dim"
 _BWD_TILE = "64 x 64 tiles at 4 warps hold dk, dv (or dq) and four dot operands: 255 registers at every head dim >= 40"
 _OVERFLOW = ("the overflow pass (LOOP, issue 16): 16 x 16 tiles over the blocks a too-small max_seqlen left out; "
@@ -52,17 +51,11 @@ def _k(kernel: str, check: str, reason: str, **when) -> KnownIssue:
 # (kernel, check, reason, when): delete an entry when the attention rewrite fixes it.
 KNOWN_ATTENTION_ISSUES: tuple[KnownIssue, ...] = (
     _k("_attention_fwd_kernel", "spill", "dropout's Philox mask tile on 128 x 64 scores at 4 warps", DROPOUT=True),
-    _k("_attention_bwd_dq_kernel", "spill", "head dim 72 in a 128-wide tile (SigLIP): 600 B", head_dim=72),
     _k("_attention_short_bwd_kernel", "spill", "dk, dv of 128 keys x 128 plus the dropout mask", DROPOUT=True),
-    _k("_cross_attention_fwd_kernel", "spill", "128 x 64 tile at 4 warps (head dim 40); 64 x 64 x 256 (160)",
-       head_dim=(40, 160)),
-    _k("_cross_attention_bwd_dkdv_kernel", "spill", "head dim 160 in a 256-wide tile", head_dim=160),
-    _k("_cross_attention_bwd_dq_kernel", "spill", "64 x 64 tile at 4 warps, head dim 40: 24 B", head_dim=40),
-    *(_k(name, "padding", _PADDED, head_dim=(72, 80)) for name in (
-        "_cross_attention_fwd_kernel", "_cross_attention_bwd_dkdv_kernel", "_cross_attention_bwd_dq_kernel")),
+    _k("_attention_bwd_dkdv_kernel", "spill", "causal / sliding-window masks at head dim 128 (LM shapes), "
+       "64 x 64 tiles at 8 warps: 48-136 B", head_dim=128, HAS_RIGHT=True),
     *(_k(name, "no_wgmma", _THIN, BLOCK_M=32) for name in (
-        "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel", "_cross_attention_fwd_kernel",
-        "_cross_attention_bwd_dkdv_kernel", "_cross_attention_bwd_dq_kernel")),
+        "_attention_bwd_dq_kernel", "_cross_attention_fwd_kernel", "_cross_attention_bwd_dq_kernel")),
     *(_k(name, "no_wgmma", _OVERFLOW, LOOP=True) for name in (
         "_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
         "_cross_attention_fwd_kernel", "_cross_attention_bwd_dkdv_kernel", "_cross_attention_bwd_dq_kernel")),

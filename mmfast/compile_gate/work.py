@@ -18,8 +18,12 @@ def _pad(n: int, block: int) -> int:
 
 
 def _head_dim_tile(c: dict) -> int:
-    # The head-dim tile: BLOCK_D, plus any further BLOCK_D* pieces a split head dim uses.
-    return sum(v for k, v in c.items() if k.startswith("BLOCK_D") and k != "BLOCK_DO")
+    # The head-dim tile: BLOCK_D (one tile), or the pieces HEAD_D0 + HEAD_D1 a split head
+    # dim uses (kernels/_head_dim.py). A kernel with neither has no head-dim tile to model.
+    tile = sum(v for k, v in c.items() if k.startswith(("BLOCK_D", "HEAD_D")) and k != "BLOCK_DO")
+    if not tile:
+        raise KeyError(f"no head-dim tile (BLOCK_D or HEAD_D0/HEAD_D1) among the constexprs {sorted(c)}")
+    return tile
 
 
 def _attention(c: dict, d: dict) -> tuple[int, int]:
