@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
+
+import mmfast
 
 transformers = __import__("pytest").importorskip("transformers")
 
@@ -265,3 +268,17 @@ CASES = {case.name: case for case in [
 def build(name: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return CASES[name].build(attn)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend_on_one_thread():
+    """Imported by the drop-in test modules: autouse there."""
+    # One intra-op thread: these models are tiny, and on a shared CPU two threads spin
+    # against other processes (measured: 4 min for this set with 2 threads, 36 s with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mmfast.set_backend("torch"):
+            yield
+    finally:
+        torch.set_num_threads(threads)

@@ -9,22 +9,9 @@ import pytest
 import torch
 
 import mmfast
-from tests.integrations.hf_tiny import CASES, _mllama, _mllama_inputs, build
+from tests.integrations.hf_tiny import CASES, _mllama, _mllama_inputs, build, torch_backend_on_one_thread  # noqa: F401
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend():
-    # One intra-op thread: these models are tiny, and on a shared CPU two threads spin
-    # against other processes (measured: 4 min for this set with 2 threads, 36 s with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with mmfast.set_backend("torch"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture
