@@ -27,6 +27,7 @@ FAMILY_MODULES: dict[str, str] = {
     "llava": "mmfast.integrations.transformers.llava",
     "clip": "mmfast.integrations.transformers.clip",
     "siglip": "mmfast.integrations.transformers.siglip",
+    "siglip2": "mmfast.integrations.transformers.siglip2",
     "qwen2_vl": "mmfast.integrations.transformers.qwen2_vl",
     "qwen2_5_vl": "mmfast.integrations.transformers.qwen2_5_vl",
 }
