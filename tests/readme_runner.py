@@ -1,0 +1,98 @@
+"""Runs README.md's python snippets for tests/test_readme.py, each in a fresh process.
+
+    python tests/readme_runner.py ROOT BLOCKS.json RESULTS.json
+
+BLOCKS.json: ``[{"line": N, "code": "..."}, ...]`` (N: the README line of the opening fence).
+RESULTS.json gets ``[{"line": N, "ok": bool, "seconds": s, "output": "..."}, ...]``.
+
+torch, transformers and mmfast are imported once here, then each snippet runs in a child
+forked from this process (where fork exists; else a new interpreter each), so every
+snippet starts from a fresh interpreter's state (backend overrides, patched models,
+globals) without paying for those imports again. Each child runs in an empty working
+directory, and its tracebacks name README.md lines.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+PRELOADED = ("torch", "transformers", "mmfast")  # only to save time: a failure shows in the snippet
+
+
+def _exec_snippet(readme: str, line: int, code: str) -> None:
+    # Padding puts each statement on its README line, so tracebacks quote the README.
+    compiled = compile("\n" * line + code, readme, "exec")
+    exec(compiled, {"__name__": "__main__"})
+
+
+def _run_forked(readme: str, line: int, code: str, workdir: str, log_path: str) -> bool:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            os.chdir(workdir)
+            _exec_snippet(readme, line, code)
+            status = 0
+        except SystemExit as stop:  # sys.exit() in a snippet: its code, as python would exit
+            status = 0 if stop.code in (None, 0) else 1
+            if status:
+                traceback.print_exc()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status) == 0
+
+
+def _run_in_new_interpreter(readme: str, line: int, code: str, workdir: str, log_path: str, root: str) -> bool:
+    import subprocess
+
+    script = (f"import sys; sys.path.insert(0, {root!r}); sys.argv = ['readme']\n"
+              f"exec(compile({chr(10) * line + code!r}, {readme!r}, 'exec'), {{'__name__': '__main__'}})")
+    with open(log_path, "w") as log:
+        return subprocess.run([sys.executable, "-c", script], cwd=workdir, stdout=log, stderr=log).returncode == 0
+
+
+def main(root: str, blocks_path: str, results_path: str) -> None:
+    sys.path[0] = root  # the checkout's mmfast, as pytest sees it (not this file's folder)
+    readme = os.path.join(root, "README.md")
+    with open(blocks_path) as f:
+        blocks = json.load(f)
+    forking = hasattr(os, "fork")
+    if forking:
+        for name in PRELOADED:
+            try:
+                __import__(name)
+            except Exception:
+                pass
+    results = []
+    for block in blocks:
+        with tempfile.TemporaryDirectory(prefix="readme-snippet-") as workdir, \
+                tempfile.TemporaryDirectory(prefix="readme-log-") as logdir:
+            log_path = os.path.join(logdir, "output.txt")
+            start = time.perf_counter()
+            if forking:
+                ok = _run_forked(readme, block["line"], block["code"], workdir, log_path)
+            else:
+                ok = _run_in_new_interpreter(readme, block["line"], block["code"], workdir, log_path, root)
+            seconds = time.perf_counter() - start
+            with open(log_path, errors="replace") as f:
+                output = f.read()
+        results.append({"line": block["line"], "ok": ok, "seconds": seconds, "output": output})
+    with open(results_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
