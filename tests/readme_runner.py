@@ -1,19 +1,22 @@
-"""Runs README.md's python snippets for tests/test_readme.py, each in a fresh process.
+"""Runs README.md's snippets for tests/test_readme.py, each in a fresh process.
 
-    python tests/readme_runner.py ROOT BLOCKS.json RESULTS.json
+    python tests/readme_runner.py ROOT JOBS.json RESULTS.json
 
-BLOCKS.json: ``[{"line": N, "code": "..."}, ...]`` (N: the README line of the opening fence).
-RESULTS.json gets ``[{"line": N, "ok": bool, "seconds": s, "output": "..."}, ...]``.
+JOBS.json: a list of ``{"id": ..., "line": N, "code": "..."}`` (a python block; N: the README
+line of its opening fence) or ``{"id": ..., "argv": [...], "env": {...}}`` (``python -m
+mmfast ARGV`` with these variables set). RESULTS.json gets ``{id: {"ok": bool, "seconds":
+s, "output": "..."}}``.
 
-torch, transformers and mmfast are imported once here, then each snippet runs in a child
+torch, transformers and mmfast are imported once here, then each job runs in a child
 forked from this process (where fork exists; else a new interpreter each), so every
-snippet starts from a fresh interpreter's state (backend overrides, patched models,
+job starts from a fresh interpreter's state (backend overrides, patched models,
 globals) without paying for those imports again. Each child runs in an empty working
-directory, and its tracebacks name README.md lines.
+directory, and a snippet's tracebacks name README.md lines.
 """
 
 import json
 import os
+import runpy
 import sys
 import tempfile
 import time
@@ -28,7 +31,16 @@ def _exec_snippet(readme: str, line: int, code: str) -> None:
     exec(compiled, {"__name__": "__main__"})
 
 
-def _run_forked(readme: str, line: int, code: str, workdir: str, log_path: str) -> bool:
+def _run_job(readme: str, job: dict) -> None:
+    if "argv" in job:  # as `python -m mmfast ARGV` would
+        os.environ.update(job.get("env", {}))
+        sys.argv = ["mmfast", *job["argv"]]
+        runpy.run_module("mmfast", run_name="__main__", alter_sys=True)
+    else:
+        _exec_snippet(readme, job["line"], job["code"])
+
+
+def _run_forked(readme: str, job: dict, workdir: str, log_path: str) -> bool:
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -39,9 +51,9 @@ def _run_forked(readme: str, line: int, code: str, workdir: str, log_path: str) 
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.chdir(workdir)
-            _exec_snippet(readme, line, code)
+            _run_job(readme, job)
             status = 0
-        except SystemExit as stop:  # sys.exit() in a snippet: its code, as python would exit
+        except SystemExit as stop:  # sys.exit(): its code, as python would exit
             status = 0 if stop.code in (None, 0) else 1
             if status:
                 traceback.print_exc()
@@ -55,20 +67,25 @@ def _run_forked(readme: str, line: int, code: str, workdir: str, log_path: str) 
     return os.waitstatus_to_exitcode(wait_status) == 0
 
 
-def _run_in_new_interpreter(readme: str, line: int, code: str, workdir: str, log_path: str, root: str) -> bool:
+def _run_in_new_interpreter(readme: str, job: dict, workdir: str, log_path: str, root: str) -> bool:
     import subprocess
 
-    script = (f"import sys; sys.path.insert(0, {root!r}); sys.argv = ['readme']\n"
-              f"exec(compile({chr(10) * line + code!r}, {readme!r}, 'exec'), {{'__name__': '__main__'}})")
+    env = {**os.environ, **job.get("env", {})}
+    if "argv" in job:
+        argv = [sys.executable, "-c", f"import sys, runpy; sys.path.insert(0, {root!r}); sys.argv[1:] = "
+                f"{job['argv']!r}; runpy.run_module('mmfast', run_name='__main__', alter_sys=True)"]
+    else:
+        argv = [sys.executable, "-c", f"import sys; sys.path.insert(0, {root!r})\n"
+                f"exec(compile({chr(10) * job['line'] + job['code']!r}, {readme!r}, 'exec'), {{'__name__': '__main__'}})"]
     with open(log_path, "w") as log:
-        return subprocess.run([sys.executable, "-c", script], cwd=workdir, stdout=log, stderr=log).returncode == 0
+        return subprocess.run(argv, cwd=workdir, env=env, stdout=log, stderr=log).returncode == 0
 
 
-def main(root: str, blocks_path: str, results_path: str) -> None:
+def main(root: str, jobs_path: str, results_path: str) -> None:
     sys.path[0] = root  # the checkout's mmfast, as pytest sees it (not this file's folder)
     readme = os.path.join(root, "README.md")
-    with open(blocks_path) as f:
-        blocks = json.load(f)
+    with open(jobs_path) as f:
+        jobs = json.load(f)
     forking = hasattr(os, "fork")
     if forking:
         for name in PRELOADED:
@@ -76,20 +93,20 @@ def main(root: str, blocks_path: str, results_path: str) -> None:
                 __import__(name)
             except Exception:
                 pass
-    results = []
-    for block in blocks:
+    results = {}
+    for job in jobs:
         with tempfile.TemporaryDirectory(prefix="readme-snippet-") as workdir, \
                 tempfile.TemporaryDirectory(prefix="readme-log-") as logdir:
             log_path = os.path.join(logdir, "output.txt")
             start = time.perf_counter()
             if forking:
-                ok = _run_forked(readme, block["line"], block["code"], workdir, log_path)
+                ok = _run_forked(readme, job, workdir, log_path)
             else:
-                ok = _run_in_new_interpreter(readme, block["line"], block["code"], workdir, log_path, root)
+                ok = _run_in_new_interpreter(readme, job, workdir, log_path, root)
             seconds = time.perf_counter() - start
             with open(log_path, errors="replace") as f:
                 output = f.read()
-        results.append({"line": block["line"], "ok": ok, "seconds": seconds, "output": output})
+        results[job["id"]] = {"ok": ok, "seconds": seconds, "output": output}
     with open(results_path, "w") as f:
         json.dump(results, f)
 

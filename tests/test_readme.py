@@ -6,8 +6,9 @@ Every fenced block of README.md names its language:
   directory, as a user's CPU install runs it: no TRITON_INTERPRET or other MMFAST_ setting
   of the test suite (the ops take their torch backends), and the hub offline (a snippet
   needing a download fails here; the README builds tiny models instead).
-- ``bash``: every command is either cheap and run (help, lists, ``info``: it must exit 0;
-  its text is not checked) or listed in SKIPPED_COMMANDS with why it is not.
+- ``bash``: every command is either cheap and run the same way, as ``python -m mmfast ...``
+  (help, lists, ``info``: it must exit 0; its text is not checked), or listed in
+  SKIPPED_COMMANDS with why it is not.
 - ``text``: output or a tree, not run.
 
 A block may be skipped by a marker on the line above it,
@@ -31,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 LANGUAGES = ("python", "bash", "text")
 MAX_MARKED_SKIPS = 2
-SNIPPETS_TIMEOUT_S = 300  # all python blocks together; they take ~20 s on a shared 2-core CPU
-COMMAND_TIMEOUT_S = 120
+RUNNER_TIMEOUT_S = 300  # every snippet and command together: ~15 s of CPU time
 
 OPENING = re.compile(r"^```([\w+-]*)\s*$")
 CLOSING = re.compile(r"^```\s*$")
@@ -154,40 +154,49 @@ def test_the_readme_has_snippets_to_run():
     assert len(PYTHON_BLOCKS) >= 3 and any(classify(c) is None for _, c in SHELL_COMMANDS)
 
 
+def runnable_jobs() -> list[dict]:
+    """What tests/readme_runner.py runs: the python blocks and the cheap commands."""
+    jobs = [{"id": f"python:{b.line}", "line": b.line, "code": b.code} for b in PYTHON_BLOCKS if not b.skip]
+    jobs += [{"id": command_id(b, c), "argv": list(c.words[1:]), "env": c.env}
+             for b, c in SHELL_COMMANDS if not b.skip and classify(c) is None]
+    return jobs
+
+
+def command_id(block: Block, command: Command) -> str:
+    return f"bash:{block.line}:{command.text}"
+
+
 @pytest.fixture(scope="module")
-def python_results(tmp_path_factory):
+def results(tmp_path_factory):
     pytest.importorskip("transformers", reason="the README's snippets use transformers (mmfast[hf])")
     folder = tmp_path_factory.mktemp("readme")
-    to_run = [{"line": b.line, "code": b.code} for b in PYTHON_BLOCKS if not b.skip]
-    (folder / "blocks.json").write_text(json.dumps(to_run))
+    (folder / "jobs.json").write_text(json.dumps(runnable_jobs()))
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_runner.py"), str(ROOT),
-                           str(folder / "blocks.json"), str(folder / "results.json")],
+                           str(folder / "jobs.json"), str(folder / "results.json")],
                           cwd=ROOT, env=user_environment(), capture_output=True, text=True,
-                          timeout=SNIPPETS_TIMEOUT_S)
+                          timeout=RUNNER_TIMEOUT_S)
     assert done.returncode == 0, f"the snippet runner failed:\n{done.stdout}\n{done.stderr}"
-    return {r["line"]: r for r in json.loads((folder / "results.json").read_text())}
+    return json.loads((folder / "results.json").read_text())
 
 
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=lambda b: f"line{b.line}")
-def test_python_snippet_runs(block, python_results):
+def test_python_snippet_runs(block, results):
     if block.skip:
         pytest.skip(f"README.md line {block.line} is marked: {block.skip}")
-    result = python_results[block.line]
+    result = results[f"python:{block.line}"]
     assert result["ok"], f"README.md's snippet at line {block.line} failed:\n{result['output'][-6000:]}"
 
 
 @pytest.mark.parametrize(("block", "command"), SHELL_COMMANDS,
                          ids=[f"line{b.line}:{' '.join(c.words[:3])}" for b, c in SHELL_COMMANDS])
-def test_shell_command(block, command):
+def test_shell_command(block, command, request):
     if block.skip:
         pytest.skip(f"README.md line {block.line} is marked: {block.skip}")
     reason = classify(command)
     if reason is not None:
         pytest.skip(f"{command.text!r}: {reason}")
-    argv = [sys.executable, "-m", "mmfast", *command.words[1:]]
-    done = subprocess.run(argv, cwd=ROOT, env={**user_environment(), **command.env}, capture_output=True,
-                          text=True, timeout=COMMAND_TIMEOUT_S)
-    assert done.returncode == 0, f"{command.text!r} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    result = request.getfixturevalue("results")[command_id(block, command)]
+    assert result["ok"], f"README.md line {block.line}: {command.text!r} failed:\n{result['output'][-6000:]}"
 
 
 # ---- the machinery itself ----------------------------------------------------------------
