@@ -52,8 +52,9 @@ torch_version() { "$python" -W ignore -c "import torch; print(torch.__version__)
 installed_torch="$(torch_version)"
 if [[ -z "$installed_torch" ]]; then
     read -ra torch_spec <<< "${MMFAST_TORCH_SPEC:-torch==2.13.0 triton==3.9.0}"
-    # Measured: 138 s for the CPU build (some 500 MB with triton) on a busy 2-core machine.
-    step 2 "installing ${torch_spec[*]}" "first time: a download of some 500 MB, a few minutes"
+    # Measured: 138 s for the CPU build with triton (some 500 MB of wheels, 1.7 GB installed)
+    # on a busy 2-core machine, the wheels on local disk.
+    step 2 "installing ${torch_spec[*]}" "first time: some 500 MB of wheels, a few minutes"
     "${pip[@]}" install "${constraints[@]}" "${torch_spec[@]}"
     step_done 2
 else
@@ -65,7 +66,7 @@ fi
 stamp="$venv/.mmfast-installed"
 wanted="$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$wanted" ]]; then
-    # Measured: 213 s on a busy 2-core machine (about 60 packages).
+    # Measured: 213 s on a busy 2-core machine (about 60 packages, on local disk).
     step 3 "installing mmfast (editable) with its test and bench extras: transformers, diffusers, ..." \
         "first time: about 60 packages, a few minutes"
     torch_before="$(torch_version)"
