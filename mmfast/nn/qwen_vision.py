@@ -13,7 +13,7 @@ each 2x2 block into one LLM token: output [N / 4, out_hidden_size].
   whole frame.
 
 Parameter names and shapes equal Hugging Face's (``Qwen2_5_VisionTransformerPretrainedModel``,
-``Qwen2VisionTransformerPretrainedModel``), so ``load_state_dict(hf_model.visual.state_dict())``
+``Qwen2VisionTransformerPretrainedModel``), so ``load_state_dict(hf_model.model.visual.state_dict())``
 works; :meth:`from_config` takes their vision configs. Index plumbing comes from
 :func:`mmfast.ops.vision_windows.qwen_vision_indices` (one host read of ``grid_thw``
 per call, cached per grid). Pre-norm residual adds are fused into the norms.
