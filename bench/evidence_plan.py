@@ -37,6 +37,7 @@ CAP_STARTUP_S = 120
 HEADLINE = {
     "qwen_window_attention": "qwen-window-fwd-1x1792px-bf16",  # Qwen2.5-VL's window layers
     "qwen_vision_tower": "1img-1344px-fwd",                    # the profile's default image
+    "qwen3_vision_tower": "1img-1344px-fwd",                   # issue 19's Qwen3-VL-8B case
     "attention": "fwd+bwd-causal-hd128-4x4096-bfloat16",
     "norm": "rms+res-fwd-16384x4096-bf16",
     "activation": "swiglu-fwd-16384x4304-bf16",

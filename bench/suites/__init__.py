@@ -22,6 +22,7 @@ _MODULES = {
     "scheduler_step": "mmfast.bench.suites.scheduler_step",
     "contrastive": "mmfast.bench.suites.contrastive",
     "qwen_vision_tower": "mmfast.bench.suites.qwen_vision_tower",
+    "qwen3_vision_tower": "mmfast.bench.suites.qwen3_vision_tower",
     "linear_cross_entropy": "mmfast.bench.suites.linear_cross_entropy",
     "vae": "mmfast.bench.suites.vae",
     "hf_decoder_attention": "mmfast.bench.suites.hf_decoder_attention",

@@ -56,14 +56,18 @@ def _activation(tokens: int, inner: int, kinds):
     return run
 
 
-def _norm(tokens: int, hidden: int):
+# (is_rms, weight, bias, residual): RMSNorm with the residual add (LM and Qwen2.5-VL vision
+# blocks), LayerNorm with affine (CLIP / SigLIP), LayerNorm without affine (DiT, before adaLN).
+NORM_KINDS = ((True, True, False, True), (False, True, True, False), (False, False, False, False))
+
+
+def _norm(tokens: int, hidden: int, kinds=NORM_KINDS):
     def run(dtype):
         from mmfast.kernels import norm as n
         x = tensor(tokens, hidden, dtype=dtype)
         w = tensor(hidden, dtype=dtype)
-        # RMSNorm with the residual add (LM and Qwen vision blocks), LayerNorm with affine
-        # (CLIP / SigLIP), LayerNorm without affine (DiT, before adaLN).
-        for is_rms, weight, bias, res in ((True, w, None, x), (False, w, w, None), (False, None, None, None)):
+        for is_rms, has_w, has_b, has_res in kinds:
+            weight, bias, res = (w if has_w else None), (w if has_b else None), (x if has_res else None)
             y, res_out, mean, rstd = n.norm_fwd(x, weight, bias, res, 1e-6, is_rms)
             n.norm_bwd(x, x, weight, bias is not None, mean, rstd, x if res is not None else None, is_rms)
     return run
@@ -259,6 +263,12 @@ def all_cases() -> list[Case]:
     add(Case("activation", "T1024 N18944", _activation(1024, 18944, ("silu",))))
     for hidden in (768, 1152, 1280, 1536, 2048, 3072, 3584, 4096, 8192, 16384, 32768, 65536):
         add(Case("norm", f"M4096 N{hidden}", _norm(4096, hidden), quick=hidden in (1280, 16384, 65536)))
+    # Qwen3-VL: LayerNorm with affine and the residual add in its vision blocks (hidden 1152),
+    # its DeepStack mergers' LayerNorm over 4 x 1152 = 4608, and the Qwen3 LM's RMSNorm of
+    # each q / k head (128 wide, 32 heads x 4096 tokens).
+    add(Case("norm", "Qwen3-VL vision LN+res M7056 N1152", _norm(7056, 1152, ((False, True, True, True),))))
+    add(Case("norm", "Qwen3-VL DeepStack LN M1764 N4608", _norm(1764, 4608, ((False, True, True, False),))))
+    add(Case("norm", "Qwen3 q/k head RMS M131072 N128", _norm(131072, 128, ((True, True, False, False),))))
     for channels in (1152, 1536, 3072):
         add(Case("adaln", f"B2 T4429 C{channels}", _adaln(2, 4429, channels), quick=channels == 1536))
     for channels, side in ((320, 64), (640, 32), (1280, 16), (1280, 8), (128, 512), (256, 256), (512, 128)):

@@ -30,6 +30,7 @@ FAMILY_MODULES: dict[str, str] = {
     "siglip2": "mmfast.integrations.transformers.siglip2",
     "qwen2_vl": "mmfast.integrations.transformers.qwen2_vl",
     "qwen2_5_vl": "mmfast.integrations.transformers.qwen2_5_vl",
+    "qwen3_vl": "mmfast.integrations.transformers.qwen3_vl",
 }
 FAMILY_MODULES["diffusers-unet2d-condition"] = "mmfast.integrations.diffusers.unet2d_condition"
 FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3_transformer"

@@ -11,10 +11,12 @@ from mmfast.models.ldm import LatentDiffusionModel
 from mmfast.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
+from mmfast.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from mmfast.models.sd3 import StableDiffusion3Model
 
 __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretrained"]
 __all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]
+__all__ += ["Qwen3VLConfig", "Qwen3VLForConditionalGeneration"]
 __all__ += ["LatentDiffusionModel"]
 __all__ += ["LlavaConfig", "LlavaForConditionalGeneration"]
 __all__ += ["Blip2Config", "Blip2ForConditionalGeneration"]

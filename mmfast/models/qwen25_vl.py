@@ -145,6 +145,7 @@ class _Prompt:
     lengths: list          # host ints
     mask: Tensor           # bool [B, Tpad]: which padded positions hold tokens
     next_position: Tensor  # [B]: M-RoPE position of each sequence's next token
+    deepstack: Optional[list] = None  # Qwen3-VL: (index [n], per-layer features) pairs for the decoder
 
 
 @register_architecture("Qwen2_5_VLForConditionalGeneration")
@@ -152,10 +153,13 @@ class Qwen25VLForConditionalGeneration(nn.Module):
     """Qwen2.5-VL on mmfast kernels; state dict names equal transformers 5's
     ``Qwen2_5_VLForConditionalGeneration`` (see the module docstring)."""
 
+    config_class = Qwen25VLConfig
+    backbone_class = _Backbone
+
     def __init__(self, config: Union[Qwen25VLConfig, dict]):
         super().__init__()
-        self.config = config if isinstance(config, Qwen25VLConfig) else Qwen25VLConfig.from_dict(config)
-        self.model = _Backbone(self.config)
+        self.config = config if isinstance(config, self.config_class) else self.config_class.from_dict(config)
+        self.model = self.backbone_class(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.tie_weights()
         self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True)'s captured step
@@ -241,7 +245,8 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         computed by the fused linear cross-entropy, and whose ``logits`` is None."""
         prompt = self._prompt(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                               video_grid_thw, second_per_grid_ts)
-        hidden = self.model.language_model(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths))
+        hidden = self.model.language_model(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths),
+                                           deepstack=prompt.deepstack)
         if labels is not None:
             return CausalLMOutput(causal_lm_loss(hidden, self.lm_head, labels, prompt.mask, num_items_in_batch))
         logits = self.lm_head(hidden)
@@ -282,7 +287,7 @@ class Qwen25VLForConditionalGeneration(nn.Module):
         cache = self._decode_graphs.kv_cache(decoder, batch, capacity, max_new_tokens) if cuda_graph \
             else decoder.new_cache(batch, capacity)
         hidden = decoder(prompt.embeds, prompt.positions, prompt.cu_seqlens, max(prompt.lengths),
-                         cache=cache, new_lengths=prompt.lengths)
+                         cache=cache, new_lengths=prompt.lengths, deepstack=prompt.deepstack)
         one_each = torch.arange(batch + 1, dtype=torch.int32, device=input_ids.device)
 
         def step(token: Tensor, position: Tensor) -> Tensor:  # text tokens: equal t/h/w positions

@@ -35,3 +35,7 @@ from mmfast.nn.text import TextTransformer, TextTransformerWithProjection
 __all__ += ["TextTransformer", "TextTransformerWithProjection"]
 from mmfast.nn.autoencoder_kl import autoencoder_kl, use_mmfast_vae_blocks
 __all__ += ["autoencoder_kl", "use_mmfast_vae_blocks"]
+from mmfast.nn.qwen3_vision import Qwen3VisionTransformer
+from mmfast.nn.mlp import LinearFcMLP
+from mmfast.nn.merger import Qwen3PatchMerger
+__all__ += ["Qwen3VisionTransformer", "LinearFcMLP", "Qwen3PatchMerger"]

@@ -2,6 +2,7 @@
 named like Hugging Face's so their weights load directly:
 
     MLP        fc2(act(fc1(x)))                         CLIPMLP, SiglipMLP, Qwen2-VL VisionMlp
+    LinearFcMLP  linear_fc2(act(linear_fc1(x)))         Qwen3-VL's vision MLP (GELU-tanh)
     SwiGLUMLP  down_proj(silu(gate_proj(x)) * up_proj(x))   Qwen2.5-VL's vision MLP
 
 The GEMMs are torch's (cuBLAS); the activation, and for SwiGLU the product with the up
@@ -28,6 +29,21 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
+
+
+class LinearFcMLP(nn.Module):
+    """:class:`MLP` under Qwen3-VL's names: ``linear_fc1``, ``act_fn``, ``linear_fc2``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "gelu_pytorch_tanh",
+                 bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.linear_fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias, **factory)
+        self.act_fn = activation_module(hidden_act)
+        self.linear_fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias, **factory)
+
+    def forward(self, x):
+        return self.linear_fc2(self.act_fn(self.linear_fc1(x)))
 
 
 class SwiGLUMLP(nn.Module):

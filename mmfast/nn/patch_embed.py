@@ -103,16 +103,17 @@ class PatchEmbed(nn.Module):
 
 class PatchEmbed3d(nn.Module):
     """Qwen2-VL's Conv3d patch embedding as one GEMM over pre-patchified rows
-    [N, C*T*P*P] -> [N, E]; its ``proj.weight`` is the Conv3d weight [E, C, T, P, P]."""
+    [N, C*T*P*P] -> [N, E]; its ``proj.weight`` is the Conv3d weight [E, C, T, P, P]
+    (``bias``: Qwen3-VL's has one, Qwen2-VL's and Qwen2.5-VL's not)."""
 
     def __init__(self, patch_size: int = 14, temporal_patch_size: int = 2, in_channels: int = 3,
-                 embed_dim: int = 1152, device=None, dtype=None):
+                 embed_dim: int = 1152, bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.patch_size, self.temporal_patch_size = patch_size, temporal_patch_size
         self.in_channels, self.embed_dim = in_channels, embed_dim
         self.patch_dim = in_channels * temporal_patch_size * patch_size * patch_size
         kernel = (temporal_patch_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel, stride=kernel, bias=False, device=device, dtype=dtype)
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel, stride=kernel, bias=bias, device=device, dtype=dtype)
 
     def forward(self, hidden_states, grid_thw=None):
         """``grid_thw``, when given, is checked against the row count (one device sync)."""

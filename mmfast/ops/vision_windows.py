@@ -23,6 +23,15 @@ What the encoders need from ``grid_thw``:
 - ``position_ids`` ([patches, 2], int64): the (row, column) of every patch in its frame,
   in stream order, for the 2D rotary embedding; :func:`vision_rotary_cos_sin` turns them
   into per-token cos/sin tables for :func:`mmfast.ops.apply_rotary`.
+- Qwen3-VL's learned position grid (``position_grid_side`` S: a square S x S table,
+  48 x 48 in the released models), resampled bilinearly with aligned corners to each
+  frame's h x w grid: ``interp_indices`` ([patches, 4], int64, rows of the flattened
+  table) and ``interp_weights`` ([patches, 4], float32), the four taps of every patch in
+  stream order. Patch (r, c) of an h x w frame samples the table at
+  ``(r * (S-1) / max(h-1, 1), c * (S-1) / max(w-1, 1))``; the taps are the floor and
+  floor + 1 on each axis (clamped to S - 1) with weights 1 - distance, computed with the
+  float32 operations of Hugging Face's ``get_vision_interpolation_indices_and_weights``
+  so that the values are bit-identical to its.
 
 Device syncs: :func:`qwen_vision_indices` reads ``grid_thw`` back to the host once per
 call (``grid_thw.tolist()``) to build the cache key; everything else is computed on
@@ -52,6 +61,8 @@ class QwenVisionIndices(NamedTuple):
     reverse_window_index: Tensor  # [units] int64: inverse permutation of window_index
     cu_window_seqlens: Tensor     # [windows + 1] int32, in patches, no empty windows
     max_window_seqlen: int
+    interp_indices: Tensor | None = None  # [patches, 4] int64: position-grid taps (Qwen3-VL)
+    interp_weights: Tensor | None = None  # [patches, 4] float32: their bilinear weights
 
 
 def _per_unit(counts: Tensor, values: Tensor, total: int) -> Tensor:
@@ -102,9 +113,28 @@ def _windows(grid: Tensor, merge: int, side: int, units: int, windows: int) -> t
     return window_index, sizes
 
 
+def _axis_taps(index: Tensor, size: Tensor, side: int) -> tuple[Tensor, Tensor]:
+    """Bilinear (aligned corners) taps on one axis: [patches, 2] table indices and weights."""
+    src = index.to(torch.float32) * (side - 1) / torch.clamp(size - 1, min=1)
+    floor = torch.floor(src)
+    offsets = torch.arange(0, 2, device=index.device)
+    taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
+    weights = (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
+    return taps, weights
+
+
+def _position_grid_taps(grid: Tensor, position_ids: Tensor, side: int, patches: int) -> tuple[Tensor, Tensor]:
+    t, h, w = grid.unbind(1)
+    row_taps, row_weights = _axis_taps(position_ids[:, 0], _per_unit(t * h * w, h, patches), side)
+    col_taps, col_weights = _axis_taps(position_ids[:, 1], _per_unit(t * h * w, w, patches), side)
+    indices = (row_taps[:, :, None] * side + col_taps[:, None, :]).reshape(-1, 4)
+    weights = (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+    return indices, weights
+
+
 @functools.lru_cache(maxsize=CACHE_SIZE)
-def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int,
-            device: torch.device) -> QwenVisionIndices:
+def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int, device: torch.device,
+            grid_side: int | None = None) -> QwenVisionIndices:
     host = torch.tensor(key, dtype=torch.int64).reshape(-1, 3)
     t, h, w = host.unbind(1)
     patches = int((t * h * w).sum())
@@ -116,13 +146,14 @@ def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int,
     cu_seqlens = F.pad(torch.repeat_interleave(d_h * d_w, d_t, output_size=len(frame_sizes))
                        .cumsum(0, dtype=torch.int32), (1, 0))
     position_ids = _position_ids(grid, merge, patches)
+    taps = (None, None) if grid_side is None else _position_grid_taps(grid, position_ids, grid_side, patches)
 
     unit = merge * merge
     units = patches // unit
     if window_size is None:
         window_index = torch.arange(units, device=device)
         return QwenVisionIndices(position_ids, cu_seqlens, max_seqlen, window_index, window_index,
-                                 cu_seqlens, max_seqlen)
+                                 cu_seqlens, max_seqlen, *taps)
     side = window_size // merge // patch_size
     # Host arithmetic on the key: window counts, and the largest window, min(side, units
     # per row) x min(side, units per column).
@@ -135,7 +166,7 @@ def _cached(key: tuple, window_size: int | None, patch_size: int, merge: int,
     reverse = torch.empty_like(window_index)
     reverse[window_index] = torch.arange(units, device=device)
     return QwenVisionIndices(position_ids, cu_seqlens, max_seqlen, window_index, reverse,
-                             cu_window_seqlens, max_window_seqlen)
+                             cu_window_seqlens, max_window_seqlen, *taps)
 
 
 MAX_PATCHES = 2 ** 31 - 1
@@ -149,13 +180,14 @@ def _check_size(name: str, value, allow_none: bool = False) -> None:
 
 
 def qwen_vision_indices(grid_thw: Tensor, *, spatial_merge_size: int = 2, window_size: int | None = None,
-                        patch_size: int = 14) -> QwenVisionIndices:
+                        patch_size: int = 14, position_grid_side: int | None = None) -> QwenVisionIndices:
     """Position ids, full-attention and window-attention plumbing for ``grid_thw``.
 
     ``grid_thw``: [N, 3] integer tensor, (t, h, w) in patches per image or video; h and w
     must be multiples of ``spatial_merge_size``. ``window_size`` (pixels, 112 in
     Qwen2.5-VL) enables the window fields; with None (Qwen2-VL) the "windows" are the
-    frames and ``window_index`` is the identity. Reads ``grid_thw`` to the host once
+    frames and ``window_index`` is the identity. ``position_grid_side`` (Qwen3-VL: 48)
+    adds the bilinear taps into a learned side x side position table. Reads ``grid_thw`` to the host once
     (one sync, for the cache key); results are cached per (grid values, sizes, device)
     and shared: do not modify them.
 
@@ -177,6 +209,7 @@ def qwen_vision_indices(grid_thw: Tensor, *, spatial_merge_size: int = 2, window
     _check_size("spatial_merge_size", spatial_merge_size)
     _check_size("patch_size", patch_size)
     _check_size("window_size", window_size, allow_none=True)
+    _check_size("position_grid_side", position_grid_side, allow_none=True)
     if window_size is not None and window_size // spatial_merge_size // patch_size < 1:
         raise ValueError(
             f"window_size: {window_size} px holds no {spatial_merge_size}x{spatial_merge_size} block "
@@ -197,7 +230,7 @@ def qwen_vision_indices(grid_thw: Tensor, *, spatial_merge_size: int = 2, window
     if patches > MAX_PATCHES:
         raise ValueError(f"grid_thw: {patches} patches in all (sum of t*h*w), more than the {MAX_PATCHES} "
                          "that int32 cu_seqlens can index")
-    return _cached(key, window_size, patch_size, spatial_merge_size, grid_thw.device)
+    return _cached(key, window_size, patch_size, spatial_merge_size, grid_thw.device, position_grid_side)
 
 
 def vision_rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:

@@ -95,8 +95,10 @@ def _qwen_batch(ours, batch: int, resolution: int, text_tokens: int, device, dty
     top = min(config.image_token_id, config.video_token_id, config.vision_start_token_id, *eos)
     g = torch.Generator().manual_seed(0)
     before = text_tokens // 2
+    end = getattr(config, "vision_end_token_id", None)  # Qwen3-VL's config has it: the processor's layout
     ids = torch.cat([_text(batch, before, top, g), torch.full((batch, 1), config.vision_start_token_id),
                      torch.full((batch, image_tokens), config.image_token_id),
+                     *([torch.full((batch, 1), end)] if end is not None else []),
                      _text(batch, text_tokens - before, top, g)], dim=1).to(device)
     patch_dim = config.vision.get("in_channels", 3) * config.vision.get("temporal_patch_size", 2) * patch * patch
     pixels = torch.randn(batch * side * side, patch_dim, generator=g).to(device, dtype)
@@ -105,6 +107,24 @@ def _qwen_batch(ours, batch: int, resolution: int, text_tokens: int, device, dty
                  {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
                   "image_grid_thw": grid, "mm_token_type_ids": (ids == config.image_token_id).int()},
                  side * patch)
+
+
+# ---- Qwen3-VL -----------------------------------------------------------------------------
+
+QWEN3_VL_RESOLUTION = (1344, 64)  # (GPU, CPU) default image side: issue 8's time-to-first-token case on a GPU
+
+
+def _qwen3_config(ours):
+    import transformers
+
+    return transformers.Qwen3VLConfig(**ours.config.to_dict())
+
+
+def _qwen3_batch(ours, batch: int, resolution: int | None, text_tokens: int, device, dtype) -> Batch:
+    """As Qwen2.5-VL's (one square image per prompt, between two halves of the text)."""
+    if resolution is None:
+        resolution = QWEN3_VL_RESOLUTION[0 if device.type == "cuda" else 1]
+    return _qwen_batch(ours, batch, resolution, text_tokens, device, dtype)
 
 
 # ---- LLaVA --------------------------------------------------------------------------------
@@ -159,6 +179,9 @@ def _blip2_batch(ours, batch: int, resolution: int, text_tokens: int, device, dt
 MODELS = {spec.name: spec for spec in (
     VisionLanguageModel("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration", ("7b", "3b", "tiny"),
                         _loader("Qwen25VLForConditionalGeneration"), _qwen_config, _qwen_batch,
+                        fixed_resolution=False),
+    VisionLanguageModel("qwen3-vl", "Qwen3VLForConditionalGeneration", ("qwen3-vl-8b", "tiny"),
+                        _loader("Qwen3VLForConditionalGeneration"), _qwen3_config, _qwen3_batch,
                         fixed_resolution=False),
     VisionLanguageModel("llava", "LlavaForConditionalGeneration", ("llava-1.5-7b", "tiny"),
                         _loader("LlavaForConditionalGeneration"), _llava_config, _llava_batch),

@@ -135,6 +135,49 @@ def _qwen_inputs():
             "mm_token_type_ids": (ids == IMAGE).long()}  # 1: an image token
 
 
+# ---- Qwen3-VL ---------------------------------------------------------------------------
+
+VIDEO = 121
+QWEN3_TEXT = {**LM, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 3, 3], "mrope_interleaved": True}}
+# A 4x4 learned position grid, resampled to every image's grid; DeepStack from blocks 0
+# and 2 into the first two language-model layers.
+QWEN3_VISION = {"depth": 3, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": 64,
+                "patch_size": 4, "num_position_embeddings": 16, "deepstack_visual_indexes": [0, 2]}
+
+
+def qwen3_vl_config(attn="sdpa", vision=None, text=None):
+    return transformers.Qwen3VLConfig(
+        text_config={**QWEN3_TEXT, **(text or {})}, vision_config={**QWEN3_VISION, **(vision or {})},
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        attn_implementation=attn)
+
+
+def _qwen3_vl(attn):
+    return transformers.Qwen3VLForConditionalGeneration(qwen3_vl_config(attn)).eval()
+
+
+def qwen3_vl_inputs(patch_values: int = 3 * 2 * 4 * 4):
+    """Sample 0: an image (4x4 patches), a 2-frame video (4x4 each: its frames are
+    separate groups, split by a timestamp token, as Qwen3-VL's processor emits them) and
+    an image (4x8); sample 1: one image (6x4, a grid the 4x4 table is stretched to), left
+    padded."""
+    gen = torch.Generator().manual_seed(1)
+    grid = torch.tensor([[1, 4, 4], [1, 4, 8], [1, 6, 4]])
+    video_grid = torch.tensor([[2, 4, 4]])
+    tokens = (grid.prod(-1) // 4).tolist()
+    span = lambda n, token=IMAGE: [VSTART] + [token] * n + [VEND]  # noqa: E731
+    video = span(4, VIDEO) + _text(1, gen) + span(4, VIDEO)
+    ids, mask = _left_padded([
+        _text(2, gen) + span(tokens[0]) + _text(2, gen) + video + _text(1, gen) + span(tokens[1]) + _text(3, gen),
+        _text(3, gen) + span(tokens[2]) + _text(2, gen)])
+    pixels = torch.randn(int(grid.prod(-1).sum()), patch_values, generator=gen)
+    video_pixels = torch.randn(int(video_grid.prod(-1).sum()), patch_values, generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid,
+            "pixel_values_videos": video_pixels, "video_grid_thw": video_grid,
+            "mm_token_type_ids": (ids == IMAGE).long() + 2 * (ids == VIDEO).long()}
+
+
 # ---- LLaVA ------------------------------------------------------------------------------
 
 LLAVA_IMAGE = 127
@@ -257,6 +300,7 @@ CASES = {case.name: case for case in [
     Case("siglip", _siglip, _dual_inputs, _dual_pick, generative=False, has_lm_attention=False),
     Case("qwen2_vl", _qwen2_vl, _qwen_inputs),
     Case("qwen2_5_vl", _qwen2_5_vl, _qwen_inputs),
+    Case("qwen3_vl", _qwen3_vl, qwen3_vl_inputs),
     Case("llava", _llava, _llava_inputs),
     Case("blip2", _blip2, _blip2_inputs, has_lm_attention=False),
     Case("idefics2", _idefics2, _idefics2_inputs, has_lm_attention=False),

@@ -41,6 +41,24 @@ def test_matches_hugging_face(merge, window, patch):
         assert torch.equal(ix.position_ids, vision_utils.get_vision_position_ids(grid, merge))
 
 
+@pytest.mark.parametrize("merge,side", [(2, 48), (2, 4), (1, 7)])
+def test_position_grid_taps_equal_hugging_face_bit_for_bit(merge, side):
+    """Qwen3-VL's bilinear resampling of its learned side x side position grid (48 x 48 in
+    the released models): upsampled, downsampled, one-patch-wide and video grids."""
+    rng = random.Random(merge * 100 + side)
+    grids = _random_grids(rng, 10) + [torch.tensor([[1, 2 * merge, 120 * merge], [4, 60, 2]])]
+    if merge == 1:
+        grids.append(torch.tensor([[1, 1, 5], [2, 3, 1]]))  # a one-patch axis: no division by zero
+    for grid in grids:
+        ix = qwen_vision_indices(grid, spatial_merge_size=merge, position_grid_side=side)
+        want_indices, want_weights = vision_utils.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=side, mode="bilinear", align_corners=True, spatial_merge_size=merge)
+        assert torch.equal(ix.interp_indices, want_indices), grid.tolist()
+        assert torch.equal(ix.interp_weights, want_weights), grid.tolist()
+        assert ix.interp_weights.dtype == torch.float32
+    assert qwen_vision_indices(torch.tensor([[1, 4, 4]])).interp_indices is None  # only when asked
+
+
 def test_without_windows_the_frames_are_the_segments():
     grid = torch.tensor([[2, 4, 6], [1, 2, 2]])
     ix = qwen_vision_indices(grid, spatial_merge_size=2)
@@ -83,5 +101,7 @@ def test_bad_input():
         qwen_vision_indices(torch.tensor([[1, -2, 4]]))
     with pytest.raises(ValueError, match="window_size"):
         qwen_vision_indices(torch.tensor([[1, 2, 4]]), window_size=14)
+    with pytest.raises(ValueError, match="position_grid_side"):
+        qwen_vision_indices(torch.tensor([[1, 2, 4]]), position_grid_side=0)
     with pytest.raises(ValueError, match="head_dim"):
         vision_rotary_cos_sin(torch.zeros(3, 2), head_dim=10)

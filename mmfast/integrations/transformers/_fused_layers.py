@@ -8,6 +8,8 @@ Qwen2.5-VL): modules whose forward becomes one mmfast fused op whatever model th
 
 from __future__ import annotations
 
+from torch import nn
+
 from mmfast.nn.activation import activation_module
 from mmfast.ops.norm import layer_norm, rms_norm
 
@@ -27,6 +29,20 @@ def _rms_norm_forward(self, hidden_states):
 
 def patch_rms_norm(module, handle, name):
     handle.set_forward(module, _rms_norm_forward, "rms_norm", name)
+
+
+# transformers' activation classes -> the hidden_act name of the function they compute.
+# (Their python variants, ``use_gelu_python`` / ``use_gelu_tanh_python``, compute the same.)
+_HF_ACTIVATION_CLASSES = {"GELUTanh": "gelu_pytorch_tanh", "GELUActivation": "gelu",
+                          "QuickGELUActivation": "quick_gelu"}
+
+
+def hf_activation_name(act) -> str | None:
+    """The Hugging Face ``hidden_act`` name of an activation module mmfast fuses, or None
+    (left unpatched) for any other; ``torch.nn.GELU`` names itself by ``approximate``."""
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_pytorch_tanh"}.get(act.approximate)
+    return _HF_ACTIVATION_CLASSES.get(type(act).__name__)
 
 
 def patch_activation_mlp(module, handle, name, hidden_act: str):
