@@ -20,12 +20,14 @@ is for SD1.5; SD3 is reported the same way.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfast.profile.measure import building_on
+from mmfast.profile.measure import building_on, timed
+from mmfast.profile.stats import figure
 
 PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
@@ -201,9 +203,22 @@ def reference_note(pipe) -> str:
             "both sides take the same prompt embeddings (text encoding not timed)")
 
 
-def metrics(batch: int, steps: int, latent_s: float, image_s: float) -> dict:
-    return {"it_per_s": steps / latent_s, "denoise_s": latent_s, "s_per_image": image_s / batch,
-            "end_to_end_s": image_s}
+def sampler(side: Side, device: torch.device, clock=time.perf_counter) -> Callable[[], dict[str, float]]:
+    """One timed sample of ``side``: {"denoise_s", "end_to_end_s"}, a call with latent
+    output and then one with the decoded image."""
+
+    def sample() -> dict[str, float]:
+        return {"denoise_s": timed(lambda mark: side.generate("latent"), device, clock)["total"],
+                "end_to_end_s": timed(lambda mark: side.generate("pt"), device, clock)["total"]}
+    return sample
+
+
+def metrics(batch: int, steps: int, samples: dict[str, list[float]]) -> dict:
+    """Figures (:func:`mmfast.profile.stats.figure`) from one side's samples."""
+    latent, image = samples["denoise_s"], samples["end_to_end_s"]
+    return {"end_to_end_s": figure(image), "denoise_s": figure(latent),
+            "it_per_s": figure([steps / seconds for seconds in latent]),
+            "s_per_image": figure([seconds / batch for seconds in image])}
 
 
 def check_checkpoint(path: str | None) -> None:
