@@ -90,6 +90,8 @@ def test_ldm_tiny_end_to_end(tmp_path, capsys):
         m = side["metrics"]
         assert m["it_per_s"]["median"] > 0 and m["s_per_image"]["median"] > 0
         assert m["it_per_s"]["samples"] == [1 / s for s in m["denoise_s"]["samples"]]
+        # Denoising is stamped inside the end-to-end call, as the VAE's decoder starts.
+        assert all(0 < d < e for d, e in zip(m["denoise_s"]["samples"], m["end_to_end_s"]["samples"]))
     assert "StableDiffusionPipeline" in " ".join(data["notes"])
     assert "it/s" in capsys.readouterr().out
 
@@ -377,6 +379,42 @@ def test_time_to_first_token_is_stamped_inside_the_generate_call():
                          clock=clock)
     with pytest.raises(RuntimeError, match="silent: generate returned without producing a first token"):
         silent()
+
+
+def test_denoising_is_stamped_inside_the_end_to_end_call():
+    import torch
+
+    from mmfast.profile import ldm
+
+    clock = FakeClock()
+
+    def generate(output_type, decode_start=None):
+        assert output_type == "pt"
+        clock.now += 2.0  # denoising
+        decode_start()
+        clock.now += 0.5  # VAE decode
+
+    assert ldm.sampler(ldm.Side("fake", generate), torch.device("cpu"), clock=clock)() == {
+        "denoise_s": 2.0, "end_to_end_s": 2.5}
+    silent = ldm.Side("silent", lambda output_type, decode_start=None: None)
+    with pytest.raises(RuntimeError, match="silent: the call returned without running the VAE's decoder"):
+        ldm.sampler(silent, torch.device("cpu"), clock=clock)()
+
+
+def test_real_ldm_sides_stamp_the_decode_start():
+    import torch
+
+    import mmfast
+    from mmfast.profile import ldm
+
+    cpu = torch.device("cpu")
+    ours, pipe, _ = ldm.build("tiny", None, cpu, torch.float32)
+    for side in ldm.sides(ours, pipe, 1, 16, 1, 7.5):
+        stamps = []
+        with mmfast.set_backend("torch"):
+            image = side.generate("pt", lambda: stamps.append(len(stamps)))
+        assert stamps == [0] and image.shape == (1, 3, 16, 16)
+    assert not ours.vae.decoder._forward_pre_hooks and not pipe.vae.decoder._forward_pre_hooks
 
 
 def test_vlm_metrics_per_sample():

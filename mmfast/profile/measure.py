@@ -126,6 +126,28 @@ def timed(call: Callable[[Callable[[str], None]], object], device: torch.device,
     return {**{name: at - start for name, at in marks.items()}, "total": end - start}
 
 
+@contextlib.contextmanager
+def on_first_call(module: torch.nn.Module, callback: Callable[[], None] | None, before: bool = False):
+    """Calls ``callback`` once, at the first forward of ``module`` inside the block: after it
+    (or ``before`` it). Later calls, e.g. while a CUDA graph is captured, pass untouched."""
+    if callback is None:
+        yield
+        return
+    fired = False
+
+    def hook(*_):
+        nonlocal fired
+        if not fired:
+            fired = True
+            callback()
+
+    handle = module.register_forward_pre_hook(hook) if before else module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def peak_memory_gib(fn: Callable[[], object], device: torch.device, weights_bytes: int) -> float | None:
     """The peak CUDA memory (GiB) one call of ``fn`` needs: its weights plus the most
     allocated beyond what was allocated before (both sides' weights stay resident, so the

@@ -18,7 +18,6 @@ step; data-dependent code such as Qwen's rope/window indices breaks the graph wh
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import time
@@ -100,7 +99,7 @@ def sides(ours, reference, batch: Batch, compile_backend: str | None = None, cud
     lm_head = _lm_head(ours)
 
     def run_ours(new_tokens, first_token=None):
-        with _after_first_call(lm_head, first_token):
+        with measure.on_first_call(lm_head, first_token):
             return ours.generate(**batch.ours, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
 
     def runner(model):
@@ -124,28 +123,6 @@ def _lm_head(model) -> torch.nn.Module:
     if len(heads) != 1:
         raise TypeError(f"model: expected one module named lm_head in {type(model).__name__}, found {len(heads)}")
     return heads[0]
-
-
-@contextlib.contextmanager
-def _after_first_call(module: torch.nn.Module, callback: Callable[[], None] | None):
-    """Calls ``callback`` after the first forward of ``module`` inside the block (later
-    calls, e.g. while a CUDA graph is captured, pass untouched)."""
-    if callback is None:
-        yield
-        return
-    fired = False
-
-    def hook(*_):
-        nonlocal fired
-        if not fired:
-            fired = True
-            callback()
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class _FirstLogits:
