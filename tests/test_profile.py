@@ -474,7 +474,7 @@ def test_chart_reads_at_a_glance():
     figure = chart(_fake_results())
     try:
         titles = [axis.get_title() for axis in figure.axes]
-        assert titles[0].startswith("generate (s)\nlower is better\nmmfast 2.00x faster")  # the headline first
+        assert titles[0].startswith("generate (s)\nlower is better\nmmfast 2.00x, faster\n(IQR 2.00..2.00x)")  # the headline first
         assert all("lower is better" in t or "higher is better" in t for t in titles)
         assert "peak memory" not in " ".join(titles)  # no allocator statistics on a CPU: no panel of n/a
         decode = figure.axes[titles.index(next(t for t in titles if t.startswith("decode")))]

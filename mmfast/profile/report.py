@@ -170,25 +170,30 @@ def chart(results: dict):
     on_gpu = results["device"].startswith("cuda")
     keys = [key for key in CHART_KEYS[results["kind"]] if on_gpu or key != "peak_memory_gib"]  # None on a CPU
     sides = results["sides"]
-    names = ["\n".join(textwrap.wrap(side["name"], 14)) for side in sides]
+    names = ["\n".join(textwrap.wrap(side["name"], 14, break_long_words=False)) for side in sides]
     figure, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 4.2))
     for number, (axis, key) in enumerate(zip(axes, keys)):
         column = columns[key]
         figures = [side["metrics"].get(key) for side in sides]
-        top = max((f["max"] for f in figures if f is not None), default=1.0) or 1.0
+        # The scale follows the interquartile ranges; a min..max line that goes past it is cut
+        # there and labelled, so one outlier does not flatten the bars.
+        top = max((f["q3"] for f in figures if f is not None), default=0.0) * 1.6 or 1.0
         for x, f in enumerate(figures):
             if f is None:
                 axis.text(x, top * 0.05, "n/a", ha="center", va="bottom", fontsize=12, fontweight="bold",
                           color="tab:red")
                 continue
             axis.bar(x, f["median"], color=COLORS[x % len(COLORS)], width=0.6)
-            axis.vlines(x, f["min"], f["max"], color="0.6", linewidth=1, zorder=3)
+            axis.vlines(x, f["min"], min(f["max"], top), color="0.6", linewidth=1, zorder=3)
+            if f["max"] > top:
+                axis.text(x, top, f"max {column.fmt.format(f['max'])}", ha="center", va="bottom", fontsize=6,
+                          color="0.4")
             axis.errorbar(x, f["median"], yerr=[[f["median"] - f["q1"]], [f["q3"] - f["median"]]], fmt="none",
                           ecolor="black", capsize=6, linewidth=1.5, zorder=4)
             axis.text(x + 0.32, f["median"], column.fmt.format(f["median"]), ha="left", va="center", fontsize=7)
         axis.set_xticks(range(len(sides)), names, fontsize=8)
         axis.set_xlim(-0.6, len(sides) - 0.4 + 0.3)
-        axis.set_ylim(0, top * 1.15)
+        axis.set_ylim(0, top * 1.1)
         title = f"{column.heading} ({column.unit})\n{column.better}"
         if column.compared and len(sides) > 1:
             title += "\n" + _short_verdict(sides[1]["mmfast_speedup"].get(key))
@@ -212,7 +217,7 @@ def chart(results: dict):
 def _short_verdict(ratio: dict | None) -> str:
     if ratio is None:
         return "speedup n/a"
+    spread = f"IQR {ratio['q1']:.2f}..{ratio['q3']:.2f}x"
     if not ratio["differs"]:
-        return f"no difference measured ({ratio['q1']:.2f}..{ratio['q3']:.2f}x)"
-    return (f"mmfast {ratio['median']:.2f}x {'faster' if ratio['median'] > 1 else 'slower'} "
-            f"({ratio['q1']:.2f}..{ratio['q3']:.2f}x)")
+        return f"no difference measured\n(ratio {spread})"
+    return f"mmfast {ratio['median']:.2f}x, {'faster' if ratio['median'] > 1 else 'slower'}\n({spread})"
