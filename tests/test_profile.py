@@ -59,7 +59,7 @@ def test_vlm_tiny_end_to_end(tmp_path, capsys):
     # Two new tokens: one decode step. Time to first token is stamped inside each generate
     # call, so it is below that call's time and decode tokens/s exists in every sample.
     assert main(["profile", "vlm", "--preset", "tiny", "--new-tokens", "2", "--text-tokens", "5", "--batch", "2",
-                 "--out", str(tmp_path), "--trace", str(trace), *COMMON, "--repeats", "3"]) == 0  # the last --repeats wins
+                 "--out", str(tmp_path), "--trace", str(trace), *COMMON, "--repeats", "3"]) == 0  # the last wins
     data = _results(tmp_path, "vlm")
     assert (data["batch"], data["new_tokens"], data["resolution"]) == (2, 2, 56)
     assert (data["text_tokens"], data["prompt_tokens"]) == (5, 5 + 1 + 4)  # text, vision start, 2x2 merged patches
@@ -334,7 +334,7 @@ def test_speedup_only_where_the_spreads_do_not_overlap():
 
     ours, slow, close = figure([1.0, 1.1, 1.2]), figure([2.0, 2.2, 2.4]), figure([1.1, 1.2, 1.3])
     apart = compare(ours, slow, lower_is_better=True)  # times: reference / ours, round by round
-    assert apart["differs"] and apart["samples"] == pytest.approx([2.0, 2.0, 2.0]) and apart["median"] == pytest.approx(2)
+    assert apart["differs"] and apart["samples"] == pytest.approx([2.0] * 3) and apart["median"] == pytest.approx(2)
     overlapping = compare(ours, close, lower_is_better=True)
     assert not overlapping["differs"] and overlapping["median"] == pytest.approx(1.1 / 1.0, rel=0.1)
     rate = compare(figure([10.0, 10.0]), figure([5.0, 5.0]), lower_is_better=False)  # rates: ours / reference
@@ -356,7 +356,8 @@ def test_verdicts_name_the_ranges():
     ours, slow = figure([1.0, 1.5, 2.0]), figure([2.0, 3.0, 4.0])
     assert verdict(generate, ours, slow, compare(ours, slow, True), "x") == (
         "generate (s): mmfast 2.00x, faster (IQR 2.00..2.00x, min..max 2.00..2.00x)")
-    assert verdict(generate, ours, slow, compare(slow, ours, True), "x").startswith("generate (s): mmfast 0.50x, slower")
+    slower = verdict(generate, ours, slow, compare(slow, ours, True), "x")
+    assert slower.startswith("generate (s): mmfast 0.50x, slower")
     assert verdict(COLUMNS["vlm"][2], None, None, None, "x") == "decode (tok/s): n/a (not measured on both sides)"
 
 
@@ -474,7 +475,8 @@ def test_chart_reads_at_a_glance():
     figure = chart(_fake_results())
     try:
         titles = [axis.get_title() for axis in figure.axes]
-        assert titles[0].startswith("generate (s)\nlower is better\nmmfast 2.00x, faster\n(IQR 2.00..2.00x)")  # the headline first
+        # The headline first, with its verdict.
+        assert titles[0].startswith("generate (s)\nlower is better\nmmfast 2.00x, faster\n(IQR 2.00..2.00x)")
         assert all("lower is better" in t or "higher is better" in t for t in titles)
         assert "peak memory" not in " ".join(titles)  # no allocator statistics on a CPU: no panel of n/a
         decode = figure.axes[titles.index(next(t for t in titles if t.startswith("decode")))]

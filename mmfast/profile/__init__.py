@@ -72,13 +72,16 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
                        f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
-        p.add_argument("--repeats", type=_positive, help="exactly this many timed rounds (default: "
-                       "between --min-repeats and --max-repeats, until the spread is small or --time-budget ends)")
-        p.add_argument("--min-repeats", type=_positive, help="timed rounds at least (default 5 GPU, 6 CPU)")
-        p.add_argument("--max-repeats", type=_positive, help="timed rounds at most (default 50 GPU, 40 CPU)")
+        p.add_argument("--repeats", type=_positive, metavar="N", help="exactly N timed rounds (default: from "
+                       "--min-repeats to --max-repeats, until every figure's interquartile range is within 5%% "
+                       "(GPU: 2%%) of its median or --time-budget is spent)")
+        p.add_argument("--min-repeats", type=_positive, metavar="N",
+                       help="at least N timed rounds (default 5 GPU, 6 CPU)")
+        p.add_argument("--max-repeats", type=_positive, metavar="N",
+                       help="at most N timed rounds (default 50 GPU, 40 CPU)")
         p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
-                       help="stop timing after this long, past --min-repeats (default 60 GPU, 20 CPU)")
-        p.add_argument("--warmup", type=_non_negative, help="untimed rounds first (default 2 GPU, 1 CPU)")
+                       help="stop timing after this long, once --min-repeats ran (default 60 GPU, 20 CPU)")
+        p.add_argument("--warmup", type=_non_negative, metavar="N", help="untimed rounds first (default 2 GPU, 1 CPU)")
         p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
         p.add_argument("--compile-reference", action=argparse.BooleanOptionalAction,
                        help="also run the reference with torch.compile (default: on a GPU; a CPU compile takes minutes)")
