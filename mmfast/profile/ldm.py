@@ -5,8 +5,9 @@ original diffusers UNet / SD3 transformer and VAE; mmfast's are rebuilt with mmf
 and loaded from their state dicts). Text encoders are the same modules on both sides.
 
 Both sides take the same prompt embeddings (text encoding is the identical transformers
-text models on both sides, so it is left out); denoising (it/s) is timed with latent
-output, end to end with the VAE decode.
+text models on both sides, so it is left out). One call per sample gives both figures: end
+to end is the whole call, denoising (it/s) the part before the VAE's decoder starts (a
+one-shot pre-hook on each side's ``vae.decoder`` stamps it), so denoising <= end to end.
 
 Presets (random weights): ``tiny`` (a CPU runs it in well under a second) and ``sd15``,
 the Stable Diffusion 1.5 component configs (UNet, VAE, CLIP ViT-L/14 text encoder) with
@@ -20,12 +21,14 @@ is for SD1.5; SD3 is reported the same way.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfast.profile.measure import building_on
+from mmfast.profile.measure import building_on, on_first_call, timed
+from mmfast.profile.stats import figure
 
 PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
@@ -36,7 +39,9 @@ _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 @dataclass
 class Side:
     name: str
-    generate: Callable[[str], object]  # output type ("latent" or "pt") -> output
+    # (output type "latent" or "pt", decode_start) -> output; decode_start(), when given, is
+    # called once, as the VAE's decoder starts
+    generate: Callable[..., object]
 
 
 def _components(preset: str) -> dict:
@@ -172,15 +177,17 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
     prompt = {name: torch.randn(shape, generator=g).to(ours.device, ours.dtype) for name, shape in shapes.items()}
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution, **prompt)
 
-    def run_ours(output_type):
-        return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
-                             generator=torch.Generator(ours.device).manual_seed(1), **common)
+    def run_ours(output_type, decode_start=None):
+        with on_first_call(ours.vae.decoder, decode_start, before=True):
+            return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
+                                 generator=torch.Generator(ours.device).manual_seed(1), **common)
 
     def runner(pipeline):
         @torch.no_grad()
-        def run_pipe(output_type):
-            return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
-                            **common).images
+        def run_pipe(output_type, decode_start=None):
+            with on_first_call(pipeline.vae.decoder, decode_start, before=True):
+                return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
+                                **common).images
         return run_pipe
 
     name = f"diffusers {type(pipe).__name__}"
@@ -201,9 +208,24 @@ def reference_note(pipe) -> str:
             "both sides take the same prompt embeddings (text encoding not timed)")
 
 
-def metrics(batch: int, steps: int, latent_s: float, image_s: float) -> dict:
-    return {"it_per_s": steps / latent_s, "denoise_s": latent_s, "s_per_image": image_s / batch,
-            "end_to_end_s": image_s}
+def sampler(side: Side, device: torch.device, clock=time.perf_counter) -> Callable[[], dict[str, float]]:
+    """One timed sample of ``side``: {"denoise_s", "end_to_end_s"} of one call with the
+    decoded image (denoising: until the VAE's decoder starts)."""
+
+    def sample() -> dict[str, float]:
+        times = timed(lambda mark: side.generate("pt", lambda: mark("decode_start")), device, clock)
+        if "decode_start" not in times:
+            raise RuntimeError(f"{side.name}: the call returned without running the VAE's decoder")
+        return {"denoise_s": times["decode_start"], "end_to_end_s": times["total"]}
+    return sample
+
+
+def metrics(batch: int, steps: int, samples: dict[str, list[float]]) -> dict:
+    """Figures (:func:`mmfast.profile.stats.figure`) from one side's samples."""
+    latent, image = samples["denoise_s"], samples["end_to_end_s"]
+    return {"end_to_end_s": figure(image), "denoise_s": figure(latent),
+            "it_per_s": figure([steps / seconds for seconds in latent]),
+            "s_per_image": figure([seconds / batch for seconds in image])}
 
 
 def check_checkpoint(path: str | None) -> None:
