@@ -20,13 +20,15 @@ from torch import Tensor
 def resolve_group(group, name: str = "group"):
     """The process group to use (``None``: the default group), checked; raises
     ValueError/TypeError naming ``name`` when torch.distributed is not usable."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist.is_available():
+        raise ValueError(f"{name}: this torch was built without torch.distributed")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    if not dist.is_initialized():
         raise ValueError(f"{name}: torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first")
     if group is None:
         return dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{name}: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"{name}: this process is not a member of the group")
     return group

@@ -79,12 +79,14 @@ def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
             f"mmfast.patch: this {type(target).__name__} is already patched; "
             "call handle.undo() before patching it again"
         )
-    family = find_family(target)
-    handle = PatchHandle(target, family.name)
+    group = None
     if sequence_parallel is not None:
         from mmfast.distributed.collectives import resolve_group
 
-        handle.sequence_parallel = resolve_group(sequence_parallel, "sequence_parallel")
+        group = resolve_group(sequence_parallel, "sequence_parallel")
+    family = find_family(target)
+    handle = PatchHandle(target, family.name)
+    handle.sequence_parallel = group
     try:
         family.apply(target, handle, whole_model=family.recognises(target))
         if sequence_parallel is not None and not handle.sequence_parallel_models:

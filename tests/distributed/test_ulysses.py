@@ -93,12 +93,13 @@ def _sd3_inputs():
             "timestep": torch.tensor([3.0, 700.0])}
 
 
-def _tiny_dit():
+def _tiny_dit(num_classes=10):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(0)
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8,
-                                 num_layers=2, sample_size=6, patch_size=2, num_embeds_ada_norm=10).eval()  # eval: no label dropout
+                                 num_layers=2, sample_size=6, patch_size=2,
+                                 num_embeds_ada_norm=num_classes).eval()  # eval: no class-label dropout
 
 
 def _dit_inputs():
@@ -144,12 +145,48 @@ def _check_models(group, world, what):
     _check_model(_tiny_dit, _dit_inputs(), [
         "pos_embed.proj.weight", "transformer_blocks.0.attn1.to_v.weight", "transformer_blocks.1.ff.net.0.proj.weight",
         "proj_out_2.weight"], group, f"{what} DiT")
+    _check_pipeline_and_refusals(group, what)
     model = _tiny_sd3(heads=3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=rf"sequence_parallel: a world size of {world} does not divide the 3 heads"):
         mmfast.patch(model, sequence_parallel=group)
     assert "forward" not in model.__dict__ and not hasattr(model, "_mmfast_patch_handle")  # nothing left patched
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _check_pipeline_and_refusals(group, what):
+    """A pipeline patched with sequence_parallel runs its denoiser sequence-parallel and
+    generates the unpatched pipeline's image; a model with no sequence-parallel form (a
+    VAE) is refused and left as it was; a deep copy of a patched model runs too."""
+    import copy
+
+    import mmfast
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4).eval()
+    # DiTPipeline's "no class" label is ImageNet's 1000.
+    pipe = DiTPipeline(transformer=_tiny_dit(num_classes=1000), vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def generate():
+        return pipe(class_labels=[3], num_inference_steps=2, guidance_scale=4.0, output_type="np",
+                    generator=torch.Generator().manual_seed(5)).images
+
+    expected = generate()
+    with mmfast.patch(pipe, sequence_parallel=group) as handle:
+        assert any("Ulysses" in w for _, w in handle.replaced), handle.replaced
+        got = generate()
+        twin = copy.deepcopy(pipe.transformer)  # shares the group, not the original's token counts
+        inputs = _dit_inputs()
+        inputs["class_labels"] = torch.tensor([1, 999])
+        with torch.no_grad():
+            torch.testing.assert_close(twin(**inputs).sample, pipe.transformer(**inputs).sample, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=f"{what} DiTPipeline")
+
+    with pytest.raises(ValueError, match="sequence_parallel: AutoencoderKL holds no model mmfast runs sequence-par"):
+        mmfast.patch(vae, sequence_parallel=group)
+    assert not any("forward" in vars(m) for m in vae.modules()) and not hasattr(vae, "_mmfast_patch_handle")
 
 
 def _worker(rank, world, init_file, failures, finished):
