@@ -90,7 +90,8 @@ def _sd3_inputs():
     return {"hidden_states": torch.randn(2, 4, 6, 6, generator=gen),  # 3 x 3 = 9 image tokens
             "encoder_hidden_states": torch.randn(2, 5, 12, generator=gen),  # 5 text tokens
             "pooled_projections": torch.randn(2, 6, generator=gen),
-            "timestep": torch.tensor([3.0, 700.0])}
+            "timestep": torch.tensor([3.0, 700.0]),
+            "block_controlnet_hidden_states": [torch.randn(2, 9, 32, generator=gen)]}  # split like the image
 
 
 def _tiny_dit(num_classes=10):

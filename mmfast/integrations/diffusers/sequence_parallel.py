@@ -19,16 +19,17 @@ split inside. Where:
 So activations and attention work are divided by the world size; the embeddings and the
 unpatchify are replicated (they are cheap). Sharding the whole block stack, not each
 attention call, keeps one pair of all-to-alls per attention as the only communication
-inside the blocks. A pipeline patched this way runs the same denoising loop on every rank
-(same seed, same latents) and decodes on every rank.
+inside the blocks. Every rank must get the same inputs: a pipeline patched this way runs
+its whole denoising loop on every rank, so give every rank the same generator seed; each
+rank decodes the (identical) latents too.
 
 Gradients: each rank's gradient of a parameter (or of the input) is the share of its own
 tokens; ``all_reduce`` (SUM) over the group gives the single-process gradient (see
 mmfast.distributed.sequence). ControlNet residuals (``block_controlnet_hidden_states``)
 are split like the image tokens. Not taken: attention processors mmfast has no
-sequence-parallel form for (IP-Adapter, custom ones; checked on every call, so one set
-after patching raises instead of attending to a chunk only), attention masks, and
-forward chunking.
+sequence-parallel form for (IP-Adapter, custom ones, cross-attention, attention with a
+norm over all tokens; checked on every call, so one set after patching raises instead
+of attending to a chunk only) and attention masks.
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState
             continue
         processor = getattr(module, "processor", None)
         form = _SEQUENCE_PARALLEL_FORM.get(type(processor).__name__)
-        if form is UlyssesAttnProcessor and getattr(module, "is_cross_attention", False):
-            form = None
+        if form is UlyssesAttnProcessor and (getattr(module, "is_cross_attention", False) or any(
+                getattr(module, norm, None) is not None for norm in ("group_norm", "spatial_norm"))):
+            form = None  # keys from elsewhere, or a norm over all tokens: not token-local
         if form is None:
             raise ValueError(f"sequence_parallel: attention {name} runs {type(processor).__name__}, which has "
                              "no sequence-parallel form (mmfast takes diffusers' JointAttnProcessor2_0 and "
@@ -174,8 +176,6 @@ def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState
 
 def _apply(model, handle: PatchHandle, shard_text: bool, out_projection: str, forward) -> None:
     """Names are relative to ``model``, as the family's table names them."""
-    if getattr(model, "_chunk_size", None) is not None:
-        raise ValueError("sequence_parallel: feed-forward chunking is on; disable_forward_chunking() first")
     state = SequenceParallelState(handle.sequence_parallel)
     _ulysses_processors(model, handle, state)
     _wrap(model.pos_embed, handle, _shard_image_tokens, state, "pos_embed", "image tokens sharded")
