@@ -2,7 +2,7 @@
 
 One start of 4 processes (forked where possible) runs every check twice: over the whole world (4 ranks) and over
 pairs of ranks (two groups of 2, running side by side): ulysses_attention's output and
-q/k/v gradients (one stream, joint streams of uneven lengths, causal, GQA), its errors,
+q/k/v gradients (one stream, joint streams of uneven lengths, causal, GQA, rotary), its errors,
 and a tiny SD3 transformer (SD3.5 dual attention, q/k RMSNorm) and DiT transformer
 patched with ``sequence_parallel=group`` against the unpatched models (output, and the
 gradients of a few parameters summed over the group). fp32, mmfast's torch backends.
@@ -38,25 +38,28 @@ def _check_attention(group, what):
     from mmfast.ops.attention import attention
 
     gen = torch.Generator().manual_seed(0)  # the same global tensors on every rank
-    cases = [  # (stream lengths, q heads, k/v heads, causal)
-        ((12,), 4, 4, False),     # divides both world sizes: no padding
-        ((9, 5), 4, 4, False),    # joint image + text streams, padded on both world sizes
-        ((7,), 8, 4, True),       # GQA, causal: the sequence order survives the exchange
-        ((3, 2), 4, 4, False),    # fewer tokens than ranks: some ranks hold padding only
+    cases = [  # (stream lengths, q heads, k/v heads, causal, rotary)
+        ((12,), 4, 4, False, False),   # divides both world sizes: no padding
+        ((9, 5), 4, 4, False, False),  # joint image + text streams, padded on both world sizes
+        ((7,), 8, 4, True, False),     # GQA, causal: the sequence order survives the exchange
+        ((6, 3), 4, 4, False, True),   # rotary tables of the whole (joint) sequence
+        ((3, 2), 4, 4, False, False),  # fewer tokens than ranks: some ranks hold padding only
     ]
-    for lens, hq, hk, causal in cases:
+    for lens, hq, hk, causal, rotated in cases:
         n = sum(lens)
         q = torch.randn(2, n, hq, 8, generator=gen)
         k, v = (torch.randn(2, n, hk, 8, generator=gen) for _ in range(2))
         grad_out = torch.randn(2, n, hq, 8, generator=gen)
+        angles = torch.rand(n, 4, generator=gen) * 6
+        rotary = (angles.cos(), angles.sin()) if rotated else None
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = attention(*full, causal=causal, backend="torch")
+        ref = attention(*full, causal=causal, rotary=rotary, backend="torch")
         ref.backward(grad_out)
 
         local = [_shard_streams(t, lens, group).requires_grad_() for t in (q, k, v)]
-        out = ulysses_attention(*local, group, seq_lens=lens, causal=causal, backend="torch")
+        out = ulysses_attention(*local, group, seq_lens=lens, causal=causal, rotary=rotary, backend="torch")
         out.backward(_shard_streams(grad_out, lens, group))
-        case = f"{what} lens={lens} heads={hq}/{hk} causal={causal}"
+        case = f"{what} lens={lens} heads={hq}/{hk} causal={causal} rotary={rotated}"
         torch.testing.assert_close(out, _shard_streams(ref.detach(), lens, group), **CLOSE, msg=case)
         for name, mine, whole in zip("qkv", local, full):
             torch.testing.assert_close(mine.grad, _shard_streams(whole.grad, lens, group), **CLOSE,
