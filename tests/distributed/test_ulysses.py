@@ -1,13 +1,14 @@
 """Ulysses sequence parallelism on CPU with gloo, against the single-process result.
 
-One start of 4 processes (forked where possible) runs every check twice: over the whole world (4 ranks) and over
-pairs of ranks (two groups of 2, running side by side): ulysses_attention's output and
-q/k/v gradients (one stream, joint streams of uneven lengths, causal, GQA, rotary), its errors,
-and a tiny SD3 transformer (SD3.5 dual attention, q/k RMSNorm) and DiT transformer
-patched with ``sequence_parallel=group`` against the unpatched models (output, and the
-gradients of a few parameters summed over the group). fp32, mmfast's torch backends.
-
-Shapes are tiny; the workers are forked from the test process with its imports."""
+One start of 4 processes (forked where possible) runs every check twice: over the whole
+world (4 ranks) and over pairs of ranks (two groups of 2, side by side):
+ulysses_attention's output and q/k/v gradients (one stream, joint streams of uneven
+lengths, causal, GQA, rotary) and its errors; a tiny SD3 transformer (SD3.5 dual
+attention, q/k RMSNorm, a ControlNet residual) and a DiT transformer patched with
+``sequence_parallel=group`` against the unpatched models (output, and the gradients of
+a few parameters summed over the group); a DiTPipeline; the refusals. fp32, mmfast's
+torch backends. Shapes are tiny; the workers are forked from the test process with its
+imports."""
 
 import datetime
 import traceback
