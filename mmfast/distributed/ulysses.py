@@ -24,8 +24,8 @@ and the attention sees the single-process sequence: stream 0's n_0 tokens, then 
 1's. Padding (when W does not divide n_s) is cut off before the attention and comes back
 as zero output rows.
 
-Communication: q, k, v travel in one all_to_all_single (stacked; two when K/V have fewer
-heads), the output in one more; the backward runs the two reversed. Both NCCL and gloo
+Communication: q, k, v travel in one all_to_all_single (one buffer; two calls when K/V
+have fewer heads), the output in one more; the backward runs the two reversed. Both NCCL and gloo
 (torch 2.x) implement all_to_all_single, so the gloo tests on CPU run the NCCL path's
 code. Nothing reads a device value back to the host.
 """
@@ -74,11 +74,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, world: int) -> None:
                              "Ulysses gives each rank heads / world_size of the heads")
 
 
-def _to_heads(x: Tensor, group, world: int, lens: list[int], chunks: list[int]) -> Tensor:
-    """[N, B, c, H, D] shards (N tensors stacked) -> [N, B, sum(lens), H / W, D]: every
-    stream's real tokens in sequence order, this rank's heads."""
-    n, b, c, h, d = x.shape
-    send = x.view(n, b, c, world, h // world, d).permute(3, 0, 1, 2, 4, 5)
+def _to_heads(tensors: list[Tensor], group, world: int, lens: list[int], chunks: list[int]) -> Tensor:
+    """N shards [B, c, H, D] -> [N, B, sum(lens), H / W, D]: every stream's real tokens in
+    sequence order, this rank's heads."""
+    b, c, h, d = tensors[0].shape
+    n = len(tensors)
+    # One buffer for all N, head block r first for rank r: one copy of each shard.
+    send = tensors[0].new_empty(world, n, b, c, h // world, d)
+    for i, t in enumerate(tensors):
+        send[:, i] = t.view(b, c, world, h // world, d).permute(2, 0, 1, 3, 4)
     recv = all_to_all(send, group)  # [W, N, B, c, H/W, D]; recv[r] = rank r's tokens
     parts, start = [], 0
     for length, chunk in zip(lens, chunks):
@@ -129,11 +133,11 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, seq_lens=N
     world = dist.get_world_size(group)
     _check(q, k, v, world)
     lens, chunks = _stream_lengths(seq_lens, q.shape[1], world)
-    if q.shape == k.shape and q.dtype == k.dtype:
-        q_full, k_full, v_full = _to_heads(torch.stack([q, k, v]), group, world, lens, chunks).unbind(0)
+    if q.shape == k.shape and q.dtype == k.dtype == v.dtype:
+        q_full, k_full, v_full = _to_heads([q, k, v], group, world, lens, chunks).unbind(0)
     else:  # GQA / MQA: K/V have fewer heads
-        q_full = _to_heads(q.unsqueeze(0), group, world, lens, chunks)[0]
-        k_full, v_full = _to_heads(torch.stack([k, v]), group, world, lens, chunks).unbind(0)
+        q_full = _to_heads([q], group, world, lens, chunks)[0]
+        k_full, v_full = _to_heads([k, v], group, world, lens, chunks).unbind(0)
     out = attention(q_full, k_full, v_full, causal=causal, window=window, scale=scale, rotary=rotary,
                     backend=backend)
     return _to_tokens(out, group, world, lens, chunks)
