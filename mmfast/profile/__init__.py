@@ -23,7 +23,8 @@ import sys
 
 import torch
 
-from mmfast.profile import ldm, measure, report, vlm
+from mmfast.profile import ldm, measure, preflight, report, vlm
+from mmfast.profile.memory import SMALL_PRESETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (GPU default, CPU default)
@@ -35,12 +36,16 @@ DEFAULTS = {
     "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2), "compile_reference": (True, False)},
 }
 COMPILE_BACKEND = "inductor"  # of the torch.compile reference side
+# The --help text: plain words (the module docstring is reStructuredText for the docs).
+DESCRIPTION = ("A complete model on mmfast kernels against what users would otherwise run "
+               "(transformers for vlm, diffusers for ldm), side by side on this machine. "
+               "vlm --model picks Qwen2.5-VL (the default), LLaVA or BLIP-2.")
 SPEEDUP_KEYS = {"generate_s": "generate", "time_to_first_token_s": "time to first token",
                 "end_to_end_s": "end to end", "denoise_s": "denoising"}
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
                                 ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
@@ -73,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--trace", metavar="OUT.json", help="write the mmfast run's Chrome trace here "
                        "(the reference's next to it, as OUT.reference.json)")
         p.add_argument("--out", metavar="DIR", default="mmfast-profile", help="where the JSON and PNG go")
+        p.add_argument("--force", action="store_true", help="build a preset even when its memory estimate "
+                       "exceeds what this machine has free")
     return top
 
 
@@ -94,6 +101,7 @@ def _fill_defaults(args, on_gpu: bool) -> None:
 
 
 def _validate(args, on_gpu: bool) -> None:
+    preflight.check_libraries(args.kind)
     if getattr(args, "cuda_graph", False) and not on_gpu:
         raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
     if args.checkpoint is not None:
@@ -101,7 +109,7 @@ def _validate(args, on_gpu: bool) -> None:
             raise ValueError(f"--checkpoint: {args.checkpoint} is not a directory")
         (vlm if args.kind == "vlm" else ldm).check_checkpoint(args.checkpoint)
     if args.backend is not None:
-        import mmfast  # noqa: F401  (registers the op families)
+        import mmfast.ops  # noqa: F401  (registers the op families)
         from mmfast.dispatch import op_families
 
         known = sorted({name for family in op_families().values() for name in family.backends})
@@ -152,16 +160,21 @@ def run(args, log=print) -> dict:
     _validate(args, on_gpu)
     _fill_defaults(args, on_gpu)
     dtype = DTYPES[args.dtype]
+    if args.backend is not None:
+        preflight.check_backend(args.backend, device, dtype, log)
+    estimate = preflight.check_preset(args, device, dtype, args.force, log)
     device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
-        log("=" * 78 + "\n  NO GPU: these are CPU numbers of a small model, NOT GPU numbers.\n"
+        subject = "a small model" if args.preset in SMALL_PRESETS else f"{args.checkpoint or 'preset ' + args.preset}"
+        log("=" * 78 + f"\n  NO GPU: these are CPU numbers of {subject}, NOT GPU numbers.\n"
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 
     compile_backend = COMPILE_BACKEND if args.compile_reference else None
     what = f"{args.kind}{' ' + args.model if args.kind == 'vlm' else ''}"
     log(f"building {what} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     if args.kind == "vlm":
-        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.parameters)
         batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, args.text_tokens, device, dtype)
         args.resolution = batch_inputs.pixels
         prompt_tokens = batch_inputs.input_ids.shape[1]
@@ -169,7 +182,8 @@ def run(args, log=print) -> dict:
         short, long = 1, args.new_tokens
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
-        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.parameters)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                           compile_backend)

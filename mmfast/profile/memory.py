@@ -1,0 +1,112 @@
+"""Will a preset fit? The memory ``mmfast profile`` needs for a preset, estimated before
+anything real is built, against what this machine has free.
+
+The estimate: the parameters of the modules both sides hold, counted on the meta device
+(exact, no memory used), times the bytes of their dtype, plus ``MARGIN`` of that for
+activations, the KV cache and workspace. Both sides are resident at once (they are timed
+alternately), so shared modules count once and copies twice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.25  # of the weights: activations, KV cache, allocator workspace
+# Presets a CPU builds in well under a second: estimating them would cost more than building.
+SMALL_PRESETS = frozenset({"tiny", "sd3-tiny"})
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parameters: int   # held by both sides together (shared modules once)
+    weight_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.weight_bytes * (1 + MARGIN))
+
+    def describe(self) -> str:
+        return (f"about {self.total_bytes / GIB:.1f} GiB ({self.parameters / 1e9:.2f} B parameters on both sides = "
+                f"{self.weight_bytes / GIB:.1f} GiB of weights, + {MARGIN:.0%} for activations, caches and workspace)")
+
+
+def _bytes(modules, dtype: torch.dtype, float32_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(parameters, bytes) of ``modules`` in ``dtype``, each parameter counted once;
+    parameters under a name in ``float32_prefixes`` stay float32."""
+    seen, count, size = set(), 0, 0
+    for module in modules:
+        for name, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            count += p.numel()
+            size += p.numel() * (4 if name.startswith(float32_prefixes) else dtype.itemsize)
+    return count, size
+
+
+def _on_meta(build):
+    """``build()`` with every module it creates on the meta device (shapes only)."""
+    previous = torch.get_default_dtype()
+    try:
+        with torch.device("meta"):
+            return build()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def meta_vlm(spec, preset: str, dtype: torch.dtype):
+    """mmfast's model of a preset on the meta device: its config and shapes, no memory."""
+    return _on_meta(lambda: spec.build_ours(preset, None, dtype, torch.device("meta")))
+
+
+def estimate_vlm(spec, preset: str, dtype: torch.dtype, ours=None) -> Estimate:
+    """mmfast's model and transformers' twin, equal in size (the same state dict);
+    ``ours``: the preset's :func:`meta_vlm` model when already built."""
+    ours = meta_vlm(spec, preset, dtype) if ours is None else ours
+    keep = ("qformer.", "query_tokens") if spec.name == "blip2" else ()  # float32 on both sides
+    count, size = _bytes([ours], dtype, keep)
+    return Estimate(2 * count, 2 * size)
+
+
+def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
+    """The pipeline's denoiser, VAE and text encoders, and mmfast's own denoiser and VAE
+    (the text encoders are shared)."""
+    from mmfast.profile import ldm
+
+    parts = _on_meta(lambda: ldm.preset_components(preset))
+    denoiser = parts.get("unet") or parts.get("transformer")
+    copied = _bytes([denoiser, parts["vae"]], dtype)
+    shared = _bytes([parts[name] for name in ("text_encoder", "text_encoder_2") if parts.get(name) is not None],
+                    dtype)
+    return Estimate(2 * copied[0] + shared[0], 2 * copied[1] + shared[1])
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes free for new tensors, what that is) on ``device``."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free on {device} ({torch.cuda.get_device_name(device)})"
+    return available_ram(), "of RAM available"
+
+
+def available_ram() -> int:
+    """RAM available to a new allocation without swapping: psutil when installed, else
+    Linux's MemAvailable, else the free pages POSIX reports (an underestimate)."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
