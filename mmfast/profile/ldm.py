@@ -40,7 +40,7 @@ class Side:
     generate: Callable[[str], object]  # output type ("latent" or "pt") -> output
 
 
-def _components(preset: str) -> dict:
+def _components(preset: str, scheduler: bool = True) -> dict:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -65,17 +65,19 @@ def _components(preset: str) -> dict:
                               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                               projection_dim=768)
     return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text),
-            "scheduler": EulerDiscreteScheduler(**_SCHEDULE)}
+            "scheduler": EulerDiscreteScheduler(**_SCHEDULE) if scheduler else None}
 
 
-def preset_components(preset: str) -> dict:
-    """The pipeline components of a preset with random weights (diffusers and transformers
-    modules; SD3 presets without T5-XXL)."""
+def preset_modules(preset: str) -> dict:
+    """The modules of a preset's pipeline with random weights (diffusers and transformers
+    modules; SD3 presets without T5-XXL), without its scheduler: build them on the meta
+    device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
     if preset.startswith("sd3"):
         from mmfast.models.sd3_presets import sd3_components
 
-        return sd3_components(preset, text_encoder_3=False)
-    return _components(preset)
+        return {name: part for name, part in sd3_components(preset, text_encoder_3=False).items()
+                if isinstance(part, torch.nn.Module)}
+    return {name: part for name, part in _components(preset, scheduler=False).items() if part is not None}
 
 
 def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype,

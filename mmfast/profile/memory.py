@@ -77,7 +77,7 @@ def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
     (the text encoders are shared)."""
     from mmfast.profile import ldm
 
-    parts = _on_meta(lambda: ldm.preset_components(preset))
+    parts = _on_meta(lambda: ldm.preset_modules(preset))
     denoiser = parts.get("unet") or parts.get("transformer")
     copied = _bytes([denoiser, parts["vae"]], dtype)
     shared = _bytes([parts[name] for name in ("text_encoder", "text_encoder_2") if parts.get(name) is not None],
