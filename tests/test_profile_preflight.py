@@ -218,3 +218,50 @@ def test_banner_names_a_real_size_preset(monkeypatch, capsys, no_build):
     out = capsys.readouterr().out
     if not HAS_CUDA:
         assert "CPU numbers of preset opt-2.7b" in out and "small model" not in out
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+
+def test_vlm_checkpoint_estimate_reads_the_safetensors_headers(tmp_path):
+    from mmfast.models import Qwen25VLForConditionalGeneration
+
+    model = Qwen25VLForConditionalGeneration.from_preset("tiny")
+    model.save_pretrained(tmp_path)
+    stored = sum(p.numel() for p in model.state_dict().values())  # tied weights are stored once or twice
+    estimate = memory.estimate_checkpoint("vlm", str(tmp_path), torch.bfloat16)
+    assert estimate.parameters == 2 * stored and estimate.weight_bytes == 2 * 2 * stored
+
+
+def test_ldm_checkpoint_estimate_counts_copies(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from mmfast.models.sd3_presets import sd3_components
+
+    parts = sd3_components("sd3-tiny", text_encoder_3=False)
+    StableDiffusion3Pipeline(**parts, tokenizer=None, tokenizer_2=None, tokenizer_3=None).save_pretrained(
+        tmp_path, safe_serialization=True)
+    # What the files store: parameters and persistent buffers (the transformer's position table).
+    counts = {name: sum(t.numel() for t in parts[name].state_dict().values())
+              for name in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    estimate = memory.estimate_checkpoint("ldm", str(tmp_path), torch.float32)
+    # mmfast rebuilds the transformer and VAE; SD3's text encoders are shared by both sides.
+    assert estimate.parameters == 2 * (counts["transformer"] + counts["vae"]) + counts["text_encoder"] \
+        + counts["text_encoder_2"]
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused(tmp_path, monkeypatch, capsys, no_build):
+    from mmfast.models import Qwen25VLForConditionalGeneration
+
+    Qwen25VLForConditionalGeneration.from_preset("tiny").save_pretrained(tmp_path)
+    _machine_with(monkeypatch, 0.0001)
+    line = _error(["vlm", "--checkpoint", str(tmp_path), "--dtype", "float32"], capsys)
+    assert f"--checkpoint {tmp_path} (float32): needs about" in line and "--dtype bfloat16 halves" in line
+    assert "--force builds it anyway" in line
+
+
+def test_output_paths_are_checked_before_building(tmp_path, capsys, no_build):
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    assert _error(["vlm", "--out", str(a_file)], capsys).endswith(f"--out: {a_file} is a file, not a directory")
+    assert f"--trace: {tmp_path} is a directory" in _error(["ldm", "--trace", str(tmp_path)], capsys)

@@ -102,6 +102,11 @@ def _fill_defaults(args, on_gpu: bool) -> None:
 
 def _validate(args, on_gpu: bool) -> None:
     preflight.check_libraries(args.kind)
+    # Where results go, checked now rather than after minutes of measuring.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a file, not a directory")
+    if args.trace is not None and os.path.isdir(args.trace):
+        raise ValueError(f"--trace: {args.trace} is a directory; give a file name such as trace.json")
     if getattr(args, "cuda_graph", False) and not on_gpu:
         raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
     if args.checkpoint is not None:
@@ -162,7 +167,7 @@ def run(args, log=print) -> dict:
     dtype = DTYPES[args.dtype]
     if args.backend is not None:
         preflight.check_backend(args.backend, device, dtype, log)
-    estimate = preflight.check_preset(args, device, dtype, args.force, log)
+    estimate = preflight.check_model(args, device, dtype, args.force, log)
     device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
         subject = "a small model" if args.preset in SMALL_PRESETS else f"{args.checkpoint or 'preset ' + args.preset}"

@@ -9,6 +9,7 @@ alternately), so shared modules count once and copies twice.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,6 +84,39 @@ def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
     shared = _bytes([parts[name] for name in ("text_encoder", "text_encoder_2") if parts.get(name) is not None],
                     dtype)
     return Estimate(2 * copied[0] + shared[0], 2 * copied[1] + shared[1])
+
+
+def _stored_parameters(directory: str) -> int:
+    """Elements of every tensor in the ``*.safetensors`` files of ``directory`` (headers
+    only: nothing is loaded)."""
+    from safetensors import safe_open
+
+    count = 0
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as tensors:
+                count += sum(math.prod(tensors.get_slice(key).get_shape()) for key in tensors.keys())
+    return count
+
+
+def estimate_checkpoint(kind: str, directory: str, dtype: torch.dtype) -> Estimate | None:
+    """The estimate for a checkpoint directory, from its safetensors headers: a VLM's
+    weights on both sides; a pipeline's denoiser and VAE twice (mmfast's copies), its text
+    encoders once for SD3 (shared) and twice for SD1.5 (each side loads its own). None
+    when no safetensors file is found (nothing to go by)."""
+    if kind == "vlm":
+        count = 2 * _stored_parameters(directory)
+    else:
+        sd3 = os.path.isdir(os.path.join(directory, "transformer"))
+        count = 0
+        for sub in sorted(os.listdir(directory)):
+            folder = os.path.join(directory, sub)
+            if not os.path.isdir(folder):
+                continue
+            copies = 2 if sub in ("unet", "transformer", "vae") or (sub.startswith("text_encoder") and not sd3) \
+                else 1 if sub.startswith("text_encoder") else 0
+            count += copies * _stored_parameters(folder) if copies else 0
+    return Estimate(count, count * dtype.itemsize) if count else None
 
 
 def available_bytes(device: torch.device) -> tuple[int, str]:

@@ -93,15 +93,17 @@ def _fitting_preset(args, dtype: torch.dtype, free: int) -> str:
     return family[-1]
 
 
-def check_preset(args, device: torch.device, dtype: torch.dtype, force: bool = False,
+def check_model(args, device: torch.device, dtype: torch.dtype, force: bool = False,
                  log=print) -> memory.Estimate | None:
-    """For a preset (not a checkpoint): refuse a --resolution its vision tower does not
-    take, and refuse it when its estimate (:mod:`mmfast.profile.memory`) exceeds what
-    ``device`` has free, naming both numbers and a preset that fits; ``force`` builds it
-    anyway after saying so. Returns the estimate (None for a checkpoint or a tiny preset,
-    which are not estimated)."""
+    """For a preset, refuse a --resolution its vision tower does not take; refuse a preset
+    or checkpoint whose estimate (:mod:`mmfast.profile.memory`) exceeds what ``device``
+    has free, naming both numbers and what fits instead; ``force`` builds it anyway after
+    saying so. Returns the estimate (None for a tiny preset, which is not estimated, and a
+    checkpoint without safetensors files)."""
     if args.checkpoint is not None:
-        return None
+        need = memory.estimate_checkpoint(args.kind, args.checkpoint, dtype)
+        return None if need is None else _check_fits(args, need, f"--checkpoint {args.checkpoint}", device, dtype,
+                                                      force, log)
     meta_model = None
     if args.kind == "vlm":
         spec = _spec(args)
@@ -112,16 +114,27 @@ def check_preset(args, device: torch.device, dtype: torch.dtype, force: bool = F
     if args.preset in memory.SMALL_PRESETS:
         return None
     need = _estimate(args, args.preset, dtype, meta_model)
-    free, what = memory.available_bytes(device)
+    return _check_fits(args, need, f"--preset {args.preset}", device, dtype, force, log)
+
+
+def _check_fits(args, need: memory.Estimate, what: str, device: torch.device, dtype: torch.dtype, force: bool,
+                log) -> memory.Estimate:
+    free, where = memory.available_bytes(device)
     if need.total_bytes <= free:
         return need
-    have = f"this machine has {free / memory.GIB:.1f} GiB {what}"
+    have = f"this machine has {free / memory.GIB:.1f} GiB {where}"
     if force:
-        log(f"--force: building preset {args.preset}, which needs {need.describe()}, although {have}")
+        log(f"--force: building {what.removeprefix('--')}, which needs {need.describe()}, "
+            f"although {have}")
         return need
-    smaller = _fitting_preset(args, dtype, free)
-    raise ValueError(f"--preset {args.preset} ({str(dtype).removeprefix('torch.')}): needs {need.describe()}, "
-                     f"but {have}; --preset {smaller} fits on this {device.type}; --force builds it anyway")
+    if args.checkpoint is None:
+        instead = f"--preset {_fitting_preset(args, dtype, free)} fits on this {device.type}"
+    elif dtype.itemsize == 4:
+        instead = "--dtype bfloat16 halves the weights"
+    else:
+        instead = "a machine with more memory is needed"
+    raise ValueError(f"{what} ({str(dtype).removeprefix('torch.')}): needs {need.describe()}, but {have}; "
+                     f"{instead}; --force builds it anyway")
 
 
 def _spec(args):
