@@ -4,8 +4,9 @@
 backend of each op family can run here and, if not, why. ``bench`` hands its arguments
 to the benchmark suites (``mmfast.bench.main``), ``profile`` to ``mmfast.profile.main``.
 
-Heavy modules (torch, mmfast's ops) are imported inside the commands, so that
-``mmfast --help`` stays quick; optional libraries are only looked up, never imported.
+Heavy modules (torch, mmfast's ops) are imported inside the commands, and ``import
+mmfast`` itself is lazy, so ``mmfast --help`` and ``--version`` never load torch (the
+version comes from mmfast/_version.py); optional libraries are only looked up, never imported.
 """
 
 from __future__ import annotations

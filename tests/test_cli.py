@@ -194,3 +194,18 @@ def test_help_texts_hold_no_markup(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: mmfast")
     assert "`" not in out and ":mod:" not in out and ":func:" not in out, out
+
+
+def test_the_extra_profile_names_exists_and_numpy_is_a_dependency():
+    import tomllib
+
+    from mmfast.profile import preflight
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    extra = preflight.EXTRA.removeprefix("mmfast[").removesuffix("]")
+    wanted = {name for names in preflight.REQUIRED.values() for name in names}
+    assert wanted <= {req.split(">")[0].split("<")[0].split("=")[0].strip()
+                      for req in project["optional-dependencies"][extra]}
+    dependencies = {req.split(";")[0].split(">")[0].strip(): req for req in project["dependencies"]}
+    assert "numpy" in dependencies  # torch warns "Failed to initialize NumPy" without it
+    assert "platform_system == 'Linux'" in dependencies["triton"]

@@ -50,7 +50,8 @@ def _error(argv, capsys) -> str:
 @pytest.mark.parametrize("kind, missing", [("vlm", "transformers"), ("ldm", "diffusers"), ("ldm", "transformers")])
 def test_missing_library_names_the_extra(kind, missing, monkeypatch, capsys, no_build):
     real = preflight.importlib.util.find_spec
-    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    monkeypatch.setattr(preflight.importlib.util, "find_spec",
+                        lambda name, *a: None if name == missing else real(name, *a))
     line = _error([kind], capsys)
     assert f"mmfast profile {kind} needs {missing}" in line and "pip install 'mmfast[hf]'" in line
 
@@ -265,3 +266,16 @@ def test_output_paths_are_checked_before_building(tmp_path, capsys, no_build):
     a_file.write_text("")
     assert _error(["vlm", "--out", str(a_file)], capsys).endswith(f"--out: {a_file} is a file, not a directory")
     assert f"--trace: {tmp_path} is a directory" in _error(["ldm", "--trace", str(tmp_path)], capsys)
+
+
+def test_without_transformers_the_command_names_the_extra_in_one_line():
+    # A fresh interpreter where `import transformers` fails, as after a plain `pip install mmfast`.
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['transformers'] = None; sys.modules['diffusers'] = None; "
+            "from mmfast.cli import main; sys.exit(main(['profile', 'vlm']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == ("mmfast profile: error: mmfast profile vlm needs transformers, not installed here: "
+                                   "pip install 'mmfast[hf]'")

@@ -170,7 +170,7 @@ def run(args, log=print) -> dict:
     estimate = preflight.check_model(args, device, dtype, args.force, log)
     device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
     if not on_gpu:
-        subject = "a small model" if args.preset in SMALL_PRESETS else f"{args.checkpoint or 'preset ' + args.preset}"
+        subject = "a small model" if args.preset in SMALL_PRESETS else args.checkpoint or f"preset {args.preset}"
         log("=" * 78 + f"\n  NO GPU: these are CPU numbers of {subject}, NOT GPU numbers.\n"
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 

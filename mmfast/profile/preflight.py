@@ -1,7 +1,7 @@
 """Checks ``mmfast profile`` makes before it builds anything, so that a run that cannot
 work stops at once with one line: the libraries the workload needs, whether the
-``--backend`` asked for can run on this device, a ``--resolution`` the vision tower does
-not take, and whether the preset fits in this machine's memory.
+``--backend`` asked for can run on this device, a ``--resolution`` a preset's vision tower
+does not take, and whether the preset or checkpoint fits in this machine's memory.
 
 Argument errors are ValueErrors whose text starts with the argument (``--backend: ...``);
 ``mmfast profile`` prints them as argparse does.
@@ -45,7 +45,10 @@ def check_backend(name: str, device: torch.device, dtype: torch.dtype, log=print
             reasons = backend.reasons(call)
         except KeyError:  # a limit that depends on each call's facts (head dim, sizes): not decidable here
             reasons = []
-        (blocked.__setitem__(family_name, reasons) if reasons else usable.append(family_name))
+        if reasons:
+            blocked[family_name] = reasons
+        else:
+            usable.append(family_name)
     if not blocked:
         return
     dtype_name = str(dtype).removeprefix("torch.")
@@ -94,7 +97,7 @@ def _fitting_preset(args, dtype: torch.dtype, free: int) -> str:
 
 
 def check_model(args, device: torch.device, dtype: torch.dtype, force: bool = False,
-                 log=print) -> memory.Estimate | None:
+                log=print) -> memory.Estimate | None:
     """For a preset, refuse a --resolution its vision tower does not take; refuse a preset
     or checkpoint whose estimate (:mod:`mmfast.profile.memory`) exceeds what ``device``
     has free, naming both numbers and what fits instead; ``force`` builds it anyway after
