@@ -279,3 +279,23 @@ def test_without_transformers_the_command_names_the_extra_in_one_line():
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == ("mmfast profile: error: mmfast profile vlm needs transformers, not installed here: "
                                    "pip install 'mmfast[hf]'")
+
+
+def test_gpu_memory_is_what_cuda_reports_free(monkeypatch):
+    # The CUDA branch on any machine: the free bytes of torch.cuda.mem_get_info, not the total.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * memory.GIB, 80 * memory.GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some GPU")
+    assert memory.available_bytes(torch.device("cuda", 0)) == (3 * memory.GIB, "free on cuda:0 (Some GPU)")
+
+
+def test_ram_without_psutil_reads_meminfo(monkeypatch, tmp_path):
+    import builtins
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` fails
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25165824 kB\nMemFree:         1000000 kB\nMemAvailable:   12345678 kB\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(meminfo if path == "/proc/meminfo" else path,
+                                                                          *a, **k))
+    assert memory.available_ram() == 12345678 * 1024

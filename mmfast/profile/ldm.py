@@ -110,9 +110,9 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
         with building_on(device, dtype), build_progress.building(parameters, preset) as progress:
             progress.set_postfix_str("diffusers components")
             parts = _components(preset)
-            progress.set_postfix_str("mmfast UNet")
             pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
+            progress.set_postfix_str("mmfast UNet")
             unet = unet2d_condition_model(parts["unet"].config)
             unet.load_state_dict(parts["unet"].state_dict())
             # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
