@@ -179,7 +179,7 @@ def run(args, log=print) -> dict:
     log(f"building {what} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     if args.kind == "vlm":
         ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype,
-                                                 estimate and estimate.parameters)
+                                                 estimate and estimate.phases)
         batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, args.text_tokens, device, dtype)
         args.resolution = batch_inputs.pixels
         prompt_tokens = batch_inputs.input_ids.shape[1]
@@ -188,7 +188,7 @@ def run(args, log=print) -> dict:
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
         ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
-                                                 estimate and estimate.parameters)
+                                                 estimate and estimate.phases)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                           compile_backend)

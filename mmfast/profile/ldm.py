@@ -81,9 +81,9 @@ def preset_modules(preset: str) -> dict:
 
 
 def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
-          parameters: int | None = None):
+          phases: dict[str, int] | None = None):
     """(mmfast LatentDiffusionModel or StableDiffusion3Model, the diffusers pipeline, description).
-    ``parameters``: how many both hold (the preset's estimate); a large count shows a progress bar."""
+    ``phases``: the estimate's parameters per build phase; a large model shows a progress bar."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -102,19 +102,20 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
                 image_encoder=None, requires_safety_checker=False, local_files_only=True)
         description = f"checkpoint {checkpoint}"
     elif preset.startswith("sd3"):
-        with building_on(device, dtype), build_progress.building(parameters, preset) as progress:
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
             ours, pipe = _sd3_preset(preset, progress)
         description = f"preset {preset} (random weights, without T5-XXL)"
     else:
         torch.manual_seed(0)
-        with building_on(device, dtype), build_progress.building(parameters, preset) as progress:
-            progress.set_postfix_str("diffusers components")
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
+            progress.phase("diffusers components")
             parts = _components(preset)
             pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
-            progress.set_postfix_str("mmfast UNet")
+            progress.phase("mmfast denoiser")
             unet = unet2d_condition_model(parts["unet"].config)
             unet.load_state_dict(parts["unet"].state_dict())
+            progress.phase("mmfast VAE")
             # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
             ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
                                         copy.deepcopy(parts["scheduler"]))
@@ -148,12 +149,13 @@ def _sd3_preset(preset: str, progress):
     from mmfast.nn import sd3_transformer_model
 
     torch.manual_seed(0)
-    progress.set_postfix_str("diffusers components")
+    progress.phase("diffusers components")
     parts = sd3_components(preset, text_encoder_3=False)
     pipe = StableDiffusion3Pipeline(**parts, tokenizer=None, tokenizer_2=None, tokenizer_3=None)
-    progress.set_postfix_str("mmfast transformer")
+    progress.phase("mmfast denoiser")
     transformer = sd3_transformer_model(parts["transformer"].config)
     transformer.load_state_dict(parts["transformer"].state_dict())
+    progress.phase("mmfast VAE")
     ours = StableDiffusion3Model(transformer, copy.deepcopy(parts["vae"]), copy.deepcopy(parts["scheduler"]),
                                  parts["text_encoder"], parts["text_encoder_2"])
     return ours, pipe

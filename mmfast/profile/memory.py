@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ GIB = 2**30
 class Estimate:
     parameters: int   # held by both sides together (shared modules once)
     weight_bytes: int
+    # Parameters each phase of the build registers, in order (the progress bar's steps).
+    phases: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -70,7 +72,12 @@ def estimate_vlm(spec, preset: str, dtype: torch.dtype, ours=None) -> Estimate:
     ours = meta_vlm(spec, preset, dtype) if ours is None else ours
     keep = ("qformer.", "query_tokens") if spec.name == "blip2" else ()  # float32 on both sides
     count, size = _bytes([ours], dtype, keep)
-    return Estimate(2 * count, 2 * size)
+    return Estimate(2 * count, 2 * size, vlm_phases(count))
+
+
+def vlm_phases(count: int) -> dict[str, int]:
+    """The phases of a VLM build (mmfast's model, then transformers' of equal size)."""
+    return {"mmfast model": count, "transformers model": count, "copying weights": 0}
 
 
 def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
@@ -79,11 +86,13 @@ def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
     from mmfast.profile import ldm
 
     parts = _on_meta(lambda: ldm.preset_modules(preset))
-    denoiser = parts.get("unet") or parts.get("transformer")
-    copied = _bytes([denoiser, parts["vae"]], dtype)
-    shared = _bytes([parts[name] for name in ("text_encoder", "text_encoder_2") if parts.get(name) is not None],
-                    dtype)
-    return Estimate(2 * copied[0] + shared[0], 2 * copied[1] + shared[1])
+    denoiser, vae = parts["unet"] if "unet" in parts else parts["transformer"], parts["vae"]
+    texts = [parts[name] for name in ("text_encoder", "text_encoder_2") if parts.get(name) is not None]
+    (n_denoiser, b_denoiser), (n_vae, b_vae), (n_text, b_text) = (
+        _bytes([denoiser], dtype), _bytes([vae], dtype), _bytes(texts, dtype))
+    phases = {"diffusers components": n_denoiser + n_vae + n_text, "mmfast denoiser": n_denoiser,
+              "mmfast VAE": n_vae}
+    return Estimate(2 * (n_denoiser + n_vae) + n_text, 2 * (b_denoiser + b_vae) + b_text, phases)
 
 
 def _stored_parameters(directory: str) -> int:
@@ -105,17 +114,17 @@ def estimate_checkpoint(kind: str, directory: str, dtype: torch.dtype) -> Estima
     encoders once for SD3 (shared) and twice for SD1.5 (each side loads its own). None
     when no safetensors file is found (nothing to go by)."""
     if kind == "vlm":
-        count = 2 * _stored_parameters(directory)
-    else:
-        sd3 = os.path.isdir(os.path.join(directory, "transformer"))
-        count = 0
-        for sub in sorted(os.listdir(directory)):
-            folder = os.path.join(directory, sub)
-            if not os.path.isdir(folder):
-                continue
-            copies = 2 if sub in ("unet", "transformer", "vae") or (sub.startswith("text_encoder") and not sd3) \
-                else 1 if sub.startswith("text_encoder") else 0
-            count += copies * _stored_parameters(folder) if copies else 0
+        stored = _stored_parameters(directory)
+        return Estimate(2 * stored, 2 * stored * dtype.itemsize, vlm_phases(stored)) if stored else None
+    sd3 = os.path.isdir(os.path.join(directory, "transformer"))
+    count = 0
+    for sub in sorted(os.listdir(directory)):
+        folder = os.path.join(directory, sub)
+        if not os.path.isdir(folder):
+            continue
+        copies = 2 if sub in ("unet", "transformer", "vae") or (sub.startswith("text_encoder") and not sd3) \
+            else 1 if sub.startswith("text_encoder") else 0
+        count += copies * _stored_parameters(folder) if copies else 0
     return Estimate(count, count * dtype.itemsize) if count else None
 
 

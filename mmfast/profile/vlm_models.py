@@ -39,20 +39,20 @@ class VisionLanguageModel:
 
 
 def build(spec: VisionLanguageModel, preset: str | None, checkpoint: str | None, device: torch.device,
-          dtype: torch.dtype, parameters: int | None = None):
-    """(mmfast model, transformers model, description) with equal weights. ``parameters``:
-    how many both hold (the preset's estimate); a large count shows a progress bar."""
+          dtype: torch.dtype, phases: dict[str, int] | None = None):
+    """(mmfast model, transformers model, description) with equal weights. ``phases``:
+    the estimate's parameters per build phase; a large model shows a progress bar."""
     import transformers
 
     torch.manual_seed(0)
-    with building_on(device, dtype), build_progress.building(parameters, spec.name) as progress:
-        progress.set_postfix_str("mmfast model")
+    with building_on(device, dtype), build_progress.building(phases, spec.name) as progress:
+        progress.phase("mmfast model")
         ours = spec.build_ours(preset, checkpoint, dtype, device)
         config = spec.reference_config(ours)
         config._attn_implementation = "sdpa"
-        progress.set_postfix_str(f"transformers {spec.architecture}")
+        progress.phase("transformers model")
         reference = getattr(transformers, spec.architecture)(config).to(dtype)
-        progress.set_postfix_str("copying weights")
+        progress.phase("copying weights")
         reference.load_state_dict(ours.state_dict())
     if spec.name == "blip2":  # the Q-Former in float32 on both sides, as Hugging Face's from_pretrained keeps it
         for model in (ours, reference):
