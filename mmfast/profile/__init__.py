@@ -27,7 +27,8 @@ import sys
 
 import torch
 
-from mmfast.profile import ldm, measure, report, vlm
+from mmfast.profile import ldm, measure, preflight, report, vlm
+from mmfast.profile.memory import SMALL_PRESETS
 from mmfast.profile.stats import compare, figure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,10 +45,14 @@ DEFAULTS = {
 MEASURE_DEFAULTS = {"warmup": (2, 1), "min_repeats": (5, 6), "max_repeats": (50, 40), "time_budget": (60.0, 20.0),
                     "target_spread": (0.02, 0.05)}
 COMPILE_BACKEND = "inductor"  # of the torch.compile reference side
+# The --help text: plain words (the module docstring is reStructuredText for the docs).
+DESCRIPTION = ("A complete model on mmfast kernels against what users would otherwise run "
+               "(transformers for vlm, diffusers for ldm), side by side on this machine. "
+               "vlm --model picks Qwen2.5-VL (the default), LLaVA or BLIP-2.")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
                                 ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
@@ -90,6 +95,8 @@ def parser() -> argparse.ArgumentParser:
                        "(the reference's next to it, as OUT.reference.json)")
         p.add_argument("--out", metavar="DIR", default="mmfast-profile", help="where the JSON and PNG go "
                        f"(default ./mmfast-profile), named profile_{kind}{'_MODEL' if kind == 'vlm' else ''}_PRESET")
+        p.add_argument("--force", action="store_true", help="build a preset even when its memory estimate "
+                       "exceeds what this machine has free")
     return top
 
 
@@ -148,6 +155,12 @@ def _fill_defaults(args, on_gpu: bool) -> None:
 
 
 def _validate(args, on_gpu: bool) -> None:
+    preflight.check_libraries(args.kind)
+    # Where results go, checked now rather than after minutes of measuring.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a file, not a directory")
+    if args.trace is not None and os.path.isdir(args.trace):
+        raise ValueError(f"--trace: {args.trace} is a directory; give a file name such as trace.json")
     if getattr(args, "cuda_graph", False) and not on_gpu:
         raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
     if args.checkpoint is not None:
@@ -155,7 +168,7 @@ def _validate(args, on_gpu: bool) -> None:
             raise ValueError(f"--checkpoint: {args.checkpoint} is not a directory")
         (vlm if args.kind == "vlm" else ldm).check_checkpoint(args.checkpoint)
     if args.backend is not None:
-        import mmfast  # noqa: F401  (registers the op families)
+        import mmfast.ops  # noqa: F401  (registers the op families)
         from mmfast.dispatch import op_families
 
         known = sorted({name for family in op_families().values() for name in family.backends})
@@ -216,16 +229,21 @@ def run(args, log=print) -> dict:
     plan = _plan(args, on_gpu)
     _fill_defaults(args, on_gpu)
     dtype = DTYPES[args.dtype]
+    if args.backend is not None:
+        preflight.check_backend(args.backend, device, dtype, log)
+    estimate = preflight.check_model(args, device, dtype, args.force, log)
     device_name = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
     if not on_gpu:
-        log("=" * 78 + "\n  NO GPU: these are CPU numbers of a small model, NOT GPU numbers.\n"
+        subject = "a small model" if args.preset in SMALL_PRESETS else args.checkpoint or f"preset {args.preset}"
+        log("=" * 78 + f"\n  NO GPU: these are CPU numbers of {subject}, NOT GPU numbers.\n"
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 
     compile_backend = COMPILE_BACKEND if args.compile_reference else None
     what = f"{args.kind}{' ' + args.model if args.kind == 'vlm' else ''}"
     log(f"building {what} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     if args.kind == "vlm":
-        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.phases)
         batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, args.text_tokens, device, dtype)
         args.resolution = batch_inputs.pixels
         prompt_tokens = batch_inputs.input_ids.shape[1]
@@ -233,7 +251,8 @@ def run(args, log=print) -> dict:
         one_call = args.new_tokens  # what side.generate takes
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
-        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.phases)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                           compile_backend)

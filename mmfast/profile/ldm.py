@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from mmfast.profile import build_progress
 from mmfast.profile.measure import building_on, on_first_call, timed
 from mmfast.profile.stats import figure
 
@@ -44,7 +45,7 @@ class Side:
     generate: Callable[..., object]
 
 
-def _components(preset: str) -> dict:
+def _components(preset: str, scheduler: bool = True) -> dict:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -56,8 +57,10 @@ def _components(preset: str) -> dict:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=2, sample_size=16)
+        # CLIP's bos/eos are the vocabulary's last two ids (49406, 49407 of 49408): here of 100.
         text = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=8)
+                              num_attention_heads=4, max_position_embeddings=8, bos_token_id=98, eos_token_id=99,
+                              pad_token_id=1)
     else:  # the configs of stable-diffusion-v1-5's unet/, vae/ and text_encoder/
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
@@ -67,11 +70,25 @@ def _components(preset: str) -> dict:
                               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                               projection_dim=768)
     return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text),
-            "scheduler": EulerDiscreteScheduler(**_SCHEDULE)}
+            "scheduler": EulerDiscreteScheduler(**_SCHEDULE) if scheduler else None}
 
 
-def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype):
-    """(mmfast LatentDiffusionModel or StableDiffusion3Model, the diffusers pipeline, description)."""
+def preset_modules(preset: str) -> dict:
+    """The modules of a preset's pipeline with random weights (diffusers and transformers
+    modules; SD3 presets without T5-XXL), without its scheduler: build them on the meta
+    device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
+    if preset.startswith("sd3"):
+        from mmfast.models.sd3_presets import sd3_components
+
+        return {name: part for name, part in sd3_components(preset, text_encoder_3=False).items()
+                if isinstance(part, torch.nn.Module)}
+    return {name: part for name, part in _components(preset, scheduler=False).items() if part is not None}
+
+
+def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
+          phases: dict[str, int] | None = None):
+    """(mmfast LatentDiffusionModel or StableDiffusion3Model, the diffusers pipeline, description).
+    ``phases``: the estimate's parameters per build phase; a large model shows a progress bar."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -90,26 +107,44 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
                 image_encoder=None, requires_safety_checker=False, local_files_only=True)
         description = f"checkpoint {checkpoint}"
     elif preset.startswith("sd3"):
-        with building_on(device, dtype):
-            ours, pipe = _sd3_preset(preset)
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
+            ours, pipe = _sd3_preset(preset, progress)
         description = f"preset {preset} (random weights, without T5-XXL)"
     else:
         torch.manual_seed(0)
-        with building_on(device, dtype):
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
+            progress.phase("diffusers components")
             parts = _components(preset)
             pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
+            progress.phase("mmfast denoiser")
             unet = unet2d_condition_model(parts["unet"].config)
             unet.load_state_dict(parts["unet"].state_dict())
+            progress.phase("mmfast VAE")
             # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
             ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
                                         copy.deepcopy(parts["scheduler"]))
         description = f"preset {preset} (random weights)"
     pipe.set_progress_bar_config(disable=True)
-    return ours.to(device, dtype).eval(), pipe.to(device, dtype), description
+    for module in [ours, *pipe.components.values()]:
+        if isinstance(module, torch.nn.Module):
+            _to(module, device, dtype)
+    return ours.eval(), pipe, description
 
 
-def _sd3_preset(preset: str):
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)`` as diffusers' ``from_pretrained(torch_dtype=...)``
+    casts: the submodules its class lists in ``_keep_in_fp32_modules`` stay float32.
+    ``ModelMixin.to`` with a dtype is not called: it warns on every cast, even when the
+    class keeps nothing in float32 (diffusers 0.42, modeling_utils.py)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    torch.nn.Module.to(module, device, dtype)
+    for name, sub in module.named_modules():
+        if keep and any(part in keep for part in name.split(".")):
+            torch.nn.Module.to(sub, torch.float32)
+
+
+def _sd3_preset(preset: str, progress):
     import copy
 
     from diffusers import StableDiffusion3Pipeline
@@ -119,10 +154,13 @@ def _sd3_preset(preset: str):
     from mmfast.nn import sd3_transformer_model
 
     torch.manual_seed(0)
+    progress.phase("diffusers components")
     parts = sd3_components(preset, text_encoder_3=False)
     pipe = StableDiffusion3Pipeline(**parts, tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    progress.phase("mmfast denoiser")
     transformer = sd3_transformer_model(parts["transformer"].config)
     transformer.load_state_dict(parts["transformer"].state_dict())
+    progress.phase("mmfast VAE")
     ours = StableDiffusion3Model(transformer, copy.deepcopy(parts["vae"]), copy.deepcopy(parts["scheduler"]),
                                  parts["text_encoder"], parts["text_encoder_2"])
     return ours, pipe
