@@ -9,11 +9,15 @@ pieces RH [B, Tq, H, KH] and RW [B, Tq, H, KW] over a key grid of KH rows and KW
     s_ij = scale q_i . k_j + RH[i, j // KW] + RW[i, j % KW]
 
 Forward (one program per BLOCK_M queries of one head of one batch entry): the online
-softmax of attention.py (float32, exp2, scores in log2 units); each score tile adds its
-bias by a gather from the query rows' RH / RW entries (masked loads: L1/L2-resident rows of
-KH + KW numbers per query, not an N x N tensor). Writes out and lse = log sum_j exp(s_ij).
+softmax of attention.py in float32, but in natural units (exp of s - m, as eager softmax
+does: scores of SAM's size, |s| ~ 10-20, lose 2-4x more in log2 units, and the float32
+gradients then miss the 2x-eager accuracy rule); each score tile adds its bias by a gather
+from the query rows' RH / RW entries (masked loads: L1/L2-resident rows of KH + KW numbers
+per query, not an N x N tensor). Writes out and, for the backward, STATS [2, B, H, Tq]:
+the row max m and 1 / l (l the row sum of exp(s - m)), so that the backward's
+p = exp(s - m) / l rounds no large log-sum-exp.
 
-Backward (deterministic, no atomics), with p = exp(s - lse), delta = rowsum(dO * O):
+Backward (deterministic, no atomics), with p as above, delta = rowsum(dO * O):
     dv = sum_q p dO,  dp = dO.v,  ds = p (dp - delta)
     dk = scale sum_q ds q          (_attention_rel_pos_bwd_dkdv_kernel: per key block)
     dq = scale sum_k ds k          (_attention_rel_pos_bwd_dq_kernel: per query block,
@@ -34,9 +38,6 @@ import triton.language as tl
 
 from ._launch import empty, unit_last
 
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # The widest key grid the kernels take (BLOCK_GH, BLOCK_GW up to this): the dq kernel keeps
 # [BLOCK_M, side] accumulators for dRH and dRW. SAM at 1024 px: 64 x 64 (global layers).
@@ -67,15 +68,15 @@ def _bias_t(RH_cols, RW_cols, keys, key_w, key_h, ok_t):
 
 @triton.jit
 def _attention_rel_pos_fwd_kernel(
-    Q, K, V, RH, RW, O, LSE,
+    Q, K, V, RH, RW, O, STATS,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_hb, stride_ht, stride_hh,
     stride_wb, stride_wt, stride_wh,
     stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, key_h, key_w, head_dim, scale_log2,
+    stride_sb, stride_sh, plane,
+    seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -105,10 +106,10 @@ def _attention_rel_pos_fwd_kernel(
         k = tl.load(K_head + keys * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         bias = _bias(RH_rows, RW_rows, cols, key_w, key_h, m_ok[:, None] & n_ok[None, :])
-        s = tl.where(n_ok[None, :], s * scale_log2 + bias * _LOG2E, float("-inf"))
+        s = tl.where(n_ok[None, :], s * scale + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V_head + keys * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -118,12 +119,15 @@ def _attention_rel_pos_fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=m_ok)
+    # The row max and the reciprocal row sum (see the module docstring).
+    at = b * stride_sb + h * stride_sh + offs_m
+    tl.store(STATS + at, m_i, mask=m_ok)
+    tl.store(STATS + plane + at, 1.0 / l_i, mask=m_ok)
 
 
 @triton.jit
 def _attention_rel_pos_bwd_dq_kernel(
-    Q, K, V, O, DO, LSE, DELTA, RH, RW, DQ, DRH, DRW,
+    Q, K, V, O, DO, STATS, DELTA, RH, RW, DQ, DRH, DRW,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -131,7 +135,7 @@ def _attention_rel_pos_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_hb, stride_ht, stride_hh,
     stride_wb, stride_wt, stride_wh,
-    stride_lb, stride_lh,
+    stride_sb, stride_sh, plane,
     seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_GH: tl.constexpr, BLOCK_GW: tl.constexpr,
@@ -155,14 +159,14 @@ def _attention_rel_pos_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dot + offs_d[None, :], mask=row_mask, other=0.0)
     o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], mask=row_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    lse_at = b * stride_lb + h * stride_lh + offs_m
-    tl.store(DELTA + lse_at, delta, mask=m_ok)
-    lse2 = tl.load(LSE + lse_at, mask=m_ok, other=0.0) * _LOG2E
+    stats_at = b * stride_sb + h * stride_sh + offs_m
+    tl.store(DELTA + stats_at, delta, mask=m_ok)
+    row_max = tl.load(STATS + stats_at, mask=m_ok, other=0.0)
+    inv_sum = tl.load(STATS + plane + stats_at, mask=m_ok, other=0.0)
     RH_rows = RH + b * stride_hb + h * stride_hh + rows * stride_ht
     RW_rows = RW + b * stride_wb + h * stride_wh + rows * stride_wt
     K_head = K + b * stride_kb + h * stride_kh
     V_head = V + b * stride_vb + h * stride_vh
-    scale_log2 = scale * _LOG2E
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     drh = tl.zeros((BLOCK_M, BLOCK_GH), dtype=tl.float32)
@@ -176,8 +180,8 @@ def _attention_rel_pos_bwd_dq_kernel(
         v = tl.load(V_head + keys * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         ok = m_ok[:, None] & n_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = s * scale_log2 + _bias(RH_rows, RW_rows, cols, key_w, key_h, ok) * _LOG2E
-        p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        s = s * scale + _bias(RH_rows, RW_rows, cols, key_w, key_h, ok)
+        p = tl.where(ok, tl.exp(s - row_max[:, None]) * inv_sum[:, None], 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = (p * (dp - delta[:, None])).to(k.dtype)
         dq += tl.dot(ds, k, input_precision=PRECISION)
@@ -200,14 +204,14 @@ def _attention_rel_pos_bwd_dq_kernel(
 
 @triton.jit
 def _attention_rel_pos_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, RH, RW, DK, DV,
+    Q, K, V, DO, STATS, DELTA, RH, RW, DK, DV,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_dob, stride_dot, stride_doh,
     stride_hb, stride_ht, stride_hh,
     stride_wb, stride_wt, stride_wh,
-    stride_lb, stride_lh,
+    stride_sb, stride_sh, plane,
     seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -230,8 +234,7 @@ def _attention_rel_pos_bwd_dkdv_kernel(
     DO_head = DO + b * stride_dob + h * stride_doh
     RH_head = RH + b * stride_hb + h * stride_hh
     RW_head = RW + b * stride_wb + h * stride_wh
-    L_head = b * stride_lb + h * stride_lh
-    scale_log2 = scale * _LOG2E
+    L_head = b * stride_sb + h * stride_sh
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -242,13 +245,15 @@ def _attention_rel_pos_bwd_dkdv_kernel(
         row_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q_head + rows64[:, None] * stride_qt + offs_d[None, :], mask=row_mask, other=0.0)
         do = tl.load(DO_head + rows64[:, None] * stride_dot + offs_d[None, :], mask=row_mask, other=0.0)
-        lse2 = tl.load(LSE + L_head + rows, mask=m_ok, other=0.0) * _LOG2E
+        row_max = tl.load(STATS + L_head + rows, mask=m_ok, other=0.0)
+        inv_sum = tl.load(STATS + plane + L_head + rows, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
         ok_t = n_ok[:, None] & m_ok[None, :]
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         bias_t = _bias_t(RH_head + rows64[None, :] * stride_ht, RW_head + rows64[None, :] * stride_wt,
                          offs_n, key_w, key_h, ok_t)
-        p_t = tl.where(ok_t, tl.exp2(s_t * scale_log2 + bias_t * _LOG2E - lse2[None, :]), 0.0)
+        s_t = s_t * scale + bias_t
+        p_t = tl.where(ok_t, tl.exp(s_t - row_max[None, :]) * inv_sum[None, :], 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
@@ -295,33 +300,34 @@ def _block_side(side: int) -> int:
 def attention_rel_pos_fwd(q, k, v, rel_h, rel_w, scale: float):
     """Launch the forward kernel. q [B, Tq, H, D], k, v [B, Tk, H, D], rel_h [B, Tq, H, KH],
     rel_w [B, Tq, H, KW] with Tk = KH * KW >= 1 (the op layer checks); any strides (a
-    last dim that is not contiguous is copied). Returns (out like q, contiguous; lse
-    float32 [B, H, Tq])."""
+    last dim that is not contiguous is copied). Returns (out like q, contiguous; the
+    softmax statistics for :func:`attention_rel_pos_bwd`: float32 [2, B, H, Tq], the row
+    max m of the scores and 1 / sum_j exp(s_ij - m))."""
     q, k, v, rel_h, rel_w = (unit_last(t) for t in (q, k, v, rel_h, rel_w))
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     out = empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    stats = empty((2, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out, lse
+        return out, stats
     block_d = _block_d(head_dim)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "fwd")
     _attention_rel_pos_fwd_kernel[(triton.cdiv(seqlen_q, BLOCK_M), batch, heads)](
-        q, k, v, rel_h, rel_w, out, lse,
+        q, k, v, rel_h, rel_w, out, stats,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(rel_h), *_strides3(rel_w), *_strides3(out),
-        lse.stride(0), lse.stride(1),
-        seqlen_q, seqlen_k, rel_h.shape[-1], rel_w.shape[-1], head_dim, scale * LOG2E,
+        stats.stride(1), stats.stride(2), stats.stride(0),
+        seqlen_q, seqlen_k, rel_h.shape[-1], rel_w.shape[-1], head_dim, scale,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse
+    return out, stats
 
 
-def attention_rel_pos_bwd(do, q, k, v, rel_h, rel_w, out, lse, scale: float):
+def attention_rel_pos_bwd(do, q, k, v, rel_h, rel_w, out, stats, scale: float):
     """Launch the backward kernels (dq with dRH, dRW and delta first, then dK/dV). Returns
     (dq, dk, dv, drel_h, drel_w) in the shapes and dtypes of q, k, v, rel_h, rel_w."""
     do, q, k, v, rel_h, rel_w, out = (unit_last(t) for t in (do, q, k, v, rel_h, rel_w, out))
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     key_h, key_w = rel_h.shape[-1], rel_w.shape[-1]
@@ -332,13 +338,13 @@ def attention_rel_pos_bwd(do, q, k, v, rel_h, rel_w, out, lse, scale: float):
     drel_w = empty(rel_w.shape, dtype=rel_w.dtype, device=q.device)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), drel_h, drel_w
-    delta = empty(lse.shape, dtype=torch.float32, device=q.device)
+    delta = empty(stats.shape[1:], dtype=torch.float32, device=q.device)
     block_d = _block_d(head_dim)
-    common = (*_strides3(rel_h), *_strides3(rel_w), lse.stride(0), lse.stride(1),
+    common = (*_strides3(rel_h), *_strides3(rel_w), stats.stride(1), stats.stride(2), stats.stride(0),
               seqlen_q, seqlen_k, key_h, key_w, head_dim, scale)
     BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dq")
     _attention_rel_pos_bwd_dq_kernel[(triton.cdiv(seqlen_q, BLOCK_M), batch, heads)](
-        q, k, v, out, do, lse, delta, rel_h, rel_w, dq, drel_h, drel_w,
+        q, k, v, out, do, stats, delta, rel_h, rel_w, dq, drel_h, drel_w,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(do), *common,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         BLOCK_GH=_block_side(key_h), BLOCK_GW=_block_side(key_w),
@@ -346,7 +352,7 @@ def attention_rel_pos_bwd(do, q, k, v, rel_h, rel_w, out, lse, scale: float):
     )
     BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dkdv")
     _attention_rel_pos_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, BLOCK_N), batch, heads)](
-        q, k, v, do, lse, delta, rel_h, rel_w, dk, dv,
+        q, k, v, do, stats, delta, rel_h, rel_w, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *common,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages,

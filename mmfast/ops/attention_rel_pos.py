@@ -54,8 +54,9 @@ def dense_bias(rel_h: Tensor, rel_w: Tensor) -> Tensor:
 
 def attention_rel_pos_reference(q, k, v, rel_h, rel_w, scale: float | None = None, upcast: bool = True):
     """Plain PyTorch with the dense bias, softmax in float32 (float64 for float64 inputs).
-    Returns (out, lse [B, H, Tq]). ``upcast=False`` does the matmuls in the input dtype, as
-    eager attention in fp16/bf16 would (the tests' "eager" baseline)."""
+    Returns (out, lse [B, H, Tq]). ``upcast=False`` does the matmuls and the bias add in
+    the input dtype, as Hugging Face's eager SAM attention in fp16/bf16 does (the tests'
+    "eager" baseline)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.dtype == torch.float64:
         compute = torch.float64
@@ -63,8 +64,9 @@ def attention_rel_pos_reference(q, k, v, rel_h, rel_w, scale: float | None = Non
         compute = torch.float32 if upcast else q.dtype
     softmax_dtype = torch.float64 if compute == torch.float64 else torch.float32
     qh, kh, vh = (t.transpose(1, 2).to(compute) for t in (q, k, v))
-    scores = ((qh @ kh.transpose(-1, -2)) * scale).to(softmax_dtype)
-    scores = scores + dense_bias(rel_h, rel_w).to(softmax_dtype)
+    # The bias is added in the compute dtype, as Hugging Face's eager SAM attention adds it.
+    scores = (qh @ kh.transpose(-1, -2)) * scale + dense_bias(rel_h, rel_w).to(compute)
+    scores = scores.to(softmax_dtype)
     probs = torch.softmax(scores, dim=-1)
     out = (probs.to(compute) @ vh).transpose(1, 2).to(q.dtype)
     return out, torch.logsumexp(scores, dim=-1)
@@ -109,20 +111,20 @@ def _attention_rel_pos_fwd_op(q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, re
 @_attention_rel_pos_fwd_op.register_fake
 def _(q, k, v, rel_h, rel_w, scale):
     batch, tokens, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((batch, heads, tokens), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((2, batch, heads, tokens), dtype=torch.float32)
 
 
 @torch.library.custom_op("mmfast::attention_rel_pos_bwd", mutates_args=())
 def _attention_rel_pos_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor,
-                              out: Tensor, lse: Tensor, scale: float
+                              out: Tensor, stats: Tensor, scale: float
                               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     from mmfast.kernels.attention_rel_pos import attention_rel_pos_bwd
 
-    return attention_rel_pos_bwd(dout, q, k, v, rel_h, rel_w, out, lse, scale)
+    return attention_rel_pos_bwd(dout, q, k, v, rel_h, rel_w, out, stats, scale)
 
 
 @_attention_rel_pos_bwd_op.register_fake
-def _(dout, q, k, v, rel_h, rel_w, out, lse, scale):
+def _(dout, q, k, v, rel_h, rel_w, out, stats, scale):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))
 
 
@@ -134,15 +136,16 @@ class AttentionRelPosFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, rel_h, rel_w, scale):
-        out, lse = torch.ops.mmfast.attention_rel_pos_fwd(q, k, v, rel_h, rel_w, scale)
-        ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+        # stats: the softmax's row max and log2 row sum (kernels/attention_rel_pos.py).
+        out, stats = torch.ops.mmfast.attention_rel_pos_fwd(q, k, v, rel_h, rel_w, scale)
+        ctx.save_for_backward(q, k, v, rel_h, rel_w, out, stats)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-        grads = torch.ops.mmfast.attention_rel_pos_bwd(dout, q, k, v, rel_h, rel_w, out, lse, ctx.scale)
+        q, k, v, rel_h, rel_w, out, stats = ctx.saved_tensors
+        grads = torch.ops.mmfast.attention_rel_pos_bwd(dout, q, k, v, rel_h, rel_w, out, stats, ctx.scale)
         return (*grads, None)
 
 
