@@ -280,10 +280,11 @@ def _precision(dtype: torch.dtype) -> str:
 def _blocks(device: torch.device, block_d: int, kernel: str) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dq" or "dkdv". Picked so
     that none spills on sm_90a at head dim 64 (mmfast.compile_gate) and every dot has at
-    least 64 rows (wgmma); untimed, to be tuned on a GPU. The interpreter gets 16 x 16
-    tiles (it runs them in numpy)."""
+    least 64 rows (wgmma); untimed, to be tuned on a GPU. The interpreter gets 32 x 32
+    tiles (it runs them in numpy, where each tile costs Python overhead; SAM's 196-token
+    windows still span 7 of them, partial last one included)."""
     if device.type != "cuda":
-        return 16, 16, 1, 1
+        return 32, 32, 1, 1
     if kernel == "fwd":
         return (128, 64, 8, 3) if block_d <= 64 else (128, 32, 8, 2)
     return (64, 64, 4, 2) if block_d <= 64 else (64, 32, 8, 1)

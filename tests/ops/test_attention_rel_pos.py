@@ -47,15 +47,15 @@ def _check(backend, batch, tokens_q, heads, head_dim, key_grid, dtype, device, s
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16], ids=str)
 def test_windows_match_reference(dtype, backend, device):
-    # SAM's 14 x 14 windows (196 tokens: 12 full 16-row tiles and a partial one), 3 of them.
+    # SAM's 14 x 14 windows (196 tokens: 6 full 32-row CPU tiles and a partial one), two.
     _skip_interpreted_bf16(dtype, backend, device)
-    _check(backend, 3, 196, 2, 64, (14, 14), dtype, device)
+    _check(backend, 2, 196, 1, 64, (14, 14), dtype, device)
 
 
 @pytest.mark.parametrize("side", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_global_grids_match_reference(side, dtype, device):
-    _check("triton", 1, side * side, 2, 64, (side, side), dtype, device)
+    _check("triton", 1, side * side, 2 if side < 16 else 1, 64, (side, side), dtype, device)
 
 
 @pytest.mark.parametrize("key_grid,tokens_q,head_dim", [
