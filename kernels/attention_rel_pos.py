@@ -287,6 +287,8 @@ def _blocks(device: torch.device, block_d: int, kernel: str) -> tuple[int, int, 
         return 32, 32, 1, 1
     if kernel == "fwd":
         return (128, 64, 8, 3) if block_d <= 64 else (128, 32, 8, 2)
+    if kernel == "dq":  # + [BLOCK_M, 64] dRH and dRW accumulators at 64 x 64 grids: 4 warps spilled
+        return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 1)
     return (64, 64, 4, 2) if block_d <= 64 else (64, 32, 8, 1)
 
 
