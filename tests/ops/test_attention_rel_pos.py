@@ -227,3 +227,23 @@ def test_custom_ops_fake_impls(device):
     torch.library.opcheck(torch.ops.mmfast.attention_rel_pos_bwd,
                           (torch.randn_like(out), q, k, v, rel_h, rel_w, out, stats, 0.25),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_without_graph_breaks(device):
+    # The custom ops' fakes let torch.compile(fullgraph=True) trace the op with its
+    # backward (aot_eager: no C++ build on a CPU), the pieces computed in the graph.
+    args = _good(device)
+    q, k, v = (args[n].requires_grad_() for n in ("q", "k", "v"))
+    table_h, table_w = torch.randn(2, 2, 16, device=device), torch.randn(3, 3, 16, device=device)
+
+    def fn(q, k, v):
+        rel_h, rel_w = decomposed_rel_pos(q, table_h, table_w, (2, 3))
+        return mmfast.ops.attention_rel_pos(q, k, v, rel_h, rel_w, backend="triton")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, want = compiled(q, k, v), fn(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grads = torch.autograd.grad(got, (q, k, v), torch.ones_like(got))
+    want_grads = torch.autograd.grad(want, (q, k, v), torch.ones_like(want))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
