@@ -17,6 +17,12 @@ per query, not an N x N tensor). Writes out and, for the backward, STATS [2, B, 
 the row max m and 1 / l (l the row sum of exp(s - m)), so that the backward's
 p = exp(s - m) / l rounds no large log-sum-exp.
 
+Where the key grid is exactly BLOCK_N keys wide (SAM's 64 x 64 global grid on a GPU), every
+key block is one grid row (WHOLE_ROWS): its rel_w term is a tile of the query rows' RW
+(the same for every block: loaded once in the forward) plus one RH column, and the dq
+kernel adds ds itself to dRW and its row sums to dRH's column, in float32, without the
+one-hot dots below.
+
 Backward (deterministic, no atomics), with p as above, delta = rowsum(dO * O):
     dv = sum_q p dO,  dp = dO.v,  ds = p (dp - delta)
     dk = scale sum_q ds q          (_attention_rel_pos_bwd_dkdv_kernel: per key block)
@@ -56,6 +62,14 @@ def _bias(RH_rows, RW_rows, cols, key_w, key_h, ok):
 
 
 @triton.jit
+def _row_column(RH_rows, jh, key_h, m_ok):
+    """[M, 1] float32: RH[i, jh] for query rows (pointer column vector RH_rows [M, 1]),
+    the rel_h term of a key block that lies in grid row ``jh`` (WHOLE_ROWS)."""
+    ok = m_ok & ((m_ok.to(tl.int32) * 0 + jh) < key_h)  # (jh a Python int under the interpreter)
+    return tl.load(RH_rows + jh, mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _bias_t(RH_cols, RW_cols, keys, key_w, key_h, ok_t):
     """The transpose of :func:`_bias`: [N, M] for keys ``keys`` [N] and query pointer row
     vectors RH_cols, RW_cols [1, M]."""
@@ -78,6 +92,7 @@ def _attention_rel_pos_fwd_kernel(
     stride_sb, stride_sh, plane,
     seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -94,6 +109,8 @@ def _attention_rel_pos_fwd_kernel(
     RW_rows = RW + b * stride_wb + h * stride_wh + rows * stride_wt
     K_head = K + b * stride_kb + h * stride_kh
     V_head = V + b * stride_vb + h * stride_vh
+    if WHOLE_ROWS:  # every key block is one grid row: its rel_w tile is the same for all
+        rw = tl.load(RW_rows + offs_n[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -105,7 +122,10 @@ def _attention_rel_pos_fwd_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K_head + keys * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        bias = _bias(RH_rows, RW_rows, cols, key_w, key_h, m_ok[:, None] & n_ok[None, :])
+        if WHOLE_ROWS:
+            bias = rw + _row_column(RH_rows, start_n // BLOCK_N, key_h, m_ok)
+        else:
+            bias = _bias(RH_rows, RW_rows, cols, key_w, key_h, m_ok[:, None] & n_ok[None, :])
         s = tl.where(n_ok[None, :], s * scale + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -138,7 +158,7 @@ def _attention_rel_pos_bwd_dq_kernel(
     stride_sb, stride_sh, plane,
     seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_GH: tl.constexpr, BLOCK_GW: tl.constexpr,
+    BLOCK_GH: tl.constexpr, BLOCK_GW: tl.constexpr, WHOLE_ROWS: tl.constexpr,
 ):
     """dq, dRH, dRW for BLOCK_M query rows; also writes delta = rowsum(dO * O) for them.
     DQ has q's shape, DRH / DRW those of RH / RW, all contiguous."""
@@ -180,19 +200,30 @@ def _attention_rel_pos_bwd_dq_kernel(
         v = tl.load(V_head + keys * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         ok = m_ok[:, None] & n_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = s * scale + _bias(RH_rows, RW_rows, cols, key_w, key_h, ok)
+        if WHOLE_ROWS:
+            rw = tl.load(RW_rows + offs_n[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+            s = s * scale + (rw + _row_column(RH_rows, start_n // BLOCK_N, key_h, m_ok))
+        else:
+            s = s * scale + _bias(RH_rows, RW_rows, cols, key_w, key_h, ok)
         p = tl.where(ok, tl.exp(s - row_max[:, None]) * inv_sum[:, None], 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = (p * (dp - delta[:, None])).to(k.dtype)
+        ds32 = p * (dp - delta[:, None])
+        ds = ds32.to(k.dtype)
         dq += tl.dot(ds, k, input_precision=PRECISION)
-        # Scatter-adds of ds over the key grid's rows and columns, as dots with one-hot
-        # [keys, grid side] tiles (exact: one nonzero term per product).
-        jh = cols // key_w
-        jw = cols - jh * key_w
-        onehot_h = (jh[:, None] == offs_gh[None, :]).to(k.dtype)
-        onehot_w = (jw[:, None] == offs_gw[None, :]).to(k.dtype)
-        drh += tl.dot(ds, onehot_h, input_precision=PRECISION)
-        drw += tl.dot(ds, onehot_w, input_precision=PRECISION)
+        if WHOLE_ROWS:
+            # The block is grid row jh: dRW gets ds itself (column g = key g of the block),
+            # dRH column jh its row sums; float32, no dots.
+            drw += ds32
+            drh += tl.where(offs_gh[None, :] == start_n // BLOCK_N, tl.sum(ds32, 1)[:, None], 0.0)
+        else:
+            # Scatter-adds of ds over the key grid's rows and columns, as dots with one-hot
+            # [keys, grid side] tiles (exact: one nonzero term per product).
+            jh = cols // key_w
+            jw = cols - jh * key_w
+            onehot_h = (jh[:, None] == offs_gh[None, :]).to(k.dtype)
+            onehot_w = (jw[:, None] == offs_gw[None, :]).to(k.dtype)
+            drh += tl.dot(ds, onehot_h, input_precision=PRECISION)
+            drw += tl.dot(ds, onehot_w, input_precision=PRECISION)
 
     dq_at = ((b * seqlen_q + rows) * heads + h) * head_dim + offs_d[None, :]
     tl.store(DQ + dq_at, (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
@@ -214,6 +245,7 @@ def _attention_rel_pos_bwd_dkdv_kernel(
     stride_sb, stride_sh, plane,
     seqlen_q, seqlen_k, key_h, key_w, head_dim, scale,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,
 ):
     """dk, dv for BLOCK_N keys, over every query block; transposed [keys, queries] tiles so
     that p^T and ds^T feed the dots without a register transpose. DK, DV contiguous."""
@@ -250,8 +282,14 @@ def _attention_rel_pos_bwd_dkdv_kernel(
         delta = tl.load(DELTA + L_head + rows, mask=m_ok, other=0.0)
         ok_t = n_ok[:, None] & m_ok[None, :]
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        bias_t = _bias_t(RH_head + rows64[None, :] * stride_ht, RW_head + rows64[None, :] * stride_wt,
-                         offs_n, key_w, key_h, ok_t)
+        if WHOLE_ROWS:  # keys of grid row pid_n: columns 0..BLOCK_N-1 of rel_w, one rel_h entry
+            rw_t = tl.load(RW_head + rows64[None, :] * stride_wt + tl.arange(0, BLOCK_N)[:, None],
+                           mask=ok_t, other=0.0).to(tl.float32)
+            rh = tl.load(RH_head + rows64 * stride_ht + pid_n, mask=m_ok & ((rows * 0 + pid_n) < key_h), other=0.0)
+            bias_t = rw_t + rh.to(tl.float32)[None, :]
+        else:
+            bias_t = _bias_t(RH_head + rows64[None, :] * stride_ht, RW_head + rows64[None, :] * stride_wt,
+                             offs_n, key_w, key_h, ok_t)
         s_t = s_t * scale + bias_t
         p_t = tl.where(ok_t, tl.exp(s_t - row_max[None, :]) * inv_sum[None, :], 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -277,14 +315,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _blocks(device: torch.device, block_d: int, kernel: str) -> tuple[int, int, int, int]:
+def _blocks(device: torch.device, block_d: int, kernel: str, key_w: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dq" or "dkdv". Picked so
     that none spills on sm_90a at head dim 64 (mmfast.compile_gate) and every dot has at
-    least 64 rows (wgmma); untimed, to be tuned on a GPU. The interpreter gets 32 x 32
+    least 64 rows (wgmma); untimed, to be tuned on a GPU. BLOCK_N = 64 makes the key blocks
+    of SAM's 64 x 64 global grid whole grid rows (WHOLE_ROWS). The interpreter gets 32-row
     tiles (it runs them in numpy, where each tile costs Python overhead; SAM's 196-token
-    windows still span 7 of them, partial last one included)."""
+    windows still span 7 of them, partial last one included), and key blocks of one grid
+    row where the grid is 16 or 32 keys wide, so that CPU tests reach both paths."""
     if device.type != "cuda":
-        return 32, 32, 1, 1
+        return 32, (key_w if key_w in (16, 32) else 32), 1, 1
     if kernel == "fwd":
         return (128, 64, 8, 3) if block_d <= 64 else (128, 32, 8, 2)
     if kernel == "dq":  # + [BLOCK_M, 64] dRH and dRW accumulators at 64 x 64 grids: 4 warps spilled
@@ -298,6 +338,11 @@ def _block_d(head_dim: int) -> int:
 
 def _block_side(side: int) -> int:
     return max(16, triton.next_power_of_2(side))
+
+
+def _whole_rows(key_w: int, block_n: int) -> bool:
+    """Whether every key block is exactly one grid row (the kernels' WHOLE_ROWS path)."""
+    return key_w == block_n
 
 
 def attention_rel_pos_fwd(q, k, v, rel_h, rel_w, scale: float):
@@ -314,14 +359,14 @@ def attention_rel_pos_fwd(q, k, v, rel_h, rel_w, scale: float):
     if out.numel() == 0:
         return out, stats
     block_d = _block_d(head_dim)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "fwd")
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "fwd", rel_w.shape[-1])
     _attention_rel_pos_fwd_kernel[(triton.cdiv(seqlen_q, BLOCK_M), batch, heads)](
         q, k, v, rel_h, rel_w, out, stats,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(rel_h), *_strides3(rel_w), *_strides3(out),
         stats.stride(1), stats.stride(2), stats.stride(0),
         seqlen_q, seqlen_k, rel_h.shape[-1], rel_w.shape[-1], head_dim, scale,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        WHOLE_ROWS=_whole_rows(rel_w.shape[-1], BLOCK_N), num_warps=num_warps, num_stages=num_stages,
     )
     return out, stats
 
@@ -345,19 +390,19 @@ def attention_rel_pos_bwd(do, q, k, v, rel_h, rel_w, out, stats, scale: float):
     block_d = _block_d(head_dim)
     common = (*_strides3(rel_h), *_strides3(rel_w), stats.stride(1), stats.stride(2), stats.stride(0),
               seqlen_q, seqlen_k, key_h, key_w, head_dim, scale)
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dq")
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dq", key_w)
     _attention_rel_pos_bwd_dq_kernel[(triton.cdiv(seqlen_q, BLOCK_M), batch, heads)](
         q, k, v, out, do, stats, delta, rel_h, rel_w, dq, drel_h, drel_w,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out), *_strides3(do), *common,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        BLOCK_GH=_block_side(key_h), BLOCK_GW=_block_side(key_w),
+        BLOCK_GH=_block_side(key_h), BLOCK_GW=_block_side(key_w), WHOLE_ROWS=_whole_rows(key_w, BLOCK_N),
         num_warps=num_warps, num_stages=num_stages,
     )
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dkdv")
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _blocks(q.device, block_d, "dkdv", key_w)
     _attention_rel_pos_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, BLOCK_N), batch, heads)](
         q, k, v, do, stats, delta, rel_h, rel_w, dk, dv,
         *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *common,
         PRECISION=_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages,
+        WHOLE_ROWS=_whole_rows(key_w, BLOCK_N), num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv, drel_h, drel_w

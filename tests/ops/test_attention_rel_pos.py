@@ -55,6 +55,7 @@ def test_windows_match_reference(dtype, backend, device):
 @pytest.mark.parametrize("side", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 def test_global_grids_match_reference(side, dtype, device):
+    # 16 x 16: on the CPU each key block is one grid row (WHOLE_ROWS, as 64 x 64 on a GPU).
     _check("triton", 1, side * side, 2 if side < 16 else 1, 64, (side, side), dtype, device)
 
 
@@ -144,10 +145,15 @@ def _guarded(shape, dtype, device, pad=(0, 5, 0, 7)):
     return view
 
 
-def test_no_reads_past_the_tensors(device):
-    batch, key_grid, tokens_q, heads, dim = 2, (3, 5), 11, 2, 40   # 40 in a 64-wide tile, sides in 16
-    shapes = {"q": (batch, tokens_q, heads, dim), "k": (batch, 15, heads, dim), "v": (batch, 15, heads, dim),
-              "rel_h": (batch, tokens_q, heads, 3), "rel_w": (batch, tokens_q, heads, 5)}
+@pytest.mark.parametrize("key_grid", [(3, 5), (2, 16)], ids=["gather", "whole-rows"])
+def test_no_reads_past_the_tensors(key_grid, device):
+    # Head dim 40 in a 64-wide tile; grid sides in 16-wide tiles (3 x 5), or key blocks of
+    # one grid row each (2 x 16 on the CPU: the kernels' WHOLE_ROWS path).
+    batch, tokens_q, heads, dim = 2, 11, 2, 40
+    tokens_k = key_grid[0] * key_grid[1]
+    shapes = {"q": (batch, tokens_q, heads, dim), "k": (batch, tokens_k, heads, dim),
+              "v": (batch, tokens_k, heads, dim), "rel_h": (batch, tokens_q, heads, key_grid[0]),
+              "rel_w": (batch, tokens_q, heads, key_grid[1])}
     inputs = {n: _guarded(s, torch.float32, device).requires_grad_() for n, s in shapes.items()}
     out = mmfast.ops.attention_rel_pos(**inputs, backend="triton")
     grads = torch.autograd.grad(out, list(inputs.values()), torch.randn_like(out))
