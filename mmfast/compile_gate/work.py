@@ -56,10 +56,13 @@ def _contrastive_bwd(c: dict, d: dict) -> tuple[int, int]:
 
 
 def _attention_rel_pos_dq(c: dict, d: dict) -> tuple[int, int]:
-    # The dq kernel's three head-dim dots (s, dp, dq) plus its two one-hot dots scattering
-    # ds over the key grid's rows and columns (BLOCK_GH, BLOCK_GW wide): issued work that
-    # the useful count (the three dots at the true sizes) leaves out.
+    # The dq kernel's three head-dim dots (s, dp, dq) plus, unless its key blocks are whole
+    # grid rows (WHOLE_ROWS: no dots), two one-hot dots scattering ds over the key grid's
+    # rows and columns (BLOCK_GH, BLOCK_GW wide): issued work that the useful count (the
+    # three dots at the true sizes) leaves out.
     issued, useful = _attention(c, d)
+    if c.get("WHOLE_ROWS"):
+        return issued, useful
     scatter = _pad(d["seq_q"], c["BLOCK_M"]) * _pad(d["seq_k"], c["BLOCK_N"]) * (c["BLOCK_GH"] + c["BLOCK_GW"])
     return issued + scatter * d["segments"] // 3, useful
 
