@@ -9,13 +9,13 @@ pieces RH [B, Tq, H, KH] and RW [B, Tq, H, KW] over a key grid of KH rows and KW
     s_ij = scale q_i . k_j + RH[i, j // KW] + RW[i, j % KW]
 
 Forward (one program per BLOCK_M queries of one head of one batch entry): the online
-softmax of attention.py in float32, but in natural units (exp of s - m, as eager softmax
-does: scores of SAM's size, |s| ~ 10-20, lose 2-4x more in log2 units, and the float32
-gradients then miss the 2x-eager accuracy rule); each score tile adds its bias by a gather
-from the query rows' RH / RW entries (masked loads: L1/L2-resident rows of KH + KW numbers
-per query, not an N x N tensor). Writes out and, for the backward, STATS [2, B, H, Tq]:
-the row max m and 1 / l (l the row sum of exp(s - m)), so that the backward's
-p = exp(s - m) / l rounds no large log-sum-exp.
+softmax of attention.py in float32, in natural units (exp(s - m), as eager softmax
+computes it); each score tile adds its bias by a gather from the query rows' RH / RW
+entries (masked loads: L1/L2-resident rows of KH + KW numbers per query, not an N x N
+tensor). Writes out and, for the backward, STATS [2, B, H, Tq]: the row max m and 1 / l
+(l the row sum of exp(s - m)) rather than one log-sum-exp, so that the backward's
+p = exp(s - m) / l never subtracts a large rounded lse (float32 spacing 4e-6 at 32: with
+SAM's scores, |s| ~ 10-20, that would shift every recomputed p).
 
 Where the key grid is exactly BLOCK_N keys wide (SAM's 64 x 64 global grid on a GPU), every
 key block is one grid row (WHOLE_ROWS): its rel_w term is a tile of the query rows' RW
