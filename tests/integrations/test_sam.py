@@ -192,3 +192,15 @@ def test_wrong_image_size_names_pixel_values(shape):
     model = _vision_model()
     with mmfast.patch(model), pytest.raises(ValueError, match=r"pixel_values: expected \[batch, 3, 128, 128\]"):
         model(pixel_values=torch.randn(shape))
+
+
+def test_patched_model_compiles_without_graph_breaks():
+    # fullgraph=True through the patched attention (the custom ops' fakes, HF's get_rel_pos
+    # and the output-capture check); aot_eager: no C++ build on a CPU.
+    model = _vision_model()
+    pixels = _pixels(1)
+    with torch.no_grad():
+        want = model(pixel_values=pixels).last_hidden_state
+        with mmfast.patch(model), mmfast.set_backend("triton", op="attention_rel_pos"):
+            got = torch.compile(model, backend="aot_eager", fullgraph=True)(pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
