@@ -3,7 +3,7 @@
 states, gradients of every parameter and of the pixels, in float32 with the torch
 backend and with the Triton kernels (under the interpreter on CPU); undo() exact;
 attention weights asked for fall back to Hugging Face; a wrong image size names
-pixel_values."""
+pixel_values. SAM-HQ (whose image encoder is the same code) is patched by the same table.
 
 import copy
 
@@ -32,10 +32,12 @@ def _randomise(model):
     return model
 
 
-def _vision_model(attn="sdpa", **overrides):
+def _vision_model(attn="sdpa", hq=False, **overrides):
     torch.manual_seed(0)
-    config = transformers.SamVisionConfig(**{**VISION, **overrides}, attn_implementation=attn)
-    return _randomise(transformers.SamVisionModel(config)).eval()
+    config_class, model_class = ((transformers.SamHQVisionConfig, transformers.SamHQVisionModel) if hq
+                                 else (transformers.SamVisionConfig, transformers.SamVisionModel))
+    config = config_class(**{**VISION, **overrides}, attn_implementation=attn)
+    return _randomise(model_class(config)).eval()
 
 
 def _sam_model(attn="sdpa"):
@@ -58,9 +60,10 @@ def _outputs(model, pixels):
     return (out.last_hidden_state, *out.hidden_states)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_vision_model_outputs_and_hidden_states(attn):
-    model = _vision_model(attn)
+@pytest.mark.parametrize("attn,hq", [("sdpa", False), ("eager", False), ("sdpa", True)],
+                         ids=["sdpa", "eager", "sam-hq"])
+def test_vision_model_outputs_and_hidden_states(attn, hq):
+    model = _vision_model(attn, hq)
     pixels = _pixels()
     with torch.no_grad():
         before = _outputs(model, pixels)

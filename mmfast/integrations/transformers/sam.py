@@ -1,4 +1,5 @@
-"""SAM (transformers SamModel, SamVisionModel, SamVisionEncoder): the image encoder's
+"""SAM (transformers SamModel, SamVisionModel, SamVisionEncoder; SAM-HQ's SamHQ* classes,
+whose image encoder is the same code): the image encoder's
 attention, windowed (14 x 14) and global alike, runs mmfast.ops.attention_rel_pos: the
 decomposed relative-position bias enters the attention kernel as its two pieces (rel_h,
 rel_w: q times the tables of SamVisionAttention.get_rel_pos), where Hugging Face adds a
@@ -24,11 +25,14 @@ from mmfast.ops.attention import attention
 from mmfast.ops.attention_rel_pos import attention_rel_pos, decomposed_rel_pos
 
 
+EAGER_CLASSES = ("SamVisionAttention", "SamHQVisionAttention")
+
+
 def _falls_back(module, output_attentions) -> bool:
     if asked(module, {"output_attentions": output_attentions}, "attentions"):
         return True
     # Only the eager class applies attention dropout (SamVisionSdpaAttention does not).
-    return module.training and module.dropout > 0 and type(module).__name__ == "SamVisionAttention"
+    return module.training and module.dropout > 0 and type(module).__name__ in EAGER_CLASSES
 
 
 def _attention_forward(self, hidden_states, output_attentions=None):
@@ -69,11 +73,14 @@ def _patch_embeddings(module, handle, name):
 
 FAMILY = Family(
     "sam",
-    model_classes=("SamModel", "SamVisionModel", "SamVisionEncoder"),
+    model_classes=("SamModel", "SamVisionModel", "SamVisionEncoder", "SamHQModel", "SamHQVisionModel",
+                   "SamHQVisionEncoder"),
     replacements=(
-        Replacement(("SamVisionAttention", "SamVisionSdpaAttention"), _patch_attention,
+        Replacement(("SamVisionAttention", "SamVisionSdpaAttention", "SamHQVisionAttention",
+                     "SamHQVisionSdpaAttention"), _patch_attention,
                     "attention with the decomposed relative-position bias fused"),
-        Replacement(("SamPatchEmbeddings",), _patch_embeddings, "image size checked, naming pixel_values"),
+        Replacement(("SamPatchEmbeddings", "SamHQPatchEmbeddings"), _patch_embeddings,
+                    "image size checked, naming pixel_values"),
     ),
     notes="image encoder attention; prompt encoder and mask decoder untouched",
 )
