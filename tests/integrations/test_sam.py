@@ -3,7 +3,7 @@
 states, gradients of every parameter and of the pixels, in float32 with the torch
 backend and with the Triton kernels (under the interpreter on CPU); undo() exact;
 attention weights asked for fall back to Hugging Face; a wrong image size names
-pixel_values. SAM-HQ (whose image encoder is the same code) is patched by the same table.
+pixel_values. SAM-HQ (whose image encoder is the same code) is patched by the same table."""
 
 import copy
 
