@@ -37,6 +37,7 @@ FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3
 FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
+FAMILY_MODULES["sam"] = "mmfast.integrations.transformers.sam"
 FAMILY_MODULES["causal_lm"] = "mmfast.integrations.transformers.causal_lm"
 
 
