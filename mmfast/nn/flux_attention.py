@@ -9,9 +9,11 @@ axis' angles repeated in place (``repeat_interleave``), and rotates interleaved 
 attention kernels rotate halves (x[j], x[j + D/2]) as they load q and k. Attention scores
 do not change when q and k have their head dims permuted alike (v is not permuted), so
 moving every pair (x[2j], x[2j + 1]) to (j, j + D/2) turns the interleaved rotation into
-the half one with the table ``cos[:, 0::2]``. That move is folded into the copy that
-concatenates text and image tokens, which diffusers makes anyway: no rotary pass is left.
-The table must be of that repeated kind (as every diffusers FLUX model builds it).
+the half one with the table ``cos[:, 0::2]``. In double-stream blocks that move is folded
+into the copy that concatenates text and image tokens, which diffusers makes anyway, so no
+rotary pass is left; in single-stream blocks it is one copy of q and k, in place of the
+rotary pass. The table must be of that repeated kind (as every diffusers FLUX model
+builds it): only its even columns are read.
 
 The functions take any object with diffusers' attribute names; the processors in
 ``mmfast.integrations.diffusers.attention_processors`` call them.
@@ -187,5 +189,5 @@ def flux2_parallel_attention_forward(processor, attn, hidden_states, image_rotar
     return split_linear(attn.to_out, out, mlp)
 
 
-__all__ = ["check_no_parallel_config", "flux2_attention_forward", "flux2_parallel_attention_forward", "flux_attention_forward",
-           "half_tables", "head_rms_norm", "joint_attention", "pairs_to_halves", "split_linear"]
+__all__ = ["check_no_parallel_config", "flux2_attention_forward", "flux2_parallel_attention_forward",
+           "flux_attention_forward", "half_tables", "head_rms_norm", "joint_attention", "pairs_to_halves", "split_linear"]
