@@ -169,6 +169,28 @@ def test_attention_mask_runs_diffusers_processor():
         assert torch.equal(g, w)
 
 
+def test_ip_adapter_processor_is_kept_and_its_output_added():
+    # An IP-adapter processor (no mmfast counterpart) stays; the patched double-stream block
+    # adds its third output, the image-prompt attention, as diffusers' block does.
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+
+    model, inputs = tiny_flux(), flux_inputs()
+    torch.manual_seed(4)
+    ip = FluxIPAdapterAttnProcessor(hidden_size=64, cross_attention_dim=24, num_tokens=(4,), scale=0.7)
+    model.transformer_blocks[0].attn.set_processor(ip)
+    inputs["joint_attention_kwargs"] = {"ip_hidden_states": [torch.randn(2, 4, 24)]}
+    with torch.no_grad(), mmfast.set_backend("torch"):
+        want = model(**inputs).sample
+        with mmfast.patch(model) as handle:
+            assert model.transformer_blocks[0].attn.processor is ip
+            assert "transformer_blocks.0" in dict(handle.replaced)
+            got = model(**inputs).sample
+            ip.scale = [0.0]
+            without = model(**inputs).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(without, want, rtol=1e-4, atol=1e-5)  # the image prompt matters
+
+
 def test_hooked_output_projection_keeps_its_hook():
     # A hooked (or LoRA-wrapped) single-stream proj_out gets the concatenation and its own
     # forward: the split GEMMs read the weight directly and would bypass the hook.
@@ -253,3 +275,26 @@ def test_pipeline_patched_gives_the_same_final_latents(which):
         got = generate()
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flux.1-dev", "flux.2"])
+def test_gradient_checkpointing_runs_the_patched_blocks(name):
+    # diffusers' checkpointing calls each block again in the backward pass: the patched
+    # forward must recompute the same graph (torch backends; kernels are checked above).
+    build, make_inputs, _ = MODELS[name]
+    model, inputs = build(), make_inputs()
+    model.enable_gradient_checkpointing()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs).sample
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    with mmfast.set_backend("torch"):
+        want = grads()
+        with mmfast.patch(model):
+            got = grads()
+    assert got.keys() == want.keys() and any("single_transformer_blocks.1" in n for n in got)
+    for n, g in want.items():
+        torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-5, msg=n)
