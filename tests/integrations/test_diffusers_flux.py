@@ -1,8 +1,9 @@
 """mmfast.patch on tiny random diffusers FLUX transformers: FluxTransformer2DModel as
 FLUX.1-dev (guidance embedding) and as schnell (none), Flux2Transformer2DModel with and
-without guidance; and the FLUX pipelines. Patched against unpatched on the same instance:
-outputs (Triton interpreter, fp32 and fp16), block gradients, undo, the rotary-axes
-error, the paths left to diffusers (masks, hooked projections, diffusers' context
+without guidance; and FluxPipeline, FluxKontextPipeline, Flux2Pipeline. Patched against
+unpatched on the same instance: outputs (Triton interpreter, fp32 and fp16), block
+gradients (also with gradient checkpointing), undo, the rotary-axes errors, and the paths
+left to diffusers (masks, hooked projections, IP-adapter processors, diffusers' context
 parallelism, FLUX.2's per-token KV-cache modulations). state_dict loads, meta builds,
 deep copies and dtype moves are in test_diffusers_differential.py."""
 
@@ -232,15 +233,16 @@ def test_flux2_per_token_modulation_runs_diffusers_blocks():
 # ---- pipelines: a few flow-matching steps, patched against unpatched, same seed -------------
 
 
-def _flux_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+def _flux_pipeline(kontext=False):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=4, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         shift_factor=0.1, scaling_factor=1.5).eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=tiny_flux())
+    return (FluxKontextPipeline if kontext else FluxPipeline)(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, transformer=tiny_flux())
 
 
 def _flux2_pipeline():
@@ -254,14 +256,17 @@ def _flux2_pipeline():
                          transformer=tiny_flux2())
 
 
-@pytest.mark.parametrize("which", ["flux", "flux2"])
+@pytest.mark.parametrize("which", ["flux", "flux-kontext", "flux2"])
 def test_pipeline_patched_gives_the_same_final_latents(which):
-    pipe = _flux_pipeline() if which == "flux" else _flux2_pipeline()
+    # Kontext: the encoded reference image's tokens join the image tokens (ids on axis 0 = 1).
+    pipe = _flux2_pipeline() if which == "flux2" else _flux_pipeline(kontext=which == "flux-kontext")
     pipe.set_progress_bar_config(disable=True)
     gen = torch.Generator().manual_seed(0)
     embeds = {"prompt_embeds": torch.randn(1, 7, 24, generator=gen)}
-    if which == "flux":
+    if which != "flux2":
         embeds["pooled_prompt_embeds"] = torch.randn(1, 16, generator=gen)
+    if which == "flux-kontext":
+        embeds.update(image=torch.rand(1, 3, 16, 16, generator=gen), max_area=256, _auto_resize=False)
 
     def generate():
         return pipe(**embeds, height=16, width=16, num_inference_steps=3, guidance_scale=3.5, output_type="latent",
