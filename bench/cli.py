@@ -64,8 +64,16 @@ def _list(loaded: dict, env: Env, quick: bool) -> int:
     return 0
 
 
+NO_PEAK_ON_CPU = ("of peak: not reported on a CPU; peaks are measured on a GPU only (a smoke run's "
+                  "cache-sized cases would exceed a CPU's memory peak)")
+
+
 def _peaks(env: Env, args, out: Path, save: bool):
-    """Measure the device peaks once for the whole run (None if that fails)."""
+    """Measure the device peaks once for the whole run (None if that fails, and on a CPU:
+    its smoke cases fit in caches, so fractions of a DRAM copy peak went over 100%)."""
+    if not env.is_gpu:
+        print(NO_PEAK_ON_CPU)
+        return None
     try:
         peaks = harness.measure_peaks(env, args.quick)
     except Exception as e:
@@ -85,8 +93,28 @@ def _peaks(env: Env, args, out: Path, save: bool):
     return peaks
 
 
-def _run_suite(suite, args, env: Env, peaks, out: Path, save: bool, plot: bool) -> int:
-    """Run one suite and print its report; returns the number of failed measurements."""
+def _is_mmfast(provider_name: str) -> bool:
+    return provider_name.startswith("mmfast")
+
+
+def mmfast_summary(tally: dict) -> str | None:
+    """One line on how much of mmfast a run measured (None when it measured all it tried):
+    ``tally`` holds "measured" (a count) and "skipped" (reason -> count) of mmfast's
+    providers."""
+    measured, skipped = tally["measured"], sum(tally["skipped"].values())
+    if not skipped:
+        return None
+    why = "; ".join(tally["skipped"])
+    if measured == 0:
+        return (f"measured nothing of mmfast: all {skipped} runs of its providers were skipped ({why}); "
+                "TRITON_INTERPRET=1 runs its Triton kernels under the interpreter (smoke sizes, not speed)")
+    return f"mmfast: measured {measured} of {measured + skipped} runs of its providers; skipped {skipped} ({why})"
+
+
+def _run_suite(suite, args, env: Env, peaks, out: Path, save: bool, plot: bool, tally: dict | None = None) -> int:
+    """Run one suite and print its report; returns the number of failed measurements.
+    ``tally``: counts of mmfast's provider runs measured and skipped, added to."""
+    tally = {"measured": 0, "skipped": {}} if tally is None else tally
     cases = suite.cases(args.quick, env.device)
     if args.case:
         cases = [c for c in cases if re.search(args.case, c.name)]
@@ -97,6 +125,8 @@ def _run_suite(suite, args, env: Env, peaks, out: Path, save: bool, plot: bool) 
             reason = provider.skip(case, env.device)
             if reason:
                 skipped.setdefault((provider.name, reason), []).append(case.name)
+                if _is_mmfast(provider.name):
+                    tally["skipped"][reason] = tally["skipped"].get(reason, 0) + 1
             else:
                 work.append((case, provider))
 
@@ -113,8 +143,9 @@ def _run_suite(suite, args, env: Env, peaks, out: Path, save: bool, plot: bool) 
             traceback.print_exc(file=sys.stderr)
             continue
         rows.append(row)
-        print(f"  {table.num(row['ms'])} ms  {table.pct(row['frac_of_peak'])} of peak",
-              file=sys.stderr, flush=True)
+        tally["measured"] += _is_mmfast(provider.name)
+        of_peak = f"  {table.pct(row['frac_of_peak'])} of peak" if row["frac_of_peak"] is not None else ""
+        print(f"  {table.num(row['ms'])} ms{of_peak}", file=sys.stderr, flush=True)
 
     previous = None
     if args.compare:
@@ -192,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         print(SMOKE_WARNING)
     print(_describe_env(env))
     peaks = _peaks(env, args, out, save)
+    tally = {"measured": 0, "skipped": {}}
     for suite in loaded.values():
-        failures += _run_suite(suite, args, env, peaks, out, save, plot)
+        failures += _run_suite(suite, args, env, peaks, out, save, plot, tally)
+    summary = mmfast_summary(tally)
+    if summary:
+        print("\n" + summary)
     if not env.is_gpu:
         print("\n" + SMOKE_WARNING)
     return 1 if failures else 0

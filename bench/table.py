@@ -36,7 +36,9 @@ def format_table(suite: Suite, rows: list[dict], previous: dict | None = None,
     """The rows of one suite; ``previous`` maps (case, provider) to the row compared with."""
     unit = "GB/s" if suite.bound == "memory" else "TFLOP/s"
     metric = "gbps" if suite.bound == "memory" else "tflops"
-    header = ["case", "provider", "ms", "p20-p80 ms", unit, "of peak", "mem MiB"]
+    # A fraction exists only where the device's peak was measured (GPU runs, see cli._peaks).
+    of_peak = any(row.get("frac_of_peak") is not None for row in rows)
+    header = ["case", "provider", "ms", "p20-p80 ms", unit, *(["of peak"] if of_peak else []), "mem MiB"]
     if suite.targets and is_gpu:
         header.append("target")
     if previous is not None:
@@ -49,7 +51,7 @@ def format_table(suite: Suite, rows: list[dict], previous: dict | None = None,
             num(row["ms"]),
             f"{num(row['ms_p20'])}-{num(row['ms_p80'])}",
             num(row.get(metric)),
-            pct(row.get("frac_of_peak")),
+            *([pct(row.get("frac_of_peak"))] if of_peak else []),
             num(row.get("peak_mem_mb")),
         ]
         if suite.targets and is_gpu:

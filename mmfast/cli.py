@@ -4,8 +4,9 @@
 backend of each op family can run here and, if not, why. ``bench`` hands its arguments
 to the benchmark suites (``mmfast.bench.main``), ``profile`` to ``mmfast.profile.main``.
 
-Heavy modules (torch, mmfast's ops) are imported inside the commands, so that
-``mmfast --help`` stays quick; optional libraries are only looked up, never imported.
+Heavy modules (torch, mmfast's ops) are imported inside the commands, and ``import
+mmfast`` itself is lazy, so ``mmfast --help`` and ``--version`` never load torch (the
+version comes from mmfast/_version.py); optional libraries are only looked up, never imported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import os
 import platform
 import sys
+
+from mmfast._version import __version__
 
 # Optional libraries that mmfast benchmarks against or integrates with:
 # (import name, distribution name).
@@ -143,7 +146,7 @@ def _backend_status(backend, call) -> dict:
 
 
 def _op_families(torch, has_cuda: bool) -> dict:
-    import mmfast  # noqa: F401  (importing mmfast registers the op families)
+    import mmfast.ops  # noqa: F401  (registers the op families)
     from mmfast.dispatch import ENV_VAR, Call, env_override_error, op_families
 
     device = torch.device("cuda" if has_cuda else "cpu")
@@ -254,28 +257,16 @@ def _bench(bench_argv: list[str]) -> int:
     return bench.main(bench_argv)
 
 
-def _own_version() -> str:
-    # Read from the installed metadata: importing mmfast would import torch just for --help.
-    version = _distribution_version("mmfast")
-    if version is None:
-        import mmfast
-
-        version = mmfast.__version__
-    return version
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfast", description="Fused kernels for multimodal models.")
-    parser.add_argument("--version", action="version", version=f"mmfast {_own_version()}")
+    parser.add_argument("--version", action="version", version=f"mmfast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = commands.add_parser("info", help="versions, device, and the backends usable here")
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     # Everything after `bench` belongs to the suites, `--help` included (see _bench).
-    commands.add_parser(
-        "bench", add_help=False, help="run benchmark suites (`mmfast bench --help` for their options)"
-    )
+    commands.add_parser("bench", add_help=False, help="run benchmark suites (see: mmfast bench --help)")
     commands.add_parser("profile", add_help=False, help="a whole model, mmfast vs transformers/diffusers "
-                        "(`mmfast profile --help`)")
+                        "(see: mmfast profile --help)")
     return parser
 
 

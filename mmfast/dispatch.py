@@ -230,7 +230,15 @@ def op_family(name: str) -> OpFamily:
 
 
 def op_families() -> dict[str, OpFamily]:
-    return dict(_families)
+    return dict(_registered())
+
+
+def _registered() -> dict[str, OpFamily]:
+    """Every op family, its backends registered: ``import mmfast`` is lazy (the ``mmfast``
+    command starts without torch), so questions about the whole registry import the ops
+    first. During that import this returns the families registered so far."""
+    importlib.import_module("mmfast.ops")
+    return _families
 
 
 # ---- overrides -------------------------------------------------------------------
@@ -249,13 +257,13 @@ _parsed_env: tuple[str, dict[str, str] | ValueError] = ("", {})
 
 
 def _known_backends() -> list[str]:
-    return sorted({name for family in _families.values() for name in family.backends})
+    return sorted({name for family in _registered().values() for name in family.backends})
 
 
 def _check_name(name: str, op: str | None, source: str) -> None:
     """A ValueError naming the valid backends when ``name`` is not one (of family ``op``)."""
     if op is not None:
-        if op not in _families:
+        if op not in _registered():
             raise ValueError(f"{source}: unknown op family '{op}' (known: {', '.join(_families)})")
         if name not in _families[op].backends:
             known = ", ".join(_families[op].backends)
@@ -402,7 +410,7 @@ def set_backend(name: str | None, op: str | None = None) -> contextlib.AbstractC
         raise TypeError(f"op: expected an op family name or None, got {type(op).__name__}")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name: expected a backend name or None, got {type(name).__name__}")
-    if op is not None and op not in _families:
+    if op is not None and op not in _registered():
         raise ValueError(f"op: unknown op family '{op}' (known: {', '.join(_families)})")
     if name is not None:
         _check_name(name, op, "name")

@@ -125,3 +125,87 @@ def test_unknown_command_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_info:
         main(["no-such-command"])
     assert exit_info.value.code == 2
+
+
+# ---- a quick start: --help and --version without torch ------------------------------------
+
+
+def _imported_modules(*argv: str) -> tuple[str, set[str]]:
+    """(stdout, every module imported) of ``python -X importtime -m mmfast *argv``."""
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPROFILEIMPORTTIME"}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "mmfast", *argv], env=environ,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    modules = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    return done.stdout, modules
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_help_and_version_do_not_import_torch(argv):
+    out, modules = _imported_modules(*argv)
+    assert "mmfast.cli" in modules  # the listing is real
+    heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "triton", "numpy", "transformers", "diffusers"))
+    assert not heavy, heavy[:10]
+    if argv == ["--version"]:
+        import mmfast
+
+        assert out.strip() == f"mmfast {mmfast.__version__}"
+    else:
+        assert out.startswith("usage: mmfast")
+
+
+def test_the_lazy_namespace_still_registers_the_op_families():
+    # `import mmfast` no longer imports the ops; asking the registry must still see them all.
+    code = ("import json, mmfast, sys; from mmfast.dispatch import op_families; "
+            "print(json.dumps({'families': sorted(op_families()), 'patch': callable(mmfast.patch), "
+            "'norm': mmfast.ops.rms_norm.__name__}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert {"norm", "attention"} <= set(found["families"]) and found["patch"] and found["norm"] == "rms_norm"
+
+
+def test_version_comes_from_one_place():
+    import importlib.metadata
+
+    import mmfast
+    from mmfast._version import __version__
+
+    assert mmfast.__version__ == __version__
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'version = { attr = "mmfast._version.__version__" }' in pyproject
+    try:
+        installed = importlib.metadata.version("mmfast")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert installed == __version__
+
+
+HELP_COMMANDS = [["--help"], ["info", "--help"], ["bench", "--help"], ["profile", "--help"],
+                 ["profile", "vlm", "--help"], ["profile", "ldm", "--help"]]
+
+
+@pytest.mark.parametrize("argv", HELP_COMMANDS, ids=" ".join)
+def test_help_texts_hold_no_markup(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        exit_code = main(argv)  # bench returns its status instead of exiting
+        raise SystemExit(exit_code)
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mmfast")
+    assert "`" not in out and ":mod:" not in out and ":func:" not in out, out
+
+
+def test_the_extra_profile_names_exists_and_numpy_is_a_dependency():
+    import tomllib
+
+    from mmfast.profile import preflight
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    extra = preflight.EXTRA.removeprefix("mmfast[").removesuffix("]")
+    wanted = {name for names in preflight.REQUIRED.values() for name in names}
+    assert wanted <= {req.split(">")[0].split("<")[0].split("=")[0].strip()
+                      for req in project["optional-dependencies"][extra]}
+    dependencies = {req.split(";")[0].split(">")[0].strip(): req for req in project["dependencies"]}
+    assert "numpy" in dependencies  # torch warns "Failed to initialize NumPy" without it
+    assert "platform_system == 'Linux'" in dependencies["triton"]

@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from mmfast.kernels import (activation, adaln, attention, attention_dropout, attention_short,  # noqa: E402
-                            contrastive, cross_attention, group_norm, linear_cross_entropy, norm,
+from mmfast.kernels import (activation, adaln, attention, attention_dropout, attention_rel_pos,  # noqa: E402
+                            attention_short, contrastive, cross_attention, group_norm, linear_cross_entropy, norm,
                             patch_embed, rotary, scheduler_step)
 
 
@@ -181,3 +181,12 @@ def test_guided_step_refuses_strided_outputs(device):
     with pytest.raises(ValueError, match="out: expected a contiguous tensor"):
         scheduler_step.guided_step_fwd(sample, model_out, None, None, None, out, None, (0.0,) * 8, None, None,
                                        1.0, 0.0, False, False)
+
+
+def test_attention_rel_pos(device):
+    q, k, v = (_r(2, 6, 2, 16, device=device) for _ in range(3))
+    rel_h, rel_w = _r(2, 6, 2, 2, device=device), _r(2, 6, 2, 3, device=device)
+    _same_with_strided_twins(lambda *a: attention_rel_pos.attention_rel_pos_fwd(*a, 0.25), q, k, v, rel_h, rel_w)
+    out, stats = attention_rel_pos.attention_rel_pos_fwd(q, k, v, rel_h, rel_w, 0.25)
+    _same_with_strided_twins(lambda *a: attention_rel_pos.attention_rel_pos_bwd(*a, 0.25),
+                             _r(2, 6, 2, 16, device=device), q, k, v, rel_h, rel_w, out, stats)

@@ -26,9 +26,11 @@ def one_thread():
 def test_tiny_end_to_end(tmp_path, capsys):
     assert main(["profile", "vlm", "--model", "qwen3-vl", "--new-tokens", "2", "--out", str(tmp_path),
                  "--repeats", "1", "--backend", "torch", "--dtype", "float32", "--top", "5"]) == 0
-    data = json.loads((tmp_path / "profile_vlm.json").read_text())
+    data = json.loads((tmp_path / "profile_vlm_qwen3-vl_tiny.json").read_text())
     assert (data["vlm_model"], data["preset"], data["resolution"]) == ("qwen3-vl", "tiny", 64)
-    assert all(side["metrics"]["time_to_first_token_s"] > 0 for side in data["sides"])
+    for side in data["sides"]:
+        first, full = (side["metrics"][key]["samples"] for key in ("time_to_first_token_s", "generate_s"))
+        assert all(0 < f < g for f, g in zip(first, full))
     assert "reference: transformers Qwen3VLForConditionalGeneration" in capsys.readouterr().out
 
 

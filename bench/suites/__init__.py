@@ -26,6 +26,7 @@ _MODULES = {
     "linear_cross_entropy": "mmfast.bench.suites.linear_cross_entropy",
     "vae": "mmfast.bench.suites.vae",
     "hf_decoder_attention": "mmfast.bench.suites.hf_decoder_attention",
+    "sam_encoder_attention": "mmfast.bench.suites.sam_encoder_attention",
 }
 
 

@@ -7,7 +7,8 @@ Targets: Qwen2.5-VL / Qwen3-VL / SigLIP vision towers (head dims 80 / 72 / 64, h
 1152-1280, 64-token windows with fused 2D rotary, 1344 px images = 9216 patches), LM
 decoders (head dim 128, GQA 28/4, vocab up to 151936), SD1.5 / SDXL UNets and their VAE
 (channels 128-1280, head dims 40/80/160 and 64, 77 text tokens), SD3 / FLUX DiTs (hidden
-1536 / 3072, head dims 64 / 128), contrastive towers (feature dims 512-1024).
+1536 / 3072, head dims 64 / 128), contrastive towers (feature dims 512-1024), SAM's image
+encoder (14 x 14 windows and 64 x 64 global attention with the relative-position bias).
 
 ``quick`` cases make the CI subset: together they launch every entry kernel at least
 once, at a production shape.
@@ -240,6 +241,18 @@ def _cross_attention(batch: int, seq_q: int, seq_k: int, heads: int, head_dim: i
     return run
 
 
+def _attention_rel_pos(batch: int, grid: int, heads: int, head_dim: int = 64):
+    def run(dtype):
+        from mmfast.kernels import attention_rel_pos as r
+        tokens = grid * grid
+        # q, k, v as the SAM patch passes them: views of one [B, T, 3, H, D] projection.
+        q, k, v = tensor(batch, tokens, 3, heads, head_dim, dtype=dtype).unbind(2)
+        rel = tensor(batch, tokens, heads, grid, dtype=dtype)
+        out, stats = r.attention_rel_pos_fwd(q, k, v, rel, rel, head_dim ** -0.5)
+        r.attention_rel_pos_bwd(out, q, k, v, rel, rel, out, stats, head_dim ** -0.5)
+    return run
+
+
 def _dropout_mask(dtype):
     from mmfast.kernels import attention_dropout as d
     d.dropout_mask(tensor(2, dtype=torch.int64), 0, 1024, 1024, 0, 2**30)
@@ -330,6 +343,13 @@ def all_cases() -> list[Case]:
     add(Case("attention_short", "windows 64x128 H16 D128 dropout", _attention_short(64, 128, 16, 128, False, 0.1),
              _attn_dims(128, 128, 128, 64)))
     add(Case("attention_dropout", "mask 1024x1024", _dropout_mask, quick=True))
+    # SAM's image encoder at 1024 px (64 x 64 patches): 25 windows of 14 x 14 per image (the
+    # grid padded to 70), and the global layers over all 4096 tokens; head dim 64.
+    for model, heads in (("ViT-B", 12), ("ViT-H", 16)):
+        add(Case("attention_rel_pos", f"SAM {model} windows 25x14x14 H{heads} D64", _attention_rel_pos(25, 14, heads),
+                 _attn_dims(196, 196, 64, 25)))
+        add(Case("attention_rel_pos", f"SAM {model} global 64x64 H{heads} D64", _attention_rel_pos(1, 64, heads),
+                 _attn_dims(4096, 4096, 64), quick=model == "ViT-H"))
     # Cross-attention: SD1.5 (8 heads, head dims 40/80/160, 77 text tokens), SDXL (64),
     # BLIP-2 Q-Former (32 queries over 257 image tokens), gated (Flamingo/Mllama-style).
     for head_dim, side in ((40, 64), (80, 32), (160, 16)):

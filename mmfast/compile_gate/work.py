@@ -55,12 +55,27 @@ def _contrastive_bwd(c: dict, d: dict) -> tuple[int, int]:
     return chunks * (scores + tiles * c["BLOCK_DO"]), 2 * useful
 
 
+def _attention_rel_pos_dq(c: dict, d: dict) -> tuple[int, int]:
+    # The dq kernel's three head-dim dots (s, dp, dq) plus, unless its key blocks are whole
+    # grid rows (WHOLE_ROWS: no dots), two one-hot dots scattering ds over the key grid's
+    # rows and columns (BLOCK_GH, BLOCK_GW wide): issued work that the useful count (the
+    # three dots at the true sizes) leaves out.
+    issued, useful = _attention(c, d)
+    if c.get("WHOLE_ROWS"):
+        return issued, useful
+    scatter = _pad(d["seq_q"], c["BLOCK_M"]) * _pad(d["seq_k"], c["BLOCK_N"]) * (c["BLOCK_GH"] + c["BLOCK_GW"])
+    return issued + scatter * d["segments"] // 3, useful
+
+
 _MODELS = {
     "_attention_fwd_kernel": _attention,
     "_attention_bwd_dkdv_kernel": _attention,
     "_attention_bwd_dq_kernel": _attention,
     "_attention_short_fwd_kernel": _attention_short,
     "_attention_short_bwd_kernel": _attention_short,
+    "_attention_rel_pos_fwd_kernel": _attention,
+    "_attention_rel_pos_bwd_dkdv_kernel": _attention,
+    "_attention_rel_pos_bwd_dq_kernel": _attention_rel_pos_dq,
     "_cross_attention_fwd_kernel": _attention,
     "_cross_attention_bwd_dkdv_kernel": _attention,
     "_cross_attention_bwd_dq_kernel": _attention,

@@ -39,6 +39,7 @@ FAMILY_MODULES["diffusers-flux-transformer"] = "mmfast.integrations.diffusers.fl
 FAMILY_MODULES["diffusers-flux2-transformer"] = "mmfast.integrations.diffusers.flux2_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
+FAMILY_MODULES["sam"] = "mmfast.integrations.transformers.sam"
 FAMILY_MODULES["causal_lm"] = "mmfast.integrations.transformers.causal_lm"
 
 
@@ -60,10 +61,17 @@ def find_family(target: Any) -> Family:
     )
 
 
-def patch(target: Any) -> PatchHandle:
+def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
     """Replace the hot modules of ``target`` (a model or pipeline instance) with mmfast's,
     in place; returns a :class:`PatchHandle` whose ``undo()`` restores it exactly.
     Other instances of the same classes are untouched.
+
+    ``sequence_parallel``: a torch.distributed process group (``dist.group.WORLD`` for
+    all ranks). Every rank of it calls the patched model with the same full inputs and
+    gets the single-process output, the tokens split over the ranks inside (Ulysses
+    attention, see mmfast.integrations.diffusers.sequence_parallel). Taken by diffusers'
+    SD3Transformer2DModel and DiTTransformer2DModel, and pipelines holding one; a
+    ValueError for any other target, or a world size that does not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding
@@ -75,13 +83,25 @@ def patch(target: Any) -> PatchHandle:
             f"mmfast.patch: this {type(target).__name__} is already patched; "
             "call handle.undo() before patching it again"
         )
+    group = None
+    if sequence_parallel is not None:
+        from mmfast.distributed.collectives import resolve_group
+
+        group = resolve_group(sequence_parallel, "sequence_parallel")
     family = find_family(target)
     handle = PatchHandle(target, family.name)
+    handle.sequence_parallel = group
     try:
         family.apply(target, handle, whole_model=family.recognises(target))
+        if sequence_parallel is not None and not handle.sequence_parallel_models:
+            supported = ", ".join(c for f in families() if f.sequence_parallel is not None for c in f.model_classes)
+            raise ValueError(f"sequence_parallel: {type(target).__name__} holds no model mmfast runs "
+                             f"sequence-parallel (supported: {supported}, or a pipeline holding one)")
     except BaseException:
         handle.undo()
         raise
+    finally:
+        handle.sequence_parallel = None
     if not handle.replaced:
         warnings.warn(f"mmfast.patch: this {type(target).__name__} holds nothing the {family.name} family "
                       "replaces; it runs as before", stacklevel=2)

@@ -47,6 +47,11 @@ class PatchHandle:
         self.replaced: list[tuple[str, str]] = []
         self._undo: list[Callable[[], None]] = []
         self.active = True
+        # Set by mmfast.patch(..., sequence_parallel=group) while the families apply (not
+        # kept: a process group does not deep-copy); the qualified names of the models a
+        # family made sequence-parallel.
+        self.sequence_parallel = None
+        self.sequence_parallel_models: list[str] = []
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name = value`` on this instance, remembering what was there."""
@@ -114,13 +119,16 @@ class Family:
 
     ``prepare(target, handle)``, when given, runs first, for changes that are not
     per-module (a pipeline's scheduler, say); it returns the module tree to walk (default:
-    the target itself).
+    the target itself). ``sequence_parallel(model, handle)``, when given, runs last on a
+    whole model when ``mmfast.patch`` was asked for sequence parallelism
+    (``handle.sequence_parallel`` is the group); families without it refuse that.
     """
 
     name: str
     model_classes: tuple[str, ...]
     replacements: tuple[Replacement, ...] = ()
     prepare: Callable[[Any, PatchHandle], Any] | None = None
+    sequence_parallel: Callable[[Any, PatchHandle], None] | None = None
     notes: str = field(default="", compare=False)
 
     def recognises(self, target: Any) -> bool:
@@ -146,6 +154,8 @@ class Family:
                 row = by_class.get(type(module).__name__)
                 if row is not None:
                     row.apply(module, handle, ".".join(p for p in (prefix, qualified_name) if p))
+        if whole_model and handle.sequence_parallel is not None and self.sequence_parallel is not None:
+            self.sequence_parallel(target, handle)
 
 
 def module_name(target: Any, module: nn.Module) -> str:

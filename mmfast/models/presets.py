@@ -31,10 +31,17 @@ QWEN25_VL_PRESETS = {
 }
 
 
+# The text model's bos id, which only the config.json carries (mmfast's model never reads it):
+# the released one, and inside the tiny vocabulary for tiny (transformers warns otherwise).
+QWEN25_VL_BOS = {"tiny": 1, "3b": 151643, "7b": 151643}
+
+
 def qwen25_vl_preset(name: str) -> Qwen25VLConfig:
     """The :class:`Qwen25VLConfig` of a preset: 'tiny', '3b' or '7b'."""
     if name not in QWEN25_VL_PRESETS:
         raise ValueError(f"name: unknown Qwen2.5-VL preset {name!r} (known: {', '.join(QWEN25_VL_PRESETS)})")
     fields = dict(QWEN25_VL_PRESETS[name])
     fields["vision"] = dict(fields["vision"])
-    return Qwen25VLConfig(**fields, raw={"architectures": ["Qwen2_5_VLForConditionalGeneration"], "preset": name})
+    raw = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "preset": name,
+           "text_config": {"bos_token_id": QWEN25_VL_BOS[name]}}
+    return Qwen25VLConfig(**fields, raw=raw)

@@ -15,6 +15,8 @@ graph.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -64,9 +66,12 @@ def key_padding(mask: Tensor, batch: int, keys: int) -> Tensor | None:
 
 
 def attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                      keep: Tensor | None = None, temb: Tensor | None = None) -> Tensor:
+                      keep: Tensor | None = None, temb: Tensor | None = None,
+                      attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """diffusers ``AttnProcessor2_0`` semantics (self- or cross-attention) with a
-    key-padding ``keep`` [B, Tk] instead of an additive mask."""
+    key-padding ``keep`` [B, Tk] instead of an additive mask. ``attend(q, k, v)``, when
+    given (no ``keep``), takes the place of mmfast attention on the [B, T, H, D] heads
+    (sequence parallelism: mmfast.distributed.ulysses_attention)."""
     residual = hidden_states
     if getattr(attn, "spatial_norm", None) is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -92,7 +97,9 @@ def attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: Tensor
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
 
-    out = masked_attention(query, key, value, keep)
+    if attend is not None and keep is not None:
+        raise ValueError("keep: a key-padding mask cannot go with attend")
+    out = attend(query, key, value) if attend is not None else masked_attention(query, key, value, keep)
     out = attn.to_out[1](attn.to_out[0](out.flatten(-2)))  # projection, dropout
     if input_ndim == 4:
         out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -101,9 +108,12 @@ def attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: Tensor
     return out / getattr(attn, "rescale_output_factor", 1.0)
 
 
-def joint_attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None):
+def joint_attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                            attend: Callable[[Tensor, Tensor, Tensor], Tensor] = attention):
     """diffusers ``JointAttnProcessor2_0`` semantics (SD3 MM-DiT): image and text tokens
-    projected separately, attended as one sequence, split again."""
+    projected separately, attended as one sequence, split again. ``attend(q, k, v)`` on
+    the [B, T, H, D] heads: mmfast attention, or under sequence parallelism
+    mmfast.distributed.ulysses_attention (image then text shards, as concatenated here)."""
     batch, tokens = hidden_states.shape[:2]
     query = split_heads(attn.to_q(hidden_states), batch, attn.heads)
     key = split_heads(attn.to_k(hidden_states), batch, attn.heads)
@@ -124,7 +134,7 @@ def joint_attention_forward(attn, hidden_states: Tensor, encoder_hidden_states: 
         key = torch.cat([key, ctx_key], dim=1)
         value = torch.cat([value, ctx_value], dim=1)
 
-    out = attention(query, key, value).flatten(-2)
+    out = attend(query, key, value).flatten(-2)
     hidden_states = attn.to_out[1](attn.to_out[0](out[:, :tokens]))
     if encoder_hidden_states is None:
         return hidden_states

@@ -3,10 +3,13 @@ otherwise run (transformers / diffusers), side by side on this machine. ``vlm --
 picks Qwen2.5-VL (the default), LLaVA or BLIP-2; a ``--checkpoint`` says which it holds.
 
 The sides: mmfast, the reference in eager mode, and (by default on a GPU,
-``--compile-reference``) the reference with torch.compile. For each side: warm-up, timed
-runs (median), peak memory, and a torch.profiler breakdown of one run (top ops by self
-time). Prints a table and writes JSON (and a PNG chart when matplotlib is importable)
-under ``--out``; ``--trace`` also writes Chrome traces.
+``--compile-reference``) the reference with torch.compile. Warm-up, then timed rounds that
+run every side once in turn (interleaved, so drift hits all alike) until every figure's
+spread is small or the time budget is spent; each figure is a median with its spread
+(interquartile range and min..max), and a speedup is stated only where the spreads do not
+overlap. Then per side peak memory and a torch.profiler breakdown of one run (top ops by
+self time). Prints a table and writes JSON (every sample) and a PNG chart (when matplotlib
+is importable) under ``--out``; ``--trace`` also writes Chrome traces.
 
 Without a GPU it runs the tiny presets and says loudly that the numbers are not GPU
 numbers; without ``TRITON_INTERPRET`` the mmfast side then runs the PyTorch backends of its
@@ -17,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import sys
 
 import torch
 
-from mmfast.profile import ldm, measure, report, vlm
+from mmfast.profile import ldm, measure, preflight, report, vlm
+from mmfast.profile.memory import SMALL_PRESETS
+from mmfast.profile.stats import compare, figure
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # (GPU default, CPU default)
@@ -32,15 +38,21 @@ DEFAULTS = {
     "vlm": {"new_tokens": (64, 4), "text_tokens": (256, 16)},  # the model and preset: vlm.choose_model
     "qwen2.5-vl": {"resolution": (1344, 56)},  # the other VLMs take their tower's image size
     "ldm": {"preset": ("sd15", "tiny"), "steps": (30, 2)},
-    "any": {"dtype": ("bfloat16", "float32"), "repeats": (5, 2), "compile_reference": (True, False)},
+    "any": {"dtype": ("bfloat16", "float32"), "compile_reference": (True, False)},
 }
+# The measuring plan (measure.Plan), (GPU default, CPU default). A CPU run of a tiny preset
+# stays well under a minute; a shared, noisy CPU mostly ends on the time budget.
+MEASURE_DEFAULTS = {"warmup": (2, 1), "min_repeats": (5, 6), "max_repeats": (50, 40), "time_budget": (60.0, 20.0),
+                    "target_spread": (0.02, 0.05)}
 COMPILE_BACKEND = "inductor"  # of the torch.compile reference side
-SPEEDUP_KEYS = {"generate_s": "generate", "time_to_first_token_s": "time to first token",
-                "end_to_end_s": "end to end", "denoise_s": "denoising"}
+# The --help text: plain words (the module docstring is reStructuredText for the docs).
+DESCRIPTION = ("A complete model on mmfast kernels against what users would otherwise run "
+               "(transformers for vlm, diffusers for ldm), side by side on this machine. "
+               "vlm --model picks Qwen2.5-VL (the default), LLaVA or BLIP-2.")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mmfast profile", description=__doc__.split("\n\n")[0])
+    top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
                                 ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
@@ -65,14 +77,26 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
                        f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
-        p.add_argument("--repeats", type=_positive, help="timed runs per measurement (median; default 5 GPU, 2 CPU)")
+        p.add_argument("--repeats", type=_positive, metavar="N", help="exactly N timed rounds (default: from "
+                       "--min-repeats to --max-repeats, until every figure's interquartile range is within 5%% "
+                       "(GPU: 2%%) of its median or --time-budget is spent)")
+        p.add_argument("--min-repeats", type=_positive, metavar="N",
+                       help="at least N timed rounds (default 5 GPU, 6 CPU)")
+        p.add_argument("--max-repeats", type=_positive, metavar="N",
+                       help="at most N timed rounds (default 50 GPU, 40 CPU)")
+        p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS",
+                       help="stop timing after this long, once --min-repeats ran (default 60 GPU, 20 CPU)")
+        p.add_argument("--warmup", type=_non_negative, metavar="N", help="untimed rounds first (default 2 GPU, 1 CPU)")
         p.add_argument("--backend", help="force this mmfast backend on the mmfast side (e.g. torch, triton)")
         p.add_argument("--compile-reference", action=argparse.BooleanOptionalAction,
                        help="also run the reference with torch.compile (default: on a GPU; a CPU compile takes minutes)")
         p.add_argument("--top", type=_positive, default=12, help="ops per side in the breakdown (default 12)")
         p.add_argument("--trace", metavar="OUT.json", help="write the mmfast run's Chrome trace here "
                        "(the reference's next to it, as OUT.reference.json)")
-        p.add_argument("--out", metavar="DIR", default="mmfast-profile", help="where the JSON and PNG go")
+        p.add_argument("--out", metavar="DIR", default="mmfast-profile", help="where the JSON and PNG go "
+                       f"(default ./mmfast-profile), named profile_{kind}{'_MODEL' if kind == 'vlm' else ''}_PRESET")
+        p.add_argument("--force", action="store_true", help="build a preset even when its memory estimate "
+                       "exceeds what this machine has free")
     return top
 
 
@@ -81,6 +105,43 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
+def _plan(args, on_gpu: bool) -> measure.Plan:
+    """The measuring plan from --repeats/--min-repeats/--max-repeats/--time-budget/--warmup
+    and the device's defaults; a bound given alone moves the other default to meet it."""
+    pick = 0 if on_gpu else 1
+    given = {name: getattr(args, name, None) for name in MEASURE_DEFAULTS}
+    if getattr(args, "repeats", None) is not None:
+        clash = [f"--{name.replace('_', '-')}" for name in ("min_repeats", "max_repeats") if given[name] is not None]
+        if clash:
+            raise ValueError(f"--repeats: gives the exact number of timed rounds; leave out {' and '.join(clash)}")
+        given["min_repeats"] = given["max_repeats"] = args.repeats
+    low, high = given["min_repeats"], given["max_repeats"]
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"--min-repeats: {low} is more than --max-repeats {high}")
+    values = {name: MEASURE_DEFAULTS[name][pick] if value is None else value for name, value in given.items()}
+    if high is not None:
+        values["min_repeats"] = min(values["min_repeats"], high)
+    if low is not None:
+        values["max_repeats"] = max(values["max_repeats"], low)
+    return measure.Plan(warmup=values["warmup"], min_repeats=values["min_repeats"],
+                        max_repeats=values["max_repeats"], budget_s=values["time_budget"],
+                        target_spread=values["target_spread"])
 
 
 def _fill_defaults(args, on_gpu: bool) -> None:
@@ -94,6 +155,12 @@ def _fill_defaults(args, on_gpu: bool) -> None:
 
 
 def _validate(args, on_gpu: bool) -> None:
+    preflight.check_libraries(args.kind)
+    # Where results go, checked now rather than after minutes of measuring.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out: {args.out} is a file, not a directory")
+    if args.trace is not None and os.path.isdir(args.trace):
+        raise ValueError(f"--trace: {args.trace} is a directory; give a file name such as trace.json")
     if getattr(args, "cuda_graph", False) and not on_gpu:
         raise ValueError("--cuda-graph: needs a CUDA device, and this machine has none")
     if args.checkpoint is not None:
@@ -101,12 +168,21 @@ def _validate(args, on_gpu: bool) -> None:
             raise ValueError(f"--checkpoint: {args.checkpoint} is not a directory")
         (vlm if args.kind == "vlm" else ldm).check_checkpoint(args.checkpoint)
     if args.backend is not None:
-        import mmfast  # noqa: F401  (registers the op families)
+        import mmfast.ops  # noqa: F401  (registers the op families)
         from mmfast.dispatch import op_families
 
         known = sorted({name for family in op_families().values() for name in family.backends})
         if args.backend not in known:
             raise ValueError(f"--backend: no op family has a backend {args.backend!r} (known: {', '.join(known)})")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux) or architecture, and the threads torch uses on it."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def _trace_paths(trace: str | None):
@@ -150,66 +226,72 @@ def run(args, log=print) -> dict:
     if args.preset is not None and args.checkpoint is not None:
         raise ValueError("--preset/--checkpoint: give one or the other (a checkpoint brings its own config)")
     _validate(args, on_gpu)
+    plan = _plan(args, on_gpu)
     _fill_defaults(args, on_gpu)
     dtype = DTYPES[args.dtype]
-    device_name = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine())
+    if args.backend is not None:
+        preflight.check_backend(args.backend, device, dtype, log)
+    estimate = preflight.check_model(args, device, dtype, args.force, log)
+    device_name = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
     if not on_gpu:
-        log("=" * 78 + "\n  NO GPU: these are CPU numbers of a small model, NOT GPU numbers.\n"
+        subject = "a small model" if args.preset in SMALL_PRESETS else args.checkpoint or f"preset {args.preset}"
+        log("=" * 78 + f"\n  NO GPU: these are CPU numbers of {subject}, NOT GPU numbers.\n"
             "  They show that the profile runs, not how fast mmfast is.\n" + "=" * 78)
 
     compile_backend = COMPILE_BACKEND if args.compile_reference else None
     what = f"{args.kind}{' ' + args.model if args.kind == 'vlm' else ''}"
     log(f"building {what} ({args.checkpoint or 'preset ' + args.preset}) on {device}, {args.dtype} ...")
     if args.kind == "vlm":
-        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = vlm.build(vlm.MODELS[args.model], args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.phases)
         batch_inputs = vlm.inputs(args.model, ours, args.batch, args.resolution, args.text_tokens, device, dtype)
         args.resolution = batch_inputs.pixels
         prompt_tokens = batch_inputs.input_ids.shape[1]
         sides = vlm.sides(ours, reference, batch_inputs, compile_backend, args.cuda_graph)
-        short, long = 1, args.new_tokens
+        one_call = args.new_tokens  # what side.generate takes
         weights = (_weights_bytes(ours), _weights_bytes(reference))
     else:
-        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype)
+        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
+                                                 estimate and estimate.phases)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                           compile_backend)
-        short, long = "latent", "pt"
+        one_call = "pt"
         weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
 
     traces = _trace_paths(args.trace)
     ran: set = set()
+    side_scope = functools.partial(_side_scope, ran=ran, backend=args.backend)
+    if args.kind == "vlm":
+        samplers = [vlm.sampler(side, args.new_tokens, device) for side in sides]
+    else:
+        samplers = [ldm.sampler(side, device) for side in sides]
+    bar = tqdm(total=plan.warmup + plan.max_repeats + len(sides), desc=f"profile {args.kind}", unit="round",
+               leave=False)
+    scoped = [_within(functools.partial(side_scope, index), sample) for index, sample in enumerate(samplers)]
+    measured = measure.interleaved(scoped, plan, progress=bar)
+    columns = report.COLUMNS[args.kind]
     results_sides = []
-    bar = tqdm(total=len(sides) * (3 + 2 * args.repeats), desc=f"profile {args.kind}", unit="run", leave=False)
-    for index, side in enumerate(sides):
-        bar.set_postfix_str(side.name)
-        mmfast_side = index == 0
-        with contextlib.ExitStack() as stack:
-            if mmfast_side:
-                stack.enter_context(measure.record_backends(ran))
-                if args.backend is not None:
-                    stack.enter_context(mmfast.set_backend(args.backend))
-            side.generate(short), side.generate(long)  # warm-up: compilation, autotuning, caches
-            bar.update(2)
-            memory: dict = {}
-            with measure.peak_memory(device, memory, weights[min(index, 1)]):  # a compiled side shares weights
-                first = measure.time_runs(lambda: side.generate(short), device, args.repeats, bar)
-                full = measure.time_runs(lambda: side.generate(long), device, args.repeats, bar)
-            trace = traces[index] if index < len(traces) else None
-            ops = measure.op_breakdown(lambda: side.generate(long), device, args.top, trace)
-            bar.update(1)
+    for index, (side, samples) in enumerate(zip(sides, measured.samples)):
+        one_run = functools.partial(side.generate, one_call)
+        with side_scope(index):
+            peak = measure.peak_memory_gib(one_run, device, weights[min(index, 1)])  # a compiled side shares weights
+            ops = measure.op_breakdown(one_run, device, args.top, traces[index] if index < len(traces) else None)
+        bar.update(1)
         if args.kind == "vlm":
-            metrics = vlm.metrics(args.batch, prompt_tokens, args.new_tokens, first, full)
+            metrics = vlm.metrics(args.batch, prompt_tokens, args.new_tokens, samples)
         else:
-            metrics = ldm.metrics(args.batch, args.steps, first, full)
-        metrics.update(memory)
+            metrics = ldm.metrics(args.batch, args.steps, samples)
+        metrics["peak_memory_gib"] = None if peak is None else figure([peak])
         results_sides.append({"name": side.name, "metrics": metrics, "ops": ops})
     bar.close()
 
-    basis = "generate_s" if args.kind == "vlm" else "end_to_end_s"
+    basis = columns[0].key  # the headline
     ours_metrics = results_sides[0]["metrics"]
-    for side in results_sides[1:]:  # how much faster mmfast is than this side, per timed quantity
-        side["mmfast_speedup"] = {key: side["metrics"][key] / ours_metrics[key]
-                                  for key in SPEEDUP_KEYS if key in ours_metrics}
+    for side in results_sides[1:]:  # how many times better mmfast is than this side, per compared figure
+        side["mmfast_speedup"] = {column.key: compare(ours_metrics[column.key], side["metrics"][column.key],
+                                                      column.lower_is_better)
+                                  for column in columns if column.compared}
     speedups = results_sides[1]["mmfast_speedup"]  # over the eager reference
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
@@ -222,7 +304,12 @@ def run(args, log=print) -> dict:
     return {
         "kind": args.kind, "model": description, "preset": args.preset, "checkpoint": args.checkpoint,
         "device": str(device), "device_name": device_name, "gpu_numbers": on_gpu, "dtype": args.dtype,
-        "batch": args.batch, "resolution": args.resolution, "repeats": args.repeats,
+        "batch": args.batch, "resolution": args.resolution,
+        "measurement": {"warmup": plan.warmup, "min_repeats": plan.min_repeats, "max_repeats": plan.max_repeats,
+                        "time_budget_s": plan.budget_s, "target_spread": plan.target_spread,
+                        "rounds": measured.rounds, "stopped": measured.stopped, "seconds": measured.seconds,
+                        "order": "interleaved: each round runs every side once, in the order of sides",
+                        "spread": "q1..q3 (interquartile range) and min..max of the samples"},
         **({"vlm_model": args.model, "new_tokens": args.new_tokens, "text_tokens": args.text_tokens,
             "prompt_tokens": prompt_tokens, "cuda_graph": args.cuda_graph}
            if args.kind == "vlm"
@@ -232,6 +319,28 @@ def run(args, log=print) -> dict:
         "speedups": speedups, "compile_reference": compile_backend is not None, "notes": notes,
         "versions": {"torch": torch.__version__, "mmfast": mmfast.__version__, **_library_versions()},
     }
+
+
+@contextlib.contextmanager
+def _side_scope(index: int, ran: set, backend: str | None):
+    """Around every call of a side: on mmfast's (the first), record the backends that run
+    and apply --backend."""
+    with contextlib.ExitStack() as stack:
+        if index == 0:
+            import mmfast
+
+            stack.enter_context(measure.record_backends(ran))
+            if backend is not None:
+                stack.enter_context(mmfast.set_backend(backend))
+        yield
+
+
+def _within(scope, sample):
+    """``sample`` run inside a fresh ``scope()`` context each time."""
+    def run_in_scope():
+        with scope():
+            return sample()
+    return run_in_scope
 
 
 def _library_versions() -> dict:
@@ -259,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
           f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
+    print(report.measurement(results))
     print(report.table(results))
-    print(f"mmfast speedup: {results['speedup_basis']}")
     print(report.speedups(results))
     for note in results["notes"]:
         print(note)

@@ -5,8 +5,9 @@ original diffusers UNet / SD3 transformer and VAE; mmfast's are rebuilt with mmf
 and loaded from their state dicts). Text encoders are the same modules on both sides.
 
 Both sides take the same prompt embeddings (text encoding is the identical transformers
-text models on both sides, so it is left out); denoising (it/s) is timed with latent
-output, end to end with the VAE decode.
+text models on both sides, so it is left out). One call per sample gives both figures: end
+to end is the whole call, denoising (it/s) the part before the VAE's decoder starts (a
+one-shot pre-hook on each side's ``vae.decoder`` stamps it), so denoising <= end to end.
 
 Presets (random weights): ``tiny`` (a CPU runs it in well under a second) and ``sd15``,
 the Stable Diffusion 1.5 component configs (UNet, VAE, CLIP ViT-L/14 text encoder) with
@@ -20,12 +21,15 @@ is for SD1.5; SD3 is reported the same way.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfast.profile.measure import building_on
+from mmfast.profile import build_progress
+from mmfast.profile.measure import building_on, on_first_call, timed
+from mmfast.profile.stats import figure
 
 PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
@@ -36,10 +40,12 @@ _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
 @dataclass
 class Side:
     name: str
-    generate: Callable[[str], object]  # output type ("latent" or "pt") -> output
+    # (output type "latent" or "pt", decode_start) -> output; decode_start(), when given, is
+    # called once, as the VAE's decoder starts
+    generate: Callable[..., object]
 
 
-def _components(preset: str) -> dict:
+def _components(preset: str, scheduler: bool = True) -> dict:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -51,8 +57,10 @@ def _components(preset: str) -> dict:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                             layers_per_block=1, norm_num_groups=2, sample_size=16)
+        # CLIP's bos/eos are the vocabulary's last two ids (49406, 49407 of 49408): here of 100.
         text = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=8)
+                              num_attention_heads=4, max_position_embeddings=8, bos_token_id=98, eos_token_id=99,
+                              pad_token_id=1)
     else:  # the configs of stable-diffusion-v1-5's unet/, vae/ and text_encoder/
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
@@ -62,11 +70,25 @@ def _components(preset: str) -> dict:
                               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                               projection_dim=768)
     return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text),
-            "scheduler": EulerDiscreteScheduler(**_SCHEDULE)}
+            "scheduler": EulerDiscreteScheduler(**_SCHEDULE) if scheduler else None}
 
 
-def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype):
-    """(mmfast LatentDiffusionModel or StableDiffusion3Model, the diffusers pipeline, description)."""
+def preset_modules(preset: str) -> dict:
+    """The modules of a preset's pipeline with random weights (diffusers and transformers
+    modules; SD3 presets without T5-XXL), without its scheduler: build them on the meta
+    device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
+    if preset.startswith("sd3"):
+        from mmfast.models.sd3_presets import sd3_components
+
+        return {name: part for name, part in sd3_components(preset, text_encoder_3=False).items()
+                if isinstance(part, torch.nn.Module)}
+    return {name: part for name, part in _components(preset, scheduler=False).items() if part is not None}
+
+
+def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torch.dtype,
+          phases: dict[str, int] | None = None):
+    """(mmfast LatentDiffusionModel or StableDiffusion3Model, the diffusers pipeline, description).
+    ``phases``: the estimate's parameters per build phase; a large model shows a progress bar."""
     import copy
 
     from diffusers import StableDiffusionPipeline
@@ -85,26 +107,44 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
                 image_encoder=None, requires_safety_checker=False, local_files_only=True)
         description = f"checkpoint {checkpoint}"
     elif preset.startswith("sd3"):
-        with building_on(device, dtype):
-            ours, pipe = _sd3_preset(preset)
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
+            ours, pipe = _sd3_preset(preset, progress)
         description = f"preset {preset} (random weights, without T5-XXL)"
     else:
         torch.manual_seed(0)
-        with building_on(device, dtype):
+        with building_on(device, dtype), build_progress.building(phases, preset) as progress:
+            progress.phase("diffusers components")
             parts = _components(preset)
             pipe = StableDiffusionPipeline(**parts, tokenizer=None, safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)
+            progress.phase("mmfast denoiser")
             unet = unet2d_condition_model(parts["unet"].config)
             unet.load_state_dict(parts["unet"].state_dict())
+            progress.phase("mmfast VAE")
             # The model swaps its VAE's blocks in place: it gets a copy, the pipeline keeps diffusers' own.
             ours = LatentDiffusionModel(parts["text_encoder"], unet, copy.deepcopy(parts["vae"]),
                                         copy.deepcopy(parts["scheduler"]))
         description = f"preset {preset} (random weights)"
     pipe.set_progress_bar_config(disable=True)
-    return ours.to(device, dtype).eval(), pipe.to(device, dtype), description
+    for module in [ours, *pipe.components.values()]:
+        if isinstance(module, torch.nn.Module):
+            _to(module, device, dtype)
+    return ours.eval(), pipe, description
 
 
-def _sd3_preset(preset: str):
+def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)`` as diffusers' ``from_pretrained(torch_dtype=...)``
+    casts: the submodules its class lists in ``_keep_in_fp32_modules`` stay float32.
+    ``ModelMixin.to`` with a dtype is not called: it warns on every cast, even when the
+    class keeps nothing in float32 (diffusers 0.42, modeling_utils.py)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    torch.nn.Module.to(module, device, dtype)
+    for name, sub in module.named_modules():
+        if keep and any(part in keep for part in name.split(".")):
+            torch.nn.Module.to(sub, torch.float32)
+
+
+def _sd3_preset(preset: str, progress):
     import copy
 
     from diffusers import StableDiffusion3Pipeline
@@ -114,10 +154,13 @@ def _sd3_preset(preset: str):
     from mmfast.nn import sd3_transformer_model
 
     torch.manual_seed(0)
+    progress.phase("diffusers components")
     parts = sd3_components(preset, text_encoder_3=False)
     pipe = StableDiffusion3Pipeline(**parts, tokenizer=None, tokenizer_2=None, tokenizer_3=None)
+    progress.phase("mmfast denoiser")
     transformer = sd3_transformer_model(parts["transformer"].config)
     transformer.load_state_dict(parts["transformer"].state_dict())
+    progress.phase("mmfast VAE")
     ours = StableDiffusion3Model(transformer, copy.deepcopy(parts["vae"]), copy.deepcopy(parts["scheduler"]),
                                  parts["text_encoder"], parts["text_encoder_2"])
     return ours, pipe
@@ -172,15 +215,17 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
     prompt = {name: torch.randn(shape, generator=g).to(ours.device, ours.dtype) for name, shape in shapes.items()}
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution, **prompt)
 
-    def run_ours(output_type):
-        return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
-                             generator=torch.Generator(ours.device).manual_seed(1), **common)
+    def run_ours(output_type, decode_start=None):
+        with on_first_call(ours.vae.decoder, decode_start, before=True):
+            return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
+                                 generator=torch.Generator(ours.device).manual_seed(1), **common)
 
     def runner(pipeline):
         @torch.no_grad()
-        def run_pipe(output_type):
-            return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
-                            **common).images
+        def run_pipe(output_type, decode_start=None):
+            with on_first_call(pipeline.vae.decoder, decode_start, before=True):
+                return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
+                                **common).images
         return run_pipe
 
     name = f"diffusers {type(pipe).__name__}"
@@ -201,9 +246,24 @@ def reference_note(pipe) -> str:
             "both sides take the same prompt embeddings (text encoding not timed)")
 
 
-def metrics(batch: int, steps: int, latent_s: float, image_s: float) -> dict:
-    return {"it_per_s": steps / latent_s, "denoise_s": latent_s, "s_per_image": image_s / batch,
-            "end_to_end_s": image_s}
+def sampler(side: Side, device: torch.device, clock=time.perf_counter) -> Callable[[], dict[str, float]]:
+    """One timed sample of ``side``: {"denoise_s", "end_to_end_s"} of one call with the
+    decoded image (denoising: until the VAE's decoder starts)."""
+
+    def sample() -> dict[str, float]:
+        times = timed(lambda mark: side.generate("pt", lambda: mark("decode_start")), device, clock)
+        if "decode_start" not in times:
+            raise RuntimeError(f"{side.name}: the call returned without running the VAE's decoder")
+        return {"denoise_s": times["decode_start"], "end_to_end_s": times["total"]}
+    return sample
+
+
+def metrics(batch: int, steps: int, samples: dict[str, list[float]]) -> dict:
+    """Figures (:func:`mmfast.profile.stats.figure`) from one side's samples."""
+    latent, image = samples["denoise_s"], samples["end_to_end_s"]
+    return {"end_to_end_s": figure(image), "denoise_s": figure(latent),
+            "it_per_s": figure([steps / seconds for seconds in latent]),
+            "s_per_image": figure([seconds / batch for seconds in image])}
 
 
 def check_checkpoint(path: str | None) -> None:

@@ -3,9 +3,13 @@ BLIP-2; :mod:`mmfast.profile.vlm_models`) and the transformers class it replaces
 attention) with the same config and weights, greedy generation over a batch of
 one-image prompts.
 
-Time to first token is one ``generate`` call with a single new token (vision tower +
-prefill + first token); decode tokens/s comes from the extra time of a call with
-``new_tokens`` tokens. End-of-sequence is disabled so both sides produce every token.
+Time to first token and generate time come from the same ``generate`` call of
+``new_tokens`` tokens: the call is timed whole, and the moment the logits of the first new
+token exist (vision tower + prefill + lm_head) is stamped inside it (on mmfast's side by
+a one-shot hook on its lm_head, on transformers' by a logits processor, which runs outside
+a compiled forward), so time to first token <= generate holds by construction; decode
+tokens/s is from the rest of that call. End-of-sequence is disabled so both sides produce
+every token.
 
 With ``compile_reference`` a third side runs transformers' model with its ``forward``
 under ``torch.compile`` (dynamic shapes, so the growing cache does not recompile every
@@ -16,11 +20,14 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from mmfast.profile import measure
+from mmfast.profile.stats import figure
 from mmfast.profile.vlm_models import MODELS, Batch, build  # noqa: F401  (build: the workload's entry)
 
 DEFAULT_MODEL = "qwen2.5-vl"
@@ -30,7 +37,9 @@ PRESETS = tuple(dict.fromkeys(preset for spec in MODELS.values() for preset in s
 @dataclass
 class Side:
     name: str
-    generate: Callable[[int], object]  # new tokens -> output
+    # (new tokens, first_token) -> output; first_token(), when given, is called once, as soon
+    # as the logits of the first new token exist
+    generate: Callable[..., object]
 
 
 def model_of_checkpoint(path: str) -> str:
@@ -87,15 +96,20 @@ def compiled(reference, backend: str):
 def sides(ours, reference, batch: Batch, compile_backend: str | None = None, cuda_graph: bool = False) -> list[Side]:
     """mmfast and transformers (sdpa), and with ``compile_backend`` transformers under
     torch.compile with that backend."""
+    lm_head = _lm_head(ours)
 
-    def run_ours(new_tokens):
-        return ours.generate(**batch.ours, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
+    def run_ours(new_tokens, first_token=None):
+        with measure.on_first_call(lm_head, first_token):
+            return ours.generate(**batch.ours, max_new_tokens=new_tokens, eos_token_id=[], cuda_graph=cuda_graph)
 
     def runner(model):
         @torch.no_grad()
-        def run_reference(new_tokens):
+        def run_reference(new_tokens, first_token=None):
+            from transformers import LogitsProcessorList
+
+            stamp = LogitsProcessorList([_FirstLogits(first_token)] if first_token is not None else [])
             return model.generate(**batch.reference, do_sample=False, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens)
+                                  min_new_tokens=new_tokens, logits_processor=stamp)
         return run_reference
 
     listed = [Side("mmfast", run_ours), Side("transformers (sdpa)", runner(reference))]
@@ -104,19 +118,56 @@ def sides(ours, reference, batch: Batch, compile_backend: str | None = None, cud
     return listed
 
 
+def _lm_head(model) -> torch.nn.Module:
+    heads = [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "lm_head"]
+    if len(heads) != 1:
+        raise TypeError(f"model: expected one module named lm_head in {type(model).__name__}, found {len(heads)}")
+    return heads[0]
+
+
+class _FirstLogits:
+    """A transformers logits processor that changes nothing and calls ``callback`` once,
+    when the first new token's logits reach it."""
+
+    def __init__(self, callback: Callable[[], None]):
+        self.callback, self.fired = callback, False
+
+    def __call__(self, input_ids, scores):
+        if not self.fired:
+            self.fired = True
+            self.callback()
+        return scores
+
+
+def sampler(side: Side, new_tokens: int, device: torch.device,
+            clock=time.perf_counter) -> Callable[[], dict[str, float]]:
+    """One timed sample of ``side``: {"time_to_first_token_s", "generate_s"} of one call."""
+
+    def sample() -> dict[str, float]:
+        times = measure.timed(lambda mark: side.generate(new_tokens, lambda: mark("first_token")), device, clock)
+        if "first_token" not in times:
+            raise RuntimeError(f"{side.name}: generate returned without producing a first token")
+        return {"time_to_first_token_s": times["first_token"], "generate_s": times["total"]}
+    return sample
+
+
 def reference_note(model_name: str) -> str:
     return (f"reference: transformers {MODELS[model_name].architecture} (attn_implementation='sdpa'), "
             "same config and weights")
 
 
-def metrics(batch: int, prompt_tokens: int, new_tokens: int, first_s: float, full_s: float) -> dict:
-    decode_s = full_s - first_s
+def metrics(batch: int, prompt_tokens: int, new_tokens: int, samples: dict[str, list[float]]) -> dict:
+    """Figures (:func:`mmfast.profile.stats.figure`) from one side's samples, each derived
+    sample from one call: images/s and prefill tokens/s from its time to first token, decode
+    tokens/s from the rest of the call (none with a single new token)."""
+    first, full = samples["time_to_first_token_s"], samples["generate_s"]
+    decode = [batch * (new_tokens - 1) / (g - f) if new_tokens > 1 and g > f else None for f, g in zip(first, full)]
     return {
-        "images_per_s": batch / first_s,
-        "prefill_tokens_per_s": batch * prompt_tokens / first_s,
-        "time_to_first_token_s": first_s,
-        "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else None,
-        "generate_s": full_s,
+        "generate_s": figure(full),
+        "time_to_first_token_s": figure(first),
+        "decode_tokens_per_s": figure(decode),
+        "prefill_tokens_per_s": figure([batch * prompt_tokens / f for f in first]),
+        "images_per_s": figure([batch / f for f in first]),
     }
 
 

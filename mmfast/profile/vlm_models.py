@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
+from mmfast.profile import build_progress
 from mmfast.profile.measure import building_on
-
 
 
 @dataclass
@@ -39,17 +39,21 @@ class VisionLanguageModel:
 
 
 def build(spec: VisionLanguageModel, preset: str | None, checkpoint: str | None, device: torch.device,
-          dtype: torch.dtype):
-    """(mmfast model, transformers model, description) with equal weights."""
+          dtype: torch.dtype, phases: dict[str, int] | None = None):
+    """(mmfast model, transformers model, description) with equal weights. ``phases``:
+    the estimate's parameters per build phase; a large model shows a progress bar."""
     import transformers
 
     torch.manual_seed(0)
-    with building_on(device, dtype):
+    with building_on(device, dtype), build_progress.building(phases, spec.name) as progress:
+        progress.phase("mmfast model")
         ours = spec.build_ours(preset, checkpoint, dtype, device)
         config = spec.reference_config(ours)
         config._attn_implementation = "sdpa"
+        progress.phase("transformers model")
         reference = getattr(transformers, spec.architecture)(config).to(dtype)
-    reference.load_state_dict(ours.state_dict())
+        progress.phase("copying weights")
+        reference.load_state_dict(ours.state_dict())
     if spec.name == "blip2":  # the Q-Former in float32 on both sides, as Hugging Face's from_pretrained keeps it
         for model in (ours, reference):
             model.qformer.float()

@@ -133,11 +133,49 @@ def test_a_damaged_line_is_skipped_with_a_warning(tmp_path, capsys):
 def test_smoke_run_of_the_norm_suite(capsys):
     assert mmfast.bench.main(["norm", "--quick", "--no-save", *GPU_SUBSET]) == 0
     out = capsys.readouterr().out
-    assert "measured peaks:" in out and "torch-eager" in out
-    if not HAS_CUDA:
+    assert "torch-eager" in out
+    if HAS_CUDA:
+        assert "measured peaks:" in out and "of peak" in out
+    else:
         assert "NOT GPU numbers" in out
         assert "mmfast-triton" in out  # skipped with its reason, or run under the interpreter
         assert "FAILED" not in out
+        # No peak is measured on a CPU, so no fraction of one is shown (it went over 100%).
+        assert "measured peaks:" not in out and "of peak: not reported on a CPU" in out
+        header = next(line for line in out.splitlines() if line.startswith("case "))
+        assert "of peak" not in header
+        # mmfast-cuda cannot run here: the run says how much of mmfast it measured.
+        assert re.search(r"^mmfast: measured \d+ of \d+ runs of its providers; skipped \d+ \(.*cuda", out, re.M) \
+            or "measured nothing of mmfast" in out
+
+
+def test_a_cpu_run_without_the_interpreter_says_it_measured_nothing_of_mmfast(monkeypatch, capsys):
+    if HAS_CUDA:
+        pytest.skip("Triton runs compiled on a GPU")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert mmfast.bench.main(["norm", "--quick", "--no-save"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "of mmfast" in line]
+    assert len(lines) == 1 and lines[0].startswith("measured nothing of mmfast: all 16 runs of its providers")
+    assert "TRITON_INTERPRET=1" in lines[0]
+
+
+def test_mmfast_summary():
+    from mmfast.bench.cli import mmfast_summary
+
+    assert mmfast_summary({"measured": 3, "skipped": {}}) is None
+    assert mmfast_summary({"measured": 2, "skipped": {"no GPU": 2}}) == (
+        "mmfast: measured 2 of 4 runs of its providers; skipped 2 (no GPU)")
+    line = mmfast_summary({"measured": 0, "skipped": {"no GPU": 2, "not built": 1}})
+    assert line.startswith("measured nothing of mmfast: all 3 runs of its providers were skipped (no GPU; not built)")
+
+
+def test_table_shows_of_peak_only_where_a_peak_was_measured():
+    suite = suites.get("norm")
+    measured = _row("rms-a", "torch-eager", 1.0, "r1")
+    assert "of peak" in table.format_table(suite, [measured]).splitlines()[0]
+    unmeasured = {**measured, "frac_of_peak": None}
+    text = table.format_table(suite, [unmeasured], is_gpu=False)
+    assert "of peak" not in text.splitlines()[0] and "%" not in text
 
 
 def test_save_compare_and_plot(tmp_path, capsys):
@@ -149,7 +187,10 @@ def test_save_compare_and_plot(tmp_path, capsys):
     assert all(r["ms_p20"] <= r["ms"] <= r["ms_p80"] and r["gbps"] > 0 for r in rows)
     assert all(r["smoke"] is (not HAS_CUDA) for r in rows)
     peaks = results_io.load_rows(tmp_path, results_io.PEAKS)
-    assert len(peaks) == 2 and peaks[0]["tflops"] > 0 and peaks[1]["gbps"] > 0
+    if HAS_CUDA:
+        assert len(peaks) == 2 and peaks[0]["tflops"] > 0 and peaks[1]["gbps"] > 0
+    else:
+        assert peaks == [] and all(r["frac_of_peak"] is None for r in rows)  # no peak measured on a CPU
     capsys.readouterr()
 
     pytest.importorskip("matplotlib")

@@ -102,6 +102,6 @@ def test_profile_ldm_takes_the_sd35_presets(tmp_path, monkeypatch):
     monkeypatch.setitem(SD3_PRESETS, "sd35-medium", shrunk)
     assert main(["profile", "ldm", "--preset", "sd35-medium", "--steps", "1", "--out", str(tmp_path), "--repeats",
                  "1", "--backend", "torch", "--dtype", "float32", "--top", "5"]) == 0
-    data = json.loads((tmp_path / "profile_ldm.json").read_text())
+    data = json.loads((tmp_path / "profile_ldm_sd35-medium.json").read_text())
     assert data["preset"] == "sd35-medium" and data["sides"][1]["name"] == "diffusers StableDiffusion3Pipeline"
     assert {"transformer_blocks.0", "transformer_blocks.1"} <= set(swapped)  # block 0: dual attention
