@@ -31,6 +31,13 @@ def ada_layer_norm_zero_forward(self, x, timestep=None, class_labels=None, hidde
     return adaln_modulate(x, shift_msa, scale_msa, self.norm.eps), gate_msa, shift_mlp, scale_mlp, gate_mlp
 
 
+def ada_layer_norm_zero_single_forward(self, x, emb=None):
+    """diffusers AdaLayerNormZeroSingle.forward (FLUX.1's single-stream blocks): returns
+    (modulated x, gate)."""
+    shift, scale, gate = self.linear(F.silu(emb)).chunk(3, dim=1)
+    return adaln_modulate(x, shift, scale, self.norm.eps), gate
+
+
 def sd35_ada_layer_norm_zero_x_forward(self, hidden_states, emb=None):
     """diffusers SD35AdaLayerNormZeroX.forward (SD3.5's dual-attention blocks): nine vectors;
     the same LayerNorm of x modulated twice, for the joint attention and for ``attn2``.

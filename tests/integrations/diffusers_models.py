@@ -60,3 +60,66 @@ def dit_inputs(batch=2):
     return {"hidden_states": torch.randn(batch, 4, 8, 8, generator=gen),
             "timestep": torch.tensor([3, 700][:batch]),
             "class_labels": torch.tensor([1, 7][:batch])}
+
+
+# FLUX: 3-axis (FLUX.1) / 4-axis (FLUX.2) rotary tables whose axes sum to HEAD_DIM.
+FLUX_AXES = (8, 12, 12)
+FLUX2_AXES = (8, 8, 8, 8)
+
+
+def tiny_flux(guidance_embeds=True, axes_dims_rope=FLUX_AXES):
+    """FLUX.1-dev-like (guidance_embeds=True; schnell: False): one double-stream and two
+    single-stream blocks, 16 input channels (a 4-channel VAE latent packed 2x2)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=HEAD_DIM,
+        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+        axes_dims_rope=axes_dims_rope,
+    ).eval()
+
+
+def _image_ids(height, width, axes):
+    """[h * w, axes] ids as the FLUX pipelines make them: (0, row, col[, 0])."""
+    ids = torch.zeros(height, width, axes)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, axes)
+
+
+def flux_inputs(batch=2, text_tokens=7, guidance=True, height=3, width=4):
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(batch, height * width, 16, generator=gen),
+              "encoder_hidden_states": torch.randn(batch, text_tokens, 24, generator=gen),
+              "pooled_projections": torch.randn(batch, 16, generator=gen),
+              "timestep": torch.tensor([0.3, 0.9][:batch]),
+              "img_ids": _image_ids(height, width, 3), "txt_ids": torch.zeros(text_tokens, 3)}
+    if guidance:
+        inputs["guidance"] = torch.tensor([3.5, 2.0][:batch])
+    return inputs
+
+
+def tiny_flux2(guidance_embeds=True, axes_dims_rope=FLUX2_AXES):
+    """FLUX.2-like: no biases, one double-stream and two single-stream blocks."""
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=HEAD_DIM,
+        num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32, mlp_ratio=3.0,
+        axes_dims_rope=axes_dims_rope, guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def flux2_inputs(batch=2, text_tokens=7, guidance=True, height=3, width=4):
+    gen = torch.Generator().manual_seed(1)
+    text_ids = torch.zeros(text_tokens, 4)
+    text_ids[:, 3] = torch.arange(text_tokens)  # FLUX.2 numbers text tokens on its 4th axis
+    inputs = {"hidden_states": torch.randn(batch, height * width, 16, generator=gen),
+              "encoder_hidden_states": torch.randn(batch, text_tokens, 24, generator=gen),
+              "timestep": torch.tensor([0.3, 0.9][:batch]),
+              "img_ids": _image_ids(height, width, 4), "txt_ids": text_ids}
+    if guidance:
+        inputs["guidance"] = torch.tensor([3.5, 2.0][:batch])
+    return inputs

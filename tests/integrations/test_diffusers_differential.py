@@ -2,7 +2,8 @@
 models: gradients, load_state_dict(assign=True), a meta-device build then to_empty,
 copy.deepcopy, and dtype moves after patching, for every diffusers model family
 mmfast.patch supports (UNet2DConditionModel, AutoencoderKL, SD3Transformer2DModel,
-DiTTransformer2DModel); forward alone is in test_diffusers_families.py. Tiny random
+DiTTransformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel); forward alone is
+in test_diffusers_families.py and test_diffusers_flux.py. Tiny random
 models, mmfast's torch backends (see _torch_backends)."""
 
 import copy
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 import mmfast
-from tests.integrations.diffusers_models import (dit_inputs, sd3_inputs, tiny_dit, tiny_sd3, tiny_unet,
-                                                 unet_inputs)
+from tests.integrations.diffusers_models import (dit_inputs, flux2_inputs, flux_inputs, sd3_inputs, tiny_dit,
+                                                 tiny_flux, tiny_flux2, tiny_sd3, tiny_unet, unet_inputs)
 
 pytest.importorskip("diffusers")
 
@@ -35,6 +36,8 @@ FAMILIES = {
     "autoencoder-kl": (tiny_vae, vae_inputs),
     "sd3-transformer": (tiny_sd3, sd3_inputs),
     "dit-transformer": (tiny_dit, dit_inputs),
+    "flux-transformer": (tiny_flux, flux_inputs),
+    "flux2-transformer": (tiny_flux2, flux2_inputs),
 }
 # fp32 everywhere: patched and unpatched differ by summation order only.
 TOL = dict(rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from mmfast.integrations.diffusers.attention_processors import patch_attention
-from mmfast.nn import adaptive_norm, dit, feed_forward, resnet, spatial_attention, transformer_2d
+from mmfast.nn import adaptive_norm, dit, feed_forward, flux_blocks, resnet, spatial_attention, transformer_2d
 from mmfast.ops.group_norm import group_norm
 from mmfast.ops.norm import rms_norm
 
@@ -70,6 +70,39 @@ def patch_ada_layer_norm_zero(module, handle, name: str) -> None:
         handle.set_forward(module, adaptive_norm.ada_layer_norm_zero_forward, "adaln_modulate", name)
 
 
+def patch_ada_layer_norm_zero_single(module, handle, name: str) -> None:
+    if adaptive_norm.modulation_fusable(module):
+        handle.set_forward(module, adaptive_norm.ada_layer_norm_zero_single_forward, "adaln_modulate", name)
+
+
+def patch_flux_block(module, handle, name: str) -> None:
+    if flux_blocks.flux_block_fusable(module):
+        handle.set_forward(module, flux_blocks.flux_block_forward,
+                           "double-stream block (fused modulation, gated residuals)", name)
+
+
+def patch_flux_single_block(module, handle, name: str) -> None:
+    if flux_blocks.flux_single_block_fusable(module):
+        handle.set_forward(module, flux_blocks.flux_single_block_forward,
+                           "single-stream block (GELU in one pass, split output projection, gated residual)", name)
+
+
+def patch_flux2_block(module, handle, name: str) -> None:
+    if flux_blocks.flux2_block_fusable(module):
+        handle.set_forward(module, flux_blocks.flux2_block_forward,
+                           "double-stream block (fused modulation, gated residuals)", name)
+
+
+def patch_flux2_single_block(module, handle, name: str) -> None:
+    if flux_blocks.flux2_single_block_fusable(module):
+        handle.set_forward(module, flux_blocks.flux2_single_block_forward,
+                           "single-stream block (fused modulation, gated residual)", name)
+
+
+def patch_flux2_swiglu(module, handle, name: str) -> None:
+    handle.set_forward(module, flux_blocks.flux2_swiglu_forward, "SwiGLU in one pass", name)
+
+
 def patch_sd35_ada_layer_norm_zero_x(module, handle, name: str) -> None:
     if adaptive_norm.modulation_fusable(module):
         handle.set_forward(module, adaptive_norm.sd35_ada_layer_norm_zero_x_forward, "adaln_modulate x2", name)
@@ -98,11 +131,15 @@ def patch_geglu(module, handle, name: str) -> None:
 
 
 def patch_gelu(module, handle, name: str) -> None:
-    if type(module.proj).__name__ == "Linear" and module.approximate in ("none", "tanh"):
+    """diffusers' GELU (a projection and the activation); torch's nn.GELU, also named
+    GELU, has no projection and is left to the block that holds it."""
+    if type(getattr(module, "proj", None)).__name__ == "Linear" and module.approximate in ("none", "tanh"):
         handle.set_forward(module, feed_forward.gelu_forward, "GELU in one pass", name)
 
 
-__all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_attention",
-           "patch_basic_transformer_block", "patch_geglu", "patch_gelu", "patch_group_norm",
+__all__ = ["patch_ada_layer_norm_continuous", "patch_ada_layer_norm_zero", "patch_ada_layer_norm_zero_single",
+           "patch_attention", "patch_basic_transformer_block", "patch_flux2_block", "patch_flux2_single_block",
+           "patch_flux2_swiglu", "patch_flux_block", "patch_flux_single_block", "patch_geglu", "patch_gelu",
+           "patch_group_norm",
            "patch_joint_block", "patch_norm_out_silu", "patch_resnet", "patch_rms_norm",
            "patch_sd35_ada_layer_norm_zero_x", "patch_spatial_attention"]
