@@ -35,6 +35,7 @@ FAMILY_MODULES: dict[str, str] = {
 FAMILY_MODULES["diffusers-unet2d-condition"] = "mmfast.integrations.diffusers.unet2d_condition"
 FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3_transformer"
 FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
+FAMILY_MODULES["diffusers-wan-transformer"] = "mmfast.integrations.diffusers.wan_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
 FAMILY_MODULES["causal_lm"] = "mmfast.integrations.transformers.causal_lm"

@@ -1,5 +1,5 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
-SD3Transformer2DModel or DiTTransformer2DModel), the VAE (AutoencoderKL) and the CLIP text
+SD3Transformer2DModel, DiTTransformer2DModel or WanTransformer3DModel), the VAE (AutoencoderKL) and the CLIP text
 encoders (CLIPTextModel, CLIPTextModelWithProjection) are patched by their own families,
 and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
@@ -18,6 +18,7 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.unet2d_condition",
     "mmfast.integrations.diffusers.sd3_transformer",
     "mmfast.integrations.diffusers.dit_transformer",
+    "mmfast.integrations.diffusers.wan_transformer",
 )
 # Components patched when present (a pipeline of text components only gets its text encoders).
 OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.transformers.clip")

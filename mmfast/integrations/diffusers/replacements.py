@@ -98,7 +98,9 @@ def patch_geglu(module, handle, name: str) -> None:
 
 
 def patch_gelu(module, handle, name: str) -> None:
-    if type(module.proj).__name__ == "Linear" and module.approximate in ("none", "tanh"):
+    """diffusers' GELU (projection then activation); torch's nn.GELU (no ``proj``, as in
+    PixArtAlphaTextProjection) is left as it is."""
+    if type(getattr(module, "proj", None)).__name__ == "Linear" and module.approximate in ("none", "tanh"):
         handle.set_forward(module, feed_forward.gelu_forward, "GELU in one pass", name)
 
 
