@@ -16,10 +16,10 @@ def tiny_wan(**overrides):
     config.update(overrides)
     torch.manual_seed(0)
     model = WanTransformer3DModel(**config).eval()
-    with torch.no_grad():  # diffusers starts the modulation tables random, but keep them away from zero
+    with torch.no_grad():  # norm weights off 1 and biases off 0, so that a forgotten one shows
         for p in model.parameters():
-            if p.dim() == 1 and torch.all(p == 0):
-                p.normal_(0, 0.1)  # biases: nonzero, so a forgotten bias shows
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, device=p.device))
     return model
 
 
@@ -36,3 +36,22 @@ def wan_inputs(batch=2, frames=3, height=8, width=8, text_tokens=7, image_tokens
     if image_tokens is not None:
         inputs["encoder_hidden_states_image"] = torch.randn(batch, image_tokens, 24, generator=gen)
     return inputs
+
+
+def tiny_wan_vae():
+    """AutoencoderKLWan: one spatial and one temporal halving (latent 4 channels)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                            latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 1.2],
+                            scale_factor_temporal=2, scale_factor_spatial=2).eval()
+
+
+def tiny_wan_pipeline():
+    """WanPipeline without a text encoder (callers pass prompt_embeds: no tokenizer can be
+    downloaded), the tiny transformer and VAE, a flow-match scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=tiny_wan(),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
