@@ -1,7 +1,7 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
-SD3Transformer2DModel, DiTTransformer2DModel or WanTransformer3DModel), the VAE (AutoencoderKL) and the CLIP text
-encoders (CLIPTextModel, CLIPTextModelWithProjection) are patched by their own families,
-and the scheduler by
+SD3Transformer2DModel, DiTTransformer2DModel or WanTransformer3DModel), the VAE
+(AutoencoderKL) and the CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection)
+are patched by their own families, and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
 for the scheduler classes it covers; others are left as they are). A pipeline without a
 denoiser (text components only) gets what it holds patched; one holding nothing mmfast

@@ -10,11 +10,13 @@ timestep / text / image embedders, the model's final norm and projection (inline
 forward), Wan 2.2 TI2V's per-token modulation (``timestep`` [B, T]: the block runs
 diffusers' forward, its attention still mmfast's), and attention given a mask or
 diffusers' context parallelism (``_parallel_config``): those calls run diffusers'
-``WanAttnProcessor``. Not sequence-parallel through mmfast (``sequence_parallel=``)."""
+``WanAttnProcessor``. ``sequence_parallel=group``: video tokens split over the ranks,
+self-attention on Ulysses (mmfast.integrations.diffusers.wan_sequence_parallel)."""
 
 from __future__ import annotations
 
 from mmfast.integrations.diffusers.replacements import patch_gelu
+from mmfast.integrations.diffusers.wan_sequence_parallel import wan_sequence_parallel
 from mmfast.integrations.patching import Family, Replacement
 from mmfast.nn.wan_transformer import wan_attention_forward, wan_block_forward, wan_block_fusable
 
@@ -57,4 +59,5 @@ FAMILY = Family(
         Replacement(("WanTransformerBlock",), patch_wan_block, "Wan block"),
         Replacement(("GELU",), patch_gelu, "GELU"),
     ),
+    sequence_parallel=wan_sequence_parallel,
 )
