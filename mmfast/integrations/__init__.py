@@ -38,6 +38,7 @@ FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit
 FAMILY_MODULES["diffusers-wan-transformer"] = "mmfast.integrations.diffusers.wan_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
+FAMILY_MODULES["diffusers-autoencoder-kl-wan"] = "mmfast.integrations.diffusers.autoencoder_kl_wan"
 FAMILY_MODULES["causal_lm"] = "mmfast.integrations.transformers.causal_lm"
 
 

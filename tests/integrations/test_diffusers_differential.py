@@ -2,8 +2,8 @@
 models: gradients, load_state_dict(assign=True), a meta-device build then to_empty,
 copy.deepcopy, and dtype moves after patching, for every diffusers model family
 mmfast.patch supports (UNet2DConditionModel, AutoencoderKL, SD3Transformer2DModel,
-DiTTransformer2DModel, WanTransformer3DModel); forward alone is in
-test_diffusers_families.py (Wan: test_diffusers_wan.py). Tiny random models, mmfast's
+DiTTransformer2DModel, WanTransformer3DModel, AutoencoderKLWan); forward alone is in
+test_diffusers_families.py (Wan: test_diffusers_wan*.py). Tiny random models, mmfast's
 torch backends (see _torch_backends)."""
 
 import copy
@@ -14,7 +14,7 @@ import torch
 import mmfast
 from tests.integrations.diffusers_models import (dit_inputs, sd3_inputs, tiny_dit, tiny_sd3, tiny_unet,
                                                  unet_inputs)
-from tests.integrations.wan_models import tiny_wan, tiny_wan_i2v, wan_inputs
+from tests.integrations.wan_models import tiny_wan, tiny_wan_i2v, tiny_wan_vae, wan_inputs
 
 pytest.importorskip("diffusers")
 
@@ -40,6 +40,8 @@ FAMILIES = {
     "wan-transformer": (tiny_wan, lambda: wan_inputs(batch=2, frames=2, height=4, width=6)),
     "wan-i2v-transformer": (tiny_wan_i2v, lambda: wan_inputs(batch=1, frames=2, height=4, width=4,
                                                              text_tokens=512, image_tokens=3)),
+    "wan-vae": (tiny_wan_vae, lambda: {"sample": torch.rand(1, 3, 5, 8, 8,
+                                                             generator=torch.Generator().manual_seed(1))}),
 }
 # fp32 everywhere: patched and unpatched differ by summation order only.
 TOL = dict(rtol=1e-4, atol=1e-5)

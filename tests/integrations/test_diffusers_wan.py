@@ -138,7 +138,8 @@ def test_rotary_axes_that_do_not_sum_to_the_head_dim():
     model = tiny_wan()
     model.rope = WanRotaryPosEmbed(24, (1, 2, 2), 32)  # tables for head dim 24; the heads are 32 wide
     mmfast.patch(model)
-    with torch.no_grad(), pytest.raises(ValueError, match="rotary_emb: freqs_cos: .* sum to 24, expected the head dim 32"):
+    match = "rotary_emb: freqs_cos: .* sum to 24, expected the head dim 32"
+    with torch.no_grad(), pytest.raises(ValueError, match=match):
         model(**wan_inputs(batch=1))
 
 
