@@ -40,7 +40,7 @@ FAMILIES = {
     "wan-transformer": (tiny_wan, lambda: wan_inputs(batch=2, frames=2, height=4, width=6)),
     "wan-i2v-transformer": (tiny_wan_i2v, lambda: wan_inputs(batch=1, frames=2, height=4, width=4,
                                                              text_tokens=512, image_tokens=3)),
-    "wan-vae": (tiny_wan_vae, lambda: {"sample": torch.rand(1, 3, 5, 8, 8,
+    "wan-vae": (tiny_wan_vae, lambda: {"sample": torch.rand(1, 3, 5, 4, 4,
                                                              generator=torch.Generator().manual_seed(1))}),
 }
 # fp32 everywhere: patched and unpatched differ by summation order only.
