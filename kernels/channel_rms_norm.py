@@ -20,7 +20,10 @@ from ._launch import empty
 # Channels held in one register tile (Wan's VAE has at most 384 a layer).
 MAX_C = 1024
 # Elements of one register tile (channels x positions).
-TILE_ELEMENTS = 4096
+TILE_ELEMENTS = 8192
+# Positions per tile at least: 32 bf16 values are a 64-byte run of each channel row in
+# NCDHW, two full 32-byte sectors (a narrower run would waste part of every sector).
+MIN_BLOCK_S = 32
 
 
 @triton.jit
@@ -63,13 +66,13 @@ def channel_rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if y.numel() == 0:
         return y
     block_c = triton.next_power_of_2(channels)
-    block_s = max(1, min(triton.next_power_of_2(positions), TILE_ELEMENTS // block_c))
+    block_s = min(triton.next_power_of_2(positions), max(MIN_BLOCK_S, TILE_ELEMENTS // block_c))
     weight = weight.contiguous()
     bias_arg = bias.contiguous() if bias is not None else weight
     grid = (triton.cdiv(positions, block_s), batch)
     _channel_rms_norm_fwd_kernel[grid](
         x3, weight, bias_arg, y3, *x3.stride(), *y3.stride(), channels, positions, float(channels) ** 0.5,
         HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s,
-        num_warps=4 if block_c * block_s <= 2048 else 8,
+        num_warps=4 if block_c * block_s <= 2048 else (8 if block_c * block_s <= 8192 else 16),
     )
     return y

@@ -11,8 +11,11 @@ from mmfast.ops.channel_rms_norm import channel_rms_norm_reference
 from mmfast.testing import assert_matches_reference, random_tensor
 
 # (shape, channels_last, dtype, activation, bias): video and image maps, channel counts
-# that are not powers of two, positions split over several programs (13 x 11 x 3).
+# that are not powers of two; wide channel counts whose positions are split over several
+# programs, the last one partial (200 and 130 channels: 32 positions a program).
 CASES = [
+    ((1, 200, 1, 7, 11), False, torch.float16, "silu", True),
+    ((1, 130, 2, 5, 9), True, torch.bfloat16, "silu", False),
     ((1, 12, 3, 13, 11), False, torch.float16, "silu", False),
     ((2, 24, 2, 5, 7), True, torch.bfloat16, "silu", True),
     ((2, 96, 1, 3, 5), False, torch.float32, None, False),
