@@ -11,8 +11,9 @@ forward), Wan 2.2 TI2V's per-token modulation (``timestep`` [B, T]: the block ru
 diffusers' forward, its attention still mmfast's), and attention given a mask or
 diffusers' context parallelism (``_parallel_config``): those calls run diffusers'
 ``WanAttnProcessor``. While patched, the attention backend is mmfast's dispatch (a
-``set_attention_backend`` choice applies to those diffusers calls only). ``sequence_parallel=group``: video tokens split over the ranks,
-self-attention on Ulysses (mmfast.integrations.diffusers.wan_sequence_parallel)."""
+``set_attention_backend`` choice applies to those diffusers calls only).
+``sequence_parallel=group``: video tokens split over the ranks, self-attention on
+Ulysses (mmfast.integrations.diffusers.wan_sequence_parallel)."""
 
 from __future__ import annotations
 
