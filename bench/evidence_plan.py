@@ -51,6 +51,7 @@ HEADLINE = {
     "diffusion_unet": "sd15-unet-cfg-2x1",
     "scheduler_step": "sd15-euler-8x4x64x64-fp16",
     "vae": "sd15-512-float16",
+    "wan_vae_norm": "wan-rms-silu-fwd-1x96x4x480x832-bfloat16",  # the decoder's widest norm input
 }
 
 

@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from mmfast.kernels import (activation, adaln, attention, attention_dropout, attention_rel_pos,  # noqa: E402
-                            attention_short, contrastive, cross_attention, group_norm, linear_cross_entropy, norm,
-                            patch_embed, rotary, scheduler_step)
+                            attention_short, channel_rms_norm, contrastive, cross_attention, group_norm,
+                            linear_cross_entropy, norm, patch_embed, rotary, scheduler_step)
 
 
 def _twin(t):
@@ -68,6 +68,13 @@ def test_group_norm(device):
     _, mean, rstd = group_norm.group_norm_fwd(x, w, b, 4, 1e-5, True)
     _same_with_strided_twins(lambda *a: group_norm.group_norm_bwd(*a, 4, True),
                              _r(2, 8, 3, 5, device=device), x, w, b, mean, rstd)
+
+
+def test_channel_rms_norm(device):
+    x, w, b = _r(2, 6, 3, 4, 5, device=device), _r(6, device=device), _r(6, device=device)
+    for silu in (False, True):
+        _same_with_strided_twins(lambda *a: channel_rms_norm.channel_rms_norm_fwd(*a, silu), x, w, b)
+        _same_with_strided_twins(lambda x, w: channel_rms_norm.channel_rms_norm_fwd(x, w, None, silu), x, w)
 
 
 def test_patch_embed(device):

@@ -25,6 +25,7 @@ _MODULES = {
     "qwen3_vision_tower": "mmfast.bench.suites.qwen3_vision_tower",
     "linear_cross_entropy": "mmfast.bench.suites.linear_cross_entropy",
     "vae": "mmfast.bench.suites.vae",
+    "wan_vae_norm": "mmfast.bench.suites.wan_vae_norm",
     "hf_decoder_attention": "mmfast.bench.suites.hf_decoder_attention",
     "sam_encoder_attention": "mmfast.bench.suites.sam_encoder_attention",
 }

@@ -97,6 +97,16 @@ def _group_norm(batch: int, channels: int, side: int):
     return run
 
 
+def _channel_rms_norm(channels: int, frames: int, height: int, width: int):
+    def run(dtype):
+        from mmfast.kernels import channel_rms_norm as n
+        x = tensor(1, channels, frames, height, width, dtype=dtype)
+        w = tensor(channels, dtype=dtype)
+        for silu in (False, True):
+            n.channel_rms_norm_fwd(x, w, None, silu)
+    return run
+
+
 def _rotary(tokens: int, heads: int, kv_heads: int, head_dim: int, rotary_dim: int):
     def run(dtype):
         from mmfast.kernels import rotary as r
@@ -287,6 +297,10 @@ def all_cases() -> list[Case]:
     for channels, side in ((320, 64), (640, 32), (1280, 16), (1280, 8), (128, 512), (256, 256), (512, 128)):
         add(Case("group_norm", f"B2 C{channels} {side}x{side}", _group_norm(2, channels, side),
                  quick=(channels, side) == (320, 64)))
+    # Wan 2.1 VAE decode at 480p: 384 channels at the latent's 60x104, 96 at full size.
+    for channels, frames, height, width in ((384, 2, 60, 104), (192, 4, 240, 416), (96, 4, 480, 832)):
+        add(Case("channel_rms_norm", f"C{channels} T{frames} {height}x{width}",
+                 _channel_rms_norm(channels, frames, height, width), quick=channels == 384))
     add(Case("rotary", "T9216 H16 D80 R80", _rotary(9216, 16, 16, 80, 80), quick=True))
     add(Case("rotary", "T9216 H16 D72 R72", _rotary(9216, 16, 16, 72, 72)))
     add(Case("rotary", "T4096 H28/4 D128 R128", _rotary(4096, 28, 4, 128, 128)))

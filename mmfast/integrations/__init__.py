@@ -40,6 +40,10 @@ FAMILY_MODULES["diffusers-flux2-transformer"] = "mmfast.integrations.diffusers.f
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
 FAMILY_MODULES["sam"] = "mmfast.integrations.transformers.sam"
+FAMILY_MODULES["diffusers-wan-transformer"] = "mmfast.integrations.diffusers.wan_transformer"
+FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
+FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
+FAMILY_MODULES["diffusers-autoencoder-kl-wan"] = "mmfast.integrations.diffusers.autoencoder_kl_wan"
 FAMILY_MODULES["causal_lm"] = "mmfast.integrations.transformers.causal_lm"
 
 
@@ -70,8 +74,9 @@ def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
     all ranks). Every rank of it calls the patched model with the same full inputs and
     gets the single-process output, the tokens split over the ranks inside (Ulysses
     attention, see mmfast.integrations.diffusers.sequence_parallel). Taken by diffusers'
-    SD3Transformer2DModel and DiTTransformer2DModel, and pipelines holding one; a
-    ValueError for any other target, or a world size that does not divide the head count.
+    SD3Transformer2DModel, DiTTransformer2DModel and WanTransformer3DModel, and
+    pipelines holding one; a ValueError for any other target, or a world size that does
+    not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding

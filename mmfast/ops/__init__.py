@@ -6,6 +6,7 @@ from mmfast.ops.activation import geglu, gelu, quick_gelu, swiglu
 from mmfast.ops.adaln import adaln_modulate, gated_residual
 from mmfast.ops.attention import attention
 from mmfast.ops.attention_rel_pos import attention_rel_pos, decomposed_rel_pos
+from mmfast.ops.channel_rms_norm import channel_rms_norm
 from mmfast.ops.contrastive import clip_loss, nt_xent_loss, siglip_loss
 from mmfast.ops.cross_attention import cross_attention
 from mmfast.ops.group_norm import group_norm
@@ -28,3 +29,4 @@ __all__ += ["clip_loss", "nt_xent_loss", "siglip_loss", "retrieval_metrics", "ze
 __all__ += ["patch_embed", "patch_embed_packed", "patch_embed_patchified"]
 __all__ += ["linear_cross_entropy"]
 __all__ += ["attention_rel_pos", "decomposed_rel_pos"]
+__all__ += ["channel_rms_norm"]

@@ -6,7 +6,8 @@ ulysses_attention's output and q/k/v gradients (one stream, joint streams of une
 lengths, causal, GQA, rotary) and its errors; a tiny SD3 transformer (SD3.5 dual
 attention, q/k RMSNorm, a ControlNet residual) and a DiT transformer patched with
 ``sequence_parallel=group`` against the unpatched models (output, and the gradients of
-a few parameters summed over the group); a DiTPipeline; the refusals. fp32, mmfast's
+a few parameters summed over the group), and a Wan video transformer likewise; a
+DiTPipeline; the refusals. fp32, mmfast's
 torch backends. Shapes are tiny; the workers are forked from the test process with its
 imports."""
 
@@ -113,6 +114,22 @@ def _dit_inputs():
             "timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([1, 7])}
 
 
+def _tiny_wan(heads=4):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8, in_channels=4,
+                                 out_channels=4, text_dim=12, freq_dim=16, ffn_dim=24, num_layers=2,
+                                 rope_max_seq_len=16).eval()
+
+
+def _wan_inputs():
+    gen = torch.Generator().manual_seed(1)
+    return {"hidden_states": torch.randn(2, 4, 3, 6, 4, generator=gen),  # 3 x 3 x 2 = 18 video tokens
+            "timestep": torch.tensor([3.0, 700.0]),
+            "encoder_hidden_states": torch.randn(2, 5, 12, generator=gen)}
+
+
 def _run(model, inputs, names):
     """Output, and the gradients of the named parameters, of a loss other than a plain sum."""
     model.zero_grad()
@@ -150,6 +167,11 @@ def _check_models(group, world, what):
     _check_model(_tiny_dit, _dit_inputs(), [
         "pos_embed.proj.weight", "transformer_blocks.0.attn1.to_v.weight", "transformer_blocks.1.ff.net.0.proj.weight",
         "proj_out_2.weight"], group, f"{what} DiT")
+    _check_model(_tiny_wan, _wan_inputs(), [
+        "patch_embedding.weight", "blocks.0.attn1.to_q.weight", "blocks.0.attn1.norm_k.weight",
+        "blocks.1.attn2.to_v.weight", "blocks.1.ffn.net.2.weight", "blocks.0.scale_shift_table",
+        "condition_embedder.time_embedder.linear_1.weight", "proj_out.weight"], group, f"{what} Wan")
+    _check_wan_refusals(group, world)
     _check_pipeline_and_refusals(group, what)
     model = _tiny_sd3(heads=3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -157,6 +179,20 @@ def _check_models(group, world, what):
         mmfast.patch(model, sequence_parallel=group)
     assert "forward" not in model.__dict__ and not hasattr(model, "_mmfast_patch_handle")  # nothing left patched
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _check_wan_refusals(group, world):
+    import mmfast
+
+    model = _tiny_wan()
+    handle = mmfast.patch(model, sequence_parallel=group)
+    inputs = _wan_inputs()
+    inputs["timestep"] = torch.full((2, 18), 3.0)  # Wan 2.2 TI2V's per-token timesteps
+    with torch.no_grad(), pytest.raises(ValueError, match=r"timestep: expected \[B\]"):
+        model(**inputs)
+    handle.undo()
+    with pytest.raises(ValueError, match=rf"sequence_parallel: a world size of {world} does not divide the 3 heads"):
+        mmfast.patch(_tiny_wan(heads=3), sequence_parallel=group)
 
 
 def _check_pipeline_and_refusals(group, what):

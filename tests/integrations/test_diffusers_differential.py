@@ -2,9 +2,10 @@
 models: gradients, load_state_dict(assign=True), a meta-device build then to_empty,
 copy.deepcopy, and dtype moves after patching, for every diffusers model family
 mmfast.patch supports (UNet2DConditionModel, AutoencoderKL, SD3Transformer2DModel,
-DiTTransformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel); forward alone is
-in test_diffusers_families.py and test_diffusers_flux.py. Tiny random
-models, mmfast's torch backends (see _torch_backends)."""
+DiTTransformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
+WanTransformer3DModel, AutoencoderKLWan); forward alone is in test_diffusers_families.py,
+test_diffusers_flux.py and test_diffusers_wan*.py. Tiny random models, mmfast's torch
+backends (see _torch_backends).
 
 import copy
 
@@ -14,6 +15,7 @@ import torch
 import mmfast
 from tests.integrations.diffusers_models import (dit_inputs, flux2_inputs, flux_inputs, sd3_inputs, tiny_dit,
                                                  tiny_flux, tiny_flux2, tiny_sd3, tiny_unet, unet_inputs)
+from tests.integrations.wan_models import tiny_wan, tiny_wan_i2v, tiny_wan_vae, wan_inputs
 
 pytest.importorskip("diffusers")
 
@@ -38,6 +40,11 @@ FAMILIES = {
     "dit-transformer": (tiny_dit, dit_inputs),
     "flux-transformer": (tiny_flux, flux_inputs),
     "flux2-transformer": (tiny_flux2, flux2_inputs),
+    "wan-transformer": (tiny_wan, lambda: wan_inputs(batch=2, frames=2, height=4, width=6)),
+    "wan-i2v-transformer": (tiny_wan_i2v, lambda: wan_inputs(batch=1, frames=2, height=4, width=4,
+                                                             text_tokens=512, image_tokens=3)),
+    "wan-vae": (tiny_wan_vae, lambda: {"sample": torch.rand(1, 3, 5, 4, 4,
+                                                             generator=torch.Generator().manual_seed(1))}),
 }
 # fp32 everywhere: patched and unpatched differ by summation order only.
 TOL = dict(rtol=1e-4, atol=1e-5)

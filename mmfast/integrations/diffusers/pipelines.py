@@ -1,8 +1,8 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
-SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel or
-Flux2Transformer2DModel), the VAE (AutoencoderKL) and the CLIP text
-encoders (CLIPTextModel, CLIPTextModelWithProjection) are patched by their own families,
-and the scheduler by
+SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
+Flux2Transformer2DModel or WanTransformer3DModel), the VAE (AutoencoderKL,
+AutoencoderKLWan) and the CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection)
+are patched by their own families, and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
 for the scheduler classes it covers; others are left as they are). A pipeline without a
 denoiser (text components only) gets what it holds patched; one holding nothing mmfast
@@ -21,9 +21,11 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.dit_transformer",
     "mmfast.integrations.diffusers.flux_transformer",
     "mmfast.integrations.diffusers.flux2_transformer",
+    "mmfast.integrations.diffusers.wan_transformer",
 )
 # Components patched when present (a pipeline of text components only gets its text encoders).
-OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.transformers.clip")
+OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.diffusers.autoencoder_kl_wan",
+                  "mmfast.integrations.transformers.clip")
 
 
 def _patch_scheduler(pipe, handle: PatchHandle) -> bool:
