@@ -95,6 +95,18 @@ def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
     return Estimate(2 * (n_denoiser + n_vae) + n_text, 2 * (b_denoiser + b_vae) + b_text, phases)
 
 
+def estimate_sam(preset: str, dtype: torch.dtype) -> Estimate:
+    """Three copies of the preset's image encoder: mmfast's (a patched deep copy),
+    transformers' sdpa and eager models (the torch.compile side shares the sdpa one)."""
+    from transformers import SamVisionModel
+
+    from mmfast.profile import sam
+
+    count, size = _bytes([_on_meta(lambda: SamVisionModel(sam.config(preset)))], dtype)
+    phases = {"transformers model": count, "mmfast copy": 0, "eager model": count}  # a deep copy registers nothing
+    return Estimate(3 * count, 3 * size, phases)
+
+
 def _stored_parameters(directory: str) -> int:
     """Elements of every tensor in the ``*.safetensors`` files of ``directory`` (headers
     only: nothing is loaded)."""
