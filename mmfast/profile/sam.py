@@ -106,7 +106,7 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, phases: dict[st
     mmfast.patch(ours)
     for model in (ours, reference, eager):
         model.to(device, dtype).eval()
-    return ours, reference, eager, f"sam {preset} image encoder (random weights)"
+    return ours, reference, eager, f"SAM image encoder, preset {preset} (random weights)"
 
 
 def inputs(model, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
