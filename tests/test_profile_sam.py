@@ -139,3 +139,13 @@ def test_help_names_the_sam_kind(capsys):
         main(["profile", "sam", "--help"])
     text = capsys.readouterr().out
     assert "sam-vit-b" in text and "sam-vit-h" in text and "`" not in text
+
+
+def test_without_transformers_the_command_names_the_extra(monkeypatch, capsys, no_build):
+    from mmfast.profile import preflight
+
+    real = preflight.importlib.util.find_spec
+    monkeypatch.setattr(preflight.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    line = _error(["sam"], capsys)
+    assert "mmfast profile sam needs transformers" in line and "pip install 'mmfast[hf]'" in line
