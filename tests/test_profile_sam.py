@@ -117,6 +117,14 @@ def test_estimate_counts_what_the_build_holds():
     assert memory.estimate_sam("tiny", torch.float32).parameters == held
 
 
+def test_the_estimate_grows_with_the_batch():
+    # the eager side's global-layer scores: [batch, heads, 4096, 4096] twice in bfloat16, once in float32
+    one, eight = (memory.estimate_sam("sam-vit-h", torch.bfloat16, batch) for batch in (1, 8))
+    assert one.activation_bytes == 16 * 4096**2 * (2 + 2 + 4)
+    assert eight.total_bytes - one.total_bytes == 7 * one.activation_bytes
+    assert "attention scores of a global layer at batch 8" in eight.describe()
+
+
 def test_sam_vit_h_that_does_not_fit_is_refused(monkeypatch, capsys, no_build):
     vit_b = memory.estimate_sam("sam-vit-b", torch.bfloat16).total_bytes
     monkeypatch.setattr(memory, "available_bytes",

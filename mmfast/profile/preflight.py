@@ -87,7 +87,7 @@ def _estimate(args, preset: str, dtype: torch.dtype, meta_model=None) -> memory.
     if args.kind == "vlm":
         return memory.estimate_vlm(vlm.MODELS[args.model], preset, dtype, meta_model)
     if args.kind == "sam":
-        return memory.estimate_sam(preset, dtype)
+        return memory.estimate_sam(preset, dtype, args.batch)
     return memory.estimate_ldm(preset, dtype)
 
 
