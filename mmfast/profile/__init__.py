@@ -1,6 +1,8 @@
-"""``mmfast profile vlm|ldm``: a complete model on mmfast kernels against what users would
-otherwise run (transformers / diffusers), side by side on this machine. ``vlm --model``
+"""``mmfast profile vlm|ldm|sam``: a complete model on mmfast kernels against what users
+would otherwise run (transformers / diffusers), side by side on this machine. ``vlm --model``
 picks Qwen2.5-VL (the default), LLaVA or BLIP-2; a ``--checkpoint`` says which it holds.
+``sam`` times SAM's image encoder (image embeddings per second, :mod:`mmfast.profile.sam`):
+transformers' model patched with ``mmfast.patch`` against the same weights unpatched.
 
 The sides: mmfast, the reference in eager mode, and (by default on a GPU,
 ``--compile-reference``) the reference with torch.compile. Warm-up, then timed rounds that
@@ -27,7 +29,7 @@ import sys
 
 import torch
 
-from mmfast.profile import ldm, measure, preflight, report, vlm
+from mmfast.profile import ldm, measure, preflight, report, sam, vlm
 from mmfast.profile.memory import SMALL_PRESETS
 from mmfast.profile.stats import compare, figure
 
@@ -38,6 +40,7 @@ DEFAULTS = {
     "vlm": {"new_tokens": (64, 4), "text_tokens": (256, 16)},  # the model and preset: vlm.choose_model
     "qwen2.5-vl": {"resolution": (1344, 56)},  # the other VLMs take their tower's image size
     "ldm": {"preset": ("sd15", "tiny"), "steps": (30, 2)},
+    "sam": {"preset": ("sam-vit-b", "tiny")},  # at the preset's image size (1024 px for the real ones)
     "any": {"dtype": ("bfloat16", "float32"), "compile_reference": (True, False)},
 }
 # The measuring plan (measure.Plan), (GPU default, CPU default). A CPU run of a tiny preset
@@ -47,35 +50,47 @@ MEASURE_DEFAULTS = {"warmup": (2, 1), "min_repeats": (5, 6), "max_repeats": (50,
 COMPILE_BACKEND = "inductor"  # of the torch.compile reference side
 # The --help text: plain words (the module docstring is reStructuredText for the docs).
 DESCRIPTION = ("A complete model on mmfast kernels against what users would otherwise run "
-               "(transformers for vlm, diffusers for ldm), side by side on this machine. "
-               "vlm --model picks Qwen2.5-VL (the default), LLaVA or BLIP-2.")
+               "(transformers for vlm and sam, diffusers for ldm), side by side on this machine. "
+               "vlm --model picks Qwen2.5-VL (the default), LLaVA or BLIP-2; sam times the SAM image encoder "
+               "patched with mmfast.patch against the same weights unpatched.")
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
-    kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm}")
+    kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm,sam}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
-                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers")):
+                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers"),
+                                ("sam", sam.PRESETS, "the SAM image encoder (image embeddings per second), "
+                                 "patched vs transformers sdpa and eager")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
         gpu_default = "the model's largest" if kind == "vlm" else DEFAULTS[kind]["preset"][0]
         p.add_argument("--preset", choices=presets, help=f"model size, random weights (default: "
-                       f"{gpu_default} on a GPU, tiny on a CPU)")
+                       f"{gpu_default} on a GPU, tiny on a CPU)" + (
+                           "; sam-vit-b and sam-vit-h are the ViT-B and ViT-H encoders at 1024 px"
+                           if kind == "sam" else ""))
         if kind == "vlm":
             p.add_argument("--model", choices=vlm.MODELS, help=f"which VLM (default {vlm.DEFAULT_MODEL}; with "
                            "--checkpoint, the one its config.json names); presets: " + "; ".join(
                                f"{name} {'/'.join(spec.presets)}" for name, spec in vlm.MODELS.items()))
-        p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local directory instead of a preset")
-        p.add_argument("--batch", type=_positive, default=1, help="prompts per run (default 1)")
-        p.add_argument("--resolution", type=_positive, metavar="PX", help="image side in pixels")
+        if kind == "sam":
+            p.set_defaults(checkpoint=None, cuda_graph=False)
+        else:
+            p.add_argument("--checkpoint", metavar="DIR", help="load weights from a local directory instead of a "
+                           "preset")
+        p.add_argument("--batch", type=_positive, default=1,
+                       help=f"{'images' if kind == 'sam' else 'prompts'} per run (default 1)")
+        p.add_argument("--resolution", type=_positive, metavar="PX", help="image side in pixels" + (
+            " (SAM takes its preset's size only: 1024, tiny 128)" if kind == "sam" else ""))
         if kind == "vlm":
             p.add_argument("--new-tokens", type=_positive, help="tokens generated per prompt (default 64 GPU, 4 CPU)")
             p.add_argument("--text-tokens", type=_positive, help="text tokens per prompt beside the image "
                            "(default 256 GPU, 16 CPU)")
-        else:
+        elif kind == "ldm":
             p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
             p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
-        p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
-                       f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
+        if kind != "sam":
+            p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
+                           f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
         p.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on a GPU, float32 on a CPU")
         p.add_argument("--repeats", type=_positive, metavar="N", help="exactly N timed rounds (default: from "
                        "--min-repeats to --max-repeats, until every figure's interquartile range is within 5%% "
@@ -250,6 +265,14 @@ def run(args, log=print) -> dict:
         sides = vlm.sides(ours, reference, batch_inputs, compile_backend, args.cuda_graph)
         one_call = args.new_tokens  # what side.generate takes
         weights = (_weights_bytes(ours), _weights_bytes(reference))
+    elif args.kind == "sam":
+        ours, reference, eager, description = sam.build(args.preset, device, dtype, estimate and estimate.phases)
+        pixels = sam.inputs(reference, args.batch, device, dtype)
+        args.resolution = pixels.shape[-1]
+        one_call = None  # side.encode takes nothing
+        sides = sam.sides(ours, reference, eager, pixels, compile_backend)
+        # the compiled side holds the sdpa model's weights
+        weights = (_weights_bytes(ours), _weights_bytes(reference), _weights_bytes(eager), _weights_bytes(reference))
     else:
         ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
                                                  estimate and estimate.phases)
@@ -264,6 +287,8 @@ def run(args, log=print) -> dict:
     side_scope = functools.partial(_side_scope, ran=ran, backend=args.backend)
     if args.kind == "vlm":
         samplers = [vlm.sampler(side, args.new_tokens, device) for side in sides]
+    elif args.kind == "sam":
+        samplers = [sam.sampler(side, device) for side in sides]
     else:
         samplers = [ldm.sampler(side, device) for side in sides]
     bar = tqdm(total=plan.warmup + plan.max_repeats + len(sides), desc=f"profile {args.kind}", unit="round",
@@ -273,13 +298,16 @@ def run(args, log=print) -> dict:
     columns = report.COLUMNS[args.kind]
     results_sides = []
     for index, (side, samples) in enumerate(zip(sides, measured.samples)):
-        one_run = functools.partial(side.generate, one_call)
+        one_run = side.encode if args.kind == "sam" else functools.partial(side.generate, one_call)
         with side_scope(index):
-            peak = measure.peak_memory_gib(one_run, device, weights[min(index, 1)])  # a compiled side shares weights
+            # a compiled side shares the reference's weights
+            peak = measure.peak_memory_gib(one_run, device, weights[min(index, len(weights) - 1)])
             ops = measure.op_breakdown(one_run, device, args.top, traces[index] if index < len(traces) else None)
         bar.update(1)
         if args.kind == "vlm":
             metrics = vlm.metrics(args.batch, prompt_tokens, args.new_tokens, samples)
+        elif args.kind == "sam":
+            metrics = sam.metrics(args.batch, samples)
         else:
             metrics = ldm.metrics(args.batch, args.steps, samples)
         metrics["peak_memory_gib"] = None if peak is None else figure([peak])
@@ -296,10 +324,13 @@ def run(args, log=print) -> dict:
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
         notes.append(ldm.reference_note(reference))
+    elif args.kind == "sam":
+        notes.append(sam.reference_note())
     else:
         notes.append(vlm.reference_note(args.model))
     if compile_backend is not None:
-        notes.append(f"torch.compile side: the reference's {'forward' if args.kind == 'vlm' else 'denoiser'} "
+        compiled = {"vlm": "forward", "ldm": "denoiser", "sam": "sdpa model"}[args.kind]
+        notes.append(f"torch.compile side: the reference's {compiled} "
                      f"compiled (backend {compile_backend!r}); its warm-up runs hold the compile time")
     return {
         "kind": args.kind, "model": description, "preset": args.preset, "checkpoint": args.checkpoint,
@@ -313,7 +344,8 @@ def run(args, log=print) -> dict:
         **({"vlm_model": args.model, "new_tokens": args.new_tokens, "text_tokens": args.text_tokens,
             "prompt_tokens": prompt_tokens, "cuda_graph": args.cuda_graph}
            if args.kind == "vlm"
-           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}),
+           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}
+           if args.kind == "ldm" else {}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
         "speedups": speedups, "compile_reference": compile_backend is not None, "notes": notes,

@@ -27,14 +27,19 @@ class Estimate:
     weight_bytes: int
     # Parameters each phase of the build registers, in order (the progress bar's steps).
     phases: dict[str, int] = field(default_factory=dict)
+    # Activations that do not scale with the weights (SAM's T x T attention scores), and what they are.
+    activation_bytes: int = 0
+    activations: str = ""
 
     @property
     def total_bytes(self) -> int:
-        return int(self.weight_bytes * (1 + MARGIN))
+        return int(self.weight_bytes * (1 + MARGIN)) + self.activation_bytes
 
     def describe(self) -> str:
-        return (f"about {self.total_bytes / GIB:.1f} GiB ({self.parameters / 1e9:.2f} B parameters on both sides = "
-                f"{self.weight_bytes / GIB:.1f} GiB of weights, + {MARGIN:.0%} for activations, caches and workspace)")
+        extra = f", + {self.activation_bytes / GIB:.1f} GiB for {self.activations}" if self.activation_bytes else ""
+        return (f"about {self.total_bytes / GIB:.1f} GiB ({self.parameters / 1e9:.2f} B parameters on all sides = "
+                f"{self.weight_bytes / GIB:.1f} GiB of weights, + {MARGIN:.0%} for activations, caches and workspace"
+                f"{extra})")
 
 
 def _bytes(modules, dtype: torch.dtype, float32_prefixes: tuple[str, ...] = ()) -> tuple[int, int]:
@@ -93,6 +98,25 @@ def estimate_ldm(preset: str, dtype: torch.dtype) -> Estimate:
     phases = {"diffusers components": n_denoiser + n_vae + n_text, "mmfast denoiser": n_denoiser,
               "mmfast VAE": n_vae}
     return Estimate(2 * (n_denoiser + n_vae) + n_text, 2 * (b_denoiser + b_vae) + b_text, phases)
+
+
+def estimate_sam(preset: str, dtype: torch.dtype, batch: int = 1) -> Estimate:
+    """Three copies of the preset's image encoder: mmfast's (a patched deep copy),
+    transformers' sdpa and eager models (the torch.compile side shares the sdpa one); and
+    the eager side's attention scores in a global layer, which grow with ``batch`` and the
+    square of the tokens (4096 at 1024 px): the scores, the scores plus the bias, and
+    their float32 softmax, [batch, heads, tokens, tokens] each."""
+    from transformers import SamVisionModel
+
+    from mmfast.profile import sam
+
+    config = sam.config(preset)
+    count, size = _bytes([_on_meta(lambda: SamVisionModel(config))], dtype)
+    phases = {"transformers model": count, "mmfast copy": 0, "eager model": count}  # a deep copy registers nothing
+    tokens = (config.image_size // config.patch_size) ** 2
+    scores = batch * config.num_attention_heads * tokens**2 * (2 * dtype.itemsize + 4)
+    return Estimate(3 * count, 3 * size, phases, scores,
+                    f"the eager side's attention scores of a global layer at batch {batch}")
 
 
 def _stored_parameters(directory: str) -> int:

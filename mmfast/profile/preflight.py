@@ -16,7 +16,7 @@ import torch
 from mmfast.profile import memory
 
 # The libraries each workload's reference side (and its model classes) come from.
-REQUIRED = {"vlm": ("transformers",), "ldm": ("diffusers", "transformers")}
+REQUIRED = {"vlm": ("transformers",), "ldm": ("diffusers", "transformers"), "sam": ("transformers",)}
 EXTRA = "mmfast[hf]"
 
 
@@ -71,10 +71,12 @@ def check_resolution(args, meta_model) -> None:
 
 def _family(args) -> list[str]:
     """The presets of the asked one's model, largest first."""
-    from mmfast.profile import ldm, vlm
+    from mmfast.profile import ldm, sam, vlm
 
     if args.kind == "vlm":
         return list(vlm.MODELS[args.model].presets)
+    if args.kind == "sam":
+        return list(reversed(sam.PRESETS))
     sd3 = args.preset.startswith("sd3")
     return [preset for preset in reversed(ldm.PRESETS) if preset.startswith("sd3") == sd3]
 
@@ -84,6 +86,8 @@ def _estimate(args, preset: str, dtype: torch.dtype, meta_model=None) -> memory.
 
     if args.kind == "vlm":
         return memory.estimate_vlm(vlm.MODELS[args.model], preset, dtype, meta_model)
+    if args.kind == "sam":
+        return memory.estimate_sam(preset, dtype, args.batch)
     return memory.estimate_ldm(preset, dtype)
 
 
@@ -114,6 +118,10 @@ def check_model(args, device: torch.device, dtype: torch.dtype, force: bool = Fa
             meta_model = memory.meta_vlm(spec, args.preset, dtype)
         if spec.fixed_resolution and args.resolution is not None:
             check_resolution(args, meta_model)
+    if args.kind == "sam":
+        from mmfast.profile import sam
+
+        sam.check_resolution(args.preset, args.resolution)
     if args.preset in memory.SMALL_PRESETS:
         return None
     need = _estimate(args, args.preset, dtype, meta_model)

@@ -41,10 +41,14 @@ COLUMNS = {
             Column("it_per_s", "denoising", "it/s", "{:.4g}", False),
             Column("s_per_image", "per image", "s", "{:.4g}", True),
             Column("peak_memory_gib", "peak memory", "GiB", "{:.3g}", True)),
+    "sam": (Column("encode_s", "image encoder per batch", "s", "{:.4g}", True, True),
+            Column("images_per_s", "image embeddings", "/s", "{:.4g}", False),
+            Column("peak_memory_gib", "peak memory", "GiB", "{:.3g}", True)),
 }
 CHART_KEYS = {"vlm": ("generate_s", "time_to_first_token_s", "decode_tokens_per_s", "prefill_tokens_per_s",
                       "peak_memory_gib"),
-              "ldm": ("end_to_end_s", "denoise_s", "it_per_s", "peak_memory_gib")}
+              "ldm": ("end_to_end_s", "denoise_s", "it_per_s", "peak_memory_gib"),
+              "sam": ("encode_s", "images_per_s", "peak_memory_gib")}
 
 
 def _span(figure: dict, fmt: str, low: str, high: str) -> str:
