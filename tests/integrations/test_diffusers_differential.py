@@ -5,7 +5,7 @@ mmfast.patch supports (UNet2DConditionModel, AutoencoderKL, SD3Transformer2DMode
 DiTTransformer2DModel, FluxTransformer2DModel, Flux2Transformer2DModel,
 WanTransformer3DModel, AutoencoderKLWan); forward alone is in test_diffusers_families.py,
 test_diffusers_flux.py and test_diffusers_wan*.py. Tiny random models, mmfast's torch
-backends (see _torch_backends).
+backends (see _torch_backends)."""
 
 import copy
 
