@@ -803,8 +803,8 @@ def _blocks(device: torch.device, head_dim: int, kernel: str, masked: bool = Fal
     tiles, so two specialisations get smaller or wider tiles (kernels/README.md lists
     what each costs):
 
-    - forward with dropout, head dims <= 64: 8 warps, not 4 (128 x 64 at 4 warps spilled
-      48 B beside the mask);
+    - dropout at head dims <= 64: 8 warps, not 4, in the forward (128 x 64 at 4 warps
+      spilled 48 B beside the mask) and in dK/dV (64 x 64 at 4 warps: 8 B under triton 3.6);
     - dK/dV with a mask or dropout, head-dim tiles 96-128 wide: 32 query rows a step, not
       64 (64 x 64 at 8 warps spilled 48-136 B at head dim 128, 40 B at 96).
 
@@ -817,7 +817,7 @@ def _blocks(device: torch.device, head_dim: int, kernel: str, masked: bool = Fal
             return 128, 64, (8 if dropout else 4), 3
         return (128, 32, 8, 2) if width <= 128 else (64, 32, 8, 1)
     if width <= 64:
-        return 64, 64, 4, 2
+        return 64, 64, (8 if dropout and kernel == "dkdv" else 4), 2
     if width <= 128:
         thin = kernel == "dkdv" and width > 80 and (masked or dropout)
         return (32 if thin else 64), 64, 8, 2
