@@ -793,23 +793,34 @@ def _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, q.shape[0], q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
-def _blocks(device: torch.device, head_dim: int, kernel: str) -> tuple[int, int, int, int]:
+def _blocks(device: torch.device, head_dim: int, kernel: str, masked: bool = False,
+            dropout: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel "fwd", "dkdv" or "dq". Chosen
     so that none spills on sm_90a and every dot lowers to wgmma, whose tiles have at
     least 64 rows: BLOCK_N >= 64 in dkdv (its dots give [keys, .] tiles), BLOCK_M >= 64
-    in the others (scripts/sm90_attention_resources.py; untimed: to be measured on a
-    GPU). The interpreter gets small tiles (it runs them in numpy)."""
+    in the others (mmfast/compile_gate; untimed: to be measured on a GPU). ``masked``: a
+    window bound (causal included); ``dropout``: the Philox mask. Both add live [M, N]
+    tiles, so two specialisations get smaller or wider tiles (kernels/README.md lists
+    what each costs):
+
+    - dropout at head dims <= 64: 8 warps, not 4, in the forward (128 x 64 at 4 warps
+      spilled 48 B beside the mask) and in dK/dV (64 x 64 at 4 warps: 8 B under triton 3.6);
+    - dK/dV with a mask or dropout, head-dim tiles 96-128 wide: 32 query rows a step, not
+      64 (64 x 64 at 8 warps spilled 48-136 B at head dim 128, 40 B at 96).
+
+    The interpreter gets small tiles (it runs them in numpy)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
     width = sum(head_dim_pieces(head_dim))
     if kernel == "fwd":
         if width <= 64:
-            return 128, 64, 4, 3
+            return 128, 64, (8 if dropout else 4), 3
         return (128, 32, 8, 2) if width <= 128 else (64, 32, 8, 1)
     if width <= 64:
-        return 64, 64, 4, 2
+        return 64, 64, (8 if dropout and kernel == "dkdv" else 4), 2
     if width <= 128:
-        return 64, 64, 8, 2
+        thin = kernel == "dkdv" and width > 80 and (masked or dropout)
+        return (32 if thin else 64), 64, 8, 2
     return (32, 64, 8, 2) if kernel == "dkdv" else (64, 32, 8, 1)
 
 
@@ -931,7 +942,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
         out, lse = into
     if batch == 0 or grid_q == 0 or heads == 0 or q.numel() == 0:
         return out, lse
-    main = _blocks(q.device, head_dim, "fwd")
+    main = _blocks(q.device, head_dim, "fwd", dropout=dropout_p > 0)
     cu_q = cu_seqlens_q if varlen else q
     cu_k = cu_seqlens_k if varlen else q
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
@@ -1003,7 +1014,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     sizes = (stride_cb, stride_ct, seqlen_q, seqlen_k, head_dim, heads // kv_heads, scale,
              window_left, window_right, half, *_dropout_args(dropout_p), q.shape[-3], k.shape[-3])
     seed = seed if seed is not None else cu_q
-    query_passes = _passes(grid_q, _blocks(q.device, head_dim, "dq"), False, varlen, skip_up_to, q.device)
+    masked, dropout = window_left >= 0 or window_right >= 0, dropout_p > 0
+    query_passes = _passes(grid_q, _blocks(q.device, head_dim, "dq", masked, dropout), False, varlen, skip_up_to,
+                           q.device)
     for grid0, first, loop, (BLOCK_M, _, num_warps, num_stages), skip in query_passes:
         _attention_bwd_preprocess_kernel[(grid0, batch, heads)](
             out, do, dlse if dlse is not None else lse, delta, cu_q, cu_k,
@@ -1012,7 +1025,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
             VARLEN=varlen, HAS_DLSE=dlse is not None, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )
     for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
-            grid_k, _blocks(q.device, head_dim, "dkdv"), True, varlen, skip_up_to, q.device):
+            grid_k, _blocks(q.device, head_dim, "dkdv", masked, dropout), True, varlen, skip_up_to, q.device):
         _attention_bwd_dkdv_kernel[(grid0, batch, kv_heads)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, table_cos, table_sin, seed,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen),

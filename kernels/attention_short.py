@@ -24,7 +24,8 @@ Semantics are those of attention.py: packed layout Q [Tq, Hq, D], K/V [Tk, Hk, D
 cu_seqlens int32 [B+1]; bottom-right aligned windows (causal is window_right = 0); a
 query that sees no key gets out = 0 and lse = -inf; lse [Hq, Tq] in float32.
 
-Backward: one program per (group of SEGS segments, K/V head) owns every query and key of
+Backward (segments of at most BWD_MAX_KEYS keys; longer ones take attention.py's
+backward): one program per (group of SEGS segments, K/V head) owns every query and key of
 its segments, so it computes dq, dk and dv completely, with no atomics and no second
 pass (deterministic). It holds dk and dv for the tile's keys in registers while looping
 over the query heads of the GQA group and the SPLIT query chunks. Every key of a row is
@@ -61,12 +62,15 @@ LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 
-# The longest segment this path takes. The backward keeps dK and dV of a whole slot of
-# keys in registers: at 128 keys and head dim 128 that is 128 KiB of float32 per program,
-# as much as the general kernel's backward tile; past it the general kernel's tiles are
-# full anyway.
+# The longest segment this path takes: past it the general kernel's tiles are full anyway.
 MAX_SEQLEN = 128
 MAX_HEAD_DIM = 128
+# The backward kernel holds dK and dV of a tile's keys in registers. At 128 keys it spilled
+# on sm_90a in every specialisation tried from head dim 80 up (16 B at 128; 264 B at 128
+# with dropout; 144-464 B at 80-96 with dropout, rotary or both), and 32-row query chunks
+# did not cure it. Segments with more keys than this take the general kernels' backward,
+# whose 64 x 64 tiles hold such a segment in two blocks (the forward stays here).
+BWD_MAX_KEYS = 64
 
 
 @triton.jit
@@ -505,7 +509,8 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     """Backward of :func:`attention_short_fwd` in one launch. Returns (dq, dk, dv) in the
     dtypes and shapes of q, k, v. ``dlse`` is the gradient of lse, or None. ``out`` and
     ``lse`` are unused (the signature is the general kernel's): the tile recomputes the
-    softmax and delta itself. With rotary tables (as in the forward), dq and dk are the
+    softmax and delta itself. Segments of more than BWD_MAX_KEYS keys (max_seqlen_k) run
+    the general kernels' backward instead, which uses them. With rotary tables (as in the forward), dq and dk are the
     gradients wrt the unrotated q and k. ``seed``, ``dropout_p``: those of the forward.
     Segments too long for their slots go to the general kernels, as in the forward."""
     heads, kv_heads, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -519,9 +524,13 @@ def attention_short_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
         # Nothing attends: every gradient is zero (and must be written).
         return dq.zero_(), dk.zero_(), dv.zero_()
+    table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
+    if triton.next_power_of_2(max(max_seqlen_k, 1)) > BWD_MAX_KEYS:  # see BWD_MAX_KEYS
+        return attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             window_left, window_right, scale, cos, sin, seed, dropout_p,
+                             table_seg_stride=stride_cs)
     SEGS, ROWS, SPLIT, SLOT_K, num_warps = _plan(q.device, max_seqlen_q, max_seqlen_k, backward=True,
                                                  dropout=dropout_p > 0)
-    table_cos, table_sin, stride_ct, stride_cs, half = _rotary_args(q, cos, sin, table_seg_stride)
     if cos is not None:  # the kernel reads rotated copies and rotates dq, dk back (see _rotated)
         rotary = (table_cos, table_sin, stride_ct, stride_cs, half)
         q_rot = _rotated(q, cu_seqlens_q, ROWS * SPLIT, rotary)

@@ -30,7 +30,10 @@ import triton.language as tl
 
 from ._launch import dense, empty, multiprocessor_count, unit_last
 
-# Beyond this the launcher refuses (dispatch falls back).
+# The widest rows the op's dispatch gives these kernels (wider ones fall back to another
+# backend): the widest the sm_90a compile gate checks (mmfast/compile_gate/cases.py). The
+# looped kernels themselves take any width, but the backward's float32 dw/db partial rows
+# ([programs, N], programs = 4 x SMs) grow with it: 138 MB each at N = 65536 on an H100.
 MAX_N = 65536
 # Rows up to this width live in registers whole; wider rows are walked in chunks of this
 # width (the looped kernels): a whole 64k-wide row held at once spills on an H100. The

@@ -174,10 +174,12 @@ def _run_triton(x, weight, bias, residual, eps, is_rms):
 
 
 def _triton_limits(call: Call):
-    from mmfast.kernels.norm import MAX_N
+    from mmfast.kernels.norm import MAX_BLOCK_N, MAX_N
 
     if call.facts["hidden"] > MAX_N:
-        yield f"hidden size {call.facts['hidden']} > {MAX_N} (whole rows are kept in registers)"
+        yield (f"hidden size {call.facts['hidden']} > {MAX_N}: the widest rows the kernels are compiled and checked "
+               f"at (rows wider than {MAX_BLOCK_N} are walked in chunks; the backward's float32 weight-gradient "
+               f"partials grow with the width)")
 
 
 def _run_cuda(x, weight, bias, residual, eps, is_rms):

@@ -222,11 +222,29 @@ def test_short_rows_with_one_key_float32(device):
 
 
 def test_short_longest_segments(device):
-    # Segments at the path's limit, 128 tokens (on CPU: 8 query chunks per slot).
+    # Segments at the path's limit, 128 tokens (the forward on CPU: 8 query chunks per
+    # slot; the backward: the general kernels, see the next test).
     from mmfast.ops.attention import SHORT_MAX_SEQLEN
 
     _check_packed([SHORT_MAX_SEQLEN, 5], [SHORT_MAX_SEQLEN - 1, SHORT_MAX_SEQLEN], 2, 1, 32,
                   torch.float32, device, "triton_short", window=(20, 3))
+
+
+def test_short_backward_hands_long_segments_to_the_general_kernels(monkeypatch, device):
+    # dK, dV of more than BWD_MAX_KEYS keys spilled in the short kernel's backward on
+    # sm_90a: such segments take the general kernels' backward whole (no skip_up_to);
+    # shorter ones stay in the short kernel (the general one gets only leftovers).
+    from mmfast.kernels import attention_short
+
+    original, skips = attention_short.attention_bwd, []
+    monkeypatch.setattr(attention_short, "attention_bwd",
+                        lambda *a, **kw: skips.append(kw.get("skip_up_to")) or original(*a, **kw))
+    longest = attention_short.BWD_MAX_KEYS
+    _check_packed([longest, 5], [longest, 3], 2, 1, 16, torch.float16, device, "triton_short", causal=True)
+    assert skips and all(skip is not None for skip in skips)
+    skips.clear()
+    _check_packed([9, 5], [longest + 1, 3], 2, 1, 16, torch.float16, device, "triton_short", causal=True)
+    assert skips and all(skip is None for skip in skips)
 
 
 def test_short_limits_match_the_kernel():
