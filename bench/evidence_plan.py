@@ -52,6 +52,7 @@ HEADLINE = {
     "scheduler_step": "sd15-euler-8x4x64x64-fp16",
     "vae": "sd15-512-float16",
     "wan_vae_norm": "wan-rms-silu-fwd-1x96x4x480x832-bfloat16",  # the decoder's widest norm input
+    "sam_encoder_attention": "vit-h-encoder-fwd-b1-1024px-bf16",  # issue 19: SAM ViT-H encoder vs sdpa
 }
 
 
