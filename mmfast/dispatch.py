@@ -172,12 +172,15 @@ class OpFamily:
     def __init__(self, name: str):
         self.name = name
         self.backends: dict[str, Backend] = {}
+        # The default choice for CPU calls, by what a backend may look at (see _cpu_choice_key).
+        self._cpu_choices: dict[tuple, Backend] = {}
 
     def register(self, backend: Backend) -> Backend:
         """Add ``backend`` after those already registered (lower priority)."""
         if backend.name in self.backends:
             raise ValueError(f"op family '{self.name}' already has a backend '{backend.name}'")
         self.backends[backend.name] = backend
+        self._cpu_choices.clear()
         return backend
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
@@ -200,6 +203,20 @@ class OpFamily:
                 )
             _log_choice(self.name, chosen.name, call)
             return chosen
+        key = _cpu_choice_key(call)
+        if key is not None:
+            cached = self._cpu_choices.get(key)
+            # A backend replaced in ``backends`` since (tests do) is asked again.
+            if cached is not None and self.backends.get(cached.name) is cached:
+                return cached
+        chosen = self._first_fit(call)
+        if key is not None:
+            if len(self._cpu_choices) >= _CPU_CHOICES_KEPT:
+                self._cpu_choices.clear()
+            self._cpu_choices[key] = chosen
+        return chosen
+
+    def _first_fit(self, call: Call) -> Backend:
         report = []
         for candidate in self.backends.values():
             if candidate.measured:
@@ -217,6 +234,28 @@ class OpFamily:
             f"{self.name}: no backend can take a call on {call.device.type} "
             f"with dtype {_dtype_name(call.dtype)}:\n" + "\n".join(report)
         )
+
+
+_CPU_CHOICES_KEPT = 4096  # distinct CPU calls remembered per family (max_seqlen facts vary)
+
+
+def _cpu_choice_key(call: Call) -> tuple | None:
+    """What the default choice for a CPU call depends on, or None where it is not cached.
+
+    On a CPU, every input of that choice is in the call (device, dtype, head dim, layout,
+    facts) or fixed for the process (installed modules, cached when first asked), except
+    TRITON_INTERPRET, which is part of the key. Remembering the choice spares each op call
+    the walk over its backends' reasons: on a CPU that walk cost as much as a small op.
+    Not for other devices (compute capability, the tuning tables) nor under torch.compile.
+    """
+    if call.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    key = (call.dtype, call.head_dim, call.layout, triton_interpreted(), tuple(call.facts.items()))
+    try:
+        hash(key)
+    except TypeError:  # a fact that cannot be a key: decide afresh
+        return None
+    return key
 
 
 _families: dict[str, OpFamily] = {}
@@ -336,6 +375,8 @@ def current_overrides() -> dict[str, str]:
 
 
 def _override_for(family: OpFamily) -> tuple[str | None, str]:
+    if not _current_layers() and not os.environ.get(ENV_VAR):  # the usual case, decided cheaply
+        return None, ""
     for overrides, source in ((current_overrides(), "set_backend"), (_env_overrides(), ENV_VAR)):
         if family.name in overrides:
             return overrides[family.name], source

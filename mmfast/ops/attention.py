@@ -88,6 +88,7 @@ from torch import Tensor
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, triton_head_dim
 from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
+from mmfast.ops._sdpa_segments import attend_on_host
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
@@ -424,6 +425,10 @@ def _run_cuda_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               window_left, window_right, scale, dropout_p=0.0, seed=None):
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # cu_seqlens read on the host for free
+        out = attend_on_host(q, k, v, cu_seqlens_q, cu_seqlens_k, (window_left, window_right), scale, dropout_p)
+        if out is not None:
+            return out, None
     packed = cu_seqlens_q is not None
     group = q.shape[-2] // k.shape[-2]
     qh = q.transpose(-3, -2)

@@ -14,8 +14,10 @@ the dtype of ``x``, weight and bias gradients the dtype of the parameter.
 Backends: ``cuda`` (CUDA C++, csrc/norm.cu: fp16, bf16, fp32 with weight and bias of
 x's dtype; N <= 8192; compute capability >= 8.0; built on first use; taken by default only
 where mmfast.tuning measured it faster on the device), ``triton`` (fp16, bf16, fp32;
-N <= 65536; CUDA, or CPU under TRITON_INTERPRET=1), ``torch`` (the reference below; any
-device and floating dtype).
+N <= 65536; CUDA, or CPU under TRITON_INTERPRET=1), ``native`` (PyTorch's own fused
+``F.layer_norm`` / ``F.rms_norm`` in x's dtype, as Hugging Face's and diffusers' modules
+call them: the path where no kernel of ours runs, e.g. a CPU; weight and bias of x's
+dtype), ``torch`` (the reference below, the tests' oracle; any device and floating dtype).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from numbers import Real
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
@@ -198,6 +201,18 @@ def _cuda_limits(call: Call):
         yield f"CUDA C++ path unavailable: {reason}"
 
 
+def _run_native(x, weight, bias, residual, eps, is_rms):
+    h = x if residual is None else x + residual
+    shape = h.shape[-1:]
+    y = F.rms_norm(h, shape, weight, eps) if is_rms else F.layer_norm(h, shape, weight, bias, eps)
+    return y, (h if residual is not None else None)
+
+
+def _native_limits(call: Call):
+    if any(d != call.dtype for d in call.facts["param_dtypes"]):
+        yield "weight and bias must have the dtype of x"
+
+
 def _run_torch(x, weight, bias, residual, eps, is_rms):
     y, h = norm_reference(x, weight, bias, residual, eps, is_rms)
     return y, (h if residual is not None else None)
@@ -224,6 +239,7 @@ NORM.register(
         check=_triton_limits,
     )
 )
+NORM.register(Backend("native", _run_native, check=_native_limits))
 NORM.register(Backend("torch", _run_torch))
 
 
