@@ -172,7 +172,7 @@ class OpFamily:
     def __init__(self, name: str):
         self.name = name
         self.backends: dict[str, Backend] = {}
-        # The default choice for CPU calls, by what a backend may look at (see _cpu_choice_key).
+        # The default choice for CPU calls, by what decides it (see _cpu_default).
         self._cpu_choices: dict[tuple, Backend] = {}
 
     def register(self, backend: Backend) -> Backend:
@@ -185,6 +185,9 @@ class OpFamily:
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
         """The backend that runs ``call``: an override if any, else the first that fits."""
+        if backend is None and call.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not _layers.get() and not os.environ.get(ENV_VAR):
+            return self._cpu_default(call)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
         name, source = backend, "backend="
@@ -203,18 +206,26 @@ class OpFamily:
                 )
             _log_choice(self.name, chosen.name, call)
             return chosen
-        key = _cpu_choice_key(call)
-        if key is not None:
+        return self._first_fit(call)
+
+    def _cpu_default(self, call: Call) -> Backend:
+        """The default choice for a CPU call with no override in force, remembered by what
+        decides it: every input of that choice is in the call (dtype, head dim, layout,
+        facts) or fixed for the process (installed modules, cached when first asked),
+        except TRITON_INTERPRET, which is part of the key. On a CPU the walk over the
+        backends' reasons cost as much as a small op; this path is kept short for the same
+        reason. (Other devices also depend on compute capability and the tuning tables.)"""
+        key = (call.dtype, call.head_dim, call.layout, triton_interpreted(), tuple(call.facts.items()))
+        try:
             cached = self._cpu_choices.get(key)
-            # A backend replaced in ``backends`` since (tests do) is asked again.
-            if cached is not None and self.backends.get(cached.name) is cached:
-                return cached
-        chosen = self._first_fit(call)
-        if key is not None:
+        except TypeError:  # a fact that cannot be a key: decide afresh
+            return self._first_fit(call)
+        # A backend replaced in ``backends`` since (tests do) is asked again.
+        if cached is None or self.backends.get(cached.name) is not cached:
             if len(self._cpu_choices) >= _CPU_CHOICES_KEPT:
                 self._cpu_choices.clear()
-            self._cpu_choices[key] = chosen
-        return chosen
+            cached = self._cpu_choices[key] = self._first_fit(call)
+        return cached
 
     def _first_fit(self, call: Call) -> Backend:
         report = []
@@ -237,25 +248,6 @@ class OpFamily:
 
 
 _CPU_CHOICES_KEPT = 4096  # distinct CPU calls remembered per family (max_seqlen facts vary)
-
-
-def _cpu_choice_key(call: Call) -> tuple | None:
-    """What the default choice for a CPU call depends on, or None where it is not cached.
-
-    On a CPU, every input of that choice is in the call (device, dtype, head dim, layout,
-    facts) or fixed for the process (installed modules, cached when first asked), except
-    TRITON_INTERPRET, which is part of the key. Remembering the choice spares each op call
-    the walk over its backends' reasons: on a CPU that walk cost as much as a small op.
-    Not for other devices (compute capability, the tuning tables) nor under torch.compile.
-    """
-    if call.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    key = (call.dtype, call.head_dim, call.layout, triton_interpreted(), tuple(call.facts.items()))
-    try:
-        hash(key)
-    except TypeError:  # a fact that cannot be a key: decide afresh
-        return None
-    return key
 
 
 _families: dict[str, OpFamily] = {}
@@ -375,8 +367,6 @@ def current_overrides() -> dict[str, str]:
 
 
 def _override_for(family: OpFamily) -> tuple[str | None, str]:
-    if not _current_layers() and not os.environ.get(ENV_VAR):  # the usual case, decided cheaply
-        return None, ""
     for overrides, source in ((current_overrides(), "set_backend"), (_env_overrides(), ENV_VAR)):
         if family.name in overrides:
             return overrides[family.name], source
