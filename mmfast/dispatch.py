@@ -166,21 +166,37 @@ class NoBackendError(ValueError):
     A ValueError, so that callers catch every refusal of their input one way."""
 
 
+class _BackendTable(dict):
+    """A family's backends by name; ``version`` counts the changes (registration, or a
+    test replacing one), which the remembered CPU choices are only valid for."""
+
+    version = 0
+
+    def __setitem__(self, name, backend):
+        super().__setitem__(name, backend)
+        self.version += 1
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        self.version += 1
+
+
 class OpFamily:
     """The backends of one op family, in priority order."""
 
     def __init__(self, name: str):
         self.name = name
-        self.backends: dict[str, Backend] = {}
-        # The default choice for CPU calls, by what decides it (see _cpu_default).
+        self.backends: dict[str, Backend] = _BackendTable()
+        # The default choice for CPU calls, by what decides it (see _cpu_default), for the
+        # backends of version _cpu_version.
         self._cpu_choices: dict[tuple, Backend] = {}
+        self._cpu_version = -1
 
     def register(self, backend: Backend) -> Backend:
         """Add ``backend`` after those already registered (lower priority)."""
         if backend.name in self.backends:
             raise ValueError(f"op family '{self.name}' already has a backend '{backend.name}'")
         self.backends[backend.name] = backend
-        self._cpu_choices.clear()
         return backend
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
@@ -215,13 +231,18 @@ class OpFamily:
         except TRITON_INTERPRET, which is part of the key. On a CPU the walk over the
         backends' reasons cost as much as a small op; this path is kept short for the same
         reason. (Other devices also depend on compute capability and the tuning tables.)"""
+        version = getattr(self.backends, "version", None)
+        if version != self._cpu_version:  # backends registered or replaced (tests do): decide afresh
+            self._cpu_choices.clear()
+            if version is None:  # not a _BackendTable: changes cannot be seen
+                return self._first_fit(call)
+            self._cpu_version = version
         key = (call.dtype, call.head_dim, call.layout, triton_interpreted(), tuple(call.facts.items()))
         try:
             cached = self._cpu_choices.get(key)
         except TypeError:  # a fact that cannot be a key: decide afresh
             return self._first_fit(call)
-        # A backend replaced in ``backends`` since (tests do) is asked again.
-        if cached is None or self.backends.get(cached.name) is not cached:
+        if cached is None:
             if len(self._cpu_choices) >= _CPU_CHOICES_KEPT:
                 self._cpu_choices.clear()
             cached = self._cpu_choices[key] = self._first_fit(call)

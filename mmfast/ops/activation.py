@@ -25,9 +25,10 @@ input dtype. The backward pass recomputes the activation from the saved input(s)
 of saving it.
 
 Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), ``native``
-(PyTorch's own ``F.gelu`` / ``F.silu`` in the input dtype, as Hugging Face's and diffusers'
-activation modules compute them: the path where no kernel of ours runs, e.g. a CPU),
-``torch`` (the reference below, the tests' oracle; any floating dtype and device).
+(fp16, bf16, fp32: PyTorch's own ``F.gelu`` / ``F.silu`` in the input dtype, as Hugging
+Face's and diffusers' activation modules compute them: the path where no kernel of ours
+runs, e.g. a CPU), ``torch`` (the reference below, the tests' oracle; any floating dtype
+and device).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ ACTIVATION = op_family("activation")
 ACTIVATION.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
 )
-ACTIVATION.register(Backend("native", _run_native))
+ACTIVATION.register(Backend("native", _run_native, dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 ACTIVATION.register(Backend("torch", _run_torch))
 
 

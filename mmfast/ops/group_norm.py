@@ -16,9 +16,10 @@ bias of x's dtype; channels-last groups of at most 256 channels; built on first 
 taken by default only where mmfast.tuning measured it faster on the device), ``triton``
 (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), each (batch, group) split over
 several programs along the spatial extent so that a batch of 2 fills a GPU; ``native``
-(PyTorch's own ``F.group_norm`` then ``F.silu`` in x's dtype, as diffusers' blocks call
-them: the path where no kernel of ours runs, e.g. a CPU; weight and bias of x's dtype);
-``torch`` (the reference below, the tests' oracle; any device and floating dtype).
+(fp16, bf16, fp32: PyTorch's own ``F.group_norm`` then ``F.silu`` in x's dtype, as
+diffusers' blocks call them: the path where no kernel of ours runs, e.g. a CPU; weight and
+bias of x's dtype); ``torch`` (the reference below, the tests' oracle; any device and
+floating dtype).
 No check reads device memory: every call is CUDA-graph capturable.
 """
 
@@ -210,7 +211,7 @@ def _run_native(x, num_groups, weight, bias, eps, activation):
 
 
 def _native_limits(call: Call):
-    if any(d != call.dtype for d in call.facts["param_dtypes"]):
+    if any(d != call.dtype for d in call.facts.get("param_dtypes", ())):
         yield "weight and bias must have the dtype of x"
     if call.facts["channels"] == call.facts["groups"] and call.facts["spatial"] == 1 and call.facts["batch"] == 1:
         yield "one value per group and a batch of one (F.group_norm refuses it)"
@@ -230,7 +231,9 @@ GROUP_NORM.register(
 GROUP_NORM.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
 )
-GROUP_NORM.register(Backend("native", _run_native, check=_native_limits))
+GROUP_NORM.register(
+    Backend("native", _run_native, dtypes=(torch.float16, torch.bfloat16, torch.float32), check=_native_limits)
+)
 GROUP_NORM.register(Backend("torch", _run_torch))
 
 
