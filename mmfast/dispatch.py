@@ -245,7 +245,8 @@ class OpFamily:
         if cached is None:
             if len(self._cpu_choices) >= _CPU_CHOICES_KEPT:
                 self._cpu_choices.clear()
-            cached = self._cpu_choices[key] = self._first_fit(call)
+            return self._cpu_choices.setdefault(key, self._first_fit(call))
+        _log_choice(self.name, cached.name, call)  # every decision is seen (profile's record_backends)
         return cached
 
     def _first_fit(self, call: Call) -> Backend:

@@ -205,3 +205,14 @@ def test_remembered_cpu_choice_asks_a_replaced_backend_again(monkeypatch):
         patched.setitem(family.backends, "native", refusing)
         assert family.select(call).name == "torch"
     assert family.select(call).name == "native"  # and again once it is back
+
+
+def test_remembered_cpu_choice_is_still_reported(monkeypatch):
+    # mmfast profile lists the backends that ran from _log_choice: a remembered choice too.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    seen = []
+    monkeypatch.setattr(dispatch, "_log_choice", lambda op, backend, call: seen.append((op, backend)))
+    call = Call(device=CPU, dtype=torch.float32, facts={"hidden": 32, "param_dtypes": (), "rms": False})
+    for _ in range(3):
+        mmfast.ops.norm.NORM.select(call)
+    assert seen == [("norm", "native")] * 3

@@ -67,9 +67,11 @@ TRITON_INTERPRET=1 for both Triton backends), then the optional libraries (mmfas
 no lse): ``flash_attn_cute`` (flash-attn 4, sm90+, head dims 64/96/128), ``flash_attn``
 (flash-attn 2, sm80+, head dims multiple of 8 up to 256), ``xformers``
 (memory_efficient_attention with a BlockDiagonalMask; no causal or windows), then
-``sdpa`` (torch.nn.functional.scaled_dot_product_attention; no lse; K/V heads are
-repeated for GQA; packed layout through a block-diagonal boolean [Tq, Tk] mask built on
-the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference
+``sdpa`` (torch.nn.functional.scaled_dot_product_attention; no lse; on a CPU, where
+cu_seqlens are read for free, one SDPA call per run of equal segments, GQA without copies
+(mmfast.ops._sdpa_segments); elsewhere, and for what that path hands back, K/V heads are
+repeated for GQA and the packed layout goes through a block-diagonal boolean [Tq, Tk] mask
+built on the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference
 below, any floating dtype; memory B * Hq * Tq * Tk floats). The optional libraries rank
 below triton until measured otherwise; a missing one is skipped with its reason, and
 forcing it (``backend="xformers"``) raises NoBackendError with that reason.

@@ -39,7 +39,8 @@ them on every call (one more sync).
 Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 8..256, below 32
 multiples of 8; the key axis split over programs when queries are few, flash-decoding
 style; CUDA, or CPU under TRITON_INTERPRET=1), ``sdpa`` (torch's scaled_dot_product_attention with the mask
-materialised densely, as Hugging Face models do), ``torch`` (the reference below).
+materialised densely, as Hugging Face models do; on a CPU without a mask, one SDPA call per
+run of equal samples, mmfast.ops._sdpa_segments), ``torch`` (the reference below).
 """
 
 from __future__ import annotations
