@@ -81,8 +81,8 @@ def _finite(*tensors: Tensor) -> bool:
     return bool(torch.isfinite(total))
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def plan_runs(runs: list[Run], tokens_q: int, tokens_k: int, window: tuple[int, int], q: Tensor, k: Tensor,
@@ -127,6 +127,8 @@ def _window_mask(len_q: int, len_k: int, window: tuple[int, int], device) -> Ten
 def _sdpa(qh: Tensor, kh: Tensor, vh: Tensor, window: tuple[int, int], scale: float, dropout_p: float) -> Tensor:
     len_q, len_k = qh.shape[-2], kh.shape[-2]
     gqa = qh.shape[-3] != kh.shape[-3]
+    if window == (-1, -1):
+        return F.scaled_dot_product_attention(qh, kh, vh, scale=scale, dropout_p=dropout_p, enable_gqa=gqa)
     if window == (-1, 0) and len_q == len_k and len_q > 1:
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, dropout_p=dropout_p,
                                               enable_gqa=gqa)
@@ -156,8 +158,7 @@ def sdpa_runs(q: Tensor, k: Tensor, v: Tensor, runs: list[Run], window: tuple[in
 def sdpa_padded(q: Tensor, k: Tensor, v: Tensor, window: tuple[int, int], scale: float,
                 dropout_p: float = 0.0) -> Tensor:
     """Padded q [B, Tq, Hq, D] over k, v [B, Tk, Hk, D]; returns [B, Tq, Hq, D]."""
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    return _sdpa(qh, kh, vh, window, scale, dropout_p).transpose(1, 2)
+    return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window, scale, dropout_p).transpose(1, 2)
 
 
 def attend_on_host(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,

@@ -627,11 +627,15 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
         )
 
 
+def _window_side(w) -> bool:
+    return isinstance(w, int) and not isinstance(w, bool) and w >= -1
+
+
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
     check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and _window_side(window[0])
+            and _window_side(window[1])):
         raise ValueError(f"window: expected (left, right), ints >= -1 (-1: unbounded), got {window!r}")
     check_scale(scale)
     return check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -699,8 +703,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         window_right = 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     layout = "packed" if q.dim() == 3 else "padded"
-    tensors = (q, k, v) + (tuple(rotary) if rotary is not None else ())
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    requires_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad)))
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,

@@ -213,7 +213,7 @@ def _run_native(x, num_groups, weight, bias, eps, activation):
 def _native_limits(call: Call):
     if any(d != call.dtype for d in call.facts.get("param_dtypes", ())):
         yield "weight and bias must have the dtype of x"
-    if call.facts["channels"] == call.facts["groups"] and call.facts["spatial"] == 1 and call.facts["batch"] == 1:
+    if call.facts.get("one_value_per_group"):
         yield "one value per group and a batch of one (F.group_norm refuses it)"
 
 
@@ -288,7 +288,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     spatial = math.prod(x.shape[2:])
     channels_last = _memory_format(x) not in (None, torch.contiguous_format) and spatial > 1
     facts = {"channels": x.shape[1], "group_channels": x.shape[1] // num_groups, "spatial": spatial,
-             "groups": num_groups, "batch": x.shape[0],
+             "one_value_per_group": x.numel() == num_groups,  # and a batch of one
              "param_dtypes": tuple(p.dtype for p in (weight, bias) if p is not None)}
     layout = "channels_last" if channels_last else "nchw"
     call = Call(device=x.device, dtype=x.dtype, layout=layout, facts=facts)
