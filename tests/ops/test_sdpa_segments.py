@@ -71,7 +71,8 @@ def test_packed_matches_the_reference(lengths_q, lengths_k, causal, window, head
 
 
 @pytest.mark.parametrize("tokens_q,tokens_k,causal,window", [
-    (7, 7, True, (-1, -1)), (3, 9, True, (-1, -1)), (1, 9, True, (-1, -1)), (5, 8, False, (2, 0)), (6, 6, False, (-1, -1)),
+    (7, 7, True, (-1, -1)), (3, 9, True, (-1, -1)), (1, 9, True, (-1, -1)), (5, 8, False, (2, 0)),
+    (6, 6, False, (-1, -1)),
 ])
 def test_padded_matches_the_reference(tokens_q, tokens_k, causal, window, monkeypatch):
     q, k, v = _qkv(tokens_q, tokens_k, 4, 2, batch=3)
