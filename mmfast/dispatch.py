@@ -166,12 +166,31 @@ class NoBackendError(ValueError):
     A ValueError, so that callers catch every refusal of their input one way."""
 
 
+class _BackendTable(dict):
+    """A family's backends by name; ``version`` counts the changes (registration, or a
+    test replacing one), which the remembered CPU choices are only valid for."""
+
+    version = 0
+
+    def __setitem__(self, name, backend):
+        super().__setitem__(name, backend)
+        self.version += 1
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        self.version += 1
+
+
 class OpFamily:
     """The backends of one op family, in priority order."""
 
     def __init__(self, name: str):
         self.name = name
-        self.backends: dict[str, Backend] = {}
+        self.backends: dict[str, Backend] = _BackendTable()
+        # The default choice for CPU calls, by what decides it (see _cpu_default), for the
+        # backends of version _cpu_version.
+        self._cpu_choices: dict[tuple, Backend] = {}
+        self._cpu_version = -1
 
     def register(self, backend: Backend) -> Backend:
         """Add ``backend`` after those already registered (lower priority)."""
@@ -182,6 +201,9 @@ class OpFamily:
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
         """The backend that runs ``call``: an override if any, else the first that fits."""
+        if backend is None and call.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not _layers.get() and not os.environ.get(ENV_VAR):
+            return self._cpu_default(call)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
         name, source = backend, "backend="
@@ -200,6 +222,34 @@ class OpFamily:
                 )
             _log_choice(self.name, chosen.name, call)
             return chosen
+        return self._first_fit(call)
+
+    def _cpu_default(self, call: Call) -> Backend:
+        """The default choice for a CPU call with no override in force, remembered by what
+        decides it: every input of that choice is in the call (dtype, head dim, layout,
+        facts) or fixed for the process (installed modules, cached when first asked),
+        except TRITON_INTERPRET, which is part of the key. On a CPU the walk over the
+        backends' reasons cost as much as a small op; this path is kept short for the same
+        reason. (Other devices also depend on compute capability and the tuning tables.)"""
+        version = getattr(self.backends, "version", None)
+        if version != self._cpu_version:  # backends registered or replaced (tests do): decide afresh
+            self._cpu_choices.clear()
+            if version is None:  # not a _BackendTable: changes cannot be seen
+                return self._first_fit(call)
+            self._cpu_version = version
+        key = (call.dtype, call.head_dim, call.layout, triton_interpreted(), tuple(call.facts.items()))
+        try:
+            cached = self._cpu_choices.get(key)
+        except TypeError:  # a fact that cannot be a key: decide afresh
+            return self._first_fit(call)
+        if cached is None:
+            if len(self._cpu_choices) >= _CPU_CHOICES_KEPT:
+                self._cpu_choices.clear()
+            return self._cpu_choices.setdefault(key, self._first_fit(call))
+        _log_choice(self.name, cached.name, call)  # every decision is seen (profile's record_backends)
+        return cached
+
+    def _first_fit(self, call: Call) -> Backend:
         report = []
         for candidate in self.backends.values():
             if candidate.measured:
@@ -217,6 +267,9 @@ class OpFamily:
             f"{self.name}: no backend can take a call on {call.device.type} "
             f"with dtype {_dtype_name(call.dtype)}:\n" + "\n".join(report)
         )
+
+
+_CPU_CHOICES_KEPT = 4096  # distinct CPU calls remembered per family (max_seqlen facts vary)
 
 
 _families: dict[str, OpFamily] = {}

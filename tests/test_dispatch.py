@@ -179,7 +179,40 @@ def test_duplicate_backend_name_rejected(toy):
         toy.register(Backend("fast", run=None))
 
 
-def test_norm_on_cpu_without_interpreter_uses_torch(monkeypatch):
+def test_norm_on_cpu_without_interpreter_uses_native(monkeypatch):
+    # Where no Triton kernel runs, PyTorch's fused ops, not the float32/float64 oracle.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    call = Call(device=CPU, dtype=torch.float32, facts={"hidden": 64})
-    assert mmfast.ops.norm.NORM.select(call).name == "torch"
+    call = Call(device=CPU, dtype=torch.float32, facts={"hidden": 64, "param_dtypes": (torch.float32,), "rms": True})
+    assert mmfast.ops.norm.NORM.select(call).name == "native"
+    # The remembered CPU choice follows TRITON_INTERPRET, and the oracle keeps float64
+    # and weights of another dtype.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert mmfast.ops.norm.NORM.select(call).name == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert mmfast.ops.norm.NORM.select(call).name == "native"
+    assert mmfast.ops.norm.NORM.select(dataclasses.replace(call, dtype=torch.float64)).name == "torch"
+    mixed = Call(device=CPU, dtype=torch.bfloat16, facts={"hidden": 64, "param_dtypes": (torch.float32,), "rms": True})
+    assert mmfast.ops.norm.NORM.select(mixed).name == "torch"
+
+
+def test_remembered_cpu_choice_asks_a_replaced_backend_again(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    call = Call(device=CPU, dtype=torch.float32, facts={"hidden": 64, "param_dtypes": (), "rms": True})
+    family = mmfast.ops.norm.NORM
+    assert family.select(call).name == "native"
+    refusing = dataclasses.replace(family.backends["native"], check=lambda call: ["refuses"])
+    with monkeypatch.context() as patched:
+        patched.setitem(family.backends, "native", refusing)
+        assert family.select(call).name == "torch"
+    assert family.select(call).name == "native"  # and again once it is back
+
+
+def test_remembered_cpu_choice_is_still_reported(monkeypatch):
+    # mmfast profile lists the backends that ran from _log_choice: a remembered choice too.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    seen = []
+    monkeypatch.setattr(dispatch, "_log_choice", lambda op, backend, call: seen.append((op, backend)))
+    call = Call(device=CPU, dtype=torch.float32, facts={"hidden": 32, "param_dtypes": (), "rms": False})
+    for _ in range(3):
+        mmfast.ops.norm.NORM.select(call)
+    assert seen == [("norm", "native")] * 3

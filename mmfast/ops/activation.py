@@ -24,8 +24,11 @@ Activations are computed in float32 (float64 for float64 inputs) and rounded onc
 input dtype. The backward pass recomputes the activation from the saved input(s) instead
 of saving it.
 
-Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), ``torch``
-(the reference below; any floating dtype and device).
+Backends: ``triton`` (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), ``native``
+(fp16, bf16, fp32: PyTorch's own ``F.gelu`` / ``F.silu`` in the input dtype, as Hugging
+Face's and diffusers' activation modules compute them: the path where no kernel of ours
+runs, e.g. a CPU), ``torch`` (the reference below, the tests' oracle; any floating dtype
+and device).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
@@ -223,6 +227,24 @@ def _run_triton(x, up, kind, gated, gate_first):
     return GatedFunction.apply(x, up, kind)
 
 
+def _native(x: Tensor, kind: str) -> Tensor:
+    if kind == "gelu":
+        return F.gelu(x)
+    if kind == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if kind == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)  # transformers' QuickGELUActivation, op for op
+    return F.silu(x)
+
+
+def _run_native(x, up, kind, gated, gate_first):
+    if not gated:
+        return _native(x, kind)
+    if up is None:
+        x, up = split_halves(x, gate_first)
+    return _native(x, kind) * up
+
+
 def _run_torch(x, up, kind, gated, gate_first):
     if not gated:
         return activation_reference(x, kind)
@@ -233,6 +255,7 @@ ACTIVATION = op_family("activation")
 ACTIVATION.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
 )
+ACTIVATION.register(Backend("native", _run_native, dtypes=(torch.float16, torch.bfloat16, torch.float32)))
 ACTIVATION.register(Backend("torch", _run_torch))
 
 

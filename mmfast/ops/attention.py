@@ -67,9 +67,11 @@ TRITON_INTERPRET=1 for both Triton backends), then the optional libraries (mmfas
 no lse): ``flash_attn_cute`` (flash-attn 4, sm90+, head dims 64/96/128), ``flash_attn``
 (flash-attn 2, sm80+, head dims multiple of 8 up to 256), ``xformers``
 (memory_efficient_attention with a BlockDiagonalMask; no causal or windows), then
-``sdpa`` (torch.nn.functional.scaled_dot_product_attention; no lse; K/V heads are
-repeated for GQA; packed layout through a block-diagonal boolean [Tq, Tk] mask built on
-the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference
+``sdpa`` (torch.nn.functional.scaled_dot_product_attention; no lse; on a CPU, where
+cu_seqlens are read for free, one SDPA call per run of equal segments, GQA without copies
+(mmfast.ops._sdpa_segments); elsewhere, and for what that path hands back, K/V heads are
+repeated for GQA and the packed layout goes through a block-diagonal boolean [Tq, Tk] mask
+built on the device, so memory grows as Tq * Tk: for modest sizes), ``torch`` (the reference
 below, any floating dtype; memory B * Hq * Tq * Tk floats). The optional libraries rank
 below triton until measured otherwise; a missing one is skipped with its reason, and
 forcing it (``backend="xformers"``) raises NoBackendError with that reason.
@@ -88,6 +90,7 @@ from torch import Tensor
 from mmfast.dispatch import Backend, Call, module_available, op_family
 from mmfast.ops._attention_checks import check_lengths, check_qkv, check_scale, triton_head_dim
 from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
+from mmfast.ops._sdpa_segments import attend_on_host
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.rotary import apply_rotary
@@ -424,6 +427,10 @@ def _run_cuda_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
               window_left, window_right, scale, dropout_p=0.0, seed=None):
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():  # cu_seqlens read on the host for free
+        out = attend_on_host(q, k, v, cu_seqlens_q, cu_seqlens_k, (window_left, window_right), scale, dropout_p)
+        if out is not None:
+            return out, None
     packed = cu_seqlens_q is not None
     group = q.shape[-2] // k.shape[-2]
     qh = q.transpose(-3, -2)
@@ -620,11 +627,15 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
         )
 
 
+def _window_side(w) -> bool:
+    return isinstance(w, int) and not isinstance(w, bool) and w >= -1
+
+
 def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window, scale):
     """Shape/dtype/device checks (no sync unless noted). Returns (max_seqlen_q, max_seqlen_k)."""
     check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+    if not (isinstance(window, (tuple, list)) and len(window) == 2 and _window_side(window[0])
+            and _window_side(window[1])):
         raise ValueError(f"window: expected (left, right), ints >= -1 (-1: unbounded), got {window!r}")
     check_scale(scale)
     return check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
@@ -692,8 +703,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         window_right = 0
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     layout = "packed" if q.dim() == 3 else "padded"
-    tensors = (q, k, v) + (tuple(rotary) if rotary is not None else ())
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    requires_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad
+        or (rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad)))
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,

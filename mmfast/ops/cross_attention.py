@@ -39,7 +39,8 @@ them on every call (one more sync).
 Backends, in priority order: ``triton`` (fp16, bf16, fp32; head dim 8..256, below 32
 multiples of 8; the key axis split over programs when queries are few, flash-decoding
 style; CUDA, or CPU under TRITON_INTERPRET=1), ``sdpa`` (torch's scaled_dot_product_attention with the mask
-materialised densely, as Hugging Face models do), ``torch`` (the reference below).
+materialised densely, as Hugging Face models do; on a CPU without a mask, one SDPA call per
+run of equal samples, mmfast.ops._sdpa_segments), ``torch`` (the reference below).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from mmfast.dispatch import Backend, Call, op_family
 from mmfast.ops._attention_checks import (check_lengths, check_qkv, check_scale, check_tensor, debug_checks,
                                           triton_head_dim)
 from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
+from mmfast.ops._sdpa_segments import attend_on_host
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
 from mmfast.ops.cross_attention_masks import CrossAttentionMask, _rows
 
@@ -249,6 +251,11 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 def _run_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, scale, gate, residual,
               dropout_p=0.0, seed=None):
+    if mask is None and q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # cu_seqlens read on the host for free: one SDPA call per run of equal samples
+        attn = attend_on_host(q, k, v, cu_seqlens_q, cu_seqlens_k, (-1, -1), scale, dropout_p)
+        if attn is not None:
+            return _epilogue(attn, gate, residual, q.dtype)
     group = q.shape[-2] // k.shape[-2]
     qh = q.transpose(-3, -2)
     kh = k.transpose(-3, -2).repeat_interleave(group, dim=-3)

@@ -15,8 +15,11 @@ Backends: ``cuda`` (CUDA C++, csrc/group_norm_silu.cu: fp16, bf16, fp32 with wei
 bias of x's dtype; channels-last groups of at most 256 channels; built on first use;
 taken by default only where mmfast.tuning measured it faster on the device), ``triton``
 (fp16, bf16, fp32; CUDA, or CPU under TRITON_INTERPRET=1), each (batch, group) split over
-several programs along the spatial extent so that a batch of 2 fills a GPU; ``torch``
-(the reference below; any device and floating dtype).
+several programs along the spatial extent so that a batch of 2 fills a GPU; ``native``
+(fp16, bf16, fp32: PyTorch's own ``F.group_norm`` then ``F.silu`` in x's dtype, as
+diffusers' blocks call them: the path where no kernel of ours runs, e.g. a CPU; weight and
+bias of x's dtype); ``torch`` (the reference below, the tests' oracle; any device and
+floating dtype).
 No check reads device memory: every call is CUDA-graph capturable.
 """
 
@@ -199,6 +202,21 @@ def _cuda_limits(call: Call):
         yield f"CUDA C++ path unavailable: {reason}"
 
 
+def _run_native(x, num_groups, weight, bias, eps, activation):
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if activation == "silu":
+        y = F.silu(y)
+    fmt = _memory_format(x)
+    return y if fmt in (None, torch.contiguous_format) else y.contiguous(memory_format=fmt)
+
+
+def _native_limits(call: Call):
+    if any(d != call.dtype for d in call.facts.get("param_dtypes", ())):
+        yield "weight and bias must have the dtype of x"
+    if call.facts.get("one_value_per_group"):
+        yield "one value per group and a batch of one (F.group_norm refuses it)"
+
+
 def _run_torch(x, num_groups, weight, bias, eps, activation):
     y = group_norm_reference(x, num_groups, weight, bias, eps, activation)
     fmt = _memory_format(x)
@@ -212,6 +230,9 @@ GROUP_NORM.register(
 )
 GROUP_NORM.register(
     Backend("triton", _run_triton, triton=True, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+)
+GROUP_NORM.register(
+    Backend("native", _run_native, dtypes=(torch.float16, torch.bfloat16, torch.float32), check=_native_limits)
 )
 GROUP_NORM.register(Backend("torch", _run_torch))
 
@@ -267,6 +288,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None,
     spatial = math.prod(x.shape[2:])
     channels_last = _memory_format(x) not in (None, torch.contiguous_format) and spatial > 1
     facts = {"channels": x.shape[1], "group_channels": x.shape[1] // num_groups, "spatial": spatial,
+             "one_value_per_group": x.numel() == num_groups,  # and a batch of one
              "param_dtypes": tuple(p.dtype for p in (weight, bias) if p is not None)}
     layout = "channels_last" if channels_last else "nchw"
     call = Call(device=x.device, dtype=x.dtype, layout=layout, facts=facts)

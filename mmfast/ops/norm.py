@@ -14,8 +14,11 @@ the dtype of ``x``, weight and bias gradients the dtype of the parameter.
 Backends: ``cuda`` (CUDA C++, csrc/norm.cu: fp16, bf16, fp32 with weight and bias of
 x's dtype; N <= 8192; compute capability >= 8.0; built on first use; taken by default only
 where mmfast.tuning measured it faster on the device), ``triton`` (fp16, bf16, fp32;
-N <= 65536; CUDA, or CPU under TRITON_INTERPRET=1), ``torch`` (the reference below; any
-device and floating dtype).
+N <= 65536; CUDA, or CPU under TRITON_INTERPRET=1), ``native`` (fp16, bf16, fp32:
+PyTorch's own fused ``F.layer_norm`` / ``F.rms_norm`` in x's dtype, as Hugging Face's and
+diffusers' modules call them: the path where no kernel of ours runs, e.g. a CPU; weight
+and bias of x's dtype; not LayerNorm over one element), ``torch`` (the reference below,
+the tests' oracle; any device and floating dtype, float64 included).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from numbers import Real
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
@@ -200,6 +204,22 @@ def _cuda_limits(call: Call):
         yield f"CUDA C++ path unavailable: {reason}"
 
 
+def _run_native(x, weight, bias, residual, eps, is_rms):
+    h = x if residual is None else x + residual
+    shape = h.shape[-1:]
+    y = F.rms_norm(h, shape, weight, eps) if is_rms else F.layer_norm(h, shape, weight, bias, eps)
+    return y, (h if residual is not None else None)
+
+
+def _native_limits(call: Call):
+    if any(d != call.dtype for d in call.facts.get("param_dtypes", ())):
+        yield "weight and bias must have the dtype of x"
+    if call.facts.get("hidden") == 1 and not call.facts.get("rms", True):
+        # h - mean(h) is exactly 0: F.layer_norm's backward leaves rounding noise in a
+        # gradient that is exactly 0; the reference keeps it 0
+        yield "LayerNorm over 1 element (y = bias; the reference keeps the gradient of x exactly 0)"
+
+
 def _run_torch(x, weight, bias, residual, eps, is_rms):
     y, h = norm_reference(x, weight, bias, residual, eps, is_rms)
     return y, (h if residual is not None else None)
@@ -225,6 +245,9 @@ NORM.register(
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
         check=_triton_limits,
     )
+)
+NORM.register(
+    Backend("native", _run_native, dtypes=(torch.float16, torch.bfloat16, torch.float32), check=_native_limits)
 )
 NORM.register(Backend("torch", _run_torch))
 
@@ -269,7 +292,8 @@ def _check_args(x, weight, bias, residual, eps) -> None:
 def _norm(x, weight, bias, residual, eps, is_rms, backend):
     _check_args(x, weight, bias, residual, eps)
     param_dtypes = tuple(p.dtype for p in (weight, bias) if p is not None)
-    call = Call(device=x.device, dtype=x.dtype, facts={"hidden": x.shape[-1], "param_dtypes": param_dtypes})
+    call = Call(device=x.device, dtype=x.dtype,
+                facts={"hidden": x.shape[-1], "param_dtypes": param_dtypes, "rms": is_rms})
     y, h = NORM.select(call, backend).run(x, weight, bias, residual, float(eps), is_rms)
     return y if residual is None else (y, h)
 

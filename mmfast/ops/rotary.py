@@ -45,7 +45,8 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     """Plain PyTorch, differentiable in x, cos and sin."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     rot_dim = 2 * cos.shape[-1]
-    rot, tail = x[..., :rot_dim].to(compute), x[..., rot_dim:]
+    whole = rot_dim == x.shape[-1]  # nothing passes through: no slice, no concatenation
+    rot = (x if whole else x[..., :rot_dim]).to(compute)
     c, s = _broadcast_table(cos.to(compute)), _broadcast_table(sin.to(compute))
     if interleaved:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -53,7 +54,8 @@ def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     else:
         x1, x2 = rot.chunk(2, dim=-1)
         out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-    return torch.cat([out.to(x.dtype), tail], dim=-1)
+    out = out.to(x.dtype)
+    return out if whole else torch.cat([out, x[..., rot_dim:]], dim=-1)
 
 
 # ---- custom op (opaque to torch.compile, traced through its fake impl) -------------

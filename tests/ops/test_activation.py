@@ -11,7 +11,7 @@ import mmfast
 from mmfast.ops.activation import activation_reference, gated_reference
 from mmfast.testing import assert_matches_reference, random_tensor
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]
 # (dtype, shape): every dtype; any leading shape: one element, odd widths, several rows
 # per program, a width wider than one tile of the gated kernel, no elements at all.
 CASES = [

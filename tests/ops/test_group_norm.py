@@ -8,7 +8,7 @@ import mmfast
 from mmfast.ops.group_norm import group_norm_reference
 from mmfast.testing import assert_matches_reference, random_tensor
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 # (shape, groups, channels_last, dtype, activation): a group split over several programs
 # (37 x 29 positions, 4 channels a group) in both layouts, a group wider than one channel

@@ -10,7 +10,7 @@ import mmfast
 from mmfast.ops.norm import norm_reference
 from mmfast.testing import assert_matches_reference, random_tensor
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "native", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (leading dims..., hidden): a single element, head-dim-like widths, primes, one row per
 # program and many rows per program, a row that is not a power of two, no rows at all.
@@ -56,7 +56,13 @@ def _check(inputs, is_rms, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("is_rms", [True, False], ids=["rms", "layer"])
 def test_matches_reference(is_rms, dtype, shape, residual, backend, device):
-    _check(_inputs(shape, dtype, device, is_rms=is_rms, residual=residual), is_rms, backend)
+    inputs = _inputs(shape, dtype, device, is_rms=is_rms, residual=residual)
+    if backend == "native" and not is_rms and shape[-1] == 1:
+        # F.layer_norm's backward leaves rounding noise where the gradient of x is exactly 0
+        with pytest.raises(mmfast.NoBackendError, match="LayerNorm over 1 element"):
+            _op(is_rms, backend)(**inputs)
+        return
+    _check(inputs, is_rms, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
