@@ -41,7 +41,8 @@ def _channel_rms_norm_fwd_kernel(
     x_offsets = b * stride_xb + cs.to(tl.int64)[:, None] * stride_xc + ss.to(tl.int64)[None, :] * stride_xs
     x = tl.load(X + x_offsets, mask=mask, other=0.0).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, axis=0))
-    inv = scale / tl.maximum(norm, 1e-12)
+    # max() as torch.clamp_min: a NaN norm stays NaN (tl.maximum would drop it for 1e-12)
+    inv = scale / tl.where(norm != norm, norm, tl.maximum(norm, 1e-12))
     w = tl.load(W + cs, mask=cs < C, other=0.0).to(tl.float32)
     z = x * inv[None, :] * w[:, None]
     if HAS_BIAS:

@@ -94,7 +94,8 @@ def decomposed_rel_pos(q: Tensor, table_h: Tensor, table_w: Tensor, grid: tuple[
     grid_q = q.reshape(batch, qh, qw, heads, dim)
     rel_h = torch.einsum("byxhd,ykd->byxhk", grid_q, table_h.to(q.dtype))
     rel_w = torch.einsum("byxhd,xkd->byxhk", grid_q, table_w.to(q.dtype))
-    return rel_h.reshape(batch, tokens, heads, -1), rel_w.reshape(batch, tokens, heads, -1)
+    return (rel_h.reshape(batch, tokens, heads, table_h.shape[1]),
+            rel_w.reshape(batch, tokens, heads, table_w.shape[1]))  # explicit sizes: a batch of 0 too
 
 
 # ---- custom ops (opaque to torch.compile, traced through their fake impls) ---------

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import os
 
-from tests.fuzz import cases_attention, cases_misc, cases_pointwise, cases_random, cases_selftest
+from tests.fuzz import (cases_attention, cases_misc, cases_pointwise, cases_random, cases_rel_pos_video,
+                        cases_selftest)
 
 
 TIER = os.environ.get("MMFAST_FUZZ", "quick")
@@ -18,7 +19,8 @@ if TIER not in ("quick", "long"):
 def catalog(tier: str) -> tuple:
     if tier == "selftest":  # the harness's own test cases
         return tuple(cases_selftest.all_cases())
-    found = [*cases_pointwise.all_cases(), *cases_attention.all_cases(), *cases_misc.all_cases()]
+    found = [*cases_pointwise.all_cases(), *cases_attention.all_cases(), *cases_misc.all_cases(),
+             *cases_rel_pos_video.all_cases()]
     if tier == "long":
         found += cases_random.all_cases()
     ids = [c.id for c in found]
