@@ -9,4 +9,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"  # no path given: pyproject's testpaths (tests/)
+# One worker process per core (pytest-xdist), handed tests as they free up: the suite's
+# durations are uneven (a few tests take 10-50 s). `-n 0` as an argument runs in one process.
+exec .venv/bin/python -m pytest -q -n auto --dist worksteal "$@"  # no path: pyproject's testpaths (tests/)

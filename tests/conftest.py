@@ -20,6 +20,12 @@ os.environ.setdefault("MMFAST_POISON_OUTPUTS", "1")
 # One autotune config: reproducible and quick.
 os.environ.setdefault("MMFAST_AUTOTUNE", "0")
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker gets its share of
+# the cores: torch's default of one thread per core in every worker oversubscribes them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default=None, choices=("cpu", "cuda"),
