@@ -2,7 +2,8 @@
 against the dense float64 loss and gradients of the concatenated batch; ranks with
 different local batch sizes; a bad argument on one rank raises on every rank (no hang).
 
-Processes are few and tiny: each spawn costs a torch import per process."""
+Processes are few and tiny, started by tests/distributed/launcher.py (forked where the
+platform forks: no import cost per process)."""
 
 import datetime
 
@@ -104,9 +105,9 @@ def test_two_ranks_unequal_shards_and_errors(tmp_path):
     # Rank 0 holds 5 rows and rank 1 holds 3. The strategies are written over the block
     # primitives, which tests/ops/test_contrastive.py checks per backend; the workers use
     # the torch backend (the Triton interpreter would make them slow and load-sensitive).
-    run_ranks(_check, 2, tmp_path, [5, 3], "torch", True, start_method="spawn", timeout=TIMEOUT)
+    run_ranks(_check, 2, tmp_path, [5, 3], "torch", True, timeout=TIMEOUT)
 
 
 def test_four_ranks_torch_backend(tmp_path):
     # Four ranks, one of them empty: the ring passes an empty block along.
-    run_ranks(_check, 4, tmp_path, [3, 2, 0, 4], "torch", False, start_method="spawn", timeout=TIMEOUT)
+    run_ranks(_check, 4, tmp_path, [3, 2, 0, 4], "torch", False, timeout=TIMEOUT)
