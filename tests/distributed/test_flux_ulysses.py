@@ -6,7 +6,7 @@ by side) and over the whole world (4 ranks): the output, and the gradients of pa
 all over the model (embedders, both streams' attention, single-stream blocks, modulation,
 output) summed over the group, of a tiny FluxTransformer2DModel (with ControlNet residuals,
 and Kontext-like reference-image tokens) and Flux2Transformer2DModel (with and without
-single-stream blocks); 9 image and 5 text tokens, so both streams are padded at 2 and at 4
+single-stream blocks, and with gradient checkpointing); 9 image and 5 text tokens, so both streams are padded at 2 and at 4
 ranks. Then, at 2 ranks, a FluxPipeline's final latents (15 image tokens, 7 text tokens);
 and the refusals. fp32, mmfast's torch backends."""
 
@@ -91,10 +91,22 @@ FLUX2_SINGLE_PARAMS = ["single_transformer_blocks.0.attn.to_qkv_mlp_proj.weight"
                        "single_transformer_blocks.1.attn.to_out.weight", "single_stream_modulation.linear.weight"]
 
 
+def _checkpointed(build):
+    def build_checkpointed():
+        model = build()
+        model.enable_gradient_checkpointing()
+        return model
+    return build_checkpointed
+
+
 def _check_models(group, what):
     _check_model(_tiny_flux, _flux_inputs(), FLUX_PARAMS, group, f"{what} FLUX.1")
     _check_model(_tiny_flux, _flux_inputs(kontext=True), FLUX_PARAMS[:3], group, f"{what} FLUX.1 Kontext tokens")
     _check_model(_tiny_flux2, _flux2_inputs(), FLUX2_PARAMS + FLUX2_SINGLE_PARAMS, group, f"{what} FLUX.2")
+    # diffusers' gradient checkpointing runs each block again in the backward pass, and
+    # with it the block's exchanges
+    _check_model(_checkpointed(_tiny_flux2), _flux2_inputs(), FLUX2_PARAMS[:4] + FLUX2_SINGLE_PARAMS[:1], group,
+                 f"{what} FLUX.2 gradient checkpointing")
     _check_model(lambda: _tiny_flux2(single_layers=0), _flux2_inputs(), FLUX2_PARAMS, group,
                  f"{what} FLUX.2 without single-stream blocks")
 

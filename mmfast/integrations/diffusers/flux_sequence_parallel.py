@@ -161,7 +161,6 @@ ULYSSES_FLUX_PROCESSORS = (UlyssesFluxAttnProcessor, UlyssesFlux2AttnProcessor, 
 # processor class name (diffusers' or mmfast's: they share it) -> its sequence-parallel form
 _SEQUENCE_PARALLEL_FORM = {
     "FluxAttnProcessor": UlyssesFluxAttnProcessor,
-    "FluxAttnProcessor2_0": UlyssesFluxAttnProcessor,
     "Flux2AttnProcessor": UlyssesFlux2AttnProcessor,
     "Flux2ParallelSelfAttnProcessor": UlyssesFlux2ParallelSelfAttnProcessor,
 }
@@ -183,6 +182,8 @@ def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState
     for name, attn in _attentions(model):
         processor = attn.processor
         form = _SEQUENCE_PARALLEL_FORM.get(type(processor).__name__)
+        if not type(processor).__module__.startswith(("diffusers.", "mmfast.")):
+            form = None  # a user's class of the same name: its semantics are unknown
         if form is None or getattr(processor, "_parallel_config", None) is not None:
             raise ValueError(f"sequence_parallel: attention {name} runs {type(processor).__name__}"
                              f"{' set up for diffusers context parallelism' if form else ''}, which has no "
