@@ -6,8 +6,8 @@ by side) and over the whole world (4 ranks): the output, and the gradients of pa
 all over the model (embedders, both streams' attention, single-stream blocks, modulation,
 output) summed over the group, of a tiny FluxTransformer2DModel (with ControlNet residuals,
 and Kontext-like reference-image tokens) and Flux2Transformer2DModel (with and without
-single-stream blocks, and with gradient checkpointing); 9 image and 5 text tokens, so both streams are padded at 2 and at 4
-ranks. Then, at 2 ranks, a FluxPipeline's final latents (15 image tokens, 7 text tokens);
+single-stream blocks, and with gradient checkpointing); 9 image and 5 text tokens, so both
+streams are padded at 2 and at 4 ranks. Then, at 2 ranks, a FluxPipeline's final latents (15 image tokens, 7 text tokens);
 and the refusals. fp32, mmfast's torch backends."""
 
 import pytest
