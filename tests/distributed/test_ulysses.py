@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.launcher import run_ranks
+from tests.distributed.launcher import TIMEOUT, run_ranks  # noqa: F401  (TIMEOUT: importable from here as before)
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # fp32, the same math summed in another order
 
