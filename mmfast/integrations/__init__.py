@@ -13,6 +13,7 @@ by ``import mmfast``.
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from typing import Any
 
@@ -65,18 +66,44 @@ def find_family(target: Any) -> Family:
     )
 
 
-def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
+# ``patch``'s default for sequence_parallel: told apart from an explicit None, which is what
+# ``dist.group.WORLD`` is before init_process_group.
+_NOT_GIVEN: Any = type("_NotGiven", (), {"__repr__": lambda self: "None"})()
+
+
+def _check_explicit_none() -> None:
+    """``sequence_parallel=None`` passed explicitly in a multi-process launch (torchrun sets
+    WORLD_SIZE) before torch.distributed is initialised is, in all likelihood,
+    ``dist.group.WORLD`` read too early (it is None until ``init_process_group``): refused,
+    rather than silently running without sequence parallelism."""
+    import torch.distributed as dist
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        raise ValueError(
+            f"sequence_parallel: got None in a launch of WORLD_SIZE={world} processes before torch.distributed "
+            "is initialised (dist.group.WORLD is None until init_process_group): call "
+            "torch.distributed.init_process_group first, or leave sequence_parallel out to run without it")
+
+
+def patch(target: Any, *, sequence_parallel: Any = _NOT_GIVEN) -> PatchHandle:
     """Replace the hot modules of ``target`` (a model or pipeline instance) with mmfast's,
     in place; returns a :class:`PatchHandle` whose ``undo()`` restores it exactly.
     Other instances of the same classes are untouched.
 
     ``sequence_parallel``: a torch.distributed process group (``dist.group.WORLD`` for
-    all ranks). Every rank of it calls the patched model with the same full inputs and
-    gets the single-process output, the tokens split over the ranks inside (Ulysses
+    all ranks, after ``init_process_group``: it is None before that, and an explicit None
+    in a multi-process launch (``WORLD_SIZE`` > 1) with torch.distributed not initialised
+    raises ValueError; left out, or None otherwise, the model runs as usual). Every rank
+    of the group calls the patched model with the same full inputs and gets the
+    single-process output, the tokens split over the ranks inside (Ulysses
     attention, see mmfast.integrations.diffusers.sequence_parallel). Taken by diffusers'
-    SD3Transformer2DModel, DiTTransformer2DModel and WanTransformer3DModel, and
-    pipelines holding one; a ValueError for any other target, or a world size that does
-    not divide the head count.
+    SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
+    Flux2Transformer2DModel and WanTransformer3DModel, and pipelines holding one; a
+    ValueError for any other target, or a world size that does not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding
@@ -88,6 +115,10 @@ def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
             f"mmfast.patch: this {type(target).__name__} is already patched; "
             "call handle.undo() before patching it again"
         )
+    if sequence_parallel is _NOT_GIVEN:
+        sequence_parallel = None
+    elif sequence_parallel is None:
+        _check_explicit_none()
     group = None
     if sequence_parallel is not None:
         from mmfast.distributed.collectives import resolve_group

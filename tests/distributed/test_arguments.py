@@ -41,3 +41,22 @@ def test_patch_names_sequence_parallel_and_patches_nothing():
     with pytest.raises(TypeError, match="sequence_parallel: expected a torch.distributed ProcessGroup"):
         mmfast.patch(model, sequence_parallel="world")
     assert not hasattr(model, "_mmfast_patch_handle")
+
+
+def test_world_group_read_before_init_process_group_is_named(monkeypatch):
+    # dist.group.WORLD is None until init_process_group: in a multi-process launch
+    # (torchrun sets WORLD_SIZE) an explicit None is that mistake, not "no sequence parallelism".
+    pytest.importorskip("diffusers")
+    from tests.integrations.diffusers_models import tiny_flux
+
+    assert dist.group.WORLD is None
+    model = tiny_flux()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="sequence_parallel: got None in a launch of WORLD_SIZE=2 processes"):
+        mmfast.patch(model, sequence_parallel=dist.group.WORLD)
+    assert not hasattr(model, "_mmfast_patch_handle")
+    mmfast.patch(model).undo()  # left out: runs as usual, launched or not
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: None means no sequence parallelism
+    handle = mmfast.patch(model, sequence_parallel=None)
+    assert handle.replaced and not handle.sequence_parallel_models
+    handle.undo()

@@ -11,16 +11,12 @@ DiTPipeline; the refusals. fp32, mmfast's
 torch backends. Shapes are tiny; the workers are forked from the test process with its
 imports."""
 
-import datetime
-import traceback
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-TIMEOUT = datetime.timedelta(seconds=120)  # a hang fails the test instead of blocking CI
+from tests.distributed.launcher import TIMEOUT, run_ranks  # noqa: F401  (TIMEOUT: importable from here as before)
+
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # fp32, the same math summed in another order
 
 
@@ -230,28 +226,16 @@ def _check_pipeline_and_refusals(group, what):
     assert not any("forward" in vars(m) for m in vae.modules()) and not hasattr(vae, "_mmfast_patch_handle")
 
 
-def _worker(rank, world, init_file, failures, finished):
-    try:
-        torch.set_num_threads(1)  # four processes on a shared CPU
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=TIMEOUT)
-        import mmfast
+def _check_ranks(rank, world):
+    import mmfast
 
-        mmfast.set_backend("torch")  # the Triton interpreter would make the workers slow
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-        for group, size in ((pairs[rank // 2], 2), (dist.group.WORLD, world)):
-            what = f"rank {rank}, {size} ranks"
-            _check_attention(group, what)
-            _check_attention_errors(group, size, what)
-            _check_models(group, size, what)
-        dist.barrier()
-        finished.put(rank)
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    mmfast.set_backend("torch")  # the Triton interpreter would make the workers slow
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    for group, size in ((pairs[rank // 2], 2), (dist.group.WORLD, world)):
+        what = f"rank {rank}, {size} ranks"
+        _check_attention(group, what)
+        _check_attention_errors(group, size, what)
+        _check_models(group, size, what)
 
 
 def test_ulysses_two_and_four_ranks_equal_single_process(tmp_path):
@@ -260,27 +244,7 @@ def test_ulysses_two_and_four_ranks_equal_single_process(tmp_path):
 
     import mmfast.integrations.diffusers.sequence_parallel  # noqa: F401
 
-    world = 4
-    # fork where there is one: the workers start with torch, mmfast and diffusers imported
-    # (a spawned worker pays ~20 s of imports on a quiet CPU, four of them far more on a
-    # loaded one). Each worker's first act is set_num_threads(1), as DataLoader's are.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    failures, finished = ctx.SimpleQueue(), ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(world, tmp_path / "init", failures, finished), nprocs=world,
-                           join=True, start_method=method)
-    except Exception as error:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        done = set()
-        while not finished.empty():
-            done.add(finished.get())
-        if not messages and done == set(range(world)):
-            # Every rank passed every check and the final barrier; a process then died in
-            # gloo's teardown (seen rarely under load). The results were all checked.
-            warnings.warn(f"a worker crashed after all checks passed: {error}")
-            return
-        pytest.fail("\n".join(messages) or f"a worker failed: {error}")
-    assert {finished.get() for _ in range(world)} == set(range(world))
+    # Forked workers (where the platform forks) start with torch, mmfast and diffusers
+    # imported: a spawned worker pays ~20 s of imports on a quiet CPU, four far more on a
+    # loaded one.
+    run_ranks(_check_ranks, 4, tmp_path)

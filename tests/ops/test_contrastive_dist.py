@@ -2,25 +2,18 @@
 against the dense float64 loss and gradients of the concatenated batch; ranks with
 different local batch sizes; a bad argument on one rank raises on every rank (no hang).
 
-Processes are few and tiny: each spawn costs a torch import per process."""
+Processes are few and tiny, started by tests/distributed/launcher.py (forked where the
+platform forks: no import cost per process)."""
 
 import datetime
-import socket
-import traceback
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed.launcher import run_ranks
 
 TIMEOUT = datetime.timedelta(seconds=180)  # a hang fails the test instead of blocking CI
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch(sizes, d, seed=0):
@@ -102,52 +95,19 @@ def _check_bad_argument_fails_everywhere(rank):
     assert torch.isfinite(loss)  # the agreement did not break the call that agrees
 
 
-def _worker(rank, world, port, sizes, backend, check_errors, failures, finished):
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=TIMEOUT)
-        _check_rank(rank, sizes, backend)
-        if check_errors:
-            _check_bad_argument_fails_everywhere(rank)
-        dist.barrier()
-        finished.put(rank)
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _check(rank, world, sizes, backend, check_errors):
+    _check_rank(rank, sizes, backend)
+    if check_errors:
+        _check_bad_argument_fails_everywhere(rank)
 
 
-def _spawn(world, sizes, backend, check_errors=False):
-    ctx = mp.get_context("spawn")
-    failures, finished = ctx.SimpleQueue(), ctx.SimpleQueue()
-    try:
-        mp.spawn(_worker, args=(world, _free_port(), sizes, backend, check_errors, failures, finished),
-                 nprocs=world, join=True)
-    except Exception as error:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        done = set()
-        while not finished.empty():
-            done.add(finished.get())
-        if not messages and done == set(range(world)):
-            # Every rank passed every check and the final barrier; a process then died in
-            # gloo's teardown (seen rarely under heavy load as a SIGABRT at exit). That is
-            # not the loss's doing, and the results were all checked.
-            warnings.warn(f"a worker crashed after all checks passed: {error}")
-            return
-        pytest.fail("\n".join(messages) or f"a worker failed: {error}")
-
-
-def test_two_ranks_unequal_shards_and_errors():
+def test_two_ranks_unequal_shards_and_errors(tmp_path):
     # Rank 0 holds 5 rows and rank 1 holds 3. The strategies are written over the block
     # primitives, which tests/ops/test_contrastive.py checks per backend; the workers use
     # the torch backend (the Triton interpreter would make them slow and load-sensitive).
-    _spawn(2, [5, 3], "torch", check_errors=True)
+    run_ranks(_check, 2, tmp_path, [5, 3], "torch", True, timeout=TIMEOUT)
 
 
-def test_four_ranks_torch_backend():
+def test_four_ranks_torch_backend(tmp_path):
     # Four ranks, one of them empty: the ring passes an empty block along.
-    _spawn(4, [3, 2, 0, 4], "torch")
+    run_ranks(_check, 4, tmp_path, [3, 2, 0, 4], "torch", False, timeout=TIMEOUT)

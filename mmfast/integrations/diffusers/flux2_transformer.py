@@ -11,8 +11,10 @@ Left on diffusers: the input embedders, the timestep / guidance embedding, the
 ``Flux2Modulation`` projections, ``Flux2PosEmbed``, the linear projections, ``proj_out``,
 the model's forward loop, the KV-cache processors and the KV-cache "extract" mode's
 per-token modulations (those blocks run diffusers' forward), and calls with an attention
-mask."""
+mask. ``sequence_parallel=group``: text and image tokens split over the ranks, joint and
+single-stream attention on Ulysses (mmfast.integrations.diffusers.flux_sequence_parallel)."""
 
+from mmfast.integrations.diffusers.flux_sequence_parallel import flux2_sequence_parallel
 from mmfast.integrations.diffusers.flux_transformer import check_rotary_axes
 from mmfast.integrations.diffusers.replacements import (
     patch_ada_layer_norm_continuous, patch_attention, patch_flux2_block, patch_flux2_single_block, patch_flux2_swiglu)
@@ -29,4 +31,5 @@ FAMILY = Family(
         Replacement(("AdaLayerNormContinuous",), patch_ada_layer_norm_continuous, "adaLN"),
     ),
     prepare=check_rotary_axes,
+    sequence_parallel=flux2_sequence_parallel,
 )

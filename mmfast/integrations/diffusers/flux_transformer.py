@@ -9,11 +9,14 @@ Left on diffusers: the input embedders (``x_embedder``, ``context_embedder``), t
 timestep / guidance / pooled-text embedding, ``FluxPosEmbed`` (it builds the rotary
 table), the linear projections, ``proj_out``, the model's forward loop (ControlNet
 residuals, gradient checkpointing), IP-adapter processors, and calls with an attention
-mask (diffusers' processor runs them)."""
+mask (diffusers' processor runs them). ``sequence_parallel=group``: text and image tokens
+split over the ranks, joint attention on Ulysses
+(mmfast.integrations.diffusers.flux_sequence_parallel)."""
 
 from mmfast.integrations.diffusers.replacements import (
     patch_ada_layer_norm_continuous, patch_ada_layer_norm_zero, patch_ada_layer_norm_zero_single, patch_attention,
     patch_flux_block, patch_flux_single_block, patch_gelu)
+from mmfast.integrations.diffusers.flux_sequence_parallel import flux_sequence_parallel
 from mmfast.integrations.patching import Family, Replacement
 
 
@@ -41,4 +44,5 @@ FAMILY = Family(
         Replacement(("GELU",), patch_gelu, "GELU"),
     ),
     prepare=check_rotary_axes,
+    sequence_parallel=flux_sequence_parallel,
 )
