@@ -37,6 +37,7 @@ FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3
 FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
 FAMILY_MODULES["diffusers-flux-transformer"] = "mmfast.integrations.diffusers.flux_transformer"
 FAMILY_MODULES["diffusers-flux2-transformer"] = "mmfast.integrations.diffusers.flux2_transformer"
+FAMILY_MODULES["diffusers-qwenimage-transformer"] = "mmfast.integrations.diffusers.qwenimage_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
 FAMILY_MODULES["sam"] = "mmfast.integrations.transformers.sam"
@@ -74,9 +75,9 @@ def patch(target: Any, *, sequence_parallel: Any = None) -> PatchHandle:
     all ranks). Every rank of it calls the patched model with the same full inputs and
     gets the single-process output, the tokens split over the ranks inside (Ulysses
     attention, see mmfast.integrations.diffusers.sequence_parallel). Taken by diffusers'
-    SD3Transformer2DModel, DiTTransformer2DModel and WanTransformer3DModel, and
-    pipelines holding one; a ValueError for any other target, or a world size that does
-    not divide the head count.
+    SD3Transformer2DModel, DiTTransformer2DModel, WanTransformer3DModel and
+    QwenImageTransformer2DModel, and pipelines holding one; a ValueError for any other
+    target, or a world size that does not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding
