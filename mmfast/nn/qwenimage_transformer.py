@@ -23,7 +23,9 @@ device->host syncs per call, see :mod:`mmfast.nn.diffusion_attention`).
 Block (``QwenImageTransformerBlock``): each stream's six per-sample modulation rows feed
 ``adaln_modulate`` (LayerNorm without affine, modulated, in one pass) and
 ``gated_residual``, for the attention and the MLP. Per-token modulation (``zero_cond_t``,
-the edit models' ``modulate_index``) runs diffusers' own block.
+the edit models' ``modulate_index``), and streams whose batch differs from the timestep
+embedding's (diffusers broadcasts them: a pipeline given one negative prompt for several
+prompts), run diffusers' own block.
 """
 
 from __future__ import annotations
@@ -161,7 +163,10 @@ def qwen_block_forward(self, hidden_states, encoder_hidden_states, encoder_hidde
                        image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
     """diffusers QwenImageTransformerBlock.forward: returns (encoder_hidden_states,
     hidden_states)."""
-    if modulate_index is not None or getattr(self, "zero_cond_t", False) or temb.dim() != 2:
+    batch = temb.shape[0]
+    if (modulate_index is not None or getattr(self, "zero_cond_t", False) or temb.dim() != 2
+            or hidden_states.shape[0] != batch or encoder_hidden_states.shape[0] != batch):
+        # per-token modulation, or streams that diffusers' forward broadcasts against temb
         return type(self).forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
                                   image_rotary_emb, joint_attention_kwargs, modulate_index)
     # Each stream's rows: shift, scale, gate for the attention, then for the MLP (views, no copy).
