@@ -95,6 +95,14 @@ def test_triton_interpreter_fused_rotary(dtype, attention_calls):
     assert got.dtype == dtype and torch.isfinite(got).all()
     if dtype == torch.float32:
         torch.testing.assert_close(got, eager, **TOL)
+        # A text mask: apply_rotary (interleaved) and the variable-length kernel.
+        mask = torch.tensor([[True, False, True]])
+        with torch.no_grad():
+            eager_masked = model(**cast, encoder_hidden_states_mask=mask).sample
+            with mmfast.patch(model):
+                got_masked = model(**cast, encoder_hidden_states_mask=mask).sample
+        torch.testing.assert_close(got_masked, eager_masked, **TOL)
+        assert not torch.allclose(got_masked, got, **TOL)
     else:
         assert _error(got, exact) <= 2 * _error(eager, exact) + 1e-3 * exact.abs().max().item()
 
@@ -149,6 +157,19 @@ def test_zero_cond_t_blocks_run_diffusers_forward():
         with mmfast.patch(model) as handle:
             assert type(model.transformer_blocks[0].attn.processor).__module__.startswith("mmfast")
             assert "transformer_blocks.0" in dict(handle.replaced)
+            got = model(**inputs).sample
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_layered_rotary_tables():
+    # Qwen-Image-Layered: QwenEmbedLayer3DRope (a frame index per layer, the condition
+    # image's frame at -1), the same complex-table format. Two layers of 3 x 4 tokens.
+    model = tiny_qwenimage(num_layers=1, use_layer3d_rope=True)
+    inputs = qwenimage_inputs(height=6, width=4)
+    inputs["img_shapes"] = [[(1, 3, 4), (1, 3, 4)]] * 2
+    with torch.no_grad(), mmfast.set_backend("torch"):
+        want = model(**inputs).sample
+        with mmfast.patch(model):
             got = model(**inputs).sample
     torch.testing.assert_close(got, want, **TOL)
 
