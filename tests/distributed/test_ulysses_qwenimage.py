@@ -5,9 +5,9 @@ One start of 2 processes (forked where possible; the launcher of test_ulysses.py
 a tiny Qwen-Image transformer patched with ``sequence_parallel=group`` against the
 unpatched model (output, the gradients of parameters and of the input summed over the
 group), with token counts the world size does not divide (both streams padded) and a
-ControlNet residual; a QwenImagePipeline with true CFG generating the unpatched
-pipeline's latents; and the refusals (a text mask, zero_cond_t, a head count the world
-size does not divide). fp32, mmfast's torch backends, tiny shapes."""
+ControlNet residual, and with zero_cond_t's per-token modulation; a QwenImagePipeline
+with true CFG generating the unpatched pipeline's latents; and the refusals (a text mask,
+a head count the world size does not divide). fp32, mmfast's torch backends, tiny shapes."""
 
 import datetime
 import traceback
@@ -80,6 +80,25 @@ def _check_model(group):
     torch.testing.assert_close(_run(model, inputs, names)[0], out_ref, rtol=0, atol=0, msg="undone")
 
 
+def _check_zero_cond_t(group):
+    """Qwen-Image-Edit-2511's per-token modulation (``modulate_index``: the target image's
+    tokens, then the reference image's), split like the image tokens."""
+    import mmfast
+
+    names = ["transformer_blocks.0.img_mod.1.weight", "transformer_blocks.1.txt_mod.1.weight",
+             "transformer_blocks.1.attn.to_k.weight"]
+    model, inputs = _tiny_qwenimage(zero_cond_t=True), _inputs(controlnet=False)
+    inputs["hidden_states"] = torch.randn(2, 15, 16, generator=torch.Generator().manual_seed(2))
+    inputs["img_shapes"] = [[(1, 3, 3), (1, 2, 3)]] * 2  # 9 + 6 image tokens
+    out_ref, grads_ref = _run(model, inputs, names)
+    with mmfast.patch(model, sequence_parallel=group):
+        out, grads = _run(model, inputs, names)
+    torch.testing.assert_close(out, out_ref, **CLOSE, msg="zero_cond_t output")
+    for name, grad, grad_ref in zip(names + ["input"], grads, grads_ref):
+        dist.all_reduce(grad, group=group)
+        torch.testing.assert_close(grad, grad_ref, **CLOSE, msg=f"zero_cond_t grad of {name}")
+
+
 def _check_pipeline(group):
     import mmfast
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
@@ -111,8 +130,6 @@ def _check_pipeline(group):
 def _check_refusals(group):
     import mmfast
 
-    with pytest.raises(ValueError, match="sequence_parallel: a QwenImageTransformer2DModel with zero_cond_t"):
-        mmfast.patch(_tiny_qwenimage(zero_cond_t=True), sequence_parallel=group)
     model = _tiny_qwenimage(heads=3)
     with pytest.raises(ValueError, match=rf"sequence_parallel: a world size of {WORLD} does not divide the 3 heads"):
         mmfast.patch(model, sequence_parallel=group)
@@ -130,6 +147,7 @@ def _worker(rank, world, init_file, failures, finished):
 
         mmfast.set_backend("torch")  # the Triton interpreter would make the workers slow
         _check_model(dist.group.WORLD)
+        _check_zero_cond_t(dist.group.WORLD)
         _check_pipeline(dist.group.WORLD)
         _check_refusals(dist.group.WORLD)
         dist.barrier()

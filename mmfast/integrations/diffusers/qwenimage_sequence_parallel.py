@@ -6,7 +6,8 @@ output back, the tokens split inside).
 Where the tokens are split and joined (the points of diffusers' own context-parallel
 plan for Qwen-Image): the first block's inputs, the image and the text tokens, are cut
 into this rank's chunk of each stream (padded at the end when the world size does not
-divide a token count); ``proj_out`` gathers the image chunks back before diffusers'
+divide a token count), and so is every block's per-token modulation index
+(``modulate_index``, models with ``zero_cond_t``: Qwen-Image-Edit-2511); ``proj_out`` gathers the image chunks back before diffusers'
 unpatchify. The model embeds and normalizes the whole text (``txt_norm``, ``txt_in``) and
 builds the rotary tables for the whole sequence on every rank (cheap), so its text-length
 bookkeeping is the single-process one. Inside the blocks every layer is token-local
@@ -18,9 +19,8 @@ runs after the exchange, inside the attention kernel). ControlNet residuals
 
 Refused (ValueError): ``encoder_hidden_states_mask`` (text padding; Ulysses attention
 takes no mask: pass prompts of one length, or none, as QwenImagePipeline does for a
-single prompt), models with ``zero_cond_t`` (per-token modulation would need splitting
-too), an attention processor changed after patching, and a world size that does not
-divide the head count.
+single prompt), an attention processor changed after patching, and a world size that
+does not divide the head count.
 """
 
 from __future__ import annotations
@@ -64,11 +64,19 @@ def _attentions(model):
             if hasattr(m, "set_processor") and getattr(m, "processor", None) is not None]
 
 
-def _shard_first_block_inputs(self, hidden_states, encoder_hidden_states, *args, **kwargs):
+def _shard_block_inputs(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                        image_rotary_emb=None, joint_attention_kwargs=None, modulate_index=None):
+    """The first block cuts the image and text tokens; every block cuts the per-token
+    modulation index (zero_cond_t) like the image tokens."""
     state = self._mmfast_sp
-    state.image_tokens, state.text_tokens = hidden_states.shape[1], encoder_hidden_states.shape[1]
-    return _inner_forward(self, shard_sequence(hidden_states, state.group),
-                          shard_sequence(encoder_hidden_states, state.group), *args, **kwargs)
+    if getattr(self, "_mmfast_sp_first", False):
+        state.image_tokens, state.text_tokens = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        hidden_states = shard_sequence(hidden_states, state.group)
+        encoder_hidden_states = shard_sequence(encoder_hidden_states, state.group)
+    if modulate_index is not None:
+        modulate_index = shard_sequence(modulate_index, state.group)
+    return _inner_forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, temb,
+                          image_rotary_emb, joint_attention_kwargs, modulate_index)
 
 
 def _qwenimage_forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
@@ -90,9 +98,9 @@ def _qwenimage_forward(self, hidden_states, encoder_hidden_states=None, encoder_
 
 def qwenimage_sequence_parallel(model, handle: PatchHandle) -> None:
     """QwenImageTransformer2DModel: text and image tokens sharded, joint attention on Ulysses."""
-    if getattr(model.config, "zero_cond_t", False):
-        raise ValueError("sequence_parallel: a QwenImageTransformer2DModel with zero_cond_t (per-token modulation "
-                         "of the edit models) is not taken")
+    if not len(model.transformer_blocks):
+        raise ValueError("sequence_parallel: a QwenImageTransformer2DModel without transformer blocks has no "
+                         "attention to split")
     state = SequenceParallelState(handle.sequence_parallel)
     world = dist.get_world_size(state.group)
     for name, attn in _attentions(model):
@@ -105,8 +113,10 @@ def qwenimage_sequence_parallel(model, handle: PatchHandle) -> None:
                              f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
         handle.set_attr(attn, "processor", UlyssesQwenAttnProcessor(state))
         handle.replaced.append((name, f"{processor} -> Ulysses UlyssesQwenAttnProcessor"))
-    _wrap(model.transformer_blocks[0], handle, _shard_first_block_inputs, state, "transformer_blocks.0",
-          "image and text tokens sharded")
+    handle.set_attr(model.transformer_blocks[0], "_mmfast_sp_first", True)
+    for index, block in enumerate(model.transformer_blocks):
+        what = "image and text tokens sharded" if index == 0 else "modulation index sharded (zero_cond_t)"
+        _wrap(block, handle, _shard_block_inputs, state, f"transformer_blocks.{index}", what)
     _wrap(model.proj_out, handle, _gather_image_tokens, state, "proj_out", "image tokens gathered")
     _wrap(model, handle, _qwenimage_forward, state, "", "sequence parallel (Ulysses)")
     handle.sequence_parallel_models.append(type(model).__name__)
