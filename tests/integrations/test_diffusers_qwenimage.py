@@ -218,7 +218,7 @@ def test_rotary_axes_not_summing_to_the_head_dim():
     assert not any("forward" in vars(m) for m in model.modules()) and not hasattr(model, "_mmfast_patch_handle")
 
 
-def test_bad_rotary_tables_name_the_argument():
+def test_bad_tables_and_masks_name_the_argument():
     model = tiny_qwenimage(num_layers=1)
     attn = model.transformer_blocks[0].attn
     gen = torch.Generator().manual_seed(3)
@@ -236,6 +236,10 @@ def test_bad_rotary_tables_name_the_argument():
         for tables, message in cases:
             with pytest.raises(ValueError, match=rf"image_rotary_emb: {message}"):
                 attn(image, text, image_rotary_emb=tables)
+        with pytest.raises(ValueError, match=r"encoder_hidden_states_mask: expected \[B, Tt\] = \(1, 7\)"):
+            attn(image, text, encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.bool))
+        with pytest.raises(ValueError, match=r"encoder_hidden_states: expected the batch of hidden_states \(1\)"):
+            attn(image, text.expand(2, -1, -1))
 
 
 # ---- drop-in: the differential helpers, on this family ----------------------------------------

@@ -58,6 +58,13 @@ class QwenDoubleStreamAttnProcessor:
             processor = QwenDoubleStreamAttnProcessor2_0()
             processor._attention_backend = self._attention_backend
             return processor(attn, hidden_states, encoder_hidden_states, mask, attention_mask, image_rotary_emb)
+        batch, text_tokens = encoder_hidden_states.shape[:2]
+        if hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states: expected the batch of hidden_states ({hidden_states.shape[0]}), "
+                             f"got {batch}")
+        if mask is not None and tuple(mask.shape) != (batch, text_tokens):
+            raise ValueError(f"encoder_hidden_states_mask: expected [B, Tt] = ({batch}, {text_tokens}) (one entry per "
+                             f"text token), got {tuple(mask.shape)}")
         return qwen_attention_forward(attn, hidden_states, encoder_hidden_states, image_rotary_emb, keep=mask)
 
 
