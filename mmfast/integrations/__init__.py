@@ -38,6 +38,7 @@ FAMILY_MODULES["diffusers-sd3-transformer"] = "mmfast.integrations.diffusers.sd3
 FAMILY_MODULES["diffusers-dit-transformer"] = "mmfast.integrations.diffusers.dit_transformer"
 FAMILY_MODULES["diffusers-flux-transformer"] = "mmfast.integrations.diffusers.flux_transformer"
 FAMILY_MODULES["diffusers-flux2-transformer"] = "mmfast.integrations.diffusers.flux2_transformer"
+FAMILY_MODULES["diffusers-qwenimage-transformer"] = "mmfast.integrations.diffusers.qwenimage_transformer"
 FAMILY_MODULES["diffusers-pipeline"] = "mmfast.integrations.diffusers.pipelines"
 FAMILY_MODULES["diffusers-autoencoder-kl"] = "mmfast.integrations.diffusers.autoencoder_kl"
 FAMILY_MODULES["sam"] = "mmfast.integrations.transformers.sam"
@@ -104,6 +105,9 @@ def patch(target: Any, *, sequence_parallel: Any = _NOT_GIVEN) -> PatchHandle:
     SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
     Flux2Transformer2DModel and WanTransformer3DModel, and pipelines holding one; a
     ValueError for any other target, or a world size that does not divide the head count.
+    SD3Transformer2DModel, DiTTransformer2DModel, WanTransformer3DModel and
+    QwenImageTransformer2DModel, and pipelines holding one; a ValueError for any other
+    target, or a world size that does not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding

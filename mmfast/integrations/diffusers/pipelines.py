@@ -1,6 +1,7 @@
 """diffusers pipelines: every denoiser component (a UNet2DConditionModel,
 SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
-Flux2Transformer2DModel or WanTransformer3DModel), the VAE (AutoencoderKL,
+Flux2Transformer2DModel, WanTransformer3DModel or
+QwenImageTransformer2DModel), the VAE (AutoencoderKL,
 AutoencoderKLWan) and the CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection)
 are patched by their own families, and the scheduler by
 ``mmfast.integrations.diffusers.schedulers.patch_scheduler`` (the fused scheduler update,
@@ -22,6 +23,7 @@ DENOISER_FAMILIES = (
     "mmfast.integrations.diffusers.flux_transformer",
     "mmfast.integrations.diffusers.flux2_transformer",
     "mmfast.integrations.diffusers.wan_transformer",
+    "mmfast.integrations.diffusers.qwenimage_transformer",
 )
 # Components patched when present (a pipeline of text components only gets its text encoders).
 OTHER_FAMILIES = ("mmfast.integrations.diffusers.autoencoder_kl", "mmfast.integrations.diffusers.autoencoder_kl_wan",
