@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism for diffusers QwenImageTransformer2DModel on CPU with gloo,
 against the single-process result.
 
-One start of 2 processes (forked where possible; the launcher of test_ulysses.py) runs:
+One start of 2 processes (tests/distributed/launcher.py) runs:
 a tiny Qwen-Image transformer patched with ``sequence_parallel=group`` against the
 unpatched model (output, the gradients of parameters and of the input summed over the
 group), with token counts the world size does not divide (both streams padded) and a
@@ -9,16 +9,14 @@ ControlNet residual, and with zero_cond_t's per-token modulation; a QwenImagePip
 with true CFG generating the unpatched pipeline's latents; and the refusals (a text mask,
 a head count the world size does not divide). fp32, mmfast's torch backends, tiny shapes."""
 
-import datetime
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-TIMEOUT = datetime.timedelta(seconds=120)  # a hang fails the test instead of blocking CI
+from tests.distributed.launcher import run_ranks
+
 CLOSE = dict(rtol=1e-5, atol=1e-5)  # fp32, the same math summed in another order
 WORLD = 2
 
@@ -138,26 +136,14 @@ def _check_refusals(group):
                if hasattr(m, "set_processor"))
 
 
-def _worker(rank, world, init_file, failures, finished):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=TIMEOUT)
-        import mmfast
+def _check_ranks(rank, world):
+    import mmfast
 
-        mmfast.set_backend("torch")  # the Triton interpreter would make the workers slow
-        _check_model(dist.group.WORLD)
-        _check_zero_cond_t(dist.group.WORLD)
-        _check_pipeline(dist.group.WORLD)
-        _check_refusals(dist.group.WORLD)
-        dist.barrier()
-        finished.put(rank)
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    mmfast.set_backend("torch")  # the Triton interpreter would make the workers slow
+    _check_model(dist.group.WORLD)
+    _check_zero_cond_t(dist.group.WORLD)
+    _check_pipeline(dist.group.WORLD)
+    _check_refusals(dist.group.WORLD)
 
 
 def test_qwenimage_ulysses_two_ranks_equal_single_process(tmp_path):
@@ -167,23 +153,4 @@ def test_qwenimage_ulysses_two_ranks_equal_single_process(tmp_path):
 
     import mmfast.integrations.diffusers.qwenimage_transformer  # noqa: F401
 
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    failures, finished = ctx.SimpleQueue(), ctx.SimpleQueue()
-    try:
-        mp.start_processes(_worker, args=(WORLD, tmp_path / "init", failures, finished), nprocs=WORLD, join=True,
-                           start_method=method)
-    except Exception as error:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        done = set()
-        while not finished.empty():
-            done.add(finished.get())
-        if not messages and done == set(range(WORLD)):
-            # Every rank passed every check and the final barrier; a process then died in
-            # gloo's teardown (seen rarely under load). The results were all checked.
-            warnings.warn(f"a worker crashed after all checks passed: {error}")
-            return
-        pytest.fail("\n".join(messages) or f"a worker failed: {error}")
-    assert {finished.get() for _ in range(WORLD)} == set(range(WORLD))
+    run_ranks(_check_ranks, WORLD, tmp_path)
