@@ -80,7 +80,7 @@ FLUX_PRESETS = {
                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                     layers_per_block=2, norm_num_groups=32, sample_size=1024, use_quant_conv=True,
                     use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=1e-4,
-                    batch_norm_momentum=0.1, patch_size=(2, 2), act_fn="silu", force_upcast=True),
+                    batch_norm_momentum=0.1, patch_size=(2, 2), act_fn="silu"),
         "scheduler": _FLUX1_SCHEDULER,
         "text_tokens": 512,  # Flux2KleinPipeline's max_sequence_length
         "is_distilled": True,
