@@ -139,7 +139,8 @@ class PackedFlowSampler(LatentSampler):
     @staticmethod
     def _same_batch(value: Tensor, name: str, other: Tensor, other_name: str) -> None:
         if value.shape[0] != other.shape[0]:
-            raise ValueError(f"{name}: batch {value.shape[0]} differs from {other_name}'s {other.shape[0]}")
+            raise ValueError(f"{name}: batch {value.shape[0]} differs from the batch of {other_name} "
+                             f"({other.shape[0]})")
 
     # -- sampling -------------------------------------------------------------------------
 

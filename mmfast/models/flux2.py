@@ -44,7 +44,8 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
         return float(a2 * image_seq_len + b2)
     at_200, at_10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
     slope = (at_200 - at_10) / 190.0
-    return float(slope * num_steps + at_200 - 200.0 * slope)
+    intercept = at_200 - 200.0 * slope
+    return float(slope * num_steps + intercept)
 
 
 @register_architecture("Flux2Pipeline")
