@@ -188,9 +188,11 @@ def _sd3_pipeline(checkpoint: str, ours, dtype: torch.dtype):
 
 
 def preset_family(preset: str) -> str:
-    """Which model a preset builds ('sd15', 'sd3', 'flux'): preflight offers a smaller
-    preset of the same one."""
-    return "flux" if ldm_flux.owns(preset) else "sd3" if preset.startswith("sd3") else "sd15"
+    """Which model a preset builds ('sd15', 'sd3', 'flux1', 'flux2'): preflight offers a
+    smaller preset of the same one."""
+    if ldm_flux.owns(preset):
+        return ldm_flux.family(preset)
+    return "sd3" if preset.startswith("sd3") else "sd15"
 
 
 def defaults(preset: str | None, checkpoint: str | None) -> dict:

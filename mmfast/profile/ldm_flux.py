@@ -35,6 +35,13 @@ def owns(preset: str | None) -> bool:
     return preset is not None and preset.startswith("flux")
 
 
+def family(preset: str) -> str:
+    """'flux1' or 'flux2': the generation a preset builds."""
+    from mmfast.models.flux_presets import flux_preset
+
+    return f"flux{flux_preset(preset)['generation']}"
+
+
 def checkpoint_index(checkpoint: str | None) -> dict | None:
     """model_index.json of a FLUX pipeline directory, else None."""
     if checkpoint is None:
