@@ -62,7 +62,8 @@ class PackedFlowSampler(LatentSampler):
         super().__init__(vae, scheduler, SCHEDULERS)
         import mmfast
 
-        if getattr(transformer, "_mmfast_patch_handle", None) is None:
+        handle = getattr(transformer, "_mmfast_patch_handle", None)
+        if handle is None or not handle.active:
             mmfast.patch(transformer)  # in place, names kept: it still loads and saves as diffusers'
         self.transformer = transformer
 
@@ -87,8 +88,8 @@ class PackedFlowSampler(LatentSampler):
                              f"({', '.join(cls.pipelines)}); mmfast.models.from_pretrained picks the model for it")
         load = dict(model=cls.model_name, variant=variant)
 
-        def build(supported):
-            return lambda config: getattr(diffusers, config.get("_class_name") or supported[0]).from_config(config)
+        def build(supported):  # one class each: load_component checked the declared one
+            return lambda config: getattr(diffusers, supported[0]).from_config(config)
 
         parts = {"transformer": layout.load_component(root, index, "transformer", cls.denoisers,
                                                       build(cls.denoisers), **load),
