@@ -215,6 +215,48 @@ def test_triton_kernels_end_to_end_flux1(tmp_path):
     assert all(backend.startswith("triton") for _, backend in ran), ran
 
 
+def test_triton_kernels_fp16_within_twice_eager_error(tmp_path):
+    """fp16 on Triton (interpreted) for one true-CFG step: mmfast's error against the fp32
+    pipeline is at most about twice diffusers' own fp16 error (the flash-attention rule)."""
+    pipe = _flux1_pipeline(heads=1, head_dim=32, axes=(8, 12, 12))
+    ours = FluxModel.from_pretrained(_saved(pipe, tmp_path))
+    e = _embeds(32, pooled=24, batch=1, negative=True, tokens=3)
+    kwargs = dict(num_inference_steps=1, height=8, width=8, true_cfg_scale=3.0)
+    reference = unpack_2x2(pipe(output_type="latent", generator=torch.Generator().manual_seed(7), **e,
+                                **kwargs).images, 4, 4)
+    half = {k: v.half() for k, v in e.items()}
+    torch.nn.Module.to(pipe.transformer, torch.float16)
+    torch.nn.Module.to(pipe.vae, torch.float16)
+    eager = unpack_2x2(pipe(output_type="latent", generator=torch.Generator().manual_seed(7), **half,
+                            **kwargs).images, 4, 4)
+    torch.nn.Module.to(ours, torch.float16)
+    actual = ours.generate(generator=torch.Generator().manual_seed(7), progress=False, **half, **kwargs)
+    assert actual.dtype == torch.float16
+    ours_error = (actual.float() - reference).abs().max().item()
+    eager_error = (eager.float() - reference).abs().max().item()
+    assert ours_error <= 2 * eager_error + 1e-4, (ours_error, eager_error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("generation", [1, 2])
+def test_cuda_graph_matches_host_loop(generation, tmp_path):
+    if generation == 1:
+        ours = FluxModel.from_pretrained(_saved(_flux1_pipeline(), tmp_path), device="cuda")
+        e = _embeds(32, pooled=24, negative=True)
+        extra = dict(true_cfg_scale=2.0)
+    else:
+        ours = Flux2Model.from_pretrained(_saved(_klein_pipeline(False), tmp_path), device="cuda")
+        e = _embeds(40, negative=True)
+        extra = dict(guidance_scale=3.0)
+    common = dict(num_inference_steps=4, height=HEIGHT, width=WIDTH, progress=False,
+                  **{k: v.cuda() for k, v in e.items()}, **extra)
+    for seed in (7, 8):  # the second call replays the kept graph
+        expected = ours.generate(generator=torch.Generator().manual_seed(seed), **common)
+        actual = ours.generate(generator=torch.Generator().manual_seed(seed), cuda_graph=True, **common)
+        _close(actual, expected)
+    assert ours._graph_cache is not None and ours._graph_cache[1] is not None
+
+
 # ---- FLUX.2 -------------------------------------------------------------------------------
 
 
