@@ -258,7 +258,8 @@ class FluxModel(PackedFlowSampler):
         guided = true_cfg_scale > 1 and has_negative
         if guided:
             if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-                missing = "negative_prompt_embeds" if negative_prompt_embeds is None else "negative_pooled_prompt_embeds"
+                missing = ("negative_prompt_embeds" if negative_prompt_embeds is None
+                           else "negative_pooled_prompt_embeds")
                 raise ValueError(f"{missing}: true CFG needs negative_prompt_embeds with "
                                  "negative_pooled_prompt_embeds")
             negative = self._check_embeds(negative_prompt_embeds, "negative_prompt_embeds", 3, "[batch, tokens, dim]",
@@ -296,9 +297,10 @@ class FluxModel(PackedFlowSampler):
         embeds, pooled, text_ids, image_ids, *guidance = cond
         # as FluxPipeline: the timestep in the latents' dtype, then / 1000
         timestep = timestep.expand(model_input.shape[0]).to(model_input.dtype) / 1000
-        return self.transformer(hidden_states=model_input, timestep=timestep, guidance=guidance[0] if guidance else None,
-                                pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
-                                img_ids=image_ids, return_dict=False)[0]
+        return self.transformer(hidden_states=model_input, timestep=timestep,
+                                guidance=guidance[0] if guidance else None, pooled_projections=pooled,
+                                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
+                                return_dict=False)[0]
 
 
 __all__ = ["FluxModel", "PackedFlowSampler", "pack_2x2", "unpack_2x2"]

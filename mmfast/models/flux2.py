@@ -164,9 +164,9 @@ class Flux2Model(PackedFlowSampler):
     def _predict(self, model_input: Tensor, timestep: Tensor, cond: tuple[Tensor, ...]) -> Tensor:
         embeds, text_ids, image_ids, *guidance = cond
         timestep = timestep.expand(model_input.shape[0]).to(model_input.dtype) / 1000
-        return self.transformer(hidden_states=model_input, timestep=timestep, guidance=guidance[0] if guidance else None,
-                                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
-                                return_dict=False)[0]
+        return self.transformer(hidden_states=model_input, timestep=timestep,
+                                guidance=guidance[0] if guidance else None, encoder_hidden_states=embeds,
+                                txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
 
 
 __all__ = ["Flux2Model", "compute_empirical_mu"]

@@ -183,7 +183,8 @@ def test_cuda_graph_needs_cuda(flux1):
      "joint_attention_dim 32"),
     (dict(pooled_prompt_embeds=torch.randn(2, 25)), "pooled_prompt_embeds: last dimension 25 is not the "
      "transformer's pooled_projection_dim 24"),
-    (dict(pooled_prompt_embeds=torch.randn(3, 24)), r"pooled_prompt_embeds: batch 3 differs from the batch of prompt_embeds \(2\)"),
+    (dict(pooled_prompt_embeds=torch.randn(3, 24)),
+     r"pooled_prompt_embeds: batch 3 differs from the batch of prompt_embeds \(2\)"),
     (dict(prompt_embeds=torch.randn(2, 32)), "prompt_embeds: expected a floating point tensor"),
     (dict(true_cfg_scale=2.0, negative_prompt_embeds=torch.randn(2, TOKENS, 32)), "negative_pooled_prompt_embeds: "),
     (dict(true_cfg_scale=2.0, negative_prompt_embeds=torch.randn(2, TOKENS + 1, 32),
