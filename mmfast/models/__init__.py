@@ -6,6 +6,8 @@
 
 from mmfast.models.blip2 import Blip2Config, Blip2ForConditionalGeneration
 from mmfast.models.checkpoint import CheckpointError, from_pretrained, load_checkpoint, save_pretrained
+from mmfast.models.flux import FluxModel
+from mmfast.models.flux2 import Flux2Model
 from mmfast.models.kv_cache import KVCache
 from mmfast.models.ldm import LatentDiffusionModel
 from mmfast.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -21,3 +23,4 @@ __all__ += ["LatentDiffusionModel"]
 __all__ += ["LlavaConfig", "LlavaForConditionalGeneration"]
 __all__ += ["Blip2Config", "Blip2ForConditionalGeneration"]
 __all__ += ["StableDiffusion3Model"]
+__all__ += ["FluxModel", "Flux2Model"]

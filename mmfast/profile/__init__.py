@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm,sam}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
-                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers"),
+                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) or FLUX vs diffusers"),
                                 ("sam", sam.PRESETS, "the SAM image encoder (image embeddings per second), "
                                  "patched vs transformers sdpa and eager")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
@@ -86,8 +86,10 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--text-tokens", type=_positive, help="text tokens per prompt beside the image "
                            "(default 256 GPU, 16 CPU)")
         elif kind == "ldm":
-            p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
-            p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+            p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU; FLUX.1 28, "
+                           "klein 4 on a GPU)")
+            p.add_argument("--guidance", type=float, help="guidance scale (default 7.5; FLUX.1's embedded guidance "
+                           "3.5; none for the step-distilled klein)")
         if kind != "sam":
             p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
                            f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
@@ -163,7 +165,12 @@ def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
     if args.kind == "vlm":
         vlm.choose_model(args, on_gpu)
-    for group in (DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]):
+    groups = [DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]]
+    if args.kind == "ldm":  # FLUX's steps and guidance depend on the model: its preset first
+        if args.preset is None and not args.checkpoint:
+            args.preset = DEFAULTS["ldm"]["preset"][pick]
+        groups.insert(0, ldm.defaults(args.preset, args.checkpoint))
+    for group in groups:
         for name, values in group.items():
             if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
                 setattr(args, name, values[pick])
@@ -278,7 +285,7 @@ def run(args, log=print) -> dict:
                                                  estimate and estimate.phases)
         args.resolution = args.resolution or ldm.default_resolution(ours)
         sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
-                          compile_backend)
+                          compile_backend, preset=args.preset)
         one_call = "pt"
         weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
 

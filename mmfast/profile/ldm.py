@@ -15,7 +15,8 @@ an Euler discrete scheduler; ``sd3-tiny``, ``sd3-medium``, ``sd35-medium`` and `
 (:mod:`mmfast.models.sd3_presets`),
 built without T5-XXL: the prompt embeddings are given, so T5 would only take memory, and
 their 256 T5 tokens are part of the embeddings as in diffusers. The issue's speed target
-is for SD1.5; SD3 is reported the same way.
+is for SD1.5; SD3 is reported the same way. FLUX presets and checkpoints (``flux-*``) are
+:mod:`mmfast.profile.ldm_flux`'s.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from typing import Callable
 
 import torch
 
-from mmfast.profile import build_progress
+from mmfast.profile import build_progress, ldm_flux
 from mmfast.profile.measure import building_on, on_first_call, timed
 from mmfast.profile.stats import figure
 
-PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
+PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large", *ldm_flux.PRESETS)
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
@@ -77,6 +78,8 @@ def preset_modules(preset: str) -> dict:
     """The modules of a preset's pipeline with random weights (diffusers and transformers
     modules; SD3 presets without T5-XXL), without its scheduler: build them on the meta
     device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
+    if ldm_flux.owns(preset):
+        return ldm_flux.preset_modules(preset)
     if preset.startswith("sd3"):
         from mmfast.models.sd3_presets import sd3_components
 
@@ -96,6 +99,8 @@ def build(preset: str, checkpoint: str | None, device: torch.device, dtype: torc
     from mmfast.models import LatentDiffusionModel, StableDiffusion3Model
     from mmfast.nn import unet2d_condition_model
 
+    if ldm_flux.owns(preset) or ldm_flux.checkpoint_index(checkpoint) is not None:
+        return ldm_flux.build(preset, checkpoint, device, dtype, phases)
     if checkpoint is not None:
         ours = LatentDiffusionModel.from_pretrained(checkpoint, torch_dtype=dtype, device=device)  # SD3 too
         if isinstance(ours, StableDiffusion3Model):
@@ -182,7 +187,26 @@ def _sd3_pipeline(checkpoint: str, ours, dtype: torch.dtype):
                                     **shared)
 
 
+def preset_family(preset: str) -> str:
+    """Which model a preset builds ('sd15', 'sd3', 'flux1', 'flux2'): preflight offers a
+    smaller preset of the same one."""
+    if ldm_flux.owns(preset):
+        return ldm_flux.family(preset)
+    return "sd3" if preset.startswith("sd3") else "sd15"
+
+
+def defaults(preset: str | None, checkpoint: str | None) -> dict:
+    """(GPU, CPU) defaults that depend on the model: FLUX's steps and guidance."""
+    if ldm_flux.owns(preset) or ldm_flux.checkpoint_index(checkpoint) is not None:
+        return ldm_flux.defaults(preset, checkpoint)
+    return {"guidance": (7.5, 7.5)}
+
+
 def default_resolution(ours) -> int:
+    from mmfast.models.flux import PackedFlowSampler
+
+    if isinstance(ours, PackedFlowSampler):
+        return ldm_flux.default_resolution(ours)
     return ours.denoiser.config.sample_size * ours.vae_scale_factor
 
 
@@ -197,10 +221,15 @@ def compiled(pipe, backend: str):
 
 
 def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
-          cuda_graph: bool = False, compile_backend: str | None = None) -> list[Side]:
+          cuda_graph: bool = False, compile_backend: str | None = None, preset: str | None = None) -> list[Side]:
     """mmfast and the diffusers pipeline, and with ``compile_backend`` the pipeline with its
-    denoiser under torch.compile with that backend."""
+    denoiser under torch.compile with that backend. ``preset``: what was built (FLUX's
+    prompt length depends on it)."""
     from mmfast.models import StableDiffusion3Model
+    from mmfast.models.flux import PackedFlowSampler
+
+    if isinstance(ours, PackedFlowSampler):
+        return ldm_flux.sides(ours, pipe, batch, resolution, steps, guidance, cuda_graph, compile_backend, preset)
 
     g = torch.Generator().manual_seed(0)
     if isinstance(ours, StableDiffusion3Model):  # CLIP-L/G tokens then T5's, with pooled embeddings

@@ -17,7 +17,7 @@ import torch
 
 MARGIN = 0.25  # of the weights: activations, KV cache, allocator workspace
 # Presets a CPU builds in well under a second: estimating them would cost more than building.
-SMALL_PRESETS = frozenset({"tiny", "sd3-tiny"})
+SMALL_PRESETS = frozenset({"tiny", "sd3-tiny", "flux-tiny", "flux2-tiny"})
 GIB = 2**30
 
 
@@ -135,19 +135,23 @@ def _stored_parameters(directory: str) -> int:
 def estimate_checkpoint(kind: str, directory: str, dtype: torch.dtype) -> Estimate | None:
     """The estimate for a checkpoint directory, from its safetensors headers: a VLM's
     weights on both sides; a pipeline's denoiser and VAE twice (mmfast's copies), its text
-    encoders once for SD3 (shared) and twice for SD1.5 (each side loads its own). None
+    encoders once for SD3 (shared), twice for SD1.5 (each side loads its own) and not at all
+    for FLUX (both sides take prompt embeddings). None
     when no safetensors file is found (nothing to go by)."""
     if kind == "vlm":
         stored = _stored_parameters(directory)
         return Estimate(2 * stored, 2 * stored * dtype.itemsize, vlm_phases(stored)) if stored else None
+    from mmfast.profile import ldm_flux
+
     sd3 = os.path.isdir(os.path.join(directory, "transformer"))
+    flux = ldm_flux.checkpoint_index(directory) is not None  # neither side loads its text encoders
     count = 0
     for sub in sorted(os.listdir(directory)):
         folder = os.path.join(directory, sub)
         if not os.path.isdir(folder):
             continue
         copies = 2 if sub in ("unet", "transformer", "vae") or (sub.startswith("text_encoder") and not sd3) \
-            else 1 if sub.startswith("text_encoder") else 0
+            else 1 if sub.startswith("text_encoder") and not flux else 0
         count += copies * _stored_parameters(folder) if copies else 0
     return Estimate(count, count * dtype.itemsize) if count else None
 

@@ -338,10 +338,10 @@ def test_unknown_classes(saved, tmp_path):
     index_file.write_text(json.dumps({**index, "scheduler": ["diffusers", "DDIMScheduler"]}))
     with pytest.raises(ValueError, match="scheduler: unsupported architecture 'DDIMScheduler'"):
         StableDiffusion3Model.from_pretrained(path)
-    index_file.write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(ValueError, match="model_index.json: unknown architecture \\(FluxPipeline\\)"):
+    index_file.write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))  # FluxPipeline is known
+    with pytest.raises(ValueError, match="model_index.json: unknown architecture \\(FluxKontextPipeline\\)"):
         mmfast.models.from_pretrained(path)
-    with pytest.raises(ValueError, match="model_index.json: unsupported pipeline class 'FluxPipeline'"):
+    with pytest.raises(ValueError, match="model_index.json: unsupported pipeline class 'FluxKontextPipeline'"):
         LatentDiffusionModel.from_pretrained(path)
     index_file.write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="'StableDiffusionPipeline' is not a Stable Diffusion 3 pipeline"):
