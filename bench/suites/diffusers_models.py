@@ -12,6 +12,7 @@ same weights (on one device).
 
 from __future__ import annotations
 
+import gc
 import itertools
 from contextlib import contextmanager
 from typing import Any, Callable
@@ -91,7 +92,13 @@ def side(make: Callable[[dict, torch.device], nn.Module], forward: Callable[[nn.
 
         def run(inputs):
             if "model" not in state:
-                torch.compiler.reset()  # graphs of an earlier compiled case hold its model
+                # The last case's model may still be held: by compiled graphs, or in a
+                # reference cycle (a patched model and its PatchHandle) that only the
+                # collector frees. At 24 GB a model, two must not coexist.
+                torch.compiler.reset()
+                gc.collect()
+                if torch.cuda.is_initialized():
+                    torch.cuda.empty_cache()
                 device = next(tensors_in(inputs)).device
                 model = make(case.params, device)
                 if patched:

@@ -125,6 +125,7 @@ def test_models_are_built_as_from_pretrained_leaves_them():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+@pytest.mark.slow  # a few seconds each: the patched models' kernels on the Triton interpreter
 @pytest.mark.parametrize("name", NAMES)
 def test_mmfast_patched_computes_what_diffusers_computes_on_the_cpu_case(name):
     pytest.importorskip("diffusers")
