@@ -31,8 +31,10 @@ def diffusers_skip(class_name: str) -> str | None:
 
     if not module_available("diffusers"):
         return "diffusers is not installed"
-    import diffusers
-
+    try:
+        import diffusers
+    except Exception as e:  # e.g. carried without one of its requirements
+        return f"diffusers does not import here: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
     if not hasattr(diffusers, class_name):
         return f"diffusers {diffusers.__version__} has no {class_name}"
     return None

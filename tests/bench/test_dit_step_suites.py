@@ -5,6 +5,8 @@ leaves them; on a CPU the mmfast-patched side computes what diffusers computes o
 tiny cases (the Triton interpreter); every side skips with the reason when diffusers is
 missing. Timings are not checked: they mean something only on a GPU."""
 
+import sys
+
 import pytest
 import torch
 
@@ -149,6 +151,12 @@ def test_every_side_skips_with_the_reason_without_diffusers(monkeypatch, tmp_pat
         for case in suite.cases(False, CUDA) + suite.cases(False, CPU):
             for provider in suite.providers:
                 assert provider.skip(case, CUDA) == "diffusers is not installed"
+    # a diffusers that is there but does not import (a carried wheel without its requirements)
+    monkeypatch.setitem(dispatch._module_found, "diffusers", True)
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    reason = suites.get("flux_transformer_step").providers[0].skip(flux.cases(False, CUDA)[0], CUDA)
+    assert reason.startswith("diffusers does not import here: ModuleNotFoundError")
+    monkeypatch.setitem(dispatch._module_found, "diffusers", False)
     # as the evidence run's worker records it: skipped, with the reason
     case = suites.get("wan_vae_decode").cases(True, CPU)[0]
     status, rows = evidence_worker.run_bench(
