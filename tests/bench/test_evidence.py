@@ -172,7 +172,10 @@ def test_deferred_headline_providers_run_first_in_the_rest_stage():
         "peaks", "bench/norm/rms+res-fwd-16384x4096-bf16/torch-eager", f"bench/{vae}/{case}/mmfast-patched",
         f"bench/{vae}/{case}/diffusers-eager", "bench/norm/rms+res-fwd-16384x4096-bf16/torch-compile"]
     assert rest[0].id == f"bench/{vae}/{case}/diffusers-compile" and rest[0].stage == "rest"
-    assert rest[0].cap_s == evidence_plan.CAP_COMPILE_S
+    assert rest[0].cap_s == evidence_plan.CAP_VAE_COMPILE_S == 300
+    assert {i.cap_s for i in head if i.id.startswith(f"bench/{vae}/")} == {evidence_plan.CAP_COMPILE_S}
+    assert {i.cap_s for i in head if i.id.startswith("bench/norm/")} == {evidence_plan.CAP_BENCH_S,
+                                                                       evidence_plan.CAP_COMPILE_S}
     assert {i.id for i in rest[1:]} == {"bench/norm/b/torch-eager", "bench/norm/b/torch-compile"} | {
         f"bench/{vae}/other/{p}" for p in ("mmfast-patched", "diffusers-eager", "diffusers-compile")}
 
