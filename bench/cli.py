@@ -160,7 +160,8 @@ def _run_suite(suite, args, env: Env, peaks, out: Path, save: bool, plot: bool, 
         print(table.format_table(suite, rows, previous, env.is_gpu))
     else:
         print("(no measurements)")
-    for line in table.target_summary(suite, rows, env.is_gpu) + table.speedup_summary(suite, rows, env.is_gpu):
+    for line in (table.target_summary(suite, rows, env.is_gpu) + table.speedup_summary(suite, rows, env.is_gpu)
+                 + table.latency_summary(suite, rows, env.is_gpu)):
         print(line)
     for (provider, reason), names in skipped.items():
         print(f"skipped {provider} ({len(names)} case{'s' * (len(names) != 1)}): {reason}")

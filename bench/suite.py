@@ -100,6 +100,12 @@ class Target:
     text: str
 
 
+def _where_holds(where: dict[str, Any], params: dict[str, Any]) -> bool:
+    """Every key of ``where`` has its value in ``params`` (a tuple value: any of its items)."""
+    return all(params.get(key) in value if isinstance(value, tuple) else params.get(key) == value
+               for key, value in where.items())
+
+
 @dataclass(frozen=True)
 class Speedup:
     """A goal relative to baselines measured in the same run: in every case whose params
@@ -117,8 +123,23 @@ class Speedup:
     metric: str = "ms"
 
     def applies_to(self, params: dict[str, Any]) -> bool:
-        return all(params.get(key) in value if isinstance(value, tuple) else params.get(key) == value
-                   for key, value in self.where.items())
+        return _where_holds(self.where, params)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """An absolute goal: in every case whose params hold all of ``where`` (as for
+    :class:`Speedup`), ``provider`` takes at most ``max_ms`` per call. Checked on GPU runs
+    only, by reading the numbers against it (never asserted); ``text`` says where the
+    goal comes from (e.g. a whole-pipeline time divided by its number of steps)."""
+
+    provider: str
+    max_ms: float
+    text: str
+    where: dict[str, Any] = field(default_factory=dict)
+
+    def applies_to(self, params: dict[str, Any]) -> bool:
+        return _where_holds(self.where, params)
 
 
 @dataclass(frozen=True)
@@ -139,6 +160,7 @@ class Suite:
     plot_panels: tuple[str, ...] = ()
     targets: tuple[Target, ...] = field(default_factory=tuple)
     speedups: tuple[Speedup, ...] = field(default_factory=tuple)
+    latencies: tuple[Latency, ...] = field(default_factory=tuple)
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -119,3 +119,22 @@ def speedup_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
                      f"{goal.min_ratio:g}x the fastest of {', '.join(goal.baselines)}")
         lines += [f"  below: {c} at {x:.2f}x" for c, x in sorted(low.items())]
     return lines
+
+
+def latency_summary(suite: Suite, rows: list[dict], is_gpu: bool) -> list[str]:
+    """One line per latency goal: how many of its provider's rows are within it, and
+    the times of those that are not."""
+    lines = []
+    for goal in suite.latencies:
+        mine = [r for r in rows if r["provider"] == goal.provider and goal.applies_to(r["params"])
+                and r.get("ms") is not None]
+        if not mine:
+            continue
+        if not is_gpu:
+            lines.append(f"latency goal ({goal.text}): not checked, this is not a GPU run")
+            continue
+        over = [r for r in mine if r["ms"] > goal.max_ms]
+        lines.append(f"latency goal ({goal.text}): {len(mine) - len(over)}/{len(mine)} {goal.provider} rows "
+                     f"within {num(goal.max_ms)} ms")
+        lines += [f"  over: {r['case']} at {num(r['ms'])} ms" for r in over]
+    return lines

@@ -28,6 +28,9 @@ _MODULES = {
     "wan_vae_norm": "mmfast.bench.suites.wan_vae_norm",
     "hf_decoder_attention": "mmfast.bench.suites.hf_decoder_attention",
     "sam_encoder_attention": "mmfast.bench.suites.sam_encoder_attention",
+    "flux_transformer_step": "mmfast.bench.suites.flux_transformer_step",
+    "wan_transformer_step": "mmfast.bench.suites.wan_transformer_step",
+    "wan_vae_decode": "mmfast.bench.suites.wan_vae_decode",
 }
 
 

@@ -162,6 +162,37 @@ def test_plan_orders_by_value_and_budgets_are_cumulative():
     assert checks[-1].params["cuda_build"]
 
 
+def test_deferred_headline_providers_run_first_in_the_rest_stage():
+    vae, case = "wan_vae_decode", evidence_plan.HEADLINE["wan_vae_decode"]
+    assert evidence_plan.HEADLINE_DEFERRED == {vae: ("diffusers-compile",)}
+    head, rest = evidence_plan.bench_items({
+        "norm": (["rms+res-fwd-16384x4096-bf16", "b"], ["torch-eager", "torch-compile"]),
+        vae: (["other", case], ["mmfast-patched", "diffusers-eager", "diffusers-compile"])})
+    assert [i.id for i in head] == [
+        "peaks", "bench/norm/rms+res-fwd-16384x4096-bf16/torch-eager", f"bench/{vae}/{case}/mmfast-patched",
+        f"bench/{vae}/{case}/diffusers-eager", "bench/norm/rms+res-fwd-16384x4096-bf16/torch-compile"]
+    assert rest[0].id == f"bench/{vae}/{case}/diffusers-compile" and rest[0].stage == "rest"
+    assert rest[0].cap_s == evidence_plan.CAP_VAE_COMPILE_S == 300
+    assert {i.cap_s for i in head if i.id.startswith(f"bench/{vae}/")} == {evidence_plan.CAP_COMPILE_S}
+    assert {i.cap_s for i in head if i.id.startswith("bench/norm/")} == {evidence_plan.CAP_BENCH_S,
+                                                                       evidence_plan.CAP_COMPILE_S}
+    assert {i.id for i in rest[1:]} == {"bench/norm/b/torch-eager", "bench/norm/b/torch-compile"} | {
+        f"bench/{vae}/other/{p}" for p in ("mmfast-patched", "diffusers-eager", "diffusers-compile")}
+
+
+def test_the_dry_run_headline_stage_fits_its_budget_on_the_fake_clock():
+    # What the dry run plans (every suite's quick CPU cases) at the fake clock's costs:
+    # the headline stage must fit its budget, or a dry run would cut it off.
+    cpu = torch.device("cpu")
+    head, _ = evidence_plan.bench_items({name: ([c.name for c in suites.get(name).cases(True, cpu)],
+                                                [p.name for p in suites.get(name).providers])
+                                         for name in suites.names()})
+    estimate = sum(evidence.FAKE_COSTS[i.kind] for i in head)
+    assert estimate <= evidence_plan.STAGE_BUDGETS["headline"], estimate
+    new = {"flux_transformer_step", "wan_transformer_step", "wan_vae_decode"}
+    assert {i.params["suite"] for i in head if i.kind == "bench"} >= new
+
+
 def test_reference_errors_report_unwritten_and_inaccurate_outputs():
     x = torch.randn(8, 16, dtype=torch.float16)
 

@@ -279,6 +279,23 @@ def test_speedup_goals_compare_with_the_fastest_baseline_of_matching_cases():
         "speedup goal (2x): not checked, this is not a GPU run"]
 
 
+def test_latency_goals_read_the_matching_rows_against_the_limit():
+    from mmfast.bench.suite import Latency
+
+    goal = Latency("ours", 150.0, "28 steps in 4.2 s", where={"full": True})
+    suite = dataclasses.replace(suites.get("norm"), latencies=(goal,))
+    rows = [
+        {"case": "x", "provider": "ours", "ms": 149.0, "params": {"full": True}},
+        {"case": "y", "provider": "ours", "ms": 151.5, "params": {"full": True}},  # over
+        {"case": "y", "provider": "theirs", "ms": 300.0, "params": {"full": True}},  # not the goal's provider
+        {"case": "z", "provider": "ours", "ms": 900.0, "params": {"full": False}},  # not the goal's case
+    ]
+    assert table.latency_summary(suite, rows, is_gpu=True) == [
+        "latency goal (28 steps in 4.2 s): 1/2 ours rows within 150.0 ms", "  over: y at 151.5 ms"]
+    assert table.latency_summary(suite, rows, is_gpu=False) == [
+        "latency goal (28 steps in 4.2 s): not checked, this is not a GPU run"]
+
+
 @pytest.mark.parametrize("name", suites.names())
 def test_every_goal_names_providers_of_its_suite(name):
     suite = suites.get(name)
@@ -287,3 +304,5 @@ def test_every_goal_names_providers_of_its_suite(name):
         assert {goal.provider, *goal.baselines} <= providers, goal.text
     for target in suite.targets:
         assert target.provider in providers, target.text
+    for latency in suite.latencies:
+        assert latency.provider in providers, latency.text
