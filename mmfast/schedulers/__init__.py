@@ -19,8 +19,10 @@ from mmfast.schedulers.ddim import DDIMStepper, ddim_coefficients
 from mmfast.schedulers.dpm_solver import DPMSolverPP2MStepper, dpm_solver_coefficients
 from mmfast.schedulers.euler import (EulerDiscreteStepper, FlowMatchEulerStepper, euler_coefficients,
                                      flow_match_coefficients)
+from mmfast.schedulers.unipc import UniPCStepper, unipc_coefficients
 
 __all__ = [
     "DDIMStepper", "DPMSolverPP2MStepper", "EulerDiscreteStepper", "FlowMatchEulerStepper", "FusedStepper",
-    "ddim_coefficients", "dpm_solver_coefficients", "euler_coefficients", "flow_match_coefficients",
+    "UniPCStepper", "ddim_coefficients", "dpm_solver_coefficients", "euler_coefficients", "flow_match_coefficients",
+    "unipc_coefficients",
 ]
