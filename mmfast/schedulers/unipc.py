@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -137,6 +138,26 @@ def _corrector(sigmas, index: int, order: int, solver_type: str, flow_sigmas: bo
     return CorrectorCoefficients(kx=ratio, k0=-alpha_t * phi - k1 - kt, k1=k1, kt=kt)
 
 
+def flow_unipc_schedule(num_inference_steps: int, flow_shift: float,
+                        num_train_timesteps: int = 1000) -> tuple[list[float], list[float]]:
+    """(sigmas, timesteps) of diffusers' UniPC ``set_timesteps`` with ``use_flow_sigmas``,
+    a static ``flow_shift`` and a zero final sigma (Wan's configuration), value for value:
+    sigmas float32 (the last 0), timesteps truncated to integers."""
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+    if not flow_shift > 0 or not math.isfinite(flow_shift):
+        raise ValueError(f"flow_shift: expected a finite number > 0, got {flow_shift!r}")
+    # numpy float64 as diffusers computes them, so float32 rounding and the integer
+    # truncation of the timesteps come out the same.
+    sigmas = np.linspace(1, 1 / num_train_timesteps, num_inference_steps + 1)[:-1]
+    sigmas = flow_shift * sigmas / (1 + (flow_shift - 1) * sigmas)
+    if np.fabs(sigmas[0] - 1) < 1e-6:
+        sigmas[0] -= 1e-6  # diffusers keeps log(alpha) = log(1 - sigma) finite
+    timesteps = (sigmas * num_train_timesteps).astype(np.int64)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return [float(v) for v in sigmas], [float(v) for v in timesteps]
+
+
 def unipc_x0_dtype(prediction_type: str, sample_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype diffusers keeps x0 in (its ``model_outputs``)."""
     return model_dtype if prediction_type == "sample" else torch.promote_types(sample_dtype, model_dtype)
@@ -179,6 +200,15 @@ class UniPCStepper(FusedStepper):
         self.disable_corrector = frozenset(int(i) for i in disable_corrector)
         self.use_flow_sigmas = use_flow_sigmas
         self.reset(0)
+
+    @classmethod
+    def for_flow(cls, num_inference_steps: int, flow_shift: float, *, num_train_timesteps: int = 1000,
+                 **options) -> "UniPCStepper":
+        """The stepper of a Wan pipeline's scheduler after ``set_timesteps(num_inference_steps)``
+        (flow prediction, flow sigmas, ``flow_shift`` 3.0 at 480p / 5.0 at 720p, bh2, order
+        2), without diffusers; ``options``: the constructor's other keywords."""
+        sigmas, timesteps = flow_unipc_schedule(num_inference_steps, flow_shift, num_train_timesteps)
+        return cls(sigmas, timesteps, **options)
 
     # -- the plan: every step's orders and coefficients for a run from step ``start`` ------
 

@@ -213,3 +213,20 @@ def test_bad_input_names_the_argument():
         guided_scheduler_step(_wan(3.0, 4), torch.randn(3, 8), 999, x, guidance_scale=5.0)
     with pytest.raises(ValueError, match="Number of inference steps is 'None'"):
         guided_scheduler_step(_wan(3.0), torch.randn(2, 8), 999, x, guidance_scale=5.0)
+
+
+def test_flow_schedule_without_diffusers_is_diffusers_schedule():
+    from mmfast.schedulers import flow_unipc_schedule
+
+    for flow_shift in (3.0, 5.0, 1.0):
+        for steps in (1, 2, 3, 10, 30, 50, 64):
+            scheduler = _wan(flow_shift, steps)
+            sigmas, timesteps = flow_unipc_schedule(steps, flow_shift)
+            assert sigmas == scheduler.sigmas.tolist() and timesteps == scheduler.timesteps.double().tolist()
+    stepper = UniPCStepper.for_flow(4, 3.0)
+    reference = fused_stepper(_wan(3.0, 4))
+    assert stepper.timesteps == reference.timesteps and stepper.sigmas == reference.sigmas
+    with pytest.raises(ValueError, match="num_inference_steps: expected a positive int"):
+        flow_unipc_schedule(0, 3.0)
+    with pytest.raises(ValueError, match="flow_shift: expected a finite number > 0"):
+        flow_unipc_schedule(4, -1.0)
