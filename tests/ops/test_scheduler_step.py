@@ -96,7 +96,8 @@ def _corrected_step(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_unipc_corrector_stage_matches_reference(device, dtype):
     shape = (2, 3, 7, 9)  # 189 elements a sample: a masked tail
-    inputs = dict(sample=random_tensor(shape, dtype, device), model_output=random_tensor((4, *shape[1:]), dtype, device),
+    inputs = dict(sample=random_tensor(shape, dtype, device),
+                  model_output=random_tensor((4, *shape[1:]), dtype, device),
                   prev_x0=random_tensor(shape, dtype, device), last_sample=random_tensor(shape, dtype, device),
                   older_x0=random_tensor(shape, dtype, device), guidance_scale=5.0,
                   guidance_rescale=0.6 if dtype == torch.float32 else 0.0)

@@ -14,8 +14,8 @@ Three ways in:
   fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
   learned variances, DDIM's epsilon prediction where alphas_cumprod is 0, UniPC with
   ``predict_x0=False`` or a ``solver_p``, and UniPC steps diffusers makes non-finite: a
-  "bh1" step to a zero sigma, a second-order step to it without ``lower_order_final``) fall back to
-  the original ``step`` for that call; schedulers of other classes are left untouched.
+  "bh1" step to a zero sigma, a second-order step to it without ``lower_order_final``)
+  fall back to the original ``step`` for that call; schedulers of other classes are left untouched.
   Samples and outputs may have any strides. One deliberate difference: a DPM-Solver++
   "heun" step between two equal sigmas (Karras / Lu sigmas with
   ``final_sigmas_type="sigma_min"`` end on one) is the identity, the limit of the step,
