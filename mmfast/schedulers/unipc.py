@@ -12,11 +12,14 @@ phi = e^hh - 1 and B = hh ("bh1") or e^hh - 1 ("bh2"):
           order 2    ... - alpha_t B rho (x0_{i-1} - x0_i) / r,  rho = 1/2,
                      r = (lambda_{i-1} - lambda_s0) / h
 
-UniC at step i corrects the sample that the previous step (from sigmas[i - 1] to
-sigmas[i]) predicted, once x0_i is known: the same formula from the previous step's input
-(``last``) with x0_{i-1} as its x0, plus rho_t B (x0_i - x0_{i-1}) (and, at order 2,
-rho_1 B (x0_{i-2} - x0_{i-1}) / r); rho_t = 1/2 at order 1, else (rho_1, rho_t) solves
-[[1, 1], [r, 1]] rho = (b1, b2) with b1 = (phi / hh - 1) / B,
+UniC at step i corrects the sample that the previous step (from s0 = sigmas[i - 1] to
+t = sigmas[i]) predicted, once x0_i is known, from that step's input ``last``:
+
+    corrected = sigma_t / sigma_s0 last - alpha_t phi x0_{i-1}
+                - alpha_t B (rho_t (x0_i - x0_{i-1}) + rho_1 (x0_{i-2} - x0_{i-1}) / r)
+
+with r = (lambda_{i-2} - lambda_s0) / h; at order 1 rho_t = 1/2 and rho_1 = 0, at order 2
+(rho_1, rho_t) solves [[1, 1], [r, 1]] rho = (b1, b2), b1 = (phi / hh - 1) / B,
 b2 = 2 ((phi / hh - 1) / hh - 1/2) / B. The predictor then starts from the corrected
 sample. Each is a linear combination of (last, x0_{i-1}, x0_{i-2}, x0_i) and (corrected,
 x0_i, x0_{i-1}): ``mmfast.ops.guided_step`` with a :class:`CorrectorCoefficients`.
@@ -193,6 +196,9 @@ class UniPCStepper(FusedStepper):
         self.sigmas = [float(s) for s in sigmas]
         if len(self.sigmas) != len(self.timesteps) + 1:
             raise ValueError(f"sigmas: expected {len(self.timesteps) + 1} values, got {len(self.sigmas)}")
+        if not all(0.0 <= s < (1.0 if use_flow_sigmas else math.inf) for s in self.sigmas):
+            bound = " and < 1 (flow sigmas)" if use_flow_sigmas else ""
+            raise ValueError(f"sigmas: expected finite values >= 0{bound}, got {self.sigmas}")
         self.prediction_type = prediction_type
         self.solver_type = solver_type
         self.solver_order = solver_order

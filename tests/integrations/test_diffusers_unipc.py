@@ -185,6 +185,8 @@ def test_bad_input_names_the_argument():
         UniPCStepper(sigmas, timesteps, prediction_type="x0")
     with pytest.raises(ValueError, match="sigmas: expected 4 values"):
         UniPCStepper(sigmas[:-1], timesteps)
+    with pytest.raises(ValueError, match=r"sigmas: expected finite values >= 0 and < 1 \(flow sigmas\)"):
+        UniPCStepper([1.0, 0.8, 0.5, 0.0], timesteps)  # log(1 - sigma) would be log(0)
     with pytest.raises(ValueError, match="thresholding: dynamic thresholding"):
         UniPCStepper(sigmas, timesteps, thresholding=True)
     # Schedules diffusers makes non-finite: refused when built, not half-way.
