@@ -1,13 +1,17 @@
 """Triton kernels for one sampler step with classifier-free guidance, in one elementwise pass.
 
-Every supported scheduler update (DDIM, Euler, DPM-Solver++(2M), flow-matching Euler) is,
-per element, one linear combination with per-step scalar coefficients (see
-mmfast/ops/scheduler_step.py for the math and where the coefficients come from):
+Every supported scheduler update (DDIM, Euler, DPM-Solver++(2M), flow-matching Euler,
+UniPC's corrector + predictor) is, per element, one or two linear combinations with
+per-step scalar coefficients (see mmfast/ops/scheduler_step.py for the math and where
+the coefficients come from):
 
     m    = u + s * (c - u)                        guidance (or m = the model output)
     m   *= phi * std_b(c) / std_b(m) + 1 - phi    guidance rescale, per sample b
     x0   = px * x + pm * m                        predicted clean sample
     x0   = clamp(x0, -clip, clip)                 (DDIM clip_sample only)
+    xc   = kx * last + k0 * x0_prev + k1 * x0_older + kt * x0
+                                                  UniPC's corrector (UniC; CORRECT only):
+                                                  the sample x is replaced by xc, stored
     prev = cx * x + cm * m + c0 * x0 + c1 * x0_prev + cn * noise
 
 Tensors are flat: sample b of every [B, ...] operand is elements [b * N, (b + 1) * N).
@@ -112,12 +116,13 @@ def _rescale_factor(PARTIAL, b, N, n_chunks, chunk, phi, CHUNKS_POW2: tl.constex
 
 @triton.jit
 def _guided_step_kernel(
-    X, U, C, X0_PREV, NOISE, OUT, X0_OUT, PARTIAL, TABLE, STEP,
-    px, pm, cx, cm, c0, c1, cn, clip, scale, phi,
+    X, U, C, X0_PREV, NOISE, OUT, X0_OUT, PARTIAL, TABLE, STEP, LAST, X0_OLDER, XC_OUT,
+    px, pm, cx, cm, c0, c1, cn, clip, scale, phi, kx, k0, k1, kt,
     N, n_chunks, chunk, rows,
     GUIDED: tl.constexpr, RESCALE: tl.constexpr, NEED_X0: tl.constexpr, CLIP: tl.constexpr,
     HAS_PREV: tl.constexpr, HAS_NOISE: tl.constexpr, STORE_X0: tl.constexpr,
     FROM_TABLE: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_POW2: tl.constexpr,
+    CORRECT: tl.constexpr, HAS_OLDER: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -148,19 +153,31 @@ def _guided_step_kernel(
     else:
         m = tl.load(U + idx, mask=mask, other=0.0).to(tl.float32)
 
-    prev = cx * x + cm * m
     if NEED_X0:
         x0 = px * x + pm * m
         if CLIP:
             x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    if HAS_PREV:
+        x0_prev = tl.load(X0_PREV + idx, mask=mask, other=0.0).to(tl.float32)
+    if CORRECT:
+        # UniC (the launcher guarantees NEED_X0 and HAS_PREV): x0 was predicted from the
+        # uncorrected sample, the update starts from the corrected one.
+        x = kx * tl.load(LAST + idx, mask=mask, other=0.0).to(tl.float32) + k0 * x0_prev + kt * x0
+        if HAS_OLDER:
+            x += k1 * tl.load(X0_OLDER + idx, mask=mask, other=0.0).to(tl.float32)
+    prev = cx * x + cm * m
+    if NEED_X0:
         prev += c0 * x0
     if HAS_PREV:
-        prev += c1 * tl.load(X0_PREV + idx, mask=mask, other=0.0).to(tl.float32)
+        prev += c1 * x0_prev
     if HAS_NOISE:
         prev += cn * tl.load(NOISE + idx, mask=mask, other=0.0).to(tl.float32)
-    # x0 is stored after x0_prev was read: X0_OUT may be X0_PREV (the state, in place).
+    # Outputs are stored after every input was read: X0_OUT may be X0_PREV or X0_OLDER,
+    # XC_OUT may be LAST and OUT may be X (the state and the sample, in place).
     if STORE_X0:
         tl.store(X0_OUT + idx, x0.to(X0_OUT.dtype.element_ty), mask=mask)
+    if CORRECT:
+        tl.store(XC_OUT + idx, x.to(XC_OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + idx, prev.to(OUT.dtype.element_ty), mask=mask)
 
     if FROM_TABLE:
@@ -193,6 +210,7 @@ def _step_block(total: int, device: torch.device) -> tuple[int, int]:
 def guided_step_fwd(
     sample, uncond, cond, prev_x0, noise, out, x0_out, coefficients, table, step,
     guidance_scale: float, guidance_rescale: float, clip: bool, need_x0: bool,
+    last=None, x0_older=None, corrected_out=None, corrector=None,
 ):
     """Launch the step (and, with guidance rescale, the stats pass first).
 
@@ -200,10 +218,16 @@ def guided_step_fwd(
     ``cond`` is None); ``out`` and ``x0_out`` (or None) are written. ``coefficients`` is a
     tuple in COEFFICIENT_FIELDS order, used when ``table`` is None; otherwise ``table``
     [steps, 8] float32 and ``step`` int32 [2] (row index, finished-program counter).
+    ``corrector``: None, or the UniC coefficients (kx, k0, k1, kt) with ``last``,
+    ``prev_x0``, ``corrected_out`` (flat like the others) and ``x0_older`` (None when k1
+    is unused); host coefficients only.
     """
+    if corrector is not None and (table is not None or last is None or prev_x0 is None or corrected_out is None):
+        raise ValueError("corrector: needs host coefficients, last, prev_x0 and corrected_out")
     # Written (or, for the table, indexed) as flat arrays: a strided one would be copied
     # by reshape and the kernel's writes lost.
-    for name, t in (("out", out), ("x0_out", x0_out), ("table", table), ("step", step)):
+    for name, t in (("out", out), ("x0_out", x0_out), ("corrected_out", corrected_out), ("table", table),
+                    ("step", step)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     batch = out.shape[0]
@@ -213,8 +237,9 @@ def guided_step_fwd(
             step[0] += 1  # an empty step is still a step of the schedule
         return
     flat = [t.reshape(-1) if t is not None else None for t in
-            (sample, uncond, cond, prev_x0, noise, out, x0_out)]
-    x, u, c, x0_prev, nz, o, x0o = flat
+            (sample, uncond, cond, prev_x0, noise, out, x0_out, last, x0_older, corrected_out)]
+    x, u, c, x0_prev, nz, o, x0o, lst, old, xco = flat
+    correct = corrector is not None
     guided = c is not None
     rescale = guided and guidance_rescale != 0.0
     chunk, n_chunks = _stats_layout(batch, n, out.device)
@@ -230,10 +255,11 @@ def guided_step_fwd(
         x, u, c if guided else dummy, x0_prev if x0_prev is not None else dummy,
         nz if nz is not None else dummy, o, x0o if x0o is not None else dummy, partial,
         table if from_table else partial, step if from_table else partial,
-        *coef, guidance_scale, guidance_rescale,
+        lst if correct else dummy, old if correct and old is not None else dummy, xco if correct else dummy,
+        *coef, guidance_scale, guidance_rescale, *(corrector if correct else (0.0,) * 4),
         n, n_chunks, chunk, table.shape[0] if from_table else 1,
-        GUIDED=guided, RESCALE=rescale, NEED_X0=need_x0 or x0o is not None, CLIP=clip,
+        GUIDED=guided, RESCALE=rescale, NEED_X0=need_x0 or x0o is not None or correct, CLIP=clip,
         HAS_PREV=x0_prev is not None, HAS_NOISE=nz is not None, STORE_X0=x0o is not None,
         FROM_TABLE=from_table, BLOCK=block, CHUNKS_POW2=triton.next_power_of_2(n_chunks),
-        num_warps=num_warps,
+        CORRECT=correct, HAS_OLDER=correct and old is not None, num_warps=num_warps,
     )

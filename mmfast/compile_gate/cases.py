@@ -127,10 +127,13 @@ def _scheduler_step(batch: int, channels: int, side: int):
         table = tensor(50, 8, dtype=torch.float32)
         step = tensor(2, dtype=torch.int32)
         # CFG with rescale and the x0 output (DDIM), plain step with noise (Euler
-        # ancestral), the device-table path (CUDA graphs), DPM++ with the previous x0.
+        # ancestral), the device-table path (CUDA graphs) with the previous x0 (DPM++).
         s.guided_step_fwd(lat, lat, lat, None, None, lat, lat, coef, None, None, 7.5, 0.7, True, True)
         s.guided_step_fwd(lat, lat, None, None, lat, lat, None, coef, None, None, 1.0, 0.0, False, False)
         s.guided_step_fwd(lat, lat, lat, lat, None, lat, None, coef, table, step, 7.5, 0.0, False, False)
+        # UniPC (Wan): the corrector stage with both previous x0, x0 and the corrected sample out.
+        s.guided_step_fwd(lat, lat, lat, lat, None, lat, lat, coef, None, None, 5.0, 0.0, False, True,
+                          lat, lat, lat, (0.5,) * 4)
     return run
 
 

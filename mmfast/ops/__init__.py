@@ -15,7 +15,7 @@ from mmfast.ops.norm import layer_norm, rms_norm
 from mmfast.ops.retrieval import retrieval_metrics, zero_shot_topk
 from mmfast.ops.patch_embed import patch_embed, patch_embed_packed, patch_embed_patchified
 from mmfast.ops.rotary import apply_rotary
-from mmfast.ops.scheduler_step import StepCoefficients, StepTable, guided_step
+from mmfast.ops.scheduler_step import CorrectorCoefficients, StepCoefficients, StepTable, guided_step
 from mmfast.ops.timestep import timestep_embedding
 from mmfast.ops.vision_windows import qwen_vision_indices, vision_rotary_cos_sin
 
@@ -24,7 +24,7 @@ __all__ += ["geglu", "gelu", "quick_gelu", "swiglu"]
 __all__ += ["apply_rotary", "qwen_vision_indices", "vision_rotary_cos_sin"]
 __all__ += ["cross_attention"]
 __all__ += ["adaln_modulate", "gated_residual", "group_norm", "timestep_embedding"]
-__all__ += ["StepCoefficients", "StepTable", "guided_step"]
+__all__ += ["CorrectorCoefficients", "StepCoefficients", "StepTable", "guided_step"]
 __all__ += ["clip_loss", "nt_xent_loss", "siglip_loss", "retrieval_metrics", "zero_shot_topk"]
 __all__ += ["patch_embed", "patch_embed_packed", "patch_embed_patchified"]
 __all__ += ["linear_cross_entropy"]

@@ -11,13 +11,21 @@ and per-step scalar coefficients (:class:`StepCoefficients`):
                                                    each sample's elements)
     x0   = px * x + pm * m                         the predicted clean sample
     x0   = clamp(x0, -clip, clip)                  when clip is finite (DDIM clip_sample)
+    x    = kx * last + k0 * x0_prev + k1 * x0_older + kt * x0
+                                                   UniPC's corrector (UniC), when a
+                                                   :class:`CorrectorCoefficients` is given:
+                                                   the sample is replaced by its corrected
+                                                   value (written to ``corrected_out``)
     prev = cx * x + cm * m + c0 * x0 + c1 * x0_prev + cn * noise
 
 Without guidance, m is the model output itself ([B, ...]). DDIM, Euler discrete,
 DPM-Solver++(2M) and flow-matching Euler steps are each this update with coefficients
 computed on the host from the schedule in float64 (see mmfast/schedulers/); ``x0_prev``
 is the DPM-Solver state (the previous step's x0) and ``noise`` the DDIM eta > 0 /
-stochastic-sampling noise. ``x0_out`` receives x0 (the DPM-Solver state, or diffusers'
+stochastic-sampling noise. A UniPC step (bh1/bh2, orders 1-2) is the same update with
+the corrector stage in front: ``last`` is the previous step's (corrected) sample,
+``x0_prev`` and ``x0_older`` the two previous x0; the corrector uses x0 of this step and
+the predictor the corrected sample, so one pass does both. ``x0_out`` receives x0 (the DPM-Solver state, or diffusers'
 ``pred_original_sample``); it may be ``x0_prev`` itself (updated in place). Everything is
 computed in float32 (float64 for float64 inputs) and rounded once.
 
@@ -27,12 +35,13 @@ int32 counter [2] on the device; the step uses row ``counter[0]`` and advances i
 step captured in a CUDA graph replays correctly (the guidance scale and rescale are then
 fixed at capture time).
 
-Passes over memory: one (reads u, c, x [, x0_prev, noise]; writes prev [, x0]); with a
+Passes over memory: one (reads u, c, x [, x0_prev, noise, last, x0_older]; writes prev
+[, x0, the corrected sample]); with a
 guidance rescale a stats pass first reads u and c once more (the per-sample std must be
 known before the first element is written). No step reads the device back to the host.
 
 Backends: ``cuda`` (CUDA C++, csrc/scheduler_step.cu: operands of one dtype, fp16, bf16 or
-fp32; no guidance rescale; built on first use; taken by default only where mmfast.tuning
+fp32; no guidance rescale, no UniPC corrector; built on first use; taken by default only where mmfast.tuning
 measured it faster on the device), ``triton`` (fp16, bf16, fp32 operands; CUDA, or CPU
 under TRITON_INTERPRET=1),
 ``torch`` (the reference below; any device and floating dtype). Inference only: there is
@@ -74,6 +83,20 @@ class StepCoefficients:
     @property
     def needs_x0(self) -> bool:
         return self.c0 != 0.0 or math.isfinite(self.clip)
+
+
+@dataclass(frozen=True)
+class CorrectorCoefficients:
+    """UniPC's corrector (UniC) stage, host mode only: the corrected sample is
+    ``kx * last_sample + k0 * prev_x0 + k1 * older_x0 + kt * x0``."""
+
+    kx: float = 0.0
+    k0: float = 0.0
+    k1: float = 0.0
+    kt: float = 0.0
+
+    def row(self) -> tuple[float, float, float, float]:
+        return (self.kx, self.k0, self.k1, self.kt)
 
 
 @dataclass(frozen=True)
@@ -133,46 +156,61 @@ def guided_model_output(uncond: Tensor, cond: Tensor | None, scale: float, resca
 
 
 def guided_step_reference(sample, uncond, cond, prev_x0, noise, coefficients, guidance_scale: float,
-                          guidance_rescale: float, clip: bool, need_x0: bool, out_dtype, x0_dtype):
+                          guidance_rescale: float, clip: bool, need_x0: bool, out_dtype, x0_dtype,
+                          corrector=None, last_sample=None, older_x0=None, corrected_dtype=None):
     """Plain PyTorch. ``coefficients``: 8 numbers or 0-d tensors in StepCoefficients order;
-    ``need_x0``: whether the c0 term is present. Returns (prev, x0 or None)."""
+    ``need_x0``: whether the c0 term is present; ``corrector``: None or (kx, k0, k1, kt)
+    with ``last_sample`` and ``prev_x0`` (``older_x0`` None when k1 is unused). Returns
+    (prev, x0 or None), and with a corrector (prev, x0 or None, the corrected sample in
+    ``corrected_dtype``)."""
     compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
     px, pm, cx, cm, c0, c1, cn, clip_value = coefficients
     x = sample.to(compute)
     m = guided_model_output(uncond, cond, guidance_scale, guidance_rescale, compute)
-    prev = cx * x + cm * m
     x0 = None
-    if need_x0 or clip or x0_dtype is not None:
+    if need_x0 or clip or x0_dtype is not None or corrector is not None:
         x0 = px * x + pm * m
         if clip:
             x0 = x0.clamp(-clip_value, clip_value)
+    if corrector is not None:
+        kx, k0, k1, kt = corrector
+        x = kx * last_sample.to(compute) + k0 * prev_x0.to(compute) + kt * x0
+        if older_x0 is not None:
+            x = x + k1 * older_x0.to(compute)
+    prev = cx * x + cm * m
+    if x0 is not None:
         prev = prev + c0 * x0
     if prev_x0 is not None:
         prev = prev + c1 * prev_x0.to(compute)
     if noise is not None:
         prev = prev + cn * noise.to(compute)
-    return prev.to(out_dtype), (x0.to(x0_dtype) if x0_dtype is not None else None)
+    x0 = x0.to(x0_dtype) if x0_dtype is not None else None
+    if corrector is None:
+        return prev.to(out_dtype), x0
+    return prev.to(out_dtype), x0, x.to(corrected_dtype)
 
 
 # ---- custom op (opaque to torch.compile, traced through its fake impl) ---------------
 
 
-@torch.library.custom_op("mmfast::guided_step", mutates_args=("out", "x0_out", "step"))
+@torch.library.custom_op("mmfast::guided_step", mutates_args=("out", "x0_out", "step", "corrected_out"))
 def _guided_step_op(
     sample: Tensor, uncond: Tensor, cond: Optional[Tensor], prev_x0: Optional[Tensor],
     noise: Optional[Tensor], out: Tensor, x0_out: Optional[Tensor], coefficients: list[float],
     table: Optional[Tensor], step: Optional[Tensor], guidance_scale: float,
-    guidance_rescale: float, clip: bool, need_x0: bool,
+    guidance_rescale: float, clip: bool, need_x0: bool, last_sample: Optional[Tensor],
+    older_x0: Optional[Tensor], corrected_out: Optional[Tensor], corrector: Optional[list[float]],
 ) -> None:
     from mmfast.kernels.scheduler_step import guided_step_fwd
 
     guided_step_fwd(sample, uncond, cond, prev_x0, noise, out, x0_out, tuple(coefficients), table,
-                    step, guidance_scale, guidance_rescale, clip, need_x0)
+                    step, guidance_scale, guidance_rescale, clip, need_x0, last_sample, older_x0,
+                    corrected_out, tuple(corrector) if corrector is not None else None)
 
 
 @_guided_step_op.register_fake
 def _(sample, uncond, cond, prev_x0, noise, out, x0_out, coefficients, table, step,
-      guidance_scale, guidance_rescale, clip, need_x0):
+      guidance_scale, guidance_rescale, clip, need_x0, last_sample, older_x0, corrected_out, corrector):
     return None
 
 
@@ -208,6 +246,8 @@ def _run_triton(args: "_Args") -> None:
         None if host else coef.table, None if host else coef.counter,
         args.guidance_scale, args.guidance_rescale,
         math.isfinite(coef.clip) if host else coef.clip, coef.needs_x0,
+        args.last_sample, args.older_x0, args.corrected_out,
+        list(args.corrector.row()) if args.corrector is not None else None,
     )
 
 
@@ -229,6 +269,8 @@ def _cuda_limits(call: Call):
         yield "operands of different dtypes"
     if call.facts["rescale"]:
         yield "guidance rescale (needs a statistics pass; the Triton backend has it)"
+    if call.facts["corrector"]:
+        yield "a UniPC corrector stage (the Triton backend has it)"
     reason = build.unavailable_reason(call.device)
     if reason is not None:
         yield f"CUDA C++ path unavailable: {reason}"
@@ -246,13 +288,21 @@ def _run_torch(args: "_Args") -> None:
         index = torch.where((index < 0) | (index > coef.steps), coef.steps, index)
         row = coef.table.index_select(0, index)[0].to(compute).unbind()
         clip = coef.clip
-    prev, x0 = guided_step_reference(
+    corrector = args.corrector
+    results = guided_step_reference(
         args.sample, args.uncond, args.cond, args.prev_x0, args.noise, row,
         args.guidance_scale, args.guidance_rescale, clip, coef.needs_x0, args.out.dtype,
         args.x0_out.dtype if args.x0_out is not None else None,
+        corrector=corrector.row() if corrector is not None else None, last_sample=args.last_sample,
+        older_x0=args.older_x0,
+        corrected_dtype=args.corrected_out.dtype if corrector is not None else None,
     )
+    prev, x0 = results[:2]
+    # Every result is computed before any output is written: outputs may alias inputs.
     if x0 is not None:
         args.x0_out.copy_(x0)
+    if corrector is not None:
+        args.corrected_out.copy_(results[2])
     args.out.copy_(prev)
     if not isinstance(coef, StepCoefficients):
         coef.counter[0] += 1
@@ -290,6 +340,10 @@ class _Args:
     coefficients: StepCoefficients | StepTable
     guidance_scale: float
     guidance_rescale: float
+    corrector: CorrectorCoefficients | None = None
+    last_sample: Tensor | None = None
+    older_x0: Tensor | None = None
+    corrected_out: Tensor | None = None
 
 
 def _check_tensor(name: str, t, sample: Tensor, *, leading: int | None = None) -> None:
@@ -366,9 +420,29 @@ def _writable(t: Tensor | None, order: list[int] | None, copies: list) -> Tensor
     return scratch
 
 
+def _check_corrector(corrector, coefficients, last_sample, prev_x0, older_x0, corrected_out) -> None:
+    if corrector is None:
+        for name, t in (("last_sample", last_sample), ("older_x0", older_x0), ("corrected_out", corrected_out)):
+            if t is not None:
+                raise ValueError(f"{name}: only used by a corrector stage (pass corrector=CorrectorCoefficients)")
+        return
+    if not isinstance(corrector, CorrectorCoefficients):
+        raise TypeError(f"corrector: expected CorrectorCoefficients or None, got {type(corrector).__name__}")
+    if not isinstance(coefficients, StepCoefficients):
+        raise ValueError("corrector: needs host coefficients (StepCoefficients), not a StepTable")
+    if last_sample is None or prev_x0 is None or corrected_out is None:
+        missing = [n for n, t in (("last_sample", last_sample), ("prev_x0", prev_x0),
+                                  ("corrected_out", corrected_out)) if t is None]
+        raise ValueError(f"corrector: needs {', '.join(missing)}")
+    if corrector.k1 != 0.0 and older_x0 is None:
+        raise ValueError("older_x0: required when the corrector's k1 is not 0")
+
+
 def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: float | None = None,
                 guidance_rescale: float = 0.0, prev_x0: Tensor | None = None, noise: Tensor | None = None,
                 x0_out: Tensor | None = None, out: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                corrector: CorrectorCoefficients | None = None, last_sample: Tensor | None = None,
+                older_x0: Tensor | None = None, corrected_out: Tensor | None = None,
                 backend: str | None = None) -> Tensor:
     """One fused guidance + scheduler update; returns ``prev`` (written into ``out`` if given).
 
@@ -379,6 +453,11 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     (in place). The result has ``out_dtype`` (default: the model output's dtype, diffusers'
     rule) and sample's layout when it is dense with the batch outermost (e.g. channels_last),
     else is contiguous.
+
+    UniPC: ``corrector`` (host coefficients only) with ``last_sample`` (the previous step's
+    sample), ``prev_x0`` and, when its k1 is not 0, ``older_x0``; ``corrected_out`` (required)
+    receives the corrected sample, from which the update starts. ``corrected_out`` may be
+    ``last_sample`` and ``x0_out`` may be ``older_x0`` (in place).
 
     Example::
 
@@ -403,8 +482,10 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
     if guidance_rescale != 0.0 and not guided:
         raise ValueError("guidance_rescale: needs guidance (a guidance_scale and both model output halves)")
     uncond, cond = _split_model_output(model_output, sample, guided)
-    for name, t in (("prev_x0", prev_x0), ("noise", noise), ("x0_out", x0_out), ("out", out)):
+    for name, t in (("prev_x0", prev_x0), ("noise", noise), ("x0_out", x0_out), ("out", out),
+                    ("last_sample", last_sample), ("older_x0", older_x0), ("corrected_out", corrected_out)):
         _check_tensor(name, t, sample)
+    _check_corrector(corrector, coefficients, last_sample, prev_x0, older_x0, corrected_out)
     if isinstance(coefficients, StepTable):
         if coefficients.table.device != sample.device or coefficients.counter.device != sample.device:
             raise ValueError(f"coefficients: StepTable must be on {sample.device} (that of sample)")
@@ -429,11 +510,15 @@ def guided_step(sample: Tensor, model_output, coefficients, *, guidance_scale: f
         x0_out=_writable(x0_out, order, copies), coefficients=coefficients,
         guidance_scale=float(guidance_scale) if guided else 1.0, guidance_rescale=float(guidance_rescale),
     )
-    operands = (sample, uncond, prev_x0, noise, out, x0_out)
+    args.corrector = corrector
+    if corrector is not None:
+        args.last_sample, args.older_x0 = _in_order(last_sample, order), _in_order(older_x0, order)
+        args.corrected_out = _writable(corrected_out, order, copies)
+    operands = (sample, uncond, prev_x0, noise, out, x0_out, last_sample, older_x0, corrected_out)
     float64 = any(t is not None and t.dtype == torch.float64 for t in operands)
     one_dtype = all(t is None or t.dtype == uncond.dtype for t in operands)
     facts = {"float64": float64, "one_dtype": one_dtype, "rescale": guidance_rescale != 0.0,
-             "numel": out.numel()}
+             "corrector": corrector is not None, "numel": out.numel()}
     call = Call(device=sample.device, dtype=uncond.dtype, facts=facts)
     SCHEDULER_STEP.select(call, backend).run(args)
     for target, scratch in copies:

@@ -12,6 +12,13 @@ scheduler).
     for t in stepper.timesteps:
         eps = unet(torch.cat([stepper.scale_model_input(x)] * 2), t, text).sample
         x = stepper.step(eps, x, guidance_scale=7.5, guidance_rescale=0.7)
+
+UniPC (Wan 2.1 / 2.2) without diffusers, the two denoiser calls' outputs as a pair::
+
+    stepper = UniPCStepper.for_flow(50, flow_shift=5.0)
+    for t in stepper.timesteps:
+        cond, uncond = wan(x, t, text), wan(x, t, negative_text)
+        x = stepper.step((uncond, cond), x, guidance_scale=5.0)
 """
 
 from mmfast.schedulers.base import FusedStepper
@@ -19,8 +26,10 @@ from mmfast.schedulers.ddim import DDIMStepper, ddim_coefficients
 from mmfast.schedulers.dpm_solver import DPMSolverPP2MStepper, dpm_solver_coefficients
 from mmfast.schedulers.euler import (EulerDiscreteStepper, FlowMatchEulerStepper, euler_coefficients,
                                      flow_match_coefficients)
+from mmfast.schedulers.unipc import UniPCStepper, flow_unipc_schedule, unipc_coefficients
 
 __all__ = [
     "DDIMStepper", "DPMSolverPP2MStepper", "EulerDiscreteStepper", "FlowMatchEulerStepper", "FusedStepper",
-    "ddim_coefficients", "dpm_solver_coefficients", "euler_coefficients", "flow_match_coefficients",
+    "UniPCStepper", "ddim_coefficients", "dpm_solver_coefficients", "euler_coefficients", "flow_match_coefficients",
+    "flow_unipc_schedule", "unipc_coefficients",
 ]

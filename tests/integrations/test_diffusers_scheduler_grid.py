@@ -62,7 +62,8 @@ def _loop(scheduler, steps, start, set_kwargs, step_kwargs, seed):
     return inputs, outputs
 
 
-def _compare(make, steps, start=0, set_kwargs=None, step_kwargs=None, identity_where_diffusers_nan=False):
+def _compare(make, steps, start=0, set_kwargs=None, step_kwargs=None, identity_where_diffusers_nan=False,
+             nan_where_diffusers_nan=False):
     set_kwargs, step_kwargs = set_kwargs or {}, step_kwargs or {}
     plain, patched = make(), make()
     assert patch_scheduler(patched, PatchHandle(patched, "test"))
@@ -74,6 +75,10 @@ def _compare(make, steps, start=0, set_kwargs=None, step_kwargs=None, identity_w
             if a.get(key) is None or b[key] is None:
                 continue
             expected = b[key]
+            if not torch.isfinite(expected).all() and nan_where_diffusers_nan:
+                # Left to diffusers' step (UniPC "bh1" to a zero sigma): its NaN, as it is.
+                torch.testing.assert_close(a[key], expected, equal_nan=True)
+                continue
             if not torch.isfinite(expected).all():
                 # diffusers' heun 2M computes 0/0 in float32 on a repeated final sigma (Karras)
                 # or one a rounding apart (Lu); the fused step takes the limit h -> 0 (the
@@ -85,8 +90,22 @@ def _compare(make, steps, start=0, set_kwargs=None, step_kwargs=None, identity_w
             scale = max(1.0, expected.abs().max().item())
             torch.testing.assert_close(a[key], expected, rtol=1e-5, atol=1e-5 * scale,
                                        msg=lambda m: f"{key} at step {i} of {steps}: {m}")
-    for attr in ("step_index", "lower_order_nums", "begin_index"):
+    for attr in ("step_index", "lower_order_nums", "begin_index", "this_order", "timestep_list"):
         assert getattr(patched, attr, None) == getattr(plain, attr, None), attr
+    # The multistep state (DPM-Solver's and UniPC's x0 history, UniPC's corrector input).
+    for name in ("model_outputs", "last_sample"):
+        want_state, got_state = getattr(plain, name, None), getattr(patched, name, None)
+        if isinstance(want_state, list):
+            assert [w is None for w in want_state] == [g is None for g in got_state], name
+            want_state = [w for w in want_state if w is not None]
+            got_state = [g for g in got_state if g is not None]
+        else:
+            want_state, got_state = [want_state] if want_state is not None else [], \
+                [got_state] if got_state is not None else []
+            assert len(want_state) == len(got_state), name
+        for w, g in zip(want_state, got_state):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * max(1.0, w.abs().max().item()), equal_nan=True,
+                                       msg=lambda m: f"{name} after {steps} steps: {m}")
 
 
 def _grid(**axes):
@@ -274,6 +293,62 @@ def test_flow_match_other_options(name):
         _compare(lambda: diffusers.FlowMatchEulerDiscreteScheduler(**options), 10, start=3, set_kwargs=set_kwargs)
 
 
+# ---- UniPC (Wan 2.1 / 2.2) --------------------------------------------------------------------
+
+UNIPC_SIGMAS = {"flow-shift3": dict(use_flow_sigmas=True, flow_shift=3.0),
+                "flow-shift5": dict(use_flow_sigmas=True, flow_shift=5.0),
+                "default": {}, "karras": {"use_karras_sigmas": True}}
+UNIPC_GRID = _grid(sigmas=list(UNIPC_SIGMAS), solver=["bh2", "bh1"], final=["zero", "sigma_min"])
+
+
+@pytest.mark.parametrize("config", UNIPC_GRID, ids=_id)
+def test_unipc_grid(config):
+    # "bh1" to a zero final sigma: diffusers' last step is NaN (B(h) = -h is infinite);
+    # the patch leaves that step to diffusers.
+    index = UNIPC_GRID.index(config)
+    flow = "use_flow_sigmas" in UNIPC_SIGMAS[config["sigmas"]]
+    prediction = "flow_prediction" if flow else ("epsilon", "v_prediction", "sample")[index % 3]
+
+    def make():
+        return diffusers.UniPCMultistepScheduler(
+            **({} if flow else SD15), **UNIPC_SIGMAS[config["sigmas"]], solver_type=config["solver"],
+            final_sigmas_type=config["final"], prediction_type=prediction, lower_order_final=index % 4 != 1)
+
+    with mmfast.set_backend("torch"):
+        for steps in _steps(index)[:4]:
+            _compare(make, steps, nan_where_diffusers_nan=config["solver"] == "bh1")
+
+
+UNIPC_OTHERS = {
+    "order1": dict(solver_order=1),
+    "disable_corrector": dict(disable_corrector=[0, 2, 3]),
+    "no_lower_order_final_sigma_min": dict(lower_order_final=False, final_sigmas_type="sigma_min"),
+    "trailing": dict(timestep_spacing="trailing"),
+    # Left to diffusers' step (the fallback): second order to a zero sigma (inf in
+    # diffusers), noise prediction, third order, thresholding.
+    "no_lower_order_final_zero": dict(lower_order_final=False),
+    "predict_eps": dict(predict_x0=False, prediction_type="epsilon", use_flow_sigmas=False,
+                        final_sigmas_type="sigma_min"),  # to a zero sigma diffusers computes 0 * inf
+    "order3": dict(solver_order=3),
+    "thresholding": dict(thresholding=True, sample_max_value=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(UNIPC_OTHERS))
+def test_unipc_other_options(name):
+    options = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0,
+               **UNIPC_OTHERS[name]}
+
+    def make():
+        return diffusers.UniPCMultistepScheduler(**options)
+
+    nan = name == "no_lower_order_final_zero"
+    with mmfast.set_backend("torch"):
+        for steps in _steps(list(UNIPC_OTHERS).index(name))[:4]:
+            _compare(make, steps, nan_where_diffusers_nan=nan)
+        _compare(make, 10, start=4, nan_where_diffusers_nan=nan)
+
+
 # ---- the kernel ------------------------------------------------------------------------------
 
 
@@ -282,7 +357,9 @@ def test_flow_match_other_options(name):
     lambda: diffusers.EulerDiscreteScheduler(**SD15, use_karras_sigmas=True),
     lambda: diffusers.DDIMScheduler(**SD15, clip_sample=True),
     lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-], ids=["dpm-karras-sigma-min", "euler-karras", "ddim-clip", "flow"])
+    lambda: diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                              flow_shift=5.0),
+], ids=["dpm-karras-sigma-min", "euler-karras", "ddim-clip", "flow", "unipc-wan"])
 def test_kernel_backend_on_the_permuted_sample(make):
     # Regression: the fused step refused diffusers' permuted sample ("out: must be
     # contiguous like sample"); 16 steps: DPM's last step is second order from a repeated sigma.

@@ -25,6 +25,8 @@ from mmfast.integrations.diffusers.schedulers import (fused_stepper, guided_sche
 from mmfast.integrations.patching import PatchHandle  # noqa: E402
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+WAN_UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=2, solver_type="bh2",
+                 predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
 CONFIGS = {
     "ddim": lambda: diffusers.DDIMScheduler(**SD15, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
     "ddim-v-clip-trailing": lambda: diffusers.DDIMScheduler(**SD15, clip_sample=True, prediction_type="v_prediction",
@@ -39,6 +41,9 @@ CONFIGS = {
     "dpm++2m-v-sigma-min": lambda: diffusers.DPMSolverMultistepScheduler(**SD15, prediction_type="v_prediction",
                                                                          final_sigmas_type="sigma_min"),
     "flow-sd3": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+    # Wan 2.1 / 2.2 (their scheduler_config.json): flow_shift 3.0 at 480p, 5.0 at 720p.
+    "unipc-wan-480p": lambda: diffusers.UniPCMultistepScheduler(**WAN_UNIPC, flow_shift=3.0),
+    "unipc-wan-720p": lambda: diffusers.UniPCMultistepScheduler(**WAN_UNIPC, flow_shift=5.0),
 }
 ETA = {"ddim": 0.3}  # DDIM eta > 0, with the same noise given to both
 SHAPE = (2, 4, 8, 8)
@@ -149,6 +154,7 @@ PATCH_CASES = {
     "dpm++2m": ("dpm++2m-v-sigma-min", {}),  # 6 steps: lower_order_final makes the last first order
     "sde-dpm++2m": (None, {}),
     "flow-sd3": ("flow-sd3", {}),
+    "unipc-wan": ("unipc-wan-720p", {}),  # the corrector from step 2 on, the last step first order
 }
 
 
@@ -185,6 +191,9 @@ def test_patched_scheduler_loop_equals_unpatched_and_undo_restores(case):
     if hasattr(plain, "model_outputs"):
         for a, b in zip(plain.model_outputs, patched.model_outputs):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    if hasattr(plain, "last_sample"):  # UniPC: the sample the next corrector starts from
+        torch.testing.assert_close(patched.last_sample, plain.last_sample, rtol=1e-5, atol=1e-5)
+        assert patched.this_order == plain.this_order and patched.timestep_list == plain.timestep_list
 
     # The guided helper (one fused pass) updates the same state as guidance + step.
     helper = _loop(_make(case), 6, x, 0, guided=True, generator=torch.Generator().manual_seed(9), **extra) \

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mmfast.ops import StepCoefficients, StepTable, guided_step
+from mmfast.ops import CorrectorCoefficients, StepCoefficients, StepTable, guided_step
 from mmfast.testing import assert_matches_reference, random_tensor
 
 # Every term present: x0 with clipping, the previous x0, noise.
@@ -75,6 +75,76 @@ def test_pair_channels_last_and_in_place(device):
     torch.testing.assert_close(x, expected)
     torch.testing.assert_close(state, expected_x0)
     assert not torch.equal(x, before)
+
+
+# UniPC: the corrector's every term (x0_older too) and a second-order predictor.
+CORRECTOR = CorrectorCoefficients(kx=0.7, k0=0.35, k1=-0.15, kt=0.4)
+PREDICTOR = StepCoefficients(px=1.0, pm=-0.8, cx=0.6, c0=0.55, c1=-0.1)
+
+
+def _corrected_step(backend):
+    def run(sample, model_output, prev_x0, last_sample, older_x0, guidance_scale, guidance_rescale):
+        x0 = torch.empty_like(sample, dtype=torch.promote_types(sample.dtype, model_output.dtype))
+        corrected = torch.empty_like(last_sample)
+        out = guided_step(sample, model_output, PREDICTOR, guidance_scale=guidance_scale,
+                          guidance_rescale=guidance_rescale, prev_x0=prev_x0, x0_out=x0, corrector=CORRECTOR,
+                          last_sample=last_sample, older_x0=older_x0, corrected_out=corrected, backend=backend)
+        return out, x0, corrected
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_unipc_corrector_stage_matches_reference(device, dtype):
+    shape = (2, 3, 7, 9)  # 189 elements a sample: a masked tail
+    inputs = dict(sample=random_tensor(shape, dtype, device),
+                  model_output=random_tensor((4, *shape[1:]), dtype, device),
+                  prev_x0=random_tensor(shape, dtype, device), last_sample=random_tensor(shape, dtype, device),
+                  older_x0=random_tensor(shape, dtype, device), guidance_scale=5.0,
+                  guidance_rescale=0.6 if dtype == torch.float32 else 0.0)
+    assert_matches_reference(_corrected_step("triton"), _corrected_step("torch"), inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unipc_corrector_formula_and_state_in_place(device, backend):
+    # The documented update, spelled out; then every output written over the input it
+    # replaces (sample <- prev, last_sample <- corrected, older_x0 <- x0), channels_last.
+    shape = (2, 4, 3, 5)
+    x, last, x0_1, x0_2 = (random_tensor(shape, torch.float32, device).contiguous(memory_format=torch.channels_last)
+                           for _ in range(4))
+    mo = random_tensor((4, *shape[1:]), torch.float32, device)
+    u, c = mo.double().chunk(2)
+    m = u + 3.0 * (c - u)
+    x0 = x.double() - 0.8 * m
+    corrected = 0.7 * last.double() + 0.35 * x0_1.double() - 0.15 * x0_2.double() + 0.4 * x0
+    prev = 0.6 * corrected + 0.55 * x0 - 0.1 * x0_1.double()
+    out = guided_step(x, mo, PREDICTOR, guidance_scale=3.0, prev_x0=x0_1, x0_out=x0_2, out=x, corrector=CORRECTOR,
+                      last_sample=last, older_x0=x0_2, corrected_out=last, backend=backend)
+    assert out is x and x.is_contiguous(memory_format=torch.channels_last)
+    for got, want in ((x, prev), (last, corrected), (x0_2, x0)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # Without x0_older (k1 = 0, a first-order corrector): that term is absent.
+    first = CorrectorCoefficients(kx=0.7, k0=0.35, kt=0.4)
+    got = guided_step(x, mo, StepCoefficients(cx=1.0), guidance_scale=3.0, prev_x0=x0_1, corrector=first,
+                      last_sample=last, corrected_out=torch.empty_like(x), backend=backend)
+    # px = pm = 0 (x0 = 0), cx = 1: prev is the corrected sample.
+    torch.testing.assert_close(got.double(), 0.7 * last.double() + 0.35 * x0_1.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_unipc_corrector_bad_input_names_the_argument():
+    x = torch.randn(2, 4, 3, 3)
+    kwargs = dict(prev_x0=x, last_sample=x, corrected_out=torch.empty_like(x))
+    with pytest.raises(ValueError, match="corrector: needs last_sample, corrected_out"):
+        guided_step(x, x, PREDICTOR, prev_x0=x, corrector=CORRECTOR, older_x0=x)
+    with pytest.raises(ValueError, match="older_x0: required when the corrector's k1 is not 0"):
+        guided_step(x, x, PREDICTOR, corrector=CORRECTOR, **kwargs)
+    with pytest.raises(ValueError, match="last_sample: only used by a corrector stage"):
+        guided_step(x, x, PREDICTOR, last_sample=x)
+    with pytest.raises(TypeError, match="corrector: expected CorrectorCoefficients"):
+        guided_step(x, x, PREDICTOR, corrector=(1.0, 0.0, 0.0, 0.0), **kwargs)
+    with pytest.raises(ValueError, match="corrector: needs host coefficients"):
+        guided_step(x, x, StepTable.build([PREDICTOR], "cpu"), corrector=CORRECTOR, older_x0=x, **kwargs)
+    with pytest.raises(ValueError, match=r"older_x0: expected shape \(2, 4, 3, 3\)"):
+        guided_step(x, x, PREDICTOR, corrector=CORRECTOR, older_x0=torch.randn(2, 4, 3), **kwargs)
 
 
 def test_coefficient_order_is_the_kernel_table_order():

@@ -1,16 +1,21 @@
 """diffusers schedulers with the fused step: DDIMScheduler, EulerDiscreteScheduler,
-DPMSolverMultistepScheduler (orders 1-2, dpmsolver++ / sde-dpmsolver++) and
-FlowMatchEulerDiscreteScheduler.
+DPMSolverMultistepScheduler (orders 1-2, dpmsolver++ / sde-dpmsolver++),
+FlowMatchEulerDiscreteScheduler and UniPCMultistepScheduler (orders 1-2, bh1 / bh2,
+predict_x0: what Wan 2.1 / 2.2 pipelines run, the previous step's corrector and this
+step's predictor in one pass).
 
 Three ways in:
 
 * ``patch_scheduler(scheduler, handle)`` (or ``mmfast.patch(scheduler)``) gives this
   instance a fused ``step`` with diffusers' signature, return type and state updates
-  (``step_index``, ``model_outputs``, ``lower_order_nums``), so an existing pipeline loop
+  (``step_index``, ``model_outputs``, ``lower_order_nums``; UniPC's ``timestep_list``,
+  ``last_sample``, ``this_order`` too), so an existing pipeline loop
   runs the fused update; ``handle.undo()`` restores the original. Configurations the
   fused step does not cover (thresholding, Euler churn, third order, per-token timesteps,
-  learned variances, DDIM's epsilon prediction where alphas_cumprod is 0) fall back to
-  the original ``step`` for that call; schedulers of other classes are left untouched.
+  learned variances, DDIM's epsilon prediction where alphas_cumprod is 0, UniPC with
+  ``predict_x0=False`` or a ``solver_p``, and UniPC steps diffusers makes non-finite: a
+  "bh1" step to a zero sigma, a second-order step to it without ``lower_order_final``)
+  fall back to the original ``step`` for that call; schedulers of other classes are left untouched.
   Samples and outputs may have any strides. One deliberate difference: a DPM-Solver++
   "heun" step between two equal sigmas (Karras / Lu sigmas with
   ``final_sigmas_type="sigma_min"`` end on one) is the identity, the limit of the step,
@@ -52,9 +57,10 @@ from mmfast.schedulers import (DDIMStepper, DPMSolverPP2MStepper, EulerDiscreteS
                                FusedStepper, ddim_coefficients, dpm_solver_coefficients, euler_coefficients,
                                flow_match_coefficients)
 from mmfast.schedulers.dpm_solver import ALGORITHMS
+from mmfast.schedulers.unipc import SOLVER_TYPES, NotFusable, UniPCStepper, unipc_coefficients, unipc_x0_dtype
 
 SUPPORTED = ("DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-             "FlowMatchEulerDiscreteScheduler")
+             "FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
 
 
 def _kind(scheduler: Any) -> str:
@@ -99,6 +105,13 @@ def fused_stepper(scheduler: Any, *, eta: float = 0.0) -> FusedStepper:
             lower_order_final=config.lower_order_final, euler_at_final=config.euler_at_final,
             use_flow_sigmas=config.use_flow_sigmas, thresholding=config.thresholding,
             variance_type=config.variance_type)
+    elif kind == "UniPCMultistepScheduler":
+        stepper = UniPCStepper(
+            _floats(scheduler.sigmas), timesteps, prediction_type=config.prediction_type,
+            solver_type=config.solver_type, solver_order=config.solver_order,
+            lower_order_final=config.lower_order_final, disable_corrector=scheduler.disable_corrector,
+            use_flow_sigmas=config.use_flow_sigmas, predict_x0=scheduler.predict_x0,
+            thresholding=config.thresholding, solver_p=scheduler.solver_p)
     else:
         stepper = FlowMatchEulerStepper(_floats(scheduler.sigmas), timesteps,
                                         stochastic_sampling=config.stochastic_sampling)
@@ -252,11 +265,80 @@ def _flow_match(scheduler, guidance, want_x0, model_output, timestep, sample, s_
     return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+def _unipc(scheduler, guidance, want_x0, model_output, timestep, sample, return_dict=True):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = scheduler.config
+    if scheduler.num_inference_steps is None:
+        raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                         "the scheduler")
+    if (config.solver_order > 2 or not scheduler.predict_x0 or scheduler.solver_p or config.thresholding
+            or config.solver_type not in SOLVER_TYPES or not isinstance(sample, Tensor)):
+        return None
+    _schedule_index(scheduler, timestep)
+    index = _check_index(scheduler)
+    history, last = scheduler.model_outputs, scheduler.last_sample
+    # diffusers' orders: the corrector at the previous predictor's, this predictor capped
+    # by the steps taken (lower_order_nums) and, with lower_order_final, the steps left.
+    corrector_order = (scheduler.this_order if index > 0 and index - 1 not in scheduler.disable_corrector
+                       and last is not None else 0)
+    order = config.solver_order
+    if config.lower_order_final:
+        order = min(order, len(scheduler.timesteps) - index)
+    order = min(order, scheduler.lower_order_nums + 1)
+    if ((corrector_order or order == 2) and history[-1] is None) or (corrector_order == 2 and history[-2] is None):
+        return None  # state another caller left inconsistent: diffusers' step reports it
+    sigmas = scheduler.sigmas
+    window = {i: float(sigmas[i]) for i in range(max(index - 2, 0), index + 2)}  # the sigmas the step reads
+    try:
+        coef, corrector = unipc_coefficients(
+            _Window(window), index, predictor_order=order, corrector_order=corrector_order,
+            prediction_type=config.prediction_type, solver_type=config.solver_type,
+            flow_sigmas=config.use_flow_sigmas)
+    except NotFusable:
+        return None  # diffusers' result is NaN / inf here: leave it to diffusers
+    model_dtype = (model_output[0] if isinstance(model_output, (tuple, list)) else model_output).dtype
+    x0 = torch.empty_like(sample, dtype=unipc_x0_dtype(config.prediction_type, sample.dtype, model_dtype))
+    corrected = torch.empty_like(sample, dtype=last.dtype) if corrector is not None else None
+    prev = guided_step(sample, model_output, coef, prev_x0=history[-1] if corrector or order == 2 else None,
+                       x0_out=x0, out_dtype=(last if corrector is not None else sample).dtype, corrector=corrector,
+                       last_sample=last if corrector is not None else None,
+                       older_x0=history[-2] if corrector is not None and corrector.k1 != 0.0 else None,
+                       corrected_out=corrected, **_guided(guidance))
+    for i in range(config.solver_order - 1):
+        history[i] = history[i + 1]
+        scheduler.timestep_list[i] = scheduler.timestep_list[i + 1]
+    history[-1] = x0
+    scheduler.timestep_list[-1] = timestep
+    scheduler.this_order = order
+    scheduler.last_sample = corrected if corrector is not None else sample
+    if scheduler.lower_order_nums < config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index += 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+class _Window:
+    """The few sigmas a UniPC step reads, indexable like the whole schedule (no per-step
+    conversion of all of them)."""
+
+    def __init__(self, values: dict[int, float]):
+        self._values = values
+        self._length = max(values) + 1
+
+    def __getitem__(self, i: int) -> float:
+        return self._values[i]
+
+    def __len__(self) -> int:
+        return self._length
+
+
 _FUSED: dict[str, Callable] = {
     "DDIMScheduler": _ddim,
     "EulerDiscreteScheduler": _euler,
     "DPMSolverMultistepScheduler": _dpm_solver,
     "FlowMatchEulerDiscreteScheduler": _flow_match,
+    "UniPCMultistepScheduler": _unipc,
 }
 
 
