@@ -31,6 +31,8 @@ denoising loop is what is measured, and pass ``prompt_embeds``.
 
 from __future__ import annotations
 
+import torch
+
 _UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_ff=10240, num_heads=64, num_layers=24,
                  relative_attention_num_buckets=32)
 _WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), attention_head_dim=128, cross_attn_norm=True, eps=1e-6, freq_dim=256,
@@ -68,7 +70,8 @@ WAN_PRESETS = {
                             num_layers=30),
         "vae": dict(
             base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
-            scale_factor_temporal=4, scale_factor_spatial=16, patch_size=2, clip_output=False,
+            # (the script's clip_output=False is left out: AutoencoderKLWan of diffusers 0.42 takes no such argument)
+            scale_factor_temporal=4, scale_factor_spatial=16, patch_size=2,
             latents_mean=[-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542,
                           0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109,
                           0.2665, -0.2108, -0.2158, 0.2502, -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899,
@@ -103,10 +106,12 @@ def wan_components(name: str, *, text_encoder: bool = True) -> dict:
     if name not in WAN_PRESETS:
         raise ValueError(f"name: unknown Wan preset {name!r} (known: {', '.join(WAN_PRESETS)})")
     preset = WAN_PRESETS[name]
+    with torch.device("cpu"):  # the scheduler's tables stay real under a meta-device build
+        scheduler = UniPCMultistepScheduler(**preset["scheduler"])
     return {
         "transformer": WanTransformer3DModel(**preset["transformer"]),
         "vae": AutoencoderKLWan(**preset["vae"]),
-        "scheduler": UniPCMultistepScheduler(**preset["scheduler"]),
+        "scheduler": scheduler,
         "text_encoder": UMT5EncoderModel(UMT5Config(**preset["text_encoder"])) if text_encoder else None,
         **preset["pipeline"],
     }
