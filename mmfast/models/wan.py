@@ -94,11 +94,14 @@ class WanVideoModel(LatentSampler):
 
     @classmethod
     def from_pretrained(cls, local_dir, *, torch_dtype: torch.dtype | None = None, device=None,
-                        variant: str | None = None) -> "WanVideoModel":
+                        variant: str | None = None, text_encoder: bool = True) -> "WanVideoModel":
         """Load a diffusers ``WanPipeline`` directory (``save_pretrained`` output):
         model_index.json, transformer/, vae/, scheduler/, optionally transformer_2/,
         text_encoder/ (UMT5) and tokenizer/; its ``boundary_ratio`` and ``expand_timesteps``
-        flags. safetensors only, local files only. Missing components or files, unsupported
+        flags. ``text_encoder=False`` leaves UMT5 unloaded (prompt embeddings given).
+        Floating weights go to ``torch_dtype`` except the modules diffusers keeps in float32
+        (``_keep_in_fp32_modules``: the transformer's norms, modulation tables and time
+        embedder), as its ``from_pretrained(torch_dtype=...)`` does. safetensors only, local files only. Missing components or files, unsupported
         classes and weights that do not fit a config raise errors naming them."""
         import diffusers
         import transformers
@@ -121,8 +124,8 @@ class WanVideoModel(LatentSampler):
         transformer_2 = layout.load_component(root, index, "transformer_2", DENOISERS, build_transformer,
                                               required=False, **load)
         vae = layout.load_component(root, index, "vae", VAES, diffusers.AutoencoderKLWan.from_config, **load)
-        text_encoder = layout.load_component(root, index, "text_encoder", TEXT_ENCODERS, umt5, required=False,
-                                             **load)
+        text_encoder = None if not text_encoder else layout.load_component(
+            root, index, "text_encoder", TEXT_ENCODERS, umt5, required=False, **load)
 
         scheduler_dir = layout.component_dir(root, "scheduler")
         scheduler_config = layout.read_json(scheduler_dir / "scheduler_config.json", "scheduler")
@@ -134,8 +137,10 @@ class WanVideoModel(LatentSampler):
         model = cls(transformer, vae, scheduler, text_encoder, tokenizer, transformer_2,
                     boundary_ratio=index.get("boundary_ratio"),
                     expand_timesteps=bool(index.get("expand_timesteps", False))).eval()
-        if device is not None or torch_dtype is not None:
-            model.to(**{k: v for k, v in (("device", device), ("dtype", torch_dtype)) if v is not None})
+        if device is not None:
+            model.to(device)
+        if torch_dtype is not None:
+            _cast(model, torch_dtype)
         return model
 
     def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB"):
@@ -347,6 +352,17 @@ class WanVideoModel(LatentSampler):
         if embeds.shape[-1] != text_dim:
             raise ValueError(f"{name}: last dimension {embeds.shape[-1]} is not the transformer's text_dim {text_dim}")
         return embeds.to(device=self.device, dtype=self.dtype)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating parameters and buffers to ``dtype``, but those under a name a component's
+    class lists in ``_keep_in_fp32_modules`` stay float32 (diffusers' torch_dtype rule)."""
+    for component in model.children():
+        keep = getattr(component, "_keep_in_fp32_modules", None) or ()
+        nn.Module.to(component, dtype=dtype)
+        for name, sub in component.named_modules():
+            if keep and any(part in keep for part in name.split(".")):
+                nn.Module.to(sub, dtype=torch.float32)
 
 
 def _load_tokenizer(root: Path, index: dict):

@@ -86,8 +86,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--text-tokens", type=_positive, help="text tokens per prompt beside the image "
                            "(default 256 GPU, 16 CPU)")
         elif kind == "ldm":
-            p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU)")
-            p.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+            p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU; Wan: the "
+                           "pipeline's 50, wan-tiny on a CPU 2)")
+            p.add_argument("--guidance", type=float, help="guidance scale (default 7.5; Wan: the pipeline's 5.0)")
+            p.add_argument("--frames", type=_positive, help="Wan presets: video frames, 4k + 1 (default 33; "
+                           "wan-tiny 5); --resolution N then gives N x N (default 480 x 832)")
         if kind != "sam":
             p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
                            f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
@@ -163,6 +166,8 @@ def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
     if args.kind == "vlm":
         vlm.choose_model(args, on_gpu)
+    if args.kind == "ldm" and (args.preset is not None or args.checkpoint is not None):
+        ldm.fill_defaults(args, on_gpu)  # a family's own (Wan: the pipeline's steps and guidance, frames)
     for group in (DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]):
         for name, values in group.items():
             if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
@@ -274,13 +279,15 @@ def run(args, log=print) -> dict:
         # the compiled side holds the sdpa model's weights
         weights = (_weights_bytes(ours), _weights_bytes(reference), _weights_bytes(eager), _weights_bytes(reference))
     else:
-        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
-                                                 estimate and estimate.phases)
-        args.resolution = args.resolution or ldm.default_resolution(ours)
-        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
-                          compile_backend)
+        work = ldm.workload(args.preset, args.checkpoint)  # ldm, or ldm_wan for Wan
+        ours, reference, description = work.build(args.preset, args.checkpoint, device, dtype,
+                                                  estimate and estimate.phases)
+        args.resolution = args.resolution or work.default_resolution(ours)
+        video = {"frames": args.frames} if work is not ldm else {}
+        sides = work.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
+                           compile_backend, **video)
         one_call = "pt"
-        weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
+        weights = (_weights_bytes(ours), _weights_bytes(*work.reference_modules(reference)))
 
     traces = _trace_paths(args.trace)
     ran: set = set()
@@ -290,7 +297,7 @@ def run(args, log=print) -> dict:
     elif args.kind == "sam":
         samplers = [sam.sampler(side, device) for side in sides]
     else:
-        samplers = [ldm.sampler(side, device) for side in sides]
+        samplers = [work.sampler(side, device) for side in sides]
     bar = tqdm(total=plan.warmup + plan.max_repeats + len(sides), desc=f"profile {args.kind}", unit="round",
                leave=False)
     scoped = [_within(functools.partial(side_scope, index), sample) for index, sample in enumerate(samplers)]
@@ -309,7 +316,7 @@ def run(args, log=print) -> dict:
         elif args.kind == "sam":
             metrics = sam.metrics(args.batch, samples)
         else:
-            metrics = ldm.metrics(args.batch, args.steps, samples)
+            metrics = work.metrics(args.batch, args.steps, samples)
         metrics["peak_memory_gib"] = None if peak is None else figure([peak])
         results_sides.append({"name": side.name, "metrics": metrics, "ops": ops})
     bar.close()
@@ -323,7 +330,7 @@ def run(args, log=print) -> dict:
     speedups = results_sides[1]["mmfast_speedup"]  # over the eager reference
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
-        notes.append(ldm.reference_note(reference))
+        notes.append(work.reference_note(reference))
     elif args.kind == "sam":
         notes.append(sam.reference_note())
     else:
@@ -344,7 +351,7 @@ def run(args, log=print) -> dict:
         **({"vlm_model": args.model, "new_tokens": args.new_tokens, "text_tokens": args.text_tokens,
             "prompt_tokens": prompt_tokens, "cuda_graph": args.cuda_graph}
            if args.kind == "vlm"
-           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}
+           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph, **video}
            if args.kind == "ldm" else {}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",

@@ -16,25 +16,52 @@ an Euler discrete scheduler; ``sd3-tiny``, ``sd3-medium``, ``sd35-medium`` and `
 built without T5-XXL: the prompt embeddings are given, so T5 would only take memory, and
 their 256 T5 tokens are part of the embeddings as in diffusers. The issue's speed target
 is for SD1.5; SD3 is reported the same way.
+
+Wan text-to-video presets and checkpoints (``wan-*``, a WanPipeline directory) run in
+:mod:`mmfast.profile.ldm_wan`, which has this module's interface: :func:`workload` picks
+the module by preset prefix or the checkpoint's pipeline class.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfast.profile import build_progress
+from mmfast.profile import build_progress, ldm_wan
 from mmfast.profile.measure import building_on, on_first_call, timed
 from mmfast.profile.stats import figure
 
-PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large")
+PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large", *ldm_wan.PRESETS)
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
+
+
+def prefix(preset: str | None) -> str:
+    """The model family of a preset: 'sd3', 'wan' or '' (SD1.5)."""
+    return next((p for p in ("sd3", ldm_wan.PREFIX) if (preset or "").startswith(p)), "")
+
+
+def workload(preset: str | None, checkpoint: str | None):
+    """The module that builds, runs and reports this preset or checkpoint (this one, or
+    :mod:`mmfast.profile.ldm_wan` for Wan)."""
+    if prefix(preset) == ldm_wan.PREFIX or ldm_wan.is_wan_checkpoint(checkpoint):
+        return ldm_wan
+    return sys.modules[__name__]
+
+
+def fill_defaults(args, on_gpu: bool) -> None:
+    """The workload's own defaults (steps, guidance, frames) before the generic ones."""
+    work = workload(args.preset, args.checkpoint)
+    if work is not sys.modules[__name__]:
+        work.fill_defaults(args, on_gpu)
+    elif getattr(args, "guidance", None) is None:
+        args.guidance = 7.5
 
 
 @dataclass
@@ -77,6 +104,8 @@ def preset_modules(preset: str) -> dict:
     """The modules of a preset's pipeline with random weights (diffusers and transformers
     modules; SD3 presets without T5-XXL), without its scheduler: build them on the meta
     device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
+    if prefix(preset) == ldm_wan.PREFIX:
+        return ldm_wan.preset_modules(preset)
     if preset.startswith("sd3"):
         from mmfast.models.sd3_presets import sd3_components
 

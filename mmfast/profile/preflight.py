@@ -77,8 +77,8 @@ def _family(args) -> list[str]:
         return list(vlm.MODELS[args.model].presets)
     if args.kind == "sam":
         return list(reversed(sam.PRESETS))
-    sd3 = args.preset.startswith("sd3")
-    return [preset for preset in reversed(ldm.PRESETS) if preset.startswith("sd3") == sd3]
+    family = ldm.prefix(args.preset)
+    return [preset for preset in reversed(ldm.PRESETS) if ldm.prefix(preset) == family]
 
 
 def _estimate(args, preset: str, dtype: torch.dtype, meta_model=None) -> memory.Estimate:
