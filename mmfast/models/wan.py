@@ -171,6 +171,12 @@ class WanVideoModel(LatentSampler):
         return self.transformer
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The transformer's compute dtype (diffusers' ``transformer.dtype``, which skips the
+        float32-kept modules): its patch embedding's."""
+        return self.transformer.patch_embedding.weight.dtype
+
+    @property
     def patch_size(self) -> int:
         return self.transformer.config.patch_size[1]
 
@@ -311,7 +317,7 @@ class WanVideoModel(LatentSampler):
     def _predict(self, model_input: Tensor, timestep: Tensor, cond: tuple[Tensor, ...],
                  model: nn.Module | None = None) -> Tensor:
         model = self.transformer if model is None else model
-        model_input = model_input.to(next(model.parameters()).dtype)
+        model_input = model_input.to(model.patch_embedding.weight.dtype)
         batch = model_input.shape[0]
         if self.expand_timesteps:  # Wan 2.2 TI2V: one timestep per video token, float32 as the pipeline's mask
             frames, height, width = model_input.shape[2:]
@@ -363,6 +369,9 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> None:
         for name, sub in component.named_modules():
             if keep and any(part in keep for part in name.split(".")):
                 nn.Module.to(sub, dtype=torch.float32)
+        for name, param in component.named_parameters():  # a kept name may be a parameter (scale_shift_table)
+            if keep and any(part in keep for part in name.split(".")):
+                param.data = param.data.float()
 
 
 def _load_tokenizer(root: Path, index: dict):

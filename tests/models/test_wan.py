@@ -208,3 +208,17 @@ def test_unipc_has_no_cuda_graph(monkeypatch):
     monkeypatch.setattr(model, "_capture_graphs", False)
     with pytest.raises(ValueError, match="cuda_graph: needs a scheduler with mmfast's fused step"):
         model.generate(**_embeds(), **VIDEO, num_inference_steps=1, progress=False, cuda_graph=True)
+
+
+def test_torch_dtype_keeps_diffusers_float32_modules(saved):
+    """from_pretrained(torch_dtype=bfloat16) keeps what diffusers keeps in float32 (the
+    transformer's norms, modulation tables, time embedder); the model computes in bf16."""
+    _, path = saved
+    model = WanVideoModel.from_pretrained(path, torch_dtype=torch.bfloat16)
+    t = model.transformer
+    assert model.dtype == torch.bfloat16 and t.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert t.scale_shift_table.dtype == t.blocks[0].scale_shift_table.dtype == torch.float32
+    assert t.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert model.vae.decoder.conv_in.weight.dtype == torch.bfloat16
+    frames = model.generate(**_embeds(), **VIDEO, num_inference_steps=1, progress=False, output_type="pt")
+    assert frames.dtype == torch.bfloat16 and bool(frames.isfinite().all())
