@@ -13,8 +13,11 @@
 - sampler: the pipeline's scheduler. The published Wan pipelines use
   ``UniPCMultistepScheduler`` (flow prediction, flow sigmas), whose own ``step`` runs (it
   has no mmfast fused step); a ``FlowMatchEulerDiscreteScheduler`` or
-  ``DPMSolverMultistepScheduler`` gets mmfast's fused guided step, and with it
-  ``cuda_graph=True`` (see :mod:`mmfast.models._latent_sampler`).
+  ``DPMSolverMultistepScheduler`` gets mmfast's fused guided step. ``cuda_graph=True``
+  replays a whole step from a CUDA graph with a fused step (the machinery of
+  :mod:`mmfast.models._latent_sampler`), else the guided denoiser call (UniPC's step,
+  which mmfast's fused step kernel cannot express: its corrector reads the previous sample
+  and two earlier predictions, runs between replays).
 
 ``generate`` follows diffusers' ``WanPipeline`` draw for draw: float32 initial noise of
 shape [B, C, (frames - 1) / 4 + 1, H / 8, W / 8] (the VAE's factors), one denoiser pass per
@@ -25,7 +28,8 @@ latents and decoded frames match the pipeline's.
 Not covered: image-to-video (WanImageToVideoPipeline, TI2V's first-frame conditioning),
 VACE, ``attention_kwargs`` / LoRA scales, callbacks.
 
-Syncs: none per step for the fused schedulers; UniPC's own step reads its step index on the host.
+Syncs: none per step (UniPC's step index and sigmas live on the host, set_begin_index(0) as
+the pipeline does).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from mmfast.models import _pipeline_dir as layout
-from mmfast.models._latent_sampler import LatentSampler, describe, guided_batch, randn
+from mmfast.models._latent_sampler import LatentSampler, capture_graph, describe, guided_batch, randn
 from mmfast.models.checkpoint import register_architecture
 
 PIPELINES = ("WanPipeline",)
@@ -80,6 +84,7 @@ class WanVideoModel(LatentSampler):
         self.expand_timesteps = bool(expand_timesteps)
         # Per instance and reversible; the handles are kept so that a caller can undo them.
         self._patches = [mmfast.patch(m) for m in (transformer, transformer_2) if m is not None]
+        self._prediction_graphs: dict = {}  # CUDA graphs of the guided denoiser call (schedulers without a fused step)
 
     def _prepare_vae(self, vae: nn.Module) -> nn.Module:
         import mmfast
@@ -249,8 +254,11 @@ class WanVideoModel(LatentSampler):
         of the VAE's spatial factor times the patch size (16 for Wan 2.1, 32 for Wan 2.2 5B);
         other sizes are ValueErrors (the pipeline rounds them with a warning).
 
-        ``cuda_graph=True`` (CUDA only, a scheduler with a fused step, one expert) captures
-        one denoising step in a CUDA graph and replays it for every step.
+        ``cuda_graph=True`` (CUDA only): with a fused-step scheduler and one expert, one whole
+        denoising step (denoiser, guidance, update) is captured in a CUDA graph and replayed
+        for every step; otherwise (UniPC, two experts) the guided denoiser call is (one graph
+        per expert) and the scheduler's own step runs between replays. Graphs are kept for
+        later calls with the same shapes and scales.
         """
         if output_type not in ("latent", "pt"):
             raise ValueError(f"output_type: expected 'latent' or 'pt', got {output_type!r}")
@@ -259,13 +267,8 @@ class WanVideoModel(LatentSampler):
             raise ValueError(f"num_inference_steps: expected a positive integer, got {steps!r}")
         if guidance_scale_2 is not None and self.transformer_2 is None:
             raise ValueError("guidance_scale_2: only for a model with a second expert (transformer_2)")
-        if cuda_graph:
-            if self._capture_graphs and self.device.type != "cuda":
-                raise ValueError(f"cuda_graph: needs the model on a CUDA device, it is on {self.device}")
-            if not _has_fused_step(self.scheduler) or self.transformer_2 is not None:
-                raise ValueError(f"cuda_graph: needs a scheduler with mmfast's fused step ({', '.join(FUSED_SCHEDULERS)}"
-                                 f") and one expert; this model has {type(self.scheduler).__name__}"
-                                 f"{' and transformer_2' if self.transformer_2 is not None else ''}")
+        if cuda_graph and self._capture_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs the model on a CUDA device, it is on {self.device}")
         embeds = self._prompt(prompt_embeds, prompt, "", max_sequence_length)
         batch = embeds.shape[0]
         shape = self._video_shape(batch, num_frames, height, width)
@@ -302,17 +305,54 @@ class WanVideoModel(LatentSampler):
             return latents
         # diffusers' own step (UniPC), the pipeline's loop; a second expert below the boundary.
         boundary = None if self.boundary_ratio is None else self.boundary_ratio * scheduler.config.num_train_timesteps
+        predict = self._graphed_prediction if cuda_graph else self._guided_prediction
         scheduler.set_begin_index(0)
         for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising"):
             second = boundary is not None and t < boundary
             model = self.transformer_2 if second else self.transformer
-            model_input = latents if scales is None else torch.cat([latents] * 2)
-            prediction = self._predict(model_input, t, cond, model)
-            if scales is not None:
-                uncond, conditional = prediction.chunk(2)
-                prediction = uncond + scales[1 if second else 0] * (conditional - uncond)
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+            scale = None if scales is None else scales[1 if second else 0]
+            latents = scheduler.step(predict(model, latents, t, cond, scale), t, latents, return_dict=False)[0]
         return latents
+
+    def _guided_prediction(self, model: nn.Module, latents: Tensor, t: Tensor, cond: tuple[Tensor, ...],
+                           scale: float | None) -> Tensor:
+        """The denoiser on [uncond; cond] and ``uncond + scale * (cond - uncond)`` (the
+        pipeline's two calls and guidance), or on the prompt alone when ``scale`` is None."""
+        model_input = latents if scale is None else torch.cat([latents] * 2)
+        prediction = self._predict(model_input, t, cond, model)
+        if scale is None:
+            return prediction
+        uncond, conditional = prediction.chunk(2)
+        return uncond + scale * (conditional - uncond)
+
+    def _graphed_prediction(self, model: nn.Module, latents: Tensor, t: Tensor, cond: tuple[Tensor, ...],
+                            scale: float | None) -> Tensor:
+        """:meth:`_guided_prediction` replayed from a CUDA graph (one per expert, shapes and
+        scale; kept for later calls): the inputs are copied into its static tensors, the
+        scheduler's own step then runs outside it. Without ``_capture_graphs`` the same
+        body runs eagerly (CPU tests)."""
+        key = (id(model), tuple(latents.shape), latents.dtype, t.dtype, tuple(tuple(c.shape) for c in cond), scale,
+               self.device, self._capture_graphs)
+        entry = self._prediction_graphs.get(key)
+        if entry is None:
+            if len(self._prediction_graphs) >= 4:  # another size or scale: free the old graphs first
+                self._prediction_graphs.clear()
+            static_latents, static_t = latents.clone(), t.to(self.device).clone()
+            static_cond = tuple(c.clone() for c in cond)
+            out: dict[str, Tensor] = {}
+
+            def body():
+                out["prediction"] = self._guided_prediction(model, static_latents, static_t, static_cond, scale)
+
+            graph = capture_graph(body) if self._capture_graphs else None
+            entry = self._prediction_graphs[key] = (graph, body, static_latents, static_t, static_cond, out)
+        graph, body, static_latents, static_t, static_cond, out = entry
+        static_latents.copy_(latents)
+        static_t.copy_(t)
+        for static, given in zip(static_cond, cond):
+            static.copy_(given)
+        graph.replay() if graph is not None else body()
+        return out["prediction"].clone()
 
     def _predict(self, model_input: Tensor, timestep: Tensor, cond: tuple[Tensor, ...],
                  model: nn.Module | None = None) -> Tensor:
