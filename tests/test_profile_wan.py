@@ -96,3 +96,17 @@ def test_bad_frame_count_is_refused(tmp_path, capsys):
                                *COMMON]))
     assert "num_frames: 4 is not 4k + 1" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_preflight_counts_the_video_activations():
+    """The estimate adds activations that grow with the video (frames, size, batch)."""
+    def estimate(**given):
+        args = type("Args", (), {"kind": "ldm", "batch": 1, "resolution": None, "frames": None, **given})()
+        return preflight._estimate(args, "wan2.1-1.3b", torch.bfloat16)
+
+    default, longer, bigger = estimate(), estimate(frames=81), estimate(resolution=(720, 1280), batch=2)
+    weights_only = memory.estimate_ldm("wan2.1-1.3b", torch.bfloat16)
+    assert default.weight_bytes == weights_only.weight_bytes
+    assert 0 < default.activation_bytes < longer.activation_bytes < bigger.activation_bytes
+    assert default.total_bytes == weights_only.total_bytes + default.activation_bytes
+    assert "14040 video tokens" in default.activations  # 9 latent frames x 30 x 52 patches at 480 x 832

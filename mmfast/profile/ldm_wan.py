@@ -56,6 +56,39 @@ def preset_modules(preset: str) -> dict:
     return {name: parts[name] for name in ("transformer", "vae")}
 
 
+def activation_estimate(preset: str, dtype: torch.dtype, batch: int, resolution=None,
+                        frames: int | None = None) -> tuple[int, str]:
+    """(bytes, what) of the activations that grow with the video rather than the weights,
+    a rough upper-side sum of the largest live tensors (config numbers times sizes):
+
+    - the denoiser on [uncond; cond] (2 x batch samples) of T video tokens: the hidden
+      states, q, k, v, the attention output and a residual (6 x C each) and the FFN's
+      intermediate, in ``dtype``; with per-token timesteps (Wan 2.2 TI2V) also the float32
+      modulations [2B, T, 6, C], twice (the embedder's and the block's);
+    - the VAE decoder at full resolution: three feature maps of its top width over the 4
+      frames one latent frame decodes to, and the decoded video [B, 3, frames, H, W].
+    """
+    from mmfast.models.wan_presets import WAN_PRESETS
+
+    preset_config = WAN_PRESETS[preset]
+    height, width = preset_config["video"][:2] if resolution is None else (
+        (resolution, resolution) if isinstance(resolution, int) else resolution)
+    frames = preset_config["video"][2] if frames is None else frames
+    t, vae = preset_config["transformer"], preset_config["vae"]
+    spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
+    patch = t["patch_size"]
+    tokens = ((frames - 1) // temporal + 1) * (height // spatial // patch[1]) * (width // spatial // patch[2])
+    channels = t["num_attention_heads"] * t["attention_head_dim"]
+    size = dtype.itemsize
+    denoiser = 2 * batch * tokens * (6 * channels + t["ffn_dim"]) * size
+    if preset_config["pipeline"]["expand_timesteps"]:
+        denoiser += 2 * (2 * batch * tokens * 6 * channels * 4)
+    top = vae.get("decoder_base_dim") or vae.get("base_dim", 96)
+    decoder = 3 * batch * top * min(temporal, frames) * height * width * size + batch * 3 * frames * height * width * size
+    return denoiser + decoder, (f"the denoiser's activations over {tokens} video tokens and the VAE decoder's "
+                                f"full-resolution maps ({height} x {width}, {frames} frames, batch {batch})")
+
+
 def _twin(module: torch.nn.Module) -> torch.nn.Module:
     """An unpatched diffusers module of the same class and config with the same weights."""
     twin = type(module).from_config(module.config)
