@@ -228,3 +228,45 @@ def test_cuda_graphs_match_host_loop():
         host = ours.generate(**args, generator=torch.Generator("cuda").manual_seed(1))
         graphed = ours.generate(**args, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
         torch.testing.assert_close(graphed, host, **TOL)
+
+
+def _char_tokenizer(folder):
+    """A character-level tokenizer (a CLIP one without merges; ids inside the tiny UMT5's
+    vocabulary): a real UMT5 tokenizer needs a downloaded vocabulary."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="!")
+
+
+def test_text_prompts_through_umt5_match_the_pipeline(tmp_path):
+    """prompt / negative_prompt text: cleaned, padded to max_sequence_length, UMT5, the
+    padding positions zeroed, as WanPipeline encodes them."""
+    from diffusers import WanPipeline
+
+    torch.manual_seed(0)
+    parts = wan_components("wan-tiny")
+    parts["text_encoder"].eval()  # built in training mode (dropout); a loaded one is in eval mode
+    tokenizer = _char_tokenizer(tmp_path / "tok")
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=parts["text_encoder"], vae=parts["vae"],
+                       transformer=parts["transformer"], scheduler=parts["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    ours = WanVideoModel(copy.deepcopy(parts["transformer"]), copy.deepcopy(parts["vae"]),
+                         copy.deepcopy(parts["scheduler"]), copy.deepcopy(parts["text_encoder"]), tokenizer).eval()
+    text = dict(prompt=["a  cat &amp; a dog", "x"], negative_prompt="blurry", max_sequence_length=12)
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(text["prompt"], text["negative_prompt"], max_sequence_length=12)
+    assert torch.equal(ours.encode_text(text["prompt"], 12), embeds)
+    assert torch.equal(ours.encode_text(["blurry"] * 2, 12), negative)
+    args = dict(**text, **VIDEO, num_inference_steps=2, guidance_scale=4.0)
+    got = ours.generate(**args, progress=False, generator=torch.Generator().manual_seed(1))
+    want = pipe(**args, output_type="latent", generator=torch.Generator().manual_seed(1)).frames
+    torch.testing.assert_close(got, want, **TOL)
