@@ -32,8 +32,11 @@ def _results(out):
     return json.loads(written[0].read_text())
 
 
-def test_wan_tiny_end_to_end(tmp_path):
+def test_wan_tiny_end_to_end(tmp_path, capsys):
     assert main(["profile", "ldm", "--preset", "wan-tiny", "--out", str(tmp_path), *COMMON]) == 0
+    printed = capsys.readouterr().out
+    assert "batch 1, 32 x 32 px, 5 frames, float32" in printed
+    assert "denoising per step s" in printed and "VAE decode s" in printed
     data = _results(tmp_path)
     assert data["preset"] == "wan-tiny" and data["resolution"] == [32, 32] and data["frames"] == 5
     assert data["guidance"] == 5.0 and data["steps"] == 1  # WanPipeline's guidance

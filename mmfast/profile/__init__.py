@@ -405,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (a damaged checkpoint names its file and field): one line, no traceback.
         print(f"{p.prog}: error: {error}", file=sys.stderr)
         return 1
-    print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
+    size = results["resolution"]
+    size = f"{size[0]} x {size[1]}" if isinstance(size, (list, tuple)) else str(size)
+    size += f" px, {results['frames']} frames" if "frames" in results else " px"
+    print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {size}, "
           f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
     print(report.measurement(results))
     print(report.table(results))
