@@ -113,3 +113,19 @@ def test_preflight_counts_the_video_activations():
     assert 0 < default.activation_bytes < longer.activation_bytes < bigger.activation_bytes
     assert default.total_bytes == weights_only.total_bytes + default.activation_bytes
     assert "14040 video tokens" in default.activations  # 9 latent frames x 30 x 52 patches at 480 x 832
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], {"preset": "tiny", "guidance": 7.5, "steps": 2, "frames": None}),
+    (["--preset", "sd3-tiny"], {"guidance": 7.5, "steps": 2}),
+    (["--preset", "wan-tiny"], {"guidance": 5.0, "steps": 2, "frames": 5}),
+    (["--preset", "wan2.1-1.3b"], {"guidance": 5.0, "steps": 50, "frames": 33}),
+    (["--preset", "wan2.2-5b", "--guidance", "3", "--frames", "9", "--steps", "4"],
+     {"guidance": 3.0, "steps": 4, "frames": 9}),
+])
+def test_defaults_per_family_on_a_cpu(argv, expected):
+    import mmfast.profile as profile
+
+    args = profile.parser().parse_args(["ldm", *argv])
+    profile._fill_defaults(args, on_gpu=False)
+    assert {name: getattr(args, name) for name in expected} == expected

@@ -166,7 +166,7 @@ def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
     if args.kind == "vlm":
         vlm.choose_model(args, on_gpu)
-    if args.kind == "ldm" and (args.preset is not None or args.checkpoint is not None):
+    if args.kind == "ldm":
         ldm.fill_defaults(args, on_gpu)  # a family's own (Wan: the pipeline's steps and guidance, frames)
     for group in (DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]):
         for name, values in group.items():
