@@ -3,6 +3,8 @@ would otherwise run (transformers / diffusers), side by side on this machine. ``
 picks Qwen2.5-VL (the default), LLaVA or BLIP-2; a ``--checkpoint`` says which it holds.
 ``sam`` times SAM's image encoder (image embeddings per second, :mod:`mmfast.profile.sam`):
 transformers' model patched with ``mmfast.patch`` against the same weights unpatched.
+``ldm`` times Stable Diffusion 1.5 / 3 or, with a ``wan-*`` preset or a WanPipeline
+checkpoint, Wan 2.x text-to-video (:mod:`mmfast.profile.ldm_wan`).
 
 The sides: mmfast, the reference in eager mode, and (by default on a GPU,
 ``--compile-reference``) the reference with torch.compile. Warm-up, then timed rounds that
@@ -59,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm,sam}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
-                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) vs diffusers"),
+                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) or Wan 2.x text-to-video vs diffusers"),
                                 ("sam", sam.PRESETS, "the SAM image encoder (image embeddings per second), "
                                  "patched vs transformers sdpa and eager")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
