@@ -103,4 +103,4 @@ def test_a_flux_preset_that_does_not_fit_suggests_its_tiny_one(preset, smaller, 
     need = memory.estimate_ldm(preset, torch.bfloat16)
     assert f"--preset {preset} (bfloat16): needs about {need.total_bytes / memory.GIB:.1f} GiB" in line
     assert f"--preset {smaller} fits" in line
-    assert ldm_flux.family(preset) == ldm.preset_family(smaller)
+    assert ldm_flux.family(preset) == ldm.prefix(smaller)

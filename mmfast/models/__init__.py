@@ -15,6 +15,7 @@ from mmfast.models.qwen2_decoder import Qwen2Decoder
 from mmfast.models.qwen25_vl import Qwen25VLConfig, Qwen25VLForConditionalGeneration
 from mmfast.models.qwen3_vl import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from mmfast.models.sd3 import StableDiffusion3Model
+from mmfast.models.wan import WanVideoModel
 
 __all__ = ["CheckpointError", "from_pretrained", "load_checkpoint", "save_pretrained"]
 __all__ += ["KVCache", "Qwen2Decoder", "Qwen25VLConfig", "Qwen25VLForConditionalGeneration"]
@@ -24,3 +25,4 @@ __all__ += ["LlavaConfig", "LlavaForConditionalGeneration"]
 __all__ += ["Blip2Config", "Blip2ForConditionalGeneration"]
 __all__ += ["StableDiffusion3Model"]
 __all__ += ["FluxModel", "Flux2Model"]
+__all__ += ["WanVideoModel"]

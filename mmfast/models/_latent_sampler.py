@@ -41,16 +41,25 @@ class LatentSampler(nn.Module):
         if not any(c.__name__ in schedulers for c in type(scheduler).__mro__):
             raise ValueError(f"scheduler: {type(scheduler).__name__} has no mmfast fused step for "
                              f"{self.model_name} (supported: {', '.join(schedulers)})")
-        from mmfast.nn import use_mmfast_vae_blocks
-
-        use_mmfast_vae_blocks(vae)  # in place, weights and names kept: it still saves as diffusers'
-        self.vae = vae
+        self.vae = self._prepare_vae(vae)
         self.scheduler = scheduler
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._spatial_factor(vae)
         self._graph_cache: tuple | None = None  # (key, graph, body, stepper, static latents, static cond)
         self._capture_graphs = True  # False: cuda_graph runs the graph's body eagerly (CPU tests)
 
     # -- what a subclass provides -----------------------------------------------------------
+
+    def _prepare_vae(self, vae: nn.Module) -> nn.Module:
+        """The VAE on mmfast blocks (``AutoencoderKL``: in place, weights and names kept, so
+        it still saves as diffusers'); a video model patches its own VAE class."""
+        from mmfast.nn import use_mmfast_vae_blocks
+
+        use_mmfast_vae_blocks(vae)
+        return vae
+
+    def _spatial_factor(self, vae: nn.Module) -> int:
+        """Pixels per latent cell along each side."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
     def denoiser(self) -> nn.Module:

@@ -14,7 +14,8 @@ Block (``WanTransformerBlock``): the per-sample modulation ``scale_shift_table +
 one pass) and ``gated_residual`` for the self-attention and the feed-forward; the
 cross-attention norm is ``layer_norm``. Every statistic accumulates in float32 and every
 output has the hidden states' dtype, as diffusers' ``.float()`` ... ``.type_as`` does.
-Wan 2.2 TI2V's per-token modulation (``temb`` [B, T, 6, C]) runs diffusers' own block.
+Wan 2.2 TI2V's per-token modulation (``temb`` [B, T, 6, C]) runs on the same two ops with
+the tokens as rows ([B * T, 1, C], one modulation row each).
 """
 
 from __future__ import annotations
@@ -134,22 +135,47 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     return layer_norm(x, norm.weight, norm.bias, norm.eps)
 
 
+def _per_token(x: Tensor) -> Tensor:
+    """[B, T, C] -> [B * T, 1, C]: every token its own "sample", so that the per-sample
+    modulation ops take one modulation row per token (LayerNorm is per token anyway)."""
+    return x.reshape(-1, 1, x.shape[-1])
+
+
 def wan_block_forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, temb: Tensor,
                       rotary_emb) -> Tensor:
-    """diffusers WanTransformerBlock.forward; ``temb`` [B, 6, C] (Wan 2.1, Wan 2.2 14B)."""
-    if temb.ndim == 4:  # Wan 2.2 TI2V: one modulation per token, which adaln_modulate does not take
-        return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
-    modulation = (self.scale_shift_table + temb.float()).unbind(1)
+    """diffusers WanTransformerBlock.forward; ``temb`` [B, 6, C] (Wan 2.1, Wan 2.2 14B) or
+    [B, T, 6, C] (Wan 2.2 TI2V: one modulation per token, run on the same fused ops with
+    each token as its own row)."""
+    per_token = temb.ndim == 4
+    if per_token:
+        batch, tokens = hidden_states.shape[:2]
+        if temb.shape[:2] != (batch, tokens):
+            raise ValueError(f"temb: per-token modulation [B, T, 6, C] must match the hidden states' [B, T] = "
+                             f"{(batch, tokens)}, got {tuple(temb.shape)}")
+        rows = (self.scale_shift_table.unsqueeze(0) + temb.float()).unbind(2)
+        modulation = [m.reshape(batch * tokens, -1) for m in rows]
+    else:
+        modulation = (self.scale_shift_table + temb.float()).unbind(1)
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = modulation
 
-    normed = adaln_modulate(hidden_states, shift_msa, scale_msa, self.norm1.eps)
-    hidden_states = gated_residual(hidden_states, gate_msa, self.attn1(normed, None, None, rotary_emb))
+    def modulate(x, shift, scale, eps):
+        if not per_token:
+            return adaln_modulate(x, shift, scale, eps)
+        return adaln_modulate(_per_token(x), shift, scale, eps).view(x.shape)
+
+    def residual(x, gate, y):
+        if not per_token:
+            return gated_residual(x, gate, y)
+        return gated_residual(_per_token(x), gate, _per_token(y)).view(x.shape)
+
+    normed = modulate(hidden_states, shift_msa, scale_msa, self.norm1.eps)
+    hidden_states = residual(hidden_states, gate_msa, self.attn1(normed, None, None, rotary_emb))
 
     normed = hidden_states if type(self.norm2) is nn.Identity else _layer_norm(self.norm2, hidden_states)
     hidden_states = hidden_states + self.attn2(normed, encoder_hidden_states, None, None)
 
-    normed = adaln_modulate(hidden_states, c_shift_msa, c_scale_msa, self.norm3.eps)
-    return gated_residual(hidden_states, c_gate_msa, self.ffn(normed))
+    normed = modulate(hidden_states, c_shift_msa, c_scale_msa, self.norm3.eps)
+    return residual(hidden_states, c_gate_msa, self.ffn(normed))
 
 
 __all__ = ["TEXT_CONTEXT_TOKENS", "rotary_tables", "wan_attention_forward", "wan_block_forward",

@@ -3,6 +3,9 @@ would otherwise run (transformers / diffusers), side by side on this machine. ``
 picks Qwen2.5-VL (the default), LLaVA or BLIP-2; a ``--checkpoint`` says which it holds.
 ``sam`` times SAM's image encoder (image embeddings per second, :mod:`mmfast.profile.sam`):
 transformers' model patched with ``mmfast.patch`` against the same weights unpatched.
+``ldm`` times Stable Diffusion 1.5 / 3, FLUX.1 / FLUX.2 (a ``flux*`` preset or a FLUX
+pipeline checkpoint, :mod:`mmfast.profile.ldm_flux`) or, with a ``wan-*`` preset or a
+WanPipeline checkpoint, Wan 2.x text-to-video (:mod:`mmfast.profile.ldm_wan`).
 
 The sides: mmfast, the reference in eager mode, and (by default on a GPU,
 ``--compile-reference``) the reference with torch.compile. Warm-up, then timed rounds that
@@ -29,7 +32,7 @@ import sys
 
 import torch
 
-from mmfast.profile import ldm, measure, preflight, report, sam, vlm
+from mmfast.profile import ldm, ldm_wan, measure, preflight, report, sam, vlm
 from mmfast.profile.memory import SMALL_PRESETS
 from mmfast.profile.stats import compare, figure
 
@@ -59,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="mmfast profile", description=DESCRIPTION)
     kinds = top.add_subparsers(dest="kind", required=True, metavar="{vlm,ldm,sam}")
     for kind, presets, what in (("vlm", vlm.PRESETS, "a vision-language model vs transformers"),
-                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3) or FLUX vs diffusers"),
+                                ("ldm", ldm.PRESETS, "Stable Diffusion (1.5 or 3), FLUX or Wan 2.x "
+                                 "text-to-video vs diffusers"),
                                 ("sam", sam.PRESETS, "the SAM image encoder (image embeddings per second), "
                                  "patched vs transformers sdpa and eager")):
         p = kinds.add_parser(kind, help=what, description=f"Profile {what}.")
@@ -87,9 +91,11 @@ def parser() -> argparse.ArgumentParser:
                            "(default 256 GPU, 16 CPU)")
         elif kind == "ldm":
             p.add_argument("--steps", type=_positive, help="denoising steps (default 30 GPU, 2 CPU; FLUX.1 28, "
-                           "klein 4 on a GPU)")
+                           "klein 4 on a GPU; Wan: the pipeline's 50, wan-tiny on a CPU 2)")
             p.add_argument("--guidance", type=float, help="guidance scale (default 7.5; FLUX.1's embedded guidance "
-                           "3.5; none for the step-distilled klein)")
+                           "3.5; none for the step-distilled klein; Wan: the pipeline's 5.0)")
+            p.add_argument("--frames", type=_positive, help="Wan presets: video frames, 4k + 1 (default 33; "
+                           "wan-tiny 5); --resolution N then gives N x N (default 480 x 832)")
         if kind != "sam":
             p.add_argument("--cuda-graph", action="store_true", help="mmfast side: replay each "
                            f"{'decode' if kind == 'vlm' else 'denoising'} step as a CUDA graph")
@@ -165,12 +171,9 @@ def _fill_defaults(args, on_gpu: bool) -> None:
     pick = 0 if on_gpu else 1
     if args.kind == "vlm":
         vlm.choose_model(args, on_gpu)
-    groups = [DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]]
-    if args.kind == "ldm":  # FLUX's steps and guidance depend on the model: its preset first
-        if args.preset is None and not args.checkpoint:
-            args.preset = DEFAULTS["ldm"]["preset"][pick]
-        groups.insert(0, ldm.defaults(args.preset, args.checkpoint))
-    for group in groups:
+    if args.kind == "ldm":
+        ldm.fill_defaults(args, on_gpu)  # the model's own (FLUX's, Wan's steps and guidance; Wan's frames)
+    for group in (DEFAULTS[args.kind], DEFAULTS.get(getattr(args, "model", None), {}), DEFAULTS["any"]):
         for name, values in group.items():
             if getattr(args, name, None) is None and not (name == "preset" and args.checkpoint):
                 setattr(args, name, values[pick])
@@ -281,13 +284,15 @@ def run(args, log=print) -> dict:
         # the compiled side holds the sdpa model's weights
         weights = (_weights_bytes(ours), _weights_bytes(reference), _weights_bytes(eager), _weights_bytes(reference))
     else:
-        ours, reference, description = ldm.build(args.preset, args.checkpoint, device, dtype,
-                                                 estimate and estimate.phases)
-        args.resolution = args.resolution or ldm.default_resolution(ours)
-        sides = ldm.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
-                          compile_backend, preset=args.preset)
+        work = ldm.workload(args.preset, args.checkpoint)  # ldm, or ldm_wan for Wan
+        ours, reference, description = work.build(args.preset, args.checkpoint, device, dtype,
+                                                  estimate and estimate.phases)
+        args.resolution = args.resolution or work.default_resolution(ours)
+        options = {"frames": args.frames} if work is ldm_wan else {"preset": args.preset}  # FLUX's prompt length
+        sides = work.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
+                           compile_backend, **options)
         one_call = "pt"
-        weights = (_weights_bytes(ours), _weights_bytes(*ldm.reference_modules(reference)))
+        weights = (_weights_bytes(ours), _weights_bytes(*work.reference_modules(reference)))
 
     traces = _trace_paths(args.trace)
     ran: set = set()
@@ -297,7 +302,7 @@ def run(args, log=print) -> dict:
     elif args.kind == "sam":
         samplers = [sam.sampler(side, device) for side in sides]
     else:
-        samplers = [ldm.sampler(side, device) for side in sides]
+        samplers = [work.sampler(side, device) for side in sides]
     bar = tqdm(total=plan.warmup + plan.max_repeats + len(sides), desc=f"profile {args.kind}", unit="round",
                leave=False)
     scoped = [_within(functools.partial(side_scope, index), sample) for index, sample in enumerate(samplers)]
@@ -316,7 +321,7 @@ def run(args, log=print) -> dict:
         elif args.kind == "sam":
             metrics = sam.metrics(args.batch, samples)
         else:
-            metrics = ldm.metrics(args.batch, args.steps, samples)
+            metrics = work.metrics(args.batch, args.steps, samples)
         metrics["peak_memory_gib"] = None if peak is None else figure([peak])
         results_sides.append({"name": side.name, "metrics": metrics, "ops": ops})
     bar.close()
@@ -330,7 +335,7 @@ def run(args, log=print) -> dict:
     speedups = results_sides[1]["mmfast_speedup"]  # over the eager reference
     notes = [_backend_note(device, ran)]
     if args.kind == "ldm":
-        notes.append(ldm.reference_note(reference))
+        notes.append(work.reference_note(reference))
     elif args.kind == "sam":
         notes.append(sam.reference_note())
     else:
@@ -351,7 +356,7 @@ def run(args, log=print) -> dict:
         **({"vlm_model": args.model, "new_tokens": args.new_tokens, "text_tokens": args.text_tokens,
             "prompt_tokens": prompt_tokens, "cuda_graph": args.cuda_graph}
            if args.kind == "vlm"
-           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph}
+           else {"steps": args.steps, "guidance": args.guidance, "cuda_graph": args.cuda_graph, **video}
            if args.kind == "ldm" else {}),
         "backend_override": args.backend, "backends_ran": [f"{op}={b}" for op, b in sorted(ran)],
         "sides": results_sides, "speedup": speedups[basis], "speedup_basis": f"reference {basis} / mmfast {basis}",
@@ -405,7 +410,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input (a damaged checkpoint names its file and field): one line, no traceback.
         print(f"{p.prog}: error: {error}", file=sys.stderr)
         return 1
-    print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {results['resolution']} px, "
+    size = results["resolution"]
+    size = f"{size[0]} x {size[1]}" if isinstance(size, (list, tuple)) else str(size)
+    size += f" px, {results['frames']} frames" if "frames" in results else " px"
+    print(f"\n{results['kind']}: {results['model']}, batch {results['batch']}, {size}, "
           f"{results['dtype']}, on {results['device_name']}" + ("" if results["gpu_numbers"] else "  [CPU: NOT GPU NUMBERS]"))
     print(report.measurement(results))
     print(report.table(results))

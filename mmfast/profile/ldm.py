@@ -15,27 +15,62 @@ an Euler discrete scheduler; ``sd3-tiny``, ``sd3-medium``, ``sd35-medium`` and `
 (:mod:`mmfast.models.sd3_presets`),
 built without T5-XXL: the prompt embeddings are given, so T5 would only take memory, and
 their 256 T5 tokens are part of the embeddings as in diffusers. The issue's speed target
-is for SD1.5; SD3 is reported the same way. FLUX presets and checkpoints (``flux-*``) are
-:mod:`mmfast.profile.ldm_flux`'s.
+is for SD1.5; SD3 is reported the same way.
+
+FLUX presets and checkpoints (``flux-*``) are built and run here with
+:mod:`mmfast.profile.ldm_flux`'s parts. Wan text-to-video presets and checkpoints (``wan-*``,
+a WanPipeline directory) run in :mod:`mmfast.profile.ldm_wan`, which has this module's
+interface: :func:`workload` picks the module by preset prefix or the checkpoint's pipeline
+class.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from mmfast.profile import build_progress, ldm_flux
+from mmfast.profile import build_progress, ldm_flux, ldm_wan
 from mmfast.profile.measure import building_on, on_first_call, timed
 from mmfast.profile.stats import figure
 
-PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large", *ldm_flux.PRESETS)
+PRESETS = ("tiny", "sd15", "sd3-tiny", "sd3-medium", "sd35-medium", "sd35-large", *ldm_flux.PRESETS,
+           *ldm_wan.PRESETS)
 T5_TOKENS = 256  # diffusers' default max_sequence_length: the T5 part of SD3's prompt embeddings
 _SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  steps_offset=1)
+
+
+def prefix(preset: str | None) -> str:
+    """The model family of a preset: 'sd3', 'flux1', 'flux2', 'wan' or '' (SD1.5);
+    preflight offers a smaller preset of the same one."""
+    if ldm_flux.owns(preset):
+        return ldm_flux.family(preset)
+    return next((p for p in ("sd3", ldm_wan.PREFIX) if (preset or "").startswith(p)), "")
+
+
+def workload(preset: str | None, checkpoint: str | None):
+    """The module that builds, runs and reports this preset or checkpoint (this one, or
+    :mod:`mmfast.profile.ldm_wan` for Wan)."""
+    if prefix(preset) == ldm_wan.PREFIX or ldm_wan.is_wan_checkpoint(checkpoint):
+        return ldm_wan
+    return sys.modules[__name__]
+
+
+def fill_defaults(args, on_gpu: bool) -> None:
+    """The workload's own defaults (steps, guidance, frames) before the generic ones."""
+    work = workload(args.preset, args.checkpoint)
+    if work is not sys.modules[__name__]:
+        work.fill_defaults(args, on_gpu)
+        return
+    own = defaults(args.preset, args.checkpoint)
+    for name, values in own.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, values[0 if on_gpu else 1])
 
 
 @dataclass
@@ -80,6 +115,8 @@ def preset_modules(preset: str) -> dict:
     device to count parameters (the SD1.5 scheduler moves a table to the CPU)."""
     if ldm_flux.owns(preset):
         return ldm_flux.preset_modules(preset)
+    if prefix(preset) == ldm_wan.PREFIX:
+        return ldm_wan.preset_modules(preset)
     if preset.startswith("sd3"):
         from mmfast.models.sd3_presets import sd3_components
 
@@ -185,14 +222,6 @@ def _sd3_pipeline(checkpoint: str, ours, dtype: torch.dtype):
                                                       "tokenizer", "tokenizer_2", "tokenizer_3")}
     return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=copy.deepcopy(ours.scheduler),
                                     **shared)
-
-
-def preset_family(preset: str) -> str:
-    """Which model a preset builds ('sd15', 'sd3', 'flux1', 'flux2'): preflight offers a
-    smaller preset of the same one."""
-    if ldm_flux.owns(preset):
-        return ldm_flux.family(preset)
-    return "sd3" if preset.startswith("sd3") else "sd15"
 
 
 def defaults(preset: str | None, checkpoint: str | None) -> dict:

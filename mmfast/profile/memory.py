@@ -17,7 +17,7 @@ import torch
 
 MARGIN = 0.25  # of the weights: activations, KV cache, allocator workspace
 # Presets a CPU builds in well under a second: estimating them would cost more than building.
-SMALL_PRESETS = frozenset({"tiny", "sd3-tiny", "flux-tiny", "flux2-tiny"})
+SMALL_PRESETS = frozenset({"tiny", "sd3-tiny", "flux-tiny", "flux2-tiny", "wan-tiny"})
 GIB = 2**30
 
 

@@ -9,6 +9,7 @@ Argument errors are ValueErrors whose text starts with the argument (``--backend
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import torch
@@ -77,18 +78,22 @@ def _family(args) -> list[str]:
         return list(vlm.MODELS[args.model].presets)
     if args.kind == "sam":
         return list(reversed(sam.PRESETS))
-    family = ldm.preset_family(args.preset)
-    return [preset for preset in reversed(ldm.PRESETS) if ldm.preset_family(preset) == family]
+    family = ldm.prefix(args.preset)
+    return [preset for preset in reversed(ldm.PRESETS) if ldm.prefix(preset) == family]
 
 
 def _estimate(args, preset: str, dtype: torch.dtype, meta_model=None) -> memory.Estimate:
-    from mmfast.profile import vlm
+    from mmfast.profile import ldm, ldm_wan, vlm
 
     if args.kind == "vlm":
         return memory.estimate_vlm(vlm.MODELS[args.model], preset, dtype, meta_model)
     if args.kind == "sam":
         return memory.estimate_sam(preset, dtype, args.batch)
-    return memory.estimate_ldm(preset, dtype)
+    estimate = memory.estimate_ldm(preset, dtype)
+    if ldm.prefix(preset) == ldm_wan.PREFIX:  # a video's activations grow with its size, not with the weights
+        extra, what = ldm_wan.activation_estimate(preset, dtype, args.batch, args.resolution, args.frames)
+        estimate = dataclasses.replace(estimate, activation_bytes=extra, activations=what)
+    return estimate
 
 
 def _fitting_preset(args, dtype: torch.dtype, free: int) -> str:

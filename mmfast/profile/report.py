@@ -40,6 +40,9 @@ COLUMNS = {
             Column("denoise_s", "denoising", "s", "{:.4g}", True, True),
             Column("it_per_s", "denoising", "it/s", "{:.4g}", False),
             Column("s_per_image", "per image", "s", "{:.4g}", True),
+            # Wan video presets only (mmfast.profile.ldm_wan); a table leaves out what no side has
+            Column("step_s", "denoising per step", "s", "{:.4g}", True),
+            Column("decode_s", "VAE decode", "s", "{:.4g}", True),
             Column("peak_memory_gib", "peak memory", "GiB", "{:.3g}", True)),
     "sam": (Column("encode_s", "image encoder per batch", "s", "{:.4g}", True, True),
             Column("images_per_s", "image embeddings", "/s", "{:.4g}", False),
@@ -69,6 +72,8 @@ def table(results: dict) -> str:
     """One row per figure and side: median, interquartile range, min..max, samples."""
     rows = [["figure", "side", "median", "IQR q1..q3", "min..max", "n"]]
     for column in COLUMNS[results["kind"]]:
+        if not any(column.key in side["metrics"] for side in results["sides"]):
+            continue  # a figure of another model family (the video figures of Wan)
         for index, side in enumerate(results["sides"]):
             label = f"{column.heading} {column.unit} ({column.better})" if index == 0 else ""
             figure = side["metrics"].get(column.key)

@@ -57,11 +57,65 @@ def test_i2v_transformer_with_its_image_context_branch():
 
 
 def test_ti2v_per_token_timesteps():
-    # Wan 2.2 TI2V: timestep [B, T], one modulation per token: the blocks run diffusers'
-    # forward, their attention mmfast's.
+    # Wan 2.2 TI2V: timestep [B, T], one modulation per token, on the fused block too.
     inputs = wan_inputs(batch=2, frames=2, height=4, width=4)
     inputs["timestep"] = torch.linspace(1.0, 900.0, 2 * 8).reshape(2, 8)
-    _check_patch_and_undo(tiny_wan(), inputs)
+    names = _check_patch_and_undo(tiny_wan(), inputs)
+    assert "blocks.0" in names and "blocks.1" in names
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ti2v_per_token_modulation_outputs_and_gradients(backend):
+    """The fused block with temb [B, T, 6, C] (every token its own modulation row) against
+    diffusers' block: output and the gradients of the hidden states, the per-token timestep
+    embedding, the modulation table and the weights (fp32; triton under the interpreter)."""
+    import copy
+
+    from mmfast.nn.wan_transformer import wan_block_forward
+
+    model = tiny_wan()
+    inputs = wan_inputs(batch=2, frames=3, height=2, width=4, seed=5)
+    inputs["timestep"] = torch.linspace(1.0, 900.0, 2 * 6).reshape(2, 6)  # 3 frames x 1 x 2 tokens each
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(zip(("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"), args))
+
+    hook = model.blocks[1].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    assert captured["temb"].shape == (2, 6, 6, 64)  # [B, T, 6, C]: per token
+    block = model.blocks[1]
+    twin = copy.deepcopy(block)
+
+    def run(forward, module):
+        leaves = {k: captured[k].detach().clone().requires_grad_() for k in ("hidden_states", "temb")}
+        out = forward(module, leaves["hidden_states"], captured["encoder_hidden_states"], leaves["temb"],
+                      captured["rotary_emb"])
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        (out * weight).sum().backward()
+        grads = {k: v.grad for k, v in leaves.items()}
+        grads.update({n: p.grad for n, p in module.named_parameters()})
+        return out.detach(), grads
+
+    want, want_grads = run(type(block).forward, block)
+    with mmfast.set_backend(backend):
+        got, got_grads = run(wan_block_forward, twin)
+    torch.testing.assert_close(got, want, **TOL)
+    assert want_grads.keys() == got_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_per_token_modulation_must_match_the_tokens():
+    from mmfast.nn.wan_transformer import wan_block_forward
+
+    model = tiny_wan()
+    block = model.blocks[0]
+    hidden = torch.randn(1, 6, 64)
+    with pytest.raises(ValueError, match=r"temb: per-token modulation \[B, T, 6, C\] must match"):
+        wan_block_forward(block, hidden, torch.randn(1, 3, 16), torch.randn(1, 5, 6, 64), None)
 
 
 def test_fused_projections():

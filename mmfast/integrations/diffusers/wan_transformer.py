@@ -3,12 +3,12 @@ gets an mmfast processor (q/k RMSNorm across heads on ``rms_norm``, the 3D rotar
 ``apply_rotary``, self- and cross-attention, and Wan 2.1 I2V's image-context branch, on
 mmfast attention; see mmfast.nn.wan_transformer), each block's modulations and gated
 residuals are fused (``adaln_modulate``, ``gated_residual``; the cross-attention norm on
-``layer_norm``), and the feed-forward's GELU(tanh) runs in one pass.
+``layer_norm``; Wan 2.2 TI2V's per-token modulation, ``timestep`` [B, T], too), and the
+feed-forward's GELU(tanh) runs in one pass.
 
 Left to diffusers: the patch embedding (a Conv3d), the rotary tables' construction, the
 timestep / text / image embedders, the model's final norm and projection (inline in its
-forward), Wan 2.2 TI2V's per-token modulation (``timestep`` [B, T]: the block runs
-diffusers' forward, its attention still mmfast's), and attention given a mask or
+forward), and attention given a mask or
 diffusers' context parallelism (``_parallel_config``): those calls run diffusers'
 ``WanAttnProcessor``. While patched, the attention backend is mmfast's dispatch (a
 ``set_attention_backend`` choice applies to those diffusers calls only).
