@@ -288,7 +288,8 @@ def run(args, log=print) -> dict:
         ours, reference, description = work.build(args.preset, args.checkpoint, device, dtype,
                                                   estimate and estimate.phases)
         args.resolution = args.resolution or work.default_resolution(ours)
-        options = {"frames": args.frames} if work is ldm_wan else {"preset": args.preset}  # FLUX's prompt length
+        video = {"frames": args.frames} if work is ldm_wan else {}
+        options = video or {"preset": args.preset}  # FLUX's prompt length depends on the preset
         sides = work.sides(ours, reference, args.batch, args.resolution, args.steps, args.guidance, args.cuda_graph,
                            compile_backend, **options)
         one_call = "pt"
