@@ -145,20 +145,17 @@ def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half
     """Load columns offs_d of a [rows, D] tile (rows_ptr: [rows, 1] row pointers); with ROTARY, rotated
     by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
     back to the input dtype."""
-    return _load_prepared(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY,
-                          COS, half, False, False)
+    x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    return _prepare_tile(x, rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY,
+                         COS, half, False, False)
 
 
 @triton.jit
-def _row_rstd(rows_ptr, row_ok, offs_d, offs_t, head_dim: tl.constexpr, eps, HEAD_D1: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of each row of a [rows, D] tile held as the head-dim pieces
-    offs_d and offs_t (ignored when HEAD_D1 = 0), in float32 (as mmfast's rms_norm)."""
-    x = _load_cols(rows_ptr, row_ok, offs_d, head_dim).to(tl.float32)
-    squares = tl.sum(x * x, 1)
-    if HEAD_D1 > 0:
-        x1 = _load_cols(rows_ptr, row_ok, offs_t, head_dim).to(tl.float32)
-        squares += tl.sum(x1 * x1, 1)
-    return 1.0 / tl.sqrt(squares / head_dim + eps)
+def _tile_rstd(x, head_dim: tl.constexpr, eps):
+    """1 / sqrt(mean(x^2) + eps) of each row of a tile that holds the whole head dim (zeros
+    past it), in float32, as mmfast's rms_norm computes it."""
+    xf = x.to(tl.float32)
+    return tl.math.rsqrt(tl.sum(xf * xf, 1) * (1.0 / head_dim) + eps)
 
 
 @triton.jit
@@ -171,12 +168,12 @@ def _normed(x, W, cols, rstd, head_dim, HAS_W: tl.constexpr):
 
 
 @triton.jit
-def _load_prepared(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr,
-                   W, rstd, NORM: tl.constexpr, HAS_W: tl.constexpr):
-    """Columns offs_d of a [rows, D] tile as _load_rotated loads them; with NORM, each row
-    RMS-normalised first (times rstd, then the weight W when HAS_W, rounded to the input
-    dtype: rms_norm's output), then rotated."""
-    x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+def _prepare_tile(x, rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr,
+                  W, rstd, NORM: tl.constexpr, HAS_W: tl.constexpr):
+    """x, the columns offs_d of a [rows, D] tile loaded from rows_ptr, prepared for the dots:
+    with NORM, RMS-normalised (times the per-row rstd, then the weight W when HAS_W,
+    rounded to the input dtype: rms_norm's output), then with ROTARY rotated (the partner
+    columns loaded again, normalised alike)."""
     if NORM:
         x = _normed(x, W, offs_d, rstd, head_dim, HAS_W)
     if ROTARY:
@@ -293,14 +290,13 @@ def _attention_fwd_block(
     offs_quad = tl.arange(0, BLOCK_N // 4)  # dropout: a Philox call per 4 keys
     Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt
     q_table = b64 * stride_cb + rows_q[:, None] * stride_ct
-    offs_t = offs_d
-    if HEAD_D1 > 0:
-        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
-    # QK_NORM: the q tile RMS-normalised over the whole head dim (both pieces), then rotated.
-    q_rstd = m_ok.to(tl.float32)
-    if QK_NORM:
-        q_rstd = _row_rstd(Q_rows, m_ok, offs_d, offs_t, head_dim, norm_eps, HEAD_D1)
-    q = _load_prepared(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY, QW, q_rstd, QK_NORM, HAS_QW)
+    if QK_NORM:  # the q tile RMS-normalised over the head dim (one piece: the launcher checked), then rotated
+        tl.static_assert(HEAD_D1 == 0, "QK_NORM on load needs the head dim in one piece")
+        q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+        q = _prepare_tile(q, Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY,
+                          QW, _tile_rstd(q, head_dim, norm_eps), True, HAS_QW)
+    else:
+        q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
     K_head = K + b64 * stride_kb + hk * stride_kh
     V_head = V + b64 * stride_vb + hk * stride_vh
 
@@ -308,8 +304,8 @@ def _attention_fwd_block(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_D0), dtype=tl.float32)
     if HEAD_D1 > 0:
-        q1 = _load_prepared(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY, QW, q_rstd, QK_NORM,
-                            HAS_QW)
+        offs_t = HEAD_D0 + tl.arange(0, HEAD_D1)
+        q1 = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_t, head_dim, half, ROTARY)
         acc1 = tl.zeros((BLOCK_M, HEAD_D1), dtype=tl.float32)
     lo, hi = _key_range(m_first, m_first + BLOCK_M, len_q, len_k, window_left, window_right,
                         HAS_LEFT, HAS_RIGHT, BLOCK_N)
@@ -386,14 +382,15 @@ def _attention_rotate_kernel(
         ok = offs_t < length
         rows = (start + offs_t).to(tl.int64)[:, None]
         X_rows = X + b64 * stride_xb + h * stride_xh + rows * stride_xt
+        x = _load_cols(X_rows, ok, offs_d, head_dim)
         rstd = ok.to(tl.float32)
         if NORM:  # the whole head dim is in the tile (BLOCK_D >= head_dim)
-            rstd = _row_rstd(X_rows, ok, offs_d, offs_d, head_dim, norm_eps, 0)
+            rstd = _tile_rstd(x, head_dim, norm_eps)
             if STORE_RSTD:
                 tl.store(RSTD + b64 * stride_rb + h * stride_rh + (start + offs_t).to(tl.int64) * stride_rt, rstd,
                          mask=ok)
-        x = _load_prepared(X_rows, ok, b64 * stride_cb + rows * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY,
-                           W, rstd, NORM, HAS_W)
+        x = _prepare_tile(x, X_rows, ok, b64 * stride_cb + rows * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY,
+                          W, rstd, NORM, HAS_W)
         _store_cols(Y + b64 * stride_yb + h * stride_yh + rows * stride_yt, x, ok, offs_d, head_dim)
 
 
@@ -1025,10 +1022,17 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
     q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, head_dim)
+    skip_rot = skip_up_to if skip_up_to is not None else (-1, -1)
+    q_on_load = qk_norm is None or head_dim_pieces(head_dim)[1] == 0
     if cos is not None or qk_norm is not None:  # q tiles are prepared on load; k is read prepared
-        k = _rotated(k, True, layout, cu_q, cu_k, q.shape[-3], k.shape[-3],
-                     skip_up_to if skip_up_to is not None else (-1, -1), rotary,
+        k = _rotated(k, True, layout, cu_q, cu_k, q.shape[-3], k.shape[-3], skip_rot, rotary,
                      None if qk_norm is None else (k_weight, norm_eps, None))
+    if not q_on_load:
+        # Head dims in two pieces (72, 80): normalising q on load spilled on sm_90a (96 B at
+        # 128 x 32 tiles), so the pass that prepares k prepares q too, and the kernel reads it.
+        q = _rotated(q, False, layout, cu_q, cu_k, q.shape[-3], k.shape[-3], skip_rot, rotary,
+                     (q_weight, norm_eps, None))
+        cos, qk_norm = None, None
     pieces = _pieces(head_dim, q, k, v, out)
     for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
             grid_q, main, False, varlen, skip_up_to, q.device):
@@ -1041,7 +1045,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
             *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip, first,
             norm_eps if norm_eps is not None else 0.0,
             VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-            DROPOUT=dropout_p > 0, QK_NORM=qk_norm is not None, HAS_QW=q_weight is not None,
+            DROPOUT=dropout_p > 0, QK_NORM=qk_norm is not None, HAS_QW=qk_norm is not None and q_weight is not None,
             PRECISION=_precision(q.dtype),
             LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **pieces,
             num_warps=num_warps, num_stages=num_stages,
