@@ -38,6 +38,16 @@ copies of q and k the same way, and turns dq and dk (gradients wrt the rotated q
 with the transpose (sin negated) before the store; there the partner columns come from
 a register gather of the accumulator's pieces.
 
+QK norm (QK_NORM=True, ``qk_norm`` in the launchers): every head of q and k RMS-normalised
+over D before the rotation, as a separate rms_norm pass would store it:
+    x_n = x / sqrt(mean(x^2) + eps) * w      (float32, rounded to the input dtype)
+The forward normalises its q tile as it loads it, when the head dim is one piece (the
+whole row is in the tile); at head dims in two pieces (72, 80) that spilled on sm_90a, so
+there q, like k always, is normalised (and rotated) by _attention_rotate_kernel before
+the launch. The backward's copies of q and k are normalised before they are rotated, the
+pass keeping 1 / rms of each row; the kernels then give dq, dk wrt the normalised q, k,
+and the RMSNorm backward (kernels/norm.py) maps them to the raw q, k and the weights.
+
 Dropout (DROPOUT=True; attention_dropout.py): each score tile regenerates its keep-mask Z
 (kept entries 1 / (1 - p), others 0) from the seed; the forward accumulates acc with
 p Z (l, hence lse, sums the undropped p), and the backward uses
