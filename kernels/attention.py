@@ -696,8 +696,8 @@ def _attention_fwd_kernel(
                 stride_lb, stride_lh, stride_cb, stride_ct,
                 seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
                 drop_threshold, keep_scale, tokens_q, tokens_k, norm_eps,
-                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
-                ROW_ALIGN,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N,
+                HEAD_D0, HEAD_D1, ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_fwd_block(
@@ -707,8 +707,8 @@ def _attention_fwd_kernel(
             stride_lb, stride_lh, stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
             drop_threshold, keep_scale, tokens_q, tokens_k, norm_eps,
-            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
-            ROW_ALIGN,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N,
+            HEAD_D0, HEAD_D1, ROW_ALIGN,
         )
 
 
@@ -955,7 +955,8 @@ def _rotated(x, by_keys: bool, layout: tuple, cu_q, cu_k, tokens_q: int, tokens_
         grid0 = 1 if skip != (-1, -1) else triton.cdiv(grid_k if by_keys else grid_q, BLOCK_T)
         rstd_strides = (0, 0, 0) if rstd is None else _row_strides(rstd, varlen)
         _attention_rotate_kernel[(grid0, batch, x.shape[-2])](
-            x, y, cu_q, cu_k, table_cos, table_sin, weight if weight is not None else x, rstd if rstd is not None else x,
+            x, y, cu_q, cu_k, table_cos, table_sin, weight if weight is not None else x,
+            rstd if rstd is not None else x,
             *_strides(x, varlen), *_strides(y, varlen), stride_cb, stride_ct, *rstd_strides,
             seqlen_q, seqlen_k, tokens_q, tokens_k, *skip, x.shape[-1], half, eps,
             VARLEN=varlen, BY_KEYS=by_keys, ROTARY=half > 0, NORM=norm is not None, HAS_W=weight is not None,
