@@ -53,6 +53,7 @@ HEADLINE = {
     "vae": "sd15-512-float16",
     "wan_vae_norm": "wan-rms-silu-fwd-1x96x4x480x832-bfloat16",  # the decoder's widest norm input
     "sam_encoder_attention": "vit-h-encoder-fwd-b1-1024px-bf16",  # issue 19: SAM ViT-H encoder vs sdpa
+    "joint_attention_rotary": "flux-fwd+bwd-4608tok-h24-d128-bf16",  # issue 20: q/k norm + rotary fused
     # issue 20: the real widths and tokens with a few of the blocks (the whole models run in
     # the rest stage), and the Wan VAE on 9 frames (33 in the rest stage)
     "flux_transformer_step": "flux1-dev-1024px-2+4blocks",

@@ -38,6 +38,16 @@ copies of q and k the same way, and turns dq and dk (gradients wrt the rotated q
 with the transpose (sin negated) before the store; there the partner columns come from
 a register gather of the accumulator's pieces.
 
+QK norm (QK_NORM=True, ``qk_norm`` in the launchers): every head of q and k RMS-normalised
+over D before the rotation, as a separate rms_norm pass would store it:
+    x_n = x / sqrt(mean(x^2) + eps) * w      (float32, rounded to the input dtype)
+The forward normalises its q tile as it loads it, when the head dim is one piece (the
+whole row is in the tile); at head dims in two pieces (72, 80) that spilled on sm_90a, so
+there q, like k always, is normalised (and rotated) by _attention_rotate_kernel before
+the launch. The backward's copies of q and k are normalised before they are rotated, the
+pass keeping 1 / rms of each row; the kernels then give dq, dk wrt the normalised q, k,
+and the RMSNorm backward (kernels/norm.py) maps them to the raw q, k and the weights.
+
 Dropout (DROPOUT=True; attention_dropout.py): each score tile regenerates its keep-mask Z
 (kept entries 1 / (1 - p), others 0) from the seed; the forward accumulates acc with
 p Z (l, hence lse, sums the undropped p), and the backward uses
@@ -59,6 +69,7 @@ import triton.language as tl
 from ._head_dim import head_dim_pieces, row_align
 from ._launch import dense, empty, unit_last
 from .attention_dropout import dropout_keep
+from .norm import norm_bwd
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -145,10 +156,42 @@ def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half
     by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
     back to the input dtype."""
     x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    return _prepare_tile(x, rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY,
+                         COS, half, False, False)
+
+
+@triton.jit
+def _tile_rstd(x, head_dim: tl.constexpr, eps):
+    """1 / sqrt(mean(x^2) + eps) of each row of a tile that holds the whole head dim (zeros
+    past it), in float32, as mmfast's rms_norm computes it."""
+    xf = x.to(tl.float32)
+    return tl.math.rsqrt(tl.sum(xf * xf, 1) * (1.0 / head_dim) + eps)
+
+
+@triton.jit
+def _normed(x, W, cols, rstd, head_dim, HAS_W: tl.constexpr):
+    """x * rstd (per row) * W[cols], in float32, rounded to x's dtype as rms_norm stores it."""
+    y = x.to(tl.float32) * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=cols < head_dim, other=0.0).to(tl.float32)[None, :]
+    return y.to(x.dtype)
+
+
+@triton.jit
+def _prepare_tile(x, rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY: tl.constexpr,
+                  W, rstd, NORM: tl.constexpr, HAS_W: tl.constexpr):
+    """x, the columns offs_d of a [rows, D] tile loaded from rows_ptr, prepared for the dots:
+    with NORM, RMS-normalised (times the per-row rstd, then the weight W when HAS_W,
+    rounded to the input dtype: rms_norm's output), then with ROTARY rotated (the partner
+    columns loaded again, normalised alike)."""
+    if NORM:
+        x = _normed(x, W, offs_d, rstd, head_dim, HAS_W)
     if ROTARY:
         in_rot, first, pair, partner = _rotary_columns(offs_d, half)
         rot_mask = row_ok[:, None] & in_rot[None, :]
         x_partner = tl.load(rows_ptr + partner[None, :], mask=rot_mask, other=0.0)
+        if NORM:
+            x_partner = _normed(x_partner, W, partner, rstd, head_dim, HAS_W)
         at = table_rows + pair[None, :]
         cos = tl.load(COS + at, mask=rot_mask, other=1.0).to(tl.float32)
         sin = tl.load(SIN + at, mask=rot_mask, other=0.0).to(tl.float32)
@@ -220,16 +263,16 @@ def _rotate_back(acc0, acc1, row_ok, table_rows, COS, SIN, offs_d, offs_t, half,
 
 @triton.jit
 def _attention_fwd_block(
-    pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+    pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, QW,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, half,
-    drop_threshold, keep_scale, tokens_q, tokens_k,
+    drop_threshold, keep_scale, tokens_q, tokens_k, norm_eps,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, QK_NORM: tl.constexpr, HAS_QW: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr, HEAD_D1: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
 ):
@@ -257,7 +300,13 @@ def _attention_fwd_block(
     offs_quad = tl.arange(0, BLOCK_N // 4)  # dropout: a Philox call per 4 keys
     Q_rows = Q + b64 * stride_qb + h * stride_qh + rows_q[:, None] * stride_qt
     q_table = b64 * stride_cb + rows_q[:, None] * stride_ct
-    q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
+    if QK_NORM:  # the q tile RMS-normalised over the head dim (one piece: the launcher checked), then rotated
+        tl.static_assert(HEAD_D1 == 0, "QK_NORM on load needs the head dim in one piece")
+        q = _load_cols(Q_rows, m_ok, offs_d, head_dim)
+        q = _prepare_tile(q, Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY,
+                          QW, _tile_rstd(q, head_dim, norm_eps), True, HAS_QW)
+    else:
+        q = _load_rotated(Q_rows, m_ok, q_table, COS, SIN, offs_d, head_dim, half, ROTARY)
     K_head = K + b64 * stride_kb + hk * stride_kh
     V_head = V + b64 * stride_vb + hk * stride_vh
 
@@ -313,17 +362,21 @@ def _attention_fwd_block(
 
 @triton.jit
 def _attention_rotate_kernel(
-    X, Y, CU_Q, CU_K, COS, SIN,
+    X, Y, CU_Q, CU_K, COS, SIN, W, RSTD,
     stride_xb, stride_xt, stride_xh, stride_yb, stride_yt, stride_yh, stride_cb, stride_ct,
-    seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q, fit_k, head_dim: tl.constexpr, half,
-    VARLEN: tl.constexpr, BY_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_rb, stride_rt, stride_rh,
+    seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q, fit_k, head_dim: tl.constexpr, half, norm_eps,
+    VARLEN: tl.constexpr, BY_KEYS: tl.constexpr, ROTARY: tl.constexpr, NORM: tl.constexpr,
+    HAS_W: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Y = X rotated, for the tokens of segment b = program_id(1) (of k's segments with
-    BY_KEYS, else q's; cu_seqlens clamped as in _segment), token t by table row
-    b * stride_cb + t * stride_ct as the main kernels index it, rounded to X's dtype: the
-    tiles the forward rotated as it loaded them. Programs loop over the segment's blocks
-    (a grid stride apart), so no max_seqlen leaves a token unrotated; segments the
-    short-segment kernel took (lengths <= fit_q, fit_k) are skipped."""
+    """Y = X prepared as the forward prepares its q tiles on load: with NORM, RMS-normalised
+    per head (weight W when HAS_W; 1 / rms stored to RSTD, [B, T, H] by its strides, with
+    STORE_RSTD), then with ROTARY rotated; for the tokens of segment b = program_id(1) (of
+    k's segments with BY_KEYS, else q's; cu_seqlens clamped as in _segment), token t by
+    table row b * stride_cb + t * stride_ct as the main kernels index it, rounded to X's
+    dtype. Programs loop over the segment's blocks (a grid stride apart), so no max_seqlen
+    leaves a token unprepared; segments the short-segment kernel took (lengths <= fit_q,
+    fit_k) are skipped."""
     b = tl.program_id(1)
     b64 = b.to(tl.int64)
     h = tl.program_id(2)
@@ -338,8 +391,16 @@ def _attention_rotate_kernel(
         offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
         ok = offs_t < length
         rows = (start + offs_t).to(tl.int64)[:, None]
-        x = _load_rotated(X + b64 * stride_xb + h * stride_xh + rows * stride_xt, ok,
-                          b64 * stride_cb + rows * stride_ct, COS, SIN, offs_d, head_dim, half, True)
+        X_rows = X + b64 * stride_xb + h * stride_xh + rows * stride_xt
+        x = _load_cols(X_rows, ok, offs_d, head_dim)
+        rstd = ok.to(tl.float32)
+        if NORM:  # the whole head dim is in the tile (BLOCK_D >= head_dim)
+            rstd = _tile_rstd(x, head_dim, norm_eps)
+            if STORE_RSTD:
+                tl.store(RSTD + b64 * stride_rb + h * stride_rh + (start + offs_t).to(tl.int64) * stride_rt, rstd,
+                         mask=ok)
+        x = _prepare_tile(x, X_rows, ok, b64 * stride_cb + rows * stride_ct, COS, SIN, offs_d, head_dim, half, ROTARY,
+                          W, rstd, NORM, HAS_W)
         _store_cols(Y + b64 * stride_yb + h * stride_yh + rows * stride_yt, x, ok, offs_d, head_dim)
 
 
@@ -610,7 +671,7 @@ def _blocks_to_run(CU_Q, CU_K, b, seqlen_q, seqlen_k, tokens_q, tokens_k, fit_q,
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+    Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, QW,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -618,9 +679,9 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_cb, stride_ct,
     seqlen_q, seqlen_k, head_dim: tl.constexpr, group, scale_log2, window_left, window_right, half,
     drop_threshold, keep_scale, tokens_q, tokens_k, fit_q, fit_k,
-    first_block,
+    first_block, norm_eps,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ROTARY: tl.constexpr,
-    DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, QK_NORM: tl.constexpr, HAS_QW: tl.constexpr, PRECISION: tl.constexpr,
     LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D0: tl.constexpr,
     HEAD_D1: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
@@ -629,25 +690,25 @@ def _attention_fwd_kernel(
                                 fit_q, fit_k, VARLEN, False, BLOCK_M)
         for pid_m in range(first_block + tl.program_id(0), blocks, tl.num_programs(0)):
             _attention_fwd_block(
-                pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+                pid_m, Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, QW,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                 stride_lb, stride_lh, stride_cb, stride_ct,
                 seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
-                drop_threshold, keep_scale, tokens_q, tokens_k,
-                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
-                ROW_ALIGN,
+                drop_threshold, keep_scale, tokens_q, tokens_k, norm_eps,
+                VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N,
+                HEAD_D0, HEAD_D1, ROW_ALIGN,
             )
     else:  # the main pass: one block per program, the grid sized by max_seqlen
         _attention_fwd_block(
-            tl.program_id(0), Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED,
+            tl.program_id(0), Q, K, V, O, LSE, CU_Q, CU_K, COS, SIN, SEED, QW,
             stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
             stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
             stride_lb, stride_lh, stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, group, scale_log2, window_left, window_right, half,
-            drop_threshold, keep_scale, tokens_q, tokens_k,
-            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, HEAD_D0, HEAD_D1,
-            ROW_ALIGN,
+            drop_threshold, keep_scale, tokens_q, tokens_k, norm_eps,
+            VARLEN, HAS_LEFT, HAS_RIGHT, ROTARY, DROPOUT, QK_NORM, HAS_QW, PRECISION, BLOCK_M, BLOCK_N,
+            HEAD_D0, HEAD_D1, ROW_ALIGN,
         )
 
 
@@ -875,27 +936,48 @@ def _rotary_args(q, cos, sin, table_seg_stride: int | None = None) -> tuple:
     return cos, sin, batch_stride, cos.stride(-2), cos.shape[-1]
 
 
-def _rotated(x, by_keys: bool, layout: tuple, cu_q, cu_k, tokens_q: int, tokens_k: int, skip, rotary: tuple
-             ) -> torch.Tensor:
-    """x (q, or k with ``by_keys``; [T, H, D] packed, [B, T, H, D] padded) rotated by the
-    tables, as the forward's fused rotation rounds it, for the tokens of the segments the
-    kernels read (others are left unwritten: no kernel reads them). The kernels read these
-    copies: rotating every k tile in their inner loops spilled registers
-    (scripts/sm90_attention_resources.py). ``layout``: :func:`_layout`'s; ``skip``: the
-    (fit_q, fit_k) the kernels skip; ``rotary``: :func:`_rotary_args`'s."""
+def _rotated(x, by_keys: bool, layout: tuple, cu_q, cu_k, tokens_q: int, tokens_k: int, skip, rotary: tuple,
+             norm: tuple | None = None) -> torch.Tensor:
+    """x (q, or k with ``by_keys``; [T, H, D] packed, [B, T, H, D] padded) as the forward's
+    fused load prepares it: RMS-normalised per head with ``norm`` = (weight or None, eps,
+    rstd or None: a float32 tensor shaped like x without its last dim, given 1 / rms of
+    each row), then rotated by the tables (when ``rotary`` has any: its half > 0), for the
+    tokens of the segments the kernels read (others are left unwritten: no kernel reads
+    them). The kernels read these copies: rotating every k tile in their inner loops
+    spilled registers (scripts/sm90_attention_resources.py). ``layout``: :func:`_layout`'s;
+    ``skip``: the (fit_q, fit_k) the kernels skip; ``rotary``: :func:`_rotary_args`'s."""
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = layout
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
+    weight, eps, rstd = norm if norm is not None else (None, 0.0, None)
     y = empty(x.shape, dtype=x.dtype, device=x.device)
     BLOCK_T = 32
     if y.numel() and batch:
         grid0 = 1 if skip != (-1, -1) else triton.cdiv(grid_k if by_keys else grid_q, BLOCK_T)
+        rstd_strides = (0, 0, 0) if rstd is None else _row_strides(rstd, varlen)
         _attention_rotate_kernel[(grid0, batch, x.shape[-2])](
-            x, y, cu_q, cu_k, table_cos, table_sin, *_strides(x, varlen), *_strides(y, varlen), stride_cb, stride_ct,
-            seqlen_q, seqlen_k, tokens_q, tokens_k, *skip, x.shape[-1], half,
-            VARLEN=varlen, BY_KEYS=by_keys, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(x.shape[-1]),
+            x, y, cu_q, cu_k, table_cos, table_sin, weight if weight is not None else x,
+            rstd if rstd is not None else x,
+            *_strides(x, varlen), *_strides(y, varlen), stride_cb, stride_ct, *rstd_strides,
+            seqlen_q, seqlen_k, tokens_q, tokens_k, *skip, x.shape[-1], half, eps,
+            VARLEN=varlen, BY_KEYS=by_keys, ROTARY=half > 0, NORM=norm is not None, HAS_W=weight is not None,
+            STORE_RSTD=rstd is not None, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(x.shape[-1]),
             num_warps=8,  # 4 spilled at head dim 72 (BLOCK_D 128) on sm_90a
         )
     return y
+
+
+def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a per-row tensor ([T, H] packed, [B, T, H] padded)."""
+    return (0, *t.stride()) if varlen else t.stride()
+
+
+def _qk_norm_args(qk_norm, head_dim: int) -> tuple:
+    """(q weight, k weight, eps) with the weights made contiguous (the kernels read them as
+    flat [D] arrays), or (None, None, None) without qk_norm."""
+    if qk_norm is None:
+        return None, None, None
+    q_weight, k_weight, eps = qk_norm
+    return dense(q_weight), dense(k_weight), float(eps)
 
 
 def _dropout_args(dropout_p: float) -> tuple[int, float]:
@@ -911,7 +993,7 @@ def _precision(dtype: torch.dtype) -> str:
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                   window_left: int, window_right: int, scale: float, cos=None, sin=None,
                   seed=None, dropout_p: float = 0.0, skip_up_to: tuple[int, int] | None = None,
-                  into: tuple | None = None, table_seg_stride: int | None = None):
+                  into: tuple | None = None, table_seg_stride: int | None = None, qk_norm: tuple | None = None):
     """Launch the forward kernel. Returns (out, lse): out like q (contiguous), lse float32
     [Hq, Tq] packed or [B, Hq, Tq] padded. q, k, v get a contiguous last dim if they lack one.
 
@@ -927,6 +1009,9 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     k then have the same tokens, and table row t rotates token t of both.
     ``seed`` (int64 [2] on the device) and ``dropout_p`` > 0: attention-probability
     dropout (kernels/attention_dropout.py); out is the dropped output, lse is unaffected.
+    ``qk_norm`` = (q weight or None, k weight or None, eps): q and k RMS-normalised per
+    head (over D, times the weight) before the rotation, q tiles as they are loaded, k by
+    the pass that rotates it.
     """
     layout = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     varlen, batch, seqlen_q, seqlen_k, grid_q, _ = layout
@@ -947,20 +1032,32 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     cu_k = cu_seqlens_k if varlen else q
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
-    if cos is not None:  # the kernel rotates q tiles as it loads them, and reads a rotated k
-        k = _rotated(k, True, layout, cu_q, cu_k, q.shape[-3], k.shape[-3],
-                     skip_up_to if skip_up_to is not None else (-1, -1), rotary)
+    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, head_dim)
+    skip_rot = skip_up_to if skip_up_to is not None else (-1, -1)
+    q_on_load = qk_norm is None or head_dim_pieces(head_dim)[1] == 0
+    if cos is not None or qk_norm is not None:  # q tiles are prepared on load; k is read prepared
+        k = _rotated(k, True, layout, cu_q, cu_k, q.shape[-3], k.shape[-3], skip_rot, rotary,
+                     None if qk_norm is None else (k_weight, norm_eps, None))
+    if not q_on_load:
+        # Head dims in two pieces (72, 80): normalising q on load spilled on sm_90a (96 B at
+        # 128 x 32 tiles), so the pass that prepares k prepares q too, and the kernel reads it.
+        q = _rotated(q, False, layout, cu_q, cu_k, q.shape[-3], k.shape[-3], skip_rot, rotary,
+                     (q_weight, norm_eps, None))
+        cos, qk_norm = None, None
     pieces = _pieces(head_dim, q, k, v, out)
     for grid0, first, loop, (BLOCK_M, BLOCK_N, num_warps, num_stages), skip in _passes(
             grid_q, main, False, varlen, skip_up_to, q.device):
         _attention_fwd_kernel[(grid0, batch, heads)](
             q, k, v, out, lse, cu_q, cu_k, table_cos, table_sin, seed if seed is not None else cu_q,
+            q_weight if q_weight is not None else q,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             *_lse_strides(lse, varlen), stride_cb, stride_ct,
             seqlen_q, seqlen_k, head_dim, heads // k.shape[-2], scale * LOG2E, window_left, window_right, half,
             *_dropout_args(dropout_p), q.shape[-3], k.shape[-3], *skip, first,
+            norm_eps if norm_eps is not None else 0.0,
             VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0, ROTARY=cos is not None,
-            DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
+            DROPOUT=dropout_p > 0, QK_NORM=qk_norm is not None, HAS_QW=qk_norm is not None and q_weight is not None,
+            PRECISION=_precision(q.dtype),
             LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, **pieces,
             num_warps=num_warps, num_stages=num_stages,
         )
@@ -971,8 +1068,10 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
                   max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int,
                   scale: float, cos=None, sin=None, seed=None, dropout_p: float = 0.0,
                   skip_up_to: tuple[int, int] | None = None, into: tuple | None = None,
-                  table_seg_stride: int | None = None):
-    """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v.
+                  table_seg_stride: int | None = None, qk_norm: tuple | None = None):
+    """Launch the backward kernels. Returns (dq, dk, dv) in the dtypes and shapes of q, k, v;
+    with ``qk_norm`` (as in :func:`attention_fwd`), (dq, dk, dv, dq_weight, dk_weight), the
+    weight gradients float32 [D] (empty for a weight that is None).
 
     ``dlse`` is the gradient of lse, or None. Three launches: delta = rowsum(dO * O) - dLSE,
     then dK/dV (over query blocks) and dQ (over key blocks); no atomics. With rotary tables
@@ -981,6 +1080,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     With ``seed`` and ``dropout_p`` (those of the forward) the kernels regenerate its mask.
     cu_seqlens, max_seqlen, ``skip_up_to``, ``table_seg_stride`` as in
     :func:`attention_fwd`; ``into``: (dq, dk, dv) to write into.
+    With ``qk_norm`` the copies are normalised before they are rotated (their 1 / rms kept),
+    the kernels give the gradients wrt the normalised q and k, and the RMSNorm backward
+    (kernels/norm.py) maps them to the raw q, k and the weights.
     """
     layout = _layout(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     varlen, batch, seqlen_q, seqlen_k, grid_q, grid_k = layout
@@ -995,7 +1097,11 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
         dq, dk, dv = into
     if batch == 0 or heads == 0 or q.numel() == 0 or k.numel() == 0:
         # Nothing attends: every gradient is zero (and must be written).
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        zeros = (dq.zero_(), dk.zero_(), dv.zero_())
+        if qk_norm is None:
+            return zeros
+        return zeros + tuple(torch.zeros(w.shape if w is not None else (0,), dtype=torch.float32, device=q.device)
+                             for w in qk_norm[:2])
     delta = empty(lse.shape, dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(head_dim)
     cu_q = cu_seqlens_q if varlen else q
@@ -1003,11 +1109,21 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     lse_strides = _lse_strides(lse, varlen)
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
-    if cos is not None:  # the kernels read rotated copies and rotate dq, dk back (see _rotated)
+    raw_q, raw_k = q, k
+    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, head_dim)
+    if qk_norm is not None:
+        # 1 / rms of each row of q and k, for the norm backward; rows of no segment keep 0
+        # (no gradient reaches them through the norm).
+        rstd_q = torch.zeros(q.shape[:-1], dtype=torch.float32, device=q.device)
+        rstd_k = torch.zeros(k.shape[:-1], dtype=torch.float32, device=k.device)
+    if cos is not None or qk_norm is not None:
+        # The kernels read prepared copies and rotate dq, dk back (see _rotated).
         skip_rot = skip_up_to if skip_up_to is not None else (-1, -1)
         tokens_q, tokens_k = q.shape[-3], k.shape[-3]
-        q = _rotated(q, False, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary)
-        k = _rotated(k, True, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary)
+        q = _rotated(q, False, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary,
+                     None if qk_norm is None else (q_weight, norm_eps, rstd_q))
+        k = _rotated(k, True, layout, cu_q, cu_k, tokens_q, tokens_k, skip_rot, rotary,
+                     None if qk_norm is None else (k_weight, norm_eps, rstd_k))
     flags = dict(VARLEN=varlen, HAS_LEFT=window_left >= 0, HAS_RIGHT=window_right >= 0,
                  ROTARY=cos is not None, DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype),
                  **_pieces(head_dim, q, k, v, do, dq, dk, dv))
@@ -1041,4 +1157,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
             *sizes, *skip, first, **flags, LOOP=loop, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
             num_warps=num_warps, num_stages=num_stages,
         )
-    return dq, dk, dv
+    if qk_norm is None:
+        return dq, dk, dv
+    # dq, dk are wrt the normalised q, k: through the RMSNorm backward to the raw ones.
+    dq, dq_weight, _ = norm_bwd(dq, raw_q, q_weight, False, None, rstd_q, None, True)
+    dk, dk_weight, _ = norm_bwd(dk, raw_k, k_weight, False, None, rstd_k, None, True)
+    return dq, dk, dv, dq_weight, dk_weight

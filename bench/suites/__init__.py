@@ -13,6 +13,7 @@ _MODULES = {
     "norm": "mmfast.bench.suites.norm",
     "attention": "mmfast.bench.suites.attention",
     "qwen_window_attention": "mmfast.bench.suites.qwen_window_attention",
+    "joint_attention_rotary": "mmfast.bench.suites.joint_attention_rotary",
     "cross_attention": "mmfast.bench.suites.cross_attention",
     "activation": "mmfast.bench.suites.activation",
     "patch_embed": "mmfast.bench.suites.patch_embed",

@@ -225,6 +225,24 @@ def _attention_padded(batch: int, seqlen: int, heads: int, head_dim: int, dlse: 
     return run
 
 
+def _attention_qk_norm(batch: int, segments: int, seqlen: int, heads: int, kv_heads: int, head_dim: int,
+                       rotary: bool, causal: bool = False):
+    """Per-head q/k RMSNorm inside the attention kernels (qk_norm, weights [D]), before the
+    fused rotary: padded with batch > 0, else packed in ``segments``."""
+    def run(dtype):
+        from mmfast.kernels import attention as a
+        lead = (batch, seqlen) if batch else (segments * seqlen,)
+        q = tensor(*lead, heads, head_dim, dtype=dtype)
+        k = tensor(*lead, kv_heads, head_dim, dtype=dtype)
+        cu = None if batch else _cu(segments)
+        cos = tensor(lead[-1], head_dim // 2, dtype=torch.float32) if rotary else None
+        norm = (tensor(head_dim, dtype=dtype), tensor(head_dim, dtype=dtype), 1e-6)
+        right = 0 if causal else -1
+        o, lse = a.attention_fwd(q, k, k, cu, cu, seqlen, seqlen, -1, right, 0.1, cos, cos, qk_norm=norm)
+        a.attention_bwd(q, q, k, k, o, lse, None, cu, cu, seqlen, seqlen, -1, right, 0.1, cos, cos, qk_norm=norm)
+    return run
+
+
 def _attention_short(segments: int, seqlen: int, heads: int, head_dim: int, rotary: bool,
                      dropout: float = 0.0):
     def run(dtype):
@@ -348,6 +366,19 @@ def all_cases() -> list[Case]:
              _attn_dims(1024, 1024, 64, 4)))
     add(Case("attention", "SD3 B2 4250 H24 D64", _attention_padded(2, 4250, 24, 64), _attn_dims(4250, 4250, 64, 2)))
     add(Case("attention", "FLUX B1 4608 H24 D128", _attention_padded(1, 4608, 24, 128), _attn_dims(4608, 4608, 128)))
+    # q/k RMSNorm fused before the rotary (qk_norm): FLUX single-stream / FLUX.2 (4096 image +
+    # 512 text tokens, 3-axis table), SD3.5 (no rotary), the Qwen3 LM (causal, GQA), and the
+    # two-piece head dims 80 / 72 (Qwen-VL-like towers).
+    add(Case("attention_qk_norm", "FLUX B1 4608 H24 D128 rotary", _attention_qk_norm(1, 0, 4608, 24, 24, 128, True),
+             _attn_dims(4608, 4608, 128), quick=True))
+    add(Case("attention_qk_norm", "SD3.5 B2 4250 H24 D64", _attention_qk_norm(2, 0, 4250, 24, 24, 64, False),
+             _attn_dims(4250, 4250, 64, 2)))
+    add(Case("attention_qk_norm", "Qwen3 causal 4096 H32/8 D128 rotary",
+             _attention_qk_norm(0, 1, 4096, 32, 8, 128, True, causal=True), _attn_dims(4096, 4096, 128)))
+    add(Case("attention_qk_norm", "packed 9216 H16 D80 rotary", _attention_qk_norm(0, 1, 9216, 16, 16, 80, True),
+             _attn_dims(9216, 9216, 80)))
+    add(Case("attention_qk_norm", "packed 4096 H16 D72 rotary", _attention_qk_norm(0, 1, 4096, 16, 16, 72, True),
+             _attn_dims(4096, 4096, 72)))
     for head_dim, side in ((40, 64), (80, 32), (160, 16)):   # SD1.5 UNet self-attention
         add(Case("attention", f"SD1.5 self B2 {side * side} H8 D{head_dim}",
                  _attention_padded(2, side * side, 8, head_dim), _attn_dims(side * side, side * side, head_dim, 2)))

@@ -1,7 +1,11 @@
 """FLUX joint attention (diffusers ``FluxAttention``, ``Flux2Attention``,
-``Flux2ParallelSelfAttention``) on mmfast ops: per-head q/k RMSNorm on ``rms_norm``, the
-3-axis rotary table applied inside the attention kernel, attention over the text tokens
-followed by the image tokens.
+``Flux2ParallelSelfAttention``) on mmfast ops: the 3-axis rotary table (a per-token table:
+each token's row holds its 3 axes' angles) applied inside the attention kernel, attention
+over the text tokens followed by the image tokens. The per-head q/k RMSNorm runs inside the
+attention kernels too (``attention(qk_norm=)``) where one stream's q and k are attended
+(single-stream blocks, FLUX.2's parallel blocks, a double-stream block without its text);
+double-stream blocks normalise text and image tokens with different weights, so they run
+``rms_norm`` first.
 
 Rotary layout. diffusers builds FLUX's table (``FluxPosEmbed``) full width, [T, D], each
 axis' angles repeated in place (``repeat_interleave``), and rotates interleaved pairs
@@ -30,17 +34,23 @@ from mmfast.ops.attention import attention
 from mmfast.ops.norm import rms_norm
 
 
-def head_rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(x)`` for a torch ``nn.RMSNorm`` over the head dim, on mmfast's rms_norm.
-    Anything else (hooked, another class, a weight of another dtype: torch's own
-    promotion rules) runs as it is."""
+def plain_head_norm(norm: nn.Module, x: Tensor) -> tuple[Tensor | None, float] | None:
+    """(weight, eps) of a torch ``nn.RMSNorm`` over the head dim that mmfast's rms_norm
+    computes as torch does; None for anything else (hooked, another class, a weight of
+    another dtype: torch's own promotion rules)."""
     if type(norm) is not nn.RMSNorm or norm._forward_hooks or norm._forward_pre_hooks:
-        return norm(x)
+        return None
     weight = norm.weight
     if weight is not None and weight.dtype != x.dtype:
-        return norm(x)
-    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-    return rms_norm(x, weight, eps)
+        return None
+    return weight, norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+
+
+def head_rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(x)`` for a torch ``nn.RMSNorm`` over the head dim, on mmfast's rms_norm.
+    Anything else runs as it is (see :func:`plain_head_norm`)."""
+    plain = plain_head_norm(norm, x)
+    return norm(x) if plain is None else rms_norm(x, *plain)
 
 
 def half_tables(image_rotary_emb, tokens: int, head_dim: int) -> tuple[Tensor, Tensor]:
@@ -78,9 +88,10 @@ def check_no_parallel_config(processor) -> None:
                          "mmfast.patch(..., sequence_parallel=group) where supported)")
 
 
-def _attend(query_parts, key_parts, value_parts, image_rotary_emb, head_dim: int) -> Tensor:
+def _attend(query_parts, key_parts, value_parts, image_rotary_emb, head_dim: int, qk_norm=None) -> Tensor:
     """Attention of the concatenated parts ([B, T_i, H, D] each, text first), rotated by
-    diffusers' FLUX tables when given; returns [B, T, H * D]."""
+    diffusers' FLUX tables when given; returns [B, T, H * D]. ``qk_norm``: the per-head
+    RMSNorm of q and k (as ``attention`` takes it), done inside the attention kernels."""
     if image_rotary_emb is None:
         query, key = torch.cat(query_parts, 1), torch.cat(key_parts, 1)
         rotary = None
@@ -89,8 +100,22 @@ def _attend(query_parts, key_parts, value_parts, image_rotary_emb, head_dim: int
         rotary = half_tables(image_rotary_emb, tokens, head_dim)
         query, key = pairs_to_halves(query_parts), pairs_to_halves(key_parts)
         rotary = tuple(t.to(query.device) for t in rotary)  # diffusers moves them too
+        if qk_norm is not None:  # the weights' columns move with q's and k's
+            qk_norm = (*(None if w is None else w.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten()
+                         for w in qk_norm[:2]), qk_norm[2])
     value = value_parts[0] if len(value_parts) == 1 else torch.cat(value_parts, 1)
-    return attention(query, key, value, rotary=rotary).flatten(-2)
+    return attention(query, key, value, rotary=rotary, qk_norm=qk_norm).flatten(-2)
+
+
+def _attend_normed(attn, query: Tensor, key: Tensor, value: Tensor, image_rotary_emb) -> Tensor:
+    """:func:`_attend` of one stream's q, k, v, their ``attn.norm_q`` / ``attn.norm_k``
+    done inside the attention kernels when both are plain RMSNorms with one eps (else
+    before it, as diffusers does)."""
+    q_norm, k_norm = plain_head_norm(attn.norm_q, query), plain_head_norm(attn.norm_k, key)
+    if q_norm is None or k_norm is None or q_norm[1] != k_norm[1] or not q_norm[1] > 0:
+        query, key = head_rms_norm(attn.norm_q, query), head_rms_norm(attn.norm_k, key)
+        return _attend([query], [key], [value], image_rotary_emb, attn.head_dim)
+    return _attend([query], [key], [value], image_rotary_emb, attn.head_dim, (q_norm[0], k_norm[0], q_norm[1]))
 
 
 def _projections(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None):
@@ -115,15 +140,15 @@ def joint_attention(attn, hidden_states: Tensor, encoder_hidden_states: Tensor |
     stream)."""
     query, key, value, text_query, text_key, text_value = _projections(attn, hidden_states, encoder_hidden_states)
     head_dim = attn.head_dim
-    query = head_rms_norm(attn.norm_q, _heads(query, head_dim))
-    key = head_rms_norm(attn.norm_k, _heads(key, head_dim))
-    value = _heads(value, head_dim)
-    if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-        text_query = head_rms_norm(attn.norm_added_q, _heads(text_query, head_dim))
-        text_key = head_rms_norm(attn.norm_added_k, _heads(text_key, head_dim))
-        return _attend([text_query, query], [text_key, key], [_heads(text_value, head_dim), value],
-                       image_rotary_emb, head_dim)
-    return _attend([query], [key], [value], image_rotary_emb, head_dim)
+    query, key, value = _heads(query, head_dim), _heads(key, head_dim), _heads(value, head_dim)
+    if attn.added_kv_proj_dim is None or encoder_hidden_states is None:  # one stream: the norms fuse
+        return _attend_normed(attn, query, key, value, image_rotary_emb)
+    # Two streams, each with its own norms: [D] weights cannot tell them apart in the kernel.
+    query, key = head_rms_norm(attn.norm_q, query), head_rms_norm(attn.norm_k, key)
+    text_query = head_rms_norm(attn.norm_added_q, _heads(text_query, head_dim))
+    text_key = head_rms_norm(attn.norm_added_k, _heads(text_key, head_dim))
+    return _attend([text_query, query], [text_key, key], [_heads(text_value, head_dim), value],
+                   image_rotary_emb, head_dim)
 
 
 def flux_attention_forward(processor, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
@@ -179,8 +204,7 @@ def flux2_parallel_attention_forward(processor, attn, hidden_states, image_rotar
     local_qkv = projected.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)  # diffusers' split rule
     qkv, mlp = projected[..., :local_qkv], projected[..., local_qkv:]
     query, key, value = (_heads(t, attn.head_dim) for t in qkv.chunk(3, dim=-1))
-    query, key = head_rms_norm(attn.norm_q, query), head_rms_norm(attn.norm_k, key)
-    out = _attend([query], [key], [value], image_rotary_emb, attn.head_dim).to(hidden_states.dtype)
+    out = _attend_normed(attn, query, key, value, image_rotary_emb).to(hidden_states.dtype)
     if type(attn.mlp_act_fn).__name__ == "Flux2SwiGLU":
         half = mlp.shape[-1] // 2
         mlp = swiglu(mlp[..., :half], mlp[..., half:])  # two views: no copy of the halves
@@ -190,4 +214,5 @@ def flux2_parallel_attention_forward(processor, attn, hidden_states, image_rotar
 
 
 __all__ = ["check_no_parallel_config", "flux2_attention_forward", "flux2_parallel_attention_forward",
-           "flux_attention_forward", "half_tables", "head_rms_norm", "joint_attention", "pairs_to_halves", "split_linear"]
+           "flux_attention_forward", "half_tables", "head_rms_norm", "joint_attention", "pairs_to_halves",
+           "plain_head_norm", "split_linear"]

@@ -23,7 +23,16 @@ Rotary: ``rotary=(cos, sin)`` gives the result (and q/k/v gradients) of
 [B, T, R/2] padded, R <= D; row t for token t of q and of k, so q and k have the same
 tokens). The ``triton`` and ``triton_short`` backends fuse it (tiles rotated on load; dq,
 dk rotated back in the backward kernels); the op layer composes apply_rotary and
-attention for every other backend, and for tables that require grad.
+attention for every other backend, and for tables that require grad. Multi-axis
+positions (FLUX's 3 axes, Qwen-VL's 2D/3D ones) are per-token tables too: each token's row
+holds its axes' angles side by side.
+
+QK norm: ``qk_norm=(q_weight, k_weight, eps)`` gives the result (and q/k/v/weight
+gradients) of ``attention(*apply_rotary(rms_norm(q, q_weight, eps), rms_norm(k, k_weight,
+eps), cos, sin), v)``: every head of q and k RMS-normalised over D (weights [D] or None),
+then rotated. The ``triton`` backend fuses it (q tiles normalised on load; the backward
+reads normalised copies and maps dq, dk through the RMSNorm backward kernel); the op layer
+composes rms_norm for every other backend, and where the rotation itself is composed.
 
 Dropout: ``dropout_p`` > 0 multiplies the softmax probabilities by a keep-mask / (1 - p)
 before they weight v; lse stays that of the undropped scores. The triton, triton_short
@@ -93,6 +102,7 @@ from mmfast.ops._sdpa_contained import attend_values, sdpa_contained
 from mmfast.ops._sdpa_segments import attend_on_host
 from mmfast.ops import attention_external as external
 from mmfast.ops.attention_dropout import apply_dropout, check_dropout, draw_seed, keep_mask
+from mmfast.ops.norm import rms_norm
 from mmfast.ops.rotary import apply_rotary
 
 # The short-segment Triton path (kernels/attention_short.py): its limits, mirrored here so
@@ -197,16 +207,18 @@ def _attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     max_seqlen_q: int, max_seqlen_k: int, window_left: int, window_right: int, scale: float,
     cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
+    q_weight: Optional[Tensor] = None, k_weight: Optional[Tensor] = None, norm_eps: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     from mmfast.kernels.attention import attention_fwd
 
+    qk_norm = None if norm_eps is None else (q_weight, k_weight, norm_eps)
     return attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         window_left, window_right, scale, cos, sin, seed, dropout_p)
+                         window_left, window_right, scale, cos, sin, seed, dropout_p, qk_norm=qk_norm)
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-      cos, sin, seed, dropout_p):
+      cos, sin, seed, dropout_p, q_weight=None, k_weight=None, norm_eps=None):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
@@ -216,18 +228,26 @@ def _attention_bwd_op(
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, window_left: int, window_right: int, scale: float,
     cos: Optional[Tensor], sin: Optional[Tensor], seed: Optional[Tensor], dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
+    q_weight: Optional[Tensor] = None, k_weight: Optional[Tensor] = None, norm_eps: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dq_weight, dk_weight); the weight gradients float32 [D], empty [0]
+    for a weight that is None or without the norm (norm_eps None)."""
     from mmfast.kernels.attention import attention_bwd
 
-    return attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin,
-                         seed, dropout_p)
+    args = (dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            window_left, window_right, scale, cos, sin, seed, dropout_p)
+    if norm_eps is None:
+        return (*attention_bwd(*args), q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return attention_bwd(*args, qk_norm=(q_weight, k_weight, norm_eps))
 
 
 @_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      window_left, window_right, scale, cos, sin, seed, dropout_p):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+      window_left, window_right, scale, cos, sin, seed, dropout_p, q_weight=None, k_weight=None, norm_eps=None):
+    def weight_grad(w):
+        return q.new_empty(w.shape if norm_eps is not None and w is not None else (0,), dtype=torch.float32)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), weight_grad(q_weight),
+            weight_grad(k_weight))
 
 
 @torch.library.custom_op("mmfast::attention_short_fwd", mutates_args=())
@@ -296,45 +316,58 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def _forward(ctx, fwd_op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             window_left, window_right, scale, cos, sin, seed, dropout_p):
+             window_left, window_right, scale, cos, sin, seed, dropout_p, norm=()):
     """``cos``, ``sin``: both None or both tensors (their last dim contiguous, sin with the
-    strides of cos). ``seed``: the dropout seed (None when ``dropout_p`` is 0)."""
+    strides of cos). ``seed``: the dropout seed (None when ``dropout_p`` is 0). ``norm``:
+    (q_weight, k_weight, norm_eps) for ops that take them, else ()."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left, window_right, scale)
-    out, lse = fwd_op(q, k, v, *args, cos, sin, seed, dropout_p)
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed)
+    out, lse = fwd_op(q, k, v, *args, cos, sin, seed, dropout_p, *norm)
+    weights = norm[:2] if norm else ()
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, *weights)
     ctx.args = args[2:]
     ctx.dropout_p = dropout_p
+    ctx.norm_eps = norm[2:]
     ctx.set_materialize_grads(False)
     return out, lse
 
 
 def _backward(ctx, bwd_op, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed = ctx.saved_tensors
+    """(dq, dk, dv), then (dq_weight, dk_weight) when the forward had ``norm``."""
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cos, sin, seed, *weights = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else _last_dim_contiguous(dout)
     dlse = None if dlse is None else dlse.contiguous()
-    dq, dk, dv = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args,
-                        cos, sin, seed, ctx.dropout_p)
-    # No gradient for cu_seqlens, the ints, scale, the rotary tables, nor the dropout args.
-    return (dq, dk, dv) + (None,) * 11
+    grads = bwd_op(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, *ctx.args,
+                   cos, sin, seed, ctx.dropout_p, *weights, *ctx.norm_eps)
+    if not weights:
+        return tuple(grads[:3])
+    weight_grads = tuple(None if w is None else g.to(w.dtype) for w, g in zip(weights, grads[3:]))
+    return tuple(grads[:3]) + weight_grads
 
 
 class AttentionFunction(torch.autograd.Function):
     """Triton forward and backward, general kernels. Outputs (out, lse); both are
     differentiable. ``cos``, ``sin``: rotary tables applied to q and k inside the kernels
     (no gradient for them), or None. ``seed``, ``dropout_p``: attention dropout (seed None
-    and p 0 without)."""
+    and p 0 without). ``q_weight``, ``k_weight``, ``norm_eps``: the per-head RMSNorm of q
+    and k before the rotation (norm_eps None: none; a weight None: no affine), with
+    gradients for the weights."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale, cos, sin, seed, dropout_p):
+                window_left, window_right, scale, cos, sin, seed, dropout_p, q_weight, k_weight, norm_eps):
+        norm = () if norm_eps is None else (q_weight, k_weight, norm_eps)
         return _forward(ctx, torch.ops.mmfast.attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, window_left, window_right, scale, cos, sin,
-                        seed, dropout_p)
+                        seed, dropout_p, norm)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _backward(ctx, torch.ops.mmfast.attention_bwd, dout, dlse)
+        grads = _backward(ctx, torch.ops.mmfast.attention_bwd, dout, dlse)
+        dq, dk, dv = grads[:3]
+        dq_weight, dk_weight = grads[3:] if len(grads) == 5 else (None, None)
+        # No gradient for cu_seqlens, the ints, scale, the rotary tables, the dropout args, eps.
+        return (dq, dk, dv) + (None,) * 11 + (dq_weight, dk_weight, None)
 
 
 class ShortAttentionFunction(torch.autograd.Function):
@@ -354,7 +387,7 @@ class ShortAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         bwd_op = partial(torch.ops.mmfast.attention_short_bwd, table_seg_stride=ctx.table_seg_stride)
-        return _backward(ctx, bwd_op, dout, dlse) + (None,)
+        return _backward(ctx, bwd_op, dout, dlse) + (None,) * 12
 
 
 # ---- backends --------------------------------------------------------------------
@@ -376,12 +409,14 @@ def _run_triton_function(function, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seql
 
 
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                window_left, window_right, scale, rotary=None, dropout_p=0.0, seed=None):
+                window_left, window_right, scale, rotary=None, dropout_p=0.0, seed=None, qk_norm=None):
     # The kernels read both tables with the strides of cos: make them alike (tables are small).
     cos, sin = (None, None) if rotary is None else (t.contiguous() for t in rotary)
+    q_weight, k_weight, eps = (None, None, None) if qk_norm is None else qk_norm
     return _run_triton_function(AttentionFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q, max_seqlen_k, window_left, window_right, scale,
-                                cos, _distinct(sin, cos), seed, dropout_p)
+                                cos, _distinct(sin, cos), seed, dropout_p,
+                                q_weight, _distinct(k_weight, q_weight), None if eps is None else float(eps))
 
 
 def _run_triton_short(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -511,6 +546,12 @@ def _xformers_limits(call: Call):
 # Backends that rotate q and k inside their kernels (``rotary=``); every other backend
 # gets them rotated by apply_rotary first (its torch reference for the torch backend).
 FUSES_ROTARY = ("triton", "triton_short")
+# Backends that RMS-normalise q and k inside their kernels (``qk_norm=``); every other
+# backend gets them normalised by rms_norm first. triton_short is not among them: its
+# kernels hold whole segments of q, k and v in registers (the Qwen2.5-VL windows already
+# use all 255), and the norm is not fused there yet; it composes rms_norm, then its own
+# fused rotary.
+FUSES_QK_NORM = ("triton",)
 # Backends whose dropout is the Philox mask of mmfast.ops.attention_dropout (reproducible
 # from the seed); sdpa and flash_attn drop with their own generator.
 PHILOX_DROPOUT = ("triton", "triton_short", "torch")
@@ -627,6 +668,30 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
         )
 
 
+def _check_qk_norm(qk_norm, q: Tensor):
+    """(q_weight, k_weight, eps) as rms_norm takes them, for every head of q and of k.
+    Every problem is a ValueError or TypeError naming ``qk_norm``; returns eps as a float."""
+    if not (isinstance(qk_norm, (tuple, list)) and len(qk_norm) == 3):
+        raise ValueError(f"qk_norm: expected None or (q_weight, k_weight, eps), weights [D] or None, got "
+                         f"{type(qk_norm).__name__}" + (f" of length {len(qk_norm)}"
+                                                        if isinstance(qk_norm, (tuple, list)) else ""))
+    for name, w in (("q_weight", qk_norm[0]), ("k_weight", qk_norm[1])):
+        if w is None:
+            continue
+        if not isinstance(w, Tensor):
+            raise TypeError(f"qk_norm: {name}: expected a Tensor or None, got {type(w).__name__}")
+        if not w.dtype.is_floating_point:
+            raise TypeError(f"qk_norm: {name}: expected a floating dtype, got {w.dtype}")
+        if w.shape != q.shape[-1:]:
+            raise ValueError(f"qk_norm: {name}: expected shape ({q.shape[-1]},) (the head dim), got {tuple(w.shape)}")
+        if w.device != q.device:
+            raise ValueError(f"qk_norm: {name}: expected device {q.device} (that of q), got {w.device}")
+    eps = qk_norm[2]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"qk_norm: eps: expected a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
 def _window_side(w) -> bool:
     return isinstance(w, int) and not isinstance(w, bool) and w >= -1
 
@@ -642,8 +707,8 @@ def _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-              causal=False, window=(-1, -1), scale=None, rotary=None, return_lse=False, dropout_p=0.0,
-              generator=None, backend=None):
+              causal=False, window=(-1, -1), scale=None, rotary=None, qk_norm=None, return_lse=False,
+              dropout_p=0.0, generator=None, backend=None):
     """Softmax attention of ``q`` over ``k``, ``v``; returns ``out`` (like q), or
     ``(out, lse)`` with ``return_lse=True``. See the module docstring for the layouts,
     the window and causal rules, and which checks cost a device sync.
@@ -667,6 +732,17 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     backends compose
     apply_rotary and attention. Tables that require grad get their gradient through the
     composition (the fused kernels give none).
+
+    ``qk_norm=(q_weight, k_weight, eps)`` RMS-normalises every head of q and of k over the
+    head dim before the rotation, as FLUX, SD3.5, Qwen-Image and Qwen3 do (weights [D],
+    each None for no affine; eps > 0): the result and the gradients (q, k, v and both
+    weights) are those of ``attention(*apply_rotary(rms_norm(q, q_weight, eps),
+    rms_norm(k, k_weight, eps), cos, sin), v, ...)`` (without rotary, of the normalised q
+    and k). The ``triton`` backend normalises q tiles as its forward kernel loads them (k in
+    the pass that rotates it), and in the backward pass reads normalised and rotated copies,
+    its dq and dk (wrt the normalised q, k) going through the RMSNorm backward kernel, which
+    also gives the weight gradients; every other backend (triton_short included) composes
+    rms_norm first.
 
     ``dropout_p`` > 0 drops attention probabilities (kept ones scaled by 1 / (1 - p); lse
     is unaffected), with a mask drawn from ``generator`` (the default generator of q's
@@ -698,6 +774,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if rotary is not None:
         _check_rotary(rotary, q, k)
+    norm_eps = None if qk_norm is None else _check_qk_norm(qk_norm, q)
     window_left, window_right = window
     if causal:
         window_right = 0
@@ -705,7 +782,8 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     layout = "packed" if q.dim() == 3 else "padded"
     requires_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
-        or (rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad)))
+        or (rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad))
+        or (qk_norm is not None and any(w is not None and w.requires_grad for w in qk_norm[:2])))
     call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
@@ -716,10 +794,19 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     if dropout_p > 0:
         seed = draw_seed(q.device, generator) if chosen.name in PHILOX_DROPOUT else None
         run = partial(run, dropout_p=dropout_p, seed=seed)
+    fuse_rotary = rotary is not None and chosen.name in FUSES_ROTARY and not (
+        torch.is_grad_enabled() and (rotary[0].requires_grad or rotary[1].requires_grad))
+    if qk_norm is not None:
+        # The norm comes before the rotation: fused only where the rotation is too (or absent).
+        if chosen.name in FUSES_QK_NORM and (rotary is None or fuse_rotary):
+            run = partial(run, qk_norm=(qk_norm[0], qk_norm[1], norm_eps))
+        else:
+            norm_backend = "torch" if chosen.name == "torch" else None
+            q = rms_norm(q, qk_norm[0], norm_eps, backend=norm_backend)
+            k = rms_norm(k, qk_norm[1], norm_eps, backend=norm_backend)
     if rotary is not None:
         cos, sin = rotary
-        table_grad = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
-        if chosen.name in FUSES_ROTARY and not table_grad:
+        if fuse_rotary:
             run = partial(run, rotary=(cos, sin))
         else:
             q, k = apply_rotary(q, k, cos, sin, backend="torch" if chosen.name == "torch" else None)
