@@ -345,9 +345,10 @@ def _blocks(device: torch.device, block_d: int, kernel: str, key_w: int) -> tupl
         return 32, (key_w if key_w in (16, 32) else 32), 1, 1
     if kernel == "fwd":
         return (128, 64, 8, 3) if block_d <= 64 else (128, 32, 8, 2)
-    if kernel == "dq":  # + [BLOCK_M, 64] dRH and dRW accumulators at 64 x 64 grids: 4 warps spilled
-        return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 1)
-    return (64, 64, 4, 2) if block_d <= 64 else (64, 32, 8, 1)
+    # 8 warps for both backward kernels: at 4, dq spilled beside its [BLOCK_M, 64] dRH and dRW
+    # accumulators at 64 x 64 grids, and dK/dV spilled 56 B under triton 3.6 (SAM's 14 x 14
+    # windows, 255 registers).
+    return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 1)
 
 
 def _block_d(head_dim: int) -> int:
