@@ -70,6 +70,26 @@ def _row_column(RH_rows, jh, key_h, m_ok):
 
 
 @triton.jit
+def _rw_tile(RW_rows, offs_n, m_ok):
+    """[M, N] float32: RW[i, g] for query rows (pointer column vector RW_rows [M, 1]) and
+    grid columns ``offs_n`` [N]: the rel_w term of every key block (WHOLE_ROWS)."""
+    return tl.load(RW_rows + offs_n[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _block_bias(RH_rows, RW_rows, rw, cols, block_row, key_w, key_h, m_ok, ok, WHOLE_ROWS: tl.constexpr):
+    """[M, N] float32: the bias of the key block ``cols`` [N] for query rows (pointer column
+    vectors RH_rows, RW_rows [M, 1]), 0 where not ``ok`` [M, N]. WHOLE_ROWS: the block is
+    grid row ``block_row``, ``rw`` its rel_w tile (:func:`_rw_tile`; the caller chooses
+    where to load it); otherwise ``rw`` is None and the bias is gathered (:func:`_bias`)."""
+    if WHOLE_ROWS:
+        bias = rw + _row_column(RH_rows, block_row, key_h, m_ok)
+    else:
+        bias = _bias(RH_rows, RW_rows, cols, key_w, key_h, ok)
+    return bias
+
+
+@triton.jit
 def _bias_t(RH_cols, RW_cols, keys, key_w, key_h, ok_t):
     """The transpose of :func:`_bias`: [N, M] for keys ``keys`` [N] and query pointer row
     vectors RH_cols, RW_cols [1, M]."""
@@ -109,8 +129,9 @@ def _attention_rel_pos_fwd_kernel(
     RW_rows = RW + b * stride_wb + h * stride_wh + rows * stride_wt
     K_head = K + b * stride_kb + h * stride_kh
     V_head = V + b * stride_vb + h * stride_vh
+    rw = None
     if WHOLE_ROWS:  # every key block is one grid row: its rel_w tile is the same for all
-        rw = tl.load(RW_rows + offs_n[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
+        rw = _rw_tile(RW_rows, offs_n, m_ok)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -122,10 +143,8 @@ def _attention_rel_pos_fwd_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K_head + keys * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if WHOLE_ROWS:
-            bias = rw + _row_column(RH_rows, start_n // BLOCK_N, key_h, m_ok)
-        else:
-            bias = _bias(RH_rows, RW_rows, cols, key_w, key_h, m_ok[:, None] & n_ok[None, :])
+        bias = _block_bias(RH_rows, RW_rows, rw, cols, start_n // BLOCK_N, key_w, key_h, m_ok,
+                           m_ok[:, None] & n_ok[None, :], WHOLE_ROWS)
         s = tl.where(n_ok[None, :], s * scale + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
@@ -200,11 +219,10 @@ def _attention_rel_pos_bwd_dq_kernel(
         v = tl.load(V_head + keys * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         ok = m_ok[:, None] & n_ok[None, :]
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if WHOLE_ROWS:
-            rw = tl.load(RW_rows + offs_n[None, :], mask=m_ok[:, None], other=0.0).to(tl.float32)
-            s = s * scale + (rw + _row_column(RH_rows, start_n // BLOCK_N, key_h, m_ok))
-        else:
-            s = s * scale + _bias(RH_rows, RW_rows, cols, key_w, key_h, ok)
+        rw = None
+        if WHOLE_ROWS:  # the rel_w tile, loaded per key block here
+            rw = _rw_tile(RW_rows, offs_n, m_ok)
+        s = s * scale + _block_bias(RH_rows, RW_rows, rw, cols, start_n // BLOCK_N, key_w, key_h, m_ok, ok, WHOLE_ROWS)
         p = tl.where(ok, tl.exp(s - row_max[:, None]) * inv_sum[:, None], 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds32 = p * (dp - delta[:, None])
@@ -327,9 +345,10 @@ def _blocks(device: torch.device, block_d: int, kernel: str, key_w: int) -> tupl
         return 32, (key_w if key_w in (16, 32) else 32), 1, 1
     if kernel == "fwd":
         return (128, 64, 8, 3) if block_d <= 64 else (128, 32, 8, 2)
-    if kernel == "dq":  # + [BLOCK_M, 64] dRH and dRW accumulators at 64 x 64 grids: 4 warps spilled
-        return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 1)
-    return (64, 64, 4, 2) if block_d <= 64 else (64, 32, 8, 1)
+    # 8 warps for both backward kernels: at 4, dq spilled beside its [BLOCK_M, 64] dRH and dRW
+    # accumulators at 64 x 64 grids, and dK/dV spilled 56 B under triton 3.6 (SAM's 14 x 14
+    # windows, 255 registers).
+    return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 1)
 
 
 def _block_d(head_dim: int) -> int:

@@ -166,3 +166,26 @@ def test_known_issues_are_strict(monkeypatch):
     # Only attention kernels may be listed.
     for issue in listed:
         assert "attention" in issue.kernel, issue
+
+
+def test_update_replaces_only_the_named_families_rows(tmp_path):
+    # ``--full --only F --update``: F's rows replaced, the others kept, families in the
+    # order of cases.py whatever order the file had.
+    from mmfast.compile_gate.table import read_rows, replace_families, write_rows
+
+    def rows(family, *shapes):
+        return [{"family": family, "shape": s} for s in shapes]
+
+    old = rows("attention", "a1", "a2") + rows("norm", "n1") + rows("attention_rel_pos", "stale") + rows("gone", "g")
+    new = rows("attention_rel_pos", "r1", "r2") + rows("channel_rms_norm", "c1")
+    path = tmp_path / "table.jsonl"
+    write_rows(path, old)
+    table = replace_families(read_rows(path), new, ("attention_rel_pos", "channel_rms_norm"))
+    assert [(r["family"], r["shape"]) for r in table] == [
+        ("norm", "n1"), ("channel_rms_norm", "c1"), ("attention", "a1"), ("attention", "a2"),
+        ("attention_rel_pos", "r1"), ("attention_rel_pos", "r2"), ("gone", "g")]
+    assert read_rows(tmp_path / "missing.jsonl") == []
+    with pytest.raises(ValueError, match="families"):
+        replace_families(old, new, ())
+    with pytest.raises(ValueError, match="outside families"):
+        replace_families(old, new, ("attention_rel_pos",))

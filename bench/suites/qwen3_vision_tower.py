@@ -41,15 +41,8 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
-from mmfast.bench.suites.qwen_vision_tower import (
-    _Forward,
-    _skip_compile,
-    _skip_flash,
-    _skip_hf,
-    _skip_mmfast,
-    _timed,
-)
+from mmfast.bench.suite import Case, Speedup, Suite
+from mmfast.bench.suites.qwen_tower_providers import MAX_BACKWARD_PATCHES, TowerModel, tower_inputs, tower_providers
 
 QWEN3_VL_8B = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
                "out_hidden_size": 4096, "patch_size": 16, "num_position_embeddings": 2304,
@@ -59,7 +52,30 @@ TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 96, 
 
 PATCH = 16
 PATCH_DIM = 3 * 2 * PATCH * PATCH
-MAX_BACKWARD_PATCHES = 16384
+
+
+def _hf_classes():
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    return Qwen3VLConfig, Qwen3VLVisionModel
+
+
+def _mmfast_class():
+    from mmfast.nn.qwen3_vision import Qwen3VisionTransformer
+
+    return Qwen3VisionTransformer
+
+
+def _mmfast_outputs(out):
+    return (out.merged, *out.deepstack)
+
+
+def _hf_outputs(out):
+    return (out.pooler_output, *out.deepstack_features)
+
+
+QWEN3_VL = TowerModel("qwen3-vl", QWEN3_VL_8B, TINY, _hf_classes, _mmfast_class, _mmfast_outputs, _hf_outputs)
 
 
 # ---- cases -----------------------------------------------------------------------
@@ -75,17 +91,6 @@ def _flops(config: dict, grid: list[list[int]], backward: bool) -> int:
     merger = mergers * 2 * (16 * d * d + 4 * d * config["out_hidden_size"]) * (patches // 4)
     forward = projections + attention + embed + merger
     return forward * (3 if backward else 1)
-
-
-def _make_inputs(params: dict, device: torch.device) -> dict:
-    grid = torch.tensor(params["grid"], device=device)
-    patches = int(grid.prod(-1).sum())
-    dtype = getattr(torch, params["dtype"])
-    inputs = {"pixels": torch.randn(patches, PATCH_DIM, device=device, dtype=dtype), "grid_thw": grid}
-    if params["pass"] == "fwd+bwd":
-        inputs["dy"] = tuple(torch.randn(patches // 4, params["out_dim"], device=device, dtype=dtype)
-                             for _ in range(params["outputs"]))
-    return inputs
 
 
 def _side(px: int) -> int:
@@ -122,85 +127,9 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
             params = {"pass": pass_, "shape": what, "images": len(grid), "patches": patches, "grid": grid,
                       "dtype": str(dtype).removeprefix("torch."), "tiny": config is TINY,
                       "out_dim": config["out_hidden_size"], "outputs": 1 + len(config["deepstack_visual_indexes"])}
-            out.append(Case(f"{what}-{pass_}", params, partial(_make_inputs, params),
-                            flops=_flops(config, grid, pass_ == "fwd+bwd")))
+            inputs = partial(tower_inputs, params, patch_dim=PATCH_DIM, outputs=params["outputs"])
+            out.append(Case(f"{what}-{pass_}", params, inputs, flops=_flops(config, grid, pass_ == "fwd+bwd")))
     return out
-
-
-# ---- models (built once per process, on the first call's device) --------------------
-
-_towers: dict = {}
-
-
-def _hf_tower(tiny: bool, attn: str, device: torch.device, dtype: torch.dtype):
-    key = ("hf", tiny, attn, device, dtype)
-    if key not in _towers:
-        from transformers import Qwen3VLConfig
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        config = Qwen3VLConfig(vision_config=TINY if tiny else QWEN3_VL_8B).vision_config
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        _towers[key] = Qwen3VLVisionModel._from_config(config).to(device, dtype)
-    return _towers[key]
-
-
-def _mmfast_tower(tiny: bool, device: torch.device, dtype: torch.dtype):
-    key = ("mmfast", tiny, device, dtype)
-    if key not in _towers:
-        from mmfast.nn.qwen3_vision import Qwen3VisionTransformer
-
-        hf = _hf_tower(tiny, "sdpa", device, dtype)
-        tower = Qwen3VisionTransformer.from_config(hf.config).to(device, dtype)
-        tower.load_state_dict(hf.state_dict())
-        _towers[key] = tower
-    return _towers[key]
-
-
-def _run_mmfast(model, pixels, grid_thw):
-    out = model(pixels, grid_thw)
-    return (out.merged, *out.deepstack)
-
-
-def _run_hf(model, pixels, grid_thw):
-    out = model(pixels, grid_thw=grid_thw)
-    return (out.pooler_output, *out.deepstack_features)
-
-
-def _build_mmfast(case: Case):
-    return _timed(case, _Forward(partial(_mmfast_tower, case.params["tiny"]), _run_mmfast))
-
-
-def _build_patched(case: Case):
-    import mmfast
-
-    tiny = case.params["tiny"]
-
-    def make(device, dtype):
-        # Its own copy: patching the shared sdpa tower would change the hf-sdpa rows.
-        key = ("patched", tiny, device, dtype)
-        if key not in _towers:
-            hf = _hf_tower(tiny, "sdpa", device, dtype)
-            copy = type(hf)._from_config(hf.config).to(device, dtype)
-            copy.load_state_dict(hf.state_dict())
-            mmfast.patch(copy)
-            _towers[key] = copy
-        return _towers[key]
-
-    return _timed(case, _Forward(make, _run_hf))
-
-
-def _build_hf(case: Case, attn: str = "sdpa", compile: bool = False):
-    tiny = case.params["tiny"]
-
-    def make(device, dtype):
-        tower = _hf_tower(tiny, attn, device, dtype)
-        if compile:
-            torch.compiler.reset()  # fresh per case: dynamo would stop recompiling after a few shapes
-            return torch.compile(tower)
-        return tower
-
-    return _timed(case, _Forward(make, _run_hf))
 
 
 ISSUE_CASES = ("1img-1344px", "mixed-4img")
@@ -210,13 +139,7 @@ SUITE = Suite(
     description="Qwen3-VL-8B vision tower (27 blocks, full attention, DeepStack), fwd and fwd+bwd",
     bound="compute",
     cases=cases,
-    providers=(
-        Provider("mmfast", _build_mmfast, _skip_mmfast),
-        Provider("mmfast-patched-hf", _build_patched, _skip_mmfast),
-        Provider("hf-sdpa", _build_hf, _skip_hf),
-        Provider("hf-sdpa-compile", partial(_build_hf, compile=True), _skip_compile),
-        Provider("hf-flash-attention-2", partial(_build_hf, attn="flash_attention_2"), _skip_flash),
-    ),
+    providers=tower_providers(QWEN3_VL),
     plot_x="patches",
     plot_panels=("pass",),
     speedups=(

@@ -43,7 +43,19 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite, cpu_compile_skip, gpu_library_skip
+from mmfast.bench.suite import Case, Provider, Speedup, Suite, gpu_library_skip
+from mmfast.bench.suites.qwen_tower_providers import (
+    MAX_BACKWARD_PATCHES,
+    Forward,
+    TowerModel,
+    cached,
+    hf_tower,
+    run_module,
+    skip_hf,
+    timed,
+    tower_inputs,
+    tower_providers,
+)
 
 QWEN25_7B = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
              "out_hidden_size": 3584, "patch_size": 14, "window_size": 112,
@@ -52,7 +64,26 @@ TINY = {"depth": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 96, 
         "patch_size": 14, "window_size": 112, "fullatt_block_indexes": [1]}
 
 PATCH_DIM = 3 * 2 * 14 * 14
-MAX_BACKWARD_PATCHES = 16384
+
+
+def _hf_classes():
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    return Qwen2_5_VLConfig, Qwen2_5_VisionTransformerPretrainedModel
+
+
+def _mmfast_class():
+    from mmfast.nn import Qwen25VisionTransformer
+
+    return Qwen25VisionTransformer
+
+
+def _pooled(out):
+    return out.pooler_output
+
+
+QWEN25_VL = TowerModel("qwen2.5-vl", QWEN25_7B, TINY, _hf_classes, _mmfast_class, hf_outputs=_pooled)
 
 
 # ---- cases -----------------------------------------------------------------------
@@ -87,17 +118,6 @@ def _flops(config: dict, grid: list[list[int]], backward: bool) -> int:
     return forward * (3 if backward else 1)
 
 
-def _make_inputs(params: dict, device: torch.device) -> dict:
-    grid = torch.tensor(params["grid"], device=device)
-    patches = int(grid.prod(-1).sum())
-    dtype = getattr(torch, params["dtype"])
-    inputs = {"pixels": torch.randn(patches, PATCH_DIM, device=device, dtype=dtype), "grid_thw": grid}
-    if params["pass"] == "fwd+bwd":
-        out_dim = params["out_dim"]
-        inputs["dy"] = torch.randn(patches // 4, out_dim, device=device, dtype=dtype)
-    return inputs
-
-
 def cases(quick: bool, device: torch.device) -> list[Case]:
     if device.type == "cuda":
         config, dtype = QWEN25_7B, torch.bfloat16
@@ -118,155 +138,29 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
             params = {"pass": pass_, "images": images, "pixels": px, "frames": 2 * frames, "patches": patches,
                       "grid": grid, "dtype": str(dtype).removeprefix("torch."), "tiny": config is TINY,
                       "out_dim": config["out_hidden_size"]}
-            out.append(Case(f"{what}-{px}px-{pass_}", params, partial(_make_inputs, params),
+            out.append(Case(f"{what}-{px}px-{pass_}", params, partial(tower_inputs, params, patch_dim=PATCH_DIM),
                             flops=_flops(config, grid, pass_ == "fwd+bwd")))
     return out
 
 
-# ---- models (built once per process, on the first call's device) --------------------
-
-_towers: dict = {}
-
-
-def _hf_tower(tiny: bool, attn: str, device: torch.device, dtype: torch.dtype):
-    key = ("hf", tiny, attn, device, dtype)
-    if key not in _towers:
-        from transformers import Qwen2_5_VLConfig
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        config = Qwen2_5_VLConfig(vision_config=TINY if tiny else QWEN25_7B).vision_config
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        _towers[key] = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).to(device, dtype)
-    return _towers[key]
-
-
-def _mmfast_tower(tiny: bool, device: torch.device, dtype: torch.dtype):
-    key = ("mmfast", tiny, device, dtype)
-    if key not in _towers:
-        from mmfast.nn import Qwen25VisionTransformer
-
-        hf = _hf_tower(tiny, "sdpa", device, dtype)
-        tower = Qwen25VisionTransformer.from_config(hf.config).to(device, dtype)
-        tower.load_state_dict(hf.state_dict())
-        _towers[key] = tower
-    return _towers[key]
+# ---- the vLLM-style reference (this suite's own providers) ---------------------------
 
 
 def _reference_tower(tiny: bool, backend: str, device: torch.device, dtype: torch.dtype):
-    key = ("vllm-style", tiny, backend, device, dtype)
-    if key not in _towers:
+    def make():
         from mmfast.bench.suites.qwen_vllm_reference import ReferenceQwen25VisionTower
 
-        _towers[key] = ReferenceQwen25VisionTower.from_hf(_hf_tower(tiny, "sdpa", device, dtype), backend)
-    return _towers[key]
+        return ReferenceQwen25VisionTower.from_hf(hf_tower(QWEN25_VL, tiny, "sdpa", device, dtype), backend)
 
-
-def _timed(case: Case, forward: "_Forward"):
-    """What is timed for the case's pass."""
-    if case.params["pass"] == "fwd":
-        def run(inputs):
-            with torch.no_grad():
-                return forward(inputs["pixels"], inputs["grid_thw"])
-        return run
-
-    def run(inputs):
-        out = forward(inputs["pixels"], inputs["grid_thw"])
-        # autograd.grad: no accumulation into .grad between calls, nothing kept alive.
-        return torch.autograd.grad(out, forward.parameters(), inputs["dy"])
-    return run
-
-
-class _Forward:
-    """``run(model, pixels, grid_thw) -> merged tokens`` on a model made by
-    ``make(device, dtype)`` at the first (untimed, warm-up) call."""
-
-    def __init__(self, make, run):
-        self.make, self.run, self.model = make, run, None
-
-    def parameters(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def __call__(self, pixels, grid_thw):
-        if self.model is None:
-            self.model = self.make(pixels.device, pixels.dtype)
-        return self.run(self.model, pixels, grid_thw)
-
-
-def _run_module(model, pixels, grid_thw):
-    return model(pixels, grid_thw)
-
-
-def _run_hf(model, pixels, grid_thw):
-    return model(pixels, grid_thw=grid_thw).pooler_output
-
-
-def _build_mmfast(case: Case):
-    return _timed(case, _Forward(partial(_mmfast_tower, case.params["tiny"]), _run_module))
+    return cached((QWEN25_VL.name, "vllm-style", tiny, backend, device, dtype), make)
 
 
 def _build_reference(case: Case, backend: str):
-    return _timed(case, _Forward(partial(_reference_tower, case.params["tiny"], backend), _run_module))
-
-
-def _build_patched(case: Case):
-    import mmfast
-
-    tiny = case.params["tiny"]
-
-    def make(device, dtype):
-        # Its own copy: patching the shared sdpa tower would change the hf-sdpa rows.
-        key = ("patched", tiny, device, dtype)
-        if key not in _towers:
-            hf = _hf_tower(tiny, "sdpa", device, dtype)
-            copy = type(hf)._from_config(hf.config).to(device, dtype)
-            copy.load_state_dict(hf.state_dict())
-            mmfast.patch(copy)
-            _towers[key] = copy
-        return _towers[key]
-
-    return _timed(case, _Forward(make, _run_hf))
-
-
-def _build_hf(case: Case, attn: str = "sdpa", compile: bool = False):
-    tiny = case.params["tiny"]
-
-    def make(device, dtype):
-        tower = _hf_tower(tiny, attn, device, dtype)
-        if compile:
-            torch.compiler.reset()  # fresh per case: dynamo would stop recompiling after a few shapes
-            return torch.compile(tower)
-        return tower
-
-    return _timed(case, _Forward(make, _run_hf))
-
-
-def _skip_hf(case: Case, device: torch.device) -> str | None:
-    from mmfast.dispatch import module_available
-
-    return None if module_available("transformers") else "transformers is not installed"
-
-
-def _skip_mmfast(case: Case, device: torch.device) -> str | None:
-    reason = _skip_hf(case, device)  # the weights come from the HF tower
-    if reason is None and device.type == "cpu":
-        from mmfast.dispatch import triton_interpreted
-
-        if not triton_interpreted():
-            return "the Triton kernels need a GPU or TRITON_INTERPRET=1"
-    return reason
-
-
-def _skip_compile(case: Case, device: torch.device) -> str | None:
-    return cpu_compile_skip(device) or _skip_hf(case, device)
-
-
-def _skip_flash(case: Case, device: torch.device) -> str | None:
-    return gpu_library_skip("flash_attn", device, "flash-attn") or _skip_hf(case, device)
+    return timed(case, Forward(partial(_reference_tower, case.params["tiny"], backend), run_module))
 
 
 def _skip_xformers(case: Case, device: torch.device) -> str | None:
-    return gpu_library_skip("xformers", device, "xformers") or _skip_hf(case, device)
+    return gpu_library_skip("xformers", device, "xformers") or skip_hf(case, device)
 
 
 VLLM_STYLE = ("vllm-style-sdpa", "vllm-style-xformers")
@@ -277,12 +171,8 @@ SUITE = Suite(
     bound="compute",
     cases=cases,
     providers=(
-        Provider("mmfast", _build_mmfast, _skip_mmfast),
-        Provider("mmfast-patched-hf", _build_patched, _skip_mmfast),
-        Provider("hf-sdpa", _build_hf, _skip_hf),
-        Provider("hf-sdpa-compile", partial(_build_hf, compile=True), _skip_compile),
-        Provider("hf-flash-attention-2", partial(_build_hf, attn="flash_attention_2"), _skip_flash),
-        Provider("vllm-style-sdpa", partial(_build_reference, backend="sdpa"), _skip_hf),
+        *tower_providers(QWEN25_VL),
+        Provider("vllm-style-sdpa", partial(_build_reference, backend="sdpa"), skip_hf),
         Provider("vllm-style-xformers", partial(_build_reference, backend="xformers"), _skip_xformers),
     ),
     plot_x="patches",

@@ -11,4 +11,5 @@ cases.py       the target models' shapes, per launcher family
 work.py        issued / useful tensor-core work at those shapes
 known_issues.py  the attention findings expected until their rewrite lands
 gate.py        the run and its verdict
+table.py       the resource table file (--update: one family's rows replaced)
 """

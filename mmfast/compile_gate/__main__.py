@@ -1,11 +1,12 @@
-"""``python -m mmfast.compile_gate [--full] [--out FILE] [--json FILE] [--markdown]``
+"""``python -m mmfast.compile_gate [--full] [--only F,...] [--update] [--out FILE] [--json FILE] [--markdown]``
 
 Compiles the Triton kernels for an H100 (sm_90a) without a GPU and fails (exit 1) on a
 compile error, a spill in an fp16/bf16 config, a dot kernel without wgmma, head-dim
 padding above 1.12x in attention at head dims 72/80, an entry kernel no case launches,
 or a stale known-issue entry. Default: the quick subset (what the test suite runs);
 ``--full``: every case in fp16 and bf16, the resource table written to ``--out``
-(default bench/results/sm90_resources.jsonl).
+(default bench/results/sm90_resources.jsonl); ``--full --only F --update``: family F's
+rows replaced in that table, the others kept (mmfast/compile_gate/table.py).
 
 Runs with an empty Triton cache of its own (removed afterwards), so nothing compiled by an
 earlier run can hide a failure, and with the interpreter off and every autotune config on.
@@ -69,25 +70,29 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the verdict (failures, uncovered, stale) as JSON")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     parser.add_argument("--only", default="", help="comma-separated case families (no coverage check)")
+    parser.add_argument("--update", action="store_true",
+                        help="with --full --only: replace those families' rows in --out (default: the resource "
+                             "table) and keep the other rows")
     parser.add_argument("--markdown", action="store_true", help="print the per-kernel summary as a Markdown table")
     args = parser.parse_args(argv)
+    families = tuple(f for f in args.only.split(",") if f)
+    if args.update and not (args.full and families):
+        parser.error("--update needs --full and --only (the families whose rows it replaces)")
 
     cache = tempfile.mkdtemp(prefix="mmfast-compile-gate-")
     os.environ["TRITON_CACHE_DIR"] = cache
     try:
         from .gate import run
+        from .table import read_rows, replace_families, write_rows
 
-        result = run(quick=not args.full, families=tuple(f for f in args.only.split(",") if f), jobs=args.jobs,
-                     log=lambda s: print(s, flush=True))
+        result = run(quick=not args.full, families=families, jobs=args.jobs, log=lambda s: print(s, flush=True))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
     out = args.out or (DEFAULT_OUT if args.full else None)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
-            for r in result["rows"]:
-                f.write(json.dumps(r, default=str) + "\n")
+        table = replace_families(read_rows(out), result["rows"], families) if args.update else result["rows"]
+        write_rows(out, table)
     lines = summary(result["rows"])
     if args.markdown:
         print(markdown(lines))

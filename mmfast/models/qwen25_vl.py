@@ -33,7 +33,8 @@ from mmfast.models.generation import Decoding, decode
 from mmfast.models.lm_loss import CausalLMOutput, causal_lm_loss
 from mmfast.models.mrope_index import mrope_position_ids
 from mmfast.models.packing import pack_prompts
-from mmfast.models.qwen2_decoder import Qwen2Decoder
+from mmfast.models.qwen_vl_backbone import QwenVLBackbone
+from mmfast.models.qwen_vl_config import read_text_settings, read_vision_settings, write_config, write_vision_config
 from mmfast.nn.qwen_vision import Qwen25VisionTransformer
 
 # Original checkpoint names -> transformers 5 / mmfast names.
@@ -41,6 +42,8 @@ CHECKPOINT_RULES = (
     (r"^visual\.", "model.visual."),
     (r"^model\.(?!visual\.|language_model\.)", "model.language_model."),
 )
+VISION_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size",
+               "temporal_patch_size", "in_channels", "spatial_merge_size", "window_size", "fullatt_block_indexes")
 
 
 def _int_if_whole(x: float) -> float | int:
@@ -73,33 +76,16 @@ class Qwen25VLConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "Qwen25VLConfig":
-        text = dict(config.get("text_config") or {})
-        merged = {**text, **{k: v for k, v in config.items() if k not in ("text_config", "vision_config")}}
-        # transformers 5 keeps rope settings in rope_parameters, 4.x in rope_theta + rope_scaling
-        rope = dict(text.get("rope_parameters") or config.get("rope_parameters") or {})
-        rope.update({k: v for k, v in (merged.get("rope_scaling") or {}).items() if k not in rope})
-        theta = rope.get("rope_theta", merged.get("rope_theta", cls.rope_theta))
-        if rope.get("rope_type", "default") not in ("default", "mrope"):
-            raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (default M-RoPE only)")
-        if merged.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window is not supported by mmfast's Qwen2.5-VL")
-        if merged.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {merged['hidden_act']!r} (only 'silu' is supported)")
-        vision_config = dict(config.get("vision_config") or {})
-        vision_keys = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size",
-                       "temporal_patch_size", "in_channels", "spatial_merge_size", "window_size",
-                       "fullatt_block_indexes")
-        vision = {k: vision_config[k] for k in vision_keys if k in vision_config}
-        vision_rope = vision_config.get("rope_parameters") or {}
-        if "rope_theta" in vision_rope:
-            vision["rope_theta"] = float(vision_rope["rope_theta"])
-        kwargs = {name: merged[name] for name in (
+        text = read_text_settings(config, model_name="Qwen2.5-VL", default_rope_theta=cls.rope_theta,
+                                  default_mrope_section=cls.mrope_section, unsupported_flags=("use_sliding_window",))
+        vision = read_vision_settings(config, VISION_KEYS)
+        kwargs = {name: text.fields[name] for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "image_token_id", "video_token_id",
-            "vision_start_token_id", "eos_token_id", "pad_token_id") if name in merged}
-        return cls(**kwargs, rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", cls.mrope_section)),
-                   vision=vision, tokens_per_second=float(vision_config.get("tokens_per_second", 2.0)),
-                   raw=dict(config))
+            "vision_start_token_id", "eos_token_id", "pad_token_id") if name in text.fields}
+        tokens_per_second = float((config.get("vision_config") or {}).get("tokens_per_second", 2.0))
+        return cls(**kwargs, rope_theta=text.rope_theta, mrope_section=text.mrope_section, vision=vision,
+                   tokens_per_second=tokens_per_second, raw=dict(config))
 
     def to_dict(self) -> dict:
         """A transformers-5 style config.json dict (over the one it was read from, if any)."""
@@ -110,30 +96,14 @@ class Qwen25VLConfig:
                 "pad_token_id": self.pad_token_id, "model_type": "qwen2_5_vl_text",
                 "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
                                     "mrope_section": list(self.mrope_section)}}
-        vision = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vision.items() if k != "rope_theta"}
-        vision.update(out_hidden_size=self.vision.get("out_hidden_size", self.hidden_size), hidden_act="silu",
-                      tokens_per_second=_int_if_whole(self.tokens_per_second), model_type="qwen2_5_vl_vision")
-        if "rope_theta" in self.vision:
-            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision["rope_theta"]}
-        raw = {k: v for k, v in self.raw.items() if k not in text and k not in ("preset", "dtype", "torch_dtype")}
-        return {**raw, "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                "text_config": {**(raw.get("text_config") or {}), **text},
-                "vision_config": {**(raw.get("vision_config") or {}), **vision},
-                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
-                "vision_start_token_id": self.vision_start_token_id, "tie_word_embeddings": self.tie_word_embeddings}
-
-
-class _Backbone(nn.Module):
-    """Holds the towers under transformers 5's names: ``model.visual``, ``model.language_model``."""
-
-    def __init__(self, config: Qwen25VLConfig):
-        super().__init__()
-        self.visual = Qwen25VisionTransformer(**{"out_hidden_size": config.hidden_size, **config.vision})
-        self.language_model = Qwen2Decoder(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta, mrope_section=config.mrope_section)
+        vision = write_vision_config(self.vision, self.hidden_size, hidden_act="silu",
+                                     tokens_per_second=_int_if_whole(self.tokens_per_second),
+                                     model_type="qwen2_5_vl_vision")
+        return write_config(self.raw, architecture="Qwen2_5_VLForConditionalGeneration", model_type="qwen2_5_vl",
+                            text=text, vision=vision,
+                            top={"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                                 "vision_start_token_id": self.vision_start_token_id,
+                                 "tie_word_embeddings": self.tie_word_embeddings})
 
 
 @dataclass
@@ -154,15 +124,19 @@ class Qwen25VLForConditionalGeneration(nn.Module):
     ``Qwen2_5_VLForConditionalGeneration`` (see the module docstring)."""
 
     config_class = Qwen25VLConfig
-    backbone_class = _Backbone
 
     def __init__(self, config: Union[Qwen25VLConfig, dict]):
         super().__init__()
         self.config = config if isinstance(config, self.config_class) else self.config_class.from_dict(config)
-        self.model = self.backbone_class(self.config)
+        self.model = self.build_backbone(self.config)
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         self.tie_weights()
         self._decode_graphs = DecodeGraphs()  # generate(cuda_graph=True)'s captured step
+
+    @staticmethod
+    def build_backbone(config: Qwen25VLConfig) -> QwenVLBackbone:
+        """``model.visual`` (:class:`Qwen25VisionTransformer`) and ``model.language_model``."""
+        return QwenVLBackbone(config, Qwen25VisionTransformer)
 
     # ---- checkpoints ---------------------------------------------------------------
 

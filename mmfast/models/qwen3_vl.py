@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmfast.models.checkpoint import register_architecture
 from mmfast.models.mrope_index import mrope_position_ids
 from mmfast.models.packing import pack_prompts
 from mmfast.models.qwen25_vl import Qwen25VLForConditionalGeneration, _Prompt
-from mmfast.models.qwen2_decoder import Qwen2Decoder
+from mmfast.models.qwen_vl_backbone import QwenVLBackbone
+from mmfast.models.qwen_vl_config import read_text_settings, read_vision_settings, write_config, write_vision_config
 from mmfast.nn.qwen3_vision import Qwen3VisionTransformer
 
 VISION_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size",
@@ -71,29 +72,18 @@ class Qwen3VLConfig:
 
     @classmethod
     def from_dict(cls, config: dict) -> "Qwen3VLConfig":
-        text = dict(config.get("text_config") or {})
-        merged = {**text, **{k: v for k, v in config.items() if k not in ("text_config", "vision_config")}}
-        rope = dict(text.get("rope_parameters") or config.get("rope_parameters") or {})
-        rope.update({k: v for k, v in (merged.get("rope_scaling") or {}).items() if k not in rope})
-        theta = rope.get("rope_theta", merged.get("rope_theta", cls.rope_theta))
-        if rope.get("rope_type", "default") not in ("default", "mrope"):
-            raise ValueError(f"config.json: rope type {rope['rope_type']!r} is not supported (default M-RoPE only)")
-        if merged.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {merged['hidden_act']!r} (only 'silu' is supported)")
-        vision_config = dict(config.get("vision_config") or {})
-        vision = {k: vision_config[k] for k in VISION_KEYS if k in vision_config}
+        text = read_text_settings(config, model_name="Qwen3-VL", default_rope_theta=cls.rope_theta,
+                                  default_mrope_section=cls.mrope_section)
+        vision = read_vision_settings(config, VISION_KEYS)
         if "deepstack_visual_indexes" in vision:
             vision["deepstack_visual_indexes"] = tuple(vision["deepstack_visual_indexes"])
-        vision_rope = vision_config.get("rope_parameters") or {}
-        if "rope_theta" in vision_rope:
-            vision["rope_theta"] = float(vision_rope["rope_theta"])
-        kwargs = {name: merged[name] for name in (
+        kwargs = {name: text.fields[name] for name in (
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "rms_norm_eps", "attention_bias", "tie_word_embeddings",
             "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "eos_token_id",
-            "pad_token_id") if merged.get(name) is not None}
-        return cls(**kwargs, rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", cls.mrope_section)),
-                   vision=vision, raw=dict(config))
+            "pad_token_id") if text.fields.get(name) is not None}
+        return cls(**kwargs, rope_theta=text.rope_theta, mrope_section=text.mrope_section, vision=vision,
+                   raw=dict(config))
 
     def to_dict(self) -> dict:
         """A transformers-5 style config.json dict (over the one it was read from, if any)."""
@@ -105,33 +95,14 @@ class Qwen3VLConfig:
                 "model_type": "qwen3_vl_text",
                 "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta,
                                     "mrope_section": list(self.mrope_section), "mrope_interleaved": True}}
-        vision = {k: list(v) if isinstance(v, tuple) else v for k, v in self.vision.items() if k != "rope_theta"}
-        vision.update(out_hidden_size=self.vision.get("out_hidden_size", self.hidden_size),
-                      model_type="qwen3_vl_vision")
-        if "rope_theta" in self.vision:
-            vision["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.vision["rope_theta"]}
-        raw = {k: v for k, v in self.raw.items() if k not in text and k not in ("preset", "dtype", "torch_dtype")}
-        raw_text = {k: v for k, v in (raw.get("text_config") or {}).items() if k not in ("rope_scaling", "rope_theta")}
-        return {**raw, "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-                "text_config": {**raw_text, **text},
-                "vision_config": {**(raw.get("vision_config") or {}), **vision},
-                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
-                "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
-                "eos_token_id": self.eos_token_id, "tie_word_embeddings": self.tie_word_embeddings}
-
-
-class _Backbone(nn.Module):
-    """Holds the towers under transformers' names: ``model.visual``, ``model.language_model``."""
-
-    def __init__(self, config: Qwen3VLConfig):
-        super().__init__()
-        self.visual = Qwen3VisionTransformer(**{"out_hidden_size": config.hidden_size, **config.vision})
-        self.language_model = Qwen2Decoder(
-            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads, rms_norm_eps=config.rms_norm_eps,
-            rope_theta=config.rope_theta, mrope_section=config.mrope_section, qkv_bias=config.attention_bias,
-            o_bias=config.attention_bias, head_dim=config.head_dim, qk_norm=True, mrope_interleaved=True)
+        vision = write_vision_config(self.vision, self.hidden_size, model_type="qwen3_vl_vision")
+        # 4.57's rope_scaling / rope_theta of a released config.json: rope_parameters replaces them.
+        return write_config(self.raw, architecture="Qwen3VLForConditionalGeneration", model_type="qwen3_vl",
+                            text=text, vision=vision, stale_text_keys=("rope_scaling", "rope_theta"),
+                            top={"image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                                 "vision_start_token_id": self.vision_start_token_id,
+                                 "vision_end_token_id": self.vision_end_token_id, "eos_token_id": self.eos_token_id,
+                                 "tie_word_embeddings": self.tie_word_embeddings})
 
 
 def _frames(video_grid_thw: Optional[Tensor]) -> Optional[Tensor]:
@@ -154,7 +125,14 @@ class Qwen3VLForConditionalGeneration(Qwen25VLForConditionalGeneration):
     ``second_per_grid_ts``)."""
 
     config_class = Qwen3VLConfig
-    backbone_class = _Backbone
+
+    @staticmethod
+    def build_backbone(config: Qwen3VLConfig) -> QwenVLBackbone:
+        """``model.visual`` (:class:`Qwen3VisionTransformer`) and ``model.language_model`` in
+        its Qwen3 form (q/k norm, explicit head_dim, interleaved M-RoPE)."""
+        return QwenVLBackbone(config, Qwen3VisionTransformer, qkv_bias=config.attention_bias,
+                              o_bias=config.attention_bias, head_dim=config.head_dim, qk_norm=True,
+                              mrope_interleaved=True)
 
     @classmethod
     def from_preset(cls, name: str) -> "Qwen3VLForConditionalGeneration":
