@@ -129,7 +129,7 @@ def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
     # Value checks need the values on the host: always for CPU tensors (no sync to avoid),
     # else only when syncing anyway, or debugging. On a device the kernels clamp the values,
     # so bad ones cannot reach outside the tensors, and loop past a too-small max_seqlen.
-    check_all = debug_checks() or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+    check_all = debug_checks() or (not torch.compiler.is_compiling() and q.is_cpu)
     if max_seqlen_q is None or check_all:
         max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     if max_seqlen_k is None or check_all:
