@@ -236,8 +236,8 @@ class OpFamily:
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
         """The backend that runs ``call``: an override if any, else the first that fits."""
-        if backend is None and is_cpu(call.device) and not _layers.get() and not getenv(ENV_VAR) \
-                and not torch.compiler.is_compiling():
+        if backend is None and is_cpu(call.device) and not torch.compiler.is_compiling() \
+                and not _layers.get() and not getenv(ENV_VAR):  # (dynamo cannot trace _layers.get)
             return self._cpu_default(call)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")

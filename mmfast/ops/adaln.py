@@ -180,8 +180,9 @@ def _check_tokens(name: str, t, like: Tensor | None = None) -> None:
 def _check_per_sample(name: str, t, x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-    if t.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"{name}: expected shape [B, C] = ({x.shape[0]}, {x.shape[2]}) (one row per "
+    shape = x.shape
+    if t.shape != (shape[0], shape[2]):
+        raise ValueError(f"{name}: expected shape [B, C] = ({shape[0]}, {shape[2]}) (one row per "
                          f"sample of x), got {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")

@@ -702,15 +702,16 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     window_left, window_right = window
     if causal:
         window_right = 0
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    head_dim = q.shape[-1]  # (read once: each tensor property read costs a fraction of a us)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     layout = "packed" if q.dim() == 3 else "padded"
     requires_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
         or (rotary is not None and (rotary[0].requires_grad or rotary[1].requires_grad)))
-    call = Call(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], layout=layout,
+    call = Call(device=q.device, dtype=q.dtype, head_dim=head_dim, layout=layout,
                 facts={"return_lse": bool(return_lse), "causal": causal, "window": (window_left, window_right),
                        "max_seqlen_q": max_seqlen_q, "max_seqlen_k": max_seqlen_k,
-                       "head_dim": q.shape[-1], "requires_grad": requires_grad,
+                       "head_dim": head_dim, "requires_grad": requires_grad,
                        "dropout_p": dropout_p, "generator": generator is not None})
     chosen = ATTENTION.select(call, backend)
     run = chosen.run
