@@ -8,6 +8,9 @@ median over rounds of (mmfast - torch) per call. Times are the thread's CPU time
 default (less disturbed by other processes on a shared machine than wall time).
 
     python scripts/op_overhead.py [--rounds 41] [--calls 400] [--wall] [--profile CASE]
+
+``mmfast`` is imported as installed: to measure a checkout, put its root first on PYTHONPATH.
+TRITON_INTERPRET must be unset (the default CPU backends are what is measured).
 """
 
 from __future__ import annotations
