@@ -43,7 +43,7 @@ logger = logging.getLogger("mmfast.dispatch")
 ENV_VAR = "MMFAST_BACKEND"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Call:
     """What a backend may look at to decide whether it can take one call."""
 
@@ -54,6 +54,32 @@ class Call:
     # Op-specific facts (hidden size, segment lengths, ...) for a backend's ``check``.
     facts: dict = field(default_factory=dict, compare=False)
 
+    def __init__(self, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
+                 layout: str | None = None, facts: dict | None = None):
+        # One call per op call: the generated frozen __init__ sets each field through
+        # object.__setattr__, which cost about 1.5 us more than this one update.
+        self.__dict__.update(device=device, dtype=dtype, head_dim=head_dim, layout=layout,
+                             facts={} if facts is None else facts)
+
+
+_env_keys: dict[str, object] = {}
+
+
+def getenv(name: str) -> str | None:
+    """``os.environ.get(name)``, read on every op call: that one raises and catches a
+    KeyError for an unset variable (some 3 us; two reads a call were a third of the
+    dispatch cost of a small op), so the variable is looked up in os.environ's own
+    dict of encoded names and values instead, which os.environ keeps current."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None:  # not the standard os._Environ (replaced): ask it
+        return environ.get(name)
+    key = _env_keys.get(name)
+    if key is None:
+        key = _env_keys[name] = environ.encodekey(name)
+    value = data.get(key)
+    return None if value is None else environ.decodevalue(value)
+
 
 def triton_interpreted() -> bool:
     """True when Triton kernels run under the interpreter (``TRITON_INTERPRET=1``).
@@ -61,7 +87,7 @@ def triton_interpreted() -> bool:
     Triton reads this variable when a kernel is defined, so it must be set before the
     first kernel module is imported (the test suite does so on CPU machines).
     """
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return getenv("TRITON_INTERPRET") not in (None, "", "0")
 
 
 _module_found: dict[str, bool] = {}
@@ -90,6 +116,15 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     if index not in _capability:
         _capability[index] = torch.cuda.get_device_capability(index)
     return _capability[index]
+
+
+_CPU = torch.device("cpu")
+
+
+def is_cpu(device: torch.device) -> bool:
+    """``device.type == "cpu"``; ``device.type`` builds a new string each time (about 1 us,
+    as much as the rest of a remembered dispatch), so the usual CPU device is compared first."""
+    return device == _CPU or device.type == "cpu"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -201,8 +236,8 @@ class OpFamily:
 
     def select(self, call: Call, backend: str | None = None) -> Backend:
         """The backend that runs ``call``: an override if any, else the first that fits."""
-        if backend is None and call.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and not _layers.get() and not os.environ.get(ENV_VAR):
+        if backend is None and is_cpu(call.device) and not torch.compiler.is_compiling() \
+                and not _layers.get() and not getenv(ENV_VAR):  # (dynamo cannot trace _layers.get)
             return self._cpu_default(call)
         if backend is not None and not isinstance(backend, str):
             raise TypeError(f"backend: expected a backend name or None, got {type(backend).__name__}")
@@ -337,7 +372,7 @@ def _parse_env(value: str) -> dict[str, str]:
 
 def _env_overrides() -> dict[str, str]:
     global _parsed_env
-    value = os.environ.get(ENV_VAR, "")
+    value = getenv(ENV_VAR) or ""
     if value != _parsed_env[0]:
         try:
             parsed: dict[str, str] | ValueError = _parse_env(value)
@@ -478,7 +513,7 @@ _logged: set[tuple] = set()
 
 
 def _log_choice(op: str, backend: str, call: Call) -> None:
-    key = (op, backend, call.device.type, call.dtype)
+    key = (op, backend, call.device, call.dtype)  # the device, not its type: see is_cpu
     if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         logger.debug("%s: backend %s for %s %s", op, backend, call.device.type, _dtype_name(call.dtype))

@@ -82,26 +82,31 @@ def check_max_seqlen(name: str, value) -> None:
 def check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> bool:
     """Tensors, layout and heads of q, k, v; returns whether the layout is packed."""
     check_tensor("q", q)
-    check_tensor("k", k, q)
-    check_tensor("v", v, q)
-    packed = q.dim() == 3
-    if k.shape != v.shape:
-        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    # The usual call, k and v of q's dtype, device and rank, is told in three comparisons
+    # (check_tensor reads q's properties again for each); check_tensor names what differs.
+    dtype, device, dims = q.dtype, q.device, q.dim()
+    for name, t in (("k", k), ("v", v)):
+        if not (isinstance(t, Tensor) and t.dtype == dtype and t.device == device and t.dim() == dims):
+            check_tensor(name, t, q)
+    packed = dims == 3
+    q_shape, k_shape = q.shape, k.shape
+    if k_shape != v.shape:
+        raise ValueError(f"v: expected shape {tuple(k_shape)} (that of k), got {tuple(v.shape)}")
     if packed != (cu_seqlens_q is not None) or packed != (cu_seqlens_k is not None):
         raise ValueError(
             "cu_seqlens_q, cu_seqlens_k: expected both for packed [T, H, D] inputs and neither "
-            f"for padded [B, T, H, D] ones; q has shape {tuple(q.shape)}"
+            f"for padded [B, T, H, D] ones; q has shape {tuple(q_shape)}"
         )
     if not packed and (max_seqlen_q is not None or max_seqlen_k is not None):
         raise ValueError("max_seqlen_q, max_seqlen_k: only for the packed layout (with cu_seqlens)")
-    if not packed and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k: expected batch size {q.shape[0]} (that of q), got {k.shape[0]}")
-    head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim:
-        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k.shape[-1]}")
+    if not packed and k_shape[0] != q_shape[0]:
+        raise ValueError(f"k: expected batch size {q_shape[0]} (that of q), got {k_shape[0]}")
+    head_dim = q_shape[-1]
+    if k_shape[-1] != head_dim:
+        raise ValueError(f"k: expected head dim {head_dim} (that of q), got {k_shape[-1]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {head_dim} not supported (expected 1..{MAX_HEAD_DIM})")
-    heads, kv_heads = q.shape[-2], k.shape[-2]
+    heads, kv_heads = q_shape[-2], k_shape[-2]
     if kv_heads == 0 or heads % kv_heads:
         raise ValueError(f"k: expected a head count that divides q's {heads}, got {kv_heads}")
     return packed
@@ -129,7 +134,7 @@ def check_lengths(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
     # Value checks need the values on the host: always for CPU tensors (no sync to avoid),
     # else only when syncing anyway, or debugging. On a device the kernels clamp the values,
     # so bad ones cannot reach outside the tensors, and loop past a too-small max_seqlen.
-    check_all = debug_checks() or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+    check_all = debug_checks() or (not torch.compiler.is_compiling() and q.is_cpu)
     if max_seqlen_q is None or check_all:
         max_seqlen_q = check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     if max_seqlen_k is None or check_all:

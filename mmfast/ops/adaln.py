@@ -17,14 +17,12 @@ No check reads device memory: every call is CUDA-graph capturable.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmfast.dispatch import Backend, Call, op_family
+from mmfast.ops._checks import check_eps
 
 # ---- references ------------------------------------------------------------------
 
@@ -182,8 +180,9 @@ def _check_tokens(name: str, t, like: Tensor | None = None) -> None:
 def _check_per_sample(name: str, t, x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a Tensor, got {type(t).__name__}")
-    if t.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"{name}: expected shape [B, C] = ({x.shape[0]}, {x.shape[2]}) (one row per "
+    shape = x.shape
+    if t.shape != (shape[0], shape[2]):
+        raise ValueError(f"{name}: expected shape [B, C] = ({shape[0]}, {shape[2]}) (one row per "
                          f"sample of x), got {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
@@ -209,8 +208,7 @@ def adaln_modulate(x, shift, scale, eps=1e-6, *, backend=None):
     _check_tokens("x", x)
     _check_per_sample("shift", shift, x)
     _check_per_sample("scale", scale, x)
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not (0 <= eps < math.inf):
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    check_eps(eps)
     return _select(x, backend).run("modulate", x, shift, scale, float(eps))
 
 
