@@ -4,14 +4,13 @@ open_clip's composition (its values and gradients: each rank's own loss, not sca
 against the dense float64 loss of the concatenated batch."""
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.ops.test_contrastive_dist import TIMEOUT, _free_port, _global_batch
+from tests.distributed.launcher import run_ranks
+from tests.ops.test_contrastive_dist import TIMEOUT, _global_batch
 
 
-def _check(rank):
+def _check(rank, world):
     import mmfast
 
     class ShiftedLabels(mmfast.nn.ClipLoss):
@@ -60,28 +59,5 @@ def _check(rank):
     torch.testing.assert_close(x.grad, gx.grad)
 
 
-def _worker(rank, port, failures):
-    import traceback
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=TIMEOUT)
-        _check(rank)
-        dist.barrier()
-    except BaseException:
-        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def test_open_clip_api_over_two_ranks():
-    failures = mp.get_context("spawn").SimpleQueue()
-    try:
-        mp.spawn(_worker, args=(_free_port(), failures), nprocs=2, join=True)
-    except Exception as error:
-        messages = []
-        while not failures.empty():
-            messages.append(failures.get())
-        raise AssertionError("\n".join(messages) or str(error)) from None
+def test_open_clip_api_over_two_ranks(tmp_path):
+    run_ranks(_check, 2, tmp_path, timeout=TIMEOUT)
