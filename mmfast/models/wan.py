@@ -11,13 +11,14 @@
 - text encoder: transformers ``UMT5EncoderModel``, optional as SD3's T5-XXL is: without it
   (and its tokenizer) ``generate`` takes ``prompt_embeds`` [B, tokens, text_dim];
 - sampler: the pipeline's scheduler. The published Wan pipelines use
-  ``UniPCMultistepScheduler`` (flow prediction, flow sigmas), whose own ``step`` runs (it
-  has no mmfast fused step); a ``FlowMatchEulerDiscreteScheduler`` or
+  ``UniPCMultistepScheduler`` (flow prediction, flow sigmas): guidance, its corrector and
+  predictor run in one fused pass (``guided_scheduler_step``; diffusers' own step without
+  guidance); a ``FlowMatchEulerDiscreteScheduler`` or
   ``DPMSolverMultistepScheduler`` gets mmfast's fused guided step. ``cuda_graph=True``
   replays a whole step from a CUDA graph with a fused step (the machinery of
-  :mod:`mmfast.models._latent_sampler`), else the guided denoiser call (UniPC's step,
-  which mmfast's fused step kernel cannot express: its corrector reads the previous sample
-  and two earlier predictions, runs between replays).
+  :mod:`mmfast.models._latent_sampler`), else the denoiser call (UniPC's state,
+  the previous sample and earlier predictions, lives in diffusers' scheduler, so its step
+  runs between replays).
 
 ``generate`` follows diffusers' ``WanPipeline`` draw for draw: float32 initial noise of
 shape [B, C, (frames - 1) / 4 + 1, H / 8, W / 8] (the VAE's factors), one denoiser pass per
@@ -289,7 +290,7 @@ class WanVideoModel(LatentSampler):
                  cuda_graph: bool) -> Tensor:
         from tqdm.auto import tqdm
 
-        from mmfast.integrations.diffusers.schedulers import fused_stepper
+        from mmfast.integrations.diffusers.schedulers import fused_stepper, guided_scheduler_step
 
         scheduler = self.scheduler
         scheduler.set_timesteps(steps, device=self.device)
@@ -303,51 +304,47 @@ class WanVideoModel(LatentSampler):
             for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising"):
                 latents = self._denoise_step(latents, cond, stepper, t, guidance)
             return latents
-        # diffusers' own step (UniPC), the pipeline's loop; a second expert below the boundary.
+        # The pipeline's loop with the scheduler's step (UniPC: guidance, corrector and
+        # predictor in one fused pass; with cuda_graph the denoiser call is replayed from a
+        # graph, the step runs after it); a second expert below the boundary.
         boundary = None if self.boundary_ratio is None else self.boundary_ratio * scheduler.config.num_train_timesteps
-        predict = self._graphed_prediction if cuda_graph else self._guided_prediction
+        predict = self._graphed_prediction if cuda_graph else self._predict
         scheduler.set_begin_index(0)
         for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising"):
             second = boundary is not None and t < boundary
             model = self.transformer_2 if second else self.transformer
             scale = None if scales is None else scales[1 if second else 0]
-            latents = scheduler.step(predict(model, latents, t, cond, scale), t, latents, return_dict=False)[0]
+            if scale is None:
+                latents = scheduler.step(predict(latents, t, cond, model), t, latents, return_dict=False)[0]
+            else:  # the denoiser on [uncond; cond] (the pipeline's two calls in one), guided in the step
+                halves = predict(torch.cat([latents] * 2), t, cond, model).chunk(2)
+                latents = guided_scheduler_step(scheduler, halves, t, latents, guidance_scale=scale,
+                                                return_dict=False)[0]
         return latents
 
-    def _guided_prediction(self, model: nn.Module, latents: Tensor, t: Tensor, cond: tuple[Tensor, ...],
-                           scale: float | None) -> Tensor:
-        """The denoiser on [uncond; cond] and ``uncond + scale * (cond - uncond)`` (the
-        pipeline's two calls and guidance), or on the prompt alone when ``scale`` is None."""
-        model_input = latents if scale is None else torch.cat([latents] * 2)
-        prediction = self._predict(model_input, t, cond, model)
-        if scale is None:
-            return prediction
-        uncond, conditional = prediction.chunk(2)
-        return uncond + scale * (conditional - uncond)
-
-    def _graphed_prediction(self, model: nn.Module, latents: Tensor, t: Tensor, cond: tuple[Tensor, ...],
-                            scale: float | None) -> Tensor:
-        """:meth:`_guided_prediction` replayed from a CUDA graph (one per expert, shapes and
-        scale; kept for later calls): the inputs are copied into its static tensors, the
-        scheduler's own step then runs outside it. Without ``_capture_graphs`` the same
-        body runs eagerly (CPU tests)."""
-        key = (id(model), tuple(latents.shape), latents.dtype, t.dtype, tuple(tuple(c.shape) for c in cond), scale,
+    def _graphed_prediction(self, model_input: Tensor, t: Tensor, cond: tuple[Tensor, ...],
+                            model: nn.Module) -> Tensor:
+        """:meth:`_predict` replayed from a CUDA graph (one per expert and shapes; kept for
+        later calls): the inputs are copied into its static tensors, the scheduler's step
+        then runs outside it. Without ``_capture_graphs`` the same body runs eagerly (CPU
+        tests)."""
+        key = (id(model), tuple(model_input.shape), model_input.dtype, t.dtype, tuple(tuple(c.shape) for c in cond),
                self.device, self._capture_graphs)
         entry = self._prediction_graphs.get(key)
         if entry is None:
-            if len(self._prediction_graphs) >= 4:  # another size or scale: free the old graphs first
+            if len(self._prediction_graphs) >= 4:  # another size: free the old graphs first
                 self._prediction_graphs.clear()
-            static_latents, static_t = latents.clone(), t.to(self.device).clone()
+            static_latents, static_t = model_input.clone(), t.to(self.device).clone()
             static_cond = tuple(c.clone() for c in cond)
             out: dict[str, Tensor] = {}
 
             def body():
-                out["prediction"] = self._guided_prediction(model, static_latents, static_t, static_cond, scale)
+                out["prediction"] = self._predict(static_latents, static_t, static_cond, model)
 
             graph = capture_graph(body) if self._capture_graphs else None
             entry = self._prediction_graphs[key] = (graph, body, static_latents, static_t, static_cond, out)
         graph, body, static_latents, static_t, static_cond, out = entry
-        static_latents.copy_(latents)
+        static_latents.copy_(model_input)
         static_t.copy_(t)
         for static, given in zip(static_cond, cond):
             static.copy_(given)
