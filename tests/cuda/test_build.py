@@ -289,9 +289,10 @@ def test_scheduler_step_takes_cuda_only_for_what_the_kernel_does(fake_hopper, mo
     family = op_family("scheduler_step")
 
     def call(**facts):
-        facts = {"float64": False, "one_dtype": True, "rescale": False, "numel": 1 << 16, **facts}
+        facts = {"float64": False, "one_dtype": True, "rescale": False, "corrector": False, "numel": 1 << 16, **facts}
         return Call(device=CUDA0, dtype=torch.bfloat16, facts=facts)
 
     assert family.select(call()).name == "cuda"
     assert family.select(call(rescale=True)).name == "triton"
+    assert family.select(call(corrector=True)).name == "triton"  # UniPC's corrector: Triton only
     assert family.select(call(one_dtype=False)).name == "triton"
