@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import mmfast
+import mmfast.ops  # noqa: F401  (registers the op families; `import mmfast` alone does not, and under
+#                    pytest-xdist no earlier test in this worker may have)
 from mmfast import dispatch, tuning
 from mmfast.cuda import build
 from mmfast.dispatch import Call, op_family
