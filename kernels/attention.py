@@ -156,6 +156,7 @@ def _load_rotated(rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half
     by its tokens' angles (table_rows: [rows, 1] offsets into COS, SIN), in float32, rounded
     back to the input dtype."""
     x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    # No norm (NORM=False): the weight pointer and 1/rms slots are placeholders it never reads.
     return _prepare_tile(x, rows_ptr, row_ok, table_rows, COS, SIN, offs_d, head_dim, half, ROTARY,
                          COS, half, False, False)
 
@@ -393,7 +394,7 @@ def _attention_rotate_kernel(
         rows = (start + offs_t).to(tl.int64)[:, None]
         X_rows = X + b64 * stride_xb + h * stride_xh + rows * stride_xt
         x = _load_cols(X_rows, ok, offs_d, head_dim)
-        rstd = ok.to(tl.float32)
+        rstd = ok.to(tl.float32)  # (a float row vector for the untaken NORM slot: never read without NORM)
         if NORM:  # the whole head dim is in the tile (BLOCK_D >= head_dim)
             rstd = _tile_rstd(x, head_dim, norm_eps)
             if STORE_RSTD:
@@ -971,11 +972,16 @@ def _row_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return (0, *t.stride()) if varlen else t.stride()
 
 
-def _qk_norm_args(qk_norm, head_dim: int) -> tuple:
+def _qk_norm_args(qk_norm, into, skip_up_to) -> tuple:
     """(q weight, k weight, eps) with the weights made contiguous (the kernels read them as
-    flat [D] arrays), or (None, None, None) without qk_norm."""
+    flat [D] arrays), or (None, None, None) without qk_norm. Not with ``into`` /
+    ``skip_up_to`` (the short-segment backend's hand-over): the norm's backward makes new
+    gradients, and skipped rows would have no 1/rms."""
     if qk_norm is None:
         return None, None, None
+    if into is not None or skip_up_to is not None:
+        raise ValueError("qk_norm: not taken together with into / skip_up_to (the short-segment backend composes "
+                         "the norm instead)")
     q_weight, k_weight, eps = qk_norm
     return dense(q_weight), dense(k_weight), float(eps)
 
@@ -1032,7 +1038,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_se
     cu_k = cu_seqlens_k if varlen else q
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
-    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, head_dim)
+    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, into, skip_up_to)
     skip_rot = skip_up_to if skip_up_to is not None else (-1, -1)
     q_on_load = qk_norm is None or head_dim_pieces(head_dim)[1] == 0
     if cos is not None or qk_norm is not None:  # q tiles are prepared on load; k is read prepared
@@ -1110,7 +1116,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
     rotary = _rotary_args(q, cos, sin, table_seg_stride)
     table_cos, table_sin, stride_cb, stride_ct, half = rotary
     raw_q, raw_k = q, k
-    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, head_dim)
+    q_weight, k_weight, norm_eps = _qk_norm_args(qk_norm, into, skip_up_to)
     if qk_norm is not None:
         # 1 / rms of each row of q and k, for the norm backward; rows of no segment keep 0
         # (no gradient reaches them through the norm).

@@ -102,6 +102,13 @@ def test_bad_frame_count_is_refused(tmp_path, capsys):
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_frames_for_an_image_model_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        raise SystemExit(main(["profile", "ldm", "--preset", "flux-tiny", "--frames", "5", "--out", str(tmp_path)]))
+    assert "--frames: only for Wan presets and checkpoints" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
+
+
 def test_preflight_counts_the_video_activations():
     """The estimate adds activations that grow with the video (frames, size, batch)."""
     def estimate(**given):

@@ -5,7 +5,8 @@ heads, attention over the whole sequence, all-to-all back); :func:`shard_sequenc
 :func:`gather_sequence` split a sequence into per-rank chunks and put it back together.
 ``mmfast.patch(model, sequence_parallel=group)`` uses them to run a diffusers DiT
 (SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
-Flux2Transformer2DModel, WanTransformer3DModel) on every rank of ``group``.
+Flux2Transformer2DModel, QwenImageTransformer2DModel, WanTransformer3DModel) on every rank
+of ``group``.
 Communication is torch.distributed's own collectives only.
 """
 

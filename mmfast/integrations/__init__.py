@@ -103,11 +103,9 @@ def patch(target: Any, *, sequence_parallel: Any = _NOT_GIVEN) -> PatchHandle:
     single-process output, the tokens split over the ranks inside (Ulysses
     attention, see mmfast.integrations.diffusers.sequence_parallel). Taken by diffusers'
     SD3Transformer2DModel, DiTTransformer2DModel, FluxTransformer2DModel,
-    Flux2Transformer2DModel and WanTransformer3DModel, and pipelines holding one; a
-    ValueError for any other target, or a world size that does not divide the head count.
-    SD3Transformer2DModel, DiTTransformer2DModel, WanTransformer3DModel and
-    QwenImageTransformer2DModel, and pipelines holding one; a ValueError for any other
-    target, or a world size that does not divide the head count.
+    Flux2Transformer2DModel, QwenImageTransformer2DModel and WanTransformer3DModel, and
+    pipelines holding one; a ValueError for any other target, or a world size that does
+    not divide the head count.
 
     A part of a model (a resampler, a Q-Former, a module holding one) gets what the first
     family whose table names a module in it replaces. A target no family knows, holding

@@ -30,7 +30,8 @@ Not covered: image-to-video (WanImageToVideoPipeline, TI2V's first-frame conditi
 VACE, ``attention_kwargs`` / LoRA scales, callbacks.
 
 Syncs: none per step (UniPC's step index and sigmas live on the host, set_begin_index(0) as
-the pipeline does).
+the pipeline does); with a second expert, one read-back before the loop of which steps it
+takes.
 """
 
 from __future__ import annotations
@@ -50,14 +51,15 @@ DENOISERS = ("WanTransformer3DModel",)
 VAES = ("AutoencoderKLWan",)
 TEXT_ENCODERS = ("UMT5EncoderModel",)
 TOKENIZERS = ("T5TokenizerFast", "T5Tokenizer", "AutoTokenizer")
-# Schedulers with an mmfast fused step (guidance and update in one pass, CUDA-graph capturable),
-# and the one the published pipelines use, which runs diffusers' step.
-FUSED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
-SCHEDULERS = ("UniPCMultistepScheduler", *FUSED_SCHEDULERS)
+# Schedulers whose fused stepper runs the whole step inside one CUDA graph (a schedule on the
+# device), and the one the published pipelines use: UniPC, whose guided step is fused too but
+# keeps its history in diffusers' scheduler, so it steps outside the graph.
+GRAPH_STEP_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+SCHEDULERS = ("UniPCMultistepScheduler", *GRAPH_STEP_SCHEDULERS)
 
 
-def _has_fused_step(scheduler) -> bool:
-    return any(c.__name__ in FUSED_SCHEDULERS for c in type(scheduler).__mro__)
+def _steps_in_graph(scheduler) -> bool:
+    return any(c.__name__ in GRAPH_STEP_SCHEDULERS for c in type(scheduler).__mro__)
 
 
 @register_architecture("WanPipeline")
@@ -295,7 +297,7 @@ class WanVideoModel(LatentSampler):
         scheduler = self.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         latents = randn(shape, generator, self.device, torch.float32)  # WanPipeline's noise is float32
-        if _has_fused_step(scheduler) and self.transformer_2 is None:
+        if _steps_in_graph(scheduler) and self.transformer_2 is None:
             stepper = fused_stepper(scheduler)
             stepper.reset(0)
             guidance = None if scales is None else (scales[0], 0.0)
@@ -310,8 +312,10 @@ class WanVideoModel(LatentSampler):
         boundary = None if self.boundary_ratio is None else self.boundary_ratio * scheduler.config.num_train_timesteps
         predict = self._graphed_prediction if cuda_graph else self._predict
         scheduler.set_begin_index(0)
-        for t in tqdm(scheduler.timesteps, disable=not progress, desc="denoising"):
-            second = boundary is not None and t < boundary
+        # Which steps the second expert takes, read back once (not one sync per step).
+        timesteps = scheduler.timesteps
+        seconds = [False] * len(timesteps) if boundary is None else (timesteps < boundary).tolist()
+        for t, second in zip(tqdm(timesteps, disable=not progress, desc="denoising"), seconds):
             model = self.transformer_2 if second else self.transformer
             scale = None if scales is None else scales[1 if second else 0]
             if scale is None:

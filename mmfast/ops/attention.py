@@ -672,10 +672,11 @@ def _check_rotary(rotary, q: Tensor, k: Tensor) -> None:
 def _check_qk_norm(qk_norm, q: Tensor):
     """(q_weight, k_weight, eps) as rms_norm takes them, for every head of q and of k.
     Every problem is a ValueError or TypeError naming ``qk_norm``; returns eps as a float."""
-    if not (isinstance(qk_norm, (tuple, list)) and len(qk_norm) == 3):
+    if not isinstance(qk_norm, (tuple, list)):
+        raise TypeError(f"qk_norm: expected None or (q_weight, k_weight, eps), got {type(qk_norm).__name__}")
+    if len(qk_norm) != 3:
         raise ValueError(f"qk_norm: expected None or (q_weight, k_weight, eps), weights [D] or None, got "
-                         f"{type(qk_norm).__name__}" + (f" of length {len(qk_norm)}"
-                                                        if isinstance(qk_norm, (tuple, list)) else ""))
+                         f"{type(qk_norm).__name__} of length {len(qk_norm)}")
     for name, w in (("q_weight", qk_norm[0]), ("k_weight", qk_norm[1])):
         if w is None:
             continue

@@ -64,6 +64,8 @@ def workload(preset: str | None, checkpoint: str | None):
 def fill_defaults(args, on_gpu: bool) -> None:
     """The workload's own defaults (steps, guidance, frames) before the generic ones."""
     work = workload(args.preset, args.checkpoint)
+    if work is not ldm_wan and getattr(args, "frames", None) is not None:
+        raise ValueError(f"--frames: only for Wan presets and checkpoints (a video), not {args.preset or 'this one'}")
     if work is not sys.modules[__name__]:
         work.fill_defaults(args, on_gpu)
         return

@@ -132,6 +132,8 @@ def _corrector(sigmas, index: int, order: int, solver_type: str, flow_sigmas: bo
         r = _ratio(float(sigmas[index - 2]), s0, h, flow_sigmas)
         b1 = (phi / hh - 1.0) / b_h
         b2 = 2.0 * ((phi / hh - 1.0) / hh - 0.5) / b_h
+        if r == 1.0:  # (only with sigmas that are not monotone)
+            raise NotFusable(f"sigmas: a second-order corrector to sigma {t} has r = 1 (diffusers divides by 1 - r)")
         rho_1 = (b1 - b2) / (1.0 - r)
         rho_t = b1 - rho_1
     # last: ratio; x0_{i-1}: -alpha_t phi + alpha_t B (rho_1 / r + rho_t);

@@ -174,7 +174,7 @@ def _bad_cases(device):
     w = torch.ones(32, device=device)
     return [
         ((w, w), ValueError, "qk_norm: expected None or"),
-        ("norm", ValueError, "qk_norm: expected None or"),
+        ("norm", TypeError, "qk_norm: expected None or"),
         ((w, w, 1e-6, 0), ValueError, "qk_norm: expected None or"),
         ((torch.ones(16, device=device), w, 1e-6), ValueError, "qk_norm: q_weight: expected shape"),
         ((w, torch.ones(2, 32, device=device), 1e-6), ValueError, "qk_norm: k_weight: expected shape"),

@@ -36,7 +36,6 @@ not divide the head count.
 from __future__ import annotations
 
 import inspect
-from functools import partial
 
 import torch
 import torch.distributed as dist

@@ -105,9 +105,14 @@ def qwenimage_sequence_parallel(model, handle: PatchHandle) -> None:
     world = dist.get_world_size(state.group)
     for name, attn in _attentions(model):
         processor = type(attn.processor).__name__
-        if processor not in _TAKEN:
-            raise ValueError(f"sequence_parallel: attention {name} runs {processor}, which has no sequence-parallel "
-                             "form (mmfast takes diffusers' QwenDoubleStreamAttnProcessor2_0)")
+        # A user's class of the same name has unknown semantics; one set up for diffusers'
+        # context parallelism would lose that setup.
+        known = processor in _TAKEN and type(attn.processor).__module__.startswith(("diffusers.", "mmfast."))
+        parallel = getattr(attn.processor, "_parallel_config", None) is not None
+        if not known or parallel:
+            raise ValueError(f"sequence_parallel: attention {name} runs {processor}"
+                             f"{' set up for diffusers context parallelism' if parallel else ''}, which has no "
+                             "sequence-parallel form (mmfast takes diffusers' QwenDoubleStreamAttnProcessor2_0)")
         if attn.heads % world:
             raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {attn.heads} heads "
                              f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
