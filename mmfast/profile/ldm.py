@@ -274,7 +274,15 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
     shapes.update({f"negative_{name}": shape for name, shape in shapes.items()})
     prompt = {name: torch.randn(shape, generator=g).to(ours.device, ours.dtype) for name, shape in shapes.items()}
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution, **prompt)
+    twin = None if compile_backend is None else compiled(pipe, compile_backend)
+    return pipeline_sides(ours, pipe, common, cuda_graph, twin)
 
+
+def pipeline_sides(ours, pipe, common: dict, cuda_graph: bool, compiled_pipe=None,
+                   output: str = "images") -> list[Side]:
+    """mmfast's ``generate`` and the diffusers pipeline (and ``compiled_pipe``, when given)
+    on the same arguments ``common`` and seed, each stamping ``decode_start`` as its VAE
+    decoder starts; ``output``: the pipeline output's field ("images", Wan's "frames")."""
     def run_ours(output_type, decode_start=None):
         with on_first_call(ours.vae.decoder, decode_start, before=True):
             return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
@@ -284,14 +292,15 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float,
         @torch.no_grad()
         def run_pipe(output_type, decode_start=None):
             with on_first_call(pipeline.vae.decoder, decode_start, before=True):
-                return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
-                                **common).images
+                result = pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
+                                  **common)
+            return getattr(result, output)
         return run_pipe
 
     name = f"diffusers {type(pipe).__name__}"
     listed = [Side("mmfast", run_ours), Side(name, runner(pipe))]
-    if compile_backend is not None:
-        listed.append(Side(f"{name} + torch.compile", runner(compiled(pipe, compile_backend))))
+    if compiled_pipe is not None:
+        listed.append(Side(f"{name} + torch.compile", runner(compiled_pipe)))
     return listed
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mmfast.profile import build_progress
-from mmfast.profile.measure import building_on, on_first_call
+from mmfast.profile.measure import building_on
 
 PRESETS = ("flux-tiny", "flux2-tiny", "flux.1-dev", "flux.2-klein")
 PIPELINES = {"FluxPipeline": 1, "Flux2KleinPipeline": 2, "Flux2Pipeline": 2}
@@ -166,30 +166,13 @@ def sides(ours, pipe, batch: int, resolution: int, steps: int, guidance: float, 
     """mmfast and the diffusers pipeline, and with ``compile_backend`` the pipeline with its
     transformer under torch.compile with that backend."""
     from mmfast.models import Flux2Model
-    from mmfast.profile.ldm import Side
+    from mmfast.profile.ldm import pipeline_sides
 
     guided = (isinstance(ours, Flux2Model) and ours._classifier_free and not ours.is_distilled and guidance > 1)
     prompt = _prompt(ours, preset, batch, guided)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution, **prompt)
-
-    def run_ours(output_type, decode_start=None):
-        with on_first_call(ours.vae.decoder, decode_start, before=True):
-            return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
-                                 generator=torch.Generator(ours.device).manual_seed(1), **common)
-
-    def runner(pipeline):
-        @torch.no_grad()
-        def run_pipe(output_type, decode_start=None):
-            with on_first_call(pipeline.vae.decoder, decode_start, before=True):
-                return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
-                                **common).images
-        return run_pipe
-
-    name = f"diffusers {type(pipe).__name__}"
-    listed = [Side("mmfast", run_ours), Side(name, runner(pipe))]
-    if compile_backend is not None:
-        listed.append(Side(f"{name} + torch.compile", runner(_compiled(pipe, compile_backend))))
-    return listed
+    twin = None if compile_backend is None else _compiled(pipe, compile_backend)
+    return pipeline_sides(ours, pipe, common, cuda_graph, twin)
 
 
 def _compiled(pipe, backend: str):

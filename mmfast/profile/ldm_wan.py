@@ -161,8 +161,7 @@ def sides(ours, pipe, batch: int, resolution, steps: int, guidance: float, cuda_
     """mmfast and the pipeline (and with ``compile_backend`` the pipeline with its
     transformer compiled), on the same prompt embeddings, size and seed. ``resolution``:
     (height, width) or one side for a square video."""
-    from mmfast.profile.ldm import Side
-    from mmfast.profile.measure import on_first_call
+    from mmfast.profile.ldm import pipeline_sides
 
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     ours._video_shape(batch, frames, height, width)  # bad sizes stop here, naming the argument
@@ -173,24 +172,8 @@ def sides(ours, pipe, batch: int, resolution, steps: int, guidance: float, cuda_
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, num_frames=frames,
                   **prompt)
 
-    def run_ours(output_type, decode_start=None):
-        with on_first_call(ours.vae.decoder, decode_start, before=True):
-            return ours.generate(output_type=output_type, progress=False, cuda_graph=cuda_graph,
-                                 generator=torch.Generator(ours.device).manual_seed(1), **common)
-
-    def runner(pipeline):
-        @torch.no_grad()
-        def run_pipe(output_type, decode_start=None):
-            with on_first_call(pipeline.vae.decoder, decode_start, before=True):
-                return pipeline(output_type=output_type, generator=torch.Generator(ours.device).manual_seed(1),
-                                **common).frames
-        return run_pipe
-
-    name = f"diffusers {type(pipe).__name__}"
-    listed = [Side("mmfast", run_ours), Side(name, runner(pipe))]
-    if compile_backend is not None:
-        listed.append(Side(f"{name} + torch.compile", runner(compiled(pipe, compile_backend))))
-    return listed
+    twin = None if compile_backend is None else compiled(pipe, compile_backend)
+    return pipeline_sides(ours, pipe, common, cuda_graph, twin, output="frames")
 
 
 def sampler(side, device: torch.device):
