@@ -15,13 +15,14 @@ from __future__ import annotations
 import gc
 import itertools
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from mmfast.bench.harness import tensors_in
-from mmfast.bench.suite import Case, cpu_compile_skip
+from mmfast.bench.suite import Case, Provider, cpu_compile_skip
 
 
 def diffusers_skip(class_name: str) -> str | None:
@@ -113,3 +114,17 @@ def side(make: Callable[[dict, torch.device], nn.Module], forward: Callable[[nn.
         return run
     return build
 
+
+
+def providers(class_name: str, make: Callable[[dict, torch.device], nn.Module],
+              forward: Callable[[nn.Module, Any], Any], compile_model: Callable[[nn.Module], nn.Module]) -> tuple:
+    """The three sides of a whole-model suite: mmfast.patch, diffusers eager and diffusers
+    with ``compile_model`` applied, each skipped with the reason when it cannot run here."""
+    def skip(case, device):
+        return diffusers_skip(class_name)
+
+    return (
+        Provider("mmfast-patched", side(make, forward, patched=True), skip),
+        Provider("diffusers-eager", side(make, forward), skip),
+        Provider("diffusers-compile", side(make, forward, compiled=compile_model), partial(compile_skip, class_name)),
+    )

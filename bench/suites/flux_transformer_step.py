@@ -39,8 +39,8 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Latency, Provider, Speedup, Suite
-from mmfast.bench.suites.diffusers_models import build_model, compile_skip, diffusers_skip, regional_compile, side
+from mmfast.bench.suite import Case, Latency, Speedup, Suite
+from mmfast.bench.suites.diffusers_models import build_model, providers, regional_compile
 
 # FLUX.1-dev's transformer/config.json (black-forest-labs/FLUX.1-dev): 19 double- and 38
 # single-stream blocks of 24 heads x 128, T5 width 4096, CLIP pooled 768, guidance
@@ -140,12 +140,7 @@ SUITE = Suite(
     description="FLUX.1-dev transformer, one denoising step at 1024 px (4096 + 512 tokens, bf16, random weights)",
     bound="compute",
     cases=cases,
-    providers=(
-        Provider("mmfast-patched", side(make_model, _forward, patched=True), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-eager", side(make_model, _forward), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-compile", side(make_model, _forward, compiled=regional_compile),
-                 partial(compile_skip, CLASS)),
-    ),
+    providers=providers(CLASS, make_model, _forward, regional_compile),
     plot_x="double_blocks",
     plot_panels=("pixels",),
     speedups=(

@@ -37,8 +37,8 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
-from mmfast.bench.suites.diffusers_models import build_model, compile_skip, diffusers_skip, regional_compile, side
+from mmfast.bench.suite import Case, Speedup, Suite
+from mmfast.bench.suites.diffusers_models import build_model, providers, regional_compile
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers' transformer/config.json: the "Wan-T2V-1.3B" config of
 # huggingface/diffusers' scripts/convert_wan_to_diffusers.py (12 heads x 128, FFN 8960,
@@ -138,12 +138,7 @@ SUITE = Suite(
     description="Wan2.1-T2V-1.3B transformer, one denoising step at 480p x 33 frames (14040 + 512 tokens, bf16)",
     bound="compute",
     cases=cases,
-    providers=(
-        Provider("mmfast-patched", side(make_model, _forward, patched=True), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-eager", side(make_model, _forward), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-compile", side(make_model, _forward, compiled=regional_compile),
-                 partial(compile_skip, CLASS)),
-    ),
+    providers=providers(CLASS, make_model, _forward, regional_compile),
     plot_x="layers",
     speedups=(
         Speedup("mmfast-patched", ("diffusers-eager",), 1.5,

@@ -36,8 +36,8 @@ from functools import partial
 
 import torch
 
-from mmfast.bench.suite import Case, Provider, Speedup, Suite
-from mmfast.bench.suites.diffusers_models import build_model, compile_skip, diffusers_skip, side
+from mmfast.bench.suite import Case, Speedup, Suite
+from mmfast.bench.suites.diffusers_models import build_model, providers
 
 # Wan 2.1's VAE (Wan-AI/Wan2.1-T2V-1.3B-Diffusers vae/config.json): AutoencoderKLWan's
 # defaults, which huggingface/diffusers' scripts/convert_wan_to_diffusers.py builds the
@@ -102,11 +102,7 @@ SUITE = Suite(
     description="Wan 2.1 VAE decode of a 480p clip (9 and 33 frames, float32 and bf16, random weights)",
     bound="compute",
     cases=cases,
-    providers=(
-        Provider("mmfast-patched", side(make_vae, _decode, patched=True), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-eager", side(make_vae, _decode), lambda case, device: diffusers_skip(CLASS)),
-        Provider("diffusers-compile", side(make_vae, _decode, compiled=compile_decoder), partial(compile_skip, CLASS)),
-    ),
+    providers=providers(CLASS, make_vae, _decode, compile_decoder),
     plot_x="frames",
     plot_panels=("dtype",),
     speedups=(
