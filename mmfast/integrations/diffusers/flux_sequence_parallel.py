@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from mmfast.distributed.sequence import shard_length, shard_sequence
 from mmfast.distributed.ulysses import ulysses_attention
 from mmfast.integrations.diffusers.sequence_parallel import (
-    SequenceParallelState, _gather_image_tokens, _inner_forward, _shard_image_tokens, _shard_text_tokens, _wrap)
+    SequenceParallelState, _gather_image_tokens, _inner_forward, _shard_image_tokens, _shard_text_tokens, _wrap,
+    check_heads)
 from mmfast.integrations.patching import PatchHandle
 from mmfast.nn.flux_attention import (
     _heads, _projections, check_no_parallel_config, half_tables, head_rms_norm, pairs_to_halves, split_linear)
@@ -188,9 +189,7 @@ def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState
                              f"{' set up for diffusers context parallelism' if form else ''}, which has no "
                              "sequence-parallel form (mmfast takes diffusers' FluxAttnProcessor, Flux2AttnProcessor "
                              "and Flux2ParallelSelfAttnProcessor)")
-        if attn.heads % world:
-            raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {attn.heads} heads "
-                             f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
+        check_heads(name, attn.heads, world)
         handle.set_attr(attn, "processor", form(state))
         handle.replaced.append((name, f"{type(processor).__name__} -> Ulysses {form.__name__}"))
 

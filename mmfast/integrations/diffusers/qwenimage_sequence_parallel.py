@@ -30,7 +30,7 @@ import torch.distributed as dist
 from mmfast.distributed.sequence import shard_sequence
 from mmfast.distributed.ulysses import ulysses_attention
 from mmfast.integrations.diffusers.sequence_parallel import (
-    SequenceParallelState, _gather_image_tokens, _inner_forward, _wrap)
+    SequenceParallelState, _gather_image_tokens, check_heads, _inner_forward, _wrap)
 from mmfast.integrations.patching import PatchHandle
 from mmfast.nn.qwenimage_transformer import qwen_attention_forward
 
@@ -113,9 +113,7 @@ def qwenimage_sequence_parallel(model, handle: PatchHandle) -> None:
             raise ValueError(f"sequence_parallel: attention {name} runs {processor}"
                              f"{' set up for diffusers context parallelism' if parallel else ''}, which has no "
                              "sequence-parallel form (mmfast takes diffusers' QwenDoubleStreamAttnProcessor2_0)")
-        if attn.heads % world:
-            raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {attn.heads} heads "
-                             f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
+        check_heads(name, attn.heads, world)
         handle.set_attr(attn, "processor", UlyssesQwenAttnProcessor(state))
         handle.replaced.append((name, f"{processor} -> Ulysses UlyssesQwenAttnProcessor"))
     handle.set_attr(model.transformer_blocks[0], "_mmfast_sp_first", True)

@@ -152,6 +152,14 @@ def _dit_forward(self, *args, **kwargs):
     return _inner_forward(self, *args, **kwargs)
 
 
+def check_heads(name: str, heads: int, world: int) -> None:
+    """Ulysses gives each rank heads / world of an attention's heads: refuse a world size
+    that does not divide them, naming the attention."""
+    if heads % world:
+        raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {heads} heads "
+                         f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
+
+
 def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState) -> None:
     """Every attention of ``model`` gets the sequence-parallel form of its processor."""
     world = dist.get_world_size(state.group)
@@ -167,9 +175,7 @@ def _ulysses_processors(model, handle: PatchHandle, state: SequenceParallelState
             raise ValueError(f"sequence_parallel: attention {name} runs {type(processor).__name__}, which has "
                              "no sequence-parallel form (mmfast takes diffusers' JointAttnProcessor2_0 and "
                              "self-attention AttnProcessor2_0)")
-        if module.heads % world:
-            raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {module.heads} heads "
-                             f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
+        check_heads(name, module.heads, world)
         handle.set_attr(module, "processor", form(state))
         handle.replaced.append((name, f"{type(processor).__name__} -> Ulysses {form.__name__}"))
 

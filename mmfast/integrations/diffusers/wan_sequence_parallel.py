@@ -27,7 +27,7 @@ import torch.distributed as dist
 from mmfast.distributed.sequence import shard_sequence
 from mmfast.distributed.ulysses import ulysses_attention
 from mmfast.integrations.diffusers.sequence_parallel import (
-    SequenceParallelState, _gather_image_tokens, _inner_forward, _wrap)
+    SequenceParallelState, _gather_image_tokens, check_heads, _inner_forward, _wrap)
 from mmfast.integrations.patching import PatchHandle
 from mmfast.nn.wan_transformer import wan_attention_forward
 
@@ -83,9 +83,7 @@ def wan_sequence_parallel(model, handle: PatchHandle) -> None:
         if processor not in ("WanAttnProcessor", "FusedWanAttnProcessor"):
             raise ValueError(f"sequence_parallel: attention {name} runs {processor}, which has no sequence-parallel "
                              "form (mmfast takes diffusers' WanAttnProcessor)")
-        if attn.heads % world:
-            raise ValueError(f"sequence_parallel: a world size of {world} does not divide the {attn.heads} heads "
-                             f"of attention {name}; Ulysses gives each rank heads / world_size of the heads")
+        check_heads(name, attn.heads, world)
         handle.set_attr(attn, "processor", UlyssesWanAttnProcessor(state))
         handle.replaced.append((name, f"{processor} -> Ulysses UlyssesWanAttnProcessor"))
     _wrap(model.rope, handle, _shard_rotary, state, "rope", "rotary tables sharded")
